@@ -1,0 +1,34 @@
+//! Control mechanisms: each is a small module that turns its inputs (images, embeddings, weights)
+//! into contributions at the UNet's injection points ([`UNetControls`]); the sampling loop sums
+//! what every active mechanism contributes at each step and knows none of them by name.
+
+use candle_core::Tensor;
+
+use crate::models::unet::{UNet, UNetControls};
+use crate::Result;
+
+/// What a mechanism sees at one denoising step.
+pub struct StepContext<'a> {
+    /// The UNet being sampled (for mechanisms that run a reference pass through it).
+    pub unet: &'a UNet,
+    /// Index of this step, from 0.
+    pub step_index: usize,
+    /// Number of steps in the run.
+    pub num_steps: usize,
+    /// The model timestep of this step.
+    pub timestep: f64,
+    /// The scaled UNet input [N, C, h, w]; with guidance N = 2B, unconditional half first.
+    pub latents: &'a Tensor,
+    /// The text context [N, S, D], in the same batch layout.
+    pub context: &'a Tensor,
+    /// Whether the batch holds the unconditional half followed by the conditional half.
+    pub guided: bool,
+}
+
+/// A control mechanism that contributes to the UNet at every step.
+pub trait Control {
+    /// A short name for progress and error messages (e.g. "controlnet").
+    fn name(&self) -> &str;
+    /// The contributions for this step (empty when the mechanism is inactive at this step).
+    fn contribute(&mut self, step: &StepContext) -> Result<UNetControls>;
+}

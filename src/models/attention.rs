@@ -1,0 +1,87 @@
+//! Scaled dot-product attention shared by the text encoder, the UNet and the VAE.
+
+use candle_core::{DType, Tensor};
+
+use crate::Result;
+
+/// Upper bound on the elements of one block of attention scores, so that long sequences
+/// (4096 latent tokens at 512x512) never materialise the whole score matrix at once.
+const MAX_SCORE_ELEMENTS: usize = 1 << 25;
+
+/// Splits [B, L, H*D] into heads: [B, H, L, D].
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, c) = xs.dims3()?;
+    Ok(xs
+        .reshape((b, l, heads, c / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// Merges heads back: [B, H, L, D] -> [B, L, H*D].
+pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = xs.dims4()?;
+    Ok(xs.transpose(1, 2)?.reshape((b, l, h * d))?)
+}
+
+/// `softmax(q kᵀ · scale + mask) v` for q [B, H, Lq, D], k and v [B, H, Lk, D]; `mask` is added to
+/// the scores ([Lq, Lk], broadcast). With `upcast`, scores are computed in f32 whatever the inputs'
+/// dtype (diffusers' `upcast_attention`). Long queries are processed in blocks.
+pub fn scaled_dot_product(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> Result<Tensor> {
+    let (b, h, lq, _) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let block = (MAX_SCORE_ELEMENTS / (b * h * lk).max(1)).clamp(1, lq);
+    if block >= lq {
+        return attend(q, k, v, scale, mask, upcast);
+    }
+    let mut outs = Vec::with_capacity(lq.div_ceil(block));
+    for start in (0..lq).step_by(block) {
+        let len = block.min(lq - start);
+        let mask = mask.map(|m| m.narrow(0, start, len)).transpose()?;
+        outs.push(attend(
+            &q.narrow(2, start, len)?,
+            k,
+            v,
+            scale,
+            mask.as_ref(),
+            upcast,
+        )?);
+    }
+    Ok(Tensor::cat(&outs, 2)?)
+}
+
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let (q, k) = if upcast && dtype != DType::F32 {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    } else {
+        (q.clone(), k.clone())
+    };
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    Ok(probs.matmul(v)?)
+}
+
+/// An additive causal mask [L, L]: 0 on and below the diagonal, -inf above.
+pub fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let data: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (len, len), device)?)
+}

@@ -1,0 +1,8 @@
+//! The networks: CLIP text encoder, UNet, VAE and their shared layers.
+
+pub mod attention;
+pub mod clip_text;
+pub mod nn;
+pub mod resnet;
+pub mod unet;
+pub mod vae;

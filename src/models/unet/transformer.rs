@@ -1,0 +1,253 @@
+//! diffusers' `Transformer2DModel` as used in SD UNets: GroupNorm, projection in, transformer
+//! blocks (self-attention, cross-attention, GEGLU feed-forward), projection out, residual.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{GroupNorm, LayerNorm, Linear};
+
+use super::controls::UNetControls;
+use crate::Result;
+use crate::io::weights::Weights;
+use crate::models::attention::{merge_heads, scaled_dot_product, split_heads};
+use crate::models::nn::{Projection, group_norm, layer_norm, linear};
+
+/// Multi-head attention (`Attention` in diffusers) addressed by a layer id for injections.
+#[derive(Debug)]
+pub struct Attention {
+    id: String,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+}
+
+impl Attention {
+    /// Loads `to_q`, `to_k`, `to_v`, `to_out.0` under `w`; `context_dim` is the key/value input width.
+    pub fn load(
+        w: &Weights,
+        id: String,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        Ok(Self {
+            id,
+            to_q: linear(&w.pp("to_q"), dim, dim, false)?,
+            to_k: linear(&w.pp("to_k"), context_dim, dim, false)?,
+            to_v: linear(&w.pp("to_v"), context_dim, dim, false)?,
+            to_out: linear(&w.pp("to_out.0"), dim, dim, true)?,
+            heads,
+            scale: ((dim / heads) as f64).powf(-0.5),
+            upcast,
+        })
+    }
+
+    /// The layer id (diffusers module path), e.g. `mid_block.attentions.0.transformer_blocks.0.attn2`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Attends from xs [B, L, C] to `context` [B, S, D] (or to xs itself when `None`), joining any
+    /// extra self-attention tokens and adding any extra key/value streams registered for this layer.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        controls: &UNetControls,
+    ) -> Result<Tensor> {
+        let kv_input = match (context, controls.extra_self_attention_tokens.get(&self.id)) {
+            (Some(c), _) => c.clone(),
+            (None, Some(extra)) => Tensor::cat(&[xs, extra], 1)?,
+            (None, None) => xs.clone(),
+        };
+        let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(&kv_input)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(&kv_input)?, self.heads)?;
+        let mut out = merge_heads(&scaled_dot_product(
+            &q,
+            &k,
+            &v,
+            self.scale,
+            None,
+            self.upcast,
+        )?)?;
+        for extra in controls.extra_attention.get(&self.id).into_iter().flatten() {
+            let k = split_heads(&extra.key, self.heads)?;
+            let v = split_heads(&extra.value, self.heads)?;
+            let mut stream = merge_heads(&scaled_dot_product(
+                &q,
+                &k,
+                &v,
+                self.scale,
+                None,
+                self.upcast,
+            )?)?;
+            if let Some(mask) = &extra.mask {
+                stream = stream.broadcast_mul(mask)?;
+            }
+            out = (out + (stream * extra.scale)?)?;
+        }
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// GEGLU feed-forward: `Linear(dim, 2·inner)` split into value and gate, `value · gelu(gate)`,
+/// then `Linear(inner, dim)`.
+#[derive(Debug)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn load(w: &Weights, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: linear(&w.pp("net.0.proj"), dim, inner * 2, true)?,
+            proj_out: linear(&w.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(xs)?;
+        let inner = h.dim(candle_core::D::Minus1)? / 2;
+        let value = h.narrow(candle_core::D::Minus1, 0, inner)?;
+        let gate = h.narrow(candle_core::D::Minus1, inner, inner)?;
+        Ok(self.proj_out.forward(&(value * gate.gelu_erf()?)?)?)
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each pre-normed with a residual.
+#[derive(Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    only_cross_attention: bool,
+}
+
+/// Shapes of one [`Transformer2D`].
+#[derive(Debug, Clone, Copy)]
+pub struct TransformerSpec {
+    /// Channels in and out (= heads · head size).
+    pub channels: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Width of the cross-attention context.
+    pub context_dim: usize,
+    /// GroupNorm groups of the input norm.
+    pub groups: usize,
+    /// Linear instead of 1x1 conv projections.
+    pub use_linear_projection: bool,
+    /// attn1 attends to the context too.
+    pub only_cross_attention: bool,
+    /// Attention scores in f32.
+    pub upcast_attention: bool,
+}
+
+/// The spatial transformer of UNet attention blocks.
+#[derive(Debug)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2D {
+    /// Loads a transformer stored under `w`, whose diffusers module path is `id`.
+    pub fn load(w: &Weights, id: &str, s: TransformerSpec) -> Result<Self> {
+        let c = s.channels;
+        let blocks = (0..s.layers)
+            .map(|i| {
+                let bw = w.pp(format!("transformer_blocks.{i}"));
+                let bid = format!("{id}.transformer_blocks.{i}");
+                let attn1_context = if s.only_cross_attention {
+                    s.context_dim
+                } else {
+                    c
+                };
+                Ok(TransformerBlock {
+                    norm1: layer_norm(&bw.pp("norm1"), c, 1e-5)?,
+                    attn1: Attention::load(
+                        &bw.pp("attn1"),
+                        format!("{bid}.attn1"),
+                        c,
+                        attn1_context,
+                        s.heads,
+                        s.upcast_attention,
+                    )?,
+                    norm2: layer_norm(&bw.pp("norm2"), c, 1e-5)?,
+                    attn2: Attention::load(
+                        &bw.pp("attn2"),
+                        format!("{bid}.attn2"),
+                        c,
+                        s.context_dim,
+                        s.heads,
+                        s.upcast_attention,
+                    )?,
+                    norm3: layer_norm(&bw.pp("norm3"), c, 1e-5)?,
+                    ff: FeedForward::load(&bw.pp("ff"), c)?,
+                    only_cross_attention: s.only_cross_attention,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm: group_norm(&w.pp("norm"), s.groups, c, 1e-6)?,
+            proj_in: Projection::load(&w.pp("proj_in"), c, c, s.use_linear_projection)?,
+            blocks,
+            proj_out: Projection::load(&w.pp("proj_out"), c, c, s.use_linear_projection)?,
+        })
+    }
+
+    /// xs [B, C, H, W], context [B, S, D] → [B, C, H, W].
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        controls: &UNetControls,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(_) => to_tokens(&self.proj_in.forward(&normed)?)?,
+            Projection::Linear(_) => self.proj_in.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            let attn1_context = if block.only_cross_attention {
+                Some(context)
+            } else {
+                None
+            };
+            tokens = (&tokens
+                + block
+                    .attn1
+                    .forward(&block.norm1.forward(&tokens)?, attn1_context, controls)?)?;
+            tokens = (&tokens
+                + block
+                    .attn2
+                    .forward(&block.norm2.forward(&tokens)?, Some(context), controls)?)?;
+            tokens = (&tokens + block.ff.forward(&block.norm3.forward(&tokens)?)?)?;
+        }
+        let to_image = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(_) => self.proj_out.forward(&to_image(&tokens)?)?,
+            Projection::Linear(_) => to_image(&self.proj_out.forward(&tokens)?)?,
+        };
+        Ok((out + xs)?)
+    }
+}

@@ -1,0 +1,402 @@
+//! `AutoencoderKL`: the VAE that maps images to latents and back.
+
+use std::path::Path;
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear};
+use serde::Deserialize;
+
+use super::attention::scaled_dot_product;
+use super::nn::{conv2d, group_norm, linear};
+use super::resnet::{Downsample, ResnetBlock, ResnetSpec, Upsample};
+use crate::io::weights::Weights;
+use crate::{Error, Result};
+
+/// The fields of a diffusers `AutoencoderKL` `config.json` that change the math.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    /// Image channels in.
+    #[serde(default = "d3")]
+    pub in_channels: usize,
+    /// Image channels out.
+    #[serde(default = "d3")]
+    pub out_channels: usize,
+    /// Encoder block types (all `DownEncoderBlock2D`).
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    /// Decoder block types (all `UpDecoderBlock2D`).
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+    /// Channels per block.
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (decoder blocks have one more).
+    #[serde(default = "d1")]
+    pub layers_per_block: usize,
+    /// Activation (only `silu`).
+    #[serde(default = "dsilu")]
+    pub act_fn: String,
+    /// Latent channels.
+    #[serde(default = "d4")]
+    pub latent_channels: usize,
+    /// GroupNorm groups.
+    #[serde(default = "d32")]
+    pub norm_num_groups: usize,
+    /// Latents are multiplied by this after encoding and divided before decoding.
+    #[serde(default = "dscale")]
+    pub scaling_factor: f64,
+    /// Subtracted after encoding (before scaling) and added back before decoding, when set.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// Whether `quant_conv` exists.
+    #[serde(default = "dtrue")]
+    pub use_quant_conv: bool,
+    /// Whether `post_quant_conv` exists.
+    #[serde(default = "dtrue")]
+    pub use_post_quant_conv: bool,
+    /// Whether the mid blocks have attention.
+    #[serde(default = "dtrue")]
+    pub mid_block_add_attention: bool,
+}
+
+fn d1() -> usize {
+    1
+}
+fn d3() -> usize {
+    3
+}
+fn d4() -> usize {
+    4
+}
+fn d32() -> usize {
+    32
+}
+fn dscale() -> f64 {
+    0.18215
+}
+fn dtrue() -> bool {
+    true
+}
+fn dsilu() -> String {
+    "silu".into()
+}
+
+impl VaeConfig {
+    /// Reads and validates a VAE `config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let c: Self = crate::io::read_json(path)?;
+        let n = c.block_out_channels.len();
+        if n == 0 {
+            return Err(Error::config(path, "block_out_channels is empty"));
+        }
+        if c.act_fn != "silu" {
+            return Err(Error::config(
+                path,
+                format!("unsupported VAE act_fn {:?}", c.act_fn),
+            ));
+        }
+        for (field, types, expected) in [
+            (
+                "down_block_types",
+                &c.down_block_types,
+                "DownEncoderBlock2D",
+            ),
+            ("up_block_types", &c.up_block_types, "UpDecoderBlock2D"),
+        ] {
+            if !types.is_empty() && (types.len() != n || types.iter().any(|t| t != expected)) {
+                return Err(Error::config(
+                    path,
+                    format!("unsupported VAE {field} {types:?} (expected {n} × {expected})"),
+                ));
+            }
+        }
+        if let Some(ch) = c
+            .block_out_channels
+            .iter()
+            .find(|ch| *ch % c.norm_num_groups != 0)
+        {
+            return Err(Error::config(
+                path,
+                format!(
+                    "block_out_channels entry {ch} is not divisible by norm_num_groups = {}",
+                    c.norm_num_groups
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// How much smaller latents are than images (2 per down-sampling block).
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+/// Single-head self-attention over pixels with a GroupNorm, as in the VAE mid block.
+#[derive(Debug)]
+struct PixelAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl PixelAttention {
+    fn load(w: &Weights, channels: usize, groups: usize) -> Result<Self> {
+        // Checkpoints saved before diffusers 0.14 name the projections query/key/value/proj_attn.
+        let legacy = !w.contains("to_q.weight") && w.contains("query.weight");
+        let name = |new: &'static str, old: &'static str| if legacy { old } else { new };
+        Ok(Self {
+            norm: group_norm(&w.pp("group_norm"), groups, channels, 1e-6)?,
+            q: linear(&w.pp(name("to_q", "query")), channels, channels, true)?,
+            k: linear(&w.pp(name("to_k", "key")), channels, channels, true)?,
+            v: linear(&w.pp(name("to_v", "value")), channels, channels, true)?,
+            out: linear(
+                &w.pp(name("to_out.0", "proj_attn")),
+                channels,
+                channels,
+                true,
+            )?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let tokens = self
+            .norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let heads = |t: Tensor| -> Result<Tensor> { Ok(t.unsqueeze(1)?) };
+        let q = heads(self.q.forward(&tokens)?)?;
+        let k = heads(self.k.forward(&tokens)?)?;
+        let v = heads(self.v.forward(&tokens)?)?;
+        let attn = scaled_dot_product(&q, &k, &v, (c as f64).powf(-0.5), None, true)?.squeeze(1)?;
+        let out = self
+            .out
+            .forward(&attn)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        Ok((out + xs)?)
+    }
+}
+
+/// Resnet, optional attention, resnet.
+#[derive(Debug)]
+struct MidBlock {
+    resnet_1: ResnetBlock,
+    attention: Option<PixelAttention>,
+    resnet_2: ResnetBlock,
+}
+
+impl MidBlock {
+    fn load(w: &Weights, channels: usize, c: &VaeConfig) -> Result<Self> {
+        let spec = resnet_spec(channels, channels, c);
+        Ok(Self {
+            resnet_1: ResnetBlock::load(&w.pp("resnets.0"), spec)?,
+            attention: c
+                .mid_block_add_attention
+                .then(|| PixelAttention::load(&w.pp("attentions.0"), channels, c.norm_num_groups))
+                .transpose()?,
+            resnet_2: ResnetBlock::load(&w.pp("resnets.1"), spec)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnet_1.forward(xs, None)?;
+        if let Some(attn) = &self.attention {
+            xs = attn.forward(&xs)?;
+        }
+        self.resnet_2.forward(&xs, None)
+    }
+}
+
+fn resnet_spec(cin: usize, cout: usize, c: &VaeConfig) -> ResnetSpec {
+    ResnetSpec {
+        in_channels: cin,
+        out_channels: cout,
+        temb_channels: None,
+        groups: c.norm_num_groups,
+        eps: 1e-6,
+        output_scale_factor: 1.0,
+    }
+}
+
+/// GroupNorm → SiLU → conv head shared by encoder and decoder.
+#[derive(Debug)]
+struct OutputHead {
+    norm: GroupNorm,
+    conv: Conv2d,
+}
+
+impl OutputHead {
+    fn load(w: &Weights, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            norm: group_norm(&w.pp("conv_norm_out"), groups, cin, 1e-6)?,
+            conv: conv2d(&w.pp("conv_out"), cin, cout, 3, 1, 1)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .conv
+            .forward(&candle_nn::ops::silu(&self.norm.forward(xs)?)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct Encoder {
+    conv_in: Conv2d,
+    blocks: Vec<(Vec<ResnetBlock>, Option<Downsample>)>,
+    mid: MidBlock,
+    head: OutputHead,
+}
+
+#[derive(Debug)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid: MidBlock,
+    blocks: Vec<(Vec<ResnetBlock>, Option<Upsample>)>,
+    head: OutputHead,
+}
+
+/// The VAE with both halves loaded.
+#[derive(Debug)]
+pub struct Vae {
+    config: VaeConfig,
+    encoder: Encoder,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
+    decoder: Decoder,
+}
+
+impl Vae {
+    /// Loads an `AutoencoderKL` with diffusers key names from `w`.
+    pub fn load(w: &Weights, config: &VaeConfig) -> Result<Self> {
+        let c = config;
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let lc = c.latent_channels;
+
+        let ew = w.pp("encoder");
+        let mut blocks = Vec::with_capacity(n);
+        let mut cin = ch[0];
+        for (i, &cout) in ch.iter().enumerate() {
+            let bw = ew.pp(format!("down_blocks.{i}"));
+            let resnets = (0..c.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::load(
+                        &bw.pp(format!("resnets.{j}")),
+                        resnet_spec(if j == 0 { cin } else { cout }, cout, c),
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let down = (i + 1 < n)
+                .then(|| Downsample::load(&bw.pp("downsamplers.0"), cout, cout, 0))
+                .transpose()?;
+            blocks.push((resnets, down));
+            cin = cout;
+        }
+        let encoder = Encoder {
+            conv_in: conv2d(&ew.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?,
+            blocks,
+            mid: MidBlock::load(&ew.pp("mid_block"), ch[n - 1], c)?,
+            head: OutputHead::load(&ew, ch[n - 1], 2 * lc, c.norm_num_groups)?,
+        };
+
+        let dw = w.pp("decoder");
+        let mut blocks = Vec::with_capacity(n);
+        let mut prev = ch[n - 1];
+        for i in 0..n {
+            let cout = ch[n - 1 - i];
+            let bw = dw.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=c.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::load(
+                        &bw.pp(format!("resnets.{j}")),
+                        resnet_spec(if j == 0 { prev } else { cout }, cout, c),
+                    )
+                })
+                .collect::<Result<_>>()?;
+            let up = (i + 1 < n)
+                .then(|| Upsample::load(&bw.pp("upsamplers.0"), cout, cout))
+                .transpose()?;
+            blocks.push((resnets, up));
+            prev = cout;
+        }
+        let decoder = Decoder {
+            conv_in: conv2d(&dw.pp("conv_in"), lc, ch[n - 1], 3, 1, 1)?,
+            mid: MidBlock::load(&dw.pp("mid_block"), ch[n - 1], c)?,
+            blocks,
+            head: OutputHead::load(&dw, ch[0], c.out_channels, c.norm_num_groups)?,
+        };
+        Ok(Self {
+            config: config.clone(),
+            encoder,
+            quant_conv: c
+                .use_quant_conv
+                .then(|| conv2d(&w.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0))
+                .transpose()?,
+            post_quant_conv: c
+                .use_post_quant_conv
+                .then(|| conv2d(&w.pp("post_quant_conv"), lc, lc, 1, 1, 0))
+                .transpose()?,
+            decoder,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// The mean of the latent distribution of `images` [B, 3, H, W] in [-1, 1]: [B, lc, H/f, W/f]
+    /// (unscaled, as `latent_dist.mean`).
+    pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor> {
+        let e = &self.encoder;
+        let mut xs = e.conv_in.forward(images)?;
+        for (resnets, down) in &e.blocks {
+            for r in resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(d) = down {
+                xs = d.forward(&xs)?;
+            }
+        }
+        let mut moments = e.head.forward(&e.mid.forward(&xs)?)?;
+        if let Some(q) = &self.quant_conv {
+            moments = q.forward(&moments)?;
+        }
+        Ok(moments.narrow(1, 0, self.config.latent_channels)?)
+    }
+
+    /// Decodes raw latents [B, lc, h, w] (already divided by the scaling factor) to images
+    /// [B, 3, h·f, w·f] in about [-1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let d = &self.decoder;
+        let z = match &self.post_quant_conv {
+            Some(p) => p.forward(latents)?,
+            None => latents.clone(),
+        };
+        let mut xs = d.mid.forward(&d.conv_in.forward(&z)?)?;
+        for (resnets, up) in &d.blocks {
+            for r in resnets {
+                xs = r.forward(&xs, None)?;
+            }
+            if let Some(u) = up {
+                let (_, _, h, w) = xs.dims4()?;
+                xs = u.forward(&xs, (2 * h, 2 * w))?;
+            }
+        }
+        d.head.forward(&xs)
+    }
+
+    /// Decodes diffusion latents (scaled by `scaling_factor`, shifted by `shift_factor`) to images
+    /// in [0, 1], as the pipelines' post-processing does.
+    pub fn decode_to_unit_range(&self, latents: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let z = ((latents / c.scaling_factor)? + c.shift_factor.unwrap_or(0.0))?;
+        Ok(((self.decode(&z)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
