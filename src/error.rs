@@ -20,12 +20,7 @@ pub enum Error {
     MissingTensor { path: PathBuf, key: String },
     /// A tensor in a weight file has the wrong shape.
     #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        path: PathBuf,
-        key: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { path: PathBuf, key: String, expected: Vec<usize>, found: Vec<usize> },
     /// A weight file is not in a format we can read.
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
@@ -43,18 +38,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     /// An [`Error::Config`] for `path`.
     pub fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.into(),
-            message: message.into(),
-        }
+        Error::Config { path: path.into(), message: message.into() }
     }
 
     /// An [`Error::InvalidArgument`].

@@ -64,16 +64,10 @@ impl ClipTokenizer {
             }
         }
         let special = |name: &str, default: &str| -> Result<u32> {
-            let token = settings
-                .get(name)
-                .and_then(token_content)
-                .unwrap_or_else(|| default.to_string());
-            tokenizer.token_to_id(&token).ok_or_else(|| {
-                Error::config(
-                    dir,
-                    format!("{name} `{token}` is not in the tokenizer's vocabulary"),
-                )
-            })
+            let token = settings.get(name).and_then(token_content).unwrap_or_else(|| default.to_string());
+            tokenizer
+                .token_to_id(&token)
+                .ok_or_else(|| Error::config(dir, format!("{name} `{token}` is not in the tokenizer's vocabulary")))
         };
         let bos = special("bos_token", "<|startoftext|>")?;
         let eos = special("eos_token", "<|endoftext|>")?;
@@ -84,13 +78,7 @@ impl ClipTokenizer {
             .and_then(Value::as_f64)
             .filter(|&n| n >= 2.0 && n <= 4096.0)
             .map_or(77, |n| n as usize);
-        Ok(Self {
-            tokenizer,
-            bos,
-            eos,
-            pad,
-            max_length,
-        })
+        Ok(Self { tokenizer, bos, eos, pad, max_length })
     }
 
     /// The padded sequence length (77 for CLIP).
@@ -137,17 +125,11 @@ impl ClipTokenizer {
 /// Builds the CLIP BPE pipeline (as transformers' `CLIPTokenizerFast` saves it) from the two files.
 fn build_clip_bpe(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
     let vocab: HashMap<String, u32> = crate::io::read_json(vocab_path)?;
-    let merges_text =
-        std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
-    let merges: Vec<&str> = merges_text
-        .lines()
-        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-        .collect();
+    let merges_text = std::fs::read_to_string(merges_path).map_err(|e| Error::io(merges_path, e))?;
+    let merges: Vec<&str> =
+        merges_text.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).collect();
     if let Some(bad) = merges.iter().find(|l| l.split(' ').count() != 2) {
-        return Err(Error::config(
-            merges_path,
-            format!("malformed merge line {bad:?} (expected two tokens)"),
-        ));
+        return Err(Error::config(merges_path, format!("malformed merge line {bad:?} (expected two tokens)")));
     }
     let added: Vec<Value> = ["<|startoftext|>", "<|endoftext|>"]
         .iter()
@@ -176,9 +158,6 @@ fn build_clip_bpe(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
         }
     });
     spec.to_string().parse::<Tokenizer>().map_err(|e| {
-        Error::config(
-            vocab_path,
-            format!("could not build the CLIP tokenizer from vocab.json + merges.txt: {e}"),
-        )
+        Error::config(vocab_path, format!("could not build the CLIP tokenizer from vocab.json + merges.txt: {e}"))
     })
 }

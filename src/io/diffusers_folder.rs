@@ -23,10 +23,7 @@ impl DiffusersFolder {
     /// Opens `root`, which must hold a `model_index.json`.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.exists() {
-            return Err(Error::invalid(format!(
-                "{}: model folder does not exist",
-                root.display()
-            )));
+            return Err(Error::invalid(format!("{}: model folder does not exist", root.display())));
         }
         if !root.is_dir() {
             return Err(Error::invalid(format!(
@@ -42,10 +39,7 @@ impl DiffusersFolder {
             )));
         }
         let index = super::read_json(&index_path)?;
-        Ok(Self {
-            root: root.to_path_buf(),
-            index,
-        })
+        Ok(Self { root: root.to_path_buf(), index })
     }
 
     /// The folder's path.
@@ -88,10 +82,7 @@ impl DiffusersFolder {
             for stem in WEIGHT_STEMS {
                 let single = dir.join(format!("{stem}{variant}.safetensors"));
                 if single.is_file() {
-                    return Ok(Arc::new(TensorStore::open_safetensors(
-                        &single,
-                        &[single.clone()],
-                    )?));
+                    return Ok(Arc::new(TensorStore::open_safetensors(&single, &[single.clone()])?));
                 }
                 let index = dir.join(format!("{stem}.safetensors.index{variant}.json"));
                 if index.is_file() {
@@ -100,14 +91,9 @@ impl DiffusersFolder {
                 }
             }
         }
-        let has_pickle = WEIGHT_STEMS
-            .iter()
-            .any(|s| dir.join(format!("{s}.bin")).is_file());
+        let has_pickle = WEIGHT_STEMS.iter().any(|s| dir.join(format!("{s}.bin")).is_file());
         Err(Error::invalid(if has_pickle {
-            format!(
-                "{}: only PyTorch .bin weights found; this build reads safetensors weights",
-                dir.display()
-            )
+            format!("{}: only PyTorch .bin weights found; this build reads safetensors weights", dir.display())
         } else {
             format!(
                 "{}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors, \
@@ -126,20 +112,12 @@ fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     }
     let parsed: ShardIndex = super::read_json(index)?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = parsed
-        .weight_map
-        .into_values()
-        .map(|f| dir.join(f))
-        .collect();
+    let mut files: Vec<PathBuf> = parsed.weight_map.into_values().map(|f| dir.join(f)).collect();
     files.sort();
     files.dedup();
     for f in &files {
         if !f.is_file() {
-            return Err(Error::invalid(format!(
-                "{}: lists shard {} which is missing",
-                index.display(),
-                f.display()
-            )));
+            return Err(Error::invalid(format!("{}: lists shard {} which is missing", index.display(), f.display())));
         }
     }
     Ok(files)

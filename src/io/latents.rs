@@ -12,17 +12,10 @@ pub const LATENTS_KEY: &str = "latents";
 /// Reads the `latents` tensor ([B, C, h, w], any float dtype) from a safetensors file, as f32.
 pub fn load_latents(path: &Path, device: &Device) -> Result<Tensor> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let tensors =
-        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Format {
-            path: path.into(),
-            message: format!("not a readable safetensors file: {e}"),
-        })?;
-    let latents = tensors
-        .get(LATENTS_KEY)
-        .ok_or_else(|| Error::MissingTensor {
-            path: path.into(),
-            key: LATENTS_KEY.into(),
-        })?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| Error::Format { path: path.into(), message: format!("not a readable safetensors file: {e}") })?;
+    let latents =
+        tensors.get(LATENTS_KEY).ok_or_else(|| Error::MissingTensor { path: path.into(), key: LATENTS_KEY.into() })?;
     if latents.rank() != 4 {
         return Err(Error::Format {
             path: path.into(),
@@ -39,13 +32,7 @@ pub fn load_latents(path: &Path, device: &Device) -> Result<Tensor> {
 pub fn save_latents(path: &Path, latents: &Tensor) -> Result<()> {
     let latents = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     super::write_atomic(path, |tmp| {
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([(LATENTS_KEY, latents)]),
-            tmp,
-        )
-        .map_err(|e| Error::Format {
-            path: path.into(),
-            message: format!("could not write latents: {e}"),
-        })
+        candle_core::safetensors::save(&std::collections::HashMap::from([(LATENTS_KEY, latents)]), tmp)
+            .map_err(|e| Error::Format { path: path.into(), message: format!("could not write latents: {e}") })
     })
 }

@@ -34,16 +34,8 @@ impl TensorStore {
             path: label.clone(),
             message: format!("not a readable safetensors file: {e}"),
         })?;
-        let shapes = files
-            .tensors()
-            .into_iter()
-            .map(|(name, view)| (name, view.shape().to_vec()))
-            .collect();
-        Ok(Self {
-            label,
-            files,
-            shapes,
-        })
+        let shapes = files.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        Ok(Self { label, files, shapes })
     }
 
     /// The path this store is named by in errors.
@@ -71,10 +63,7 @@ impl TensorStore {
     /// Loads `key` onto `device` as `dtype`.
     pub fn load(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         if !self.contains(key) {
-            return Err(Error::MissingTensor {
-                path: self.label.clone(),
-                key: key.to_string(),
-            });
+            return Err(Error::MissingTensor { path: self.label.clone(), key: key.to_string() });
         }
         let tensor = self.files.load(key, device).map_err(|e| Error::Format {
             path: self.label.clone(),
@@ -95,14 +84,9 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
         });
     }
     let len = meta.len();
-    let format_err = |message: String| Error::Format {
-        path: path.into(),
-        message,
-    };
+    let format_err = |message: String| Error::Format { path: path.into(), message };
     if len < 8 {
-        return Err(format_err(format!(
-            "file is {len} bytes, too short for a safetensors header"
-        )));
+        return Err(format_err(format!("file is {len} bytes, too short for a safetensors header")));
     }
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut n = [0u8; 8];
@@ -130,34 +114,18 @@ pub struct Weights {
 impl Weights {
     /// A view of the whole `store`.
     pub fn new(store: Arc<TensorStore>, dtype: DType, device: &Device) -> Self {
-        Self {
-            store,
-            prefix: String::new(),
-            dtype,
-            device: device.clone(),
-        }
+        Self { store, prefix: String::new(), dtype, device: device.clone() }
     }
 
     /// The view under `name` (appended to the prefix with a dot).
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.prefix)
-        };
-        Self {
-            prefix,
-            ..self.clone()
-        }
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { prefix, ..self.clone() }
     }
 
     /// The full key of `name` under this view.
     pub fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.prefix)
-        }
+        if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) }
     }
 
     /// The compute dtype tensors are converted to.
@@ -185,16 +153,10 @@ impl Weights {
         let key = self.key(name);
         let expected = shape.into().dims().to_vec();
         match self.store.shape(&key) {
-            None => Err(Error::MissingTensor {
-                path: self.store.label().into(),
-                key,
-            }),
-            Some(found) if found != expected.as_slice() => Err(Error::ShapeMismatch {
-                path: self.store.label().into(),
-                key,
-                expected,
-                found: found.to_vec(),
-            }),
+            None => Err(Error::MissingTensor { path: self.store.label().into(), key }),
+            Some(found) if found != expected.as_slice() => {
+                Err(Error::ShapeMismatch { path: self.store.label().into(), key, expected, found: found.to_vec() })
+            }
             Some(_) => self.store.load(&key, self.dtype, &self.device),
         }
     }

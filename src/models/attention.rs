@@ -11,10 +11,7 @@ const MAX_SCORE_ELEMENTS: usize = 1 << 25;
 /// Splits [B, L, H*D] into heads: [B, H, L, D].
 pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, c) = xs.dims3()?;
-    Ok(xs
-        .reshape((b, l, heads, c / heads))?
-        .transpose(1, 2)?
-        .contiguous()?)
+    Ok(xs.reshape((b, l, heads, c / heads))?.transpose(1, 2)?.contiguous()?)
 }
 
 /// Merges heads back: [B, H, L, D] -> [B, L, H*D].
@@ -44,26 +41,12 @@ pub fn scaled_dot_product(
     for start in (0..lq).step_by(block) {
         let len = block.min(lq - start);
         let mask = mask.map(|m| m.narrow(0, start, len)).transpose()?;
-        outs.push(attend(
-            &q.narrow(2, start, len)?,
-            k,
-            v,
-            scale,
-            mask.as_ref(),
-            upcast,
-        )?);
+        outs.push(attend(&q.narrow(2, start, len)?, k, v, scale, mask.as_ref(), upcast)?);
     }
     Ok(Tensor::cat(&outs, 2)?)
 }
 
-fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    mask: Option<&Tensor>,
-    upcast: bool,
-) -> Result<Tensor> {
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>, upcast: bool) -> Result<Tensor> {
     let dtype = q.dtype();
     let (q, k) = if upcast && dtype != DType::F32 {
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
@@ -80,8 +63,7 @@ fn attend(
 
 /// An additive causal mask [L, L]: 0 on and below the diagonal, -inf above.
 pub fn causal_mask(len: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let data: Vec<f32> =
+        (0..len).flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(data, (len, len), device)?)
 }

@@ -141,9 +141,7 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
-        let h = self
-            .act
-            .forward(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
+        let h = self.act.forward(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
         Ok((&xs + self.fc2.forward(&h)?)?)
     }
 }
@@ -163,25 +161,15 @@ impl ClipTextEncoder {
         let w = w.pp("text_model");
         let c = config;
         let emb = w.pp("embeddings");
-        let token_embedding = Embedding::new(
-            emb.pp("token_embedding")
-                .get((c.vocab_size, c.hidden_size), "weight")?,
-            c.hidden_size,
-        );
-        let position_embedding = emb
-            .pp("position_embedding")
-            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        let token_embedding =
+            Embedding::new(emb.pp("token_embedding").get((c.vocab_size, c.hidden_size), "weight")?, c.hidden_size);
+        let position_embedding =
+            emb.pp("position_embedding").get((c.max_position_embeddings, c.hidden_size), "weight")?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| EncoderLayer::load(&w.pp(format!("encoder.layers.{i}")), c))
             .collect::<Result<_>>()?;
         let final_norm = layer_norm(&w.pp("final_layer_norm"), c.hidden_size, c.layer_norm_eps)?;
-        Ok(Self {
-            token_embedding,
-            position_embedding,
-            layers,
-            final_norm,
-            config: config.clone(),
-        })
+        Ok(Self { token_embedding, position_embedding, layers, final_norm, config: config.clone() })
     }
 
     /// The model's configuration.
@@ -191,10 +179,7 @@ impl ClipTextEncoder {
 
     /// Token embeddings [B, L, D] of `ids` [B, L] (u32): the token-level injection point.
     pub fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
-        let max = ids
-            .max_all()?
-            .to_dtype(candle_core::DType::U32)?
-            .to_scalar::<u32>()? as usize;
+        let max = ids.max_all()?.to_dtype(candle_core::DType::U32)?.to_scalar::<u32>()? as usize;
         if max >= self.config.vocab_size {
             return Err(Error::invalid(format!(
                 "token id {max} is outside the text encoder's vocabulary of {} tokens",

@@ -9,34 +9,15 @@ use crate::io::weights::Weights;
 /// `nn.Linear(in_dim, out_dim, bias)` stored as `weight` [out, in] and `bias` [out].
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let weight = w.get((out_dim, in_dim), "weight")?;
-    let bias = if bias {
-        Some(w.get(out_dim, "bias")?)
-    } else {
-        None
-    };
+    let bias = if bias { Some(w.get(out_dim, "bias")?) } else { None };
     Ok(Linear::new(weight, bias))
 }
 
 /// `nn.Conv2d(in_c, out_c, kernel, stride, padding)` with bias.
-pub fn conv2d(
-    w: &Weights,
-    in_c: usize,
-    out_c: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Conv2d> {
+pub fn conv2d(w: &Weights, in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
     let weight = w.get((out_c, in_c, kernel, kernel), "weight")?;
     let bias = w.get(out_c, "bias")?;
-    Ok(Conv2d::new(
-        weight,
-        Some(bias),
-        Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        },
-    ))
+    Ok(Conv2d::new(weight, Some(bias), Conv2dConfig { padding, stride, ..Default::default() }))
 }
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weights.
@@ -47,22 +28,12 @@ pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Resu
             w.key("")
         )));
     }
-    Ok(GroupNorm::new(
-        w.get(channels, "weight")?,
-        w.get(channels, "bias")?,
-        channels,
-        groups,
-        eps,
-    )?)
+    Ok(GroupNorm::new(w.get(channels, "weight")?, w.get(channels, "bias")?, channels, groups, eps)?)
 }
 
 /// `nn.LayerNorm(dim, eps)` with affine weights.
 pub fn layer_norm(w: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(
-        w.get(dim, "weight")?,
-        w.get(dim, "bias")?,
-        eps,
-    ))
+    Ok(LayerNorm::new(w.get(dim, "weight")?, w.get(dim, "bias")?, eps))
 }
 
 /// A 1x1 projection that is a `Conv2d` in some checkpoints and a `Linear` in others

@@ -45,43 +45,28 @@ impl ResnetBlock {
         Ok(Self {
             norm1: group_norm(&w.pp("norm1"), s.groups, cin, s.eps)?,
             conv1: conv2d(&w.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: s
-                .temb_channels
-                .map(|t| linear(&w.pp("time_emb_proj"), t, cout, true))
-                .transpose()?,
+            time_emb_proj: s.temb_channels.map(|t| linear(&w.pp("time_emb_proj"), t, cout, true)).transpose()?,
             norm2: group_norm(&w.pp("norm2"), s.groups, cout, s.eps)?,
             conv2: conv2d(&w.pp("conv2"), cout, cout, 3, 1, 1)?,
-            shortcut: if cin != cout {
-                Some(conv2d(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
-            } else {
-                None
-            },
+            shortcut: if cin != cout { Some(conv2d(&w.pp("conv_shortcut"), cin, cout, 1, 1, 0)?) } else { None },
             output_scale_factor: s.output_scale_factor,
         })
     }
 
     /// xs [B, Cin, H, W] and the time embedding temb [B, T] → [B, Cout, H, W].
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&candle_nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
         let skip = match &self.shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
         let out = (skip + h)?;
-        Ok(if self.output_scale_factor == 1.0 {
-            out
-        } else {
-            (out / self.output_scale_factor)?
-        })
+        Ok(if self.output_scale_factor == 1.0 { out } else { (out / self.output_scale_factor)? })
     }
 }
 
@@ -96,10 +81,7 @@ pub struct Downsample {
 impl Downsample {
     /// Loads `conv` under `w` with the given padding (0 means the VAE's asymmetric padding).
     pub fn load(w: &Weights, channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(&w.pp("conv"), channels, out_channels, 3, 2, padding)?,
-            asymmetric_pad: padding == 0,
-        })
+        Ok(Self { conv: conv2d(&w.pp("conv"), channels, out_channels, 3, 2, padding)?, asymmetric_pad: padding == 0 })
     }
 
     /// [B, C, H, W] → [B, C', ceil(H/2), ceil(W/2)].
@@ -122,9 +104,7 @@ pub struct Upsample {
 impl Upsample {
     /// Loads `conv` under `w`.
     pub fn load(w: &Weights, channels: usize, out_channels: usize) -> Result<Self> {
-        Ok(Self {
-            conv: conv2d(&w.pp("conv"), channels, out_channels, 3, 1, 1)?,
-        })
+        Ok(Self { conv: conv2d(&w.pp("conv"), channels, out_channels, 3, 1, 1)? })
     }
 
     /// Upsamples [B, C, H, W] to `size` (H', W') (twice the input unless a skip connection of odd

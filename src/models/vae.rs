@@ -89,17 +89,10 @@ impl VaeConfig {
             return Err(Error::config(path, "block_out_channels is empty"));
         }
         if c.act_fn != "silu" {
-            return Err(Error::config(
-                path,
-                format!("unsupported VAE act_fn {:?}", c.act_fn),
-            ));
+            return Err(Error::config(path, format!("unsupported VAE act_fn {:?}", c.act_fn)));
         }
         for (field, types, expected) in [
-            (
-                "down_block_types",
-                &c.down_block_types,
-                "DownEncoderBlock2D",
-            ),
+            ("down_block_types", &c.down_block_types, "DownEncoderBlock2D"),
             ("up_block_types", &c.up_block_types, "UpDecoderBlock2D"),
         ] {
             if !types.is_empty() && (types.len() != n || types.iter().any(|t| t != expected)) {
@@ -109,17 +102,10 @@ impl VaeConfig {
                 ));
             }
         }
-        if let Some(ch) = c
-            .block_out_channels
-            .iter()
-            .find(|ch| *ch % c.norm_num_groups != 0)
-        {
+        if let Some(ch) = c.block_out_channels.iter().find(|ch| *ch % c.norm_num_groups != 0) {
             return Err(Error::config(
                 path,
-                format!(
-                    "block_out_channels entry {ch} is not divisible by norm_num_groups = {}",
-                    c.norm_num_groups
-                ),
+                format!("block_out_channels entry {ch} is not divisible by norm_num_groups = {}", c.norm_num_groups),
             ));
         }
         Ok(c)
@@ -151,33 +137,19 @@ impl PixelAttention {
             q: linear(&w.pp(name("to_q", "query")), channels, channels, true)?,
             k: linear(&w.pp(name("to_k", "key")), channels, channels, true)?,
             v: linear(&w.pp(name("to_v", "value")), channels, channels, true)?,
-            out: linear(
-                &w.pp(name("to_out.0", "proj_attn")),
-                channels,
-                channels,
-                true,
-            )?,
+            out: linear(&w.pp(name("to_out.0", "proj_attn")), channels, channels, true)?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self
-            .norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let tokens = self.norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let heads = |t: Tensor| -> Result<Tensor> { Ok(t.unsqueeze(1)?) };
         let q = heads(self.q.forward(&tokens)?)?;
         let k = heads(self.k.forward(&tokens)?)?;
         let v = heads(self.v.forward(&tokens)?)?;
         let attn = scaled_dot_product(&q, &k, &v, (c as f64).powf(-0.5), None, true)?.squeeze(1)?;
-        let out = self
-            .out
-            .forward(&attn)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
+        let out = self.out.forward(&attn)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + xs)?)
     }
 }
@@ -239,9 +211,7 @@ impl OutputHead {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .conv
-            .forward(&candle_nn::ops::silu(&self.norm.forward(xs)?)?)?)
+        Ok(self.conv.forward(&candle_nn::ops::silu(&self.norm.forward(xs)?)?)?)
     }
 }
 
@@ -292,9 +262,7 @@ impl Vae {
                     )
                 })
                 .collect::<Result<_>>()?;
-            let down = (i + 1 < n)
-                .then(|| Downsample::load(&bw.pp("downsamplers.0"), cout, cout, 0))
-                .transpose()?;
+            let down = (i + 1 < n).then(|| Downsample::load(&bw.pp("downsamplers.0"), cout, cout, 0)).transpose()?;
             blocks.push((resnets, down));
             cin = cout;
         }
@@ -319,9 +287,7 @@ impl Vae {
                     )
                 })
                 .collect::<Result<_>>()?;
-            let up = (i + 1 < n)
-                .then(|| Upsample::load(&bw.pp("upsamplers.0"), cout, cout))
-                .transpose()?;
+            let up = (i + 1 < n).then(|| Upsample::load(&bw.pp("upsamplers.0"), cout, cout)).transpose()?;
             blocks.push((resnets, up));
             prev = cout;
         }
@@ -334,10 +300,7 @@ impl Vae {
         Ok(Self {
             config: config.clone(),
             encoder,
-            quant_conv: c
-                .use_quant_conv
-                .then(|| conv2d(&w.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0))
-                .transpose()?,
+            quant_conv: c.use_quant_conv.then(|| conv2d(&w.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0)).transpose()?,
             post_quant_conv: c
                 .use_post_quant_conv
                 .then(|| conv2d(&w.pp("post_quant_conv"), lc, lc, 1, 1, 0))

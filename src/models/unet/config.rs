@@ -23,10 +23,7 @@ impl<T: Clone> PerBlock<T> {
             PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
             PerBlock::Each(v) => Err(Error::config(
                 path,
-                format!(
-                    "`{field}` has {} entries but the model has {blocks} down blocks",
-                    v.len()
-                ),
+                format!("`{field}` has {} entries but the model has {blocks} down blocks", v.len()),
             )),
         }
     }
@@ -230,10 +227,7 @@ pub struct UNetConfig {
 }
 
 fn unsupported(path: &Path, field: &str, value: impl std::fmt::Debug) -> Error {
-    Error::config(
-        path,
-        format!("unsupported UNet setting `{field}` = {value:?}"),
-    )
+    Error::config(path, format!("unsupported UNet setting `{field}` = {value:?}"))
 }
 
 impl UNetConfig {
@@ -245,8 +239,8 @@ impl UNetConfig {
 
     /// Parses a config from JSON text (`path` names it in errors).
     pub fn from_json(json: &str, path: &Path) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(json)
-            .map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))?;
+        let raw: RawConfig =
+            serde_json::from_str(json).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))?;
         Self::from_raw(raw, path)
     }
 
@@ -270,48 +264,28 @@ impl UNetConfig {
             return Err(unsupported(path, "num_class_embeds", r.num_class_embeds));
         }
         if r.addition_embed_type.is_some() {
-            return Err(unsupported(
-                path,
-                "addition_embed_type",
-                &r.addition_embed_type,
-            ));
+            return Err(unsupported(path, "addition_embed_type", &r.addition_embed_type));
         }
         if r.encoder_hid_dim.is_some() {
             return Err(unsupported(path, "encoder_hid_dim", r.encoder_hid_dim));
         }
         if r.time_embedding_type != "positional" {
-            return Err(unsupported(
-                path,
-                "time_embedding_type",
-                &r.time_embedding_type,
-            ));
+            return Err(unsupported(path, "time_embedding_type", &r.time_embedding_type));
         }
         if r.time_embedding_act_fn.is_some() {
-            return Err(unsupported(
-                path,
-                "time_embedding_act_fn",
-                &r.time_embedding_act_fn,
-            ));
+            return Err(unsupported(path, "time_embedding_act_fn", &r.time_embedding_act_fn));
         }
         if r.timestep_post_act.is_some() {
             return Err(unsupported(path, "timestep_post_act", &r.timestep_post_act));
         }
         if r.time_cond_proj_dim.is_some() {
-            return Err(unsupported(
-                path,
-                "time_cond_proj_dim",
-                r.time_cond_proj_dim,
-            ));
+            return Err(unsupported(path, "time_cond_proj_dim", r.time_cond_proj_dim));
         }
         if r.act_fn != "silu" {
             return Err(unsupported(path, "act_fn", &r.act_fn));
         }
         if r.resnet_time_scale_shift != "default" {
-            return Err(unsupported(
-                path,
-                "resnet_time_scale_shift",
-                &r.resnet_time_scale_shift,
-            ));
+            return Err(unsupported(path, "resnet_time_scale_shift", &r.resnet_time_scale_shift));
         }
         if r.resnet_skip_time_act {
             return Err(unsupported(path, "resnet_skip_time_act", true));
@@ -320,11 +294,7 @@ impl UNetConfig {
             return Err(unsupported(path, "attention_type", &r.attention_type));
         }
         if r.cross_attention_norm.is_some() {
-            return Err(unsupported(
-                path,
-                "cross_attention_norm",
-                &r.cross_attention_norm,
-            ));
+            return Err(unsupported(path, "cross_attention_norm", &r.cross_attention_norm));
         }
         if r.dual_cross_attention {
             return Err(unsupported(path, "dual_cross_attention", true));
@@ -342,9 +312,7 @@ impl UNetConfig {
         if r.conv_out_kernel % 2 == 0 {
             return Err(unsupported(path, "conv_out_kernel", r.conv_out_kernel));
         }
-        let groups = r
-            .norm_num_groups
-            .ok_or_else(|| unsupported(path, "norm_num_groups", "null"))?;
+        let groups = r.norm_num_groups.ok_or_else(|| unsupported(path, "norm_num_groups", "null"))?;
         let mid_has_attention = match r.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") => true,
             None => false,
@@ -358,21 +326,12 @@ impl UNetConfig {
 
         // In SD1.x/2.x configs `attention_head_dim` holds the number of heads (diffusers keeps
         // that historical meaning when `num_attention_heads` is absent).
-        let heads = r
-            .num_attention_heads
-            .as_ref()
-            .unwrap_or(&r.attention_head_dim)
-            .resolve(n, "num_attention_heads", path)?;
+        let heads =
+            r.num_attention_heads.as_ref().unwrap_or(&r.attention_head_dim).resolve(n, "num_attention_heads", path)?;
         let layers = r.layers_per_block.resolve(n, "layers_per_block", path)?;
-        let transformer_layers =
-            r.transformer_layers_per_block
-                .resolve(n, "transformer_layers_per_block", path)?;
-        let cross_dims = r
-            .cross_attention_dim
-            .resolve(n, "cross_attention_dim", path)?;
-        let only_cross = r
-            .only_cross_attention
-            .resolve(n, "only_cross_attention", path)?;
+        let transformer_layers = r.transformer_layers_per_block.resolve(n, "transformer_layers_per_block", path)?;
+        let cross_dims = r.cross_attention_dim.resolve(n, "cross_attention_dim", path)?;
+        let only_cross = r.only_cross_attention.resolve(n, "only_cross_attention", path)?;
 
         let mut blocks = Vec::with_capacity(n);
         for (i, kind) in r.down_block_types.iter().enumerate() {
@@ -385,18 +344,13 @@ impl UNetConfig {
             if channels % groups != 0 {
                 return Err(Error::config(
                     path,
-                    format!(
-                        "block_out_channels[{i}] = {channels} is not divisible by norm_num_groups = {groups}"
-                    ),
+                    format!("block_out_channels[{i}] = {channels} is not divisible by norm_num_groups = {groups}"),
                 ));
             }
             if has_attention && (heads[i] == 0 || channels % heads[i] != 0) {
                 return Err(Error::config(
                     path,
-                    format!(
-                        "block {i}: {channels} channels cannot be split into {} attention heads",
-                        heads[i]
-                    ),
+                    format!("block {i}: {channels} channels cannot be split into {} attention heads", heads[i]),
                 ));
             }
             blocks.push(BlockConfig {
@@ -422,10 +376,7 @@ impl UNetConfig {
         if mid_has_attention {
             let last = &blocks[n - 1];
             if last.heads == 0 || last.channels % last.heads != 0 {
-                return Err(Error::config(
-                    path,
-                    "mid block channels cannot be split into the last block's heads",
-                ));
+                return Err(Error::config(path, "mid block channels cannot be split into the last block's heads"));
             }
         }
         Ok(Self {

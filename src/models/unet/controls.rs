@@ -74,19 +74,14 @@ impl UNetControls {
             (Some(a), Some(b)) => Some((a + b)?),
             (a, b) => a.or(b),
         };
-        self.down_intrablock_residuals = match (
-            std::mem::take(&mut self.down_intrablock_residuals),
-            other.down_intrablock_residuals,
-        ) {
-            (a, b) if a.is_empty() => b,
-            (a, b) if b.is_empty() => a,
-            (a, b) => sum_lists(a, b)?,
-        };
+        self.down_intrablock_residuals =
+            match (std::mem::take(&mut self.down_intrablock_residuals), other.down_intrablock_residuals) {
+                (a, b) if a.is_empty() => b,
+                (a, b) if b.is_empty() => a,
+                (a, b) => sum_lists(a, b)?,
+            };
         for (layer, streams) in other.extra_attention {
-            self.extra_attention
-                .entry(layer)
-                .or_default()
-                .extend(streams);
+            self.extra_attention.entry(layer).or_default().extend(streams);
         }
         for (layer, tokens) in other.extra_self_attention_tokens {
             let joined = match self.extra_self_attention_tokens.remove(&layer) {

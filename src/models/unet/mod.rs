@@ -18,35 +18,17 @@ use crate::io::weights::Weights;
 use crate::{Error, Result};
 
 /// Sinusoidal timestep embedding [B] → [B, dim] (diffusers' `get_timestep_embedding`).
-pub fn timestep_embedding(
-    timesteps: &Tensor,
-    dim: usize,
-    flip_sin_to_cos: bool,
-    freq_shift: f64,
-) -> Result<Tensor> {
+pub fn timestep_embedding(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool, freq_shift: f64) -> Result<Tensor> {
     let half = dim / 2;
     // f32 arithmetic in the same order as diffusers, for bit-close embeddings at large timesteps.
     let log_period = -(10000f64.ln() as f32);
     let denominator = (half as f64 - freq_shift) as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (log_period * i as f32 / denominator).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| (log_period * i as f32 / denominator).exp()).collect();
     let freqs = Tensor::from_vec(freqs, (1, half), timesteps.device())?;
-    let args = timesteps
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs)?;
+    let args = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
     let (sin, cos) = (args.sin()?, args.cos()?);
-    let emb = if flip_sin_to_cos {
-        Tensor::cat(&[cos, sin], 1)?
-    } else {
-        Tensor::cat(&[sin, cos], 1)?
-    };
-    Ok(if dim % 2 == 1 {
-        emb.pad_with_zeros(1, 0, 1)?
-    } else {
-        emb
-    })
+    let emb = if flip_sin_to_cos { Tensor::cat(&[cos, sin], 1)? } else { Tensor::cat(&[sin, cos], 1)? };
+    Ok(if dim % 2 == 1 { emb.pad_with_zeros(1, 0, 1)? } else { emb })
 }
 
 /// `TimestepEmbedding`: Linear → SiLU → Linear.
@@ -67,9 +49,7 @@ impl TimeEmbedding {
 
     /// [B, in_dim] → [B, dim].
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .linear_2
-            .forward(&candle_nn::ops::silu(&self.linear_1.forward(xs)?)?)?)
+        Ok(self.linear_2.forward(&candle_nn::ops::silu(&self.linear_1.forward(xs)?)?)?)
     }
 }
 
@@ -81,13 +61,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn forward(
-        &self,
-        xs: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor, controls: &UNetControls) -> Result<Tensor> {
         let xs = self.resnet.forward(xs, Some(temb))?;
         match &self.attention {
             Some(attn) => attn.forward(&xs, context, controls),
@@ -123,14 +97,7 @@ struct LayerLoader<'a> {
 }
 
 impl LayerLoader<'_> {
-    fn layer(
-        &self,
-        j: usize,
-        cin: usize,
-        block: &config::BlockConfig,
-        attention: bool,
-        scale: f64,
-    ) -> Result<Layer> {
+    fn layer(&self, j: usize, cin: usize, block: &config::BlockConfig, attention: bool, scale: f64) -> Result<Layer> {
         let c = self.config;
         let resnet = ResnetBlock::load(
             &self.w.pp(format!("resnets.{j}")),
@@ -186,25 +153,14 @@ impl UNet {
         let c = config;
         let n = c.blocks.len();
         let ch0 = c.blocks[0].channels;
-        let conv_in = conv2d(
-            &w.pp("conv_in"),
-            c.in_channels,
-            ch0,
-            c.conv_in_kernel,
-            1,
-            c.conv_in_kernel / 2,
-        )?;
+        let conv_in = conv2d(&w.pp("conv_in"), c.in_channels, ch0, c.conv_in_kernel, 1, c.conv_in_kernel / 2)?;
         let time_embedding = TimeEmbedding::load(&w.pp("time_embedding"), ch0, c.time_embed_dim)?;
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut cin = ch0;
         for (i, block) in c.blocks.iter().enumerate() {
             let (bw, id) = (w.pp(format!("down_blocks.{i}")), format!("down_blocks.{i}"));
-            let loader = LayerLoader {
-                config: c,
-                w: &bw,
-                id: &id,
-            };
+            let loader = LayerLoader { config: c, w: &bw, id: &id };
             let layers = (0..block.layers)
                 .map(|j| {
                     loader.layer(
@@ -218,43 +174,21 @@ impl UNet {
                 .collect::<Result<_>>()?;
             let downsample = (i + 1 < n)
                 .then(|| {
-                    Downsample::load(
-                        &bw.pp("downsamplers.0"),
-                        block.channels,
-                        block.channels,
-                        c.downsample_padding,
-                    )
+                    Downsample::load(&bw.pp("downsamplers.0"), block.channels, block.channels, c.downsample_padding)
                 })
                 .transpose()?;
-            down_blocks.push(DownBlock {
-                layers,
-                downsample,
-                has_attention: block.has_attention,
-            });
+            down_blocks.push(DownBlock { layers, downsample, has_attention: block.has_attention });
             cin = block.channels;
         }
 
         let last = &c.blocks[n - 1];
         let mid_block = if c.has_mid_block {
             let (mw, id) = (w.pp("mid_block"), "mid_block".to_string());
-            let loader = LayerLoader {
-                config: c,
-                w: &mw,
-                id: &id,
-            };
-            let mid = config::BlockConfig {
-                layers: 1,
-                ..last.clone()
-            };
-            let resnet = |j: usize| {
-                loader
-                    .layer(j, last.channels, &mid, false, c.mid_block_scale_factor)
-                    .map(|l| l.resnet)
-            };
-            Some(MidBlock {
-                first: resnet(0)?,
-                rest: vec![(loader.transformer(0, &mid)?, resnet(1)?)],
-            })
+            let loader = LayerLoader { config: c, w: &mw, id: &id };
+            let mid = config::BlockConfig { layers: 1, ..last.clone() };
+            let resnet =
+                |j: usize| loader.layer(j, last.channels, &mid, false, c.mid_block_scale_factor).map(|l| l.resnet);
+            Some(MidBlock { first: resnet(0)?, rest: vec![(loader.transformer(0, &mid)?, resnet(1)?)] })
         } else {
             None
         };
@@ -265,26 +199,12 @@ impl UNet {
             let block = &c.blocks[n - 1 - i];
             let skip_in = c.blocks[(n - 1 - i).saturating_sub(1)].channels;
             let (bw, id) = (w.pp(format!("up_blocks.{i}")), format!("up_blocks.{i}"));
-            let loader = LayerLoader {
-                config: c,
-                w: &bw,
-                id: &id,
-            };
+            let loader = LayerLoader { config: c, w: &bw, id: &id };
             let layers = (0..=block.layers)
                 .map(|j| {
-                    let skip = if j == block.layers {
-                        skip_in
-                    } else {
-                        block.channels
-                    };
+                    let skip = if j == block.layers { skip_in } else { block.channels };
                     let resnet_in = if j == 0 { prev } else { block.channels };
-                    loader.layer(
-                        j,
-                        resnet_in + skip,
-                        block,
-                        c.up_has_attention[i],
-                        c.resnet_out_scale_factor,
-                    )
+                    loader.layer(j, resnet_in + skip, block, c.up_has_attention[i], c.resnet_out_scale_factor)
                 })
                 .collect::<Result<_>>()?;
             let upsample = (i + 1 < n)
@@ -302,14 +222,7 @@ impl UNet {
             mid_block,
             up_blocks,
             norm_out: group_norm(&w.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?,
-            conv_out: conv2d(
-                &w.pp("conv_out"),
-                ch0,
-                c.out_channels,
-                c.conv_out_kernel,
-                1,
-                c.conv_out_kernel / 2,
-            )?,
+            conv_out: conv2d(&w.pp("conv_out"), ch0, c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2)?,
         })
     }
 
@@ -321,23 +234,14 @@ impl UNet {
     /// How many skip connections the down path produces (the length of
     /// [`UNetControls::down_residuals`]).
     pub fn num_skips(&self) -> usize {
-        1 + self
-            .down_blocks
-            .iter()
-            .map(|b| b.layers.len() + usize::from(b.downsample.is_some()))
-            .sum::<usize>()
+        1 + self.down_blocks.iter().map(|b| b.layers.len() + usize::from(b.downsample.is_some())).sum::<usize>()
     }
 
     /// The time embedding [B, time_embed_dim] of per-sample `timesteps` [B].
     pub fn embed_time(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
         let c = &self.config;
-        let t = timestep_embedding(
-            timesteps,
-            c.blocks[0].channels,
-            c.flip_sin_to_cos,
-            c.freq_shift,
-        )?
-        .to_dtype(dtype)?;
+        let t =
+            timestep_embedding(timesteps, c.blocks[0].channels, c.flip_sin_to_cos, c.freq_shift)?.to_dtype(dtype)?;
         self.time_embedding.forward(&t)
     }
 
@@ -352,10 +256,7 @@ impl UNet {
     ) -> Result<Tensor> {
         let (b, ch, _, _) = sample.dims4()?;
         if ch != self.config.in_channels {
-            return Err(Error::invalid(format!(
-                "UNet expects {} latent channels, got {ch}",
-                self.config.in_channels
-            )));
+            return Err(Error::invalid(format!("UNet expects {} latent channels, got {ch}", self.config.in_channels)));
         }
         if timesteps.dims() != [b] {
             return Err(Error::invalid(format!(
@@ -365,11 +266,7 @@ impl UNet {
         }
         let dtype = sample.dtype();
         let temb = self.embed_time(timesteps, dtype)?;
-        let sample = if self.config.center_input_sample {
-            ((sample * 2.0)? - 1.0)?
-        } else {
-            sample.clone()
-        };
+        let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
@@ -407,11 +304,7 @@ impl UNet {
                     skips.len()
                 )));
             }
-            skips = skips
-                .iter()
-                .zip(residuals)
-                .map(|(s, r)| Ok((s + r)?))
-                .collect::<Result<_>>()?;
+            skips = skips.iter().zip(residuals).map(|(s, r)| Ok((s + r)?)).collect::<Result<_>>()?;
         }
 
         if let Some(mid) = &self.mid_block {
@@ -431,15 +324,11 @@ impl UNet {
 
         for block in &self.up_blocks {
             for layer in &block.layers {
-                let skip = skips
-                    .pop()
-                    .ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
+                let skip = skips.pop().ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
                 xs = layer.forward(&Tensor::cat(&[&xs, &skip], 1)?, &temb, context, controls)?;
             }
             if let Some(up) = &block.upsample {
-                let target = skips
-                    .last()
-                    .ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
+                let target = skips.last().ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
                 let (_, _, h, w) = target.dims4()?;
                 xs = up.forward(&xs, (h, w))?;
             }

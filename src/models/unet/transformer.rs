@@ -25,14 +25,7 @@ pub struct Attention {
 
 impl Attention {
     /// Loads `to_q`, `to_k`, `to_v`, `to_out.0` under `w`; `context_dim` is the key/value input width.
-    pub fn load(
-        w: &Weights,
-        id: String,
-        dim: usize,
-        context_dim: usize,
-        heads: usize,
-        upcast: bool,
-    ) -> Result<Self> {
+    pub fn load(w: &Weights, id: String, dim: usize, context_dim: usize, heads: usize, upcast: bool) -> Result<Self> {
         Ok(Self {
             id,
             to_q: linear(&w.pp("to_q"), dim, dim, false)?,
@@ -52,12 +45,7 @@ impl Attention {
 
     /// Attends from xs [B, L, C] to `context` [B, S, D] (or to xs itself when `None`), joining any
     /// extra self-attention tokens and adding any extra key/value streams registered for this layer.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        context: Option<&Tensor>,
-        controls: &UNetControls,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, controls: &UNetControls) -> Result<Tensor> {
         let kv_input = match (context, controls.extra_self_attention_tokens.get(&self.id)) {
             (Some(c), _) => c.clone(),
             (None, Some(extra)) => Tensor::cat(&[xs, extra], 1)?,
@@ -66,25 +54,11 @@ impl Attention {
         let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(&kv_input)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(&kv_input)?, self.heads)?;
-        let mut out = merge_heads(&scaled_dot_product(
-            &q,
-            &k,
-            &v,
-            self.scale,
-            None,
-            self.upcast,
-        )?)?;
+        let mut out = merge_heads(&scaled_dot_product(&q, &k, &v, self.scale, None, self.upcast)?)?;
         for extra in controls.extra_attention.get(&self.id).into_iter().flatten() {
             let k = split_heads(&extra.key, self.heads)?;
             let v = split_heads(&extra.value, self.heads)?;
-            let mut stream = merge_heads(&scaled_dot_product(
-                &q,
-                &k,
-                &v,
-                self.scale,
-                None,
-                self.upcast,
-            )?)?;
+            let mut stream = merge_heads(&scaled_dot_product(&q, &k, &v, self.scale, None, self.upcast)?)?;
             if let Some(mask) = &extra.mask {
                 stream = stream.broadcast_mul(mask)?;
             }
@@ -170,11 +144,7 @@ impl Transformer2D {
             .map(|i| {
                 let bw = w.pp(format!("transformer_blocks.{i}"));
                 let bid = format!("{id}.transformer_blocks.{i}");
-                let attn1_context = if s.only_cross_attention {
-                    s.context_dim
-                } else {
-                    c
-                };
+                let attn1_context = if s.only_cross_attention { s.context_dim } else { c };
                 Ok(TransformerBlock {
                     norm1: layer_norm(&bw.pp("norm1"), c, 1e-5)?,
                     attn1: Attention::load(
@@ -209,41 +179,22 @@ impl Transformer2D {
     }
 
     /// xs [B, C, H, W], context [B, S, D] → [B, C, H, W].
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, xs: &Tensor, context: &Tensor, controls: &UNetControls) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
-        let to_tokens =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
         let mut tokens = match &self.proj_in {
             Projection::Conv(_) => to_tokens(&self.proj_in.forward(&normed)?)?,
             Projection::Linear(_) => self.proj_in.forward(&to_tokens(&normed)?)?,
         };
         for block in &self.blocks {
-            let attn1_context = if block.only_cross_attention {
-                Some(context)
-            } else {
-                None
-            };
-            tokens = (&tokens
-                + block
-                    .attn1
-                    .forward(&block.norm1.forward(&tokens)?, attn1_context, controls)?)?;
-            tokens = (&tokens
-                + block
-                    .attn2
-                    .forward(&block.norm2.forward(&tokens)?, Some(context), controls)?)?;
+            let attn1_context = if block.only_cross_attention { Some(context) } else { None };
+            tokens = (&tokens + block.attn1.forward(&block.norm1.forward(&tokens)?, attn1_context, controls)?)?;
+            tokens = (&tokens + block.attn2.forward(&block.norm2.forward(&tokens)?, Some(context), controls)?)?;
             tokens = (&tokens + block.ff.forward(&block.norm3.forward(&tokens)?)?)?;
         }
-        let to_image = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?
-                .contiguous()?)
-        };
+        let to_image =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?) };
         let out = match &self.proj_out {
             Projection::Conv(_) => self.proj_out.forward(&to_image(&tokens)?)?,
             Projection::Linear(_) => to_image(&self.proj_out.forward(&tokens)?)?,

@@ -1,0 +1,140 @@
+//! `diffctl generate`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::DType;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::io::image::{save_png, to_rgb8};
+use crate::io::latents::{load_latents, save_latents};
+use crate::noise::SeededNoise;
+use crate::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
+use crate::schedulers::SchedulerKind;
+
+/// Arguments of `diffctl generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A diffusers model folder (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// What to draw. Taken literally and truncated at 77 tokens, as diffusers does.
+    #[arg(long, value_name = "TEXT")]
+    prompt: String,
+    /// What to steer away from (used when --guidance > 1).
+    #[arg(long, value_name = "TEXT")]
+    negative_prompt: Option<String>,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    steps: usize,
+    /// Classifier-free guidance scale (1 turns guidance off).
+    #[arg(long, default_value_t = 7.5, value_name = "F")]
+    guidance: f64,
+    /// Sampler: ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm, lcm, ddpm [default: the model's scheduler_config.json].
+    #[arg(long, value_name = "NAME")]
+    scheduler: Option<SchedulerKind>,
+    /// Image width in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(long, value_name = "W")]
+    width: Option<usize>,
+    /// Image height in pixels, a multiple of 8 [default: the model's native size].
+    #[arg(long, value_name = "H")]
+    height: Option<usize>,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    batch: usize,
+    /// Seed of the starting noise and of stochastic samplers [default: random, printed].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Skip this many final text-encoder layers (diffusers' clip_skip).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    clip_skip: usize,
+    /// Starting noise: a safetensors file with a tensor `latents` [B,4,h,w] of standard-normal
+    /// values, used like diffusers' `latents=` (batch, width and height follow from it).
+    #[arg(long, value_name = "FILE")]
+    init_latents: Option<PathBuf>,
+    /// Where to write the image (PNG); with --batch N > 1, NAME-0.png, NAME-1.png, ...
+    #[arg(long, default_value = "output.png", value_name = "PNG")]
+    output: PathBuf,
+    /// Also write the final latents (before VAE decoding) to this safetensors file.
+    #[arg(long, value_name = "FILE")]
+    output_latents: Option<PathBuf>,
+    /// Compute precision of the networks: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype, value_name = "DTYPE")]
+    dtype: DType,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype `{other}` (expected f32, f16 or bf16)")),
+    }
+}
+
+/// The PNG paths for `count` images: `output` itself for one, numbered siblings for more.
+fn image_paths(output: &Path, count: usize) -> Vec<PathBuf> {
+    if count == 1 {
+        return vec![output.to_path_buf()];
+    }
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
+    (0..count).map(|i| output.with_file_name(format!("{stem}-{i}.png"))).collect()
+}
+
+/// Runs `diffctl generate`.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    for (name, v) in [("--width", args.width), ("--height", args.height)] {
+        if let Some(v) = v
+            && (v == 0 || v % 8 != 0)
+        {
+            bail!("{name} {v} is not a positive multiple of 8");
+        }
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let options = LoadOptions { dtype: args.dtype, ..Default::default() };
+    let init_latents = args.init_latents.as_deref().map(|p| load_latents(p, &options.device)).transpose()?;
+    let model = StableDiffusion::load(&args.model, &options).with_context(|| format!("loading model {}", args.model.display()))?;
+    let native = model.unet.config().sample_size.unwrap_or(64) * model.vae_scale_factor();
+    let seed = args.seed.unwrap_or_else(rand::random);
+    if args.seed.is_none() {
+        eprintln!("seed: {seed}");
+    }
+    let request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler: args.scheduler,
+        width: args.width.unwrap_or(native),
+        height: args.height.unwrap_or(native),
+        batch: args.batch,
+        clip_skip: args.clip_skip,
+        init_latents,
+    };
+
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})")?.progress_chars("=> "));
+    let mut on_progress = |p: Progress| match p {
+        Progress::Sampling { steps } => {
+            bar.set_length(steps as u64);
+            bar.set_message("sampling");
+        }
+        Progress::Step { done, .. } => bar.set_position(done as u64),
+        Progress::Decoding => bar.set_message("decoding"),
+    };
+    let generated = model.generate(&request, &mut [], &mut SeededNoise::new(seed), &mut on_progress)?;
+    bar.finish_and_clear();
+
+    if let Some(path) = &args.output_latents {
+        save_latents(path, &generated.latents)?;
+    }
+    let images = to_rgb8(&generated.images)?;
+    for (img, path) in images.iter().zip(image_paths(&args.output, images.len())) {
+        save_png(&path, img)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

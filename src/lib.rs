@@ -1,0 +1,5 @@
+pub mod error;
+pub mod io;
+pub mod models;
+pub mod tokenizer;
+pub use error::{Error, Result};

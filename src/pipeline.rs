@@ -1,0 +1,250 @@
+//! The text-to-image pipeline: loading a model, encoding prompts, the sampling loop that composes
+//! control mechanisms, and VAE decoding.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::control::{Control, StepContext};
+use crate::io::diffusers_folder::DiffusersFolder;
+use crate::io::weights::Weights;
+use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
+use crate::models::unet::{UNet, UNetConfig, UNetControls};
+use crate::models::vae::{Vae, VaeConfig};
+use crate::schedulers::{self, NoiseSource, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype of the networks (latents and scheduler math stay f32).
+    pub dtype: DType,
+    /// Device to run on.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu }
+    }
+}
+
+/// A loaded Stable Diffusion 1.x/2.x model.
+pub struct StableDiffusion {
+    /// The prompt tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// The text encoder.
+    pub text_encoder: ClipTextEncoder,
+    /// The denoising UNet.
+    pub unet: UNet,
+    /// The latent autoencoder.
+    pub vae: Vae,
+    /// The model's scheduler configuration (`scheduler_config.json`).
+    pub scheduler_config: SchedulerConfig,
+    /// Where the scheduler configuration was read from.
+    pub scheduler_config_path: PathBuf,
+    options: LoadOptions,
+}
+
+impl StableDiffusion {
+    /// Loads a diffusers model folder.
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
+        let folder = DiffusersFolder::open(path)?;
+        let weights = |component: &str| -> Result<Weights> {
+            Ok(Weights::new(folder.open_weights(component)?, options.dtype, &options.device))
+        };
+        let tokenizer = ClipTokenizer::from_dir(&folder.component_dir("tokenizer")?)?;
+        let text_config = ClipTextConfig::load(&folder.component_file("text_encoder", "config.json")?)?;
+        let unet_config_path = folder.component_file("unet", "config.json")?;
+        let unet_config = UNetConfig::load(&unet_config_path)?;
+        let vae_config = VaeConfig::load(&folder.component_file("vae", "config.json")?)?;
+        let scheduler_config_path = folder.component_file("scheduler", "scheduler_config.json")?;
+        let scheduler_config = SchedulerConfig::load(&scheduler_config_path)?;
+
+        if let Some(block) = unet_config.blocks.iter().find(|b| b.cross_attention_dim != text_config.hidden_size) {
+            return Err(Error::config(&unet_config_path, format!(
+                "cross_attention_dim {} does not match the text encoder's hidden_size {}",
+                block.cross_attention_dim, text_config.hidden_size
+            )));
+        }
+        if unet_config.in_channels != vae_config.latent_channels {
+            return Err(Error::config(&unet_config_path, format!(
+                "in_channels {} does not match the VAE's latent_channels {}",
+                unet_config.in_channels, vae_config.latent_channels
+            )));
+        }
+        Ok(Self {
+            tokenizer,
+            text_encoder: ClipTextEncoder::load(&weights("text_encoder")?, &text_config)?,
+            unet: UNet::load(&weights("unet")?, &unet_config)?,
+            vae: Vae::load(&weights("vae")?, &vae_config)?,
+            scheduler_config,
+            scheduler_config_path,
+            options: options.clone(),
+        })
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.options.device
+    }
+
+    /// How many image pixels one latent pixel spans.
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().scale_factor()
+    }
+
+    /// The scheduler the model's own config names.
+    pub fn default_scheduler(&self) -> Result<SchedulerKind> {
+        SchedulerKind::from_config(&self.scheduler_config, &self.scheduler_config_path)
+    }
+
+    /// Text embeddings [1, L, D] of `prompt`, tokenized literally and truncated as diffusers does.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        let ids = self.tokenizer.encode_padded(prompt)?;
+        let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), self.device())?;
+        self.text_encoder.encode(&ids, clip_skip)
+    }
+}
+
+/// One text-to-image request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (empty text when `None` and guidance is on).
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is off at 1 or below.
+    pub guidance: f64,
+    /// The scheduler, or the model's own when `None`.
+    pub scheduler: Option<SchedulerKind>,
+    /// Image width in pixels (ignored when `init_latents` is given).
+    pub width: usize,
+    /// Image height in pixels (ignored when `init_latents` is given).
+    pub height: usize,
+    /// Images to generate (ignored when `init_latents` is given).
+    pub batch: usize,
+    /// Text-encoder layers to skip from the end (diffusers' `clip_skip`).
+    pub clip_skip: usize,
+    /// Standard-normal starting noise [B, C, h, w], used as diffusers' `latents=` argument.
+    pub init_latents: Option<Tensor>,
+}
+
+/// Progress events of a generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Progress {
+    /// Prompts are encoded and sampling begins.
+    Sampling {
+        /// Number of denoising steps.
+        steps: usize,
+    },
+    /// A denoising step finished.
+    Step {
+        /// Steps done so far.
+        done: usize,
+        /// All steps.
+        total: usize,
+    },
+    /// The VAE decoder is running.
+    Decoding,
+}
+
+/// Final latents and decoded images.
+pub struct Generated {
+    /// Latents before VAE decoding [B, C, h, w].
+    pub latents: Tensor,
+    /// Images in [0, 1], [B, 3, H, W].
+    pub images: Tensor,
+}
+
+impl StableDiffusion {
+    /// Checks the request and returns the starting noise: `init_latents` or fresh noise.
+    fn initial_noise(&self, req: &GenerateRequest, noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        let channels = self.unet.config().in_channels;
+        if let Some(latents) = &req.init_latents {
+            let (_, c, _, _) = latents.dims4()?;
+            if c != channels {
+                return Err(Error::invalid(format!("init latents have {c} channels, the model expects {channels}")));
+            }
+            return Ok(latents.to_device(self.device())?.to_dtype(DType::F32)?);
+        }
+        let f = self.vae_scale_factor();
+        for (name, v) in [("width", req.width), ("height", req.height)] {
+            if v == 0 || v % 8 != 0 || v % f != 0 {
+                return Err(Error::invalid(format!("{name} {v} must be a positive multiple of {}", f.max(8))));
+            }
+        }
+        if req.batch == 0 {
+            return Err(Error::invalid("batch must be at least 1"));
+        }
+        noise.sample(&[req.batch, channels, req.height / f, req.width / f], self.device())
+    }
+
+    /// Runs the sampling loop with `controls` contributing at every step, then decodes.
+    /// `noise` supplies the starting noise (unless the request has it) and the noise of stochastic
+    /// schedulers; `progress` hears about each step.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        controls: &mut [Box<dyn Control>],
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Generated> {
+        let kind = match req.scheduler {
+            Some(k) => k,
+            None => self.default_scheduler()?,
+        };
+        let mut scheduler = schedulers::build(kind, &self.scheduler_config, req.steps)?;
+        let init = self.initial_noise(req, noise)?;
+        let batch = init.dim(0)?;
+        let guided = req.guidance > 1.0;
+
+        let positive = self.encode_prompt(&req.prompt, req.clip_skip)?.repeat((batch, 1, 1))?;
+        let context = if guided {
+            let negative = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), req.clip_skip)?;
+            Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?
+        } else {
+            positive
+        };
+
+        let dtype = self.options.dtype;
+        let timesteps = scheduler.timesteps().to_vec();
+        progress(Progress::Sampling { steps: timesteps.len() });
+        let mut latents = (init * scheduler.init_noise_sigma())?;
+        for (i, &t) in timesteps.iter().enumerate() {
+            let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
+            let n = model_input.dim(0)?;
+            let step = StepContext {
+                unet: &self.unet,
+                step_index: i,
+                num_steps: timesteps.len(),
+                timestep: t,
+                latents: &model_input,
+                context: &context,
+                guided,
+            };
+            let mut unet_controls = UNetControls::default();
+            for control in controls.iter_mut() {
+                unet_controls.merge(control.contribute(&step)?)?;
+            }
+            let t_batch = Tensor::full(t as f32, n, self.device())?;
+            let prediction = self.unet.forward(&model_input, &t_batch, &context, &unet_controls)?.to_dtype(DType::F32)?;
+            let prediction = if guided {
+                let uncond = prediction.narrow(0, 0, batch)?;
+                let cond = prediction.narrow(0, batch, batch)?;
+                (&uncond + ((cond - &uncond)? * req.guidance)?)?
+            } else {
+                prediction
+            };
+            latents = scheduler.step(&prediction, i, &latents, noise)?;
+            progress(Progress::Step { done: i + 1, total: timesteps.len() });
+        }
+        progress(Progress::Decoding);
+        let images = self.vae.decode_to_unit_range(&latents.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+        Ok(Generated { latents, images })
+    }
+}

@@ -1,0 +1,454 @@
+//! Noise schedulers, one file per family, behind one trait; formulas and config handling follow
+//! diffusers' scheduler classes.
+//!
+//! INTERFACE (fixed; implementations live in sibling files):
+//! - [`SchedulerConfig`]: the fields of a diffusers `scheduler_config.json` that change the math,
+//!   each `Option` so that a field missing from the file takes the chosen class's own default,
+//!   exactly as diffusers' `from_config` does.
+//! - [`SchedulerKind`]: the CLI names (`ddim`, `euler`, `euler-a`, `dpmpp-2m`, `dpmpp-2m-karras`,
+//!   `pndm`, `lcm`, `ddpm`) and the mapping from a config's `_class_name`.
+//! - [`Scheduler`]: the per-run object the sampling loop drives.
+//! - [`NoiseSource`]: where ancestral samplers get fresh noise (seeded RNG in the CLI, replayed noise
+//!   in parity tests).
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// A source of standard-normal noise for schedulers that inject noise during sampling.
+pub trait NoiseSource {
+    /// A tensor of standard-normal samples with `shape`, f32, on `device`.
+    fn sample(&mut self, shape: &[usize], device: &candle_core::Device) -> Result<Tensor>;
+}
+
+/// A noise scheduler configured for one run of `num_inference_steps`.
+pub trait Scheduler {
+    /// The model timesteps visited, in order (floats: some schedulers interpolate).
+    fn timesteps(&self) -> &[f64];
+    /// The standard deviation that initial standard-normal latents are scaled by.
+    fn init_noise_sigma(&self) -> f64;
+    /// Scales the denoising model input at step `step_index` (a no-op for most schedulers).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// One denoising step from `sample` given `model_output` at step `step_index`; returns the
+    /// previous (less noisy) sample. `noise` is used only by stochastic schedulers.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor>;
+}
+
+mod betas;
+mod ddim;
+mod ddpm;
+mod dpm_solver;
+mod euler;
+mod euler_ancestral;
+mod lcm;
+mod pndm;
+mod sigmas;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::Error;
+
+/// The scheduler families, by their CLI names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// `ddim`: DDIMScheduler (deterministic, eta = 0).
+    Ddim,
+    /// `euler`: EulerDiscreteScheduler.
+    Euler,
+    /// `euler-a`: EulerAncestralDiscreteScheduler.
+    EulerAncestral,
+    /// `dpmpp-2m`: DPMSolverMultistepScheduler with the config's own settings.
+    DpmPp2m,
+    /// `dpmpp-2m-karras`: DPMSolverMultistepScheduler with `use_karras_sigmas` forced on.
+    DpmPp2mKarras,
+    /// `pndm`: PNDMScheduler.
+    Pndm,
+    /// `lcm`: LCMScheduler.
+    Lcm,
+    /// `ddpm`: DDPMScheduler.
+    Ddpm,
+}
+
+impl SchedulerKind {
+    /// Every kind, in the order the CLI lists them.
+    pub const ALL: [SchedulerKind; 8] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPp2m,
+        SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::Pndm,
+        SchedulerKind::Lcm,
+        SchedulerKind::Ddpm,
+    ];
+
+    /// The CLI name (`ddim`, `euler-a`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::DpmPp2m => "dpmpp-2m",
+            SchedulerKind::DpmPp2mKarras => "dpmpp-2m-karras",
+            SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Lcm => "lcm",
+            SchedulerKind::Ddpm => "ddpm",
+        }
+    }
+
+    /// The diffusers class this kind reproduces.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
+        }
+    }
+
+    /// The kind for a diffusers `_class_name`; `DPMSolverMultistepScheduler` maps to
+    /// `dpmpp-2m-karras` when `use_karras_sigmas` is set, else `dpmpp-2m`.
+    pub fn from_class_name(class_name: &str, use_karras_sigmas: bool) -> Result<Self> {
+        Ok(match class_name {
+            "DDIMScheduler" => SchedulerKind::Ddim,
+            "EulerDiscreteScheduler" => SchedulerKind::Euler,
+            "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
+            "DPMSolverMultistepScheduler" if use_karras_sigmas => SchedulerKind::DpmPp2mKarras,
+            "DPMSolverMultistepScheduler" => SchedulerKind::DpmPp2m,
+            "PNDMScheduler" => SchedulerKind::Pndm,
+            "LCMScheduler" => SchedulerKind::Lcm,
+            "DDPMScheduler" => SchedulerKind::Ddpm,
+            other => {
+                return Err(Error::invalid(format!(
+                    "unsupported scheduler class `{other}`; supported classes: DDIMScheduler, \
+                     EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, \
+                     DPMSolverMultistepScheduler, PNDMScheduler, LCMScheduler, DDPMScheduler \
+                     (or pick a scheduler by name: {})",
+                    Self::names()
+                )));
+            }
+        })
+    }
+
+    fn names() -> String {
+        Self::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!("unknown scheduler `{s}`; valid names: {}", Self::names()))
+            })
+    }
+}
+
+/// The fields of a diffusers `scheduler_config.json` that change the math.
+///
+/// Every field is optional: a missing field (or JSON `null`) takes the default of the class that
+/// [`build`] instantiates, as diffusers' `from_config` does for a config loaded from disk. Fields a
+/// class does not know are ignored by that class, again as in diffusers (e.g. `clip_sample` for
+/// Euler, `rescale_betas_zero_snr` for PNDM). Unknown keys are ignored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SchedulerConfig {
+    /// `_class_name`: the diffusers class the file was written for.
+    pub class_name: Option<String>,
+    pub num_train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`.
+    pub beta_schedule: Option<String>,
+    pub trained_betas: Option<Vec<f64>>,
+    /// `epsilon`, `v_prediction` or `sample` (where the class supports it).
+    pub prediction_type: Option<String>,
+    /// `leading`, `trailing` or `linspace`.
+    pub timestep_spacing: Option<String>,
+    pub steps_offset: Option<i64>,
+    pub set_alpha_to_one: Option<bool>,
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: Option<f64>,
+    pub skip_prk_steps: Option<bool>,
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Dynamic thresholding: unsupported, an error when true for a class that would apply it.
+    pub thresholding: Option<bool>,
+    pub use_karras_sigmas: Option<bool>,
+    /// Unsupported sigma schedules: an error when true for a class that would apply them.
+    pub use_exponential_sigmas: Option<bool>,
+    pub use_beta_sigmas: Option<bool>,
+    pub use_lu_lambdas: Option<bool>,
+    pub use_flow_sigmas: Option<bool>,
+    /// Karras schedule bounds (Euler; also honoured by DPM-Solver, as diffusers does).
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    /// Euler: `linear` or `log_linear`.
+    pub interpolation_type: Option<String>,
+    /// Euler: `discrete` (`continuous` with v-prediction is unsupported).
+    pub timestep_type: Option<String>,
+    /// Euler, DPM-Solver: `zero` or `sigma_min`.
+    pub final_sigmas_type: Option<String>,
+    /// DPM-Solver: `dpmsolver++`, `sde-dpmsolver++`, `dpmsolver`, `sde-dpmsolver`.
+    pub algorithm_type: Option<String>,
+    /// DPM-Solver: `midpoint` or `heun`.
+    pub solver_type: Option<String>,
+    pub solver_order: Option<usize>,
+    pub lower_order_final: Option<bool>,
+    pub euler_at_final: Option<bool>,
+    pub lambda_min_clipped: Option<f64>,
+    /// DDPM: `fixed_small`, `fixed_small_log`, `fixed_large` (DPM-Solver: learned variances are
+    /// unsupported).
+    pub variance_type: Option<String>,
+    /// LCM.
+    pub original_inference_steps: Option<usize>,
+    pub timestep_scaling: Option<f64>,
+    /// The file this config was read from (for error messages); not a config field.
+    pub source: Option<PathBuf>,
+}
+
+impl SchedulerConfig {
+    /// Reads a diffusers `scheduler_config.json`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        Self::from_value(&value, Some(path))
+    }
+
+    /// Parses a config from a JSON string (errors name the offending field).
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::invalid(format!("scheduler config is not valid JSON: {e}")))?;
+        Self::from_value(&value, None)
+    }
+
+    /// Parses a config from a JSON value; `source` is used in error messages.
+    pub fn from_value(value: &Value, source: Option<&Path>) -> Result<Self> {
+        let fail = |msg: String| match source {
+            Some(p) => Error::config(p, msg),
+            None => Error::invalid(format!("scheduler config: {msg}")),
+        };
+        let map = value
+            .as_object()
+            .ok_or_else(|| fail(format!("expected a JSON object, found {}", short(value))))?;
+        let r = Reader { map, fail: &fail };
+        Ok(SchedulerConfig {
+            class_name: r.get("_class_name")?,
+            num_train_timesteps: r.get("num_train_timesteps")?,
+            beta_start: r.get("beta_start")?,
+            beta_end: r.get("beta_end")?,
+            beta_schedule: r.get("beta_schedule")?,
+            trained_betas: r.get("trained_betas")?,
+            prediction_type: r.get("prediction_type")?,
+            timestep_spacing: r.get("timestep_spacing")?,
+            steps_offset: r.get("steps_offset")?,
+            set_alpha_to_one: r.get("set_alpha_to_one")?,
+            clip_sample: r.get("clip_sample")?,
+            clip_sample_range: r.get("clip_sample_range")?,
+            skip_prk_steps: r.get("skip_prk_steps")?,
+            rescale_betas_zero_snr: r.get("rescale_betas_zero_snr")?,
+            thresholding: r.get("thresholding")?,
+            use_karras_sigmas: r.get("use_karras_sigmas")?,
+            use_exponential_sigmas: r.get("use_exponential_sigmas")?,
+            use_beta_sigmas: r.get("use_beta_sigmas")?,
+            use_lu_lambdas: r.get("use_lu_lambdas")?,
+            use_flow_sigmas: r.get("use_flow_sigmas")?,
+            sigma_min: r.get("sigma_min")?,
+            sigma_max: r.get("sigma_max")?,
+            interpolation_type: r.get("interpolation_type")?,
+            timestep_type: r.get("timestep_type")?,
+            final_sigmas_type: r.get("final_sigmas_type")?,
+            algorithm_type: r.get("algorithm_type")?,
+            solver_type: r.get("solver_type")?,
+            solver_order: r.get("solver_order")?,
+            lower_order_final: r.get("lower_order_final")?,
+            euler_at_final: r.get("euler_at_final")?,
+            lambda_min_clipped: r.get("lambda_min_clipped")?,
+            variance_type: r.get("variance_type")?,
+            original_inference_steps: r.get("original_inference_steps")?,
+            timestep_scaling: r.get("timestep_scaling")?,
+            source: source.map(Path::to_path_buf),
+        })
+    }
+
+    /// The kind named by `_class_name` (DPM-Solver with `use_karras_sigmas` is `dpmpp-2m-karras`).
+    pub fn kind(&self) -> Result<SchedulerKind> {
+        let name = self
+            .class_name
+            .as_deref()
+            .ok_or_else(|| self.error("has no `_class_name`; choose a scheduler by name"))?;
+        SchedulerKind::from_class_name(name, self.use_karras_sigmas.unwrap_or(false))
+            .map_err(|e| self.error(e.to_string()))
+    }
+
+    /// An error about this config: [`Error::Config`] naming the file when it came from one.
+    pub(crate) fn error(&self, msg: impl Into<String>) -> Error {
+        match &self.source {
+            Some(p) => Error::config(p, msg),
+            None => Error::invalid(format!("scheduler config: {}", msg.into())),
+        }
+    }
+
+    /// An error for a field whose value we do not support.
+    pub(crate) fn bad_value(&self, field: &str, value: impl fmt::Display, valid: &str) -> Error {
+        self.error(format!("`{field}` = {value} is not supported ({valid})"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SchedulerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = Value::deserialize(d)?;
+        SchedulerConfig::from_value(&value, None).map_err(serde::de::Error::custom)
+    }
+}
+
+struct Reader<'a, F: Fn(String) -> Error> {
+    map: &'a Map<String, Value>,
+    fail: &'a F,
+}
+
+impl<F: Fn(String) -> Error> Reader<'_, F> {
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| (self.fail)(format!("field `{key}` = {}: {e}", short(v)))),
+        }
+    }
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 { format!("{}...", s.chars().take(60).collect::<String>()) } else { s }
+}
+
+/// Builds the scheduler `kind` from `config` for a run of `num_inference_steps` steps.
+pub fn build(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>> {
+    if num_inference_steps == 0 {
+        return Err(Error::invalid("the number of inference steps must be at least 1"));
+    }
+    let train = config.num_train_timesteps.unwrap_or(1000);
+    if num_inference_steps > train {
+        return Err(Error::invalid(format!(
+            "{num_inference_steps} inference steps is more than the scheduler's \
+             {train} training timesteps"
+        )));
+    }
+    Ok(match kind {
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
+        SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(config, num_inference_steps)?),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, num_inference_steps)?),
+        SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
+        SchedulerKind::EulerAncestral => {
+            Box::new(euler_ancestral::EulerAncestral::new(config, num_inference_steps)?)
+        }
+        SchedulerKind::DpmPp2m => {
+            Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, false)?)
+        }
+        SchedulerKind::DpmPp2mKarras => {
+            Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, true)?)
+        }
+        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
+    })
+}
+
+/// What the model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prediction {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+impl SchedulerConfig {
+    /// The prediction type, checked against what the class supports.
+    pub(crate) fn prediction(&self, class: &str, allowed: &[Prediction]) -> Result<Prediction> {
+        let p = match self.prediction_type.as_deref().unwrap_or("epsilon") {
+            "epsilon" => Prediction::Epsilon,
+            "v_prediction" => Prediction::VPrediction,
+            "sample" | "original_sample" if class == "EulerDiscreteScheduler" => Prediction::Sample,
+            "sample" => Prediction::Sample,
+            other => return Err(self.bad_value("prediction_type", format!("`{other}`"), &valid_list(class, allowed))),
+        };
+        if allowed.contains(&p) {
+            Ok(p)
+        } else {
+            Err(self.bad_value(
+                "prediction_type",
+                format!("`{}`", self.prediction_type.as_deref().unwrap_or("epsilon")),
+                &valid_list(class, allowed),
+            ))
+        }
+    }
+
+    /// Errors when dynamic thresholding is requested (for classes that would apply it).
+    pub(crate) fn reject_thresholding(&self, class: &str) -> Result<()> {
+        if self.thresholding == Some(true) {
+            return Err(self.error(format!(
+                "`thresholding` = true (dynamic thresholding) is not supported for {class}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn valid_list(class: &str, allowed: &[Prediction]) -> String {
+    let names: Vec<&str> = allowed
+        .iter()
+        .map(|p| match p {
+            Prediction::Epsilon => "epsilon",
+            Prediction::VPrediction => "v_prediction",
+            Prediction::Sample => "sample",
+        })
+        .collect();
+    format!("{class} supports {}", names.join(", "))
+}
+
+// --- small tensor helpers shared by the schedulers: f32 tensors, f32 scalar coefficients (as
+// diffusers' 0-dim float32 tensors), true division like torch.
+
+/// `x * c` elementwise in f32.
+pub(crate) fn mul(x: &Tensor, c: f32) -> Result<Tensor> {
+    Ok(x.affine(c as f64, 0.0)?)
+}
+
+/// `x / c` elementwise in f32 (a true division, not a multiplication by the reciprocal).
+pub(crate) fn div(x: &Tensor, c: f32) -> Result<Tensor> {
+    let c = Tensor::new(c, x.device())?.to_dtype(x.dtype())?;
+    Ok(x.broadcast_div(&c)?)
+}
+
+/// `a * x + b * y` evaluated as torch does `a * x + b * y` (two products, one sum) in f32.
+pub(crate) fn lin2(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+    Ok((mul(x, a)? + mul(y, b)?)?)
+}
