@@ -1,5 +1,16 @@
+//! diffctl: controllable text-to-image diffusion.
+//!
+//! One UNet with named injection points ([`models::unet::UNetControls`]) and one sampling loop
+//! ([`pipeline`]); each control mechanism ([`control`]) plugs into those points.
+
+pub mod cli;
+pub mod control;
 pub mod error;
 pub mod io;
 pub mod models;
+pub mod noise;
+pub mod pipeline;
+pub mod schedulers;
 pub mod tokenizer;
+
 pub use error::{Error, Result};

@@ -1,1 +1,11 @@
-fn main() {}
+//! The `diffctl` binary.
+
+fn main() -> std::process::ExitCode {
+    match diffctl::cli::run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

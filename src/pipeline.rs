@@ -1,7 +1,7 @@
 //! The text-to-image pipeline: loading a model, encoding prompts, the sampling loop that composes
 //! control mechanisms, and VAE decoding.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -42,8 +42,9 @@ pub struct StableDiffusion {
     pub vae: Vae,
     /// The model's scheduler configuration (`scheduler_config.json`).
     pub scheduler_config: SchedulerConfig,
-    /// Where the scheduler configuration was read from.
-    pub scheduler_config_path: PathBuf,
+    /// The scheduler class `model_index.json` names, which diffusers prefers over the config's
+    /// `_class_name`.
+    pub scheduler_class: Option<String>,
     options: LoadOptions,
 }
 
@@ -63,16 +64,22 @@ impl StableDiffusion {
         let scheduler_config = SchedulerConfig::load(&scheduler_config_path)?;
 
         if let Some(block) = unet_config.blocks.iter().find(|b| b.cross_attention_dim != text_config.hidden_size) {
-            return Err(Error::config(&unet_config_path, format!(
-                "cross_attention_dim {} does not match the text encoder's hidden_size {}",
-                block.cross_attention_dim, text_config.hidden_size
-            )));
+            return Err(Error::config(
+                &unet_config_path,
+                format!(
+                    "cross_attention_dim {} does not match the text encoder's hidden_size {}",
+                    block.cross_attention_dim, text_config.hidden_size
+                ),
+            ));
         }
         if unet_config.in_channels != vae_config.latent_channels {
-            return Err(Error::config(&unet_config_path, format!(
-                "in_channels {} does not match the VAE's latent_channels {}",
-                unet_config.in_channels, vae_config.latent_channels
-            )));
+            return Err(Error::config(
+                &unet_config_path,
+                format!(
+                    "in_channels {} does not match the VAE's latent_channels {}",
+                    unet_config.in_channels, vae_config.latent_channels
+                ),
+            ));
         }
         Ok(Self {
             tokenizer,
@@ -80,7 +87,7 @@ impl StableDiffusion {
             unet: UNet::load(&weights("unet")?, &unet_config)?,
             vae: Vae::load(&weights("vae")?, &vae_config)?,
             scheduler_config,
-            scheduler_config_path,
+            scheduler_class: folder.class_name("scheduler").map(str::to_string),
             options: options.clone(),
         })
     }
@@ -97,7 +104,12 @@ impl StableDiffusion {
 
     /// The scheduler the model's own config names.
     pub fn default_scheduler(&self) -> Result<SchedulerKind> {
-        SchedulerKind::from_config(&self.scheduler_config, &self.scheduler_config_path)
+        match &self.scheduler_class {
+            Some(class) => {
+                SchedulerKind::from_class_name(class, self.scheduler_config.use_karras_sigmas.unwrap_or(false))
+            }
+            None => self.scheduler_config.kind(),
+        }
     }
 
     /// Text embeddings [1, L, D] of `prompt`, tokenized literally and truncated as diffusers does.
@@ -204,7 +216,9 @@ impl StableDiffusion {
 
         let positive = self.encode_prompt(&req.prompt, req.clip_skip)?.repeat((batch, 1, 1))?;
         let context = if guided {
-            let negative = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), req.clip_skip)?;
+            // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
+            // last layer.
+            let negative = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), 0)?;
             Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?
         } else {
             positive
@@ -232,7 +246,8 @@ impl StableDiffusion {
                 unet_controls.merge(control.contribute(&step)?)?;
             }
             let t_batch = Tensor::full(t as f32, n, self.device())?;
-            let prediction = self.unet.forward(&model_input, &t_batch, &context, &unet_controls)?.to_dtype(DType::F32)?;
+            let prediction =
+                self.unet.forward(&model_input, &t_batch, &context, &unet_controls)?.to_dtype(DType::F32)?;
             let prediction = if guided {
                 let uncond = prediction.narrow(0, 0, batch)?;
                 let cond = prediction.narrow(0, batch, batch)?;

@@ -76,7 +76,7 @@ impl ClipTokenizer {
         let max_length = settings
             .get("model_max_length")
             .and_then(Value::as_f64)
-            .filter(|&n| n >= 2.0 && n <= 4096.0)
+            .filter(|&n| (2.0..=4096.0).contains(&n))
             .map_or(77, |n| n as usize);
         Ok(Self { tokenizer, bos, eos, pad, max_length })
     }

@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     guidance: f64,
     /// Sampler: ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm, lcm, ddpm [default: the model's scheduler_config.json].
     #[arg(long, value_name = "NAME")]
-    scheduler: Option<SchedulerKind>,
+    scheduler: Option<String>,
     /// Image width in pixels, a multiple of 8 [default: the model's native size].
     #[arg(long, value_name = "W")]
     width: Option<usize>,
@@ -94,20 +94,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
     let options = LoadOptions { dtype: args.dtype, ..Default::default() };
     let init_latents = args.init_latents.as_deref().map(|p| load_latents(p, &options.device)).transpose()?;
-    let model = StableDiffusion::load(&args.model, &options).with_context(|| format!("loading model {}", args.model.display()))?;
+    let model = StableDiffusion::load(&args.model, &options)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
     let native = model.unet.config().sample_size.unwrap_or(64) * model.vae_scale_factor();
     let seed = args.seed.unwrap_or_else(rand::random);
-    if args.seed.is_none() {
-        eprintln!("seed: {seed}");
-    }
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
         guidance: args.guidance,
-        scheduler: args.scheduler,
+        scheduler,
         width: args.width.unwrap_or(native),
         height: args.height.unwrap_or(native),
         batch: args.batch,
@@ -116,7 +115,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
 
     let bar = ProgressBar::new(args.steps as u64);
-    bar.set_style(ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})")?.progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})")?
+            .progress_chars("=> "),
+    );
     let mut on_progress = |p: Progress| match p {
         Progress::Sampling { steps } => {
             bar.set_length(steps as u64);
@@ -134,7 +136,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let images = to_rgb8(&generated.images)?;
     for (img, path) in images.iter().zip(image_paths(&args.output, images.len())) {
         save_png(&path, img)?;
-        eprintln!("wrote {}", path.display());
+        eprintln!("wrote {} (seed {seed})", path.display());
     }
     Ok(())
 }

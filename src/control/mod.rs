@@ -4,8 +4,8 @@
 
 use candle_core::Tensor;
 
-use crate::models::unet::{UNet, UNetControls};
 use crate::Result;
+use crate::models::unet::{UNet, UNetControls};
 
 /// What a mechanism sees at one denoising step.
 pub struct StepContext<'a> {

@@ -82,7 +82,7 @@ impl DiffusersFolder {
             for stem in WEIGHT_STEMS {
                 let single = dir.join(format!("{stem}{variant}.safetensors"));
                 if single.is_file() {
-                    return Ok(Arc::new(TensorStore::open_safetensors(&single, &[single.clone()])?));
+                    return Ok(Arc::new(TensorStore::open_safetensors(&single, std::slice::from_ref(&single))?));
                 }
                 let index = dir.join(format!("{stem}.safetensors.index{variant}.json"));
                 if index.is_file() {

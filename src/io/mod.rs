@@ -14,7 +14,44 @@ use crate::{Error, Result};
 /// Reads and parses a JSON file, naming the file (and line/column) in errors.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))
+    parse_json(&text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))
+}
+
+/// Parses JSON as Python's `json` module writes it: configs saved by diffusers may hold the bare
+/// literals `Infinity`, `-Infinity` and `NaN` (e.g. `"lambda_min_clipped": -Infinity`), which are
+/// read as the largest finite magnitudes and null.
+pub fn parse_json<T: DeserializeOwned>(text: &str) -> serde_json::Result<T> {
+    serde_json::from_str(&replace_non_finite_literals(text))
+}
+
+fn replace_non_finite_literals(text: &str) -> std::borrow::Cow<'_, str> {
+    if !(text.contains("Infinity") || text.contains("NaN")) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            in_string = escaped || c != '"';
+            escaped = !escaped && c == '\\';
+        } else if c == '"' {
+            in_string = true;
+        } else {
+            let replaced =
+                [("-Infinity", "-1.7976931348623157e308"), ("Infinity", "1.7976931348623157e308"), ("NaN", "null")]
+                    .into_iter()
+                    .find(|(literal, _)| rest.starts_with(literal));
+            if let Some((literal, value)) = replaced {
+                out.push_str(value);
+                rest = &rest[literal.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Writes a file atomically: the bytes go to a temporary file beside `path`, renamed over it only
@@ -34,4 +71,19 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_json;
+
+    #[test]
+    fn python_non_finite_literals_parse_outside_strings_only() {
+        let v: serde_json::Value =
+            parse_json(r#"{"a": -Infinity, "b": Infinity, "c": NaN, "d": "NaN -Infinity \" Infinity"}"#).unwrap();
+        assert_eq!(v["a"].as_f64(), Some(f64::MIN));
+        assert_eq!(v["b"].as_f64(), Some(f64::MAX));
+        assert!(v["c"].is_null());
+        assert_eq!(v["d"], "NaN -Infinity \" Infinity");
+    }
 }

@@ -72,7 +72,7 @@ impl ClipTextConfig {
     /// Reads and validates a `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let config: Self = crate::io::read_json(path)?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(Error::config(
                 path,
                 format!(
@@ -158,7 +158,8 @@ pub struct ClipTextEncoder {
 impl ClipTextEncoder {
     /// Loads the weights of a `CLIPTextModel` (keys under `text_model.`).
     pub fn load(w: &Weights, config: &ClipTextConfig) -> Result<Self> {
-        let w = w.pp("text_model");
+        // transformers 5 saves the keys without the `text_model.` prefix the public checkpoints use.
+        let w = if w.contains("embeddings.token_embedding.weight") { w.clone() } else { w.pp("text_model") };
         let c = config;
         let emb = w.pp("embeddings");
         let token_embedding =

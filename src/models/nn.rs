@@ -22,7 +22,7 @@ pub fn conv2d(w: &Weights, in_c: usize, out_c: usize, kernel: usize, stride: usi
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weights.
 pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         return Err(crate::Error::invalid(format!(
             "{}: GroupNorm with {groups} groups cannot split {channels} channels",
             w.key("")

@@ -163,9 +163,7 @@ impl FromStr for SchedulerKind {
             .iter()
             .copied()
             .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                Error::invalid(format!("unknown scheduler `{s}`; valid names: {}", Self::names()))
-            })
+            .ok_or_else(|| Error::invalid(format!("unknown scheduler `{s}`; valid names: {}", Self::names())))
     }
 }
 
@@ -234,15 +232,13 @@ impl SchedulerConfig {
     /// Reads a diffusers `scheduler_config.json`.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(path, format!("not valid JSON: {e}")))?;
+        let value: Value = crate::io::read_json(path)?;
         Self::from_value(&value, Some(path))
     }
 
     /// Parses a config from a JSON string (errors name the offending field).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
+        let value: Value = crate::io::parse_json(text)
             .map_err(|e| Error::invalid(format!("scheduler config is not valid JSON: {e}")))?;
         Self::from_value(&value, None)
     }
@@ -253,9 +249,7 @@ impl SchedulerConfig {
             Some(p) => Error::config(p, msg),
             None => Error::invalid(format!("scheduler config: {msg}")),
         };
-        let map = value
-            .as_object()
-            .ok_or_else(|| fail(format!("expected a JSON object, found {}", short(value))))?;
+        let map = value.as_object().ok_or_else(|| fail(format!("expected a JSON object, found {}", short(value))))?;
         let r = Reader { map, fail: &fail };
         Ok(SchedulerConfig {
             class_name: r.get("_class_name")?,
@@ -298,10 +292,8 @@ impl SchedulerConfig {
 
     /// The kind named by `_class_name` (DPM-Solver with `use_karras_sigmas` is `dpmpp-2m-karras`).
     pub fn kind(&self) -> Result<SchedulerKind> {
-        let name = self
-            .class_name
-            .as_deref()
-            .ok_or_else(|| self.error("has no `_class_name`; choose a scheduler by name"))?;
+        let name =
+            self.class_name.as_deref().ok_or_else(|| self.error("has no `_class_name`; choose a scheduler by name"))?;
         SchedulerKind::from_class_name(name, self.use_karras_sigmas.unwrap_or(false))
             .map_err(|e| self.error(e.to_string()))
     }
@@ -349,11 +341,7 @@ fn short(v: &Value) -> String {
 }
 
 /// Builds the scheduler `kind` from `config` for a run of `num_inference_steps` steps.
-pub fn build(
-    kind: SchedulerKind,
-    config: &SchedulerConfig,
-    num_inference_steps: usize,
-) -> Result<Box<dyn Scheduler>> {
+pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
     if num_inference_steps == 0 {
         return Err(Error::invalid("the number of inference steps must be at least 1"));
     }
@@ -369,15 +357,9 @@ pub fn build(
         SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(config, num_inference_steps)?),
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, num_inference_steps)?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => {
-            Box::new(euler_ancestral::EulerAncestral::new(config, num_inference_steps)?)
-        }
-        SchedulerKind::DpmPp2m => {
-            Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, false)?)
-        }
-        SchedulerKind::DpmPp2mKarras => {
-            Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, true)?)
-        }
+        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(config, num_inference_steps)?),
+        SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, false)?),
+        SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, true)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
     })
 }
@@ -386,37 +368,34 @@ pub fn build(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Prediction {
     Epsilon,
-    VPrediction,
+    Velocity,
     Sample,
 }
 
 impl SchedulerConfig {
     /// The prediction type, checked against what the class supports.
     pub(crate) fn prediction(&self, class: &str, allowed: &[Prediction]) -> Result<Prediction> {
-        let p = match self.prediction_type.as_deref().unwrap_or("epsilon") {
-            "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::VPrediction,
-            "sample" | "original_sample" if class == "EulerDiscreteScheduler" => Prediction::Sample,
-            "sample" => Prediction::Sample,
-            other => return Err(self.bad_value("prediction_type", format!("`{other}`"), &valid_list(class, allowed))),
+        let name = self.prediction_type.as_deref().unwrap_or("epsilon");
+        let p = match name {
+            "epsilon" => Some(Prediction::Epsilon),
+            "v_prediction" => Some(Prediction::Velocity),
+            "sample" => Some(Prediction::Sample),
+            // EulerDiscreteScheduler also accepts this older spelling
+            "original_sample" if class == "EulerDiscreteScheduler" => Some(Prediction::Sample),
+            _ => None,
         };
-        if allowed.contains(&p) {
-            Ok(p)
-        } else {
-            Err(self.bad_value(
-                "prediction_type",
-                format!("`{}`", self.prediction_type.as_deref().unwrap_or("epsilon")),
-                &valid_list(class, allowed),
-            ))
+        match p {
+            Some(p) if allowed.contains(&p) => Ok(p),
+            _ => Err(self.bad_value("prediction_type", format!("`{name}`"), &valid_list(class, allowed))),
         }
     }
 
     /// Errors when dynamic thresholding is requested (for classes that would apply it).
     pub(crate) fn reject_thresholding(&self, class: &str) -> Result<()> {
         if self.thresholding == Some(true) {
-            return Err(self.error(format!(
-                "`thresholding` = true (dynamic thresholding) is not supported for {class}"
-            )));
+            return Err(
+                self.error(format!("`thresholding` = true (dynamic thresholding) is not supported for {class}"))
+            );
         }
         Ok(())
     }
@@ -427,7 +406,7 @@ fn valid_list(class: &str, allowed: &[Prediction]) -> String {
         .iter()
         .map(|p| match p {
             Prediction::Epsilon => "epsilon",
-            Prediction::VPrediction => "v_prediction",
+            Prediction::Velocity => "v_prediction",
             Prediction::Sample => "sample",
         })
         .collect();

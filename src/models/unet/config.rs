@@ -306,10 +306,10 @@ impl UNetConfig {
                 &r.reverse_transformer_layers_per_block,
             ));
         }
-        if r.conv_in_kernel % 2 == 0 {
+        if r.conv_in_kernel.is_multiple_of(2) {
             return Err(unsupported(path, "conv_in_kernel", r.conv_in_kernel));
         }
-        if r.conv_out_kernel % 2 == 0 {
+        if r.conv_out_kernel.is_multiple_of(2) {
             return Err(unsupported(path, "conv_out_kernel", r.conv_out_kernel));
         }
         let groups = r.norm_num_groups.ok_or_else(|| unsupported(path, "norm_num_groups", "null"))?;
@@ -341,13 +341,13 @@ impl UNetConfig {
                 other => return Err(unsupported(path, &format!("down_block_types[{i}]"), other)),
             };
             let channels = r.block_out_channels[i];
-            if channels % groups != 0 {
+            if !channels.is_multiple_of(groups) {
                 return Err(Error::config(
                     path,
                     format!("block_out_channels[{i}] = {channels} is not divisible by norm_num_groups = {groups}"),
                 ));
             }
-            if has_attention && (heads[i] == 0 || channels % heads[i] != 0) {
+            if has_attention && (heads[i] == 0 || !channels.is_multiple_of(heads[i])) {
                 return Err(Error::config(
                     path,
                     format!("block {i}: {channels} channels cannot be split into {} attention heads", heads[i]),

@@ -1,0 +1,148 @@
+//! Euler's method in sigma space (Karras et al. 2022, Algorithm 2 without churn), as diffusers'
+//! `EulerDiscreteScheduler`.
+//!
+//! The model sees `x / sqrt(sigma^2 + 1)`; a step moves along d = (x - x0) / sigma from sigma_i to
+//! sigma_{i+1}. Sigmas are the training sigmas interpolated at the (possibly fractional)
+//! timesteps, or a Karras schedule (`use_karras_sigmas`, timesteps then mapped back from the
+//! sigmas), or log-linear (`interpolation_type = log_linear`); the last sigma is 0 or the smallest
+//! training sigma (`final_sigmas_type`). `init_noise_sigma` is the largest sigma for `linspace` and
+//! `trailing` spacing and sqrt(max^2 + 1) for `leading`.
+
+use candle_core::Tensor;
+
+use super::betas::{LINEAR_DEFAULTS, Spacing, Train, spaced_timesteps, torch_linspace_f32};
+use super::sigmas::{interp, karras, log_table, sigma_table, sigma_to_t};
+use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig, div, mul};
+use crate::Result;
+
+pub(crate) struct Euler {
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    init_noise_sigma: f64,
+    prediction: Prediction,
+}
+
+/// The zero-SNR variants replace the last `alphas_cumprod` (exactly 0) by 2^-24 so sigma stays
+/// finite (Euler, Euler-ancestral and DPM-Solver do this).
+pub(crate) fn floor_zero_snr(train: &mut Train) {
+    if train.zero_snr
+        && let Some(last) = train.alphas_cumprod.last_mut()
+    {
+        *last = 2f32.powi(-24);
+    }
+}
+
+/// `init_noise_sigma` of the Euler schedulers: max sigma for linspace/trailing spacing,
+/// sqrt(max^2 + 1) for leading (float32 arithmetic).
+pub(crate) fn euler_init_noise_sigma(sigmas: &[f32], spacing: Spacing) -> f64 {
+    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        Spacing::Linspace | Spacing::Trailing => max as f64,
+        Spacing::Leading => (max * max + 1.0).sqrt() as f64,
+    }
+}
+
+/// The Euler schedulers' inference timesteps as float32 values (`linspace` ones are fractional).
+pub(crate) fn euler_timesteps(cfg: &SchedulerConfig, spacing: Spacing, train: usize, n: usize) -> Vec<f32> {
+    spaced_timesteps(spacing, train, n, cfg.steps_offset.unwrap_or(0)).into_iter().map(|v| v as f32).collect()
+}
+
+/// Euler's `x0` prediction (shared with Euler-ancestral).
+pub(crate) fn predict_x0(prediction: Prediction, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok(match prediction {
+        Prediction::Epsilon => (sample - mul(model_output, sigma)?)?,
+        Prediction::Velocity => {
+            let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+            (mul(model_output, c_out)? + div(sample, sigma * sigma + 1.0)?)?
+        }
+        Prediction::Sample => model_output.clone(),
+    })
+}
+
+impl Euler {
+    pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
+        const CLASS: &str = "EulerDiscreteScheduler";
+        let prediction = cfg.prediction(CLASS, &[Prediction::Epsilon, Prediction::Velocity, Prediction::Sample])?;
+        for (field, value) in
+            [("use_exponential_sigmas", cfg.use_exponential_sigmas), ("use_beta_sigmas", cfg.use_beta_sigmas)]
+        {
+            if value == Some(true) {
+                return Err(cfg.bad_value(field, true, "only use_karras_sigmas is supported"));
+            }
+        }
+        if cfg.timestep_type.as_deref().unwrap_or("discrete") != "discrete" && prediction == Prediction::Velocity {
+            return Err(cfg.bad_value(
+                "timestep_type",
+                format!("`{}`", cfg.timestep_type.as_deref().unwrap_or_default()),
+                "only `discrete` timesteps are supported with v_prediction",
+            ));
+        }
+        let log_linear = match cfg.interpolation_type.as_deref().unwrap_or("linear") {
+            "linear" => false,
+            "log_linear" => true,
+            other => {
+                return Err(cfg.bad_value("interpolation_type", format!("`{other}`"), "valid: linear, log_linear"));
+            }
+        };
+        let mut train = Train::new(cfg, &LINEAR_DEFAULTS, true)?;
+        floor_zero_snr(&mut train);
+        let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
+        let ts32 = euler_timesteps(cfg, spacing, train.num_train_timesteps, n);
+        let table = sigma_table(&train.alphas_cumprod);
+        let mut sigmas: Vec<f64> = if log_linear {
+            let lo = (*table.last().expect("non-empty") as f64).ln() as f32;
+            let hi = (table[0] as f64).ln() as f32;
+            torch_linspace_f32(lo as f64, hi as f64, n + 1).into_iter().map(|v| v.exp() as f64).collect()
+        } else {
+            ts32.iter().map(|&t| interp(t as f64, &table)).collect()
+        };
+        let mut timesteps: Vec<f64> = ts32.iter().map(|&t| t as f64).collect();
+        if cfg.use_karras_sigmas.unwrap_or(false) {
+            let sigma_min = cfg.sigma_min.unwrap_or(*sigmas.last().expect("n >= 1"));
+            let sigma_max = cfg.sigma_max.unwrap_or(sigmas[0]);
+            sigmas = karras(sigma_min, sigma_max, n);
+            let logs = log_table(&table);
+            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs) as f32 as f64).collect();
+        }
+        let last = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
+            "zero" => 0.0,
+            "sigma_min" => table[0] as f64,
+            other => {
+                return Err(cfg.bad_value("final_sigmas_type", format!("`{other}`"), "valid: zero, sigma_min"));
+            }
+        };
+        sigmas.push(last);
+        let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
+        Ok(Euler { init_noise_sigma: euler_init_noise_sigma(&sigmas, spacing), timesteps, sigmas, prediction })
+    }
+}
+
+impl Scheduler for Euler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        let sigma = self.sigmas[step_index];
+        div(sample, (sigma * sigma + 1.0).sqrt())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        // s_churn = 0: gamma = 0 and sigma_hat = sigma.
+        let sigma = self.sigmas[step_index];
+        let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
+        let derivative = div(&(sample - x0)?, sigma)?;
+        let dt = self.sigmas[step_index + 1] - sigma;
+        Ok((sample + mul(&derivative, dt)?)?)
+    }
+}
