@@ -7,6 +7,7 @@ use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::control::Control;
 use crate::io::image::{save_png, to_rgb8};
 use crate::io::latents::{load_latents, save_latents};
 use crate::noise::SeededNoise;
@@ -127,7 +128,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         Progress::Step { done, .. } => bar.set_position(done as u64),
         Progress::Decoding => bar.set_message("decoding"),
     };
-    let generated = model.generate(&request, &mut [], &mut SeededNoise::new(seed), &mut on_progress)?;
+    // Each mechanism family's flags build its controls; the loop composes them.
+    let mut controls: Vec<Box<dyn Control>> = Vec::new();
+    let generated = model.generate(&request, &mut controls, &mut SeededNoise::new(seed), &mut on_progress)?;
     bar.finish_and_clear();
 
     if let Some(path) = &args.output_latents {

@@ -32,3 +32,23 @@ pub fn save_png(path: &Path, img: &image::RgbImage) -> Result<()> {
             .map_err(|e| Error::Format { path: path.into(), message: format!("could not write PNG: {e}") })
     })
 }
+
+/// Reads an image file as 8-bit RGB (any alpha is dropped), naming the file in errors.
+pub fn load_rgb(path: &Path) -> Result<image::RgbImage> {
+    if path.is_dir() {
+        return Err(Error::invalid(format!("{}: is a directory, expected an image file", path.display())));
+    }
+    let reader = image::ImageReader::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
+    let img = reader
+        .decode()
+        .map_err(|e| Error::Format { path: path.into(), message: format!("not a readable image: {e}") })?;
+    Ok(img.to_rgb8())
+}
+
+/// An RGB image as a [1, 3, H, W] f32 tensor with values in [0, 1].
+pub fn rgb_to_tensor(img: &image::RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect();
+    Ok(Tensor::from_vec(data, (h, w, 3), device)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
+}

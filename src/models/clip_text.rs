@@ -5,11 +5,11 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear};
+use candle_nn::{Embedding, LayerNorm};
 use serde::Deserialize;
 
 use super::attention::{causal_mask, merge_heads, scaled_dot_product, split_heads};
-use super::nn::{layer_norm, linear};
+use super::nn::{Linear, layer_norm, linear};
 use crate::io::weights::Weights;
 use crate::{Error, Result};
 

@@ -1,23 +1,49 @@
 //! Layer constructors over [`Weights`]: each checks the stored shapes against the config.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm};
 
 use crate::Result;
 use crate::io::weights::Weights;
+
+/// A linear layer `y = x Wᵀ + b`; weight-level mechanisms (LoRA) attach here.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.forward(xs)
+    }
+}
+
+/// A 2-D convolution with bias; weight-level mechanisms (LoRA) attach here.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.forward(xs)
+    }
+}
 
 /// `nn.Linear(in_dim, out_dim, bias)` stored as `weight` [out, in] and `bias` [out].
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let weight = w.get((out_dim, in_dim), "weight")?;
     let bias = if bias { Some(w.get(out_dim, "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear { inner: candle_nn::Linear::new(weight, bias) })
 }
 
 /// `nn.Conv2d(in_c, out_c, kernel, stride, padding)` with bias.
 pub fn conv2d(w: &Weights, in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
     let weight = w.get((out_c, in_c, kernel, kernel), "weight")?;
     let bias = w.get(out_c, "bias")?;
-    Ok(Conv2d::new(weight, Some(bias), Conv2dConfig { padding, stride, ..Default::default() }))
+    Ok(Conv2d {
+        inner: candle_nn::Conv2d::new(weight, Some(bias), Conv2dConfig { padding, stride, ..Default::default() }),
+    })
 }
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weights.

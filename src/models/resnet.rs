@@ -2,9 +2,9 @@
 //! `Downsample2D` and `Upsample2D`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear};
+use candle_nn::GroupNorm;
 
-use super::nn::{conv2d, group_norm, linear};
+use super::nn::{Conv2d, Linear, conv2d, group_norm, linear};
 use crate::Result;
 use crate::io::weights::Weights;
 

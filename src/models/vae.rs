@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear};
+use candle_nn::GroupNorm;
 use serde::Deserialize;
 
 use super::attention::scaled_dot_product;
-use super::nn::{conv2d, group_norm, linear};
+use super::nn::{Conv2d, Linear, conv2d, group_norm, linear};
 use super::resnet::{Downsample, ResnetBlock, ResnetSpec, Upsample};
 use crate::io::weights::Weights;
 use crate::{Error, Result};

@@ -6,13 +6,13 @@ pub mod controls;
 pub mod transformer;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear};
+use candle_nn::GroupNorm;
 
 pub use config::UNetConfig;
 pub use controls::{ExtraAttention, UNetControls};
 use transformer::{Transformer2D, TransformerSpec};
 
-use super::nn::{conv2d, group_norm, linear};
+use super::nn::{Conv2d, Linear, conv2d, group_norm, linear};
 use super::resnet::{Downsample, ResnetBlock, ResnetSpec, Upsample};
 use crate::io::weights::Weights;
 use crate::{Error, Result};

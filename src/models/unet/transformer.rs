@@ -2,13 +2,13 @@
 //! blocks (self-attention, cross-attention, GEGLU feed-forward), projection out, residual.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{GroupNorm, LayerNorm, Linear};
+use candle_nn::{GroupNorm, LayerNorm};
 
 use super::controls::UNetControls;
 use crate::Result;
 use crate::io::weights::Weights;
 use crate::models::attention::{merge_heads, scaled_dot_product, split_heads};
-use crate::models::nn::{Projection, group_norm, layer_norm, linear};
+use crate::models::nn::{Linear, Projection, group_norm, layer_norm, linear};
 
 /// Multi-head attention (`Attention` in diffusers) addressed by a layer id for injections.
 #[derive(Debug)]
