@@ -60,6 +60,8 @@ pub struct GenerateArgs {
     /// Also write the final latents (before VAE decoding) to this safetensors file.
     #[arg(long, value_name = "FILE")]
     output_latents: Option<PathBuf>,
+    #[command(flatten)]
+    residual: super::residual::ResidualArgs,
     /// Compute precision of the networks: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype, value_name = "DTYPE")]
     dtype: DType,
@@ -129,7 +131,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         Progress::Decoding => bar.set_message("decoding"),
     };
     // Each mechanism family's flags build its controls; the loop composes them.
+    let f = model.vae_scale_factor();
+    let (width, height) = match &request.init_latents {
+        Some(latents) => (latents.dim(3)? * f, latents.dim(2)? * f),
+        None => (request.width, request.height),
+    };
     let mut controls: Vec<Box<dyn Control>> = Vec::new();
+    controls.extend(args.residual.build(&model, &options, width, height)?);
     let generated = model.generate(&request, &mut controls, &mut SeededNoise::new(seed), &mut on_progress)?;
     bar.finish_and_clear();
 

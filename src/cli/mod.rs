@@ -1,6 +1,7 @@
 //! The `diffctl` command line: a thin layer over the library.
 
 mod generate;
+mod residual;
 
 use clap::{Parser, Subcommand};
 

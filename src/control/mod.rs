@@ -2,6 +2,8 @@
 //! into contributions at the UNet's injection points ([`UNetControls`]); the sampling loop sums
 //! what every active mechanism contributes at each step and knows none of them by name.
 
+pub mod residual;
+
 use candle_core::Tensor;
 
 use crate::Result;

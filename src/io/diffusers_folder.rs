@@ -74,34 +74,39 @@ impl DiffusersFolder {
         Ok(path)
     }
 
-    /// Memory-maps the safetensors weights of `component`: the full-precision file, its shards, or
-    /// the `fp16` variant when that is all the folder has.
+    /// Memory-maps the weights of `component` (see [`open_weights_in`]).
     pub fn open_weights(&self, component: &str) -> Result<Arc<TensorStore>> {
-        let dir = self.component_dir(component)?;
-        for variant in ["", ".fp16"] {
-            for stem in WEIGHT_STEMS {
-                let single = dir.join(format!("{stem}{variant}.safetensors"));
-                if single.is_file() {
-                    return Ok(Arc::new(TensorStore::open_safetensors(&single, std::slice::from_ref(&single))?));
-                }
-                let index = dir.join(format!("{stem}.safetensors.index{variant}.json"));
-                if index.is_file() {
-                    let shards = shard_paths(&index)?;
-                    return Ok(Arc::new(TensorStore::open_safetensors(&dir, &shards)?));
-                }
+        open_weights_in(&self.component_dir(component)?)
+    }
+}
+
+/// Memory-maps the weights saved in the model folder `dir` (a pipeline component or a standalone
+/// model such as a ControlNet): the full-precision safetensors file, its shards, or the `fp16`
+/// variant when that is all the folder has.
+pub fn open_weights_in(dir: &Path) -> Result<Arc<TensorStore>> {
+    for variant in ["", ".fp16"] {
+        for stem in WEIGHT_STEMS {
+            let single = dir.join(format!("{stem}{variant}.safetensors"));
+            if single.is_file() {
+                return Ok(Arc::new(TensorStore::open_safetensors(&single, std::slice::from_ref(&single))?));
+            }
+            let index = dir.join(format!("{stem}.safetensors.index{variant}.json"));
+            if index.is_file() {
+                let shards = shard_paths(&index)?;
+                return Ok(Arc::new(TensorStore::open_safetensors(dir, &shards)?));
             }
         }
-        let has_pickle = WEIGHT_STEMS.iter().any(|s| dir.join(format!("{s}.bin")).is_file());
-        Err(Error::invalid(if has_pickle {
-            format!("{}: only PyTorch .bin weights found; this build reads safetensors weights", dir.display())
-        } else {
-            format!(
-                "{}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors, \
-                 or their .fp16 variants)",
-                dir.display()
-            )
-        }))
     }
+    let has_pickle = WEIGHT_STEMS.iter().any(|s| dir.join(format!("{s}.bin")).is_file());
+    Err(Error::invalid(if has_pickle {
+        format!("{}: only PyTorch .bin weights found; this build reads safetensors weights", dir.display())
+    } else {
+        format!(
+            "{}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors, \
+             or their .fp16 variants)",
+            dir.display()
+        )
+    }))
 }
 
 /// The shard files listed in a `*.safetensors.index.json` `weight_map`.

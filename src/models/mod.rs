@@ -2,7 +2,9 @@
 
 pub mod attention;
 pub mod clip_text;
+pub mod controlnet;
 pub mod nn;
 pub mod resnet;
+pub mod t2i_adapter;
 pub mod unet;
 pub mod vae;

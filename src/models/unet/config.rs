@@ -45,6 +45,7 @@ struct RawConfig {
     #[serde(default)]
     freq_shift: f64,
     down_block_types: Vec<String>,
+    #[serde(default)]
     up_block_types: Vec<String>,
     #[serde(default = "dmid")]
     mid_block_type: Option<String>,
@@ -200,7 +201,7 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     /// Down blocks in order (up blocks mirror them; `up_has_attention` holds their own types).
     pub blocks: Vec<BlockConfig>,
-    /// Whether each up block (in up order) has attention.
+    /// Whether each up block (in up order) has attention; empty for a ControlNet.
     pub up_has_attention: Vec<bool>,
     /// Whether there is a cross-attention mid block.
     pub has_mid_block: bool,
@@ -246,7 +247,9 @@ impl UNetConfig {
 
     fn from_raw(r: RawConfig, path: &Path) -> Result<Self> {
         let n = r.block_out_channels.len();
-        if n == 0 || r.down_block_types.len() != n || r.up_block_types.len() != n {
+        // ControlNet configs describe only the input half and have no up blocks.
+        let up_ok = r.up_block_types.is_empty() || r.up_block_types.len() == n;
+        if n == 0 || r.down_block_types.len() != n || !up_ok {
             return Err(Error::config(
                 path,
                 format!(

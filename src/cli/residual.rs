@@ -1,0 +1,114 @@
+//! Flags of the residual control family: ControlNet and T2I-Adapter (both repeatable, combinable).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::control::Control;
+use crate::control::residual::controlnet::{ControlNetControl, ControlNetSettings, load_controlnet};
+use crate::control::residual::load_condition_image;
+use crate::control::residual::t2i_adapter::{T2IAdapterControl, load_t2i_adapter};
+use crate::pipeline::{LoadOptions, StableDiffusion};
+
+/// ControlNet and T2I-Adapter flags of `diffctl generate`.
+#[derive(Debug, Args)]
+pub struct ResidualArgs {
+    /// A ControlNet (diffusers folder). Repeat for several; their residuals are summed.
+    #[arg(long, value_name = "PATH")]
+    controlnet: Vec<PathBuf>,
+    /// The condition image of each --controlnet, in the same order (resized to the output size).
+    #[arg(long, value_name = "PNG")]
+    control_image: Vec<PathBuf>,
+    /// Residual weight: one value for all ControlNets, or one per --controlnet.
+    #[arg(long, value_name = "F")]
+    control_scale: Vec<f64>,
+    /// Fraction of the steps before a ControlNet starts acting (one value or one per ControlNet).
+    #[arg(long, value_name = "F")]
+    control_start: Vec<f64>,
+    /// Fraction of the steps after which a ControlNet stops (one value or one per ControlNet).
+    #[arg(long, value_name = "F")]
+    control_end: Vec<f64>,
+    /// Guess mode: ControlNets see only the conditional half, residuals weighted from 0.1 to 1 by depth.
+    #[arg(long)]
+    control_guess_mode: bool,
+    /// A T2I-Adapter (diffusers folder). Repeat for several; their features are summed.
+    #[arg(long, value_name = "PATH")]
+    t2i_adapter: Vec<PathBuf>,
+    /// The condition image of each --t2i-adapter, in the same order.
+    #[arg(long, value_name = "PNG")]
+    adapter_image: Vec<PathBuf>,
+    /// Feature weight: one value for all adapters, or one per --t2i-adapter.
+    #[arg(long, value_name = "F")]
+    adapter_scale: Vec<f64>,
+    /// Fraction of the steps (from the start) during which adapters act (one value or one per adapter).
+    #[arg(long, value_name = "F")]
+    adapter_factor: Vec<f64>,
+}
+
+/// The value for item `i` of `count` from a flag given once (for all) or once per item.
+fn per_item(flag: &str, values: &[f64], count: usize, default: f64) -> anyhow::Result<Vec<f64>> {
+    match values.len() {
+        0 => Ok(vec![default; count]),
+        1 => Ok(vec![values[0]; count]),
+        n if n == count => Ok(values.to_vec()),
+        n => bail!("--{flag} was given {n} times for {count} models (give it once, or once per model)"),
+    }
+}
+
+fn check_pairs(models: &[PathBuf], images: &[PathBuf], model_flag: &str, image_flag: &str) -> anyhow::Result<()> {
+    if models.len() != images.len() {
+        bail!(
+            "{} --{model_flag} but {} --{image_flag}: give one image per model, in the same order",
+            models.len(),
+            images.len()
+        );
+    }
+    Ok(())
+}
+
+fn label(path: &Path) -> String {
+    path.display().to_string()
+}
+
+impl ResidualArgs {
+    /// Loads every ControlNet and T2I-Adapter with its image for a `width`x`height` generation.
+    pub fn build(
+        &self,
+        model: &StableDiffusion,
+        options: &LoadOptions,
+        width: usize,
+        height: usize,
+    ) -> anyhow::Result<Vec<Box<dyn Control>>> {
+        check_pairs(&self.controlnet, &self.control_image, "controlnet", "control-image")?;
+        check_pairs(&self.t2i_adapter, &self.adapter_image, "t2i-adapter", "adapter-image")?;
+        let n = self.controlnet.len();
+        let scales = per_item("control-scale", &self.control_scale, n, 1.0)?;
+        let starts = per_item("control-start", &self.control_start, n, 0.0)?;
+        let ends = per_item("control-end", &self.control_end, n, 1.0)?;
+        let mut controls: Vec<Box<dyn Control>> = Vec::new();
+        for (i, (path, image)) in self.controlnet.iter().zip(&self.control_image).enumerate() {
+            let net = load_controlnet(path, options).with_context(|| format!("loading ControlNet {}", path.display()))?;
+            net.check_compatible(model.unet.config(), &label(path))?;
+            let image = load_condition_image(image, width, height, &options.device)?;
+            let settings = ControlNetSettings {
+                scale: scales[i],
+                start: starts[i],
+                end: ends[i],
+                guess_mode: self.control_guess_mode,
+            };
+            controls.push(Box::new(ControlNetControl::new(label(path), Arc::new(net), image, settings)?));
+        }
+        let n = self.t2i_adapter.len();
+        let scales = per_item("adapter-scale", &self.adapter_scale, n, 1.0)?;
+        let factors = per_item("adapter-factor", &self.adapter_factor, n, 1.0)?;
+        for (i, (path, image)) in self.t2i_adapter.iter().zip(&self.adapter_image).enumerate() {
+            let adapter =
+                load_t2i_adapter(path, options).with_context(|| format!("loading T2I-Adapter {}", path.display()))?;
+            let image = load_condition_image(image, width, height, &options.device)?;
+            controls.push(Box::new(T2IAdapterControl::new(label(path), &adapter, &image, scales[i], factors[i])?));
+        }
+        Ok(controls)
+    }
+}

@@ -1,0 +1,113 @@
+//! ControlNet as a control mechanism: several may run at once, their residuals summed.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::{active_at, check_step_range};
+use crate::control::{Control, StepContext};
+use crate::io::diffusers_folder::open_weights_in;
+use crate::io::weights::Weights;
+use crate::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
+use crate::models::unet::UNetControls;
+use crate::pipeline::LoadOptions;
+use crate::{Error, Result};
+
+/// Loads a ControlNet saved as a diffusers folder (`config.json` + weights).
+pub fn load_controlnet(path: &Path, options: &LoadOptions) -> Result<ControlNet> {
+    if !path.is_dir() {
+        return Err(Error::invalid(format!(
+            "{}: expected a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors)",
+            path.display()
+        )));
+    }
+    let config_path = path.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::invalid(format!("{}: missing file", config_path.display())));
+    }
+    let config = ControlNetConfig::load(&config_path)?;
+    let weights = Weights::new(open_weights_in(path)?, options.dtype, &options.device);
+    ControlNet::load(&weights, &config)
+}
+
+/// How one ControlNet is applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlNetSettings {
+    /// Residual weight (diffusers' `controlnet_conditioning_scale`).
+    pub scale: f64,
+    /// Fraction of the steps after which it starts (`control_guidance_start`).
+    pub start: f64,
+    /// Fraction of the steps after which it stops (`control_guidance_end`).
+    pub end: f64,
+    /// Guess mode: runs on the conditional half only, residuals rising from 0.1 to 1 with depth.
+    pub guess_mode: bool,
+}
+
+impl Default for ControlNetSettings {
+    fn default() -> Self {
+        Self { scale: 1.0, start: 0.0, end: 1.0, guess_mode: false }
+    }
+}
+
+/// One ControlNet with its condition image.
+pub struct ControlNetControl {
+    name: String,
+    model: Arc<ControlNet>,
+    /// The condition image [1, 3, H, W] in [0, 1].
+    image: Tensor,
+    settings: ControlNetSettings,
+}
+
+impl ControlNetControl {
+    /// A ControlNet conditioned on `image` [1, 3, H, W]; `name` identifies it in errors.
+    pub fn new(name: String, model: Arc<ControlNet>, image: Tensor, settings: ControlNetSettings) -> Result<Self> {
+        if !settings.scale.is_finite() {
+            return Err(Error::invalid(format!("{name}: control scale {} is not a number", settings.scale)));
+        }
+        check_step_range(&name, settings.start, settings.end)?;
+        Ok(Self { name, model, image, settings })
+    }
+}
+
+impl Control for ControlNetControl {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn contribute(&mut self, step: &StepContext) -> Result<UNetControls> {
+        let s = self.settings;
+        if !active_at(step.step_index, step.num_steps, s.start, s.end) {
+            return Ok(UNetControls::default());
+        }
+        let guess = s.guess_mode || self.model.config().global_pool_conditions;
+        let total = step.latents.dim(0)?;
+        // In guess mode with guidance the ControlNet sees only the conditional half; the
+        // unconditional half gets zero residuals.
+        let uncond = if guess && step.guided { total / 2 } else { 0 };
+        let latents = step.latents.narrow(0, uncond, total - uncond)?;
+        let context = step.context.narrow(0, uncond, total - uncond)?;
+        let n = latents.dim(0)?;
+        let (_, _, h, w) = latents.dims4()?;
+        let (_, _, ih, iw) = self.image.dims4()?;
+        let f = self.model.config().downscale_factor();
+        if (ih, iw) != (h * f, w * f) {
+            return Err(Error::invalid(format!(
+                "{}: condition image is {iw}x{ih}, the generation needs {}x{}",
+                self.name,
+                w * f,
+                h * f
+            )));
+        }
+        let image = self.image.to_dtype(latents.dtype())?.repeat((n, 1, 1, 1))?;
+        let timesteps = Tensor::full(step.timestep as f32, n, latents.device())?;
+        let scale = if guess { ResidualScale::Guess(s.scale) } else { ResidualScale::Uniform(s.scale) };
+        let mut residuals = self.model.forward(&latents, &timesteps, &context, &image, scale)?;
+        if uncond > 0 {
+            let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
+            residuals.down = residuals.down.iter().map(pad).collect::<Result<_>>()?;
+            residuals.mid = pad(&residuals.mid)?;
+        }
+        Ok(residuals.into_controls())
+    }
+}

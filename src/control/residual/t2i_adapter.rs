@@ -1,0 +1,74 @@
+//! T2I-Adapter as a control mechanism: features computed once, added inside the UNet's down
+//! blocks during the first part of sampling.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use crate::control::{Control, StepContext};
+use crate::io::diffusers_folder::open_weights_in;
+use crate::io::weights::Weights;
+use crate::models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
+use crate::models::unet::UNetControls;
+use crate::pipeline::LoadOptions;
+use crate::{Error, Result};
+
+/// Loads a T2I-Adapter saved as a diffusers folder (`config.json` + weights).
+pub fn load_t2i_adapter(path: &Path, options: &LoadOptions) -> Result<T2IAdapter> {
+    let config_path = path.join("config.json");
+    if !path.is_dir() || !config_path.is_file() {
+        return Err(Error::invalid(format!(
+            "{}: expected a diffusers T2I-Adapter folder (config.json + diffusion_pytorch_model.safetensors)",
+            path.display()
+        )));
+    }
+    let config = T2IAdapterConfig::load(&config_path)?;
+    let weights = Weights::new(open_weights_in(path)?, options.dtype, &options.device);
+    T2IAdapter::load(&weights, &config)
+}
+
+/// One T2I-Adapter's features for a condition image.
+pub struct T2IAdapterControl {
+    name: String,
+    /// Scaled features, batch 1, one per UNet down block.
+    features: Vec<Tensor>,
+    /// Fraction of the steps (from the start) during which the features are added.
+    factor: f64,
+}
+
+impl T2IAdapterControl {
+    /// Runs `adapter` on `image` [1, 3, H, W] in [0, 1] once; the features are scaled by `scale` and
+    /// added during the first `factor` of the steps (diffusers' `adapter_conditioning_factor`).
+    pub fn new(name: String, adapter: &T2IAdapter, image: &Tensor, scale: f64, factor: f64) -> Result<Self> {
+        if !scale.is_finite() {
+            return Err(Error::invalid(format!("{name}: adapter scale {scale} is not a number")));
+        }
+        if !(0.0..=1.0).contains(&factor) {
+            return Err(Error::invalid(format!("{name}: adapter factor {factor} must be within [0, 1]")));
+        }
+        let f = adapter.config().downscale_factor;
+        let (_, _, h, w) = image.dims4()?;
+        if h % f != 0 || w % f != 0 {
+            return Err(Error::invalid(format!("{name}: image {w}x{h} is not a multiple of the adapter's factor {f}")));
+        }
+        let features = adapter.forward(image)?.into_iter().map(|t| Ok((t * scale)?)).collect::<Result<_>>()?;
+        Ok(Self { name, features, factor })
+    }
+}
+
+impl Control for T2IAdapterControl {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn contribute(&mut self, step: &StepContext) -> Result<UNetControls> {
+        if step.step_index as f64 >= (step.num_steps as f64 * self.factor).floor() {
+            return Ok(UNetControls::default());
+        }
+        let n = step.latents.dim(0)?;
+        let dtype = step.latents.dtype();
+        let down_intrablock_residuals =
+            self.features.iter().map(|t| Ok(t.to_dtype(dtype)?.repeat((n, 1, 1, 1))?)).collect::<Result<_>>()?;
+        Ok(UNetControls { down_intrablock_residuals, ..Default::default() })
+    }
+}

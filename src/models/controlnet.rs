@@ -1,0 +1,238 @@
+//! `ControlNetModel`: a trainable copy of the UNet's input half that turns a condition image into
+//! residuals for every skip connection and the mid block.
+
+use std::path::Path;
+
+use candle_core::{Module, Tensor};
+use serde::Deserialize;
+
+use super::nn::{Conv2d, conv2d};
+use super::unet::{EncoderOutput, UNetConfig, UNetControls, UNetEncoder};
+use crate::io::weights::Weights;
+use crate::{Error, Result};
+
+/// The ControlNet-only fields of its `config.json` (the rest is a UNet config).
+#[derive(Debug, Clone, Deserialize)]
+struct ExtraConfig {
+    #[serde(default = "d3")]
+    conditioning_channels: usize,
+    #[serde(default = "dembed")]
+    conditioning_embedding_out_channels: Vec<usize>,
+    #[serde(default = "drgb")]
+    controlnet_conditioning_channel_order: String,
+    #[serde(default)]
+    global_pool_conditions: bool,
+}
+
+fn d3() -> usize {
+    3
+}
+fn dembed() -> Vec<usize> {
+    vec![16, 32, 96, 256]
+}
+fn drgb() -> String {
+    "rgb".into()
+}
+
+/// A validated ControlNet configuration.
+#[derive(Debug, Clone)]
+pub struct ControlNetConfig {
+    /// The input half it copies (block layout, heads, context width).
+    pub unet: UNetConfig,
+    /// Channels of the condition image.
+    pub conditioning_channels: usize,
+    /// Channels of the condition-embedding convolutions; each step after the first halves the size.
+    pub conditioning_embedding_out_channels: Vec<usize>,
+    /// The condition image arrives BGR and is flipped to RGB.
+    pub bgr: bool,
+    /// Residuals are averaged over space (the "shuffle" ControlNet); implies guess mode.
+    pub global_pool_conditions: bool,
+}
+
+impl ControlNetConfig {
+    /// Reads and validates a ControlNet `config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let unet = UNetConfig::from_json(&text, path)?;
+        let extra: ExtraConfig =
+            crate::io::parse_json(&text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))?;
+        let bgr = match extra.controlnet_conditioning_channel_order.as_str() {
+            "rgb" => false,
+            "bgr" => true,
+            other => return Err(Error::config(path, format!("unknown controlnet_conditioning_channel_order `{other}`"))),
+        };
+        if extra.conditioning_embedding_out_channels.is_empty() {
+            return Err(Error::config(path, "conditioning_embedding_out_channels is empty"));
+        }
+        Ok(Self {
+            unet,
+            conditioning_channels: extra.conditioning_channels,
+            conditioning_embedding_out_channels: extra.conditioning_embedding_out_channels,
+            bgr,
+            global_pool_conditions: extra.global_pool_conditions,
+        })
+    }
+
+    /// How much smaller the residuals are than the condition image.
+    pub fn downscale_factor(&self) -> usize {
+        1 << (self.conditioning_embedding_out_channels.len() - 1)
+    }
+}
+
+/// The small conv net mapping the condition image to the first block's channels at latent size.
+#[derive(Debug)]
+struct ConditionEmbedding {
+    conv_in: Conv2d,
+    blocks: Vec<Conv2d>,
+    conv_out: Conv2d,
+}
+
+impl ConditionEmbedding {
+    fn load(w: &Weights, c: &ControlNetConfig) -> Result<Self> {
+        let ch = &c.conditioning_embedding_out_channels;
+        let mut blocks = Vec::new();
+        for i in 0..ch.len() - 1 {
+            blocks.push(conv2d(&w.pp(format!("blocks.{}", 2 * i)), ch[i], ch[i], 3, 1, 1)?);
+            blocks.push(conv2d(&w.pp(format!("blocks.{}", 2 * i + 1)), ch[i], ch[i + 1], 3, 2, 1)?);
+        }
+        Ok(Self {
+            conv_in: conv2d(&w.pp("conv_in"), c.conditioning_channels, ch[0], 3, 1, 1)?,
+            blocks,
+            conv_out: conv2d(&w.pp("conv_out"), ch[ch.len() - 1], c.unet.blocks[0].channels, 3, 1, 1)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = candle_nn::ops::silu(&self.conv_in.forward(xs)?)?;
+        for block in &self.blocks {
+            xs = candle_nn::ops::silu(&block.forward(&xs)?)?;
+        }
+        Ok(self.conv_out.forward(&xs)?)
+    }
+}
+
+/// How a ControlNet's residuals are weighted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ResidualScale {
+    /// Every residual times the scale.
+    Uniform(f64),
+    /// Guess mode: residual i of n+1 (the mid block last) times `scale · 10^(i/n − 1)`, rising
+    /// from 0.1 at the first skip to 1 at the mid block.
+    Guess(f64),
+}
+
+/// Residuals for a UNet: one per skip connection plus the mid block.
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    /// One per skip, in the UNet's order.
+    pub down: Vec<Tensor>,
+    /// For the mid block's output.
+    pub mid: Tensor,
+}
+
+impl ControlResiduals {
+    /// As UNet injections.
+    pub fn into_controls(self) -> UNetControls {
+        UNetControls { down_residuals: Some(self.down), mid_residual: Some(self.mid), ..Default::default() }
+    }
+}
+
+/// A loaded ControlNet.
+#[derive(Debug)]
+pub struct ControlNet {
+    config: ControlNetConfig,
+    encoder: UNetEncoder,
+    condition_embedding: ConditionEmbedding,
+    zero_convs: Vec<Conv2d>,
+    mid_zero_conv: Conv2d,
+}
+
+impl ControlNet {
+    /// Loads a ControlNet with diffusers key names from `w`.
+    pub fn load(w: &Weights, config: &ControlNetConfig) -> Result<Self> {
+        let encoder = UNetEncoder::load(w, &config.unet)?;
+        let c = &config.unet;
+        let mut channels = vec![c.blocks[0].channels];
+        for (i, block) in c.blocks.iter().enumerate() {
+            channels.extend(std::iter::repeat_n(block.channels, block.layers));
+            if i + 1 < c.blocks.len() {
+                channels.push(block.channels);
+            }
+        }
+        let zero_convs = channels
+            .iter()
+            .enumerate()
+            .map(|(i, &ch)| conv2d(&w.pp(format!("controlnet_down_blocks.{i}")), ch, ch, 1, 1, 0))
+            .collect::<Result<_>>()?;
+        let last = c.blocks[c.blocks.len() - 1].channels;
+        Ok(Self {
+            config: config.clone(),
+            condition_embedding: ConditionEmbedding::load(&w.pp("controlnet_cond_embedding"), config)?,
+            zero_convs,
+            mid_zero_conv: conv2d(&w.pp("controlnet_mid_block"), last, last, 1, 1, 0)?,
+            encoder,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ControlNetConfig {
+        &self.config
+    }
+
+    /// Residuals for `sample` [B, C, h, w] at `timesteps` [B] with `context` [B, S, D] and the
+    /// condition image `cond` [B, 3, h·f, w·f] in [0, 1].
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        cond: &Tensor,
+        scale: ResidualScale,
+    ) -> Result<ControlResiduals> {
+        let cond = if self.config.bgr { cond.flip(&[1])? } else { cond.clone() };
+        let hint = self.condition_embedding.forward(&cond.to_dtype(sample.dtype())?)?;
+        let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
+        let EncoderOutput { hidden, skips } =
+            self.encoder.forward(sample, &temb, context, &UNetControls::default(), Some(&hint))?;
+        let n = skips.len();
+        let scales: Vec<f64> = match scale {
+            ResidualScale::Uniform(s) => vec![s; n + 1],
+            // torch.logspace(-1, 0, n + 1) in f32, times the scale.
+            ResidualScale::Guess(s) => {
+                (0..=n).map(|i| f64::from(10f32.powf(-1.0 + i as f32 / n as f32)) * s).collect()
+            }
+        };
+        let pool = |t: Tensor| -> Result<Tensor> {
+            Ok(if self.config.global_pool_conditions { t.mean_keepdim(3)?.mean_keepdim(2)? } else { t })
+        };
+        let down = skips
+            .iter()
+            .zip(&self.zero_convs)
+            .zip(&scales)
+            .map(|((skip, conv), s)| pool((conv.forward(skip)? * *s)?))
+            .collect::<Result<_>>()?;
+        let mid = pool((self.mid_zero_conv.forward(&hidden)? * scales[n])?)?;
+        Ok(ControlResiduals { down, mid })
+    }
+
+    /// Checks that this ControlNet fits `unet`: same skip layout and context width.
+    pub fn check_compatible(&self, unet: &UNetConfig, name: &str) -> Result<()> {
+        let mine = &self.config.unet;
+        let layout = |c: &UNetConfig| c.blocks.iter().map(|b| (b.channels, b.layers)).collect::<Vec<_>>();
+        if layout(mine) != layout(unet) {
+            return Err(Error::invalid(format!(
+                "{name}: ControlNet block layout (channels, layers) {:?} does not fit the model's UNet {:?}",
+                layout(mine),
+                layout(unet)
+            )));
+        }
+        let (a, b) = (mine.blocks[0].cross_attention_dim, unet.blocks[0].cross_attention_dim);
+        if a != b {
+            return Err(Error::invalid(format!(
+                "{name}: ControlNet cross_attention_dim {a} does not match the model's {b} (a ControlNet for another model family?)"
+            )));
+        }
+        Ok(())
+    }
+
+}

@@ -1,0 +1,160 @@
+//! ControlNet and T2I-Adapter parity with diffusers: the models on their own, and whole
+//! StableDiffusionControlNetPipeline / StableDiffusionAdapterPipeline runs.
+
+mod common;
+
+use candle_core::DType;
+use common::{assert_close, load_fixture, repo_path};
+use diffctl::control::residual::controlnet::load_controlnet;
+use diffctl::control::residual::t2i_adapter::load_t2i_adapter;
+use diffctl::models::controlnet::ResidualScale;
+use diffctl::pipeline::LoadOptions;
+
+#[test]
+fn controlnet_residuals_match_diffusers() {
+    let unit = load_fixture("tests/fixtures/units/controlnet.safetensors");
+    let net = load_controlnet(&repo_path("tests/fixtures/controlnets/cn-a"), &LoadOptions::default()).unwrap();
+    let (sample, t, ctx, cond) = (&unit["sample"], &unit["timesteps"], &unit["context"], &unit["cond"]);
+    let guess_scale = unit["guess.scale"].to_vec1::<f32>().unwrap()[0] as f64;
+    for (prefix, scale) in [("", ResidualScale::Uniform(1.0)), ("guess.", ResidualScale::Guess(guess_scale))] {
+        let res = net.forward(sample, t, ctx, cond, scale).unwrap();
+        assert_eq!(res.down.len(), 9);
+        for (i, d) in res.down.iter().enumerate() {
+            assert_close(&format!("{prefix}down.{i}"), d, &unit[&format!("{prefix}down.{i}")], 2e-5);
+        }
+        assert_close(&format!("{prefix}mid"), &res.mid, &unit[&format!("{prefix}mid")], 2e-5);
+    }
+}
+
+#[test]
+fn t2i_adapter_features_match_diffusers() {
+    let unit = load_fixture("tests/fixtures/units/controlnet.safetensors");
+    for kind in ["full", "light"] {
+        let adapter =
+            load_t2i_adapter(&repo_path(&format!("tests/fixtures/t2i-adapters/{kind}")), &LoadOptions::default())
+                .unwrap();
+        let features = adapter.forward(&unit["t2i.image"].to_dtype(DType::F32).unwrap()).unwrap();
+        assert_eq!(features.len(), 3);
+        for (i, f) in features.iter().enumerate() {
+            assert_close(&format!("t2i {kind} {i}"), f, &unit[&format!("t2i.{kind}.{i}")], 2e-5);
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ControlCases {
+    images: std::collections::HashMap<String, ImageEntry>,
+    cases: Vec<ControlCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct ImageEntry {
+    path: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ControlCase {
+    name: String,
+    model: String,
+    scheduler: Option<String>,
+    steps: usize,
+    guidance: f64,
+    prompt: String,
+    negative_prompt: Option<String>,
+    width: usize,
+    height: usize,
+    file: String,
+    #[serde(default)]
+    controlnets: Vec<ModelEntry>,
+    #[serde(default)]
+    adapters: Vec<ModelEntry>,
+    #[serde(default)]
+    guess_mode: bool,
+    #[serde(default)]
+    control_guidance_start: f64,
+    #[serde(default = "one")]
+    control_guidance_end: f64,
+    #[serde(default = "one")]
+    adapter_conditioning_factor: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct ModelEntry {
+    path: String,
+    image: String,
+    scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[test]
+fn controlnet_and_adapter_pipelines_match_diffusers() {
+    use diffctl::control::Control;
+    use diffctl::control::residual::controlnet::{ControlNetControl, ControlNetSettings};
+    use diffctl::control::residual::load_condition_image;
+    use diffctl::control::residual::t2i_adapter::T2IAdapterControl;
+    use diffctl::pipeline::{GenerateRequest, StableDiffusion};
+    use std::sync::Arc;
+
+    let cases: ControlCases = diffctl::io::read_json(&repo_path("tests/fixtures/control_cases.json")).unwrap();
+    let options = LoadOptions::default();
+    let model = StableDiffusion::load(&repo_path("tests/fixtures/models/sd1-tiny"), &options).unwrap();
+    let mut report = Vec::new();
+    for case in cases.cases.iter().filter(|c| c.model.ends_with("sd1-tiny")) {
+        let image = |name: &str| {
+            let path = repo_path(&cases.images[name].path);
+            load_condition_image(&path, case.width, case.height, &options.device).unwrap()
+        };
+        let mut controls: Vec<Box<dyn Control>> = Vec::new();
+        for cn in &case.controlnets {
+            let Ok(net) = load_controlnet(&repo_path(&cn.path), &options) else {
+                eprintln!("{}: skipped ({} is not a diffusers folder)", case.name, cn.path);
+                continue;
+            };
+            let settings = ControlNetSettings {
+                scale: cn.scale,
+                start: case.control_guidance_start,
+                end: case.control_guidance_end,
+                guess_mode: case.guess_mode,
+            };
+            controls.push(Box::new(
+                ControlNetControl::new(cn.path.clone(), Arc::new(net), image(&cn.image), settings).unwrap(),
+            ));
+        }
+        if controls.len() != case.controlnets.len() {
+            continue;
+        }
+        for ad in &case.adapters {
+            let adapter = load_t2i_adapter(&repo_path(&ad.path), &options).unwrap();
+            let control =
+                T2IAdapterControl::new(ad.path.clone(), &adapter, &image(&ad.image), ad.scale, case.adapter_conditioning_factor)
+                    .unwrap();
+            controls.push(Box::new(control));
+        }
+        let fixture = load_fixture(&case.file);
+        let request = GenerateRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            steps: case.steps,
+            guidance: case.guidance,
+            scheduler: case.scheduler.as_deref().map(|s| s.parse().unwrap()),
+            width: case.width,
+            height: case.height,
+            batch: 1,
+            clip_skip: 0,
+            init_latents: Some(fixture["init_latents"].clone()),
+        };
+        let out = model
+            .generate(&request, &mut controls, &mut diffctl::noise::SeededNoise::new(0), &mut |_| {})
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        // cn-resize goes through our Lanczos resize, not PIL's, and still meets the same bounds.
+        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
+        let image_err = common::max_abs_diff(&out.images.permute((0, 2, 3, 1)).unwrap(), &fixture["image"]);
+        assert!(image_err <= 2.0 / 255.0, "{}: image {image_err}", case.name);
+        report.push(format!("{:14} latents {err:.2e} image {image_err:.2e}", case.name));
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(report.len() >= 7, "too few cases ran");
+}
