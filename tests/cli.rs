@@ -4,16 +4,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
-use common::{load_fixture, max_abs_diff, repo_path};
+use common::{diffctl, expect_error, load_fixture, max_abs_diff, repo_path};
 
 const SD1: &str = "tests/fixtures/models/sd1-tiny";
-
-fn diffctl(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_diffctl")).args(args).output().expect("run diffctl")
-}
 
 fn write_latents(path: &Path, latents: &Tensor) {
     candle_core::safetensors::save(&std::collections::HashMap::from([("latents", latents.clone())]), path).unwrap();
@@ -117,23 +112,6 @@ fn batch_writes_numbered_images_and_seed_is_reproducible() {
         let img = image::load_from_memory(&a).unwrap();
         assert_eq!((img.width(), img.height()), (24, 16));
     }
-}
-
-/// Runs a failing command and checks: non-zero exit, a single `error:` line naming `needle`,
-/// and no output file.
-fn expect_error(extra: &[&str], model: &Path, needle: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let png = dir.path().join("out.png");
-    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "2"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--output", png.to_str().unwrap()]);
-    let out = diffctl(&args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure for {args:?}");
-    assert!(stderr.contains(needle), "stderr {stderr:?} should mention {needle:?}");
-    assert_eq!(stderr.trim().lines().count(), 1, "one error line, got {stderr:?}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no output may be written");
 }
 
 #[test]

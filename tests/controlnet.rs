@@ -13,7 +13,7 @@ use diffctl::pipeline::LoadOptions;
 #[test]
 fn controlnet_residuals_match_diffusers() {
     let unit = load_fixture("tests/fixtures/units/controlnet.safetensors");
-    let net = load_controlnet(&repo_path("tests/fixtures/controlnets/cn-a"), &LoadOptions::default()).unwrap();
+    let net = load_controlnet(&repo_path("tests/fixtures/controlnets/cn-a"), &LoadOptions::default(), None).unwrap();
     let (sample, t, ctx, cond) = (&unit["sample"], &unit["timesteps"], &unit["context"], &unit["cond"]);
     let guess_scale = unit["guess.scale"].to_vec1::<f32>().unwrap()[0] as f64;
     for (prefix, scale) in [("", ResidualScale::Uniform(1.0)), ("guess.", ResidualScale::Guess(guess_scale))] {
@@ -109,7 +109,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
         };
         let mut controls: Vec<Box<dyn Control>> = Vec::new();
         for cn in &case.controlnets {
-            let Ok(net) = load_controlnet(&repo_path(&cn.path), &options) else {
+            let Ok(net) = load_controlnet(&repo_path(&cn.path), &options, Some(model.unet.config())) else {
                 eprintln!("{}: skipped ({} is not a diffusers folder)", case.name, cn.path);
                 continue;
             };
@@ -128,9 +128,14 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
         }
         for ad in &case.adapters {
             let adapter = load_t2i_adapter(&repo_path(&ad.path), &options).unwrap();
-            let control =
-                T2IAdapterControl::new(ad.path.clone(), &adapter, &image(&ad.image), ad.scale, case.adapter_conditioning_factor)
-                    .unwrap();
+            let control = T2IAdapterControl::new(
+                ad.path.clone(),
+                &adapter,
+                &image(&ad.image),
+                ad.scale,
+                case.adapter_conditioning_factor,
+            )
+            .unwrap();
             controls.push(Box::new(control));
         }
         let fixture = load_fixture(&case.file);
@@ -157,4 +162,118 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
     }
     eprintln!("{}", report.join("\n"));
     assert!(report.len() >= 7, "too few cases ran");
+}
+
+const SD1: &str = "tests/fixtures/models/sd1-tiny";
+const CN_A: &str = "tests/fixtures/controlnets/cn-a";
+
+fn path_str(rel: &str) -> String {
+    repo_path(rel).to_str().unwrap().to_string()
+}
+
+#[test]
+fn cli_controlnet_and_adapter_flags_reproduce_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = load_fixture("tests/fixtures/cases/cn-multi.safetensors");
+    let init = dir.path().join("init.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", fixture["init_latents"].clone())]),
+        &init,
+    )
+    .unwrap();
+    let latents = dir.path().join("out.safetensors");
+    let (model, cn_a, cn_b) = (path_str(SD1), path_str(CN_A), path_str("tests/fixtures/controlnets/cn-b"));
+    let (img_a, img_b) =
+        (path_str("tests/fixtures/images/control_a.png"), path_str("tests/fixtures/images/control_b.png"));
+    let png = dir.path().join("o.png");
+    let args = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "a photo of a cat wearing a red hat, highly detailed",
+        "--negative-prompt",
+        "blurry, low quality",
+        "--steps",
+        "5",
+        "--scheduler",
+        "euler",
+        "--controlnet",
+        &cn_a,
+        "--control-image",
+        &img_a,
+        "--controlnet",
+        &cn_b,
+        "--control-image",
+        &img_b,
+        "--control-scale",
+        "0.7",
+        "--control-scale",
+        "0.5",
+        "--init-latents",
+        init.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--output-latents",
+        latents.to_str().unwrap(),
+    ];
+    let out = common::diffctl(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+    assert_close("cli cn-multi", &got["latents"], &fixture["latents"], 2e-3);
+}
+
+#[test]
+fn controlnet_bad_inputs_are_clear_errors() {
+    let model = repo_path(SD1);
+    let cn = path_str(CN_A);
+    let img = path_str("tests/fixtures/images/control_a.png");
+    common::expect_error(&["--controlnet", &cn], &model, "1 --controlnet but 0 --control-image");
+    common::expect_error(&["--controlnet", &cn, "--control-image", "/nonexistent/x.png"], &model, "/nonexistent/x.png");
+    let not_image = path_str("tests/fixtures/control_cases.json");
+    common::expect_error(&["--controlnet", &cn, "--control-image", &not_image], &model, "not a readable image");
+    common::expect_error(
+        &["--controlnet", &cn, "--control-image", &img, "--control-start", "0.8", "--control-end", "0.5"],
+        &model,
+        "0 <= start < end <= 1",
+    );
+    common::expect_error(
+        &["--controlnet", &cn, "--control-image", &img, "--control-scale", "1", "--control-scale", "2"],
+        &model,
+        "--control-scale was given 2 times for 1 models",
+    );
+    common::expect_error(&["--t2i-adapter", &path_str("tests/fixtures/t2i-adapters/full")], &model, "--adapter-image");
+    common::expect_error(
+        &[
+            "--t2i-adapter",
+            &path_str("tests/fixtures/t2i-adapters/full"),
+            "--adapter-image",
+            &img,
+            "--adapter-factor",
+            "1.5",
+        ],
+        &model,
+        "adapter factor 1.5",
+    );
+}
+
+#[test]
+fn controlnet_for_another_model_is_rejected_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let cn = dir.path().join("cn");
+    std::fs::create_dir(&cn).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(repo_path(CN_A).join(f), cn.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(cn.join("config.json")).unwrap();
+    std::fs::write(
+        cn.join("config.json"),
+        config.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 768"),
+    )
+    .unwrap();
+    common::expect_error(
+        &["--controlnet", cn.to_str().unwrap(), "--control-image", &path_str("tests/fixtures/images/control_a.png")],
+        &repo_path(SD1),
+        "ControlNet cross_attention_dim 768 does not match the model's 32",
+    );
 }

@@ -89,8 +89,8 @@ impl ResidualArgs {
         let ends = per_item("control-end", &self.control_end, n, 1.0)?;
         let mut controls: Vec<Box<dyn Control>> = Vec::new();
         for (i, (path, image)) in self.controlnet.iter().zip(&self.control_image).enumerate() {
-            let net = load_controlnet(path, options).with_context(|| format!("loading ControlNet {}", path.display()))?;
-            net.check_compatible(model.unet.config(), &label(path))?;
+            let net = load_controlnet(path, options, Some(model.unet.config()))
+                .with_context(|| format!("loading ControlNet {}", path.display()))?;
             let image = load_condition_image(image, width, height, &options.device)?;
             let settings = ControlNetSettings {
                 scale: scales[i],

@@ -59,7 +59,9 @@ impl ControlNetConfig {
         let bgr = match extra.controlnet_conditioning_channel_order.as_str() {
             "rgb" => false,
             "bgr" => true,
-            other => return Err(Error::config(path, format!("unknown controlnet_conditioning_channel_order `{other}`"))),
+            other => {
+                return Err(Error::config(path, format!("unknown controlnet_conditioning_channel_order `{other}`")));
+            }
         };
         if extra.conditioning_embedding_out_channels.is_empty() {
             return Err(Error::config(path, "conditioning_embedding_out_channels is empty"));
@@ -71,6 +73,26 @@ impl ControlNetConfig {
             bgr,
             global_pool_conditions: extra.global_pool_conditions,
         })
+    }
+
+    /// Checks that a ControlNet of this config fits `unet`: same skip layout and context width.
+    pub fn check_fits(&self, unet: &UNetConfig, name: &str) -> Result<()> {
+        let mine = &self.unet;
+        let layout = |c: &UNetConfig| c.blocks.iter().map(|b| (b.channels, b.layers)).collect::<Vec<_>>();
+        if layout(mine) != layout(unet) {
+            return Err(Error::invalid(format!(
+                "{name}: ControlNet block layout (channels, layers) {:?} does not fit the model's UNet {:?}",
+                layout(mine),
+                layout(unet)
+            )));
+        }
+        let (a, b) = (mine.blocks[0].cross_attention_dim, unet.blocks[0].cross_attention_dim);
+        if a != b {
+            return Err(Error::invalid(format!(
+                "{name}: ControlNet cross_attention_dim {a} does not match the model's {b} (a ControlNet for another model family?)"
+            )));
+        }
+        Ok(())
     }
 
     /// How much smaller the residuals are than the condition image.
@@ -198,9 +220,7 @@ impl ControlNet {
         let scales: Vec<f64> = match scale {
             ResidualScale::Uniform(s) => vec![s; n + 1],
             // torch.logspace(-1, 0, n + 1) in f32, times the scale.
-            ResidualScale::Guess(s) => {
-                (0..=n).map(|i| f64::from(10f32.powf(-1.0 + i as f32 / n as f32)) * s).collect()
-            }
+            ResidualScale::Guess(s) => (0..=n).map(|i| f64::from(10f32.powf(-1.0 + i as f32 / n as f32)) * s).collect(),
         };
         let pool = |t: Tensor| -> Result<Tensor> {
             Ok(if self.config.global_pool_conditions { t.mean_keepdim(3)?.mean_keepdim(2)? } else { t })
@@ -214,25 +234,4 @@ impl ControlNet {
         let mid = pool((self.mid_zero_conv.forward(&hidden)? * scales[n])?)?;
         Ok(ControlResiduals { down, mid })
     }
-
-    /// Checks that this ControlNet fits `unet`: same skip layout and context width.
-    pub fn check_compatible(&self, unet: &UNetConfig, name: &str) -> Result<()> {
-        let mine = &self.config.unet;
-        let layout = |c: &UNetConfig| c.blocks.iter().map(|b| (b.channels, b.layers)).collect::<Vec<_>>();
-        if layout(mine) != layout(unet) {
-            return Err(Error::invalid(format!(
-                "{name}: ControlNet block layout (channels, layers) {:?} does not fit the model's UNet {:?}",
-                layout(mine),
-                layout(unet)
-            )));
-        }
-        let (a, b) = (mine.blocks[0].cross_attention_dim, unet.blocks[0].cross_attention_dim);
-        if a != b {
-            return Err(Error::invalid(format!(
-                "{name}: ControlNet cross_attention_dim {a} does not match the model's {b} (a ControlNet for another model family?)"
-            )));
-        }
-        Ok(())
-    }
-
 }

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -39,4 +40,26 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, rel: f32) ->
     eprintln!("{what}: max|diff| = {err:.3e} (bound {bound:.1e})");
     assert!(err <= bound, "{what}: max|diff| = {err} exceeds {bound}");
     err
+}
+
+/// Runs the `diffctl` binary with `args`.
+pub fn diffctl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_diffctl")).args(args).output().expect("run diffctl")
+}
+
+/// Runs a failing command and checks: non-zero exit, a single `error:` line naming `needle`,
+/// and no output file.
+pub fn expect_error(extra: &[&str], model: &Path, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("out.png");
+    let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "2"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--output", png.to_str().unwrap()]);
+    let out = diffctl(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    assert!(stderr.contains(needle), "stderr {stderr:?} should mention {needle:?}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one error line, got {stderr:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no output may be written");
 }

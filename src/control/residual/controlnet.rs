@@ -10,12 +10,13 @@ use crate::control::{Control, StepContext};
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::Weights;
 use crate::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
-use crate::models::unet::UNetControls;
+use crate::models::unet::{UNetConfig, UNetControls};
 use crate::pipeline::LoadOptions;
 use crate::{Error, Result};
 
-/// Loads a ControlNet saved as a diffusers folder (`config.json` + weights).
-pub fn load_controlnet(path: &Path, options: &LoadOptions) -> Result<ControlNet> {
+/// Loads a ControlNet saved as a diffusers folder (`config.json` + weights), checking first that
+/// it fits the `base` UNet when one is given.
+pub fn load_controlnet(path: &Path, options: &LoadOptions, base: Option<&UNetConfig>) -> Result<ControlNet> {
     if !path.is_dir() {
         return Err(Error::invalid(format!(
             "{}: expected a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors)",
@@ -27,6 +28,9 @@ pub fn load_controlnet(path: &Path, options: &LoadOptions) -> Result<ControlNet>
         return Err(Error::invalid(format!("{}: missing file", config_path.display())));
     }
     let config = ControlNetConfig::load(&config_path)?;
+    if let Some(base) = base {
+        config.check_fits(base, &path.display().to_string())?;
+    }
     let weights = Weights::new(open_weights_in(path)?, options.dtype, &options.device);
     ControlNet::load(&weights, &config)
 }
