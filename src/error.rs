@@ -5,13 +5,10 @@ use std::path::PathBuf;
 /// Errors from loading models, reading inputs and running the pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file or directory could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file or directory could not be read or written. The I/O error is part of the message,
+    /// not a separate cause, so error chains print it once.
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
     /// A config file is malformed or has a value we do not support.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
@@ -38,7 +35,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An [`Error::Io`] for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
 
     /// An [`Error::Config`] for `path`.

@@ -10,6 +10,8 @@ pub mod io;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod preprocess;
+pub mod prompt;
 pub mod schedulers;
 pub mod tokenizer;
 

@@ -2,15 +2,19 @@
 //! control mechanisms, and VAE decoding.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::control::tokens::TokenVectors;
 use crate::control::{Control, StepContext};
-use crate::io::diffusers_folder::DiffusersFolder;
-use crate::io::weights::Weights;
-use crate::models::clip_text::{ClipTextConfig, ClipTextEncoder};
-use crate::models::unet::{UNet, UNetConfig, UNetControls};
-use crate::models::vae::{Vae, VaeConfig};
+use crate::io::model_files::{ModelFiles, SourceOptions};
+use crate::io::weights::{TensorStore, Weights};
+use crate::models::clip_text::ClipTextEncoder;
+use crate::models::nn::LayerRegistry;
+use crate::models::unet::{UNet, UNetControls};
+use crate::models::vae::Vae;
+use crate::prompt::{self, PromptSyntax, a1111};
 use crate::schedulers::{self, NoiseSource, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -22,11 +26,13 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Device to run on.
     pub device: Device,
+    /// What a single-file checkpoint cannot say about itself (tokenizer, configs), and overrides.
+    pub files: SourceOptions,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu }
+        Self { dtype: DType::F32, device: Device::Cpu, files: SourceOptions::default() }
     }
 }
 
@@ -45,27 +51,29 @@ pub struct StableDiffusion {
     /// The scheduler class `model_index.json` names, which diffusers prefers over the config's
     /// `_class_name`.
     pub scheduler_class: Option<String>,
+    /// The UNet's and text encoder's layers by module path, where weight-level mechanisms (LoRA)
+    /// attach (see [`crate::control::weights`]).
+    pub layers: LayerRegistry,
+    /// The vectors of placeholder tokens added to the tokenizer (see [`crate::control::tokens`]).
+    pub token_vectors: TokenVectors,
+    /// How prompts are read.
+    pub prompt_syntax: PromptSyntax,
     options: LoadOptions,
 }
 
 impl StableDiffusion {
-    /// Loads a diffusers model folder.
+    /// Loads a model: a diffusers folder or a single-file SD1.x/2.x checkpoint (see
+    /// [`ModelFiles::open`]).
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
-        let folder = DiffusersFolder::open(path)?;
-        let weights = |component: &str| -> Result<Weights> {
-            Ok(Weights::new(folder.open_weights(component)?, options.dtype, &options.device))
-        };
-        let tokenizer = ClipTokenizer::from_dir(&folder.component_dir("tokenizer")?)?;
-        let text_config = ClipTextConfig::load(&folder.component_file("text_encoder", "config.json")?)?;
-        let unet_config_path = folder.component_file("unet", "config.json")?;
-        let unet_config = UNetConfig::load(&unet_config_path)?;
-        let vae_config = VaeConfig::load(&folder.component_file("vae", "config.json")?)?;
-        let scheduler_config_path = folder.component_file("scheduler", "scheduler_config.json")?;
-        let scheduler_config = SchedulerConfig::load(&scheduler_config_path)?;
+        let files = ModelFiles::open(path, &options.files)?;
+        let (text_config, unet_config, vae_config) =
+            (&files.text_encoder.config, &files.unet.config, &files.vae.config);
+        let unet_config_path = &files.unet.config_path;
+        let weights = |store: &Arc<TensorStore>| Weights::new(store.clone(), options.dtype, &options.device);
 
         if let Some(block) = unet_config.blocks.iter().find(|b| b.cross_attention_dim != text_config.hidden_size) {
             return Err(Error::config(
-                &unet_config_path,
+                unet_config_path,
                 format!(
                     "cross_attention_dim {} does not match the text encoder's hidden_size {}",
                     block.cross_attention_dim, text_config.hidden_size
@@ -74,20 +82,27 @@ impl StableDiffusion {
         }
         if unet_config.in_channels != vae_config.latent_channels {
             return Err(Error::config(
-                &unet_config_path,
+                unet_config_path,
                 format!(
                     "in_channels {} does not match the VAE's latent_channels {}",
                     unet_config.in_channels, vae_config.latent_channels
                 ),
             ));
         }
+        let layers = LayerRegistry::new();
+        let registered = |component: &str, store: &Arc<TensorStore>| -> Weights {
+            weights(store).with_layer_registry(&layers.scoped(component))
+        };
         Ok(Self {
-            tokenizer,
-            text_encoder: ClipTextEncoder::load(&weights("text_encoder")?, &text_config)?,
-            unet: UNet::load(&weights("unet")?, &unet_config)?,
-            vae: Vae::load(&weights("vae")?, &vae_config)?,
-            scheduler_config,
-            scheduler_class: folder.class_name("scheduler").map(str::to_string),
+            text_encoder: ClipTextEncoder::load(&registered("text_encoder", &files.text_encoder.weights), text_config)?,
+            unet: UNet::load(&registered("unet", &files.unet.weights), unet_config)?,
+            vae: Vae::load(&weights(&files.vae.weights), vae_config)?,
+            tokenizer: files.tokenizer,
+            scheduler_config: files.scheduler_config,
+            scheduler_class: files.scheduler_class,
+            layers,
+            token_vectors: TokenVectors::default(),
+            prompt_syntax: PromptSyntax::default(),
             options: options.clone(),
         })
     }
@@ -112,11 +127,17 @@ impl StableDiffusion {
         }
     }
 
-    /// Text embeddings [1, L, D] of `prompt`, tokenized literally and truncated as diffusers does.
+    /// Text embeddings [1, L, D] of `prompt` read with [`Self::prompt_syntax`]: tokenized literally
+    /// and truncated as diffusers does (L = 77), or A1111-style (L = 77 · chunks). Placeholder
+    /// tokens take their vectors from [`Self::token_vectors`].
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        let added = self.token_vectors.table();
+        if self.prompt_syntax == PromptSyntax::A1111 {
+            return a1111::encode(&self.tokenizer, &self.text_encoder, added, prompt, clip_skip, self.device());
+        }
         let ids = self.tokenizer.encode_padded(prompt)?;
         let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), self.device())?;
-        self.text_encoder.encode(&ids, clip_skip)
+        self.text_encoder.encode_embeddings(&self.text_encoder.token_embeddings_with(&ids, added)?, clip_skip)
     }
 }
 
@@ -214,14 +235,21 @@ impl StableDiffusion {
         let batch = init.dim(0)?;
         let guided = req.guidance > 1.0;
 
-        let positive = self.encode_prompt(&req.prompt, req.clip_skip)?.repeat((batch, 1, 1))?;
+        let positive = self.encode_prompt(&req.prompt, req.clip_skip)?;
         let context = if guided {
             // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
-            // last layer.
-            let negative = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), 0)?;
-            Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive], 0)?
+            // last layer. A1111 applies it to both.
+            let a1111 = self.prompt_syntax == PromptSyntax::A1111;
+            let negative_skip = if a1111 { req.clip_skip } else { 0 };
+            let negative = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), negative_skip)?;
+            let (positive, negative) = if positive.dim(1)? == negative.dim(1)? {
+                (positive, negative)
+            } else {
+                prompt::pad_to_same_length(positive, negative, &self.encode_prompt("", req.clip_skip)?)?
+            };
+            Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive.repeat((batch, 1, 1))?], 0)?
         } else {
-            positive
+            positive.repeat((batch, 1, 1))?
         };
 
         let dtype = self.options.dtype;

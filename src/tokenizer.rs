@@ -20,6 +20,8 @@ pub struct ClipTokenizer {
     eos: u32,
     pad: u32,
     max_length: usize,
+    /// Placeholder tokens added after loading: each one's id → the ids a mention of it stands for.
+    placeholders: HashMap<u32, Vec<u32>>,
 }
 
 /// A special-token entry: either a plain string or `{"content": ...}`.
@@ -78,7 +80,7 @@ impl ClipTokenizer {
             .and_then(Value::as_f64)
             .filter(|&n| (2.0..=4096.0).contains(&n))
             .map_or(77, |n| n as usize);
-        Ok(Self { tokenizer, bos, eos, pad, max_length })
+        Ok(Self { tokenizer, bos, eos, pad, max_length, placeholders: HashMap::new() })
     }
 
     /// The padded sequence length (77 for CLIP).
@@ -91,13 +93,65 @@ impl ClipTokenizer {
         self.tokenizer.token_to_id(token)
     }
 
-    /// The ids of `text` without special tokens, padding or truncation.
-    pub fn encode_words(&self, text: &str) -> Result<Vec<u32>> {
+    /// The start, end and padding token ids.
+    pub fn special_ids(&self) -> (u32, u32, u32) {
+        (self.bos, self.eos, self.pad)
+    }
+
+    /// Number of token ids: the vocabulary and the added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Adds the placeholder `token` standing for `vectors` new tokens, named `token`, `token_1`, …
+    /// as diffusers' `load_textual_inversion` names them, with the next free ids (after the
+    /// vocabulary); returns those ids. A mention of `token` in a prompt then stands for all of them
+    /// (each name can also be written on its own). Names are matched in the lower-cased prompt, like
+    /// all CLIP text, so they must not already be a token or a word of the vocabulary.
+    pub fn add_placeholder(&mut self, token: &str, vectors: usize) -> Result<Vec<u32>> {
+        if token.trim().is_empty() || vectors == 0 {
+            return Err(Error::invalid(format!(
+                "placeholder token {token:?} must be a non-empty name with at least one vector"
+            )));
+        }
+        let names: Vec<String> =
+            std::iter::once(token.to_string()).chain((1..vectors).map(|i| format!("{token}_{i}"))).collect();
+        for name in &names {
+            let lower = name.to_lowercase();
+            if let Some(existing) = [name.clone(), lower.clone(), format!("{lower}</w>")]
+                .into_iter()
+                .find(|t| self.tokenizer.token_to_id(t).is_some())
+            {
+                return Err(Error::invalid(format!(
+                    "token `{name}` collides with `{existing}`, already in the tokenizer's vocabulary: \
+                     choose another name (e.g. `<{token}>`)"
+                )));
+            }
+        }
+        let first = self.vocab_size() as u32;
+        let added = self.tokenizer.add_tokens(names.iter().map(|n| tokenizers::AddedToken::from(n.as_str(), false)));
+        let ids: Vec<u32> = names.iter().filter_map(|n| self.tokenizer.token_to_id(n)).collect();
+        let expected: Vec<u32> = (first..first + names.len() as u32).collect();
+        if !matches!(added, Ok(n) if n == names.len()) || ids != expected {
+            return Err(Error::invalid(format!("could not add the tokens {names:?} to the tokenizer")));
+        }
+        self.placeholders.insert(ids[0], ids.clone());
+        Ok(ids)
+    }
+
+    /// The ids of `text` without special tokens, padding or truncation, split into pieces: one per
+    /// token, except that a placeholder's ids stay together as one piece.
+    pub fn encode_pieces(&self, text: &str) -> Result<Vec<Vec<u32>>> {
         let enc = self
             .tokenizer
             .encode(text, false)
             .map_err(|e| Error::invalid(format!("could not tokenize {text:?}: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        Ok(enc.get_ids().iter().map(|id| self.placeholders.get(id).cloned().unwrap_or_else(|| vec![*id])).collect())
+    }
+
+    /// The ids of `text` without special tokens, padding or truncation.
+    pub fn encode_words(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_pieces(text)?.concat())
     }
 
     /// `<bos> ids <eos>` for `text`, untruncated.

@@ -242,6 +242,11 @@ fn controlnet_bad_inputs_are_clear_errors() {
         &model,
         "--control-scale was given 2 times for 1 models",
     );
+    common::expect_error(
+        &["--controlnet", &cn, "--control-image", &img, "--control-preprocess", "blur"],
+        &model,
+        "--control-preprocess blur",
+    );
     common::expect_error(&["--t2i-adapter", &path_str("tests/fixtures/t2i-adapters/full")], &model, "--adapter-image");
     common::expect_error(
         &[
@@ -276,4 +281,23 @@ fn controlnet_for_another_model_is_rejected_before_loading() {
         &repo_path(SD1),
         "ControlNet cross_attention_dim 768 does not match the model's 32",
     );
+}
+
+#[test]
+fn control_preprocess_makes_the_condition_image_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], name: &str| {
+        let out = dir.path().join(name);
+        let mut args = vec!["generate", "--model", SD1, "--prompt", "x", "--steps", "2", "--seed", "3"];
+        let (cn, photo) = (path_str(CN_A), path_str("tests/fixtures/images/astronaut.png"));
+        args.extend_from_slice(&["--width", "32", "--height", "32", "--controlnet", &cn, "--control-image", &photo]);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--output", out.to_str().unwrap()]);
+        let o = common::diffctl(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out).unwrap()
+    };
+    let plain = run(&[], "plain.png");
+    let canny = run(&["--control-preprocess", "canny"], "canny.png");
+    assert_ne!(plain, canny, "the canny map must change the control and so the image");
 }

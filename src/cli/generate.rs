@@ -12,15 +12,19 @@ use crate::io::image::{save_png, to_rgb8};
 use crate::io::latents::{load_latents, save_latents};
 use crate::noise::SeededNoise;
 use crate::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
+use crate::prompt::PromptSyntax;
 use crate::schedulers::SchedulerKind;
 
 /// Arguments of `diffctl generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A diffusers model folder (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers model folder (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+    /// or a single-file SD1.x/2.x checkpoint (.safetensors, .ckpt).
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
-    /// What to draw. Taken literally and truncated at 77 tokens, as diffusers does.
+    #[command(flatten)]
+    source: super::source::SourceArgs,
+    /// What to draw. Taken literally and truncated at 77 tokens, as diffusers does (see --prompt-syntax).
     #[arg(long, value_name = "TEXT")]
     prompt: String,
     /// What to steer away from (used when --guidance > 1).
@@ -62,6 +66,16 @@ pub struct GenerateArgs {
     output_latents: Option<PathBuf>,
     #[command(flatten)]
     residual: super::residual::ResidualArgs,
+    #[command(flatten)]
+    ip_adapter: super::ip_adapter::IpAdapterArgs,
+    #[command(flatten)]
+    lora: super::lora::LoraArgs,
+    #[command(flatten)]
+    embedding: super::embedding::EmbeddingArgs,
+    /// How prompts are read: diffusers (literal, truncated at 77 tokens) or a1111 ((word:1.3),
+    /// (word), [word], \( escapes, BREAK, prompts of any length in 75-token chunks).
+    #[arg(long, default_value = "diffusers", value_name = "SYNTAX", value_parser = |s: &str| s.parse::<PromptSyntax>().map_err(|e| e.to_string()))]
+    prompt_syntax: PromptSyntax,
     /// Compute precision of the networks: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype, value_name = "DTYPE")]
     dtype: DType,
@@ -98,10 +112,13 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         bail!("--steps must be at least 1");
     }
     let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
-    let options = LoadOptions { dtype: args.dtype, ..Default::default() };
+    let options = LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() };
     let init_latents = args.init_latents.as_deref().map(|p| load_latents(p, &options.device)).transpose()?;
-    let model = StableDiffusion::load(&args.model, &options)
+    let mut model = StableDiffusion::load(&args.model, &options)
         .with_context(|| format!("loading model {}", args.model.display()))?;
+    model.prompt_syntax = args.prompt_syntax;
+    args.lora.apply(&mut model)?;
+    args.embedding.apply(&mut model)?;
     let native = model.unet.config().sample_size.unwrap_or(64) * model.vae_scale_factor();
     let seed = args.seed.unwrap_or_else(rand::random);
     let request = GenerateRequest {
@@ -138,6 +155,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     };
     let mut controls: Vec<Box<dyn Control>> = Vec::new();
     controls.extend(args.residual.build(&model, &options, width, height)?);
+    controls.extend(args.ip_adapter.build(&mut model, &options, width, height)?);
     let generated = model.generate(&request, &mut controls, &mut SeededNoise::new(seed), &mut on_progress)?;
     bar.finish_and_clear();
 

@@ -1,7 +1,14 @@
 //! The `diffctl` command line: a thin layer over the library.
 
+mod convert;
+mod embedding;
 mod generate;
+mod inspect;
+mod ip_adapter;
+mod lora;
+mod preprocess;
 mod residual;
+mod source;
 
 use clap::{Parser, Subcommand};
 
@@ -18,11 +25,20 @@ pub struct Cli {
 enum Command {
     /// Generate images from a text prompt.
     Generate(Box<generate::GenerateArgs>),
+    /// Make a control image from a photo: canny, sobel, grayscale, invert, scribble, keypoints, resize, crop.
+    Preprocess(preprocess::PreprocessArgs),
+    /// Convert a single-file checkpoint to a diffusers folder, or a diffusers folder to a single file.
+    Convert(convert::ConvertArgs),
+    /// Tell what a weight file or model folder is: format, family, dtypes, size, mechanism.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Parses the command line and runs it.
 pub fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(&args),
+        Command::Preprocess(args) => preprocess::run(&args),
+        Command::Convert(args) => convert::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
     }
 }

@@ -2,7 +2,10 @@
 //! into contributions at the UNet's injection points ([`UNetControls`]); the sampling loop sums
 //! what every active mechanism contributes at each step and knows none of them by name.
 
+pub mod cross_attention;
 pub mod residual;
+pub mod tokens;
+pub mod weights;
 
 use candle_core::Tensor;
 

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use super::weights::TensorStore;
 use crate::{Error, Result};
 
-/// File stems diffusers and transformers save weights under.
+/// File stems diffusers and transformers save safetensors weights under.
 const WEIGHT_STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
+/// File stems they save PyTorch pickle weights under.
+const PICKLE_STEMS: [&str; 2] = ["diffusion_pytorch_model", "pytorch_model"];
 
 /// A diffusers pipeline folder on disk.
 #[derive(Debug, Clone)]
@@ -82,7 +84,8 @@ impl DiffusersFolder {
 
 /// Memory-maps the weights saved in the model folder `dir` (a pipeline component or a standalone
 /// model such as a ControlNet): the full-precision safetensors file, its shards, or the `fp16`
-/// variant when that is all the folder has.
+/// variant when that is all the folder has; else the PyTorch `.bin` file (or its `fp16` variant),
+/// read without running its pickle code.
 pub fn open_weights_in(dir: &Path) -> Result<Arc<TensorStore>> {
     for variant in ["", ".fp16"] {
         for stem in WEIGHT_STEMS {
@@ -97,16 +100,19 @@ pub fn open_weights_in(dir: &Path) -> Result<Arc<TensorStore>> {
             }
         }
     }
-    let has_pickle = WEIGHT_STEMS.iter().any(|s| dir.join(format!("{s}.bin")).is_file());
-    Err(Error::invalid(if has_pickle {
-        format!("{}: only PyTorch .bin weights found; this build reads safetensors weights", dir.display())
-    } else {
-        format!(
-            "{}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors, \
-             or their .fp16 variants)",
-            dir.display()
-        )
-    }))
+    for variant in ["", ".fp16"] {
+        for stem in PICKLE_STEMS {
+            let single = dir.join(format!("{stem}{variant}.bin"));
+            if single.is_file() {
+                return Ok(Arc::new(TensorStore::open_pickle(&single)?));
+            }
+        }
+    }
+    Err(Error::invalid(format!(
+        "{}: no weights found (expected diffusion_pytorch_model.safetensors or model.safetensors, their \
+         .fp16 variants or shards, or PyTorch diffusion_pytorch_model.bin / pytorch_model.bin)",
+        dir.display()
+    )))
 }
 
 /// The shard files listed in a `*.safetensors.index.json` `weight_map`.

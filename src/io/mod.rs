@@ -1,8 +1,14 @@
 //! Reading and writing the files users have: configs, weights, images and latents.
 
+pub mod convert;
 pub mod diffusers_folder;
+pub mod identify;
 pub mod image;
 pub mod latents;
+pub mod ldm;
+pub mod model_files;
+pub mod pickle;
+pub mod single_file;
 pub mod weights;
 
 use std::path::Path;

@@ -1,7 +1,9 @@
 //! Named tensors from weight files, with errors that name the file, the key and both shapes.
 //!
 //! Models never open files: they receive a [`Weights`] view (a store plus a key prefix) and ask it
-//! for tensors by their diffusers names.
+//! for tensors by their diffusers names. A [`TensorStore`] reads safetensors or PyTorch checkpoints,
+//! or is a renamed view of another store (a single-file checkpoint's UNet under diffusers names,
+//! fused q/k/v split, 1x1 convolutions read as Linear weights).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,15 +12,97 @@ use std::sync::Arc;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
+use super::pickle::PickleTensors;
+use crate::models::nn::LayerRegistry;
 use crate::{Error, Result};
 
-/// The tensors of one model component, memory-mapped from one or more safetensors files.
+/// Where a store's tensors are read from.
+enum Source {
+    /// Memory-mapped safetensors files (one component, possibly sharded).
+    Safetensors(MmapedSafetensors),
+    /// A PyTorch zip checkpoint, read without running its pickle code.
+    Pickle(PickleTensors),
+}
+
+/// How an entry of a renamed view is derived from the tensor stored in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    /// Part `index` of `count` equal parts along dim 0 (one of the fused q/k/v projections).
+    Chunk {
+        /// Which part, from 0.
+        index: usize,
+        /// How many parts the stored tensor holds.
+        count: usize,
+    },
+    /// A 1x1 convolution weight [O, I, 1, 1] (or [O, I, 1]) read as a Linear weight [O, I].
+    SqueezeToLinear,
+}
+
+impl Transform {
+    /// The shape after the transform, or why it does not apply to `shape`.
+    fn shape(self, shape: &[usize]) -> std::result::Result<Vec<usize>, String> {
+        match self {
+            Transform::Chunk { index, count } => match shape.split_first() {
+                Some((&rows, rest)) if count > 0 && index < count && rows % count == 0 => {
+                    Ok([&[rows / count][..], rest].concat())
+                }
+                _ => Err(format!("cannot be split into {count} equal parts along its first dimension")),
+            },
+            Transform::SqueezeToLinear => match shape {
+                [o, i] | [o, i, 1] | [o, i, 1, 1] => Ok(vec![*o, *i]),
+                _ => Err("is not a 1x1 convolution weight".into()),
+            },
+        }
+    }
+
+    fn apply(self, t: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Transform::Chunk { index, count } => {
+                let rows = t.dim(0)? / count;
+                t.narrow(0, index * rows, rows)?
+            }
+            Transform::SqueezeToLinear => {
+                let dims = t.dims();
+                let (o, i) = (dims[0], dims[1]);
+                t.reshape((o, i))?
+            }
+        })
+    }
+}
+
+/// One tensor of a store: read as `source` from the file, then transformed in order.
+struct Entry {
+    source: String,
+    transforms: Vec<Transform>,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+/// Names the file key a view would read a name from, for errors about absent names.
+pub type SourceName = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// One renamed entry requested from [`TensorStore::view`].
+#[derive(Debug, Clone)]
+pub struct Rename {
+    /// The name the view gives the tensor.
+    pub name: String,
+    /// The name it is read from in the underlying store.
+    pub from: String,
+    /// How it is derived from that tensor, if not as stored.
+    pub transform: Option<Transform>,
+}
+
+/// The tensors of one model component: a weight file (safetensors, possibly sharded, or a PyTorch
+/// checkpoint), or a renamed / transformed view of one (a single-file checkpoint's UNet under
+/// diffusers names, say).
 pub struct TensorStore {
     /// What errors call this store: the file, or the directory of a sharded component.
     label: PathBuf,
-    files: MmapedSafetensors,
-    /// Each tensor's name, mapped to its shape.
-    shapes: HashMap<String, Vec<usize>>,
+    source: Arc<Source>,
+    /// Each name, with where and how it is read.
+    entries: HashMap<String, Entry>,
+    /// For views: the file key an absent name would be read from.
+    source_name: Option<SourceName>,
 }
 
 impl TensorStore {
@@ -34,8 +118,74 @@ impl TensorStore {
             path: label.clone(),
             message: format!("not a readable safetensors file: {e}"),
         })?;
-        let shapes = files.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
-        Ok(Self { label, files, shapes })
+        let mut entries = HashMap::new();
+        for (name, view) in files.tensors() {
+            let dtype = DType::try_from(view.dtype())
+                .map_err(|e| Error::Format { path: label.clone(), message: format!("tensor `{name}`: {e}") })?;
+            let entry = Entry { source: name.clone(), transforms: Vec::new(), shape: view.shape().to_vec(), dtype };
+            entries.insert(name, entry);
+        }
+        Ok(Self { label, source: Arc::new(Source::Safetensors(files)), entries, source_name: None })
+    }
+
+    /// Reads the tensor index of a PyTorch zip checkpoint (`.bin`, `.ckpt`, `.pt`), refusing any
+    /// that would run code (see [`crate::io::pickle`]).
+    pub fn open_pickle(path: &Path) -> Result<Self> {
+        let file = PickleTensors::open(path)?;
+        let entries = file
+            .tensors()
+            .map(|(name, shape, dtype)| {
+                let entry = Entry { source: name.to_string(), transforms: Vec::new(), shape: shape.to_vec(), dtype };
+                (name.to_string(), entry)
+            })
+            .collect();
+        Ok(Self { label: path.into(), source: Arc::new(Source::Pickle(file)), entries, source_name: None })
+    }
+
+    /// Opens one weight file of either format, told apart by its content: safetensors or a PyTorch
+    /// zip checkpoint.
+    pub fn open(path: &Path) -> Result<Self> {
+        let format_err = |message: String| Error::Format { path: path.into(), message };
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(format_err("is a directory, expected a weight file (.safetensors, .ckpt, .bin, .pt)".into()));
+        }
+        if meta.len() == 0 {
+            return Err(format_err("file is empty".into()));
+        }
+        let mut magic = [0u8; 4];
+        let n = std::io::Read::read(&mut std::fs::File::open(path).map_err(|e| Error::io(path, e))?, &mut magic)
+            .map_err(|e| Error::io(path, e))?;
+        match &magic[..n] {
+            [b'P', b'K', 3, 4] => Self::open_pickle(path),
+            // torch.save's pre-1.6 format opens with a protocol-2 pickle of its magic number.
+            [0x80, 0x02, 0x8a, 0x0a] => Err(format_err(
+                "a legacy (pre-1.6, non-zip) PyTorch file; re-save it with a current torch.save or as safetensors"
+                    .into(),
+            )),
+            _ => Self::open_safetensors(path, &[path.to_path_buf()]),
+        }
+    }
+
+    /// A view of this store under new names: each [`Rename`] reads `from` (a name of this store),
+    /// optionally transformed. `source_name` names the file key an absent name would come from, so
+    /// that a model asking for it gets an error naming what the file lacks.
+    pub fn view(&self, renames: Vec<Rename>, source_name: Option<SourceName>) -> Result<Self> {
+        let mut entries = HashMap::with_capacity(renames.len());
+        for r in renames {
+            let base = self.entries.get(&r.from).ok_or_else(|| self.missing(&r.from))?;
+            let mut transforms = base.transforms.clone();
+            let mut shape = base.shape.clone();
+            if let Some(t) = r.transform {
+                shape = t.shape(&shape).map_err(|why| Error::Format {
+                    path: self.label.clone(),
+                    message: format!("tensor `{}` {:?} {why}", base.source, base.shape),
+                })?;
+                transforms.push(t);
+            }
+            entries.insert(r.name, Entry { source: base.source.clone(), transforms, shape, dtype: base.dtype });
+        }
+        Ok(Self { label: self.label.clone(), source: self.source.clone(), entries, source_name })
     }
 
     /// The path this store is named by in errors.
@@ -43,33 +193,67 @@ impl TensorStore {
         &self.label
     }
 
+    /// The file format the tensors are read from.
+    pub fn format(&self) -> &'static str {
+        match self.source.as_ref() {
+            Source::Safetensors(_) => "safetensors",
+            Source::Pickle(_) => "PyTorch zip pickle (torch.save)",
+        }
+    }
+
     /// Whether the store holds a tensor called `key`.
     pub fn contains(&self, key: &str) -> bool {
-        self.shapes.contains_key(key)
+        self.entries.contains_key(key)
     }
 
     /// All tensor names, sorted.
     pub fn keys(&self) -> Vec<&str> {
-        let mut keys: Vec<&str> = self.shapes.keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = self.entries.keys().map(String::as_str).collect();
         keys.sort_unstable();
         keys
     }
 
-    /// The stored shape of `key`.
+    /// The stored shape of `key` (after the view's transform).
     pub fn shape(&self, key: &str) -> Option<&[usize]> {
-        self.shapes.get(key).map(Vec::as_slice)
+        self.entries.get(key).map(|e| e.shape.as_slice())
+    }
+
+    /// The dtype `key` is stored in.
+    pub fn dtype(&self, key: &str) -> Option<DType> {
+        self.entries.get(key).map(|e| e.dtype)
     }
 
     /// Loads `key` onto `device` as `dtype`.
     pub fn load(&self, key: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        if !self.contains(key) {
-            return Err(Error::MissingTensor { path: self.label.clone(), key: key.to_string() });
+        let entry = self.entries.get(key).ok_or_else(|| self.missing(key))?;
+        let read = match self.source.as_ref() {
+            Source::Safetensors(files) => files.load(&entry.source, device).map_err(|e| Error::Format {
+                path: self.label.clone(),
+                message: format!("tensor `{}` could not be read: {e}", entry.source),
+            }),
+            Source::Pickle(file) => file.load(&entry.source, device),
+        };
+        let mut tensor = read?;
+        for t in &entry.transforms {
+            tensor = t.apply(tensor)?;
         }
-        let tensor = self.files.load(key, device).map_err(|e| Error::Format {
-            path: self.label.clone(),
-            message: format!("tensor `{key}` could not be read: {e}"),
-        })?;
         Ok(tensor.to_dtype(dtype)?)
+    }
+
+    /// The error for a name this store lacks, naming the file key it would be read from.
+    pub fn missing(&self, key: &str) -> Error {
+        let key = self.source_name.as_ref().and_then(|f| f(key)).unwrap_or_else(|| key.to_string());
+        Error::MissingTensor { path: self.label.clone(), key }
+    }
+
+    /// The error for `key` having shape `found` where `expected` is needed, naming the file key.
+    pub fn shape_mismatch(&self, key: &str, expected: Vec<usize>, found: Vec<usize>) -> Error {
+        let key = match self.entries.get(key) {
+            Some(e) if e.transforms.is_empty() => e.source.clone(),
+            Some(e) => format!("{}` read as `{key}", e.source),
+            None => key.to_string(),
+        };
+        Error::ShapeMismatch { path: self.label.clone(), key, expected, found }
     }
 }
 
@@ -99,6 +283,26 @@ fn check_safetensors_header(path: &Path) -> Result<()> {
             len - 8
         )));
     }
+    if header_len > 100_000_000 {
+        return Err(format_err(format!(
+            "safetensors header claims {header_len} bytes (corrupt or not a safetensors file)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| {
+        format_err(format!("safetensors header is not valid JSON ({e}): corrupt or not a safetensors file"))
+    })?;
+    let data_len = len - 8 - header_len;
+    for (name, info) in header.iter().filter(|(name, _)| *name != "__metadata__") {
+        let end = info["data_offsets"][1].as_u64().unwrap_or(0);
+        if end > data_len {
+            return Err(format_err(format!(
+                "tensor `{name}` ends at byte {end} of the data section, which has only {data_len} bytes \
+                 (truncated file)"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -109,12 +313,29 @@ pub struct Weights {
     prefix: String,
     dtype: DType,
     device: Device,
+    /// Where the layers built from this view record themselves (see [`LayerRegistry`]).
+    layers: Option<LayerRegistry>,
 }
 
 impl Weights {
     /// A view of the whole `store`.
     pub fn new(store: Arc<TensorStore>, dtype: DType, device: &Device) -> Self {
-        Self { store, prefix: String::new(), dtype, device: device.clone() }
+        Self { store, prefix: String::new(), dtype, device: device.clone(), layers: None }
+    }
+
+    /// This view (and every view under it) with its layers recorded in `registry`.
+    pub fn with_layer_registry(&self, registry: &LayerRegistry) -> Self {
+        Self { layers: Some(registry.clone()), ..self.clone() }
+    }
+
+    /// The registry layers built from this view record themselves in, if any.
+    pub fn layer_registry(&self) -> Option<&LayerRegistry> {
+        self.layers.as_ref()
+    }
+
+    /// The key prefix of this view: the module path of what is built from it.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The view under `name` (appended to the prefix with a dot).
@@ -153,9 +374,9 @@ impl Weights {
         let key = self.key(name);
         let expected = shape.into().dims().to_vec();
         match self.store.shape(&key) {
-            None => Err(Error::MissingTensor { path: self.store.label().into(), key }),
+            None => Err(self.store.missing(&key)),
             Some(found) if found != expected.as_slice() => {
-                Err(Error::ShapeMismatch { path: self.store.label().into(), key, expected, found: found.to_vec() })
+                Err(self.store.shape_mismatch(&key, expected, found.to_vec()))
             }
             Some(_) => self.store.load(&key, self.dtype, &self.device),
         }

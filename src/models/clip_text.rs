@@ -8,35 +8,12 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, LayerNorm};
 use serde::Deserialize;
 
-use super::attention::{causal_mask, merge_heads, scaled_dot_product, split_heads};
-use super::nn::{Linear, layer_norm, linear};
+use super::attention::causal_mask;
+pub use super::clip::Activation;
+use super::clip::{EncoderLayer, EncoderSpec};
+use super::nn::layer_norm;
 use crate::io::weights::Weights;
 use crate::{Error, Result};
-
-/// The activation between the two MLP layers.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-pub enum Activation {
-    /// `x * sigmoid(1.702 x)` (OpenAI CLIP, SD1.x).
-    #[serde(rename = "quick_gelu")]
-    QuickGelu,
-    /// Exact (erf) GELU (OpenCLIP, SD2.x).
-    #[serde(rename = "gelu")]
-    Gelu,
-    /// Tanh-approximated GELU.
-    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh")]
-    GeluTanh,
-}
-
-impl Activation {
-    /// Applies the activation.
-    pub fn forward(self, xs: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Activation::QuickGelu => (xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?)?,
-            Activation::Gelu => xs.gelu_erf()?,
-            Activation::GeluTanh => xs.gelu()?,
-        })
-    }
-}
 
 /// The fields of a transformers `CLIPTextConfig` that change the math.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,67 +62,6 @@ impl ClipTextConfig {
     }
 }
 
-struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    heads: usize,
-    scale: f64,
-}
-
-impl SelfAttention {
-    fn load(w: &Weights, c: &ClipTextConfig) -> Result<Self> {
-        let d = c.hidden_size;
-        Ok(Self {
-            q: linear(&w.pp("q_proj"), d, d, true)?,
-            k: linear(&w.pp("k_proj"), d, d, true)?,
-            v: linear(&w.pp("v_proj"), d, d, true)?,
-            out: linear(&w.pp("out_proj"), d, d, true)?,
-            heads: c.num_attention_heads,
-            scale: ((d / c.num_attention_heads) as f64).powf(-0.5),
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward(xs)?, self.heads)?;
-        let k = split_heads(&self.k.forward(xs)?, self.heads)?;
-        let v = split_heads(&self.v.forward(xs)?, self.heads)?;
-        let attn = scaled_dot_product(&q, &k, &v, self.scale, Some(mask), false)?;
-        Ok(self.out.forward(&merge_heads(&attn)?)?)
-    }
-}
-
-/// One pre-norm transformer layer: self-attention and MLP, each with a residual.
-pub(crate) struct EncoderLayer {
-    norm1: LayerNorm,
-    attn: SelfAttention,
-    norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
-
-impl EncoderLayer {
-    fn load(w: &Weights, c: &ClipTextConfig) -> Result<Self> {
-        let d = c.hidden_size;
-        Ok(Self {
-            norm1: layer_norm(&w.pp("layer_norm1"), d, c.layer_norm_eps)?,
-            attn: SelfAttention::load(&w.pp("self_attn"), c)?,
-            norm2: layer_norm(&w.pp("layer_norm2"), d, c.layer_norm_eps)?,
-            fc1: linear(&w.pp("mlp.fc1"), d, c.intermediate_size, true)?,
-            fc2: linear(&w.pp("mlp.fc2"), c.intermediate_size, d, true)?,
-            act: c.hidden_act,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?, mask)?)?;
-        let h = self.act.forward(&self.fc1.forward(&self.norm2.forward(&xs)?)?)?;
-        Ok((&xs + self.fc2.forward(&h)?)?)
-    }
-}
-
 /// The CLIP text transformer with a causal mask.
 pub struct ClipTextEncoder {
     token_embedding: Embedding,
@@ -158,16 +74,28 @@ pub struct ClipTextEncoder {
 impl ClipTextEncoder {
     /// Loads the weights of a `CLIPTextModel` (keys under `text_model.`).
     pub fn load(w: &Weights, config: &ClipTextConfig) -> Result<Self> {
-        // transformers 5 saves the keys without the `text_model.` prefix the public checkpoints use.
-        let w = if w.contains("embeddings.token_embedding.weight") { w.clone() } else { w.pp("text_model") };
+        // transformers 5 saves the keys without the `text_model.` prefix the public checkpoints use;
+        // the layers register under the public module paths either way (LoRA files name those).
+        let w = match w.layer_registry() {
+            _ if !w.contains("embeddings.token_embedding.weight") => w.pp("text_model"),
+            Some(registry) => w.with_layer_registry(&registry.scoped("text_model")),
+            None => w.clone(),
+        };
         let c = config;
         let emb = w.pp("embeddings");
         let token_embedding =
             Embedding::new(emb.pp("token_embedding").get((c.vocab_size, c.hidden_size), "weight")?, c.hidden_size);
         let position_embedding =
             emb.pp("position_embedding").get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        let spec = EncoderSpec {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            heads: c.num_attention_heads,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        };
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::load(&w.pp(format!("encoder.layers.{i}")), c))
+            .map(|i| EncoderLayer::load(&w.pp(format!("encoder.layers.{i}")), &spec))
             .collect::<Result<_>>()?;
         let final_norm = layer_norm(&w.pp("final_layer_norm"), c.hidden_size, c.layer_norm_eps)?;
         Ok(Self { token_embedding, position_embedding, layers, final_norm, config: config.clone() })
@@ -178,16 +106,48 @@ impl ClipTextEncoder {
         &self.config
     }
 
-    /// Token embeddings [B, L, D] of `ids` [B, L] (u32): the token-level injection point.
+    /// Token embeddings [B, L, D] of `ids` [B, L] (u32).
     pub fn token_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
-        let max = ids.max_all()?.to_dtype(candle_core::DType::U32)?.to_scalar::<u32>()? as usize;
-        if max >= self.config.vocab_size {
+        self.token_embeddings_with(ids, None)
+    }
+
+    /// Token embeddings [B, L, D] of `ids` [B, L] (u32), where ids from `vocab_size` on are rows of
+    /// `added` [N, D] (id `vocab_size + i` is row i): the token-level injection point, fed by
+    /// placeholder tokens with vectors from files (textual inversion) or computed at run time.
+    pub fn token_embeddings_with(&self, ids: &Tensor, added: Option<&Tensor>) -> Result<Tensor> {
+        let vocab = self.config.vocab_size;
+        let rows = added.map(|t| t.dim(0)).transpose()?.unwrap_or(0);
+        let flat: Vec<u32> = ids.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+        if let Some(&max) = flat.iter().max()
+            && max as usize >= vocab + rows
+        {
             return Err(Error::invalid(format!(
-                "token id {max} is outside the text encoder's vocabulary of {} tokens",
-                self.config.vocab_size
+                "token id {max} is outside the text encoder's vocabulary of {vocab} tokens and {rows} added vectors"
             )));
         }
-        Ok(self.token_embedding.forward(ids)?)
+        let added = match added {
+            Some(added) if flat.iter().any(|&id| id as usize >= vocab) => added,
+            _ => return Ok(self.token_embedding.forward(ids)?),
+        };
+        let dim = self.config.hidden_size;
+        if added.dims() != [rows, dim] {
+            return Err(Error::invalid(format!(
+                "added token vectors have shape {:?}, expected [{rows}, {dim}] (the text encoder's width)",
+                added.dims()
+            )));
+        }
+        let is_added: Vec<u8> = flat.iter().map(|&id| u8::from(id as usize >= vocab)).collect();
+        let base_ids: Vec<u32> = flat.iter().map(|&id| if id as usize >= vocab { 0 } else { id }).collect();
+        let added_ids: Vec<u32> = flat.iter().map(|&id| (id as usize).saturating_sub(vocab) as u32).collect();
+        let device = ids.device();
+        let base = self.token_embedding.forward(&Tensor::from_vec(base_ids, ids.shape(), device)?)?;
+        let extra = Embedding::new(added.to_dtype(base.dtype())?, dim).forward(&Tensor::from_vec(
+            added_ids,
+            ids.shape(),
+            device,
+        )?)?;
+        let mask = Tensor::from_vec(is_added, ids.shape(), device)?.unsqueeze(2)?.broadcast_as(base.shape())?;
+        Ok(mask.where_cond(&extra, &base)?)
     }
 
     /// Encodes token embeddings [B, L, D] (from [`Self::token_embeddings`], possibly edited).
@@ -210,7 +170,7 @@ impl ClipTextEncoder {
         let mut xs = embeddings.broadcast_add(&self.position_embedding.narrow(0, 0, len)?)?;
         let mask = causal_mask(len, xs.device())?;
         for layer in &self.layers[..self.layers.len() - clip_skip] {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
         }
         Ok(self.final_norm.forward(&xs)?)
     }

@@ -1,32 +1,375 @@
 //! Layer constructors over [`Weights`]: each checks the stored shapes against the config.
+//!
+//! [`Linear`] and [`Conv2d`] are also the weight-level injection point. Each is backed by a
+//! [`LayerHandle`] holding its weights and the [`WeightDelta`]s attached to it (LoRA, LoHa, LoKr),
+//! either fused into the weight or added at run time (`y = layer(x) + Σ scale · Δ(x)`). Layers
+//! built from a view that carries a [`LayerRegistry`] record their module path there, so a
+//! mechanism finds them by name on a loaded model.
 
-use candle_core::{Module, Tensor};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm};
 
-use crate::Result;
 use crate::io::weights::Weights;
+use crate::{Error, Result};
 
-/// A linear layer `y = x Wᵀ + b`; weight-level mechanisms (LoRA) attach here.
+/// What a layer computes, with the sizes that fix its weight's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// `y = x Wᵀ + b` with W [out_dim, in_dim].
+    Linear {
+        /// Input features.
+        in_dim: usize,
+        /// Output features.
+        out_dim: usize,
+    },
+    /// A square-kernel 2-D convolution with W [out_channels, in_channels, kernel, kernel].
+    Conv2d {
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel size.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Zero padding on every side.
+        padding: usize,
+    },
+}
+
+impl LayerKind {
+    /// The shape of the layer's weight: [out, in] or [out, in, k, k].
+    pub fn weight_shape(&self) -> Vec<usize> {
+        match *self {
+            LayerKind::Linear { in_dim, out_dim } => vec![out_dim, in_dim],
+            LayerKind::Conv2d { in_channels, out_channels, kernel, .. } => {
+                vec![out_channels, in_channels, kernel, kernel]
+            }
+        }
+    }
+
+    fn conv_config(&self) -> Conv2dConfig {
+        match *self {
+            LayerKind::Conv2d { stride, padding, .. } => Conv2dConfig { padding, stride, ..Default::default() },
+            LayerKind::Linear { .. } => Conv2dConfig::default(),
+        }
+    }
+}
+
+impl fmt::Display for LayerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            LayerKind::Linear { in_dim, out_dim } => write!(f, "Linear({in_dim} → {out_dim})"),
+            LayerKind::Conv2d { in_channels, out_channels, kernel, .. } => {
+                write!(f, "Conv2d({in_channels} → {out_channels}, {kernel}x{kernel})")
+            }
+        }
+    }
+}
+
+/// A change ΔW to one layer's weight, in the form that is cheapest to apply at run time.
+#[derive(Debug, Clone)]
+pub enum WeightDelta {
+    /// ΔW = scale · up @ down. Linear: down [r, in], up [out, r]. Conv2d: down [r, in, k, k] (a
+    /// convolution with the layer's stride and padding), up [out, r, 1, 1].
+    LowRank {
+        /// The first factor.
+        down: Tensor,
+        /// The second factor.
+        up: Tensor,
+        /// The factor's own scale (LoRA's alpha / rank).
+        scale: f64,
+    },
+    /// ΔW itself, in the layer weight's shape.
+    Dense(Tensor),
+}
+
+impl WeightDelta {
+    /// Checks that the delta fits a layer of `kind`.
+    pub fn check(&self, kind: &LayerKind) -> Result<()> {
+        let weight = kind.weight_shape();
+        let fits = match self {
+            WeightDelta::Dense(delta) => delta.dims() == weight.as_slice(),
+            WeightDelta::LowRank { down, up, .. } => {
+                let rank = down.dims().first().copied().unwrap_or(0);
+                let (down_shape, up_shape) = match weight.as_slice() {
+                    [out, inp] => (vec![rank, *inp], vec![*out, rank]),
+                    [out, inp, kh, kw] => (vec![rank, *inp, *kh, *kw], vec![*out, rank, 1, 1]),
+                    _ => unreachable!("weights are 2-D or 4-D"),
+                };
+                rank > 0 && down.dims() == down_shape.as_slice() && up.dims() == up_shape.as_slice()
+            }
+        };
+        if fits {
+            return Ok(());
+        }
+        let shapes = match self {
+            WeightDelta::Dense(delta) => format!("ΔW {:?}", delta.dims()),
+            WeightDelta::LowRank { down, up, .. } => format!("down {:?} and up {:?}", down.dims(), up.dims()),
+        };
+        Err(Error::invalid(format!("a weight delta with {shapes} does not fit {kind} (weight {weight:?})")))
+    }
+
+    /// ΔW [out, in] or [out, in, k, k] for a layer of `kind`, in f32.
+    pub fn weight(&self, kind: &LayerKind) -> Result<Tensor> {
+        Ok(match self {
+            WeightDelta::Dense(delta) => delta.to_dtype(DType::F32)?,
+            WeightDelta::LowRank { down, up, scale } => {
+                let rank = down.dim(0)?;
+                let down = down.to_dtype(DType::F32)?.reshape((rank, ()))?;
+                let up = up.to_dtype(DType::F32)?.reshape(((), rank))?;
+                (up.matmul(&down)? * *scale)?.reshape(kind.weight_shape())?
+            }
+        })
+    }
+
+    /// ΔW applied to `xs` (no bias): [.., in] → [.., out] or [B, in, H, W] → [B, out, H', W'].
+    fn forward(&self, kind: &LayerKind, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match (self, kind) {
+            (WeightDelta::Dense(delta), LayerKind::Linear { .. }) => {
+                candle_nn::Linear::new(delta.clone(), None).forward(xs)
+            }
+            (WeightDelta::Dense(delta), LayerKind::Conv2d { .. }) => {
+                candle_nn::Conv2d::new(delta.clone(), None, kind.conv_config()).forward(xs)
+            }
+            (WeightDelta::LowRank { down, up, scale }, LayerKind::Linear { .. }) => {
+                let h = candle_nn::Linear::new(down.clone(), None).forward(xs)?;
+                candle_nn::Linear::new(up.clone(), None).forward(&h)? * *scale
+            }
+            (WeightDelta::LowRank { down, up, scale }, LayerKind::Conv2d { .. }) => {
+                let h = candle_nn::Conv2d::new(down.clone(), None, kind.conv_config()).forward(xs)?;
+                candle_nn::Conv2d::new(up.clone(), None, Conv2dConfig::default()).forward(&h)? * *scale
+            }
+        }
+    }
+
+    fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(match self {
+            WeightDelta::Dense(delta) => WeightDelta::Dense(delta.to_dtype(dtype)?),
+            WeightDelta::LowRank { down, up, scale } => {
+                WeightDelta::LowRank { down: down.to_dtype(dtype)?, up: up.to_dtype(dtype)?, scale: *scale }
+            }
+        })
+    }
+}
+
+/// A delta attached to a layer under a name, with the multiplier it is applied with.
+#[derive(Debug)]
+struct Attached {
+    name: String,
+    delta: WeightDelta,
+    scale: f64,
+    fused: bool,
+}
+
+#[derive(Debug)]
+struct LayerState {
+    /// The weight in use: the loaded one plus every fused delta.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    attached: Vec<Attached>,
+}
+
+/// One layer's weights and attached deltas, shared by the layer and the [`LayerRegistry`]: changes
+/// made through any handle apply to the model that holds the layer.
+#[derive(Debug, Clone)]
+pub struct LayerHandle {
+    kind: LayerKind,
+    state: Arc<RwLock<LayerState>>,
+}
+
+impl LayerHandle {
+    fn new(kind: LayerKind, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { kind, state: Arc::new(RwLock::new(LayerState { weight, bias, attached: Vec::new() })) }
+    }
+
+    /// What the layer computes.
+    pub fn kind(&self) -> LayerKind {
+        self.kind
+    }
+
+    /// The weight in use (the loaded weight plus the fused deltas), [out, in] or [out, in, k, k].
+    pub fn weight(&self) -> Tensor {
+        self.state.read().unwrap_or_else(PoisonError::into_inner).weight.clone()
+    }
+
+    /// The names of the attached deltas, in attachment order.
+    pub fn attached(&self) -> Vec<String> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner).attached.iter().map(|a| a.name.clone()).collect()
+    }
+
+    /// Attaches `delta` under `name`, applied as `scale` · ΔW: added to the weight now when
+    /// `fused`, else added to the layer's output at every call.
+    pub fn attach(&self, name: &str, delta: WeightDelta, scale: f64, fused: bool) -> Result<()> {
+        delta.check(&self.kind)?;
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if state.attached.iter().any(|a| a.name == name) {
+            return Err(Error::invalid(format!("a weight delta named `{name}` is already attached to this layer")));
+        }
+        let delta = delta.to_dtype(state.weight.dtype())?;
+        if fused {
+            add_to_weight(&mut state, &delta, &self.kind, scale)?;
+        }
+        state.attached.push(Attached { name: name.to_string(), delta, scale, fused });
+        Ok(())
+    }
+
+    /// Changes the multiplier of the delta `name`.
+    pub fn set_scale(&self, name: &str, scale: f64) -> Result<()> {
+        self.update(name, |state, i, kind| {
+            let attached = &state.attached[i];
+            if attached.fused {
+                let (delta, change) = (attached.delta.clone(), scale - attached.scale);
+                add_to_weight(state, &delta, kind, change)?;
+            }
+            state.attached[i].scale = scale;
+            Ok(())
+        })
+    }
+
+    /// Fuses the delta `name` into the weight, or takes it back out to apply it at run time.
+    pub fn set_fused(&self, name: &str, fused: bool) -> Result<()> {
+        self.update(name, |state, i, kind| {
+            let attached = &state.attached[i];
+            if attached.fused != fused {
+                let (delta, scale) = (attached.delta.clone(), attached.scale);
+                add_to_weight(state, &delta, kind, if fused { scale } else { -scale })?;
+                state.attached[i].fused = fused;
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes the delta `name` (subtracting it from the weight if it was fused).
+    pub fn detach(&self, name: &str) -> Result<()> {
+        self.update(name, |state, i, kind| {
+            let attached = state.attached.remove(i);
+            if attached.fused {
+                add_to_weight(state, &attached.delta, kind, -attached.scale)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut LayerState, usize, &LayerKind) -> Result<()>) -> Result<()> {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let i = state
+            .attached
+            .iter()
+            .position(|a| a.name == name)
+            .ok_or_else(|| Error::invalid(format!("no weight delta named `{name}` is attached to this layer")))?;
+        f(&mut state, i, &self.kind)
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let (weight, bias) = (state.weight.clone(), state.bias.clone());
+        let mut ys = match self.kind {
+            LayerKind::Linear { .. } => candle_nn::Linear::new(weight, bias).forward(xs)?,
+            LayerKind::Conv2d { .. } => candle_nn::Conv2d::new(weight, bias, self.kind.conv_config()).forward(xs)?,
+        };
+        for attached in state.attached.iter().filter(|a| !a.fused && a.scale != 0.0) {
+            ys = (ys + (attached.delta.forward(&self.kind, xs)? * attached.scale)?)?;
+        }
+        Ok(ys)
+    }
+}
+
+/// `weight += factor · ΔW`, computed in f32 and stored in the weight's dtype.
+fn add_to_weight(state: &mut LayerState, delta: &WeightDelta, kind: &LayerKind, factor: f64) -> Result<()> {
+    let dtype = state.weight.dtype();
+    let sum = (state.weight.to_dtype(DType::F32)? + (delta.weight(kind)? * factor)?)?;
+    state.weight = sum.to_dtype(dtype)?;
+    Ok(())
+}
+
+/// The layers of a loaded model by module path (`unet.down_blocks.0.attentions.0.proj_in`,
+/// `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`): every [`Linear`] and [`Conv2d`]
+/// built from a [`Weights`] view that carries the registry records itself under the registry's
+/// scope followed by the view's key prefix. Clones (and scoped views) share one map.
+#[derive(Debug, Clone, Default)]
+pub struct LayerRegistry {
+    scope: String,
+    layers: Arc<Mutex<BTreeMap<String, LayerHandle>>>,
+}
+
+impl LayerRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A view of the same registry in which layers register under `name.` (after this view's scope).
+    pub fn scoped(&self, name: &str) -> Self {
+        Self { scope: format!("{}{name}.", self.scope), layers: self.layers.clone() }
+    }
+
+    /// The layer at the full module path `path` (scopes included).
+    pub fn get(&self, path: &str) -> Option<LayerHandle> {
+        self.layers.lock().unwrap_or_else(PoisonError::into_inner).get(path).cloned()
+    }
+
+    /// Every registered module path, sorted.
+    pub fn paths(&self) -> Vec<String> {
+        self.layers.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
+    }
+
+    fn register(&self, path: &str, handle: &LayerHandle) {
+        self.layers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(format!("{}{path}", self.scope), handle.clone());
+    }
+}
+
+/// Builds a layer's handle and records it in the view's registry, if any.
+fn build_layer(w: &Weights, kind: LayerKind, weight: Tensor, bias: Option<Tensor>) -> LayerHandle {
+    let handle = LayerHandle::new(kind, weight, bias);
+    if let Some(registry) = w.layer_registry() {
+        registry.register(w.prefix(), &handle);
+    }
+    handle
+}
+
+/// A linear layer `y = x Wᵀ + b`; weight-level mechanisms (LoRA) attach to its [`LayerHandle`].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    layer: LayerHandle,
+}
+
+impl Linear {
+    /// The layer's weights and attached deltas.
+    pub fn handle(&self) -> &LayerHandle {
+        &self.layer
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(xs)
+        self.layer.forward(xs)
     }
 }
 
-/// A 2-D convolution with bias; weight-level mechanisms (LoRA) attach here.
+/// A 2-D convolution with bias; weight-level mechanisms (LoRA) attach to its [`LayerHandle`].
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    layer: LayerHandle,
+}
+
+impl Conv2d {
+    /// The layer's weights and attached deltas.
+    pub fn handle(&self) -> &LayerHandle {
+        &self.layer
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(xs)
+        self.layer.forward(xs)
     }
 }
 
@@ -34,16 +377,15 @@ impl Module for Conv2d {
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let weight = w.get((out_dim, in_dim), "weight")?;
     let bias = if bias { Some(w.get(out_dim, "bias")?) } else { None };
-    Ok(Linear { inner: candle_nn::Linear::new(weight, bias) })
+    Ok(Linear { layer: build_layer(w, LayerKind::Linear { in_dim, out_dim }, weight, bias) })
 }
 
 /// `nn.Conv2d(in_c, out_c, kernel, stride, padding)` with bias.
 pub fn conv2d(w: &Weights, in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
     let weight = w.get((out_c, in_c, kernel, kernel), "weight")?;
     let bias = w.get(out_c, "bias")?;
-    Ok(Conv2d {
-        inner: candle_nn::Conv2d::new(weight, Some(bias), Conv2dConfig { padding, stride, ..Default::default() }),
-    })
+    let kind = LayerKind::Conv2d { in_channels: in_c, out_channels: out_c, kernel, stride, padding };
+    Ok(Conv2d { layer: build_layer(w, kind, weight, Some(bias)) })
 }
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine weights.

@@ -10,21 +10,19 @@ use candle_core::{Device, Tensor};
 
 use crate::Result;
 use crate::io::image::{load_rgb, rgb_to_tensor};
+use crate::preprocess::resize::{ResizeMode, fit};
 
-/// Loads a condition image as [1, 3, height, width] in [0, 1], resized (Lanczos) when its size
-/// differs, as diffusers' control-image processor does.
+/// Loads a condition image as [1, 3, height, width] in [0, 1], resized when its size differs, as
+/// diffusers' control-image processor does.
 pub fn load_condition_image(path: &Path, width: usize, height: usize, device: &Device) -> Result<Tensor> {
     let img = load_rgb(path)?;
     condition_tensor(&img, width, height, device)
 }
 
-/// An RGB image as a condition tensor [1, 3, height, width] in [0, 1], resized when needed.
+/// An RGB image as a condition tensor [1, 3, height, width] in [0, 1], resized (Pillow's Lanczos,
+/// as diffusers) when its size differs.
 pub fn condition_tensor(img: &image::RgbImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
-    let (w, h) = (width as u32, height as u32);
-    if img.width() == w && img.height() == h {
-        return rgb_to_tensor(img, device);
-    }
-    let resized = image::imageops::resize(img, w, h, image::imageops::FilterType::Lanczos3);
+    let resized = fit(img, width as u32, height as u32, ResizeMode::Stretch)?;
     rgb_to_tensor(&resized, device)
 }
 

@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod config;
 pub mod controls;
 pub mod encoder;
+pub mod layer_ids;
 pub mod transformer;
 
 use candle_core::{Module, Tensor};
@@ -13,6 +14,7 @@ use candle_nn::GroupNorm;
 pub use config::UNetConfig;
 pub use controls::{ExtraAttention, UNetControls};
 pub use encoder::{EncoderOutput, UNetEncoder, timestep_embedding};
+pub use layer_ids::CrossAttentionLayer;
 
 use super::nn::{Conv2d, conv2d, group_norm};
 use crate::io::weights::Weights;

@@ -1,0 +1,102 @@
+//! Weight-level control: LoRA-family deltas attached to the model's [`Linear`] and [`Conv2d`]
+//! layers, fused into the weights or applied at run time, switchable on a loaded model.
+//!
+//! [`Lora::load`] resolves a file against the model's [`LayerRegistry`]; [`StableDiffusion::attach_lora`]
+//! and its siblings attach, rescale, fuse, unfuse and detach it by name.
+//!
+//! [`Linear`]: crate::models::nn::Linear
+//! [`Conv2d`]: crate::models::nn::Conv2d
+//! [`LayerRegistry`]: crate::models::nn::LayerRegistry
+
+pub mod lora;
+pub mod lycoris;
+
+pub use lora::Lora;
+
+use crate::models::nn::LayerHandle;
+use crate::pipeline::StableDiffusion;
+use crate::{Error, Result};
+
+/// How an attached LoRA is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraMode {
+    /// Added into the weights once: no cost per step.
+    #[default]
+    Fused,
+    /// Added to each target layer's output at every call (`y = layer(x) + scale · Δ(x)`), the base
+    /// weights untouched.
+    Unfused,
+}
+
+impl std::str::FromStr for LoraMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fused" => Ok(LoraMode::Fused),
+            "unfused" => Ok(LoraMode::Unfused),
+            other => Err(Error::invalid(format!("unknown LoRA mode `{other}` (expected fused or unfused)"))),
+        }
+    }
+}
+
+impl StableDiffusion {
+    /// Attaches `lora` under `name` with multiplier `scale` (ΔW = scale · alpha/rank · up @ down).
+    pub fn attach_lora(&mut self, name: &str, lora: &Lora, scale: f64, mode: LoraMode) -> Result<()> {
+        if self.lora_names().iter().any(|n| n == name) {
+            return Err(Error::invalid(format!("a LoRA named `{name}` is already attached")));
+        }
+        for (i, (path, delta)) in lora.deltas.iter().enumerate() {
+            let attached = match self.layers.get(path) {
+                Some(layer) => layer.attach(name, delta.clone(), scale, mode == LoraMode::Fused),
+                None => Err(Error::invalid(format!("{}: the model has no layer `{path}`", lora.path.display()))),
+            };
+            if let Err(e) = attached {
+                for (done, _) in &lora.deltas[..i] {
+                    self.layers.get(done).map(|layer| layer.detach(name)).transpose()?;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the multiplier of the attached LoRA `name`.
+    pub fn set_lora_scale(&mut self, name: &str, scale: f64) -> Result<()> {
+        self.lora_layers(name)?.iter().try_for_each(|layer| layer.set_scale(name, scale))
+    }
+
+    /// Fuses the attached LoRA `name` into the weights, or takes it out to apply it at run time.
+    pub fn set_lora_mode(&mut self, name: &str, mode: LoraMode) -> Result<()> {
+        self.lora_layers(name)?.iter().try_for_each(|layer| layer.set_fused(name, mode == LoraMode::Fused))
+    }
+
+    /// Detaches the LoRA `name`, restoring the layers it changed.
+    pub fn detach_lora(&mut self, name: &str) -> Result<()> {
+        self.lora_layers(name)?.iter().try_for_each(|layer| layer.detach(name))
+    }
+
+    /// The names of the attached LoRAs, sorted.
+    pub fn lora_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.layers.paths().iter().filter_map(|p| self.layers.get(p)).flat_map(|l| l.attached()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The layers the LoRA `name` is attached to (at least one).
+    fn lora_layers(&self, name: &str) -> Result<Vec<LayerHandle>> {
+        let layers: Vec<LayerHandle> = self
+            .layers
+            .paths()
+            .iter()
+            .filter_map(|p| self.layers.get(p))
+            .filter(|l| l.attached().iter().any(|n| n == name))
+            .collect();
+        if layers.is_empty() {
+            return Err(Error::invalid(format!("no LoRA named `{name}` is attached")));
+        }
+        Ok(layers)
+    }
+}
