@@ -152,9 +152,12 @@ fn read_records(bytes: &[u8], err: &dyn Fn(String) -> Error) -> Result<HashMap<S
         let end = record.end();
         if start.saturating_add(len) > bytes.len() || end > start + len {
             return Err(err(format!(
-                "tensor `{name}` {:?} needs bytes {}..{end} of its storage, which has {len} \
-                 (truncated or corrupt file)",
-                record.shape, record.offset
+                "tensor `{name}` {:?} needs bytes {}..{} of its storage `{}`, which holds {len} (truncated or \
+                 corrupt file)",
+                record.shape,
+                record.offset - start,
+                end - start,
+                info.path
             )));
         }
         records.insert(name, record);

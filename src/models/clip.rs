@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use super::attention::{merge_heads, scaled_dot_product, split_heads};
 use super::nn::{Linear, layer_norm, linear};
-use crate::Result;
 use crate::io::weights::Weights;
+use crate::{Error, Result};
 
 /// The activation between the two MLP layers.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -33,6 +33,17 @@ impl Activation {
             Activation::GeluTanh => xs.gelu()?,
         })
     }
+}
+
+/// Checks that a CLIP config's width splits into its heads (`path` names the config in errors).
+pub(crate) fn check_heads(path: &std::path::Path, hidden_size: usize, heads: usize) -> Result<()> {
+    if heads == 0 || !hidden_size.is_multiple_of(heads) {
+        return Err(Error::config(
+            path,
+            format!("hidden_size {hidden_size} is not divisible by num_attention_heads {heads}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The sizes of one encoder layer.

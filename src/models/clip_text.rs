@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::attention::causal_mask;
 pub use super::clip::Activation;
-use super::clip::{EncoderLayer, EncoderSpec};
+use super::clip::{EncoderLayer, EncoderSpec, check_heads};
 use super::nn::layer_norm;
 use crate::io::weights::Weights;
 use crate::{Error, Result};
@@ -49,15 +49,7 @@ impl ClipTextConfig {
     /// Reads and validates a `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let config: Self = crate::io::read_json(path)?;
-        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
-            return Err(Error::config(
-                path,
-                format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    config.hidden_size, config.num_attention_heads
-                ),
-            ));
-        }
+        check_heads(path, config.hidden_size, config.num_attention_heads)?;
         Ok(config)
     }
 }

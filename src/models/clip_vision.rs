@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
-use super::clip::{Activation, EncoderLayer, EncoderSpec};
+use super::clip::{Activation, EncoderLayer, EncoderSpec, check_heads};
 use super::nn::{Linear, layer_norm, linear};
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::Weights;
@@ -89,15 +89,7 @@ impl ClipVisionConfig {
             .map_err(|e| Error::config(path, format!("invalid CLIP vision config: {e}")))?;
         config.projection_dim =
             Some(config.projection_dim.or(outer_projection.map(|p| p as usize)).unwrap_or(DEFAULT_PROJECTION_DIM));
-        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
-            return Err(Error::config(
-                path,
-                format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    config.hidden_size, config.num_attention_heads
-                ),
-            ));
-        }
+        check_heads(path, config.hidden_size, config.num_attention_heads)?;
         if config.patch_size == 0 || !config.image_size.is_multiple_of(config.patch_size) {
             return Err(Error::config(
                 path,

@@ -270,6 +270,12 @@ impl LayerHandle {
         let (weight, bias) = (state.weight.clone(), state.bias.clone());
         let mut ys = match self.kind {
             LayerKind::Linear { .. } => candle_nn::Linear::new(weight, bias).forward(xs)?,
+            // candle's CPU convolution has no bf16 kernel: convolve in f32 and round back.
+            LayerKind::Conv2d { .. } if xs.dtype() == DType::BF16 && xs.device().is_cpu() => {
+                let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+                let conv = candle_nn::Conv2d::new(weight.to_dtype(DType::F32)?, bias, self.kind.conv_config());
+                conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?
+            }
             LayerKind::Conv2d { .. } => candle_nn::Conv2d::new(weight, bias, self.kind.conv_config()).forward(xs)?,
         };
         for attached in state.attached.iter().filter(|a| !a.fused && a.scale != 0.0) {

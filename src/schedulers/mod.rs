@@ -25,10 +25,16 @@ pub trait NoiseSource {
 pub trait Scheduler {
     /// The model timesteps visited, in order (floats: some schedulers interpolate).
     fn timesteps(&self) -> &[f64];
-    /// The standard deviation that initial standard-normal latents are scaled by.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the denoising model input at step `step_index` (a no-op for most schedulers).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// The standard deviation that initial standard-normal latents are scaled by (1 for the
+    /// schedulers that work in sample space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the denoising model input at step `step_index` (the identity unless the scheduler
+    /// works in sigma space).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step from `sample` given `model_output` at step `step_index`; returns the
     /// previous (less noisy) sample. `noise` is used only by stochastic schedulers.
     fn step(
