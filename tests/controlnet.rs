@@ -109,10 +109,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
         };
         let mut controls: Vec<Box<dyn Control>> = Vec::new();
         for cn in &case.controlnets {
-            let Ok(net) = load_controlnet(&repo_path(&cn.path), &options, Some(model.unet.config())) else {
-                eprintln!("{}: skipped ({} is not a diffusers folder)", case.name, cn.path);
-                continue;
-            };
+            let net = load_controlnet(&repo_path(&cn.path), &options, Some(model.unet.config())).unwrap();
             let settings = ControlNetSettings {
                 scale: cn.scale,
                 start: case.control_guidance_start,
@@ -122,9 +119,6 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
             controls.push(Box::new(
                 ControlNetControl::new(cn.path.clone(), Arc::new(net), image(&cn.image), settings).unwrap(),
             ));
-        }
-        if controls.len() != case.controlnets.len() {
-            continue;
         }
         for ad in &case.adapters {
             let adapter = load_t2i_adapter(&repo_path(&ad.path), &options).unwrap();
@@ -161,7 +155,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
         report.push(format!("{:14} latents {err:.2e} image {image_err:.2e}", case.name));
     }
     eprintln!("{}", report.join("\n"));
-    assert!(report.len() >= 7, "too few cases ran");
+    assert_eq!(report.len(), cases.cases.len(), "every case runs, the original-layout file included");
 }
 
 const SD1: &str = "tests/fixtures/models/sd1-tiny";
@@ -300,4 +294,31 @@ fn control_preprocess_makes_the_condition_image_inline() {
     let plain = run(&[], "plain.png");
     let canny = run(&["--control-preprocess", "canny"], "canny.png");
     assert_ne!(plain, canny, "the canny map must change the control and so the image");
+}
+
+#[test]
+fn original_controlnet_keys_map_as_diffusers_converts_them() {
+    use diffctl::io::ldm::KeyMap;
+    use diffctl::models::controlnet::ControlNetConfig;
+    let expected: std::collections::BTreeMap<String, String> =
+        diffctl::io::read_json(&repo_path("tests/fixtures/controlnets/cn-a-original.keys.json")).unwrap();
+    let config = ControlNetConfig::load(&repo_path("tests/fixtures/controlnets/cn-a/config.json")).unwrap();
+    let map = KeyMap::controlnet(&config);
+    for (original, diffusers) in &expected {
+        let names: Vec<String> = map.to_diffusers(original).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec![diffusers.clone()], "{original}");
+    }
+}
+
+#[test]
+fn original_controlnet_needs_a_base_and_the_right_keys() {
+    let options = LoadOptions::default();
+    let file = repo_path("tests/fixtures/controlnets/cn-a-original.safetensors");
+    let err = load_controlnet(&file, &options, None).unwrap_err().to_string();
+    assert!(err.contains("needs the base model"), "{err}");
+    let unet =
+        diffctl::models::unet::UNetConfig::load(&repo_path("tests/fixtures/models/sd1-tiny/unet/config.json")).unwrap();
+    let not_cn = repo_path("tests/fixtures/models/sd1-tiny/unet/diffusion_pytorch_model.safetensors");
+    let err = load_controlnet(&not_cn, &options, Some(&unet)).unwrap_err().to_string();
+    assert!(err.contains("not a ControlNet"), "{err}");
 }

@@ -44,12 +44,15 @@ fn tokenizer_matches_transformers_on_bundled_vocab_and_tokenizer_json() {
         serde_json::from_str(&std::fs::read_to_string(repo_path("tests/fixtures/tokenizer_cases.json")).unwrap())
             .unwrap();
     let from_pair = ClipTokenizer::from_dir(&repo_path("assets/clip-tokenizer")).unwrap();
+    // tokenizer.json holds sd1-tiny's small vocabulary; its vocab.json + merges.txt must agree.
     let from_json = ClipTokenizer::from_dir(&repo_path("tests/fixtures/clip-tokenizer-fast")).unwrap();
+    let tiny_pair = ClipTokenizer::from_dir(&repo_path("tests/fixtures/models/sd1-tiny/tokenizer")).unwrap();
     assert_eq!(from_pair.max_length(), 77);
     for case in &cases.cases {
         assert_eq!(from_pair.encode(&case.text).unwrap(), case.ids, "vocab+merges, text {:?}", case.text);
         assert_eq!(from_pair.encode_padded(&case.text).unwrap(), case.ids_77, "padded, text {:?}", case.text);
         assert_eq!(from_json.encode(&case.text).unwrap(), case.ids_fast, "tokenizer.json, text {:?}", case.text);
+        assert_eq!(tiny_pair.encode(&case.text).unwrap(), case.ids_fast, "tiny vocab+merges, text {:?}", case.text);
     }
 }
 

@@ -15,12 +15,15 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::weights::{Rename, TensorStore, Transform};
+use crate::models::controlnet::ControlNetConfig;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
 use crate::{Error, Result};
 
 /// Key prefix of the UNet in a single-file checkpoint.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
+/// Key prefix of an original ControlNet 1.x file.
+pub const CONTROLNET_PREFIX: &str = "control_model.";
 /// Key prefix of the VAE.
 pub const VAE_PREFIX: &str = "first_stage_model.";
 /// Key prefix of the SD1.x CLIP text encoder (transformers' layout inside).
@@ -94,39 +97,14 @@ impl KeyMap {
 
     /// The UNet (`model.diffusion_model.*`) of a model with `config`.
     pub fn unet(config: &UNetConfig) -> Self {
-        let mut rows = Vec::new();
+        let mut rows = input_half_rows(config, UNET_PREFIX);
         let mut row = |diffusers: String, checkpoint: String, sub: SubNames| {
             rows.push(Row { diffusers, checkpoint: format!("{UNET_PREFIX}{checkpoint}"), sub })
         };
-        for (d, c) in [
-            ("time_embedding.linear_1", "time_embed.0"),
-            ("time_embedding.linear_2", "time_embed.2"),
-            ("conv_in", "input_blocks.0.0"),
-            ("conv_norm_out", "out.0"),
-            ("conv_out", "out.2"),
-        ] {
+        for (d, c) in [("conv_norm_out", "out.0"), ("conv_out", "out.2")] {
             row(d.into(), c.into(), SAME);
         }
         let n = config.blocks.len();
-        let mut k = 1;
-        for (i, block) in config.blocks.iter().enumerate() {
-            for j in 0..block.layers {
-                row(format!("down_blocks.{i}.resnets.{j}"), format!("input_blocks.{k}.0"), UNET_RESNET);
-                if block.has_attention {
-                    row(format!("down_blocks.{i}.attentions.{j}"), format!("input_blocks.{k}.1"), SAME);
-                }
-                k += 1;
-            }
-            if i + 1 < n {
-                row(format!("down_blocks.{i}.downsamplers.0.conv"), format!("input_blocks.{k}.0.op"), SAME);
-                k += 1;
-            }
-        }
-        if config.has_mid_block {
-            row("mid_block.resnets.0".into(), "middle_block.0".into(), UNET_RESNET);
-            row("mid_block.attentions.0".into(), "middle_block.1".into(), SAME);
-            row("mid_block.resnets.1".into(), "middle_block.2".into(), UNET_RESNET);
-        }
         let mut k = 0;
         for i in 0..n {
             let count = config.blocks[n - 1 - i].layers + 1;
@@ -143,6 +121,28 @@ impl KeyMap {
                 k += 1;
             }
         }
+        Self::new(rows)
+    }
+
+    /// A ControlNet in the original ControlNet 1.x layout (`control_model.*`): the UNet's input half
+    /// plus the zero convolutions and the condition-embedding convolutions (`input_hint_block`, whose
+    /// convolutions sit at every other index, SiLUs between them).
+    pub fn controlnet(config: &ControlNetConfig) -> Self {
+        let mut rows = input_half_rows(&config.unet, CONTROLNET_PREFIX);
+        let mut row = |diffusers: String, checkpoint: String| {
+            rows.push(Row { diffusers, checkpoint: format!("{CONTROLNET_PREFIX}{checkpoint}"), sub: SAME })
+        };
+        let skips = 1 + config.unet.blocks.iter().map(|b| b.layers).sum::<usize>() + config.unet.blocks.len() - 1;
+        for i in 0..skips {
+            row(format!("controlnet_down_blocks.{i}"), format!("zero_convs.{i}.0"));
+        }
+        row("controlnet_mid_block".into(), "middle_block_out.0".into());
+        row("controlnet_cond_embedding.conv_in".into(), "input_hint_block.0".into());
+        let blocks = 2 * (config.conditioning_embedding_out_channels.len() - 1);
+        for j in 0..blocks {
+            row(format!("controlnet_cond_embedding.blocks.{j}"), format!("input_hint_block.{}", 2 * (j + 1)));
+        }
+        row("controlnet_cond_embedding.conv_out".into(), format!("input_hint_block.{}", 2 * (blocks + 1)));
         Self::new(rows)
     }
 
@@ -289,6 +289,43 @@ impl KeyMap {
         }
         Ok(out)
     }
+}
+
+/// The rows of a UNet's input half under `prefix`: time embedding, `conv_in`, the down blocks
+/// (`input_blocks.N`, numbered through resnets, attentions and downsamplers) and the mid block.
+fn input_half_rows(config: &UNetConfig, prefix: &str) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut row = |diffusers: String, checkpoint: String, sub: SubNames| {
+        rows.push(Row { diffusers, checkpoint: format!("{prefix}{checkpoint}"), sub })
+    };
+    for (d, c) in [
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_in", "input_blocks.0.0"),
+    ] {
+        row(d.into(), c.into(), SAME);
+    }
+    let n = config.blocks.len();
+    let mut k = 1;
+    for (i, block) in config.blocks.iter().enumerate() {
+        for j in 0..block.layers {
+            row(format!("down_blocks.{i}.resnets.{j}"), format!("input_blocks.{k}.0"), UNET_RESNET);
+            if block.has_attention {
+                row(format!("down_blocks.{i}.attentions.{j}"), format!("input_blocks.{k}.1"), SAME);
+            }
+            k += 1;
+        }
+        if i + 1 < n {
+            row(format!("down_blocks.{i}.downsamplers.0.conv"), format!("input_blocks.{k}.0.op"), SAME);
+            k += 1;
+        }
+    }
+    if config.has_mid_block {
+        row("mid_block.resnets.0".into(), "middle_block.0".into(), UNET_RESNET);
+        row("mid_block.attentions.0".into(), "middle_block.1".into(), SAME);
+        row("mid_block.resnets.1".into(), "middle_block.2".into(), UNET_RESNET);
+    }
+    rows
 }
 
 /// The longest module prefix of `key` in `index` (or `key` itself), with the rest of the key.

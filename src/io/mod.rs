@@ -7,6 +7,7 @@ pub mod image;
 pub mod latents;
 pub mod ldm;
 pub mod model_files;
+pub mod original_controlnet;
 pub mod pickle;
 pub mod single_file;
 pub mod weights;

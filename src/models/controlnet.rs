@@ -75,6 +75,19 @@ impl ControlNetConfig {
         })
     }
 
+    /// The config of a ControlNet copying the input half of `base`, with a condition embedding
+    /// from `conditioning_channels` through `embedding_channels` (original ControlNet files carry
+    /// no config of their own).
+    pub fn for_base(base: &UNetConfig, conditioning_channels: usize, embedding_channels: Vec<usize>) -> Self {
+        Self {
+            unet: base.clone(),
+            conditioning_channels,
+            conditioning_embedding_out_channels: embedding_channels,
+            bgr: false,
+            global_pool_conditions: false,
+        }
+    }
+
     /// Checks that a ControlNet of this config fits `unet`: same skip layout and context width.
     pub fn check_fits(&self, unet: &UNetConfig, name: &str) -> Result<()> {
         let mine = &self.unet;

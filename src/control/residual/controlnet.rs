@@ -8,31 +8,35 @@ use candle_core::Tensor;
 use super::{active_at, check_step_range};
 use crate::control::{Control, StepContext};
 use crate::io::diffusers_folder::open_weights_in;
+use crate::io::original_controlnet;
 use crate::io::weights::Weights;
 use crate::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
 use crate::models::unet::{UNetConfig, UNetControls};
 use crate::pipeline::LoadOptions;
 use crate::{Error, Result};
 
-/// Loads a ControlNet saved as a diffusers folder (`config.json` + weights), checking first that
-/// it fits the `base` UNet when one is given.
+/// Loads a ControlNet: a diffusers folder (`config.json` + weights), checked first to fit the
+/// `base` UNet when one is given, or an original ControlNet 1.x file (`control_model.*`), whose
+/// structure is taken from `base`.
 pub fn load_controlnet(path: &Path, options: &LoadOptions, base: Option<&UNetConfig>) -> Result<ControlNet> {
-    if !path.is_dir() {
-        return Err(Error::invalid(format!(
-            "{}: expected a diffusers ControlNet folder (config.json + diffusion_pytorch_model.safetensors)",
-            path.display()
-        )));
-    }
-    let config_path = path.join("config.json");
-    if !config_path.is_file() {
-        return Err(Error::invalid(format!("{}: missing file", config_path.display())));
-    }
-    let config = ControlNetConfig::load(&config_path)?;
-    if let Some(base) = base {
-        config.check_fits(base, &path.display().to_string())?;
-    }
-    let weights = Weights::new(open_weights_in(path)?, options.dtype, &options.device);
-    ControlNet::load(&weights, &config)
+    let name = path.display().to_string();
+    let (config, store) = if path.is_dir() {
+        let config_path = path.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::invalid(format!("{}: missing file", config_path.display())));
+        }
+        let config = ControlNetConfig::load(&config_path)?;
+        if let Some(base) = base {
+            config.check_fits(base, &name)?;
+        }
+        (config, open_weights_in(path)?)
+    } else {
+        let base = base.ok_or_else(|| {
+            Error::invalid(format!("{name}: an original-layout ControlNet file needs the base model's UNet config"))
+        })?;
+        original_controlnet::open(path, base)?
+    };
+    ControlNet::load(&Weights::new(store, options.dtype, &options.device), &config)
 }
 
 /// How one ControlNet is applied.
