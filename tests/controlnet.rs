@@ -30,13 +30,17 @@ fn controlnet_residuals_match_diffusers() {
 fn t2i_adapter_features_match_diffusers() {
     let unit = load_fixture("tests/fixtures/units/controlnet.safetensors");
     for kind in ["full", "light"] {
-        let adapter =
-            load_t2i_adapter(&repo_path(&format!("tests/fixtures/t2i-adapters/{kind}")), &LoadOptions::default())
-                .unwrap();
-        let features = adapter.forward(&unit["t2i.image"].to_dtype(DType::F32).unwrap()).unwrap();
-        assert_eq!(features.len(), 3);
-        for (i, f) in features.iter().enumerate() {
-            assert_close(&format!("t2i {kind} {i}"), f, &unit[&format!("t2i.{kind}.{i}")], 2e-5);
+        // The diffusers folder and the TencentARC original layout of the same weights.
+        for path in [
+            format!("tests/fixtures/t2i-adapters/{kind}"),
+            format!("tests/fixtures/t2i-adapters/{kind}-original.safetensors"),
+        ] {
+            let adapter = load_t2i_adapter(&repo_path(&path), &LoadOptions::default(), 3, 2).unwrap();
+            let features = adapter.forward(&unit["t2i.image"].to_dtype(DType::F32).unwrap()).unwrap();
+            assert_eq!(features.len(), 3);
+            for (i, f) in features.iter().enumerate() {
+                assert_close(&format!("t2i {path} {i}"), f, &unit[&format!("t2i.{kind}.{i}")], 2e-5);
+            }
         }
     }
 }
@@ -121,7 +125,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
             ));
         }
         for ad in &case.adapters {
-            let adapter = load_t2i_adapter(&repo_path(&ad.path), &options).unwrap();
+            let adapter = load_t2i_adapter(&repo_path(&ad.path), &options, 3, 2).unwrap();
             let control = T2IAdapterControl::new(
                 ad.path.clone(),
                 &adapter,
@@ -242,6 +246,12 @@ fn controlnet_bad_inputs_are_clear_errors() {
         "--control-preprocess blur",
     );
     common::expect_error(&["--t2i-adapter", &path_str("tests/fixtures/t2i-adapters/full")], &model, "--adapter-image");
+    // sd2-tiny's down blocks are 8 and 24 channels wide.
+    common::expect_error(
+        &["--t2i-adapter", &path_str("tests/fixtures/t2i-adapters/full"), "--adapter-image", &img],
+        &repo_path("tests/fixtures/models/sd2-tiny"),
+        "T2I-Adapter features have [8, 16, 16] channels, the model's down blocks [8, 24]",
+    );
     common::expect_error(
         &[
             "--t2i-adapter",

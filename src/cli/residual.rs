@@ -138,8 +138,10 @@ impl ResidualArgs {
         let preprocess =
             per_item("adapter-preprocess", &parse_kinds("adapter-preprocess", &self.adapter_preprocess)?, n, None)?;
         for (i, (path, image)) in self.t2i_adapter.iter().zip(&self.adapter_image).enumerate() {
-            let adapter =
-                load_t2i_adapter(path, options).with_context(|| format!("loading T2I-Adapter {}", path.display()))?;
+            let stages = model.unet.config().blocks.len();
+            let adapter = load_t2i_adapter(path, options, stages, model.vae_scale_factor())
+                .with_context(|| format!("loading T2I-Adapter {}", path.display()))?;
+            adapter.config().check_fits(model.unet.config(), &label(path))?;
             let image = condition_image(image, preprocess[i].as_ref(), width, height, options)?;
             controls.push(Box::new(T2IAdapterControl::new(label(path), &adapter, &image, scales[i], factors[i])?));
         }

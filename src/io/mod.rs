@@ -8,8 +8,10 @@ pub mod latents;
 pub mod ldm;
 pub mod model_files;
 pub mod original_controlnet;
+pub mod original_t2i_adapter;
 pub mod pickle;
 pub mod single_file;
+pub mod uni_controlnet;
 pub mod weights;
 
 use std::path::Path;

@@ -67,6 +67,29 @@ impl T2IAdapterConfig {
     }
 }
 
+impl T2IAdapterConfig {
+    /// The channel count of each feature map the adapter produces.
+    pub fn feature_channels(&self) -> Vec<usize> {
+        let mut channels = self.channels.clone();
+        if self.adapter_type == AdapterType::LightAdapter {
+            channels.push(channels[channels.len() - 1]);
+        }
+        channels
+    }
+
+    /// Checks that the features fit `unet`'s down blocks, one each, channel for channel.
+    pub fn check_fits(&self, unet: &crate::models::unet::UNetConfig, name: &str) -> Result<()> {
+        let blocks: Vec<usize> = unet.blocks.iter().map(|b| b.channels).collect();
+        let features = self.feature_channels();
+        if features.len() < blocks.len() || features[..blocks.len()] != blocks[..] {
+            return Err(Error::invalid(format!(
+                "{name}: T2I-Adapter features have {features:?} channels, the model's down blocks {blocks:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Conv → ReLU → conv with a residual; the full adapter's second conv is 1x1, the light one's 3x3.
 #[derive(Debug)]
 struct ResBlock {

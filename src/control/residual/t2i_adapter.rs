@@ -7,24 +7,30 @@ use candle_core::Tensor;
 
 use crate::control::{Control, StepContext};
 use crate::io::diffusers_folder::open_weights_in;
+use crate::io::original_t2i_adapter;
 use crate::io::weights::Weights;
 use crate::models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 use crate::models::unet::UNetControls;
 use crate::pipeline::LoadOptions;
 use crate::{Error, Result};
 
-/// Loads a T2I-Adapter saved as a diffusers folder (`config.json` + weights).
-pub fn load_t2i_adapter(path: &Path, options: &LoadOptions) -> Result<T2IAdapter> {
-    let config_path = path.join("config.json");
-    if !path.is_dir() || !config_path.is_file() {
-        return Err(Error::invalid(format!(
-            "{}: expected a diffusers T2I-Adapter folder (config.json + diffusion_pytorch_model.safetensors)",
-            path.display()
-        )));
-    }
-    let config = T2IAdapterConfig::load(&config_path)?;
-    let weights = Weights::new(open_weights_in(path)?, options.dtype, &options.device);
-    T2IAdapter::load(&weights, &config)
+/// Loads a T2I-Adapter: a diffusers folder (`config.json` + weights), or a TencentARC original file
+/// whose structure follows the model it is used with (`stages` UNet down blocks, VAE factor
+/// `vae_factor`).
+pub fn load_t2i_adapter(path: &Path, options: &LoadOptions, stages: usize, vae_factor: usize) -> Result<T2IAdapter> {
+    let (config, store) = if path.is_dir() {
+        let config_path = path.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::invalid(format!(
+                "{}: expected a diffusers T2I-Adapter folder (config.json + diffusion_pytorch_model.safetensors)",
+                path.display()
+            )));
+        }
+        (T2IAdapterConfig::load(&config_path)?, open_weights_in(path)?)
+    } else {
+        original_t2i_adapter::open(path, stages, vae_factor)?
+    };
+    T2IAdapter::load(&Weights::new(store, options.dtype, &options.device), &config)
 }
 
 /// One T2I-Adapter's features for a condition image.
