@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::control::tokens::TokenVectors;
-use crate::control::{Control, StepContext};
+use crate::control::{Control, ContextInfo, StepContext};
 use crate::io::model_files::{ModelFiles, SourceOptions};
 use crate::io::weights::{TensorStore, Weights};
 use crate::models::clip_text::ClipTextEncoder;
@@ -236,7 +236,7 @@ impl StableDiffusion {
         let guided = req.guidance > 1.0;
 
         let positive = self.encode_prompt(&req.prompt, req.clip_skip)?;
-        let context = if guided {
+        let mut context = if guided {
             // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
             // last layer. A1111 applies it to both.
             let a1111 = self.prompt_syntax == PromptSyntax::A1111;
@@ -251,6 +251,9 @@ impl StableDiffusion {
         } else {
             positive.repeat((batch, 1, 1))?
         };
+        for control in controls.iter_mut() {
+            context = control.edit_context(context, &ContextInfo { guided, batch })?;
+        }
 
         let dtype = self.options.dtype;
         let timesteps = scheduler.timesteps().to_vec();

@@ -69,6 +69,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     ip_adapter: super::ip_adapter::IpAdapterArgs,
     #[command(flatten)]
+    uni_controlnet: super::uni_controlnet::UniControlNetArgs,
+    #[command(flatten)]
     lora: super::lora::LoraArgs,
     #[command(flatten)]
     embedding: super::embedding::EmbeddingArgs,
@@ -156,6 +158,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut controls: Vec<Box<dyn Control>> = Vec::new();
     controls.extend(args.residual.build(&model, &options, width, height)?);
     controls.extend(args.ip_adapter.build(&mut model, &options, width, height)?);
+    controls.extend(args.uni_controlnet.build(&model, &options, width, height)?);
     let generated = model.generate(&request, &mut controls, &mut SeededNoise::new(seed), &mut on_progress)?;
     bar.finish_and_clear();
 

@@ -68,12 +68,13 @@ fn per_item<'a, T>(flag: &str, values: &'a [T], count: usize, what: &str) -> any
 }
 
 /// An image encoder with its preprocessing.
-struct Encoder {
-    model: ClipVisionEncoder,
-    processor: ClipImageProcessor,
+pub(super) struct Encoder {
+    pub(super) model: ClipVisionEncoder,
+    pub(super) processor: ClipImageProcessor,
 }
 
-fn load_encoder(dir: &Path, options: &LoadOptions) -> anyhow::Result<Encoder> {
+/// Loads an image-encoder folder with its `preprocessor_config.json` (or CLIP's defaults).
+pub(super) fn load_encoder(dir: &Path, options: &LoadOptions) -> anyhow::Result<Encoder> {
     let model = ClipVisionEncoder::from_dir(dir, options.dtype, &options.device)?;
     let config = dir.join("preprocessor_config.json");
     let processor = if config.is_file() {

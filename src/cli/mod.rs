@@ -9,6 +9,7 @@ mod lora;
 mod preprocess;
 mod residual;
 mod source;
+mod uni_controlnet;
 
 use clap::{Parser, Subcommand};
 

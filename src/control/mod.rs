@@ -30,10 +30,26 @@ pub struct StepContext<'a> {
     pub guided: bool,
 }
 
+/// What a mechanism sees when it edits the text context before sampling.
+#[derive(Debug, Clone, Copy)]
+pub struct ContextInfo {
+    /// Whether the context holds the unconditional rows followed by the conditional rows.
+    pub guided: bool,
+    /// Images per prompt: the context has 2·batch rows with guidance, batch rows without.
+    pub batch: usize,
+}
+
 /// A control mechanism that contributes to the UNet at every step.
 pub trait Control {
     /// A short name for progress and error messages (e.g. "controlnet").
     fn name(&self) -> &str;
+    /// The text-embedding injection point: edits the encoded prompts [N, S, D] once before sampling
+    /// (append tokens, replace rows, project), in the batch layout `info` describes; the result is
+    /// the context every step sees. Mechanisms edit in the order they are listed. The default
+    /// leaves the context unchanged.
+    fn edit_context(&mut self, context: Tensor, _info: &ContextInfo) -> Result<Tensor> {
+        Ok(context)
+    }
     /// The contributions for this step (empty when the mechanism is inactive at this step).
     fn contribute(&mut self, step: &StepContext) -> Result<UNetControls>;
 }

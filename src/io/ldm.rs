@@ -24,6 +24,8 @@ use crate::{Error, Result};
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 /// Key prefix of an original ControlNet 1.x file.
 pub const CONTROLNET_PREFIX: &str = "control_model.";
+/// Key prefix of a Uni-ControlNet's local adapter (uni.ckpt).
+pub const UNI_LOCAL_PREFIX: &str = "local_adapter.";
 /// Key prefix of the VAE.
 pub const VAE_PREFIX: &str = "first_stage_model.";
 /// Key prefix of the SD1.x CLIP text encoder (transformers' layout inside).
@@ -128,21 +130,29 @@ impl KeyMap {
     /// plus the zero convolutions and the condition-embedding convolutions (`input_hint_block`, whose
     /// convolutions sit at every other index, SiLUs between them).
     pub fn controlnet(config: &ControlNetConfig) -> Self {
-        let mut rows = input_half_rows(&config.unet, CONTROLNET_PREFIX);
+        let mut rows = residual_branch_rows(&config.unet, CONTROLNET_PREFIX);
         let mut row = |diffusers: String, checkpoint: String| {
             rows.push(Row { diffusers, checkpoint: format!("{CONTROLNET_PREFIX}{checkpoint}"), sub: SAME })
         };
-        let skips = 1 + config.unet.blocks.iter().map(|b| b.layers).sum::<usize>() + config.unet.blocks.len() - 1;
-        for i in 0..skips {
-            row(format!("controlnet_down_blocks.{i}"), format!("zero_convs.{i}.0"));
-        }
-        row("controlnet_mid_block".into(), "middle_block_out.0".into());
         row("controlnet_cond_embedding.conv_in".into(), "input_hint_block.0".into());
         let blocks = 2 * (config.conditioning_embedding_out_channels.len() - 1);
         for j in 0..blocks {
             row(format!("controlnet_cond_embedding.blocks.{j}"), format!("input_hint_block.{}", 2 * (j + 1)));
         }
         row("controlnet_cond_embedding.conv_out".into(), format!("input_hint_block.{}", 2 * (blocks + 1)));
+        Self::new(rows)
+    }
+
+    /// The local adapter of a Uni-ControlNet file (`local_adapter.*`), whose input half copies a UNet
+    /// of `config`: as a ControlNet's, with the FDN resblocks' `norm_in`/`norm_out` and the condition
+    /// `feature_extractor` under the same names in both layouts.
+    pub fn uni_local_adapter(config: &UNetConfig) -> Self {
+        let mut rows = residual_branch_rows(config, UNI_LOCAL_PREFIX);
+        rows.push(Row {
+            diffusers: "feature_extractor".into(),
+            checkpoint: format!("{UNI_LOCAL_PREFIX}feature_extractor"),
+            sub: SAME,
+        });
         Self::new(rows)
     }
 
@@ -325,6 +335,21 @@ fn input_half_rows(config: &UNetConfig, prefix: &str) -> Vec<Row> {
         row("mid_block.attentions.0".into(), "middle_block.1".into(), SAME);
         row("mid_block.resnets.1".into(), "middle_block.2".into(), UNET_RESNET);
     }
+    rows
+}
+
+/// The rows of a ControlNet-style branch under `prefix`: the UNet's input half, then its zero
+/// convolutions `zero_convs.N.0` (one per skip) and `middle_block_out.0`.
+fn residual_branch_rows(config: &UNetConfig, prefix: &str) -> Vec<Row> {
+    let mut rows = input_half_rows(config, prefix);
+    let mut row = |diffusers: String, checkpoint: String| {
+        rows.push(Row { diffusers, checkpoint: format!("{prefix}{checkpoint}"), sub: SAME })
+    };
+    let skips = 1 + config.blocks.iter().map(|b| b.layers).sum::<usize>() + config.blocks.len() - 1;
+    for i in 0..skips {
+        row(format!("controlnet_down_blocks.{i}"), format!("zero_convs.{i}.0"));
+    }
+    row("controlnet_mid_block".into(), "middle_block_out.0".into());
     rows
 }
 

@@ -243,7 +243,7 @@ fn parse<T: serde::de::DeserializeOwned>(json: &Value, path: &Path) -> Result<T>
 }
 
 /// The shape of `key`, which must exist with `rank` dimensions.
-fn need<'a>(s: &'a TensorStore, key: &str, rank: usize) -> Result<&'a [usize]> {
+pub(crate) fn need<'a>(s: &'a TensorStore, key: &str, rank: usize) -> Result<&'a [usize]> {
     match s.shape(key) {
         Some(shape) if shape.len() == rank => Ok(shape),
         Some(shape) => Err(Error::Format {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -22,6 +22,8 @@ enum Source {
     Safetensors(MmapedSafetensors),
     /// A PyTorch zip checkpoint, read without running its pickle code.
     Pickle(PickleTensors),
+    /// No file: the (name, shape) of every tensor asked for, in order (see [`TensorStore::recorder`]).
+    Recorder(Mutex<Vec<(String, Vec<usize>)>>),
 }
 
 /// How an entry of a renamed view is derived from the tensor stored in the file.
@@ -167,6 +169,24 @@ impl TensorStore {
         }
     }
 
+    /// A store without a file that answers every [`Weights::get`] with zeros of the asked shape
+    /// (broadcast, no memory) and records the name and shape: loading a model of some config from it
+    /// lists exactly the parameters that config has, from the model's own loading code (used to write
+    /// random-weight models of real sizes for benchmarks). Read the list with [`Self::recorded`].
+    pub fn recorder() -> Self {
+        let source = Arc::new(Source::Recorder(Mutex::new(Vec::new())));
+        Self { label: "<recorder>".into(), source, entries: HashMap::new(), source_name: None }
+    }
+
+    /// What a [`Self::recorder`] store was asked for: (full name, shape) in loading order; empty for
+    /// stores read from files.
+    pub fn recorded(&self) -> Vec<(String, Vec<usize>)> {
+        match self.source.as_ref() {
+            Source::Recorder(log) => log.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            _ => Vec::new(),
+        }
+    }
+
     /// A view of this store under new names: each [`Rename`] reads `from` (a name of this store),
     /// optionally transformed. `source_name` names the file key an absent name would come from, so
     /// that a model asking for it gets an error naming what the file lacks.
@@ -198,6 +218,7 @@ impl TensorStore {
         match self.source.as_ref() {
             Source::Safetensors(_) => "safetensors",
             Source::Pickle(_) => "PyTorch zip pickle (torch.save)",
+            Source::Recorder(_) => "none (shape recorder)",
         }
     }
 
@@ -232,6 +253,7 @@ impl TensorStore {
                 message: format!("tensor `{}` could not be read: {e}", entry.source),
             }),
             Source::Pickle(file) => file.load(&entry.source, device),
+            Source::Recorder(_) => Err(self.missing(key)),
         };
         let mut tensor = read?;
         for t in &entry.transforms {
@@ -373,6 +395,10 @@ impl Weights {
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
         let key = self.key(name);
         let expected = shape.into().dims().to_vec();
+        if let Source::Recorder(log) = self.store.source.as_ref() {
+            log.lock().unwrap_or_else(PoisonError::into_inner).push((key, expected.clone()));
+            return Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(expected)?);
+        }
         match self.store.shape(&key) {
             None => Err(self.store.missing(&key)),
             Some(found) if found != expected.as_slice() => {
@@ -380,5 +406,45 @@ impl Weights {
             }
             Some(_) => self.store.load(&key, self.dtype, &self.device),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::io::model_files::{ModelFiles, SourceOptions};
+    use crate::models::clip_text::ClipTextEncoder;
+    use crate::models::unet::UNet;
+    use crate::models::vae::Vae;
+
+    /// The recorder lists exactly the tensors (names and shapes) of the tiny model's files, CLIP's
+    /// `position_ids` buffer aside, its text encoder's keys under the public `text_model.` prefix.
+    #[test]
+    fn recorder_lists_the_parameters_a_model_loads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1-tiny");
+        let files = ModelFiles::open(&root, &SourceOptions::default()).unwrap();
+        let record = |load: &dyn Fn(&Weights) -> Result<()>| {
+            let store = Arc::new(TensorStore::recorder());
+            load(&Weights::new(store.clone(), DType::F32, &Device::Cpu)).unwrap();
+            store.recorded().into_iter().collect::<BTreeMap<_, _>>()
+        };
+        let stored = |store: &TensorStore| -> BTreeMap<String, Vec<usize>> {
+            let named = |k: &str| if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") };
+            let is_text = store.keys().iter().any(|k| k.contains("token_embedding"));
+            store
+                .keys()
+                .into_iter()
+                .filter(|k| !k.ends_with("position_ids"))
+                .map(|k| (if is_text { named(k) } else { k.to_string() }, store.shape(k).unwrap().to_vec()))
+                .collect()
+        };
+        let unet = record(&|w| UNet::load(w, &files.unet.config).map(drop));
+        assert_eq!(unet, stored(&files.unet.weights));
+        let vae = record(&|w| Vae::load(w, &files.vae.config).map(drop));
+        assert_eq!(vae, stored(&files.vae.weights));
+        let text = record(&|w| ClipTextEncoder::load(w, &files.text_encoder.config).map(drop));
+        assert_eq!(text, stored(&files.text_encoder.weights));
     }
 }

@@ -10,4 +10,5 @@ pub mod nn;
 pub mod resnet;
 pub mod t2i_adapter;
 pub mod unet;
+pub mod uni_controlnet;
 pub mod vae;

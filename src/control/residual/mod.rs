@@ -3,6 +3,7 @@
 
 pub mod controlnet;
 pub mod t2i_adapter;
+pub mod uni_controlnet;
 
 use std::path::Path;
 

@@ -94,7 +94,8 @@ impl BlockLoader<'_> {
         )
     }
 
-    fn transformer(&self, j: usize, block: &BlockConfig) -> Result<Transformer2D> {
+    /// The transformer of layer `j` of `block`.
+    pub(crate) fn transformer(&self, j: usize, block: &BlockConfig) -> Result<Transformer2D> {
         let c = self.config;
         Transformer2D::load(
             &self.w.pp(format!("attentions.{j}")),
@@ -112,7 +113,8 @@ impl BlockLoader<'_> {
         )
     }
 
-    fn layer(&self, j: usize, cin: usize, block: &BlockConfig, attention: bool) -> Result<Layer> {
+    /// Layer `j` of `block` taking `cin` channels, with a transformer when `attention`.
+    pub(crate) fn layer(&self, j: usize, cin: usize, block: &BlockConfig, attention: bool) -> Result<Layer> {
         let resnet = self.resnet(j, cin, block.channels, self.config.resnet_out_scale_factor)?;
         let attention = attention.then(|| self.transformer(j, block)).transpose()?;
         Ok(Layer { resnet, attention })

@@ -26,20 +26,22 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize, flip_sin_to_cos: bool,
 
 /// `TimestepEmbedding`: Linear → SiLU → Linear.
 #[derive(Debug)]
-struct TimeEmbedding {
+pub(crate) struct TimeEmbedding {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl TimeEmbedding {
-    fn load(w: &Weights, in_dim: usize, dim: usize) -> Result<Self> {
+    /// Loads `linear_1` (`in_dim` → `dim`) and `linear_2` under `w`.
+    pub(crate) fn load(w: &Weights, in_dim: usize, dim: usize) -> Result<Self> {
         Ok(Self {
             linear_1: linear(&w.pp("linear_1"), in_dim, dim, true)?,
             linear_2: linear(&w.pp("linear_2"), dim, dim, true)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// [B, in_dim] → [B, dim].
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(self.linear_2.forward(&candle_nn::ops::silu(&self.linear_1.forward(xs)?)?)?)
     }
 }

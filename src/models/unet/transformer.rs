@@ -69,23 +69,28 @@ impl Attention {
 }
 
 /// GEGLU feed-forward: `Linear(dim, 2·inner)` split into value and gate, `value · gelu(gate)`,
-/// then `Linear(inner, dim)`.
+/// then `Linear(inner, dim_out)`.
 #[derive(Debug)]
-struct FeedForward {
+pub(crate) struct FeedForward {
     proj_in: Linear,
     proj_out: Linear,
 }
 
 impl FeedForward {
     fn load(w: &Weights, dim: usize) -> Result<Self> {
-        let inner = dim * 4;
+        Self::load_sized(w, dim, dim * 4, dim)
+    }
+
+    /// Loads `net.0.proj` (`dim` → 2·`inner`) and `net.2` (`inner` → `dim_out`) under `w`.
+    pub(crate) fn load_sized(w: &Weights, dim: usize, inner: usize, dim_out: usize) -> Result<Self> {
         Ok(Self {
             proj_in: linear(&w.pp("net.0.proj"), dim, inner * 2, true)?,
-            proj_out: linear(&w.pp("net.2"), inner, dim, true)?,
+            proj_out: linear(&w.pp("net.2"), inner, dim_out, true)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// [.., dim] → [.., dim_out].
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
         let inner = h.dim(candle_core::D::Minus1)? / 2;
         let value = h.narrow(candle_core::D::Minus1, 0, inner)?;

@@ -1,0 +1,414 @@
+//! SD1.5-size benchmark: diffctl against the CPU peers (PyTorch, OpenVINO, ONNX Runtime) on the same
+//! weights, same thread count, in one invocation and one table.
+//!
+//! ```sh
+//! cargo bench --bench sd15 -- [--model DIR] [--runs N] [--full] [--peers PYTHON] [--only unet-b2,vae]
+//! ```
+//!
+//! Without `--model` it makes (once) random weights of the real SD1.5 sizes in the diffusers layout
+//! under `target/bench-sd15/`. Every measurement runs in its own child process (this executable with
+//! `--child KIND`), so each peak RSS is that measurement's alone and the whole generation's is its own.
+//! See README.md, *Performance*.
+
+mod sd15 {
+    pub mod measure;
+    pub mod model;
+    pub mod peers;
+    pub mod report;
+}
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use clap::Parser;
+use sd15::measure::{self, FULL_STEPS, Job, Kind, Outcome, RESULT_TAG};
+use sd15::peers::{self, Item, Peer, PeerOptions, PeerResults};
+use sd15::report::{self, Row, Stat, Unit};
+
+/// Command-line options (after `cargo bench --bench sd15 --`).
+#[derive(Debug, Parser)]
+#[command(name = "sd15", about = "SD1.5-size benchmark: diffctl vs PyTorch, OpenVINO and ONNX Runtime on the CPU")]
+struct Args {
+    /// An SD1.5-size diffusers folder; default: random weights made once under target/bench-sd15/.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Timed runs per measurement (ours and the peers').
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Untimed warm-up runs before them.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Threads for everyone (candle's CPU backend, torch, OpenVINO, ONNX Runtime).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Also time a whole 512x512 20-step generation with guidance (no warm-up; --full-runs times).
+    #[arg(long)]
+    full: bool,
+    /// Timed whole generations with --full.
+    #[arg(long, default_value_t = 1)]
+    full_runs: usize,
+    /// A Python with torch and diffusers (and openvino, onnx, onnxruntime) to time the peers with;
+    /// default: $DIFFCTL_BENCH_PYTHON; without one the peers are skipped.
+    #[arg(long)]
+    peers: Option<PathBuf>,
+    /// The peers' timing script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/perf_peers.py"))]
+    peers_script: PathBuf,
+    /// Only these measurements (comma-separated); default: all but `full` (which --full adds).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Kind>,
+    /// Our compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Our device: cpu, cuda or metal (the latter two need --features cuda / metal; peers are CPU-only
+    /// and are skipped elsewhere).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Internal: run one measurement in this process and print its result line.
+    #[arg(long, hide = true, value_enum)]
+    child: Option<Kind>,
+    /// Internal: the ControlNet folder of a child.
+    #[arg(long, hide = true)]
+    controlnet: Option<PathBuf>,
+    /// Internal: the IP-Adapter file of a child.
+    #[arg(long, hide = true)]
+    ip_adapter: Option<PathBuf>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        "metal" => Device::new_metal(0)?,
+        other => bail!("unknown device `{other}` (cpu, cuda, metal)"),
+    })
+}
+
+fn dtype(name: &str) -> Result<DType> {
+    Ok(match name {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown dtype `{other}` (f32, f16, bf16)"),
+    })
+}
+
+/// `target/bench-sd15`, beside this executable's `target/<profile>/deps/`.
+fn cache_dir() -> PathBuf {
+    let exe = std::env::current_exe().ok();
+    let target = exe
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|deps| deps.ends_with("deps"))
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("bench-sd15")
+}
+
+/// Runs one measurement in a child process with the thread count set for candle and rayon.
+fn run_child(args: &Args, job: &Job) -> Result<Outcome> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--child", job.kind.name(), "--model"])
+        .arg(&job.model)
+        .args(["--runs", &job.runs.to_string(), "--warmup", &job.warmup.to_string()])
+        .args(["--dtype", &args.dtype, "--device", &args.device, "--seed", &args.seed.to_string()]);
+    if let Some(p) = &job.controlnet {
+        cmd.arg("--controlnet").arg(p);
+    }
+    if let Some(p) = &job.ip_adapter {
+        cmd.arg("--ip-adapter").arg(p);
+    }
+    // candle's CPU backend sizes its thread pools (and gemm's parallelism) from RAYON_NUM_THREADS,
+    // falling back to the number of physical cores; CANDLE_NUM_THREADS sizes its quantized-kernel pool.
+    let threads = args.threads.to_string();
+    let mut child = cmd
+        .env("RAYON_NUM_THREADS", &threads)
+        .env("CANDLE_NUM_THREADS", &threads)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut result = None;
+    for line in BufReader::new(child.stdout.take().context("no stdout")?).lines() {
+        let line = line?;
+        match line.strip_prefix(RESULT_TAG) {
+            Some(json) => result = Some(serde_json::from_str::<Outcome>(json)?),
+            None => println!("{line}"),
+        }
+    }
+    let status = child.wait()?;
+    match result {
+        Some(r) if status.success() => Ok(r),
+        _ => bail!("{} failed ({status})", job.kind.name()),
+    }
+}
+
+fn child_main(args: &Args, kind: Kind) -> Result<()> {
+    let job = Job {
+        kind,
+        model: args.model.clone().context("--child needs --model")?,
+        controlnet: args.controlnet.clone(),
+        ip_adapter: args.ip_adapter.clone(),
+        warmup: args.warmup,
+        runs: args.runs,
+        dtype: dtype(&args.dtype)?,
+        device: device(&args.device)?,
+        seed: args.seed,
+    };
+    let outcome = measure::run(&job)?;
+    println!("{RESULT_TAG}{}", serde_json::to_string(&outcome)?);
+    Ok(())
+}
+
+/// The rows of the table from our outcomes and the peers'.
+fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults) -> Vec<Row> {
+    let get = |k: Kind| ours.iter().find(|(kind, _)| *kind == k).map(|(_, o)| o);
+    let stat = |k: Kind| get(k).and_then(|o| Stat::of(&o.runs));
+    let rss = |k: Kind| get(k).map(|o| o.peak_rss_gb);
+    let peer = |item: Item| -> Vec<(Peer, Stat)> {
+        Peer::ALL
+            .iter()
+            .filter_map(|p| peers.timings.get(&(*p, item)).map(|t| (*p, Stat { min: t.min, median: t.median })))
+            .collect()
+    };
+    let timed = |what: &str, k: Kind, peers: Vec<(Peer, Stat)>| Row {
+        what: what.into(),
+        unit: Unit::Seconds,
+        ours: stat(k),
+        ours_rss: rss(k),
+        ours_cpu_share: get(k).map(|o| (o.cpu_share, o.machine_busy)),
+        peers,
+    };
+    let mut rows = vec![
+        timed("UNet step, batch 2 (CFG), 64x64 latents, 77x768 context", Kind::UnetB2, peer(Item::UnetB2)),
+        timed("UNet step, batch 1", Kind::UnetB1, Vec::new()),
+        timed("VAE decode 512x512", Kind::Vae, peer(Item::Vae)),
+        timed("text encoding, 1 prompt (77 tokens)", Kind::Text, Vec::new()),
+    ];
+    for (k, name) in [(Kind::Controlnet, "1 ControlNet"), (Kind::IpAdapter, "1 IP-Adapter (base)")] {
+        if let Some(o) = get(k) {
+            let added: Vec<f64> = o.runs.iter().zip(&o.baseline).map(|(w, p)| w - p).collect();
+            rows.push(timed(&format!("UNet step, batch 2, with {name}"), k, Vec::new()));
+            rows.push(Row {
+                what: format!("↳ added per step by {name}"),
+                ours: Stat::of(&added),
+                ..timed("", k, Vec::new())
+            });
+        }
+    }
+    // 20 steps + decode from the parts' medians, for everyone with both parts.
+    let sum = |unet: Stat, vae: Stat| Stat {
+        min: FULL_STEPS as f64 * unet.min + vae.min,
+        median: FULL_STEPS as f64 * unet.median + vae.median,
+    };
+    let ours_sum = stat(Kind::UnetB2).zip(stat(Kind::Vae)).map(|(u, v)| sum(u, v));
+    let peers_sum = peer(Item::UnetB2)
+        .into_iter()
+        .filter_map(|(p, u)| {
+            peers.timings.get(&(p, Item::Vae)).map(|v| (p, sum(u, Stat { min: v.min, median: v.median })))
+        })
+        .collect();
+    rows.push(Row {
+        what: format!("{FULL_STEPS} × UNet step b2 + VAE decode (sum of the parts)"),
+        unit: Unit::Seconds,
+        ours: ours_sum,
+        ours_rss: None,
+        ours_cpu_share: None,
+        peers: peers_sum,
+    });
+    if let Some(o) = get(Kind::Full) {
+        rows.push(timed(
+            &format!("whole generation, 512x512, {FULL_STEPS} steps, CFG (load excluded)"),
+            Kind::Full,
+            Vec::new(),
+        ));
+        if let Some(step) = o.parts.get("step (mean)") {
+            rows.push(Row {
+                what: "↳ its mean step".into(),
+                ours: Some(Stat::one(*step)),
+                ..timed("", Kind::Full, Vec::new())
+            });
+        }
+    }
+    let peer_rss = Peer::ALL
+        .iter()
+        .filter_map(|p| peers.timings.get(&(*p, Item::UnetB2)).map(|t| (*p, Stat::one(t.peak_rss_gb))))
+        .filter(|(_, s)| s.median.is_finite())
+        .collect();
+    rows.push(Row {
+        what: "peak RSS of the UNet b2 process".into(),
+        unit: Unit::Gb,
+        ours: rss(Kind::UnetB2).map(Stat::one),
+        ours_rss: None,
+        ours_cpu_share: None,
+        peers: peer_rss,
+    });
+    rows.retain(|r| r.ours.is_some() || !r.peers.is_empty());
+    for r in rows.iter_mut().filter(|r| r.what.starts_with('↳')) {
+        (r.ours_rss, r.ours_cpu_share) = (None, None);
+    }
+    rows
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(kind) = args.child {
+        return child_main(&args, kind);
+    }
+    device(&args.device)?;
+    dtype(&args.dtype)?;
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let kinds: Vec<Kind> = if args.only.is_empty() {
+        Kind::ALL.into_iter().filter(|k| *k != Kind::Full || args.full).collect()
+    } else {
+        Kind::ALL.into_iter().filter(|k| args.only.contains(k) || (*k == Kind::Full && args.full)).collect()
+    };
+    let cache = cache_dir();
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => sd15::model::sd15_folder(&cache, args.seed)?,
+    };
+    let controlnet = match kinds.contains(&Kind::Controlnet) {
+        true => Some(sd15::model::controlnet_for(&model, &cache, args.seed)?),
+        false => None,
+    };
+    let ip_adapter = match kinds.contains(&Kind::IpAdapter) {
+        true => Some(sd15::model::ip_adapter_for(&model, &cache, args.seed)?),
+        false => None,
+    };
+
+    let mut ours = Vec::new();
+    let mut failed = Vec::new();
+    for &kind in &kinds {
+        let (warmup, runs) = if kind == Kind::Full { (0, args.full_runs) } else { (args.warmup, args.runs) };
+        let job = Job {
+            kind,
+            model: model.clone(),
+            controlnet: controlnet.clone(),
+            ip_adapter: ip_adapter.clone(),
+            warmup,
+            runs,
+            dtype: dtype(&args.dtype)?,
+            device: Device::Cpu,
+            seed: args.seed,
+        };
+        eprintln!("diffctl {}: {} warm-up + {} timed, {} threads", kind.name(), warmup, runs, args.threads);
+        match run_child(&args, &job) {
+            Ok(o) => {
+                if o.threads != args.threads {
+                    eprintln!("  warning: candle used {} threads, not {}", o.threads, args.threads);
+                }
+                let parts: Vec<String> = o.parts.iter().map(|(k, v)| format!("{k} {v:.2} s")).collect();
+                eprintln!(
+                    "  {}; peak RSS {:.2} GB; CPU: ours {:.0} % of {} threads, machine {:.0} % busy; {}",
+                    o.check,
+                    o.peak_rss_gb,
+                    100.0 * o.cpu_share,
+                    o.threads,
+                    100.0 * o.machine_busy,
+                    parts.join(", ")
+                );
+                ours.push((kind, o));
+            }
+            Err(e) => {
+                eprintln!("  {e:#}");
+                failed.push(format!("{}: {e:#}", kind.name()));
+            }
+        }
+    }
+
+    let python = args.peers.clone().or_else(|| std::env::var_os("DIFFCTL_BENCH_PYTHON").map(PathBuf::from));
+    let items: Vec<Item> = [(Kind::UnetB2, Item::UnetB2), (Kind::Vae, Item::Vae)]
+        .into_iter()
+        .filter(|(k, _)| kinds.contains(k))
+        .map(|(_, i)| i)
+        .collect();
+    let mut peer_results = PeerResults::default();
+    let skipped_all = |why: &str| Peer::ALL.iter().map(|p| (*p, why.to_string())).collect::<Vec<_>>();
+    match &python {
+        _ if items.is_empty() => peer_results.skipped = skipped_all("neither unet-b2 nor vae selected"),
+        _ if args.device != "cpu" => peer_results.skipped = skipped_all("the peers are CPU-only"),
+        None => peer_results.skipped = skipped_all("no Python (--peers PYTHON or DIFFCTL_BENCH_PYTHON)"),
+        Some(python) => {
+            let opts = PeerOptions {
+                python,
+                script: &args.peers_script,
+                model: &model,
+                cache: &cache,
+                threads: args.threads,
+                warmup: args.warmup,
+                runs: args.runs,
+                items: &items,
+            };
+            eprintln!("peers with {}", python.display());
+            peer_results = peers::run(&opts)
+                .unwrap_or_else(|e| PeerResults { skipped: skipped_all(&format!("{e:#}")), ..Default::default() });
+        }
+    }
+
+    let columns: Vec<Peer> =
+        Peer::ALL.into_iter().filter(|p| peer_results.timings.keys().any(|(q, _)| q == p)).collect();
+    let v = |name: &str| peer_results.versions.get(name).map_or("-".to_string(), Clone::clone);
+    let mut text = format!(
+        "SD1.5-size benchmark, {date}; CPU: {cpu}{os_cpu}; {mem}; {threads} threads for everyone; {warmup} warm-up + {runs} \
+         timed runs, min / median\n\
+         diffctl {ours} (candle {candle}, {rustc}), {dtype} on {device}; weights: {model}\n",
+        date = report::today(),
+        cpu = report::cpu_description(),
+        os_cpu = peer_results.cpu_name.as_ref().map_or(String::new(), |n| format!(" (OpenVINO: {n})")),
+        mem = report::memory_description().unwrap_or_default(),
+        threads = args.threads,
+        warmup = args.warmup,
+        runs = args.runs,
+        ours = env!("CARGO_PKG_VERSION"),
+        candle = report::locked_version("candle-core"),
+        rustc = report::rustc_version(),
+        dtype = args.dtype,
+        device = args.device,
+        model = model.display(),
+    );
+    if !peer_results.versions.is_empty() {
+        text.push_str(&format!(
+            "peers: torch {}, diffusers {}, OpenVINO {} (default precision here: {}), ONNX Runtime {}\n",
+            v("torch"),
+            v("diffusers"),
+            v("openvino"),
+            peer_results.openvino_default_precision.as_deref().unwrap_or("?"),
+            v("onnxruntime"),
+        ));
+    }
+    text.push('\n');
+    text.push_str(&report::table(&rows(&ours, &peer_results), &columns));
+    match peer_results.skipped.as_slice() {
+        [] => {}
+        all @ [(_, why), ..] if all.len() == Peer::ALL.len() && all.iter().all(|(_, w)| w == why) => {
+            text.push_str(&format!("\npeers skipped: {why}"));
+        }
+        some => some.iter().for_each(|(peer, why)| text.push_str(&format!("\nskipped {}: {why}", peer.title()))),
+    }
+    for f in &failed {
+        text.push_str(&format!("\nfailed (ours) {f}"));
+    }
+    println!("\n{text}");
+    std::fs::create_dir_all(&cache)?;
+    let saved = cache.join("last-report.md");
+    std::fs::write(&saved, format!("{text}\n"))?;
+    eprintln!("\n(also written to {})", saved.display());
+    if !failed.is_empty() {
+        bail!("{} measurement(s) failed", failed.len());
+    }
+    Ok(())
+}
