@@ -398,6 +398,14 @@ fn inspect_tells_what_a_file_is() {
     assert_eq!((folder["format"].as_str(), folder["family"].as_str()), ("diffusers pipeline folder", "SD1.x"));
     assert_eq!(folder["parameters"], sd1["parameters"]);
     assert_eq!(inspect(&repo_path("tests/fixtures/models/sd1-tiny/vae"))["kind"], "VAE (diffusers layout)");
+    for (path, kind) in [
+        ("tests/fixtures/t2i-adapters/full", "T2I-Adapter (full)"),
+        ("tests/fixtures/t2i-adapters/light-original.safetensors", "T2I-Adapter (light)"),
+        ("tests/fixtures/uni_controlnet/uni-tiny.safetensors", "Uni-ControlNet"),
+        ("tests/fixtures/controlnets/cn-a-original.safetensors", "ControlNet (LDM layout, control_model.*)"),
+    ] {
+        assert_eq!(inspect(&repo_path(path))["kind"], kind, "{path}");
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, Shapes, &str, &str); 8] = [

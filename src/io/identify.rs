@@ -183,8 +183,26 @@ fn classify(s: &TensorStore) -> (String, Option<String>, Vec<String>) {
     if any(&|k| k.starts_with("input_hint_block.")) {
         return ("ControlNet (LDM layout)".into(), attn2_width(""), vec![]);
     }
+    if any(&|k| k.starts_with("local_adapter.") || k.starts_with("global_adapter.")) {
+        let parts: Vec<&str> = [("local_adapter.", "local adapter"), ("global_adapter.", "global adapter")]
+            .into_iter()
+            .filter(|(prefix, _)| any(&|k| k.starts_with(prefix)))
+            .map(|(_, part)| part)
+            .collect();
+        let mut notes = vec![parts.join(" + ")];
+        if any(&|k| k.starts_with(UNET_PREFIX)) {
+            notes.push("also holds a whole SD checkpoint".into());
+        }
+        return ("Uni-ControlNet".into(), attn2_width("local_adapter."), notes);
+    }
     if any(&|k| k.starts_with(UNET_PREFIX)) {
         return classify_checkpoint(s);
+    }
+    if any(&|k| k.starts_with("adapter.body.") || k.starts_with("body.0.block1.") || k.starts_with("body.0.body.0.")) {
+        let light = any(&|k| k.contains(".body.0.body.") || k.starts_with("body.0.body.") || k.contains("out_conv"));
+        let layout = if any(&|k| k.starts_with("adapter.")) { "diffusers layout" } else { "TencentARC layout" };
+        let kind = if light { "T2I-Adapter (light)" } else { "T2I-Adapter (full)" };
+        return (kind.into(), None, vec![layout.into()]);
     }
     if any(&|k| k.starts_with("conditioner.embedders.")) {
         return ("SDXL checkpoint (not supported)".into(), Some("SDXL".into()), vec![]);
