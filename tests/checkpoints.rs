@@ -17,10 +17,10 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::{load_fixture, max_abs_diff, repo_path, std_all};
+use common::{Case, ReplayNoise, copy_dir, load_fixture, max_abs_diff, repo_path, std_all};
 use diffctl::io::model_files::SourceOptions;
 use diffctl::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
-use diffctl::schedulers::{NoiseSource, SchedulerKind};
+use diffctl::schedulers::SchedulerKind;
 
 const SD1: &str = "tests/fixtures/models/sd1-tiny";
 const SD2: &str = "tests/fixtures/models/sd2-tiny";
@@ -28,38 +28,8 @@ const SD1_FILE: &str = "tests/fixtures/checkpoints/sd1-tiny.safetensors";
 const SD1_CKPT: &str = "tests/fixtures/checkpoints/sd1-tiny.ckpt";
 const SD2_FILE: &str = "tests/fixtures/checkpoints/sd2-tiny.safetensors";
 
-#[derive(serde::Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
-
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    model: String,
-    scheduler: Option<String>,
-    steps: usize,
-    guidance: f64,
-    prompt: String,
-    negative_prompt: Option<String>,
-    clip_skip: Option<usize>,
-    file: String,
-}
-
-/// Hands back the noise diffusers drew inside `scheduler.step`, in order.
-struct ReplayNoise(Vec<Tensor>);
-
-impl NoiseSource for ReplayNoise {
-    fn sample(&mut self, shape: &[usize], _device: &Device) -> diffctl::Result<Tensor> {
-        let t = self.0.remove(0);
-        assert_eq!(t.dims(), shape, "noise shape");
-        Ok(t)
-    }
-}
-
 fn cases(model: &str) -> Vec<Case> {
-    let all: Cases = diffctl::io::read_json(&repo_path("tests/fixtures/cases.json")).unwrap();
-    all.cases.into_iter().filter(|c| c.model == model).collect()
+    common::pipeline_cases().into_iter().filter(|c| c.model == model).collect()
 }
 
 fn load(path: &str, model_config: Option<&str>, dtype: DType) -> StableDiffusion {
@@ -88,9 +58,6 @@ fn assert_cases(what: &str, model: &StableDiffusion, folder: &str, bound: Bound)
     let mut worst = 0f32;
     for case in cases(folder) {
         let fixture = load_fixture(&case.file);
-        let draws = fixture
-            .get("step_noise")
-            .map_or(Vec::new(), |t| (0..t.dim(0).unwrap()).map(|i| t.get(i).unwrap()).collect());
         let request = GenerateRequest {
             prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
@@ -104,7 +71,7 @@ fn assert_cases(what: &str, model: &StableDiffusion, folder: &str, bound: Bound)
             init_latents: Some(fixture["init_latents"].clone()),
         };
         let out = model
-            .generate(&request, &mut [], &mut ReplayNoise(draws), &mut |_| {})
+            .generate(&request, &mut [], &mut ReplayNoise::from_fixture(&fixture), &mut |_| {})
             .unwrap_or_else(|e| panic!("{what} {}: {e}", case.name));
         let mut err = max_abs_diff(&out.latents, &fixture["latents"]) / std_all(&fixture["latents"]).max(1.0);
         let tolerance = match bound {
@@ -134,20 +101,6 @@ fn single_file_checkpoints_reproduce_the_folder_cases() {
 /// The model name of a fixture folder (`sd1-tiny`).
 fn name(folder: &str) -> &str {
     folder.rsplit('/').next().unwrap()
-}
-
-/// Copies the fixture folder `src` to `dst`.
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let target = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn final_latents(model: &StableDiffusion, case_file: &str) -> Tensor {
@@ -241,8 +194,8 @@ fn s(p: &Path) -> &str {
 /// `diffctl generate` of the pipeline case `case` from `model` with `extra` flags; the final latents.
 fn generate_case(dir: &Path, model: &str, case: &str, extra: &[&str]) -> Tensor {
     let fixture = load_fixture(&format!("tests/fixtures/cases/{case}.safetensors"));
-    let all: Cases = diffctl::io::read_json(&repo_path("tests/fixtures/cases.json")).unwrap();
-    let c = all.cases.iter().find(|c| c.name == case).unwrap();
+    let all = common::pipeline_cases();
+    let c = all.iter().find(|c| c.name == case).unwrap();
     let init = dir.join(format!("{case}-init.safetensors"));
     candle_core::safetensors::save(&HashMap::from([("latents", fixture["init_latents"].clone())]), &init).unwrap();
     let (png, latents) = (dir.join(format!("{case}.png")), dir.join(format!("{case}-latents.safetensors")));

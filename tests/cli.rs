@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{diffctl, expect_error, load_fixture, max_abs_diff, repo_path};
+use common::{copy_dir, diffctl, expect_error, load_fixture, max_abs_diff, repo_path};
 
 const SD1: &str = "tests/fixtures/models/sd1-tiny";
 
@@ -19,19 +19,6 @@ fn copy_model(dir: &Path) -> PathBuf {
     let dst = dir.join("model");
     copy_dir(&repo_path(SD1), &dst);
     dst
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let entry = entry.unwrap();
-        let target = dst.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]

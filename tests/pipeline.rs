@@ -5,58 +5,21 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
-use common::{assert_close, load_fixture, max_abs_diff, repo_path};
+use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
 use diffctl::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
-use diffctl::schedulers::{NoiseSource, SchedulerKind};
-
-#[derive(serde::Deserialize)]
-struct Cases {
-    cases: Vec<Case>,
-}
-
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    model: String,
-    scheduler: Option<String>,
-    steps: usize,
-    guidance: f64,
-    prompt: String,
-    negative_prompt: Option<String>,
-    clip_skip: Option<usize>,
-    file: String,
-}
-
-/// Hands back the noise diffusers drew inside `scheduler.step`, in order.
-struct ReplayNoise {
-    draws: Vec<Tensor>,
-}
-
-impl NoiseSource for ReplayNoise {
-    fn sample(&mut self, shape: &[usize], _device: &Device) -> diffctl::Result<Tensor> {
-        assert!(!self.draws.is_empty(), "the scheduler drew more noise than diffusers did");
-        let t = self.draws.remove(0);
-        assert_eq!(t.dims(), shape, "noise shape");
-        Ok(t)
-    }
-}
+use diffctl::schedulers::SchedulerKind;
 
 #[test]
 fn pipeline_matches_diffusers_for_every_case() {
-    let cases: Cases = diffctl::io::read_json(&repo_path("tests/fixtures/cases.json")).unwrap();
+    let cases = common::pipeline_cases();
     let mut models: HashMap<String, StableDiffusion> = HashMap::new();
     let mut report = Vec::new();
-    for case in &cases.cases {
+    for case in &cases {
         let model = models
             .entry(case.model.clone())
             .or_insert_with(|| StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap());
         let fixture = load_fixture(&case.file);
-        let draws = match fixture.get("step_noise") {
-            Some(t) => (0..t.dim(0).unwrap()).map(|i| t.get(i).unwrap()).collect(),
-            None => Vec::new(),
-        };
-        let mut noise = ReplayNoise { draws };
+        let mut noise = ReplayNoise::from_fixture(&fixture);
         let request = GenerateRequest {
             prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
@@ -78,7 +41,7 @@ fn pipeline_matches_diffusers_for_every_case() {
             })
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         assert!(steps_seen >= case.steps, "{}: progress reported {steps_seen} steps", case.name);
-        assert!(noise.draws.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.draws.len());
+        assert!(noise.0.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.0.len());
         let latent_err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
         let image = out.images.permute((0, 2, 3, 1)).unwrap();
         let image_err = max_abs_diff(&image, &fixture["image"]);

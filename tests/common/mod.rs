@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
+use diffctl::schedulers::NoiseSource;
 
 /// A path inside the repository.
 pub fn repo_path(rel: &str) -> PathBuf {
@@ -62,4 +63,64 @@ pub fn expect_error(extra: &[&str], model: &Path, needle: &str) {
     assert_eq!(stderr.trim().lines().count(), 1, "one error line, got {stderr:?}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no output may be written");
+}
+
+/// One diffusers pipeline run recorded in tests/fixtures/cases.json.
+#[derive(serde::Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub model: String,
+    pub scheduler: Option<String>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub clip_skip: Option<usize>,
+    pub file: String,
+}
+
+/// Every case of tests/fixtures/cases.json.
+pub fn pipeline_cases() -> Vec<Case> {
+    #[derive(serde::Deserialize)]
+    struct Cases {
+        cases: Vec<Case>,
+    }
+    let all: Cases = diffctl::io::read_json(&repo_path("tests/fixtures/cases.json")).unwrap();
+    all.cases
+}
+
+/// Hands back the noise diffusers drew inside `scheduler.step`, in order.
+pub struct ReplayNoise(pub Vec<Tensor>);
+
+impl ReplayNoise {
+    /// The draws recorded in a case fixture's `step_noise` tensor (none when absent).
+    pub fn from_fixture(fixture: &HashMap<String, Tensor>) -> Self {
+        Self(match fixture.get("step_noise") {
+            Some(t) => (0..t.dim(0).unwrap()).map(|i| t.get(i).unwrap()).collect(),
+            None => Vec::new(),
+        })
+    }
+}
+
+impl NoiseSource for ReplayNoise {
+    fn sample(&mut self, shape: &[usize], _device: &Device) -> diffctl::Result<Tensor> {
+        assert!(!self.0.is_empty(), "the scheduler drew more noise than diffusers did");
+        let t = self.0.remove(0);
+        assert_eq!(t.dims(), shape, "noise shape");
+        Ok(t)
+    }
+}
+
+/// Copies the folder `src` to `dst` recursively.
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let target = dst.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
