@@ -116,18 +116,31 @@ fn cache_dir() -> PathBuf {
     target.join("bench-sd15")
 }
 
+/// The weight files the measurements read.
+struct Inputs {
+    model: PathBuf,
+    controlnet: Option<PathBuf>,
+    ip_adapter: Option<PathBuf>,
+}
+
+/// Warm-up and timed runs of `kind`: the whole generation runs --full-runs times without warm-up.
+fn schedule(args: &Args, kind: Kind) -> (usize, usize) {
+    if kind == Kind::Full { (0, args.full_runs) } else { (args.warmup, args.runs) }
+}
+
 /// Runs one measurement in a child process with the thread count set for candle and rayon.
-fn run_child(args: &Args, job: &Job) -> Result<Outcome> {
+fn run_child(args: &Args, inputs: &Inputs, kind: Kind) -> Result<Outcome> {
+    let (warmup, runs) = schedule(args, kind);
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.args(["--child", job.kind.name(), "--model"])
-        .arg(&job.model)
-        .args(["--runs", &job.runs.to_string(), "--warmup", &job.warmup.to_string()])
+    cmd.args(["--child", kind.name(), "--model"])
+        .arg(&inputs.model)
+        .args(["--runs", &runs.to_string(), "--warmup", &warmup.to_string()])
         .args(["--dtype", &args.dtype, "--device", &args.device, "--seed", &args.seed.to_string()]);
-    if let Some(p) = &job.controlnet {
+    if let Some(p) = &inputs.controlnet {
         cmd.arg("--controlnet").arg(p);
     }
-    if let Some(p) = &job.ip_adapter {
+    if let Some(p) = &inputs.ip_adapter {
         cmd.arg("--ip-adapter").arg(p);
     }
     // candle's CPU backend sizes its thread pools (and gemm's parallelism) from RAYON_NUM_THREADS,
@@ -150,7 +163,7 @@ fn run_child(args: &Args, job: &Job) -> Result<Outcome> {
     let status = child.wait()?;
     match result {
         Some(r) if status.success() => Ok(r),
-        _ => bail!("{} failed ({status})", job.kind.name()),
+        _ => bail!("{} failed ({status})", kind.name()),
     }
 }
 
@@ -281,32 +294,24 @@ fn main() -> Result<()> {
         Some(m) => m.clone(),
         None => sd15::model::sd15_folder(&cache, args.seed)?,
     };
-    let controlnet = match kinds.contains(&Kind::Controlnet) {
-        true => Some(sd15::model::controlnet_for(&model, &cache, args.seed)?),
-        false => None,
-    };
-    let ip_adapter = match kinds.contains(&Kind::IpAdapter) {
-        true => Some(sd15::model::ip_adapter_for(&model, &cache, args.seed)?),
-        false => None,
+    let inputs = Inputs {
+        controlnet: match kinds.contains(&Kind::Controlnet) {
+            true => Some(sd15::model::controlnet_for(&model, &cache, args.seed)?),
+            false => None,
+        },
+        ip_adapter: match kinds.contains(&Kind::IpAdapter) {
+            true => Some(sd15::model::ip_adapter_for(&model, &cache, args.seed)?),
+            false => None,
+        },
+        model,
     };
 
     let mut ours = Vec::new();
     let mut failed = Vec::new();
     for &kind in &kinds {
-        let (warmup, runs) = if kind == Kind::Full { (0, args.full_runs) } else { (args.warmup, args.runs) };
-        let job = Job {
-            kind,
-            model: model.clone(),
-            controlnet: controlnet.clone(),
-            ip_adapter: ip_adapter.clone(),
-            warmup,
-            runs,
-            dtype: dtype(&args.dtype)?,
-            device: Device::Cpu,
-            seed: args.seed,
-        };
+        let (warmup, runs) = schedule(&args, kind);
         eprintln!("diffctl {}: {} warm-up + {} timed, {} threads", kind.name(), warmup, runs, args.threads);
-        match run_child(&args, &job) {
+        match run_child(&args, &inputs, kind) {
             Ok(o) => {
                 if o.threads != args.threads {
                     eprintln!("  warning: candle used {} threads, not {}", o.threads, args.threads);
@@ -346,7 +351,7 @@ fn main() -> Result<()> {
             let opts = PeerOptions {
                 python,
                 script: &args.peers_script,
-                model: &model,
+                model: &inputs.model,
                 cache: &cache,
                 threads: args.threads,
                 warmup: args.warmup,
@@ -378,7 +383,7 @@ fn main() -> Result<()> {
         rustc = report::rustc_version(),
         dtype = args.dtype,
         device = args.device,
-        model = model.display(),
+        model = inputs.model.display(),
     );
     if !peer_results.versions.is_empty() {
         text.push_str(&format!(

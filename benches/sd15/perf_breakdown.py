@@ -8,8 +8,8 @@ Every cpu-clock sample is put in one category by the frames of its stack (attent
 LayerNorm, conv2d, linear, copies, elementwise, load, ...). Rayon workers' stacks do not show which
 operation started their work (gemm tasks, parallel loops), so a worker sample without a telling frame
 takes the category of the main thread's last stack: its own last sample, or where it last blocked
-(the sched_switch events of PID). Kernel time (page faults of fresh allocations) is counted both in
-its category and on its own line.
+(the sched_switch events of PID). Kernel time (mostly page faults of fresh allocations) is counted both
+in its category and on its own line.
 """
 import re
 import sys
@@ -35,7 +35,7 @@ HEADER = re.compile(r"^\s*(\d+)\s+([\d.]+):\s+(\S+):")
 
 def categorize(frames):
     for name, rx in COMPILED:
-        if any(rx.search(f) for f in frames):
+        if any(rx.search(sym) for _, sym in frames):
             return name
     return None
 
@@ -50,17 +50,17 @@ def events(stream):
                 yield tid, time, event, frames
             tid, time, event, frames = int(m.group(1)), float(m.group(2)), m.group(3), []
         elif line.strip():
-            parts = line.split(None, 1)
-            frames.append(parts[1].strip() if len(parts) > 1 else "")
+            ip, _, sym = line.strip().partition(" ")
+            frames.append((ip, sym.strip()))
     if tid is not None:
         yield tid, time, event, frames
 
 
 def main():
     main_tid = int(sys.argv[1])
-    counts, kernel = Counter(), Counter()
+    counts, kernel, leaves = Counter(), Counter(), {}
     main_context = None
-    total = 0
+    total = main_samples = 0
     for tid, _, event, frames in sorted(events(sys.stdin), key=lambda e: e[1]):
         mine = categorize(frames)
         if tid == main_tid and mine is not None:
@@ -70,16 +70,20 @@ def main():
         generic = mine in (None, "matmul (caller not seen)", "elementwise (add, mul, broadcast)")
         category = main_context if tid != main_tid and generic and main_context else (mine or "other")
         total += 1
+        main_samples += tid == main_tid
         counts[category] += 1
-        if frames and frames[0].startswith(("__", "clear_page", "exc_page", "asm_exc", "do_", "handle_mm")) or any(
-            "page_fault" in f for f in frames[:12]
-        ):
+        leaf = "kernel" if frames and frames[0][0].startswith("ffffffff") else (frames[0][1] if frames else "?")
+        leaves.setdefault(category, Counter())[re.sub(r"::\{\{closure\}\}|::h[0-9a-f]{16}", "", leaf)[:90]] += 1
+        if frames and frames[0][0].startswith("ffffffff"):
             kernel[category] += 1
     print(f"{total} cpu-clock samples")
     for name, n in counts.most_common():
         k = kernel[name]
-        print(f"{100 * n / total:6.1f} %  {name}" + (f"   (of which kernel page faults {100 * k / total:.1f} %)" if k else ""))
-    print(f"{100 * sum(kernel.values()) / total:6.1f} %  kernel: page faults / zeroing of fresh allocations (all categories)")
+        print(f"{100 * n / total:6.1f} %  {name}" + (f"   (of which in the kernel {100 * k / total:.1f} %)" if k else ""))
+        for leaf, m in leaves[name].most_common(4):
+            print(f"            {100 * m / total:5.1f} %  {leaf}")
+    print(f"{100 * sum(kernel.values()) / total:6.1f} %  in the kernel (all categories; mostly page faults of fresh allocations)")
+    print(f"{100 * main_samples / total:6.1f} %  on the main thread (serial code: the other threads idle)")
 
 
 if __name__ == "__main__":
