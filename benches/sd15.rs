@@ -54,6 +54,10 @@ struct Args {
     /// default: $DIFFCTL_BENCH_PYTHON; without one the peers are skipped.
     #[arg(long)]
     peers: Option<PathBuf>,
+    /// Also time PyTorch autocast bf16 on a CPU without native bf16 (skipped there by default: emulated,
+    /// about 100x slower).
+    #[arg(long)]
+    bf16_peers: bool,
     /// The peers' timing script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/perf_peers.py"))]
     peers_script: PathBuf,
@@ -248,7 +252,7 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults) -> Vec<Row> {
         ));
         if let Some(step) = o.parts.get("step (mean)") {
             rows.push(Row {
-                what: "↳ its mean step".into(),
+                what: "↳ its mean UNet call (PNDM: 21 calls for 20 steps)".into(),
                 ours: Some(Stat::one(*step)),
                 ..timed("", Kind::Full, Vec::new())
             });
@@ -357,6 +361,7 @@ fn main() -> Result<()> {
                 warmup: args.warmup,
                 runs: args.runs,
                 items: &items,
+                bf16_peers: args.bf16_peers,
             };
             eprintln!("peers with {}", python.display());
             peer_results = peers::run(&opts)
@@ -367,13 +372,16 @@ fn main() -> Result<()> {
     let columns: Vec<Peer> =
         Peer::ALL.into_iter().filter(|p| peer_results.timings.keys().any(|(q, _)| q == p)).collect();
     let v = |name: &str| peer_results.versions.get(name).map_or("-".to_string(), Clone::clone);
+    let cpu = report::cpu_description();
     let mut text = format!(
         "SD1.5-size benchmark, {date}; CPU: {cpu}{os_cpu}; {mem}; {threads} threads for everyone; {warmup} warm-up + {runs} \
          timed runs, min / median\n\
          diffctl {ours} (candle {candle}, {rustc}), {dtype} on {device}; weights: {model}\n",
         date = report::today(),
-        cpu = report::cpu_description(),
-        os_cpu = peer_results.cpu_name.as_ref().map_or(String::new(), |n| format!(" (OpenVINO: {n})")),
+        os_cpu = match &peer_results.cpu_name {
+            Some(n) if !cpu.starts_with(n.as_str()) => format!(" (OpenVINO: {n})"),
+            _ => String::new(),
+        },
         mem = report::memory_description().unwrap_or_default(),
         threads = args.threads,
         warmup = args.warmup,

@@ -275,7 +275,10 @@ pub fn run(job: &Job) -> Result<Outcome> {
             let none = UNetControls::default();
             for i in 0..job.warmup + job.runs {
                 let timed = i >= job.warmup;
-                let plain = share.time(&job.device, timed, || Ok(drop(unet.forward(&x, &t, &ctx, &none)?)))?;
+                let plain = share.time(&job.device, timed, || {
+                    unet.forward(&x, &t, &ctx, &none)?;
+                    Ok(())
+                })?;
                 let with = share.time(&job.device, timed, || {
                     let step = StepContext {
                         unet: &unet,
@@ -336,7 +339,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 (at(&|p| matches!(p, Progress::Sampling { .. })), at(&|p| *p == Progress::Decoding))
             {
                 out.parts.insert("text + setup".into(), sampling);
-                out.parts.insert("step (mean)".into(), (decoding - sampling) / FULL_STEPS as f64);
+                // PNDM's 20 steps are 21 UNet calls (its first step runs twice).
+                let calls = marks.iter().filter(|(p, _)| matches!(p, Progress::Step { .. })).count();
+                out.parts.insert("step (mean)".into(), (decoding - sampling) / calls.max(1) as f64);
                 out.parts.insert("decode".into(), total - decoding);
             }
         }

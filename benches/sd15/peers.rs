@@ -103,6 +103,8 @@ pub struct PeerOptions<'a> {
     pub runs: usize,
     /// Which items to time.
     pub items: &'a [Item],
+    /// Run PyTorch bf16 even on a CPU without native bf16.
+    pub bf16_peers: bool,
 }
 
 /// Parses `RESULT name: min 1.23 s, median 1.30 s, runs …, peak rss 4.80 GB`.
@@ -167,16 +169,21 @@ fn conversion_dir(opts: &PeerOptions) -> Result<PathBuf> {
     Ok(opts.cache.join(format!("peers-{key:016x}")))
 }
 
-/// Converts once with `args` into `out` (removed again on failure; `out/.complete` marks success).
-fn convert_once(opts: &PeerOptions, label: &str, out: &Path, args: &[String], log: &Path) -> Result<()> {
-    if out.join(".complete").is_file() {
+/// Converts once with `args` into `out`, which must then hold `made` (removed again on failure;
+/// `out/.complete` marks success).
+fn convert_once(opts: &PeerOptions, label: &str, out: &Path, made: &str, args: &[String], log: &Path) -> Result<()> {
+    if out.join(".complete").is_file() && out.join(made).is_file() {
         eprintln!("  [{label}] cached in {}", out.display());
         return Ok(());
     }
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out)?;
     match run_python(opts, label, args, log) {
-        Ok(_) => Ok(std::fs::write(out.join(".complete"), "")?),
+        Ok(_) if out.join(made).is_file() => Ok(std::fs::write(out.join(".complete"), "")?),
+        Ok(_) => {
+            let _ = std::fs::remove_dir_all(out);
+            bail!("{label} wrote no {made}; see {}", log.display())
+        }
         Err(e) => {
             let _ = std::fs::remove_dir_all(out);
             Err(e)
@@ -250,6 +257,15 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
             results.skipped.push((peer, format!("python module `{m}` missing")));
             continue;
         }
+        if peer == Peer::TorchBf16 && !opts.bf16_peers && !super::report::has_native_bf16() {
+            results.skipped.push((
+                peer,
+                "this CPU has no native bf16 (avx512_bf16 / amx_bf16), where autocast bf16 is emulated and about \
+                 100x slower (a UNet step took 1008 s on a 2-core Zen 3); --bf16-peers runs it anyway"
+                    .into(),
+            ));
+            continue;
+        }
         let mut jobs: Vec<(Item, Vec<String>)> = Vec::new();
         match peer {
             Peer::TorchF32 | Peer::TorchBf16 => {
@@ -263,7 +279,7 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
             }
             Peer::OpenVinoF32 | Peer::OpenVinoDefault => {
                 let convert = common(&["ov-convert", &model, &ov]);
-                if let Err(e) = convert_once(opts, "openvino convert", &ov_dir, &convert, &log) {
+                if let Err(e) = convert_once(opts, "openvino convert", &ov_dir, "unet.xml", &convert, &log) {
                     results.skipped.push((peer, format!("{e:#}")));
                     continue;
                 }
@@ -279,7 +295,7 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
                     continue;
                 }
                 let export = common(&["onnx-export", &model, &onnx]);
-                if let Err(e) = convert_once(opts, "onnx export", &onnx_dir, &export, &log) {
+                if let Err(e) = convert_once(opts, "onnx export", &onnx_dir, "unet.onnx", &export, &log) {
                     results.skipped.push((peer, format!("{e:#}")));
                     continue;
                 }

@@ -84,6 +84,14 @@ pub fn cpu_description() -> String {
     format!("{name}{family}, {cpus} CPUs, {}{no512}", exts.join(" "))
 }
 
+/// Whether the CPU has bf16 dot products (avx512_bf16 or AMX); true where /proc/cpuinfo cannot tell.
+pub fn has_native_bf16() -> bool {
+    match std::fs::read_to_string("/proc/cpuinfo") {
+        Ok(info) => info.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"),
+        Err(_) => true,
+    }
+}
+
 /// Total memory, from /proc/meminfo.
 pub fn memory_description() -> Option<String> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
