@@ -7,6 +7,7 @@ pub mod cli;
 pub mod control;
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod models;
 pub mod noise;
 pub mod pipeline;

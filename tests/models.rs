@@ -112,6 +112,27 @@ fn vae_matches_diffusers() {
     }
 }
 
+/// diffusers' `enable_tiling()` decode: 4x2 tiles of 16 latents (sample_size 32, factor 2) with a
+/// 4-latent trailing row; the tiled output is compared with diffusers' tiled output, and the
+/// untiled one shows how far tiling moves the pixels.
+#[test]
+fn vae_tiling_matches_diffusers_tiled_decode() {
+    let fixture = load_fixture("tests/fixtures/vae_tiling.safetensors");
+    let cfg = VaeConfig::load(&config("sd1-tiny", "vae")).unwrap();
+    assert_eq!(cfg.sample_size, 32);
+    let mut vae = Vae::load(&weights("sd1-tiny", "vae", "diffusion_pytorch_model.safetensors"), &cfg).unwrap();
+    let untiled = vae.decode_to_unit_range(&fixture["latents"]).unwrap();
+    assert_close("untiled decode", &untiled, &fixture["untiled"], 1e-5);
+    vae.enable_tiling(None).unwrap();
+    let tiled = vae.decode_to_unit_range(&fixture["latents"]).unwrap();
+    assert_close("tiled decode", &tiled, &fixture["tiled"], 1e-5);
+    let moved = common::max_abs_diff(&tiled, &untiled);
+    assert!(moved > 1e-3, "tiling should change the pixels at the seams (max |diff| {moved})");
+
+    let err = vae.enable_tiling(Some(2)).unwrap_err().to_string();
+    assert!(err.contains("tile size 2 px"), "{err}");
+}
+
 #[test]
 fn unet_controls_change_the_output_only_where_injected() {
     let model = "sd1-tiny";

@@ -78,6 +78,13 @@ pub struct GenerateArgs {
     /// (word), [word], \( escapes, BREAK, prompts of any length in 75-token chunks).
     #[arg(long, default_value = "diffusers", value_name = "SYNTAX", value_parser = |s: &str| s.parse::<PromptSyntax>().map_err(|e| e.to_string()))]
     prompt_syntax: PromptSyntax,
+    /// Decode the image in overlapping tiles (diffusers' `enable_tiling`): bounded memory for large
+    /// images; slightly different pixels than a one-pass decode.
+    #[arg(long)]
+    vae_tiling: bool,
+    /// Tile side in pixels for --vae-tiling (default: the VAE config's sample_size).
+    #[arg(long, value_name = "PX", requires = "vae_tiling")]
+    vae_tile_size: Option<usize>,
     /// Compute precision of the networks: f32, f16 or bf16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype, value_name = "DTYPE")]
     dtype: DType,
@@ -119,6 +126,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut model = StableDiffusion::load(&args.model, &options)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     model.prompt_syntax = args.prompt_syntax;
+    if args.vae_tiling {
+        model.vae.enable_tiling(args.vae_tile_size)?;
+    }
     args.lora.apply(&mut model)?;
     args.embedding.apply(&mut model)?;
     let native = model.unet.config().sample_size.unwrap_or(64) * model.vae_scale_factor();

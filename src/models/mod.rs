@@ -12,3 +12,4 @@ pub mod t2i_adapter;
 pub mod unet;
 pub mod uni_controlnet;
 pub mod vae;
+pub mod vae_tiling;

@@ -11,9 +11,10 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm};
+use candle_nn::{Conv2dConfig, LayerNorm};
 
 use crate::io::weights::Weights;
+use crate::kernels::group_norm::GroupNorm;
 use crate::{Error, Result};
 
 /// What a layer computes, with the sizes that fix its weight's shape.
@@ -402,7 +403,7 @@ pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Resu
             w.key("")
         )));
     }
-    Ok(GroupNorm::new(w.get(channels, "weight")?, w.get(channels, "bias")?, channels, groups, eps)?)
+    Ok(GroupNorm::new(w.get(channels, "weight")?, w.get(channels, "bias")?, groups, eps)?)
 }
 
 /// `nn.LayerNorm(dim, eps)` with affine weights.

@@ -2,11 +2,11 @@
 //! `Downsample2D` and `Upsample2D`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::GroupNorm;
 
 use super::nn::{Conv2d, Linear, conv2d, group_norm, linear};
 use crate::Result;
 use crate::io::weights::Weights;
+use crate::kernels::group_norm::GroupNorm;
 
 /// Shapes and norms of one [`ResnetBlock`].
 #[derive(Debug, Clone, Copy)]
@@ -55,12 +55,12 @@ impl ResnetBlock {
 
     /// xs [B, Cin, H, W] and the time embedding temb [B, T] → [B, Cout, H, W].
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&candle_nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

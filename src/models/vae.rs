@@ -3,13 +3,14 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::GroupNorm;
 use serde::Deserialize;
 
 use super::attention::scaled_dot_product;
 use super::nn::{Conv2d, Linear, conv2d, group_norm, linear};
 use super::resnet::{Downsample, ResnetBlock, ResnetSpec, Upsample};
+use super::vae_tiling::Tiling;
 use crate::io::weights::Weights;
+use crate::kernels::group_norm::GroupNorm;
 use crate::{Error, Result};
 
 /// The fields of a diffusers `AutoencoderKL` `config.json` that change the math.
@@ -56,6 +57,26 @@ pub struct VaeConfig {
     /// Whether the mid blocks have attention.
     #[serde(default = "dtrue")]
     pub mid_block_add_attention: bool,
+    /// Image size the VAE was trained at (the first entry when the config gives a list); tiled
+    /// decoding cuts latents into tiles of `sample_size / scale_factor`.
+    #[serde(default = "d32", deserialize_with = "int_or_first_of_list")]
+    pub sample_size: usize,
+}
+
+/// Reads `32` or `[32, 32]` as 32, as diffusers reads `sample_size`.
+fn int_or_first_of_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum IntOrList {
+        Int(usize),
+        List(Vec<usize>),
+    }
+    match IntOrList::deserialize(d)? {
+        IntOrList::Int(n) => Ok(n),
+        IntOrList::List(l) => {
+            l.first().copied().ok_or_else(|| serde::de::Error::custom("sample_size is an empty list"))
+        }
+    }
 }
 
 fn d1() -> usize {
@@ -211,7 +232,7 @@ impl OutputHead {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.conv.forward(&candle_nn::ops::silu(&self.norm.forward(xs)?)?)?)
+        Ok(self.conv.forward(&self.norm.forward_silu(xs)?)?)
     }
 }
 
@@ -239,6 +260,7 @@ pub struct Vae {
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
+    tiling: Option<Tiling>,
 }
 
 impl Vae {
@@ -306,7 +328,22 @@ impl Vae {
                 .then(|| conv2d(&w.pp("post_quant_conv"), lc, lc, 1, 1, 0))
                 .transpose()?,
             decoder,
+            tiling: None,
         })
+    }
+
+    /// Decodes in overlapping tiles from now on (diffusers' `enable_tiling`), bounding the decoder's
+    /// memory whatever the image size; `tile_pixels` overrides the tile side (default: the config's
+    /// `sample_size`).
+    pub fn enable_tiling(&mut self, tile_pixels: Option<usize>) -> Result<()> {
+        let pixels = tile_pixels.unwrap_or(self.config.sample_size);
+        self.tiling = Some(Tiling::new(pixels, self.config.scale_factor())?);
+        Ok(())
+    }
+
+    /// Decodes in one pass again.
+    pub fn disable_tiling(&mut self) {
+        self.tiling = None;
     }
 
     /// The model's configuration.
@@ -335,8 +372,16 @@ impl Vae {
     }
 
     /// Decodes raw latents [B, lc, h, w] (already divided by the scaling factor) to images
-    /// [B, 3, h·f, w·f] in about [-1, 1].
+    /// [B, 3, h·f, w·f] in about [-1, 1], in tiles when tiling is on and the latents exceed one tile.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        match &self.tiling {
+            Some(tiling) => tiling.decode(latents, |tile| self.decode_whole(tile)),
+            None => self.decode_whole(latents),
+        }
+    }
+
+    /// Decodes all of `latents` in one pass.
+    fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
         let d = &self.decoder;
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(latents)?,

@@ -9,7 +9,6 @@ pub mod layer_ids;
 pub mod transformer;
 
 use candle_core::{Module, Tensor};
-use candle_nn::GroupNorm;
 
 pub use config::UNetConfig;
 pub use controls::{ExtraAttention, UNetControls};
@@ -18,6 +17,7 @@ pub use layer_ids::CrossAttentionLayer;
 
 use super::nn::{Conv2d, conv2d, group_norm};
 use crate::io::weights::Weights;
+use crate::kernels::group_norm::GroupNorm;
 use crate::{Error, Result};
 use blocks::{BlockLoader, UpBlock};
 
@@ -117,7 +117,7 @@ impl UNet {
                 xs = up.forward(&xs, (h, w))?;
             }
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        let xs = self.norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

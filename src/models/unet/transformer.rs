@@ -2,11 +2,12 @@
 //! blocks (self-attention, cross-attention, GEGLU feed-forward), projection out, residual.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{GroupNorm, LayerNorm};
+use candle_nn::LayerNorm;
 
 use super::controls::UNetControls;
 use crate::Result;
 use crate::io::weights::Weights;
+use crate::kernels::group_norm::GroupNorm;
 use crate::models::attention::{merge_heads, scaled_dot_product, split_heads};
 use crate::models::nn::{Linear, Projection, group_norm, layer_norm, linear};
 

@@ -3,9 +3,9 @@
 //! denormalisation, FDN), with ControlNet-style zero convolutions on every skip and the mid block.
 
 use candle_core::{Module, Tensor};
-use candle_nn::GroupNorm;
 
 use crate::io::weights::Weights;
+use crate::kernels::group_norm::GroupNorm;
 use crate::models::controlnet::ControlResiduals;
 use crate::models::nn::{Conv2d, Linear, conv2d, linear};
 use crate::models::resnet::Downsample;
@@ -117,7 +117,7 @@ impl Fdn {
         let ones = Tensor::ones(channels, w.dtype(), w.device())?;
         let zeros = Tensor::zeros(channels, w.dtype(), w.device())?;
         Ok(Self {
-            norm: GroupNorm::new(ones, zeros, channels, FDN_GROUPS, 1e-5)?,
+            norm: GroupNorm::new(ones, zeros, FDN_GROUPS, 1e-5)?,
             conv_gamma: conv2d(&w.pp("conv_gamma"), feature_channels, channels, 3, 1, 1)?,
             conv_beta: conv2d(&w.pp("conv_beta"), feature_channels, channels, 3, 1, 1)?,
         })

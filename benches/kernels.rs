@@ -1,0 +1,31 @@
+//! Micro-benchmarks of the CPU kernels in `diffctl::kernels` against the plain candle ops they
+//! replace, on the shapes of an SD1.5 step at 512x512 (batch 2) and of the VAE decoder.
+//!
+//! ```sh
+//! cargo bench --bench kernels -- [attention|conv|group_norm ...]
+//! ```
+//!
+//! Thread count: `RAYON_NUM_THREADS` (default: the physical cores), as candle.
+
+mod kernels {
+    pub mod attention;
+    pub mod conv;
+    pub mod group_norm;
+    pub mod timing;
+}
+
+fn main() -> anyhow::Result<()> {
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wants = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    println!("{} threads", candle_core::utils::get_num_threads());
+    if wants("attention") {
+        kernels::attention::run()?;
+    }
+    if wants("conv") {
+        kernels::conv::run()?;
+    }
+    if wants("group_norm") {
+        kernels::group_norm::run()?;
+    }
+    Ok(())
+}

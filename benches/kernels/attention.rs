@@ -1,0 +1,6 @@
+//! (in progress)
+
+/// Runs this benchmark.
+pub fn run() -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Timing helper shared by the kernel benchmarks.
+
+use std::time::Instant;
+
+/// Runs `f` once to warm up, then `runs` times, and returns the median wall time in milliseconds.
+pub fn median_ms(runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Prints one line: the kernel, the plain op and their ratio.
+pub fn report(what: &str, ours_ms: f64, plain_ms: f64) {
+    println!("{what:<60} ours {ours_ms:>9.1} ms   candle {plain_ms:>9.1} ms   ours/candle {:.2}", ours_ms / plain_ms);
+}

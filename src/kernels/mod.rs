@@ -1,0 +1,14 @@
+//! CPU compute kernels for the hot operations of a diffusion step, each a candle custom op with a
+//! plain-candle fallback for other devices and dtypes, and a parity test against the plain op.
+//!
+//! - [`attention`]: fused, blocked scaled dot-product attention that never materialises the whole
+//!   score matrix.
+//! - [`conv`]: 2-D convolution on the `gemm` crate's microkernels (NCHW in and out), with Winograd
+//!   F(4x4, 3x3) for the large stride-1 3x3 convolutions.
+//! - [`group_norm`]: GroupNorm with an optional fused SiLU.
+//! - [`math`]: vectorisable exp/SiLU and the AVX2 dispatch the kernels share.
+
+pub mod attention;
+pub mod conv;
+pub mod group_norm;
+pub mod math;
