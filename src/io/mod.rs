@@ -6,6 +6,7 @@ pub mod identify;
 pub mod image;
 pub mod latents;
 pub mod ldm;
+pub mod mapped_safetensors;
 pub mod model_files;
 pub mod original_controlnet;
 pub mod original_t2i_adapter;

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
+use super::mapped_safetensors::MappedSafetensors;
 use super::pickle::PickleTensors;
 use crate::models::nn::LayerRegistry;
 use crate::{Error, Result};
@@ -19,7 +19,7 @@ use crate::{Error, Result};
 /// Where a store's tensors are read from.
 enum Source {
     /// Memory-mapped safetensors files (one component, possibly sharded).
-    Safetensors(MmapedSafetensors),
+    Safetensors(MappedSafetensors),
     /// A PyTorch zip checkpoint, read without running its pickle code.
     Pickle(PickleTensors),
     /// No file: the (name, shape) of every tensor asked for, in order (see [`TensorStore::recorder`]).
@@ -116,17 +116,22 @@ impl TensorStore {
         }
         // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on them not
         // being truncated while in use.
-        let files = unsafe { MmapedSafetensors::multi(paths) }.map_err(|e| Error::Format {
-            path: label.clone(),
+        let files = unsafe { MappedSafetensors::open(paths) }.map_err(|(path, e)| Error::Format {
+            path: if paths.len() == 1 { label.clone() } else { path },
             message: format!("not a readable safetensors file: {e}"),
         })?;
-        let mut entries = HashMap::new();
-        for (name, view) in files.tensors() {
-            let dtype = DType::try_from(view.dtype())
-                .map_err(|e| Error::Format { path: label.clone(), message: format!("tensor `{name}`: {e}") })?;
-            let entry = Entry { source: name.clone(), transforms: Vec::new(), shape: view.shape().to_vec(), dtype };
-            entries.insert(name, entry);
-        }
+        let entries = files
+            .tensors()
+            .map(|(name, loc)| {
+                let entry = Entry {
+                    source: name.to_string(),
+                    transforms: Vec::new(),
+                    shape: loc.shape.clone(),
+                    dtype: loc.dtype,
+                };
+                (name.to_string(), entry)
+            })
+            .collect();
         Ok(Self { label, source: Arc::new(Source::Safetensors(files)), entries, source_name: None })
     }
 
