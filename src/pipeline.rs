@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::control::tokens::TokenVectors;
-use crate::control::{Control, ContextInfo, StepContext};
+use crate::control::{ContextInfo, Control, StepContext};
 use crate::io::model_files::{ModelFiles, SourceOptions};
 use crate::io::weights::{TensorStore, Weights};
 use crate::models::clip_text::ClipTextEncoder;
@@ -22,7 +22,8 @@ use crate::{Error, Result};
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Compute dtype of the networks (latents and scheduler math stay f32).
+    /// Precision of the networks (latents and scheduler math stay f32); on the CPU, f16/bf16 keep the
+    /// layer weights in half precision and compute in f32 (see [`crate::io::weights::precision`]).
     pub dtype: DType,
     /// Device to run on.
     pub device: Device,
@@ -255,7 +256,7 @@ impl StableDiffusion {
             context = control.edit_context(context, &ContextInfo { guided, batch })?;
         }
 
-        let dtype = self.options.dtype;
+        let (dtype, _) = crate::io::weights::precision(self.options.dtype, &self.options.device);
         let timesteps = scheduler.timesteps().to_vec();
         progress(Progress::Sampling { steps: timesteps.len() });
         let mut latents = (init * scheduler.init_noise_sigma())?;

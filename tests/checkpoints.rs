@@ -176,11 +176,19 @@ fn bf16_weight_files_load() {
 
 #[test]
 fn half_precision_compute_stays_close_to_f32() {
-    assert_cases("sd1 f16 compute", &load(SD1, None, DType::F16), SD1, Bound::PerGuidance(3e-2));
-    assert_cases("sd2 f16 compute", &load(SD2, None, DType::F16), SD2, Bound::PerGuidance(3e-2));
-    // bf16 keeps 8 mantissa bits: about 2e-3 relative per operation.
-    assert_cases("sd1 bf16 compute", &load(SD1, None, DType::BF16), SD1, Bound::PerGuidance(0.15));
-    assert_cases("sd2 bf16 compute", &load(SD2, None, DType::BF16), SD2, Bound::PerGuidance(0.15));
+    // On the CPU, f16/bf16 keep Linear and Conv2d weights in half precision and compute in f32 (see
+    // `diffctl::io::weights::precision`): the error is that of rounding the weights.
+    // Measured: f16 2.6e-3 / 5.6e-3, bf16 3.0e-2 / 7.2e-2 (sd1 / sd2).
+    let sd1_bf16 = load(SD1, None, DType::BF16);
+    for layer in ["unet.conv_in", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] {
+        let weight = sd1_bf16.layers.get(layer).unwrap().weight();
+        assert_eq!(weight.dtype(), DType::BF16, "{layer} should be held in bf16");
+    }
+    assert_cases("sd1 f16 compute", &load(SD1, None, DType::F16), SD1, Bound::PerGuidance(1e-2));
+    assert_cases("sd2 f16 compute", &load(SD2, None, DType::F16), SD2, Bound::PerGuidance(1e-2));
+    // bf16 keeps 8 mantissa bits: about 2e-3 relative per weight.
+    assert_cases("sd1 bf16 compute", &sd1_bf16, SD1, Bound::PerGuidance(0.1));
+    assert_cases("sd2 bf16 compute", &load(SD2, None, DType::BF16), SD2, Bound::PerGuidance(0.1));
 }
 
 fn diffctl(args: &[&str]) -> std::process::Output {

@@ -85,7 +85,8 @@ pub struct GenerateArgs {
     /// Tile side in pixels for --vae-tiling (default: the VAE config's sample_size).
     #[arg(long, value_name = "PX", requires = "vae_tiling")]
     vae_tile_size: Option<usize>,
-    /// Compute precision of the networks: f32, f16 or bf16.
+    /// Precision of the networks: f32, f16 or bf16 (on the CPU, f16/bf16 keep the layer weights in
+    /// half precision, halving their memory, and compute in f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype, value_name = "DTYPE")]
     dtype: DType,
 }

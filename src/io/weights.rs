@@ -339,15 +339,17 @@ pub struct Weights {
     store: Arc<TensorStore>,
     prefix: String,
     dtype: DType,
+    layer_dtype: DType,
     device: Device,
     /// Where the layers built from this view record themselves (see [`LayerRegistry`]).
     layers: Option<LayerRegistry>,
 }
 
 impl Weights {
-    /// A view of the whole `store`.
+    /// A view of the whole `store` for a model run in `dtype` on `device` (see [`precision`]).
     pub fn new(store: Arc<TensorStore>, dtype: DType, device: &Device) -> Self {
-        Self { store, prefix: String::new(), dtype, device: device.clone(), layers: None }
+        let (dtype, layer_dtype) = precision(dtype, device);
+        Self { store, prefix: String::new(), dtype, layer_dtype, device: device.clone(), layers: None }
     }
 
     /// This view (and every view under it) with its layers recorded in `registry`.
@@ -381,6 +383,11 @@ impl Weights {
         self.dtype
     }
 
+    /// The dtype Linear and Conv2d weights are kept in (see [`precision`]).
+    pub fn layer_dtype(&self) -> DType {
+        self.layer_dtype
+    }
+
     /// The device tensors are loaded onto.
     pub fn device(&self) -> &Device {
         &self.device
@@ -396,21 +403,42 @@ impl Weights {
         self.store.shape(&self.key(name)).map(<[usize]>::to_vec)
     }
 
-    /// Loads `name`, checking that its shape is `shape`.
+    /// Loads `name` in the compute dtype, checking that its shape is `shape`.
     pub fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        self.get_as(shape, name, self.dtype)
+    }
+
+    /// Loads the weight `name` of a Linear or Conv2d layer in [`Self::layer_dtype`], checking its shape.
+    pub fn get_layer_weight(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        self.get_as(shape, name, self.layer_dtype)
+    }
+
+    fn get_as(&self, shape: impl Into<Shape>, name: &str, dtype: DType) -> Result<Tensor> {
         let key = self.key(name);
         let expected = shape.into().dims().to_vec();
         if let Source::Recorder(log) = self.store.source.as_ref() {
             log.lock().unwrap_or_else(PoisonError::into_inner).push((key, expected.clone()));
-            return Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(expected)?);
+            return Ok(Tensor::zeros((), dtype, &self.device)?.broadcast_as(expected)?);
         }
         match self.store.shape(&key) {
             None => Err(self.store.missing(&key)),
             Some(found) if found != expected.as_slice() => {
                 Err(self.store.shape_mismatch(&key, expected, found.to_vec()))
             }
-            Some(_) => self.store.load(&key, self.dtype, &self.device),
+            Some(_) => self.store.load(&key, dtype, &self.device),
         }
+    }
+}
+
+/// How a model asked to run in `dtype` on `device` is held: the dtype of activations and small
+/// parameters, and the dtype of Linear and Conv2d weights. On the CPU, f16 and bf16 keep the layer
+/// weights in half precision (half the memory) and compute in f32: without native half-precision
+/// dot products that is faster than half-precision compute, and more accurate. Elsewhere both are
+/// `dtype`.
+pub fn precision(dtype: DType, device: &Device) -> (DType, DType) {
+    match dtype {
+        DType::F16 | DType::BF16 if device.is_cpu() => (DType::F32, dtype),
+        _ => (dtype, dtype),
     }
 }
 

@@ -2,16 +2,16 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::Result;
+use crate::{Result, kernels};
 
 /// Upper bound on the elements of one block of attention scores, so that long sequences
 /// (4096 latent tokens at 512x512) never materialise the whole score matrix at once.
 const MAX_SCORE_ELEMENTS: usize = 1 << 25;
 
-/// Splits [B, L, H*D] into heads: [B, H, L, D].
+/// Splits [B, L, H*D] into heads: [B, H, L, D], a strided view (no copy).
 pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, c) = xs.dims3()?;
-    Ok(xs.reshape((b, l, heads, c / heads))?.transpose(1, 2)?.contiguous()?)
+    Ok(xs.reshape((b, l, heads, c / heads))?.transpose(1, 2)?)
 }
 
 /// Merges heads back: [B, H, L, D] -> [B, L, H*D].
@@ -22,7 +22,10 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 
 /// `softmax(q kᵀ · scale + mask) v` for q [B, H, Lq, D], k and v [B, H, Lk, D]; `mask` is added to
 /// the scores ([Lq, Lk], broadcast). With `upcast`, scores are computed in f32 whatever the inputs'
-/// dtype (diffusers' `upcast_attention`). Long queries are processed in blocks.
+/// dtype (diffusers' `upcast_attention`). Inputs may be strided views such as [`split_heads`]'.
+///
+/// Without a mask on the CPU this is the fused kernel [`kernels::attention::scaled_dot_product`],
+/// which always computes scores in f32; otherwise plain candle ops, long queries in blocks.
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -31,6 +34,10 @@ pub fn scaled_dot_product(
     mask: Option<&Tensor>,
     upcast: bool,
 ) -> Result<Tensor> {
+    if mask.is_none() && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Ok(kernels::attention::scaled_dot_product(q, k, v, scale)?);
+    }
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let (b, h, lq, _) = q.dims4()?;
     let lk = k.dim(2)?;
     let block = (MAX_SCORE_ELEMENTS / (b * h * lk).max(1)).clamp(1, lq);

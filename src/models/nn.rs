@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, LayerNorm};
+use candle_nn::LayerNorm;
 
 use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
@@ -53,11 +53,14 @@ impl LayerKind {
         }
     }
 
-    fn conv_config(&self) -> Conv2dConfig {
-        match *self {
-            LayerKind::Conv2d { stride, padding, .. } => Conv2dConfig { padding, stride, ..Default::default() },
-            LayerKind::Linear { .. } => Conv2dConfig::default(),
-        }
+    /// The layer's convolution of x [B, in, H, W] with `weight` (its stride and padding; a Linear
+    /// kind convolves as 1x1).
+    fn conv(&self, xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let (stride, padding) = match *self {
+            LayerKind::Conv2d { stride, padding, .. } => (stride, padding),
+            LayerKind::Linear { .. } => (1, 0),
+        };
+        crate::kernels::conv::conv2d(xs, weight, bias, stride, padding)
     }
 }
 
@@ -134,16 +137,14 @@ impl WeightDelta {
             (WeightDelta::Dense(delta), LayerKind::Linear { .. }) => {
                 candle_nn::Linear::new(delta.clone(), None).forward(xs)
             }
-            (WeightDelta::Dense(delta), LayerKind::Conv2d { .. }) => {
-                candle_nn::Conv2d::new(delta.clone(), None, kind.conv_config()).forward(xs)
-            }
+            (WeightDelta::Dense(delta), LayerKind::Conv2d { .. }) => kind.conv(xs, delta, None),
             (WeightDelta::LowRank { down, up, scale }, LayerKind::Linear { .. }) => {
                 let h = candle_nn::Linear::new(down.clone(), None).forward(xs)?;
                 candle_nn::Linear::new(up.clone(), None).forward(&h)? * *scale
             }
             (WeightDelta::LowRank { down, up, scale }, LayerKind::Conv2d { .. }) => {
-                let h = candle_nn::Conv2d::new(down.clone(), None, kind.conv_config()).forward(xs)?;
-                candle_nn::Conv2d::new(up.clone(), None, Conv2dConfig::default()).forward(&h)? * *scale
+                let h = kind.conv(xs, down, None)?;
+                crate::kernels::conv::conv2d(&h, up, None, 1, 0)? * *scale
             }
         }
     }
@@ -169,8 +170,11 @@ struct Attached {
 
 #[derive(Debug)]
 struct LayerState {
-    /// The weight in use: the loaded one plus every fused delta.
+    /// The weight in use: the loaded one plus every fused delta, kept in the layer dtype (see
+    /// [`crate::io::weights::precision`]).
     weight: Tensor,
+    /// The dtype inputs, the bias and unfused deltas are in.
+    compute: DType,
     bias: Option<Tensor>,
     attached: Vec<Attached>,
 }
@@ -184,8 +188,9 @@ pub struct LayerHandle {
 }
 
 impl LayerHandle {
-    fn new(kind: LayerKind, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { kind, state: Arc::new(RwLock::new(LayerState { weight, bias, attached: Vec::new() })) }
+    fn new(kind: LayerKind, weight: Tensor, bias: Option<Tensor>, compute: DType) -> Self {
+        let state = LayerState { weight, compute, bias, attached: Vec::new() };
+        Self { kind, state: Arc::new(RwLock::new(state)) }
     }
 
     /// What the layer computes.
@@ -211,7 +216,7 @@ impl LayerHandle {
         if state.attached.iter().any(|a| a.name == name) {
             return Err(Error::invalid(format!("a weight delta named `{name}` is already attached to this layer")));
         }
-        let delta = delta.to_dtype(state.weight.dtype())?;
+        let delta = delta.to_dtype(state.compute)?;
         if fused {
             add_to_weight(&mut state, &delta, &self.kind, scale)?;
         }
@@ -268,16 +273,10 @@ impl LayerHandle {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let (weight, bias) = (state.weight.clone(), state.bias.clone());
+        let (weight, bias) = (state.weight.to_dtype(xs.dtype())?, state.bias.clone());
         let mut ys = match self.kind {
             LayerKind::Linear { .. } => candle_nn::Linear::new(weight, bias).forward(xs)?,
-            // candle's CPU convolution has no bf16 kernel: convolve in f32 and round back.
-            LayerKind::Conv2d { .. } if xs.dtype() == DType::BF16 && xs.device().is_cpu() => {
-                let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-                let conv = candle_nn::Conv2d::new(weight.to_dtype(DType::F32)?, bias, self.kind.conv_config());
-                conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?
-            }
-            LayerKind::Conv2d { .. } => candle_nn::Conv2d::new(weight, bias, self.kind.conv_config()).forward(xs)?,
+            LayerKind::Conv2d { .. } => self.kind.conv(xs, &weight, bias.as_ref())?,
         };
         for attached in state.attached.iter().filter(|a| !a.fused && a.scale != 0.0) {
             ys = (ys + (attached.delta.forward(&self.kind, xs)? * attached.scale)?)?;
@@ -335,7 +334,7 @@ impl LayerRegistry {
 
 /// Builds a layer's handle and records it in the view's registry, if any.
 fn build_layer(w: &Weights, kind: LayerKind, weight: Tensor, bias: Option<Tensor>) -> LayerHandle {
-    let handle = LayerHandle::new(kind, weight, bias);
+    let handle = LayerHandle::new(kind, weight, bias, w.dtype());
     if let Some(registry) = w.layer_registry() {
         registry.register(w.prefix(), &handle);
     }
@@ -382,14 +381,14 @@ impl Module for Conv2d {
 
 /// `nn.Linear(in_dim, out_dim, bias)` stored as `weight` [out, in] and `bias` [out].
 pub fn linear(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    let weight = w.get((out_dim, in_dim), "weight")?;
+    let weight = w.get_layer_weight((out_dim, in_dim), "weight")?;
     let bias = if bias { Some(w.get(out_dim, "bias")?) } else { None };
     Ok(Linear { layer: build_layer(w, LayerKind::Linear { in_dim, out_dim }, weight, bias) })
 }
 
 /// `nn.Conv2d(in_c, out_c, kernel, stride, padding)` with bias.
 pub fn conv2d(w: &Weights, in_c: usize, out_c: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
-    let weight = w.get((out_c, in_c, kernel, kernel), "weight")?;
+    let weight = w.get_layer_weight((out_c, in_c, kernel, kernel), "weight")?;
     let bias = w.get(out_c, "bias")?;
     let kind = LayerKind::Conv2d { in_channels: in_c, out_channels: out_c, kernel, stride, padding };
     Ok(Conv2d { layer: build_layer(w, kind, weight, Some(bias)) })
