@@ -16,6 +16,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::math;
+
 /// Target number of f32 scores in one task's score block (4 MiB): large enough that `gemm` runs
 /// near peak, small enough to stay in the outer caches while softmax and `P V` re-read it.
 const SCORE_BLOCK_ELEMENTS: usize = 1 << 20;
@@ -207,73 +209,32 @@ fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usiz
 
 /// Replaces `row` by `2^(row - max(row))` and returns the sum of the new values.
 fn exp2_shifted_row(row: &mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-        return unsafe { avx2::exp2_shifted_row(row) };
-    }
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    row.iter_mut()
-        .map(|x| {
-            *x = (*x - max).exp2();
-            *x
-        })
-        .sum()
-}
-
-/// AVX2 + FMA versions of the row kernels, dispatched at run time.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// [`super::exp2_shifted_row`] on 8 lanes at a time.
-    #[target_feature(enable = "avx2,fma")]
-    pub fn exp2_shifted_row(row: &mut [f32]) -> f32 {
-        // SAFETY (loads and stores below): each chunk from `chunks_exact(8)` holds 8 f32s.
-        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
-        for c in row.chunks_exact(8) {
-            vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+    math::with_avx2(|| {
+        // Eight independent lanes for the max and the sum, so both loops vectorise.
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let chunks = row.chunks_exact(8);
+        let tail_max = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for c in chunks {
+            for (m, &x) in lanes.iter_mut().zip(c) {
+                *m = if x > *m { x } else { *m };
+            }
         }
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds 8 f32s.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
-        let max = row.chunks_exact(8).remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
-
-        let shift = _mm256_set1_ps(max);
-        let mut vsum = _mm256_setzero_ps();
+        let max = lanes.iter().copied().fold(tail_max, f32::max);
+        let mut sums = [0f32; 8];
         let mut chunks = row.chunks_exact_mut(8);
         for c in &mut chunks {
-            let e = exp2(_mm256_sub_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, shift));
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), e) };
-            vsum = _mm256_add_ps(vsum, e);
+            for (s, x) in sums.iter_mut().zip(c) {
+                *x = math::exp2(*x - max);
+                *s += *x;
+            }
         }
-        let mut sum = 0.0;
+        let mut sum: f32 = sums.iter().sum();
         for x in chunks.into_remainder() {
-            *x = (*x - max).exp2();
+            *x = math::exp2(*x - max);
             sum += *x;
         }
-        // SAFETY: `lanes` holds 8 f32s.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vsum) };
-        sum + lanes.iter().sum::<f32>()
-    }
-
-    /// `2^x` per lane for x ≤ 0: 2ⁿ · 2^f with n = round(x), |f| ≤ 1/2 and 2^f from its degree-6
-    /// Taylor polynomial (relative error ≲ 2e-7). Inputs below -126 give 2⁻¹²⁶-ish, not 0.
-    #[target_feature(enable = "avx2,fma")]
-    fn exp2(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-126.0));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-        let f = _mm256_sub_ps(x, n);
-        let mut p = _mm256_set1_ps(1.540_353e-4);
-        for c in [1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 0.240_226_5, std::f32::consts::LN_2, 1.0] {
-            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
-        }
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        )));
-        _mm256_mul_ps(p, pow2n)
-    }
+        sum
+    })
 }
 
 #[cfg(test)]

@@ -5,10 +5,12 @@
 //!   score matrix.
 //! - [`conv`]: 2-D convolution on the `gemm` crate's microkernels (NCHW in and out), with Winograd
 //!   F(4x4, 3x3) for the large stride-1 3x3 convolutions.
+//! - [`geglu`]: the feed-forward's `value · gelu(gate)` in one pass.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU.
 //! - [`math`]: vectorisable exp/SiLU and the AVX2 dispatch the kernels share.
 
 pub mod attention;
 pub mod conv;
+pub mod geglu;
 pub mod group_norm;
 pub mod math;

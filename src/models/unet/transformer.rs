@@ -93,10 +93,7 @@ impl FeedForward {
     /// [.., dim] → [.., dim_out].
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
-        let inner = h.dim(candle_core::D::Minus1)? / 2;
-        let value = h.narrow(candle_core::D::Minus1, 0, inner)?;
-        let gate = h.narrow(candle_core::D::Minus1, inner, inner)?;
-        Ok(self.proj_out.forward(&(value * gate.gelu_erf()?)?)?)
+        Ok(self.proj_out.forward(&crate::kernels::geglu::geglu(&h)?)?)
     }
 }
 
