@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// The algorithm [`conv2d`] uses for one convolution.
+/// The algorithm [`conv2d`] uses for a convolution on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvPath {
     /// 1x1 stride 1 pad 0: a plain GEMM per batch item.
@@ -24,8 +24,6 @@ pub enum ConvPath {
     Im2col,
     /// Winograd F(4x4, 3x3) for 3x3 stride 1 pad 1.
     Winograd,
-    /// candle's own `conv2d` (non-CPU device or unsupported dtype).
-    Candle,
 }
 
 /// Smallest number of 4x4 output tiles (over the whole batch) for which Winograd beats im2col,
@@ -35,6 +33,11 @@ const WINOGRAD_MIN_TILES: usize = 64;
 const WINOGRAD_MIN_CIN: usize = 16;
 /// Upper bound (f32 elements) of one scratch buffer: im2col columns, transformed input or GEMM output.
 const SCRATCH_ELEMS: usize = 4 << 20;
+/// Target size (f32 elements) of each Winograd buffer of one rayon task (V or M, ~2 MB: they stay in
+/// cache between the transforms and the GEMMs); measured best among 0.125–4 M.
+const TASK_SCRATCH_ELEMS: usize = 512 << 10;
+/// Fewest tiles per rayon task's chunk: thinner GEMMs lose more than the cache gains.
+const MIN_TASK_TILES: usize = 32;
 /// Upper bound (f32 elements) of the transformed weights held at once.
 const WEIGHT_SCRATCH_ELEMS: usize = 10 << 20;
 
@@ -46,7 +49,7 @@ pub fn cpu_path(b: usize, cin: usize, h: usize, w: usize, k: usize, stride: usiz
         && stride == 1
         && padding == 1
         && cin >= WINOGRAD_MIN_CIN
-        && b * h.div_ceil(4) * w.div_ceil(4) >= std::env::var("TMP_MINT").ok().and_then(|v| v.parse().ok()).unwrap_or(WINOGRAD_MIN_TILES)
+        && b * h.div_ceil(4) * w.div_ceil(4) >= WINOGRAD_MIN_TILES
     {
         ConvPath::Winograd
     } else {
@@ -171,7 +174,7 @@ impl Conv2dOp {
         match cpu_path(b, cin, h, w, k, stride, padding) {
             ConvPath::Pointwise => pointwise(&d, x, weight, bias, &mut out),
             ConvPath::Winograd => winograd(&d, x, weight, bias, &mut out),
-            ConvPath::Im2col | ConvPath::Candle => im2col(&d, x, weight, bias, &mut out),
+            ConvPath::Im2col => im2col(&d, x, weight, bias, &mut out),
         }
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
     }
@@ -336,65 +339,118 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Winograd F(4x4, 3x3), 3x3 stride 1 pad 1 (so Ho = H, Wo = W). The B·⌈H/4⌉·⌈W/4⌉ output tiles
-/// (numbered over the whole batch) go in chunks of `tc`; per chunk:
-/// 1. V [Cin, 36, tc] = Bᵀ d B of each zero-padded 6x6 input patch,
-/// 2. for each block of output channels: M [cb, 36, tc] with M[:, ξ, :] = U[:, ξ, :] [cb, Cin] @ V[:, ξ, :]
-///    [Cin, tc] (U [cb, 36, Cin] = G g Gᵀ of the weights, computed once if all of Cout fits the budget),
-/// 3. out = Aᵀ m A + bias per tile, clipped to the image.
+/// (numbered over the whole batch) go in chunks of `tc` ([`WinogradChunk::run`]), with U [cb, 36, Cin]
+/// = G g Gᵀ for a block of cb output channels (all Cout when it fits [`WEIGHT_SCRATCH_ELEMS`]).
+///
+/// With one block and enough tiles, each rayon task runs whole chunks on its own scratch (which stays
+/// in cache); otherwise the chunks run one after another, each step parallel inside.
 fn winograd(d: &Dims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
     let tiles_w = d.w.div_ceil(4);
     let tiles_img = d.h.div_ceil(4) * tiles_w;
     let tiles = d.b * tiles_img;
     let blocks = (36 * d.cout * d.cin).div_ceil(WEIGHT_SCRATCH_ELEMS).max(1);
     let cb = d.cout.div_ceil(blocks);
-    let budget: usize = std::env::var("TMP_TC").ok().and_then(|v| v.parse().ok()).unwrap_or(SCRATCH_ELEMS);
-    let tc = (budget / (36 * d.cin.max(cb)) / LANES * LANES).clamp(LANES, tiles.next_multiple_of(LANES));
-    let mut u = vec![0f32; cb * 36 * d.cin];
-    let mut v = vec![0f32; d.cin * 36 * tc];
-    let mut m = vec![0f32; cb * 36 * tc];
     let geom = TileGeom { h: d.h, w: d.w, tiles_w, tiles_img };
-    let out_ptr = SharedMut(out.as_mut_ptr());
-    if blocks == 1 {
+    let out = SharedMut(out.as_mut_ptr());
+    let mut u = vec![0f32; cb * 36 * d.cin];
+    let tc = (TASK_SCRATCH_ELEMS / (36 * d.cin.max(d.cout)) / LANES * LANES).max(MIN_TASK_TILES);
+    if blocks == 1 && tiles >= 4 * tc * rayon::current_num_threads() {
         weight_transform(d, weight, 0, &mut u);
-    }
-    for g0 in (0..tiles).step_by(tc) {
-        let n = tc.min(tiles - g0);
-        v.par_chunks_mut(36 * tc).enumerate().for_each(|(ci, vc)| {
-            input_transform(&geom, x, d.cin, ci, g0, n, tc, vc);
+        let chunk = WinogradChunk { d, geom, x, u: &u, co0: 0, cb, bias, out, tc, parallel: false };
+        let scratch = || (vec![0f32; d.cin * 36 * tc], vec![0f32; cb * 36 * tc]);
+        (0..tiles).into_par_iter().step_by(tc).for_each_init(scratch, |(v, m), g0| {
+            chunk.run(g0, tc.min(tiles - g0), v, m);
         });
-        for co0 in (0..d.cout).step_by(cb) {
-            let cbn = cb.min(d.cout - co0);
-            if blocks > 1 {
-                weight_transform(d, weight, co0, &mut u[..cbn * 36 * d.cin]);
-            }
-            let m_ptr = SharedMut(m.as_mut_ptr());
-            let (u, v) = (&u, &v);
-            (0..36).into_par_iter().for_each(|xi| {
-                let m_ptr = m_ptr;
-                // SAFETY: task ξ writes only M[:, ξ, :n] of M [cbn, 36, tc]; U [cbn, 36, Cin] and
-                // V [Cin, 36, tc] are read only and outlive the call.
-                unsafe {
-                    matmul(
-                        (cbn, n, d.cin),
-                        m_ptr.0.add(xi * tc),
-                        36 * tc,
-                        false,
-                        u.as_ptr().add(xi * d.cin),
-                        36 * d.cin,
-                        v.as_ptr().add(xi * tc),
-                        36 * tc,
-                        Parallelism::None,
-                    )
-                };
-            });
-            m[..cbn * 36 * tc].par_chunks(36 * tc).enumerate().for_each(|(j, mc)| {
-                let co = co0 + j;
-                let bias = bias.map_or(0.0, |b| b[co]);
-                // SAFETY: this task writes only output channel `co` of `out` [B, Cout, H, W], and
-                // `out` outlives the call.
-                unsafe { output_transform(&geom, out_ptr, d.cout, co, bias, g0, n, tc, mc) };
-            });
+        return;
+    }
+    let tc = (SCRATCH_ELEMS / (36 * d.cin.max(cb)) / LANES * LANES).clamp(LANES, tiles.next_multiple_of(LANES));
+    let (mut v, mut m) = (vec![0f32; d.cin * 36 * tc], vec![0f32; cb * 36 * tc]);
+    for co0 in (0..d.cout).step_by(cb) {
+        let cbn = cb.min(d.cout - co0);
+        weight_transform(d, weight, co0, &mut u[..cbn * 36 * d.cin]);
+        let chunk = WinogradChunk { d, geom, x, u: &u, co0, cb: cbn, bias, out, tc, parallel: true };
+        for g0 in (0..tiles).step_by(tc) {
+            chunk.run(g0, tc.min(tiles - g0), &mut v, &mut m);
+        }
+    }
+}
+
+/// One Winograd step over a chunk of tiles for output channels co0..co0 + cb.
+struct WinogradChunk<'a> {
+    d: &'a Dims,
+    geom: TileGeom,
+    /// x [B, Cin, H, W].
+    x: &'a [f32],
+    /// U [cb, 36, Cin].
+    u: &'a [f32],
+    co0: usize,
+    cb: usize,
+    /// [Cout].
+    bias: Option<&'a [f32]>,
+    /// out [B, Cout, H, W].
+    out: SharedMut,
+    /// Tiles per chunk (a multiple of [`LANES`]).
+    tc: usize,
+    /// Whether to spread each step of [`WinogradChunk::run`] over rayon's threads.
+    parallel: bool,
+}
+
+impl WinogradChunk<'_> {
+    /// Tiles g0..g0 + n (n ≤ tc): V [Cin, 36, tc] = Bᵀ d B; M[:, ξ, :] [cb, tc] = U[:, ξ, :] [cb, Cin] @
+    /// V[:, ξ, :] [Cin, tc] for the 36 points ξ; out = bias + Aᵀ m A, clipped to the image. `v` holds
+    /// Cin·36·tc elements, `m` cb·36·tc.
+    fn run(&self, g0: usize, n: usize, v: &mut [f32], m: &mut [f32]) {
+        let (d, tc) = (self.d, self.tc);
+        let input = |(ci, vc): (usize, &mut [f32])| input_transform(&self.geom, self.x, d.cin, ci, g0, n, tc, vc);
+        let v = &mut v[..d.cin * 36 * tc];
+        if self.parallel {
+            v.par_chunks_mut(36 * tc).enumerate().for_each(input);
+        } else {
+            v.chunks_mut(36 * tc).enumerate().for_each(input);
+        }
+        let (m, v, u) = (&mut m[..self.cb * 36 * tc], &*v, self.u);
+        let m_ptr = SharedMut(m.as_mut_ptr());
+        let product = |xi: usize| {
+            // SAFETY: point ξ writes only M[:, ξ, :n] of M [cb, 36, tc]; U [cb, 36, Cin] and V [Cin, 36, tc]
+            // are only read, and all three outlive the call.
+            unsafe {
+                matmul(
+                    (self.cb, n, d.cin),
+                    m_ptr.get().add(xi * tc),
+                    36 * tc,
+                    false,
+                    u.as_ptr().add(xi * d.cin),
+                    36 * d.cin,
+                    v.as_ptr().add(xi * tc),
+                    36 * tc,
+                    Parallelism::None,
+                )
+            };
+        };
+        if self.parallel {
+            (0..36).into_par_iter().for_each(product);
+        } else {
+            (0..36).for_each(product);
+        }
+        let output = |(j, mc): (usize, &[f32])| {
+            let co = self.co0 + j;
+            let bias = self.bias.map_or(0.0, |b| b[co]);
+            // SAFETY: this writes only the tiles g0..g0 + n of output channel `co`, which no other task
+            // writes, and `out` outlives the call.
+            unsafe { output_transform(&self.geom, self.out, d.cout, co, bias, g0, n, tc, mc) };
+        };
+        if self.parallel {
+            m.par_chunks(36 * tc).enumerate().for_each(output);
+        } else {
+            m.chunks(36 * tc).enumerate().for_each(output);
         }
     }
 }
@@ -522,6 +578,7 @@ macro_rules! simd_dispatch {
 simd_dispatch! {
     /// v [36, tc] = Bᵀ d B for input channel `ci` of x [B, Cin, H, W] and tiles g0..g0+n: d is the
     /// tile's 6x6 input patch starting one row and column before the output tile, 0 outside the image.
+    /// Whole groups of [`LANES`] columns are written (0 past n), so tc must be a multiple of [`LANES`].
     fn input_transform(geom: &TileGeom, x: &[f32], cin: usize, ci: usize, g0: usize, n: usize, tc: usize, v: &mut [f32]) {
         let (h, w) = (geom.h, geom.w);
         for t0 in (0..n).step_by(LANES) {
@@ -563,7 +620,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// Output channel `co` of out [B, Cout, H, W] for tiles g0..g0+n: bias + Aᵀ m A from
-    /// m [36, tc] (this channel's GEMM results), clipped to the image.
+    /// m [36, tc] (this channel's GEMM results, tc a multiple of [`LANES`]), clipped to the image.
     ///
     /// # Safety
     /// `out` must point to a live [B, Cout, H, W] buffer whose channel `co` no one else accesses
@@ -592,7 +649,7 @@ simd_dispatch! {
                     for (c, yc) in yr.iter().enumerate().take(w - x0) {
                         // SAFETY: (y0 + r, x0 + c) lies in the H x W plane of (b, co), which the
                         // caller reserves for this call.
-                        unsafe { *out.0.add(plane + (y0 + r) * w + x0 + c) = yc[l] + bias };
+                        unsafe { *out.get().add(plane + (y0 + r) * w + x0 + c) = yc[l] + bias };
                     }
                 }
             }
@@ -607,7 +664,9 @@ mod tests {
     use super::*;
 
     /// max |ours − candle| / max |candle| for x [B, Cin, H, W] and a Cout x k x k kernel.
-    fn rel_err(b: usize, cin: usize, h: usize, w: usize, cout: usize, k: usize, stride: usize, padding: usize) -> f32 {
+    fn rel_err(
+        (b, cin, h, w, cout, k, stride, padding): (usize, usize, usize, usize, usize, usize, usize, usize),
+    ) -> f32 {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
         let scale = 1.0 / ((cin * k * k) as f64).sqrt();
@@ -628,7 +687,7 @@ mod tests {
     #[test]
     fn pointwise_matches_candle() {
         assert_eq!(cpu_path(2, 24, 13, 9, 1, 1, 0), ConvPath::Pointwise);
-        assert!(rel_err(2, 24, 13, 9, 16, 1, 1, 0) < 1e-6);
+        assert!(rel_err((2, 24, 13, 9, 16, 1, 1, 0)) < 1e-6);
     }
 
     #[test]
@@ -641,20 +700,28 @@ mod tests {
             (1, 6, 9, 8, 4, 5, 2, 2),
         ] {
             assert_eq!(cpu_path(b, cin, h, w, k, s, p), ConvPath::Im2col);
-            let err = rel_err(b, cin, h, w, cout, k, s, p);
+            let err = rel_err((b, cin, h, w, cout, k, s, p));
             assert!(err < 1e-6, "{b}x{cin}x{h}x{w} → {cout}, k{k} s{s} p{p}: {err}");
         }
     }
 
-    /// Winograd's error relative to direct convolution, max |diff| / max |out| with unit-variance
-    /// inputs and 1/√fan-in weights: measured ≈ 2e-7 (the ±2 points scale the rounding error by a few units).
+    /// Winograd's error relative to direct convolution, max |ours − candle| / max |candle| with
+    /// unit-variance inputs and 1/√fan-in weights, measured 2.5e-6–4e-6 for Cin ≤ 64 and 7e-6 for
+    /// Cin = 560 (the ±2 points amplify rounding; it grows slowly with Cin). im2col/1x1: < 1e-6.
+    /// Bound asserted: 2e-5.
     #[test]
     fn winograd_matches_candle() {
-        for (b, cin, h, w, cout) in [(2, 32, 29, 27, 24), (2, 16, 32, 32, 16), (1, 64, 30, 34, 8)] {
+        for (b, cin, h, w, cout) in [
+            (2, 32, 29, 27, 24),
+            (2, 16, 32, 32, 16),
+            (1, 64, 30, 34, 8),
+            // Chunks per rayon task (many tiles, wide layer) and two output-channel blocks.
+            (1, 16, 64, 64, 512),
+            (1, 560, 32, 32, 560),
+        ] {
             assert_eq!(cpu_path(b, cin, h, w, 3, 1, 1), ConvPath::Winograd);
-            let err = rel_err(b, cin, h, w, cout, 3, 1, 1);
-            eprintln!("winograd {b}x{cin}x{h}x{w} → {cout}: {err:e}");
-            assert!(err < 1e-5, "{b}x{cin}x{h}x{w} → {cout}: {err}");
+            let err = rel_err((b, cin, h, w, cout, 3, 1, 1));
+            assert!(err < 2e-5, "{b}x{cin}x{h}x{w} → {cout}: {err}");
         }
     }
 
