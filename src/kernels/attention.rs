@@ -1,10 +1,12 @@
 //! Fused, blocked scaled dot-product attention on the CPU: `softmax(q kᵀ · scale) v` without a mask.
 //!
 //! The work is split into tasks of (batch, block of query rows); a task loops over the heads and,
-//! for each, computes the score block `S = scale · log2(e) · Q_blk Kᵀ` with `gemm`, turns it into
-//! unnormalised probabilities in place (row max subtracted, vectorised exp2), multiplies by V with
-//! `gemm` straight into the output and divides each output row by its probability sum. The score
-//! block lives in a per-thread scratch buffer, so no call ever allocates a [Lq, Lk] matrix.
+//! for each, over chunks of keys (flash attention): the chunk's score block
+//! `S = scale · log2(e) · Q_blk K_chunkᵀ` comes from `gemm`, becomes unnormalised probabilities in
+//! place (vectorised exp2 against the running row max), and `P V_chunk` is accumulated by `gemm`
+//! straight into the output, whose rows are rescaled when a row's max grows and divided by their
+//! probability sums at the end. The score block lives in a per-thread scratch buffer that stays in
+//! cache; no call ever allocates a [Lq, Lk] matrix.
 //!
 //! Inputs may have any strides as long as the last dimension is contiguous (the free
 //! `split_heads` view is read in place). The output is written as [B, Lq, H, D] so that merging
@@ -18,9 +20,9 @@ use rayon::prelude::*;
 
 use super::math;
 
-/// Target number of f32 scores in one task's score block (4 MiB): large enough that `gemm` runs
-/// near peak, small enough to stay in the outer caches while softmax and `P V` re-read it.
-const SCORE_BLOCK_ELEMENTS: usize = 1 << 20;
+/// Keys per chunk of the online softmax: a [rows, chunk] score block and the chunk's keys and values
+/// stay in a core's L2 cache.
+const KEY_CHUNK: usize = 256;
 
 /// Fewest query rows per task (below this `gemm`'s 16-row microkernels run mostly empty).
 const MIN_BLOCK_ROWS: usize = 32;
@@ -28,7 +30,7 @@ const MIN_BLOCK_ROWS: usize = 32;
 const MAX_BLOCK_ROWS: usize = 256;
 
 thread_local! {
-    /// Per-thread score block [rows, Lk], reused across tasks and calls.
+    /// Per-thread score block [rows, KEY_CHUNK], reused across tasks and calls.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -114,10 +116,10 @@ impl CustomOp3 for Attention {
         if out.is_empty() || lk == 0 {
             return Ok((CpuStorage::F32(out), Shape::from((b, lq, h, dv))));
         }
-        // Query rows per task: a score block of about SCORE_BLOCK_ELEMENTS, but at least 4 tasks
-        // per thread when the queries allow it.
+        // Query rows per task: MAX_BLOCK_ROWS, but at least 4 tasks per thread when the queries
+        // allow it.
         let per_thread = (b * lq).div_ceil(4 * rayon::current_num_threads()).max(MIN_BLOCK_ROWS);
-        let rows = (SCORE_BLOCK_ELEMENTS / lk).clamp(MIN_BLOCK_ROWS, MAX_BLOCK_ROWS).min(per_thread).min(lq);
+        let rows = MAX_BLOCK_ROWS.min(per_thread).min(lq);
         // out [B, Lq, H, Dv]: a batch is a contiguous [Lq, H, Dv] slab, a task `rows` of its rows.
         out.par_chunks_mut(lq * h * dv).enumerate().for_each(|(bi, batch)| {
             batch.par_chunks_mut(rows * h * dv).enumerate().for_each(|(blk, chunk)| {
@@ -130,110 +132,114 @@ impl CustomOp3 for Attention {
 
 /// Computes query rows `row0..row0 + n` of batch `bi` for every head into `out` [n, H, Dv];
 /// `log2_scale` is the attention scale times log2(e).
+///
+/// Keys are taken [`KEY_CHUNK`] at a time with an online softmax (flash attention): each chunk's
+/// scores stay in the core's cache, and the output rows and their running max and sum are rescaled
+/// when a later chunk raises a row's max.
 fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usize, row0: usize, out: &mut [f32]) {
     let [_, heads, _, d] = q.dims;
     let [_, _, lk, dv] = v.dims;
     let n = out.len() / (heads * dv);
+    let chunk = KEY_CHUNK.min(lk);
     SCORES.with_borrow_mut(|scores| {
-        if scores.len() < n * lk {
-            scores.resize(n * lk, 0.0);
+        if scores.len() < n * chunk {
+            scores.resize(n * chunk, 0.0);
         }
-        let s = &mut scores[..n * lk];
+        let mut maxes = [0f32; MAX_BLOCK_ROWS];
+        let mut sums = [0f32; MAX_BLOCK_ROWS];
         for hi in 0..heads {
-            // SAFETY: q rows row0..row0+n, k rows 0..lk (d columns each) and v rows 0..lk (dv
-            // columns) of head (bi, hi) lie inside their storages, as their candle layouts
-            // guarantee; `s` is [n, lk] row-major; the destination is rows of stride H·Dv starting
-            // at column hi·Dv of `out`, dv columns each, all inside `out`. Nothing else aliases
-            // `s` or `out` during the calls.
-            unsafe {
-                // S [n, lk] = scale · log2(e) · Q_blk [n, d] · Kᵀ [d, lk], so exp(scale·q·k - m) is
-                // 2^(S - m / ln 2).
-                gemm::gemm(
-                    n,
-                    lk,
-                    d,
-                    s.as_mut_ptr(),
-                    1,
-                    lk as isize,
-                    false,
-                    q.row(bi, hi, row0),
-                    1,
-                    q.stride[2] as isize,
-                    k.row(bi, hi, 0),
-                    k.stride[2] as isize,
-                    1,
-                    0.0,
-                    log2_scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            let mut inv_sums = [0f32; MAX_BLOCK_ROWS];
-            for (inv, row) in inv_sums.iter_mut().zip(s.chunks_exact_mut(lk)) {
-                *inv = 1.0 / exp2_shifted_row(row);
-            }
             let dst = &mut out[hi * dv..];
-            // SAFETY: as above.
-            unsafe {
-                // O_blk [n, dv] = P [n, lk] · V [lk, dv], rows of stride H·Dv in `out`.
-                gemm::gemm(
-                    n,
-                    dv,
-                    lk,
-                    dst.as_mut_ptr(),
-                    1,
-                    (heads * dv) as isize,
-                    false,
-                    s.as_ptr(),
-                    1,
-                    lk as isize,
-                    v.row(bi, hi, 0),
-                    1,
-                    v.stride[2] as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            maxes[..n].fill(f32::NEG_INFINITY);
+            sums[..n].fill(0.0);
+            for c0 in (0..lk).step_by(chunk) {
+                let len = chunk.min(lk - c0);
+                let s = &mut scores[..n * len];
+                // SAFETY: q rows row0..row0+n and k rows c0..c0+len (d columns each) of head (bi, hi)
+                // lie inside their storages, as their candle layouts guarantee; `s` is [n, len]
+                // row-major, and nothing else aliases it during the call.
+                unsafe {
+                    // S [n, len] = scale · log2(e) · Q_blk [n, d] · K_chunkᵀ [d, len], so that
+                    // exp(scale·q·k − m) is 2^(S − m / ln 2).
+                    gemm::gemm(
+                        n,
+                        len,
+                        d,
+                        s.as_mut_ptr(),
+                        1,
+                        len as isize,
+                        false,
+                        q.row(bi, hi, row0),
+                        1,
+                        q.stride[2] as isize,
+                        k.row(bi, hi, c0),
+                        k.stride[2] as isize,
+                        1,
+                        0.0,
+                        log2_scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                for (i, row) in s.chunks_exact_mut(len).enumerate() {
+                    let max = row_max(row).max(maxes[i]);
+                    // How much the output so far and its sum shrink under the new max (0 at first).
+                    let rescale = math::exp2(maxes[i] - max);
+                    sums[i] = sums[i] * rescale + exp2_shifted_sum(row, max);
+                    maxes[i] = max;
+                    if c0 > 0 && rescale != 1.0 {
+                        dst[i * heads * dv..][..dv].iter_mut().for_each(|o| *o *= rescale);
+                    }
+                }
+                // SAFETY: as above for v rows c0..c0+len (dv columns); the destination is rows of
+                // stride H·Dv starting at column hi·Dv of `out`, dv columns each, all inside `out`,
+                // which nothing else aliases.
+                unsafe {
+                    // O_blk [n, dv] (+)= P [n, len] · V_chunk [len, dv].
+                    gemm::gemm(
+                        n,
+                        dv,
+                        len,
+                        dst.as_mut_ptr(),
+                        1,
+                        (heads * dv) as isize,
+                        c0 > 0,
+                        s.as_ptr(),
+                        1,
+                        len as isize,
+                        v.row(bi, hi, c0),
+                        1,
+                        v.stride[2] as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
-            for (i, &inv) in inv_sums[..n].iter().enumerate() {
+            for (i, &sum) in sums[..n].iter().enumerate() {
+                let inv = 1.0 / sum;
                 dst[i * heads * dv..][..dv].iter_mut().for_each(|o| *o *= inv);
             }
         }
     });
 }
 
-/// Replaces `row` by `2^(row - max(row))` and returns the sum of the new values.
-fn exp2_shifted_row(row: &mut [f32]) -> f32 {
+/// The largest value of `row`.
+fn row_max(row: &[f32]) -> f32 {
+    math::with_avx2(|| math::max(row))
+}
+
+/// Replaces `row` by `2^(row − max)` and returns the sum of the new values.
+fn exp2_shifted_sum(row: &mut [f32], max: f32) -> f32 {
     math::with_avx2(|| {
-        // Eight independent lanes for the max and the sum, so both loops vectorise.
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        let chunks = row.chunks_exact(8);
-        let tail_max = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for c in chunks {
-            for (m, &x) in lanes.iter_mut().zip(c) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
-        let max = lanes.iter().copied().fold(tail_max, f32::max);
-        let mut sums = [0f32; 8];
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            for (s, x) in sums.iter_mut().zip(c) {
-                *x = math::exp2(*x - max);
-                *s += *x;
-            }
-        }
-        let mut sum: f32 = sums.iter().sum();
-        for x in chunks.into_remainder() {
+        for x in row.iter_mut() {
             *x = math::exp2(*x - max);
-            sum += *x;
         }
-        sum
+        math::sum(row)
     })
 }
 

@@ -26,8 +26,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
-    er * scale
+    er * pow2(n)
 }
 
 /// `2ˣ` for f32 with a relative error below 3e-7: 2ⁿ · 2ᶠ with n = round(x), |f| ≤ 1/2 and 2ᶠ from
@@ -43,13 +42,51 @@ pub fn exp2(x: f32) -> f32 {
     for c in [1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 0.240_226_5, std::f32::consts::LN_2, 1.0] {
         p = p * f + c;
     }
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    p * pow2(n)
+}
+
+/// `2ⁿ` for an integral `n` in [-126, 127], built in the float domain: `n + 2²³ + 127` holds
+/// `n + 127` in its low mantissa bits, which the shift moves into the exponent field. (An `as i32`
+/// cast would be saturating and keep loops from vectorising.)
+#[inline(always)]
+fn pow2(n: f32) -> f32 {
+    f32::from_bits((n + 8_388_735.0).to_bits() << 23)
 }
 
 /// SiLU `x · σ(x)` on top of [`exp`].
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
+}
+
+/// Σ `xs`, in eight interleaved partial sums so that the loop vectorises.
+#[inline(always)]
+pub fn sum(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        let c: &[f32; 8] = c.try_into().unwrap_or(&[0.0; 8]);
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The largest value of `xs` (-∞ when empty), in eight interleaved lanes so that the loop vectorises.
+#[inline(always)]
+pub fn max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        let c: &[f32; 8] = c.try_into().unwrap_or(&[f32::NEG_INFINITY; 8]);
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = l.max(x);
+        }
+    }
+    lanes.iter().copied().fold(tail, f32::max)
 }
 
 /// Runs `f` compiled with AVX2 and FMA enabled when the CPU supports them, else as is. `f` should
