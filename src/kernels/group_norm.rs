@@ -189,7 +189,7 @@ mod tests {
         (ours - plain)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
-    // Measured: ≤ 1.5e-6 for every case.
+    // Measured: ≤ 1.9e-6 for every case (random inputs each run; outputs up to about 5).
     #[test]
     fn matches_candle_group_norm() -> candle_core::Result<()> {
         for (shape, groups) in
@@ -197,6 +197,7 @@ mod tests {
         {
             for silu in [false, true] {
                 let diff = check(shape, groups, silu)?;
+                eprintln!("shape {shape:?} groups {groups} silu {silu}: max |diff| {diff:e}");
                 assert!(diff < 5e-6, "shape {shape:?} groups {groups} silu {silu}: max |diff| {diff:e}");
             }
         }
