@@ -28,7 +28,7 @@ pub enum ConvPath {
 
 /// Smallest number of 4x4 output tiles (over the whole batch) for which Winograd beats im2col,
 /// measured with `cargo bench --bench kernels -- conv` (2 threads, Zen 3).
-const WINOGRAD_MIN_TILES: usize = 64;
+const WINOGRAD_MIN_TILES: usize = 32;
 /// Smallest input channel count for Winograd: below it the GEMMs are too thin to pay for the transforms.
 const WINOGRAD_MIN_CIN: usize = 16;
 /// Upper bound (f32 elements) of one scratch buffer: im2col columns, transformed input or GEMM output.

@@ -5,12 +5,14 @@
 //!   score matrix.
 //! - [`conv`]: 2-D convolution on the `gemm` crate's microkernels (NCHW in and out), with Winograd
 //!   F(4x4, 3x3) for the large stride-1 3x3 convolutions.
+//! - [`convert`]: f16/bf16 → f32 on all threads, for half-precision weights widened per call.
 //! - [`geglu`]: the feed-forward's `value · gelu(gate)` in one pass.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU.
 //! - [`math`]: vectorisable exp/SiLU and the AVX2 dispatch the kernels share.
 
 pub mod attention;
 pub mod conv;
+pub mod convert;
 pub mod geglu;
 pub mod group_norm;
 pub mod math;

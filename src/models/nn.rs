@@ -273,7 +273,12 @@ impl LayerHandle {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let (weight, bias) = (state.weight.to_dtype(xs.dtype())?, state.bias.clone());
+        let weight = match (state.weight.dtype(), xs.dtype()) {
+            (w, x) if w == x => state.weight.clone(),
+            (_, DType::F32) => crate::kernels::convert::to_f32(&state.weight)?,
+            (_, x) => state.weight.to_dtype(x)?,
+        };
+        let bias = state.bias.clone();
         let mut ys = match self.kind {
             LayerKind::Linear { .. } => candle_nn::Linear::new(weight, bias).forward(xs)?,
             LayerKind::Conv2d { .. } => self.kind.conv(xs, &weight, bias.as_ref())?,
