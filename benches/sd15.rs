@@ -213,16 +213,18 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults) -> Vec<Row> {
         timed("VAE decode 512x512", Kind::Vae, peer(Item::Vae)),
         timed("text encoding, 1 prompt (77 tokens)", Kind::Text, Vec::new()),
     ];
-    for (k, name) in [(Kind::Controlnet, "1 ControlNet"), (Kind::IpAdapter, "1 IP-Adapter (base)")] {
-        if let Some(o) = get(k) {
-            let added: Vec<f64> = o.runs.iter().zip(&o.baseline).map(|(w, p)| w - p).collect();
-            rows.push(timed(&format!("UNet step, batch 2, with {name}"), k, Vec::new()));
-            rows.push(Row {
-                what: format!("↳ added per step by {name}"),
-                ours: Stat::of(&added),
-                ..timed("", k, Vec::new())
-            });
-        }
+    for (k, name, item) in [
+        (Kind::Controlnet, "1 ControlNet", Some(Item::ControlnetAdded)),
+        (Kind::IpAdapter, "1 IP-Adapter (base)", None),
+    ] {
+        let added: Vec<f64> =
+            get(k).map_or_else(Vec::new, |o| o.runs.iter().zip(&o.baseline).map(|(w, p)| w - p).collect());
+        rows.push(timed(&format!("UNet step, batch 2, with {name}"), k, Vec::new()));
+        rows.push(Row {
+            what: format!("↳ added per step by {name}"),
+            ours: Stat::of(&added),
+            ..timed("", k, item.map_or_else(Vec::new, peer))
+        });
     }
     // 20 steps + decode from the parts' medians, for everyone with both parts.
     let sum = |unet: Stat, vae: Stat| Stat {
@@ -244,19 +246,17 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults) -> Vec<Row> {
         ours_cpu_share: None,
         peers: peers_sum,
     });
-    if let Some(o) = get(Kind::Full) {
-        rows.push(timed(
-            &format!("whole generation, 512x512, {FULL_STEPS} steps, CFG (load excluded)"),
-            Kind::Full,
-            Vec::new(),
-        ));
-        if let Some(step) = o.parts.get("step (mean)") {
-            rows.push(Row {
-                what: "↳ its mean UNet call (PNDM: 21 calls for 20 steps)".into(),
-                ours: Some(Stat::one(*step)),
-                ..timed("", Kind::Full, Vec::new())
-            });
-        }
+    rows.push(timed(
+        &format!("whole generation, 512x512, {FULL_STEPS} steps, CFG (load excluded)"),
+        Kind::Full,
+        peer(Item::Full),
+    ));
+    if let Some(step) = get(Kind::Full).and_then(|o| o.parts.get("step (mean)")) {
+        rows.push(Row {
+            what: "↳ its mean UNet call (PNDM: 21 calls for 20 steps)".into(),
+            ours: Some(Stat::one(*step)),
+            ..timed("", Kind::Full, Vec::new())
+        });
     }
     let peer_rss = Peer::ALL
         .iter()
@@ -340,26 +340,34 @@ fn main() -> Result<()> {
     }
 
     let python = args.peers.clone().or_else(|| std::env::var_os("DIFFCTL_BENCH_PYTHON").map(PathBuf::from));
-    let items: Vec<Item> = [(Kind::UnetB2, Item::UnetB2), (Kind::Vae, Item::Vae)]
-        .into_iter()
-        .filter(|(k, _)| kinds.contains(k))
-        .map(|(_, i)| i)
-        .collect();
+    let items: Vec<Item> = [
+        (Kind::UnetB2, Item::UnetB2),
+        (Kind::Vae, Item::Vae),
+        (Kind::Controlnet, Item::ControlnetAdded),
+        (Kind::Full, Item::Full),
+    ]
+    .into_iter()
+    .filter(|(k, _)| kinds.contains(k))
+    .map(|(_, i)| i)
+    .collect();
     let mut peer_results = PeerResults::default();
     let skipped_all = |why: &str| Peer::ALL.iter().map(|p| (*p, why.to_string())).collect::<Vec<_>>();
     match &python {
-        _ if items.is_empty() => peer_results.skipped = skipped_all("neither unet-b2 nor vae selected"),
+        _ if items.is_empty() => peer_results.skipped = skipped_all("none of unet-b2, vae, controlnet, full selected"),
         _ if args.device != "cpu" => peer_results.skipped = skipped_all("the peers are CPU-only"),
         None => peer_results.skipped = skipped_all("no Python (--peers PYTHON or DIFFCTL_BENCH_PYTHON)"),
         Some(python) => {
             let opts = PeerOptions {
                 python,
                 script: &args.peers_script,
+                extra_script: Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/sd15/torch_extra.py")),
                 model: &inputs.model,
+                controlnet: inputs.controlnet.as_deref(),
                 cache: &cache,
                 threads: args.threads,
                 warmup: args.warmup,
                 runs: args.runs,
+                full_runs: args.full_runs,
                 items: &items,
                 bf16_peers: args.bf16_peers,
             };

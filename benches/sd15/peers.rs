@@ -1,6 +1,7 @@
 //! The CPU peers (PyTorch eager and autocast bf16, OpenVINO f32 and its default precision, ONNX
 //! Runtime f32) timed by `../shared/bench/perf_peers.py` on the same weight folder, same thread
-//! count; their converted models are cached, their `RESULT` lines parsed.
+//! count, and PyTorch f32's added time of a ControlNet and whole generation by `torch_extra.py`
+//! beside this file; their converted models are cached, their `RESULT` lines parsed.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -8,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+
+use super::measure::{FULL_STEPS, PROMPT};
 
 /// One peer column of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,15 +51,41 @@ impl Peer {
             Peer::OnnxRuntime => &["torch", "diffusers", "onnx", "onnxruntime"],
         }
     }
+
+    /// The items the peer times.
+    fn items(self) -> &'static [Item] {
+        match self {
+            Peer::TorchF32 => &[Item::UnetB2, Item::Vae, Item::ControlnetAdded, Item::Full],
+            Peer::TorchBf16 | Peer::OpenVinoF32 | Peer::OpenVinoDefault => &[Item::UnetB2, Item::Vae],
+            Peer::OnnxRuntime => &[Item::UnetB2],
+        }
+    }
 }
 
-/// What a peer measured: the UNet step (batch 2) and the VAE decode.
+/// What a peer measured: the UNet step (batch 2), the VAE decode, and (PyTorch f32 only) the
+/// ControlNet's added time and the whole generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Item {
     /// One UNet step at batch 2.
     UnetB2,
     /// VAE decode 512x512.
     Vae,
+    /// A batch-2 UNet step with one ControlNet minus the plain step run right before it.
+    ControlnetAdded,
+    /// A whole 512x512 generation, `FULL_STEPS` PNDM steps with guidance, load excluded.
+    Full,
+}
+
+impl Item {
+    /// The name in logs.
+    fn name(self) -> &'static str {
+        match self {
+            Item::UnetB2 => "unet",
+            Item::Vae => "vae",
+            Item::ControlnetAdded => "controlnet",
+            Item::Full => "generate",
+        }
+    }
 }
 
 /// One peer timing (a `RESULT` line).
@@ -91,8 +120,12 @@ pub struct PeerOptions<'a> {
     pub python: &'a Path,
     /// `perf_peers.py`.
     pub script: &'a Path,
+    /// `torch_extra.py` (PyTorch f32's [`Item::ControlnetAdded`] and [`Item::Full`]).
+    pub extra_script: &'a Path,
     /// The weight folder (diffusers layout).
     pub model: &'a Path,
+    /// The ControlNet folder (diffusers layout), for [`Item::ControlnetAdded`].
+    pub controlnet: Option<&'a Path>,
     /// Where converted models and logs go.
     pub cache: &'a Path,
     /// Threads for every peer.
@@ -101,6 +134,8 @@ pub struct PeerOptions<'a> {
     pub warmup: usize,
     /// Timed runs.
     pub runs: usize,
+    /// Timed whole generations (no warm-up).
+    pub full_runs: usize,
     /// Which items to time.
     pub items: &'a [Item],
     /// Run PyTorch bf16 even on a CPU without native bf16.
@@ -125,14 +160,14 @@ pub fn parse_result(line: &str) -> Option<(String, Timing)> {
     ))
 }
 
-/// Runs the Python `args`, streaming its output to stderr (prefixed) and to `log` (appended);
-/// returns stdout's lines.
-fn run_python(opts: &PeerOptions, label: &str, args: &[String], log: &Path) -> Result<Vec<String>> {
+/// Runs the Python `script` with `args`, streaming its output to stderr (prefixed) and to `log`
+/// (appended); returns stdout's lines.
+fn run_python(opts: &PeerOptions, label: &str, script: &Path, args: &[String], log: &Path) -> Result<Vec<String>> {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    writeln!(file, "$ {} {} {}", opts.python.display(), opts.script.display(), args.join(" "))?;
+    writeln!(file, "$ {} {} {}", opts.python.display(), script.display(), args.join(" "))?;
     let threads = opts.threads.to_string();
     let mut child = Command::new(opts.python)
-        .arg(opts.script)
+        .arg(script)
         .args(args)
         .env("OMP_NUM_THREADS", &threads)
         .env("MKL_NUM_THREADS", &threads)
@@ -178,7 +213,7 @@ fn convert_once(opts: &PeerOptions, label: &str, out: &Path, made: &str, args: &
     }
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out)?;
-    match run_python(opts, label, args, log) {
+    match run_python(opts, label, opts.script, args, log) {
         Ok(_) if out.join(made).is_file() => Ok(std::fs::write(out.join(".complete"), "")?),
         Ok(_) => {
             let _ = std::fs::remove_dir_all(out);
@@ -253,6 +288,10 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
     let ov = ov_dir.display().to_string();
     let onnx = onnx_dir.display().to_string();
     for peer in Peer::ALL {
+        if !peer.items().iter().any(|i| opts.items.contains(i)) {
+            results.skipped.push((peer, "times none of the selected measurements".into()));
+            continue;
+        }
         if let Some(m) = peer.modules().iter().find(|m| modules.get(**m).is_none_or(Option::is_none)) {
             results.skipped.push((peer, format!("python module `{m}` missing")));
             continue;
@@ -266,7 +305,7 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
             ));
             continue;
         }
-        let mut jobs: Vec<(Item, Vec<String>)> = Vec::new();
+        let mut jobs: Vec<(Item, &Path, Vec<String>)> = Vec::new();
         match peer {
             Peer::TorchF32 | Peer::TorchBf16 => {
                 let mode = if peer == Peer::TorchF32 { "eager" } else { "bf16" };
@@ -274,8 +313,40 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
                 if vae {
                     args.push("--vae".into());
                 }
-                // One process times the UNet, then (with --vae) the VAE.
-                jobs.push((Item::UnetB2, args));
+                if unet || vae {
+                    // One process times the UNet, then (with --vae) the VAE.
+                    jobs.push((Item::UnetB2, opts.script, args));
+                }
+                if peer == Peer::TorchF32 && opts.items.contains(&Item::ControlnetAdded) {
+                    let controlnet = opts.controlnet.context("timing a ControlNet needs its folder")?;
+                    let args = [
+                        "controlnet",
+                        &model,
+                        &controlnet.display().to_string(),
+                        "--runs",
+                        &opts.runs.to_string(),
+                        "--warmup",
+                        &opts.warmup.to_string(),
+                        "--threads",
+                        &opts.threads.to_string(),
+                    ];
+                    jobs.push((Item::ControlnetAdded, opts.extra_script, args.map(String::from).to_vec()));
+                }
+                if peer == Peer::TorchF32 && opts.items.contains(&Item::Full) {
+                    let args = [
+                        "generate",
+                        &model,
+                        "--runs",
+                        &opts.full_runs.to_string(),
+                        "--threads",
+                        &opts.threads.to_string(),
+                        "--steps",
+                        &FULL_STEPS.to_string(),
+                        "--prompt",
+                        PROMPT,
+                    ];
+                    jobs.push((Item::Full, opts.extra_script, args.map(String::from).to_vec()));
+                }
             }
             Peer::OpenVinoF32 | Peer::OpenVinoDefault => {
                 let convert = common(&["ov-convert", &model, &ov]);
@@ -286,25 +357,23 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
                 let precision = if peer == Peer::OpenVinoF32 { "f32" } else { "default" };
                 for (item, what, wanted) in [(Item::UnetB2, "unet", unet), (Item::Vae, "vae", vae)] {
                     if wanted {
-                        jobs.push((item, common(&["ov-time", &ov, "--precision", precision, "--what", what])));
+                        let args = common(&["ov-time", &ov, "--precision", precision, "--what", what]);
+                        jobs.push((item, opts.script, args));
                     }
                 }
             }
             Peer::OnnxRuntime => {
-                if !unet {
-                    continue;
-                }
                 let export = common(&["onnx-export", &model, &onnx]);
                 if let Err(e) = convert_once(opts, "onnx export", &onnx_dir, "unet.onnx", &export, &log) {
                     results.skipped.push((peer, format!("{e:#}")));
                     continue;
                 }
-                jobs.push((Item::UnetB2, common(&["ort-time", &onnx])));
+                jobs.push((Item::UnetB2, opts.script, common(&["ort-time", &onnx])));
             }
         }
-        for (item, args) in jobs {
-            let label = format!("{} {}", peer.title(), if item == Item::Vae { "vae" } else { "unet" });
-            let lines = match run_python(opts, &label, &args, &log) {
+        for (item, script, args) in jobs {
+            let label = format!("{} {}", peer.title(), item.name());
+            let lines = match run_python(opts, &label, script, &args, &log) {
                 Ok(lines) => lines,
                 Err(e) => {
                     results.skipped.push((peer, format!("{e:#}")));
@@ -313,8 +382,16 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
             };
             for line in &lines {
                 if let Some((name, timing)) = parse_result(line) {
-                    let item = if name.contains("vae") || name.contains("decode") { Item::Vae } else { item };
-                    results.timings.insert((peer, item), timing);
+                    // The torch job times the VAE after the UNet; the ControlNet job's plain step and
+                    // step with the ControlNet come before the difference this item is.
+                    let item = match item {
+                        Item::UnetB2 if name.contains("vae") || name.contains("decode") => Some(Item::Vae),
+                        Item::ControlnetAdded if name != "controlnet added" => None,
+                        item => Some(item),
+                    };
+                    if let Some(item) = item {
+                        results.timings.insert((peer, item), timing);
+                    }
                 }
                 if let Some(p) = line.trim().strip_prefix("INFERENCE_PRECISION_HINT = ")
                     && peer == Peer::OpenVinoDefault
