@@ -93,6 +93,14 @@ pub struct Job {
     pub seed: u64,
 }
 
+impl Job {
+    /// The dtype activations run in (f32 for half-precision weights on the CPU; see
+    /// [`diffctl::io::weights::precision`]).
+    fn compute_dtype(&self) -> DType {
+        diffctl::io::weights::precision(self.dtype, &self.device).0
+    }
+}
+
 /// What a child reports (one JSON line on stdout).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Outcome {
@@ -217,8 +225,9 @@ fn unet_inputs(job: &Job, unet: &UNet, batch: usize) -> Result<(Tensor, Tensor, 
     let mut noise = SeededNoise::new(job.seed);
     let c = unet.config();
     let latent = SIZE / 8;
-    let x = noise.sample(&[batch, c.in_channels, latent, latent], &job.device)?.to_dtype(job.dtype)?;
-    let ctx = noise.sample(&[batch, 77, c.blocks[0].cross_attention_dim], &job.device)?.to_dtype(job.dtype)?;
+    let dtype = job.compute_dtype();
+    let x = noise.sample(&[batch, c.in_channels, latent, latent], &job.device)?.to_dtype(dtype)?;
+    let ctx = noise.sample(&[batch, 77, c.blocks[0].cross_attention_dim], &job.device)?.to_dtype(dtype)?;
     let t = Tensor::full(TIMESTEP, batch, &job.device)?;
     Ok((x, t, ctx))
 }
@@ -261,7 +270,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
             let latent = SIZE / vae.config().scale_factor();
             let z = SeededNoise::new(job.seed)
                 .sample(&[1, vae.config().latent_channels, latent, latent], &job.device)?
-                .to_dtype(job.dtype)?;
+                .to_dtype(job.compute_dtype())?;
             out.runs = time_runs(job, &mut share, "vae decode", || {
                 last = Some(vae.decode(&z)?);
                 Ok(())
