@@ -116,7 +116,7 @@ fn contiguous_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core
 #[inline(always)]
 fn normalise_group(xs: &[f32], ys: &mut [f32], spatial: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
     let n = xs.len() as f64;
-    let mean = xs.chunks(spatial).map(|c| sum(c) as f64).sum::<f64>() / n;
+    let mean = xs.chunks(spatial).map(|c| math::sum(c) as f64).sum::<f64>() / n;
     let mean32 = mean as f32;
     let var = xs
         .chunks(spatial)
@@ -139,20 +139,6 @@ fn normalise_group(xs: &[f32], ys: &mut [f32], spatial: usize, gamma: &[f32], be
             }
         }
     }
-}
-
-/// Σx with 16 independent accumulators (vectorises; pairwise enough for 10⁵ values).
-#[inline(always)]
-fn sum(xs: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = xs.chunks_exact(16);
-    let rest: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    acc.iter().sum::<f32>() + rest
 }
 
 /// Σ(x − μ)² with 16 independent accumulators.

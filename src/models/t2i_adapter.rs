@@ -57,7 +57,10 @@ impl T2IAdapterConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let value: serde_json::Value = crate::io::read_json(path)?;
         if value.get("adapter_type").and_then(|v| v.as_str()) == Some("full_adapter_xl") {
-            return Err(Error::config(path, "adapter_type full_adapter_xl is an SDXL adapter; this model is SD1.x/2.x"));
+            return Err(Error::config(
+                path,
+                "adapter_type full_adapter_xl is an SDXL adapter; this model is SD1.x/2.x",
+            ));
         }
         let c: Self = serde_json::from_value(value).map_err(|e| Error::config(path, format!("invalid config: {e}")))?;
         if c.channels.is_empty() || c.downscale_factor == 0 {
@@ -142,7 +145,11 @@ fn avg_pool2x2_ceil(xs: &Tensor) -> Result<Tensor> {
         return Ok(xs.avg_pool2d(2)?);
     }
     let padded = xs.pad_with_zeros(2, 0, h % 2)?.pad_with_zeros(3, 0, w % 2)?;
-    let ones = Tensor::ones((1, 1, h, w), xs.dtype(), xs.device())?.pad_with_zeros(2, 0, h % 2)?.pad_with_zeros(3, 0, w % 2)?;
+    let ones = Tensor::ones((1, 1, h, w), xs.dtype(), xs.device())?.pad_with_zeros(2, 0, h % 2)?.pad_with_zeros(
+        3,
+        0,
+        w % 2,
+    )?;
     Ok(padded.avg_pool2d(2)?.broadcast_div(&ones.avg_pool2d(2)?)?)
 }
 
@@ -168,7 +175,8 @@ impl T2IAdapter {
                     .map(|i| {
                         let sw = w.pp(format!("body.{i}"));
                         let (cin, cout) = (if i == 0 { ch[0] } else { ch[i - 1] }, ch[i]);
-                        let in_conv = (cin != cout).then(|| conv2d(&sw.pp("in_conv"), cin, cout, 1, 1, 0)).transpose()?;
+                        let in_conv =
+                            (cin != cout).then(|| conv2d(&sw.pp("in_conv"), cin, cout, 1, 1, 0)).transpose()?;
                         let resnets = (0..c.num_res_blocks)
                             .map(|j| ResBlock::load(&sw.pp(format!("resnets.{j}")), cout, 1))
                             .collect::<Result<_>>()?;
