@@ -128,15 +128,6 @@ impl CustomOp3 for Conv2dOp {
     }
 }
 
-/// The contiguous f32 data of a storage under `layout`.
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("conv2d: the kernel needs contiguous tensors"),
-    }
-}
-
 /// Sizes of one convolution.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -161,9 +152,9 @@ impl Conv2dOp {
         w_layout: &Layout,
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, x_layout)?;
-        let weight = contiguous_f32(ws, w_layout)?;
-        let bias = bias.map(|(s, l)| contiguous_f32(s, l)).transpose()?;
+        let x = super::contiguous_f32("conv2d", xs, x_layout)?;
+        let weight = super::contiguous_f32("conv2d", ws, w_layout)?;
+        let bias = bias.map(|(s, l)| super::contiguous_f32("conv2d", s, l)).transpose()?;
         let (b, cin, h, w) = x_layout.shape().dims4()?;
         let (cout, _, k, _) = w_layout.shape().dims4()?;
         let (stride, padding) = (self.stride, self.padding);

@@ -29,10 +29,7 @@ impl CustomOp1 for Geglu {
         if width % 2 != 0 {
             candle_core::bail!("GEGLU needs an even last dimension, got {dims:?}");
         }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("GEGLU kernel: non-contiguous input");
-        };
-        let h = &storage.as_slice::<f32>()?[start..end];
+        let h = super::contiguous_f32("GEGLU", storage, layout)?;
         let inner = width / 2;
         let mut out = vec![0f32; h.len() / 2];
         // Rows in groups of about 64k values per task.

@@ -86,9 +86,9 @@ impl CustomOp3 for GroupNormOp {
                 bias_layout.dims()
             );
         }
-        let xs = contiguous_slice(xs, xs_layout)?;
-        let weight = contiguous_slice(weight, weight_layout)?;
-        let bias = contiguous_slice(bias, bias_layout)?;
+        let xs = super::contiguous_f32("GroupNorm", xs, xs_layout)?;
+        let weight = super::contiguous_f32("GroupNorm", weight, weight_layout)?;
+        let bias = super::contiguous_f32("GroupNorm", bias, bias_layout)?;
         let group_len = channels / self.groups * spatial;
         let mut out = vec![0f32; xs.len()];
         out.par_chunks_mut(group_len).zip(xs.par_chunks(group_len)).enumerate().for_each(|(i, (ys, xs))| {
@@ -99,15 +99,6 @@ impl CustomOp3 for GroupNormOp {
         });
         debug_assert_eq!(out.len(), batch * channels * spatial);
         Ok((CpuStorage::F32(out), xs_layout.shape().clone()))
-    }
-}
-
-/// The f32 data of a contiguous layout, or an error naming the op.
-fn contiguous_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("GroupNorm kernel: non-contiguous input"),
     }
 }
 

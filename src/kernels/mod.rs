@@ -16,3 +16,14 @@ pub mod convert;
 pub mod geglu;
 pub mod group_norm;
 pub mod math;
+
+use candle_core::{CpuStorage, Layout};
+
+/// The f32 data a contiguous `layout` covers in `storage`, or an error naming the kernel `op`.
+fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} kernel: non-contiguous input"),
+    }
+}
