@@ -278,7 +278,12 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults) -> Vec<Row> {
     rows
 }
 
+// Measured as the CLI runs: with diffctl's allocator (src/allocator.rs).
+#[global_allocator]
+static ALLOCATOR: diffctl::allocator::TensorAllocator = diffctl::allocator::TensorAllocator;
+
 fn main() -> Result<()> {
+    diffctl::allocator::configure();
     let args = Args::parse();
     if let Some(kind) = args.child {
         return child_main(&args, kind);

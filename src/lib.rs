@@ -3,6 +3,7 @@
 //! One UNet with named injection points ([`models::unet::UNetControls`]) and one sampling loop
 //! ([`pipeline`]); each control mechanism ([`control`]) plugs into those points.
 
+pub mod allocator;
 pub mod cli;
 pub mod control;
 pub mod error;

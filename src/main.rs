@@ -1,6 +1,10 @@
 //! The `diffctl` binary.
 
+#[global_allocator]
+static ALLOCATOR: diffctl::allocator::TensorAllocator = diffctl::allocator::TensorAllocator;
+
 fn main() -> std::process::ExitCode {
+    diffctl::allocator::configure();
     match diffctl::cli::run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -15,7 +15,7 @@ use crate::models::nn::LayerRegistry;
 use crate::models::unet::{UNet, UNetControls};
 use crate::models::vae::Vae;
 use crate::prompt::{self, PromptSyntax, a1111};
-use crate::schedulers::{self, NoiseSource, SchedulerConfig, SchedulerKind};
+use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -227,11 +227,44 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
+        let start = self.start(req, controls, noise)?;
+        let latents = sample(&self.unet, &self.options, start, controls, noise, progress)?;
+        decode(&self.vae, &self.options, latents, progress)
+    }
+
+    /// [`Self::generate`] for one-shot use (the CLI): the same result, but each network is freed
+    /// once its stage is done (the text encoder and the layer registry after prompt encoding, the
+    /// UNet after sampling), so peak memory is that of the largest stage instead of the whole model.
+    pub fn generate_once(
+        self,
+        req: &GenerateRequest,
+        controls: &mut [Box<dyn Control>],
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Generated> {
+        let start = self.start(req, controls, noise)?;
+        let Self { text_encoder, layers, unet, vae, options, .. } = self;
+        drop((text_encoder, layers));
+        crate::allocator::release_free_memory();
+        let latents = sample(&unet, &options, start, controls, noise, progress)?;
+        drop(unet);
+        crate::allocator::release_free_memory();
+        decode(&vae, &options, latents, progress)
+    }
+
+    /// Checks the request and prepares sampling: the scheduler, the scaled starting latents and the
+    /// text context (negative and positive prompts, edited by the controls).
+    fn start(
+        &self,
+        req: &GenerateRequest,
+        controls: &mut [Box<dyn Control>],
+        noise: &mut dyn NoiseSource,
+    ) -> Result<SamplingStart> {
         let kind = match req.scheduler {
             Some(k) => k,
             None => self.default_scheduler()?,
         };
-        let mut scheduler = schedulers::build(kind, &self.scheduler_config, req.steps)?;
+        let scheduler = schedulers::build(kind, &self.scheduler_config, req.steps)?;
         let init = self.initial_noise(req, noise)?;
         let batch = init.dim(0)?;
         let guided = req.guidance > 1.0;
@@ -255,43 +288,74 @@ impl StableDiffusion {
         for control in controls.iter_mut() {
             context = control.edit_context(context, &ContextInfo { guided, batch })?;
         }
+        let latents = (init * scheduler.init_noise_sigma())?;
+        Ok(SamplingStart { scheduler, latents, context, guidance: guided.then_some(req.guidance) })
+    }
+}
 
-        let (dtype, _) = crate::io::weights::precision(self.options.dtype, &self.options.device);
-        let timesteps = scheduler.timesteps().to_vec();
-        progress(Progress::Sampling { steps: timesteps.len() });
-        let mut latents = (init * scheduler.init_noise_sigma())?;
-        for (i, &t) in timesteps.iter().enumerate() {
-            let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
-            let n = model_input.dim(0)?;
-            let step = StepContext {
-                unet: &self.unet,
-                step_index: i,
-                num_steps: timesteps.len(),
-                timestep: t,
-                latents: &model_input,
-                context: &context,
-                guided,
-            };
-            let mut unet_controls = UNetControls::default();
-            for control in controls.iter_mut() {
-                unet_controls.merge(control.contribute(&step)?)?;
-            }
-            let t_batch = Tensor::full(t as f32, n, self.device())?;
-            let prediction =
-                self.unet.forward(&model_input, &t_batch, &context, &unet_controls)?.to_dtype(DType::F32)?;
-            let prediction = if guided {
+/// Where the sampling loop starts from.
+struct SamplingStart {
+    scheduler: Box<dyn Scheduler>,
+    /// The starting latents [B, C, h, w] (f32), already scaled by the scheduler's initial sigma.
+    latents: Tensor,
+    /// Text context [B or 2B, L, D]: negative prompts first when guided.
+    context: Tensor,
+    /// The classifier-free guidance scale, when guidance is on.
+    guidance: Option<f64>,
+}
+
+/// The sampling loop: at every step the controls contribute to the UNet's injection points, the
+/// UNet predicts, guidance combines, the scheduler steps. Returns the final latents (f32).
+fn sample(
+    unet: &UNet,
+    options: &LoadOptions,
+    start: SamplingStart,
+    controls: &mut [Box<dyn Control>],
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Tensor> {
+    let SamplingStart { mut scheduler, mut latents, context, guidance } = start;
+    let (dtype, _) = crate::io::weights::precision(options.dtype, &options.device);
+    let batch = latents.dim(0)?;
+    let timesteps = scheduler.timesteps().to_vec();
+    progress(Progress::Sampling { steps: timesteps.len() });
+    for (i, &t) in timesteps.iter().enumerate() {
+        let model_input = if guidance.is_some() { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
+        let n = model_input.dim(0)?;
+        let step = StepContext {
+            unet,
+            step_index: i,
+            num_steps: timesteps.len(),
+            timestep: t,
+            latents: &model_input,
+            context: &context,
+            guided: guidance.is_some(),
+        };
+        let mut unet_controls = UNetControls::default();
+        for control in controls.iter_mut() {
+            unet_controls.merge(control.contribute(&step)?)?;
+        }
+        let t_batch = Tensor::full(t as f32, n, &options.device)?;
+        let prediction = unet.forward(&model_input, &t_batch, &context, &unet_controls)?.to_dtype(DType::F32)?;
+        let prediction = match guidance {
+            Some(scale) => {
                 let uncond = prediction.narrow(0, 0, batch)?;
                 let cond = prediction.narrow(0, batch, batch)?;
-                (&uncond + ((cond - &uncond)? * req.guidance)?)?
-            } else {
-                prediction
-            };
-            latents = scheduler.step(&prediction, i, &latents, noise)?;
-            progress(Progress::Step { done: i + 1, total: timesteps.len() });
-        }
-        progress(Progress::Decoding);
-        let images = self.vae.decode_to_unit_range(&latents.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
-        Ok(Generated { latents, images })
+                (&uncond + ((cond - &uncond)? * scale)?)?
+            }
+            None => prediction,
+        };
+        latents = scheduler.step(&prediction, i, &latents, noise)?;
+        progress(Progress::Step { done: i + 1, total: timesteps.len() });
     }
+    Ok(latents)
+}
+
+/// Decodes the final latents into images in [0, 1].
+fn decode(vae: &Vae, options: &LoadOptions, latents: Tensor, progress: &mut dyn FnMut(Progress)) -> Result<Generated> {
+    progress(Progress::Decoding);
+    let (dtype, _) = crate::io::weights::precision(options.dtype, &options.device);
+    let images = vae.decode_to_unit_range(&latents.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+    Ok(Generated { latents, images })
 }

@@ -50,3 +50,33 @@ fn pipeline_matches_diffusers_for_every_case() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// The one-shot path the CLI takes, which frees each network after its stage, gives exactly what
+/// `generate` gives.
+#[test]
+fn generate_once_matches_generate() {
+    let case = &common::pipeline_cases()[0];
+    let load = || StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap();
+    let fixture = load_fixture(&case.file);
+    let request = GenerateRequest {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        steps: case.steps,
+        guidance: case.guidance,
+        scheduler: case.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().unwrap()),
+        width: 0,
+        height: 0,
+        batch: 0,
+        clip_skip: case.clip_skip.unwrap_or(0),
+        init_latents: Some(fixture["init_latents"].clone()),
+    };
+    let mut progress = Vec::new();
+    let kept = load().generate(&request, &mut [], &mut ReplayNoise::from_fixture(&fixture), &mut |_| {}).unwrap();
+    let once = load()
+        .generate_once(&request, &mut [], &mut ReplayNoise::from_fixture(&fixture), &mut |p| progress.push(p))
+        .unwrap();
+    assert_eq!(max_abs_diff(&once.latents, &kept.latents), 0.0);
+    assert_eq!(max_abs_diff(&once.images, &kept.images), 0.0);
+    assert_eq!(progress.first(), Some(&Progress::Sampling { steps: case.steps }));
+    assert_eq!(progress.last(), Some(&Progress::Decoding));
+}

@@ -200,9 +200,21 @@ fn sync(device: &Device) -> Result<()> {
 
 /// Times `f` `warmup` + `runs` times, printing each run to stderr; returns the timed runs.
 fn time_runs(job: &Job, share: &mut Share, label: &str, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    time_runs_after(job, share, label, || Ok(()), |()| f())
+}
+
+/// [`time_runs`] where each run first gets its input from `setup`, untimed.
+fn time_runs_after<T>(
+    job: &Job,
+    share: &mut Share,
+    label: &str,
+    mut setup: impl FnMut() -> Result<T>,
+    mut f: impl FnMut(T) -> Result<()>,
+) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(job.runs);
     for i in 0..job.warmup + job.runs {
-        let s = share.time(&job.device, i >= job.warmup, &mut f)?;
+        let input = setup()?;
+        let s = share.time(&job.device, i >= job.warmup, || f(input))?;
         let what = if i < job.warmup { format!("warm-up {i}") } else { format!("run {}", i - job.warmup) };
         eprintln!("  {label} {what}: {s:.2} s");
         if i >= job.warmup {
@@ -313,8 +325,6 @@ pub fn run(job: &Job) -> Result<Outcome> {
         Kind::Full => {
             drop(files);
             let options = LoadOptions { dtype: job.dtype, device: job.device.clone(), files: SourceOptions::default() };
-            let model = StableDiffusion::load(&job.model, &options)?;
-            out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
             let req = GenerateRequest {
                 prompt: PROMPT.into(),
                 negative_prompt: None,
@@ -328,7 +338,15 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 init_latents: None,
             };
             let mut marks = Vec::new();
-            out.runs = time_runs(job, &mut share, "whole generation", || {
+            // As the CLI does: one model per generation, each network freed once its stage is done
+            // (`generate_once`), so every run loads the model again, untimed.
+            let load = || -> Result<StableDiffusion> {
+                let t0 = Instant::now();
+                let model = StableDiffusion::load(&job.model, &options)?;
+                out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
+                Ok(model)
+            };
+            out.runs = time_runs_after(job, &mut share, "whole generation", load, |model| {
                 marks.clear();
                 let start = Instant::now();
                 let mut progress = |p: Progress| {
@@ -337,7 +355,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                         eprint!("\r    step {done}/{total} at {:.1} s", start.elapsed().as_secs_f64());
                     }
                 };
-                let generated = model.generate(&req, &mut [], &mut SeededNoise::new(job.seed), &mut progress)?;
+                let generated = model.generate_once(&req, &mut [], &mut SeededNoise::new(job.seed), &mut progress)?;
                 eprintln!();
                 last = Some(generated.images);
                 Ok(())

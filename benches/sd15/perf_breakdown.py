@@ -18,14 +18,14 @@ from collections import Counter
 # (category, regex on one frame), first match over the whole stack in this order wins.
 CATEGORIES = [
     ("load (weights, tokenizer)", r"::load\b|ModelFiles::open|MmapedSafetensors|read_json"),
-    ("attention (QK^T, softmax, PV, head split/merge)", r"attention::scaled_dot_product|attention::split_heads|attention::merge_heads"),
+    ("attention (QK^T, softmax, PV, head split/merge)", r"attention::scaled_dot_product|attention::split_heads|attention::merge_heads|kernels::attention"),
     ("GroupNorm", r"GroupNorm|group_norm"),
     ("LayerNorm", r"LayerNorm|layer_norm"),
-    ("conv2d (3x3 im2col + gemm, 1x1)", r"conv2d|Conv2D|Im2Col"),
+    ("conv2d (3x3 im2col + gemm, 1x1)", r"conv2d|Conv2D|Im2Col|kernels::conv"),
     ("linear (matmul)", r"candle_nn::linear|Linear as candle_core::Module|LayerHandle>::forward"),
     ("cat / contiguous copies", r"Tensor::cat|copy_strided|copy2d|contiguous"),
     ("upsample", r"upsample"),
-    ("activations (silu, gelu)", r"silu|gelu|Silu|Gelu|erff"),
+    ("activations (silu, gelu)", r"silu|gelu|Silu|Gelu|erff|geglu|Geglu"),
     ("elementwise (add, mul, broadcast)", r"binary_map|unary_map|affine|BinaryOp|broadcast"),
     ("matmul (caller not seen)", r"gemm|MatMul"),
 ]

@@ -170,7 +170,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     controls.extend(args.residual.build(&model, &options, width, height)?);
     controls.extend(args.ip_adapter.build(&mut model, &options, width, height)?);
     controls.extend(args.uni_controlnet.build(&model, &options, width, height)?);
-    let generated = model.generate(&request, &mut controls, &mut SeededNoise::new(seed), &mut on_progress)?;
+    let generated = model.generate_once(&request, &mut controls, &mut SeededNoise::new(seed), &mut on_progress)?;
     bar.finish_and_clear();
 
     if let Some(path) = &args.output_latents {
