@@ -182,16 +182,18 @@ fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usiz
                         gemm::Parallelism::None,
                     );
                 }
-                for (i, row) in s.chunks_exact_mut(len).enumerate() {
-                    let max = row_max(row).max(maxes[i]);
-                    // How much the output so far and its sum shrink under the new max (0 at first).
-                    let rescale = math::exp2(maxes[i] - max);
-                    sums[i] = sums[i] * rescale + exp2_shifted_sum(row, max);
-                    maxes[i] = max;
-                    if c0 > 0 && rescale != 1.0 {
-                        dst[i * heads * dv..][..dv].iter_mut().for_each(|o| *o *= rescale);
+                math::with_avx2(|| {
+                    for (i, row) in s.chunks_exact_mut(len).enumerate() {
+                        let max = math::max(row).max(maxes[i]);
+                        // How much the output so far and its sum shrink under the new max (0 at first).
+                        let rescale = math::exp2(maxes[i] - max);
+                        sums[i] = sums[i] * rescale + exp2_shifted_sum(row, max);
+                        maxes[i] = max;
+                        if c0 > 0 && rescale != 1.0 {
+                            dst[i * heads * dv..][..dv].iter_mut().for_each(|o| *o *= rescale);
+                        }
                     }
-                }
+                });
                 // SAFETY: as above for v rows c0..c0+len (dv columns); the destination is rows of
                 // stride H·Dv starting at column hi·Dv of `out`, dv columns each, all inside `out`,
                 // which nothing else aliases.
@@ -228,19 +230,13 @@ fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usiz
     });
 }
 
-/// The largest value of `row`.
-fn row_max(row: &[f32]) -> f32 {
-    math::with_avx2(|| math::max(row))
-}
-
 /// Replaces `row` by `2^(row − max)` and returns the sum of the new values.
+#[inline(always)]
 fn exp2_shifted_sum(row: &mut [f32], max: f32) -> f32 {
-    math::with_avx2(|| {
-        for x in row.iter_mut() {
-            *x = math::exp2(*x - max);
-        }
-        math::sum(row)
-    })
+    for x in row.iter_mut() {
+        *x = math::exp2(*x - max);
+    }
+    math::sum(row)
 }
 
 #[cfg(test)]
