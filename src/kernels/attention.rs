@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::math;
+use super::math::{self, simd_dispatch};
 
 /// Keys per chunk of the online softmax: a [rows, chunk] score block and the chunk's keys and values
 /// stay in a core's L2 cache.
@@ -182,18 +182,8 @@ fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usiz
                         gemm::Parallelism::None,
                     );
                 }
-                math::with_avx2(|| {
-                    for (i, row) in s.chunks_exact_mut(len).enumerate() {
-                        let max = math::max(row).max(maxes[i]);
-                        // How much the output so far and its sum shrink under the new max (0 at first).
-                        let rescale = math::exp2(maxes[i] - max);
-                        sums[i] = sums[i] * rescale + exp2_shifted_sum(row, max);
-                        maxes[i] = max;
-                        if c0 > 0 && rescale != 1.0 {
-                            dst[i * heads * dv..][..dv].iter_mut().for_each(|o| *o *= rescale);
-                        }
-                    }
-                });
+                let stats = RunningStats { maxes: &mut maxes[..n], sums: &mut sums[..n] };
+                online_softmax_step(s, len, stats, dst, heads * dv, dv, c0 == 0);
                 // SAFETY: as above for v rows c0..c0+len (dv columns); the destination is rows of
                 // stride H·Dv starting at column hi·Dv of `out`, dv columns each, all inside `out`,
                 // which nothing else aliases.
@@ -230,13 +220,40 @@ fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usiz
     });
 }
 
-/// Replaces `row` by `2^(row − max)` and returns the sum of the new values.
-#[inline(always)]
-fn exp2_shifted_sum(row: &mut [f32], max: f32) -> f32 {
-    for x in row.iter_mut() {
-        *x = math::exp2(*x - max);
+/// The running max and sum of exponentials of each query row of a block.
+struct RunningStats<'a> {
+    maxes: &'a mut [f32],
+    sums: &'a mut [f32],
+}
+
+simd_dispatch! {
+    /// One key chunk's step of the online softmax on the score block `scores` [n, len] (in log2
+    /// units): per row, the running max rises to cover the chunk, the scores become
+    /// `2^(score − max)`, the running sum shrinks by the rise and grows by their sum, and the row's
+    /// output so far (`dv` values at row · `stride` in `out`; none yet for the `first` chunk) shrinks
+    /// by the rise.
+    fn online_softmax_step(
+        scores: &mut [f32],
+        len: usize,
+        stats: RunningStats,
+        out: &mut [f32],
+        stride: usize,
+        dv: usize,
+        first: bool,
+    ) {
+        for (i, row) in scores.chunks_exact_mut(len).enumerate() {
+            let max = math::max(row).max(stats.maxes[i]);
+            let rescale = math::exp2(stats.maxes[i] - max);
+            for x in row.iter_mut() {
+                *x = math::exp2(*x - max);
+            }
+            stats.sums[i] = stats.sums[i] * rescale + math::sum(row);
+            stats.maxes[i] = max;
+            if !first && rescale != 1.0 {
+                out[i * stride..][..dv].iter_mut().for_each(|o| *o *= rescale);
+            }
+        }
     }
-    math::sum(row)
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::math::simd_dispatch;
+
 /// The algorithm [`conv2d`] uses for a convolution on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvPath {
@@ -526,44 +528,6 @@ fn a_transform(m: &[Lanes; 6]) -> [Lanes; 4] {
         o[3][l] = d12 + 8.0 * d34 + m5;
     }
     o
-}
-
-/// Defines `$name` running `$body` compiled for AVX2+FMA when the CPU has them, else for the
-/// build's baseline target.
-macro_rules! simd_dispatch {
-    ($(#[$doc:meta])* unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        simd_dispatch!(@impl [unsafe] $(#[$doc])* $name($($arg: $ty),*) $body);
-    };
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        simd_dispatch!(@impl [] $(#[$doc])* $name($($arg: $ty),*) $body);
-    };
-    (@impl [$($unsafety:tt)*] $(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
-        $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        $($unsafety)* fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            $($unsafety)* fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
-                    // SAFETY: forwarded from the caller of the dispatching function.
-                    #[allow(unused_unsafe)]
-                    unsafe { body($($arg),*) }
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked above); the rest of the
-                    // contract is the dispatching function's own.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            #[allow(unused_unsafe)]
-            // SAFETY: forwarded from the caller of the dispatching function.
-            unsafe { body($($arg),*) }
-        }
-    };
 }
 
 simd_dispatch! {

@@ -7,6 +7,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::math::simd_dispatch;
+
 /// `t` as f32: in parallel for contiguous f16/bf16 CPU tensors, by candle otherwise.
 pub fn to_f32(t: &Tensor) -> candle_core::Result<Tensor> {
     match t.dtype() {
@@ -32,18 +34,30 @@ impl CustomOp1 for Widen {
         };
         let mut out = vec![0f32; end - start];
         match storage {
-            CpuStorage::BF16(data) => widen(&data[start..end], &mut out, bf16::to_f32),
-            CpuStorage::F16(data) => widen(&data[start..end], &mut out, f16::to_f32),
+            CpuStorage::BF16(data) => {
+                out.par_chunks_mut(CHUNK).zip(data[start..end].par_chunks(CHUNK)).for_each(|(d, s)| widen_bf16(d, s))
+            }
+            CpuStorage::F16(data) => {
+                out.par_chunks_mut(CHUNK).zip(data[start..end].par_chunks(CHUNK)).for_each(|(d, s)| widen_f16(d, s))
+            }
             other => candle_core::bail!("widen-to-f32: expected f16 or bf16, found {:?}", other.dtype()),
         }
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
-fn widen<T: Copy + Sync>(src: &[T], dst: &mut [f32], f: impl Fn(T) -> f32 + Sync) {
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| super::math::with_avx2(|| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s))));
+simd_dispatch! {
+    /// `dst` = `src` widened to f32.
+    fn widen_bf16(dst: &mut [f32], src: &[bf16]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s.to_f32());
+    }
+}
+
+simd_dispatch! {
+    /// `dst` = `src` widened to f32.
+    fn widen_f16(dst: &mut [f32], src: &[f16]) {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s.to_f32());
+    }
 }
 
 #[cfg(test)]

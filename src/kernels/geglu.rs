@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::math;
+use super::math::{self, simd_dispatch};
 
 /// h [.., 2·inner] → [.., inner]: the first half times the exact (erf) GELU of the second half.
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
@@ -34,21 +34,26 @@ impl CustomOp1 for Geglu {
         let mut out = vec![0f32; h.len() / 2];
         // Rows in groups of about 64k values per task.
         let rows_per_task = (65_536 / inner.max(1)).max(1);
-        out.par_chunks_mut(rows_per_task * inner).zip(h.par_chunks(rows_per_task * width)).for_each(|(out, h)| {
-            math::with_avx2(|| {
-                for (out, h) in out.chunks_exact_mut(inner).zip(h.chunks_exact(width)) {
-                    let (value, gate) = h.split_at(inner);
-                    for ((o, &v), &g) in out.iter_mut().zip(value).zip(gate) {
-                        *o = v * gelu(g);
-                    }
-                }
-            })
-        });
+        out.par_chunks_mut(rows_per_task * inner)
+            .zip(h.par_chunks(rows_per_task * width))
+            .for_each(|(out, h)| geglu_rows(out, h, inner));
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = inner;
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+simd_dispatch! {
+    /// `out` [rows, inner] = value · gelu(gate) for `h` [rows, 2·inner] = [value | gate].
+    fn geglu_rows(out: &mut [f32], h: &[f32], inner: usize) {
+        for (out, h) in out.chunks_exact_mut(inner).zip(h.chunks_exact(2 * inner)) {
+            let (value, gate) = h.split_at(inner);
+            for ((o, &v), &g) in out.iter_mut().zip(value).zip(gate) {
+                *o = v * gelu(g);
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use candle_nn::Module;
 use rayon::prelude::*;
 
-use super::math;
+use super::math::{self, simd_dispatch};
 
 /// `nn.GroupNorm(groups, channels, eps)` with affine `weight` and `bias` [C]; [`GroupNorm::forward_silu`]
 /// applies SiLU to the output in the same pass.
@@ -93,40 +93,39 @@ impl CustomOp3 for GroupNormOp {
         let mut out = vec![0f32; xs.len()];
         out.par_chunks_mut(group_len).zip(xs.par_chunks(group_len)).enumerate().for_each(|(i, (ys, xs))| {
             let first_channel = (i % self.groups) * (channels / self.groups);
-            math::with_avx2(|| {
-                normalise_group(xs, ys, spatial, &weight[first_channel..], &bias[first_channel..], self.eps, self.silu)
-            })
+            normalise_group(xs, ys, spatial, &weight[first_channel..], &bias[first_channel..], self.eps, self.silu)
         });
         debug_assert_eq!(out.len(), batch * channels * spatial);
         Ok((CpuStorage::F32(out), xs_layout.shape().clone()))
     }
 }
 
-/// One group of `channels × spatial` values: statistics (per-channel f32 sums combined in f64), then
-/// `y = (x − μ)·a + β` per channel with `a = γ/σ`, and SiLU when asked.
-#[inline(always)]
-fn normalise_group(xs: &[f32], ys: &mut [f32], spatial: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
-    let n = xs.len() as f64;
-    let mean = xs.chunks(spatial).map(|c| math::sum(c) as f64).sum::<f64>() / n;
-    let mean32 = mean as f32;
-    let var = xs
-        .chunks(spatial)
-        .map(|c| {
-            let d: f32 = sum_sq_dev(c, mean32);
-            d as f64
-        })
-        .sum::<f64>()
-        / n;
-    let rstd = 1.0 / (var + eps).sqrt();
-    for (c, (ys, xs)) in ys.chunks_mut(spatial).zip(xs.chunks(spatial)).enumerate() {
-        let (a, b) = ((gamma[c] as f64 * rstd) as f32, beta[c]);
-        if silu {
-            for (y, &x) in ys.iter_mut().zip(xs) {
-                *y = math::silu((x - mean32) * a + b);
-            }
-        } else {
-            for (y, &x) in ys.iter_mut().zip(xs) {
-                *y = (x - mean32) * a + b;
+simd_dispatch! {
+    /// One group of `channels × spatial` values: statistics (per-channel f32 sums combined in f64), then
+    /// `y = (x − μ)·a + β` per channel with `a = γ/σ`, and SiLU when asked.
+    fn normalise_group(xs: &[f32], ys: &mut [f32], spatial: usize, gamma: &[f32], beta: &[f32], eps: f64, silu: bool) {
+        let n = xs.len() as f64;
+        let mean = xs.chunks(spatial).map(|c| math::sum(c) as f64).sum::<f64>() / n;
+        let mean32 = mean as f32;
+        let var = xs
+            .chunks(spatial)
+            .map(|c| {
+                let d: f32 = sum_sq_dev(c, mean32);
+                d as f64
+            })
+            .sum::<f64>()
+            / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (c, (ys, xs)) in ys.chunks_mut(spatial).zip(xs.chunks(spatial)).enumerate() {
+            let (a, b) = ((gamma[c] as f64 * rstd) as f32, beta[c]);
+            if silu {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = math::silu((x - mean32) * a + b);
+                }
+            } else {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = (x - mean32) * a + b;
+                }
             }
         }
     }

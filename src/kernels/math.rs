@@ -1,8 +1,8 @@
 //! Vectorisable element-wise math for the CPU kernels, and the AVX2 dispatch they share.
 //!
 //! The functions are plain scalar Rust written so that the compiler vectorises the loops that call
-//! them; [`with_avx2`] runs such a loop compiled for AVX2+FMA when the CPU has them (release builds
-//! target baseline x86-64, where loops would otherwise be SSE2).
+//! them; a kernel's loop is defined with [`simd_dispatch`] to run compiled for AVX2+FMA when the CPU
+//! has them (release builds target baseline x86-64, where loops would otherwise be SSE2).
 
 /// `eˣ` for f32 with a relative error below 2e-7 over the whole range; inputs below -87.3 give
 /// about 1e-38 rather than 0 and inputs above 88.3 are clamped (callers use it for softmax and
@@ -91,23 +91,47 @@ pub fn max(xs: &[f32]) -> f32 {
     lanes.iter().copied().fold(tail, f32::max)
 }
 
-/// Runs `f` compiled with AVX2 and FMA enabled when the CPU supports them, else as is. `f` should
-/// be an `#[inline(always)]` loop body so that it is compiled inside the dispatched function.
-#[inline(always)]
-pub fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Defines `fn $name(args) { body }` (or `unsafe fn`) that runs `body` compiled for AVX2+FMA when
+/// the CPU has them, else for the build's baseline target. `body` is a nested `#[inline(always)]`
+/// function, so it and the `#[inline(always)]` helpers it calls are compiled inside the AVX2
+/// version (a closure handed to a dispatching function is not reliably inlined there).
+macro_rules! simd_dispatch {
+    ($(#[$doc:meta])* unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $crate::kernels::math::simd_dispatch!(@impl [unsafe] $(#[$doc])* $name($($arg: $ty),*) $body);
+    };
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $crate::kernels::math::simd_dispatch!(@impl [] $(#[$doc])* $name($($arg: $ty),*) $body);
+    };
+    (@impl [$($unsafety:tt)*] $(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        $($unsafety)* fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            $($unsafety)* fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    // SAFETY: forwarded from the caller of the dispatching function.
+                    #[allow(unused_unsafe)]
+                    unsafe { body($($arg),*) }
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above); the rest of the
+                    // contract is the dispatching function's own.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            #[allow(unused_unsafe)]
+            // SAFETY: forwarded from the caller of the dispatching function.
+            unsafe { body($($arg),*) }
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features `avx2` is compiled with (checked just above).
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
+    };
 }
+
+pub(crate) use simd_dispatch;
 
 #[cfg(test)]
 mod tests {
