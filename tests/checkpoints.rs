@@ -20,7 +20,6 @@ use candle_core::{DType, Device, Tensor};
 use common::{Case, ReplayNoise, copy_dir, load_fixture, max_abs_diff, repo_path, std_all};
 use diffctl::io::model_files::SourceOptions;
 use diffctl::pipeline::{GenerateRequest, LoadOptions, StableDiffusion};
-use diffctl::schedulers::SchedulerKind;
 
 const SD1: &str = "tests/fixtures/models/sd1-tiny";
 const SD2: &str = "tests/fixtures/models/sd2-tiny";
@@ -58,18 +57,7 @@ fn assert_cases(what: &str, model: &StableDiffusion, folder: &str, bound: Bound)
     let mut worst = 0f32;
     for case in cases(folder) {
         let fixture = load_fixture(&case.file);
-        let request = GenerateRequest {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            steps: case.steps,
-            guidance: case.guidance,
-            scheduler: case.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().unwrap()),
-            width: 0,
-            height: 0,
-            batch: 0,
-            clip_skip: case.clip_skip.unwrap_or(0),
-            init_latents: Some(fixture["init_latents"].clone()),
-        };
+        let request = case.request(&fixture);
         let out = model
             .generate(&request, &mut [], &mut ReplayNoise::from_fixture(&fixture), &mut |_| {})
             .unwrap_or_else(|e| panic!("{what} {}: {e}", case.name));
@@ -106,18 +94,7 @@ fn name(folder: &str) -> &str {
 fn final_latents(model: &StableDiffusion, case_file: &str) -> Tensor {
     let case = cases(SD1).into_iter().find(|c| c.file == case_file).unwrap();
     let fixture = load_fixture(case_file);
-    let request = GenerateRequest {
-        prompt: case.prompt,
-        negative_prompt: case.negative_prompt,
-        steps: case.steps,
-        guidance: case.guidance,
-        scheduler: case.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().unwrap()),
-        width: 0,
-        height: 0,
-        batch: 0,
-        clip_skip: 0,
-        init_latents: Some(fixture["init_latents"].clone()),
-    };
+    let request = GenerateRequest { clip_skip: 0, ..case.request(&fixture) };
     model.generate(&request, &mut [], &mut ReplayNoise(Vec::new()), &mut |_| {}).unwrap().latents
 }
 

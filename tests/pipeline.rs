@@ -6,8 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
-use diffctl::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
-use diffctl::schedulers::SchedulerKind;
+use diffctl::pipeline::{LoadOptions, Progress, StableDiffusion};
 
 #[test]
 fn pipeline_matches_diffusers_for_every_case() {
@@ -20,18 +19,7 @@ fn pipeline_matches_diffusers_for_every_case() {
             .or_insert_with(|| StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap());
         let fixture = load_fixture(&case.file);
         let mut noise = ReplayNoise::from_fixture(&fixture);
-        let request = GenerateRequest {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            steps: case.steps,
-            guidance: case.guidance,
-            scheduler: case.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().unwrap()),
-            width: 0,
-            height: 0,
-            batch: 0,
-            clip_skip: case.clip_skip.unwrap_or(0),
-            init_latents: Some(fixture["init_latents"].clone()),
-        };
+        let request = case.request(&fixture);
         let mut steps_seen = 0;
         let out = model
             .generate(&request, &mut [], &mut noise, &mut |p| {
@@ -58,18 +46,7 @@ fn generate_once_matches_generate() {
     let case = &common::pipeline_cases()[0];
     let load = || StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap();
     let fixture = load_fixture(&case.file);
-    let request = GenerateRequest {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        steps: case.steps,
-        guidance: case.guidance,
-        scheduler: case.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().unwrap()),
-        width: 0,
-        height: 0,
-        batch: 0,
-        clip_skip: case.clip_skip.unwrap_or(0),
-        init_latents: Some(fixture["init_latents"].clone()),
-    };
+    let request = case.request(&fixture);
     let mut progress = Vec::new();
     let kept = load().generate(&request, &mut [], &mut ReplayNoise::from_fixture(&fixture), &mut |_| {}).unwrap();
     let once = load()

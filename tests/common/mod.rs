@@ -79,6 +79,24 @@ pub struct Case {
     pub file: String,
 }
 
+impl Case {
+    /// The request that replays this case from its fixture's starting latents.
+    pub fn request(&self, fixture: &HashMap<String, Tensor>) -> diffctl::pipeline::GenerateRequest {
+        diffctl::pipeline::GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler.as_deref().map(|s| s.parse().unwrap()),
+            width: 0,
+            height: 0,
+            batch: 0,
+            clip_skip: self.clip_skip.unwrap_or(0),
+            init_latents: Some(fixture["init_latents"].clone()),
+        }
+    }
+}
+
 /// Every case of tests/fixtures/cases.json.
 pub fn pipeline_cases() -> Vec<Case> {
     #[derive(serde::Deserialize)]
