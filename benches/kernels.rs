@@ -2,7 +2,7 @@
 //! replace, on the shapes of an SD1.5 step at 512x512 (batch 2) and of the VAE decoder.
 //!
 //! ```sh
-//! cargo bench --bench kernels -- [attention|conv|group_norm ...]
+//! cargo bench --bench kernels -- [attention|conv|group_norm|linear ...]
 //! ```
 //!
 //! Thread count: `RAYON_NUM_THREADS` (default: the physical cores), as candle.
@@ -11,6 +11,7 @@ mod kernels {
     pub mod attention;
     pub mod conv;
     pub mod group_norm;
+    pub mod linear;
     pub mod timing;
 }
 
@@ -26,6 +27,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wants("group_norm") {
         kernels::group_norm::run()?;
+    }
+    if wants("linear") {
+        kernels::linear::run()?;
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! `diffctl::kernels::conv::conv2d` against candle's `conv2d` (+ bias) on the convolutions of an
-//! SD1.5 UNet step (batch 2, 64x64 latents) and of the VAE decoder at 512x512.
+//! SD1.5 UNet step (batch 2, 64x64 latents) and of the VAE decoder at 512x512; with bf16 weights too
+//! where the CPU has bf16 dot products.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use diffctl::kernels::bf16_gemm;
 use diffctl::kernels::conv::{conv2d, cpu_path};
 
 use super::timing::{median_ms, report};
@@ -47,6 +49,19 @@ pub fn run() -> anyhow::Result<()> {
         let label = format!("conv {what} {b}x{cin}x{h}x{w}→{cout} k{k} s{stride} [{path:?}]");
         report(&label, ours, plain);
         println!("{:<60} {:>9.1} GFLOP/s (direct-conv equivalent)", "", flop / ours / 1e6);
+        if bf16_gemm::available() {
+            let weight = weight.to_dtype(DType::BF16)?;
+            let bf16 = median_ms(runs, || {
+                conv2d(&x, &weight, Some(&bias), stride, padding)?;
+                Ok(())
+            })?;
+            println!(
+                "{:<60} bf16 weights {bf16:>9.1} ms, {:>9.1} GFLOP/s, bf16/f32 {:.2}",
+                "",
+                flop / bf16 / 1e6,
+                bf16 / ours
+            );
+        }
     }
     Ok(())
 }

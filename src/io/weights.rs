@@ -432,9 +432,10 @@ impl Weights {
 
 /// How a model asked to run in `dtype` on `device` is held: the dtype of activations and small
 /// parameters, and the dtype of Linear and Conv2d weights. On the CPU, f16 and bf16 keep the layer
-/// weights in half precision (half the memory) and compute in f32: without native half-precision
-/// dot products that is faster than half-precision compute, and more accurate. Elsewhere both are
-/// `dtype`.
+/// weights in half precision (half the memory) and activations in f32: bf16 layers multiply with the
+/// CPU's bf16 dot products where it has them (AVX512-BF16, [`crate::kernels::bf16_gemm`]), and
+/// otherwise the weights are widened to f32 per call, which without native half-precision dot
+/// products is faster than half-precision compute, and more accurate. Elsewhere both are `dtype`.
 pub fn precision(dtype: DType, device: &Device) -> (DType, DType) {
     match dtype {
         DType::F16 | DType::BF16 if device.is_cpu() => (DType::F32, dtype),

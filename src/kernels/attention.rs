@@ -2,8 +2,8 @@
 //!
 //! The work is split into tasks of (batch, block of query rows); a task loops over the heads and,
 //! for each, over chunks of keys (flash attention): the chunk's score block
-//! `S = scale · log2(e) · Q_blk K_chunkᵀ` comes from `gemm`, becomes unnormalised probabilities in
-//! place (vectorised exp2 against the running row max), and `P V_chunk` is accumulated by `gemm`
+//! `S = scale · log2(e) · Q_blk K_chunkᵀ` comes from [`super::sgemm`], becomes unnormalised probabilities in
+//! place (vectorised exp2 against the running row max), and `P V_chunk` is accumulated by it
 //! straight into the output, whose rows are rescaled when a row's max grows and divided by their
 //! probability sums at the end. The score block lives in a per-thread scratch buffer that stays in
 //! cache; no call ever allocates a [Lq, Lk] matrix.
@@ -19,12 +19,13 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, b
 use rayon::prelude::*;
 
 use super::math::{self, simd_dispatch};
+use super::sgemm::{MatRef, matmul};
 
 /// Keys per chunk of the online softmax: a [rows, chunk] score block and the chunk's keys and values
 /// stay in a core's L2 cache.
 const KEY_CHUNK: usize = 256;
 
-/// Fewest query rows per task (below this `gemm`'s 16-row microkernels run mostly empty).
+/// Fewest query rows per task (below this the matrix product's register tiles run mostly empty).
 const MIN_BLOCK_ROWS: usize = 32;
 /// Most query rows per task (also the size of the per-head row-sum buffer on the stack).
 const MAX_BLOCK_ROWS: usize = 256;
@@ -160,26 +161,15 @@ fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usiz
                 unsafe {
                     // S [n, len] = scale · log2(e) · Q_blk [n, d] · K_chunkᵀ [d, len], so that
                     // exp(scale·q·k − m) is 2^(S − m / ln 2).
-                    gemm::gemm(
-                        n,
-                        len,
-                        d,
+                    matmul(
+                        (n, len, d),
                         s.as_mut_ptr(),
-                        1,
-                        len as isize,
+                        len,
                         false,
-                        q.row(bi, hi, row0),
-                        1,
-                        q.stride[2] as isize,
-                        k.row(bi, hi, c0),
-                        k.stride[2] as isize,
-                        1,
-                        0.0,
+                        MatRef::rows(q.row(bi, hi, row0), q.stride[2]),
+                        MatRef::transposed(k.row(bi, hi, c0), k.stride[2]),
                         log2_scale,
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 let stats = RunningStats { maxes: &mut maxes[..n], sums: &mut sums[..n] };
@@ -189,26 +179,15 @@ fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usiz
                 // which nothing else aliases.
                 unsafe {
                     // O_blk [n, dv] (+)= P [n, len] · V_chunk [len, dv].
-                    gemm::gemm(
-                        n,
-                        dv,
-                        len,
+                    matmul(
+                        (n, dv, len),
                         dst.as_mut_ptr(),
-                        1,
-                        (heads * dv) as isize,
+                        heads * dv,
                         c0 > 0,
-                        s.as_ptr(),
-                        1,
-                        len as isize,
-                        v.row(bi, hi, c0),
-                        1,
-                        v.stride[2] as isize,
-                        1.0,
+                        MatRef::rows(s.as_ptr(), len),
+                        MatRef::rows(v.row(bi, hi, c0), v.stride[2]),
                         1.0,
                         false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }

@@ -1,4 +1,5 @@
-//! 2-D convolution for CPU f32 on the `gemm` crate's microkernels, NCHW in and out.
+//! 2-D convolution for CPU f32 inputs, NCHW in and out, on [`super::sgemm`], or on
+//! [`super::bf16_gemm`] for bf16 weights where the CPU has bf16 dot products.
 //!
 //! [`conv2d`] picks one of three algorithms ([`ConvPath`]):
 //! - 1x1, stride 1, no padding: one GEMM per batch item, out[b] = W [Cout, Cin] @ x[b] [Cin, H·W].
@@ -9,13 +10,15 @@
 //!   4x less arithmetic than direct convolution.
 //!
 //! Scratch is bounded (tens of MB at most) and reused within a call; nothing is cached between calls.
-//! Other devices use candle's `conv2d`; f16/bf16 are computed in f32 and rounded back.
+//! Other devices use candle's `conv2d`; f16/bf16 inputs are computed in f32 and rounded back.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, Lhs, Operand, PackedLhs};
 use super::math::simd_dispatch;
+use super::sgemm::{self, MatRef};
+use super::{LayerWeight, SharedMut, kernel_weight};
 
 /// The algorithm [`conv2d`] uses for a convolution on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,11 +65,12 @@ pub fn cpu_path(b: usize, cin: usize, h: usize, w: usize, k: usize, stride: usiz
 /// 2-D convolution (cross-correlation, as PyTorch) with optional bias: x [B, Cin, H, W], weight
 /// [Cout, Cin, k, k], bias [Cout] → [B, Cout, (H + 2p − k)/s + 1, (W + 2p − k)/s + 1].
 ///
-/// CPU f32/f16/bf16 run the kernels of this module (in f32); anything else runs candle's `conv2d`.
+/// CPU f32/f16/bf16 inputs run the kernels of this module (in f32, the weight in f32 or bf16, see
+/// [`kernel_weight`]); anything else runs candle's `conv2d`.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let supported = matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16);
     if !xs.device().is_cpu() || !supported {
-        let ys = xs.conv2d(weight, padding, stride, 1, 1)?;
+        let ys = xs.conv2d(&weight.to_dtype(xs.dtype())?, padding, stride, 1, 1)?;
         return match bias {
             Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),
             None => Ok(ys),
@@ -90,8 +94,8 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize
     let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let op = Conv2dOp { stride, padding };
     let ys = match bias {
-        Some(bias) => f32c(xs)?.apply_op3_no_bwd(&f32c(weight)?, &f32c(bias)?, &op)?,
-        None => f32c(xs)?.apply_op2_no_bwd(&f32c(weight)?, &op)?,
+        Some(bias) => f32c(xs)?.apply_op3_no_bwd(&kernel_weight(weight)?, &f32c(bias)?, &op)?,
+        None => f32c(xs)?.apply_op2_no_bwd(&kernel_weight(weight)?, &op)?,
     };
     ys.to_dtype(xs.dtype())
 }
@@ -155,7 +159,7 @@ impl Conv2dOp {
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let x = super::contiguous_f32("conv2d", xs, x_layout)?;
-        let weight = super::contiguous_f32("conv2d", ws, w_layout)?;
+        let weight = super::layer_weight("conv2d", ws, w_layout)?;
         let bias = bias.map(|(s, l)| super::contiguous_f32("conv2d", s, l)).transpose()?;
         let (b, cin, h, w) = x_layout.shape().dims4()?;
         let (cout, _, k, _) = w_layout.shape().dims4()?;
@@ -173,58 +177,6 @@ impl Conv2dOp {
     }
 }
 
-/// gemm's parallelism for a GEMM that runs alone (not inside a rayon task).
-fn gemm_parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
-/// dst [m, n] (row stride `dst_rs`) = (dst if `accumulate`) + lhs [m, k] (row stride `lhs_rs`) @ rhs
-/// [k, n] (row stride `rhs_rs`); all with unit column stride.
-///
-/// # Safety
-/// The pointers must address matrices of these sizes and strides, `dst` not overlapping the others
-/// nor written by anyone else during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    parallelism: Parallelism,
-) {
-    // SAFETY: forwarded from the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs,
-            1,
-            lhs_rs as isize,
-            rhs,
-            1,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// Fills each [Ho·Wo] output plane of `out` [B, Cout, Ho·Wo] with its channel's bias; returns whether
 /// there was one (the GEMMs then accumulate into `out`).
 fn fill_bias(out: &mut [f32], plane: usize, bias: Option<&[f32]>) -> bool {
@@ -235,31 +187,49 @@ fn fill_bias(out: &mut [f32], plane: usize, bias: Option<&[f32]>) -> bool {
     true
 }
 
+impl LayerWeight<'_> {
+    /// dst [m, n] = (dst if `accumulate`) + W [m, k] @ rhs [k, n], the weight read as row-major
+    /// [m, k] (rows `k` apart), on the product for its dtype, over all threads.
+    ///
+    /// # Safety
+    /// The weight must hold m x k elements; `rhs` and `dst` as in [`sgemm::matmul`].
+    unsafe fn times(&self, (m, n, k): (usize, usize, usize), dst: *mut f32, ldd: usize, accumulate: bool, rhs: MatRef) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match *self {
+                LayerWeight::F32(w) => {
+                    sgemm::matmul((m, n, k), dst, ldd, accumulate, MatRef::rows(w.as_ptr(), k), rhs, 1.0, true)
+                }
+                LayerWeight::Bf16(w) => {
+                    let lhs = Lhs::Strided(Operand::bf16_rows(w.as_ptr(), k));
+                    bf16_gemm::matmul((m, n, k), dst, ldd, accumulate, lhs, rhs.into(), 1.0, true)
+                }
+            }
+        }
+    }
+
+    /// Weight element `i` as f32.
+    fn get(&self, i: usize) -> f32 {
+        match *self {
+            LayerWeight::F32(w) => w[i],
+            LayerWeight::Bf16(w) => half::bf16::from_bits(w[i]).to_f32(),
+        }
+    }
+}
+
 /// 1x1 stride-1 convolution: out[b] [Cout, H·W] = bias + W [Cout, Cin] @ x[b] [Cin, H·W].
-fn pointwise(d: &Dims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+fn pointwise(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
     let hw = d.h * d.w;
     let accumulate = fill_bias(out, hw, bias);
     for (xb, ob) in x.chunks(d.cin * hw).zip(out.chunks_mut(d.cout * hw)) {
         // SAFETY: ob is [Cout, HW], weight [Cout, Cin], xb [Cin, HW], all row-major and disjoint.
-        unsafe {
-            matmul(
-                (d.cout, hw, d.cin),
-                ob.as_mut_ptr(),
-                hw,
-                accumulate,
-                weight.as_ptr(),
-                d.cin,
-                xb.as_ptr(),
-                hw,
-                gemm_parallelism(),
-            )
-        };
+        unsafe { weight.times((d.cout, hw, d.cin), ob.as_mut_ptr(), hw, accumulate, MatRef::rows(xb.as_ptr(), hw)) };
     }
 }
 
 /// General convolution: per batch item and band of output rows, columns [Cin·k·k, rows·Wo] then
 /// out[b][:, band] = bias + W [Cout, Cin·k·k] @ columns.
-fn im2col(d: &Dims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+fn im2col(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
     let kk = d.cin * d.k * d.k;
     let plane_out = d.ho * d.wo;
     let accumulate = fill_bias(out, plane_out, bias);
@@ -277,17 +247,8 @@ fn im2col(d: &Dims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [
             // SAFETY: the destination is rows oy0.. of ob [Cout, Ho·Wo] (row stride Ho·Wo), weight is
             // [Cout, kk] and cols [kk, n], row-major and disjoint.
             unsafe {
-                matmul(
-                    (d.cout, n, kk),
-                    ob[oy0 * d.wo..].as_mut_ptr(),
-                    plane_out,
-                    accumulate,
-                    weight.as_ptr(),
-                    kk,
-                    cols.as_ptr(),
-                    n,
-                    gemm_parallelism(),
-                )
+                let dst = ob[oy0 * d.wo..].as_mut_ptr();
+                weight.times((d.cout, n, kk), dst, plane_out, accumulate, MatRef::rows(cols.as_ptr(), n))
             };
         }
     }
@@ -324,28 +285,13 @@ const LANES: usize = 8;
 /// One value for each of [`LANES`] tiles.
 type Lanes = [f32; LANES];
 
-/// A raw output pointer shared by rayon tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: only used where every task writes elements no other task touches (see the users).
-unsafe impl Send for SharedMut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Winograd F(4x4, 3x3), 3x3 stride 1 pad 1 (so Ho = H, Wo = W). The B·⌈H/4⌉·⌈W/4⌉ output tiles
 /// (numbered over the whole batch) go in chunks of `tc` ([`WinogradChunk::run`]), with U [cb, 36, Cin]
 /// = G g Gᵀ for a block of cb output channels (all Cout when it fits [`WEIGHT_SCRATCH_ELEMS`]).
 ///
 /// With one block and enough tiles, each rayon task runs whole chunks on its own scratch (which stays
 /// in cache); otherwise the chunks run one after another, each step parallel inside.
-fn winograd(d: &Dims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+fn winograd(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
     let tiles_w = d.w.div_ceil(4);
     let tiles_img = d.h.div_ceil(4) * tiles_w;
     let tiles = d.b * tiles_img;
@@ -354,25 +300,55 @@ fn winograd(d: &Dims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut
     let geom = TileGeom { h: d.h, w: d.w, tiles_w, tiles_img };
     let out = SharedMut(out.as_mut_ptr());
     let mut u = vec![0f32; cb * 36 * d.cin];
-    let tc = (TASK_SCRATCH_ELEMS / (36 * d.cin.max(d.cout)) / LANES * LANES).max(MIN_TASK_TILES);
+    let mut packed = Vec::new();
+    // Chunks of whole register-tile columns: the bf16 product's are 32 wide.
+    let unit = if matches!(weight, LayerWeight::Bf16(_)) { bf16_gemm::NR } else { LANES };
+    let tc = (TASK_SCRATCH_ELEMS / (36 * d.cin.max(d.cout)) / unit * unit).max(MIN_TASK_TILES);
     if blocks == 1 && tiles >= 4 * tc * rayon::current_num_threads() {
         weight_transform(d, weight, 0, &mut u);
-        let chunk = WinogradChunk { d, geom, x, u: &u, co0: 0, cb, bias, out, tc, parallel: false };
+        let u = Transformed::new(&u, weight, (cb, d.cin), &mut packed);
+        let chunk = WinogradChunk { d, geom, x, u, co0: 0, cb, bias, out, tc, parallel: false };
         let scratch = || (vec![0f32; d.cin * 36 * tc], vec![0f32; cb * 36 * tc]);
         (0..tiles).into_par_iter().step_by(tc).for_each_init(scratch, |(v, m), g0| {
             chunk.run(g0, tc.min(tiles - g0), v, m);
         });
         return;
     }
-    let tc = (SCRATCH_ELEMS / (36 * d.cin.max(cb)) / LANES * LANES).clamp(LANES, tiles.next_multiple_of(LANES));
+    let tc = (SCRATCH_ELEMS / (36 * d.cin.max(cb)) / unit * unit).clamp(unit, tiles.next_multiple_of(unit));
     let (mut v, mut m) = (vec![0f32; d.cin * 36 * tc], vec![0f32; cb * 36 * tc]);
     for co0 in (0..d.cout).step_by(cb) {
         let cbn = cb.min(d.cout - co0);
         weight_transform(d, weight, co0, &mut u[..cbn * 36 * d.cin]);
-        let chunk = WinogradChunk { d, geom, x, u: &u, co0, cb: cbn, bias, out, tc, parallel: true };
+        let u = Transformed::new(&u, weight, (cbn, d.cin), &mut packed);
+        let chunk = WinogradChunk { d, geom, x, u, co0, cb: cbn, bias, out, tc, parallel: true };
         for g0 in (0..tiles).step_by(tc) {
             chunk.run(g0, tc.min(tiles - g0), &mut v, &mut m);
         }
+    }
+}
+
+/// The transformed weights U [cb, 36, Cin] as the 36 products read them.
+#[derive(Clone, Copy)]
+enum Transformed<'a> {
+    /// U itself, for f32 products.
+    F32(&'a [f32]),
+    /// U[:, ξ, :] [cb, Cin] packed in bf16 for each point ξ, for bf16 products.
+    Bf16(&'a [PackedLhs]),
+}
+
+impl<'a> Transformed<'a> {
+    /// U (the first cb·36·Cin elements of `u`) in the form the weight's product takes; bf16 packs
+    /// into `packed`.
+    fn new(u: &'a [f32], weight: LayerWeight, (cb, cin): (usize, usize), packed: &'a mut Vec<PackedLhs>) -> Self {
+        if let LayerWeight::F32(_) = weight {
+            return Transformed::F32(u);
+        }
+        packed.resize_with(36, PackedLhs::default);
+        for (xi, p) in packed.iter_mut().enumerate() {
+            // SAFETY: U[:, ξ, :] is [cb, Cin] with rows 36·Cin apart, inside u.
+            unsafe { p.pack(MatRef::rows(u[xi * cin..].as_ptr(), 36 * cin).into(), cb, cin) };
+        }
+        Transformed::Bf16(packed)
     }
 }
 
@@ -383,7 +359,7 @@ struct WinogradChunk<'a> {
     /// x [B, Cin, H, W].
     x: &'a [f32],
     /// U [cb, 36, Cin].
-    u: &'a [f32],
+    u: Transformed<'a>,
     co0: usize,
     cb: usize,
     /// [Cout].
@@ -409,23 +385,24 @@ impl WinogradChunk<'_> {
         } else {
             v.chunks_mut(36 * tc).enumerate().for_each(input);
         }
-        let (m, v, u) = (&mut m[..self.cb * 36 * tc], &*v, self.u);
+        let (m, v) = (&mut m[..self.cb * 36 * tc], &*v);
         let m_ptr = SharedMut(m.as_mut_ptr());
         let product = |xi: usize| {
+            let dims = (self.cb, n, d.cin);
+            let v = MatRef::rows(v[xi * tc..].as_ptr(), 36 * tc);
             // SAFETY: point ξ writes only M[:, ξ, :n] of M [cb, 36, tc]; U [cb, 36, Cin] and V [Cin, 36, tc]
             // are only read, and all three outlive the call.
             unsafe {
-                matmul(
-                    (self.cb, n, d.cin),
-                    m_ptr.get().add(xi * tc),
-                    36 * tc,
-                    false,
-                    u.as_ptr().add(xi * d.cin),
-                    36 * d.cin,
-                    v.as_ptr().add(xi * tc),
-                    36 * tc,
-                    Parallelism::None,
-                )
+                let dst = m_ptr.get().add(xi * tc);
+                match self.u {
+                    Transformed::F32(u) => {
+                        let u = MatRef::rows(u[xi * d.cin..].as_ptr(), 36 * d.cin);
+                        sgemm::matmul(dims, dst, 36 * tc, false, u, v, 1.0, false)
+                    }
+                    Transformed::Bf16(u) => {
+                        bf16_gemm::matmul(dims, dst, 36 * tc, false, Lhs::Packed(&u[xi]), v.into(), 1.0, false)
+                    }
+                }
             };
         };
         if self.parallel {
@@ -466,10 +443,10 @@ impl TileGeom {
 }
 
 /// U [cb, 36, Cin] = G g Gᵀ for the output channels co0.. (cb = u.len() / (36·Cin)).
-fn weight_transform(d: &Dims, weight: &[f32], co0: usize, u: &mut [f32]) {
+fn weight_transform(d: &Dims, weight: LayerWeight, co0: usize, u: &mut [f32]) {
     u.par_chunks_mut(36 * d.cin).enumerate().for_each(|(j, uc)| {
         for ci in 0..d.cin {
-            let g = &weight[((co0 + j) * d.cin + ci) * 9..][..9];
+            let g: [f32; 9] = std::array::from_fn(|t| weight.get(((co0 + j) * d.cin + ci) * 9 + t));
             // Columns: t [6, 3] = G g; then rows: G tᵀ.
             let mut t = [[0f32; 3]; 6];
             for c in 0..3 {

@@ -3,21 +3,28 @@
 //!
 //! - [`attention`]: fused, blocked scaled dot-product attention that never materialises the whole
 //!   score matrix.
-//! - [`conv`]: 2-D convolution on the `gemm` crate's microkernels (NCHW in and out), with Winograd
+//! - [`bf16_gemm`]: the matrix product on the bf16 dot-product instruction (AVX512-BF16), for bf16 layers.
+//! - [`conv`]: 2-D convolution on [`sgemm`] or [`bf16_gemm`] (NCHW in and out), with Winograd
 //!   F(4x4, 3x3) for the large stride-1 3x3 convolutions.
 //! - [`convert`]: f16/bf16 → f32 on all threads, for half-precision weights widened per call.
 //! - [`geglu`]: the feed-forward's `value · gelu(gate)` in one pass.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU.
+//! - [`linear`]: linear layers, bias written before the product.
 //! - [`math`]: vectorisable exp/SiLU and the AVX2 dispatch the kernels share.
+//! - [`sgemm`]: the f32 matrix product every kernel and linear layer runs on.
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod conv;
 pub mod convert;
 pub mod geglu;
 pub mod group_norm;
+pub mod linear;
 pub mod math;
+pub mod sgemm;
 
-use candle_core::{CpuStorage, Layout};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 /// The f32 data a contiguous `layout` covers in `storage`, or an error naming the kernel `op`.
 fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -25,5 +32,48 @@ fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> can
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op} kernel: non-contiguous input"),
+    }
+}
+
+/// A layer's weight as the CPU kernels read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LayerWeight<'a> {
+    /// Multiplied with f32 FMA ([`sgemm`]).
+    F32(&'a [f32]),
+    /// bf16 bit patterns, multiplied with bf16 dot products ([`bf16_gemm`]).
+    Bf16(&'a [u16]),
+}
+
+/// A layer weight in the form its CPU kernel takes: kept in bf16 where the CPU multiplies bf16
+/// natively ([`bf16_gemm::available`]), else f32 (half precision widened on all threads).
+pub(crate) fn kernel_weight(weight: &Tensor) -> candle_core::Result<Tensor> {
+    match weight.dtype() {
+        DType::BF16 if weight.device().is_cpu() && bf16_gemm::available() => weight.contiguous(),
+        DType::F16 | DType::BF16 => convert::to_f32(&weight.contiguous()?),
+        _ => weight.to_dtype(DType::F32)?.contiguous(),
+    }
+}
+
+/// The contiguous weight behind a storage made by [`kernel_weight`].
+fn layer_weight<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<LayerWeight<'a>> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::BF16(data), Some((start, end))) => Ok(LayerWeight::Bf16(data[start..end].reinterpret_cast())),
+        (CpuStorage::BF16(_), None) => candle_core::bail!("{op} kernel: non-contiguous weight"),
+        _ => contiguous_f32(op, storage, layout).map(LayerWeight::F32),
+    }
+}
+
+/// A raw output pointer shared by rayon tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: only used where every task writes elements no other task touches (see the users).
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
     }
 }

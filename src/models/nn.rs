@@ -134,13 +134,11 @@ impl WeightDelta {
     /// ΔW applied to `xs` (no bias): [.., in] → [.., out] or [B, in, H, W] → [B, out, H', W'].
     fn forward(&self, kind: &LayerKind, xs: &Tensor) -> candle_core::Result<Tensor> {
         match (self, kind) {
-            (WeightDelta::Dense(delta), LayerKind::Linear { .. }) => {
-                candle_nn::Linear::new(delta.clone(), None).forward(xs)
-            }
+            (WeightDelta::Dense(delta), LayerKind::Linear { .. }) => crate::kernels::linear::linear(xs, delta, None),
             (WeightDelta::Dense(delta), LayerKind::Conv2d { .. }) => kind.conv(xs, delta, None),
             (WeightDelta::LowRank { down, up, scale }, LayerKind::Linear { .. }) => {
-                let h = candle_nn::Linear::new(down.clone(), None).forward(xs)?;
-                candle_nn::Linear::new(up.clone(), None).forward(&h)? * *scale
+                let h = crate::kernels::linear::linear(xs, down, None)?;
+                crate::kernels::linear::linear(&h, up, None)? * *scale
             }
             (WeightDelta::LowRank { down, up, scale }, LayerKind::Conv2d { .. }) => {
                 let h = kind.conv(xs, down, None)?;
@@ -273,14 +271,16 @@ impl LayerHandle {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        // f32 inputs take half-precision weights as they are: the kernels widen them, or multiply bf16
+        // natively where the CPU can.
         let weight = match (state.weight.dtype(), xs.dtype()) {
             (w, x) if w == x => state.weight.clone(),
-            (_, DType::F32) => crate::kernels::convert::to_f32(&state.weight)?,
+            (_, DType::F32) if xs.device().is_cpu() => state.weight.clone(),
             (_, x) => state.weight.to_dtype(x)?,
         };
         let bias = state.bias.clone();
         let mut ys = match self.kind {
-            LayerKind::Linear { .. } => candle_nn::Linear::new(weight, bias).forward(xs)?,
+            LayerKind::Linear { .. } => crate::kernels::linear::linear(xs, &weight, bias.as_ref())?,
             LayerKind::Conv2d { .. } => self.kind.conv(xs, &weight, bias.as_ref())?,
         };
         for attached in state.attached.iter().filter(|a| !a.fused && a.scale != 0.0) {

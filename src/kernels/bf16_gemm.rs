@@ -1,0 +1,625 @@
+//! Matrix product on the CPU's bf16 dot-product instruction (AVX512-BF16 `VDPBF16PS`): f32 or bf16
+//! operands are rounded to bf16 (nearest-even) as they are packed, and every product is accumulated in
+//! f32. On CPUs that have it this is twice the multiply-add rate of f32 FMA; the `--dtype bf16` layers
+//! and attention use it there (see [`available`]).
+//!
+//! The blocking is [`super::sgemm`]'s: a [KC, NC] block of the right operand is packed into
+//! [`NR`]-column panels of bf16 pairs (each panel stays in L1 while it is used), an [MC, KC] block of
+//! the left operand into [`MR`]-row tiles of pairs (in L2), and the microkernel multiplies one tile by
+//! one panel into an 8x32 tile of the output held in 16 zmm registers. A pair is two bf16 values of
+//! consecutive depths in one 32-bit lane, the operand layout `VDPBF16PS` multiplies.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::SharedMut;
+use super::sgemm::MatRef;
+
+/// Rows of the register tile (each broadcast from one pair of the left tile).
+pub const MR: usize = 8;
+/// Columns of the register tile (two zmm registers of 16 f32 lanes).
+pub const NR: usize = 32;
+/// Largest depth of one packed block (even): a right panel is at most KC/2 · NR pairs = 20 KB.
+const KC: usize = 320;
+/// Rows of one left block: MC·KC bf16 = 120 KB, in L2.
+const MC: usize = 192;
+/// Columns of one packed right block (640 KB at KC = 320).
+const NC: usize = 1024;
+/// Below this many multiply-adds a product runs on one thread whatever the caller asks.
+const MIN_PARALLEL_MACS: usize = 1 << 20;
+
+/// Whether this CPU has the bf16 dot product (and the AVX-512 subsets the kernels use).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Where an operand's elements are stored.
+#[derive(Debug, Clone, Copy)]
+enum Elements {
+    F32(*const f32),
+    Bf16(*const u16),
+}
+
+/// A read-only strided matrix of f32 or bf16 elements: element (i, j) at `i·row_stride +
+/// j·col_stride` from the start.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand {
+    elements: Elements,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+// SAFETY: an Operand is only read, by every task of a product, while its caller keeps the data alive.
+unsafe impl Send for Operand {}
+// SAFETY: as above.
+unsafe impl Sync for Operand {}
+
+impl From<MatRef> for Operand {
+    fn from(m: MatRef) -> Self {
+        Self { elements: Elements::F32(m.ptr), row_stride: m.row_stride, col_stride: m.col_stride }
+    }
+}
+
+impl Operand {
+    /// A row-major bf16 matrix (bf16 bit patterns) with rows `row_stride` elements apart.
+    pub fn bf16_rows(ptr: *const u16, row_stride: usize) -> Self {
+        Self { elements: Elements::Bf16(ptr), row_stride, col_stride: 1 }
+    }
+
+    /// The transpose of a row-major bf16 matrix whose rows are `row_stride` elements apart.
+    pub fn bf16_transposed(ptr: *const u16, row_stride: usize) -> Self {
+        Self { elements: Elements::Bf16(ptr), row_stride: 1, col_stride: row_stride }
+    }
+
+    /// The sub-matrix starting at element (i, j).
+    ///
+    /// # Safety
+    /// (i, j) must lie inside the matrix.
+    unsafe fn at(self, i: usize, j: usize) -> Self {
+        let offset = i * self.row_stride + j * self.col_stride;
+        // SAFETY: forwarded from the caller.
+        let elements = unsafe {
+            match self.elements {
+                Elements::F32(p) => Elements::F32(p.add(offset)),
+                Elements::Bf16(p) => Elements::Bf16(p.add(offset)),
+            }
+        };
+        Self { elements, ..self }
+    }
+
+    /// Element (i, j) as bf16 bits, rounded to nearest-even from f32.
+    ///
+    /// # Safety
+    /// (i, j) must lie inside the matrix.
+    unsafe fn bits(self, i: usize, j: usize) -> u16 {
+        let offset = i * self.row_stride + j * self.col_stride;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self.elements {
+                Elements::F32(p) => bf16::from_f32(*p.add(offset)).to_bits(),
+                Elements::Bf16(p) => *p.add(offset),
+            }
+        }
+    }
+
+    /// The pair of depths (p, p + 1) of row i, column j as one lane (`p + 1 ≥ depth` gives 0 there),
+    /// for a left (`along_rows` false: depth runs along columns) or right operand.
+    ///
+    /// # Safety
+    /// The elements read must lie inside the matrix.
+    unsafe fn pair(self, outer: usize, p: usize, depth: usize, depth_along_rows: bool) -> u32 {
+        // SAFETY: forwarded from the caller.
+        let get = |q: usize| unsafe { if depth_along_rows { self.bits(q, outer) } else { self.bits(outer, q) } };
+        let hi = if p + 1 < depth { get(p + 1) } else { 0 };
+        get(p) as u32 | (hi as u32) << 16
+    }
+}
+
+/// A left operand packed once for many products (the Winograd transformed weights): [`MR`]-row
+/// tiles of bf16 pairs over the whole depth.
+#[derive(Debug, Default)]
+pub struct PackedLhs {
+    data: Vec<u32>,
+    rows: usize,
+    depth: usize,
+}
+
+impl PackedLhs {
+    /// Packs `lhs` [rows, depth].
+    ///
+    /// # Safety
+    /// `lhs` must address rows x depth elements.
+    pub unsafe fn pack(&mut self, lhs: Operand, rows: usize, depth: usize) {
+        let pairs = depth.div_ceil(2);
+        self.data.resize(rows.div_ceil(MR) * pairs * MR, 0);
+        (self.rows, self.depth) = (rows, depth);
+        if pairs == 0 {
+            return;
+        }
+        self.data.par_chunks_mut(pairs * MR).enumerate().for_each(|(t, tile)| {
+            let i0 = t * MR;
+            // SAFETY: rows i0.. of lhs (the caller's contract).
+            unsafe { pack_lhs_tile(lhs.at(i0, 0), MR.min(rows - i0), depth, tile) };
+        });
+    }
+
+    /// The packed rows i0.. (a multiple of [`MR`]) from depth p0 (even): [kc/2][MR] pairs per tile,
+    /// tiles `stride` pairs apart.
+    fn tiles(&self, i0: usize, p0: usize) -> (*const u32, usize) {
+        let stride = self.depth.div_ceil(2) * MR;
+        (self.data[i0 / MR * stride + p0 / 2 * MR..].as_ptr(), stride)
+    }
+}
+
+/// The left operand of [`matmul`]: strided, or packed in advance.
+#[derive(Debug, Clone, Copy)]
+pub enum Lhs<'a> {
+    /// Packed per block as the product runs.
+    Strided(Operand),
+    /// Packed in advance with [`PackedLhs::pack`] (whose rows and depth must match the product's).
+    Packed(&'a PackedLhs),
+}
+
+/// dst [m, n] = (dst if `accumulate`, else 0) + `scale` · lhs [m, k] · rhs [k, n] with bf16 products,
+/// where dst has rows `dst_row_stride` elements apart and unit column stride. With `parallel` the
+/// product is split over the rayon threads; without, it runs on the calling thread.
+///
+/// # Safety
+/// The CPU must have the bf16 dot product ([`available`]); `lhs`, `rhs` and `dst` must address
+/// matrices of these sizes and strides; `dst` must not overlap them, nor be read or written by anyone
+/// else during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Lhs<'_>,
+    rhs: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    debug_assert!(available());
+    if let Lhs::Packed(packed) = lhs {
+        assert!(packed.rows == m && packed.depth == k, "packed left operand of another shape");
+    }
+    let threads = if parallel && m * n * k >= MIN_PARALLEL_MACS { rayon::current_num_threads() } else { 1 };
+    let dst = SharedMut(dst);
+    let run = |(i0, j0, rows, cols): (usize, usize, usize, usize)| {
+        // SAFETY: each task gets a disjoint block of dst and reads inside lhs and rhs (the caller's
+        // contract), at offsets inside the matrices.
+        unsafe {
+            let out = dst.get().add(i0 * dst_row_stride + j0);
+            product((i0, rows, cols, k), out, dst_row_stride, accumulate, lhs, rhs.at(0, j0), scale)
+        }
+    };
+    if threads <= 1 {
+        return run((0, 0, m, n));
+    }
+    super::sgemm::split(m, n, threads, (MR, NR)).into_par_iter().for_each(run);
+}
+
+thread_local! {
+    /// Each thread's scratch: the packed left block [MC/MR][KC/2][MR] and right block [NC/NR][KC/2][NR].
+    static SCRATCH: RefCell<[Vec<u32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Rows i0..i0 + m of the product (lhs rows counted from i0; rhs and dst already offset) on the
+/// calling thread.
+///
+/// # Safety
+/// As [`matmul`]; i0 is a multiple of [`MR`] when lhs is packed.
+unsafe fn product(
+    (i0, m, n, k): (usize, usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    accumulate: bool,
+    lhs: Lhs<'_>,
+    rhs: Operand,
+    scale: f32,
+) {
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row i of dst, n elements (the caller's contract).
+                unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), n).fill(0.0) };
+            }
+        }
+        return;
+    }
+    SCRATCH.with_borrow_mut(|[packed_lhs, packed_rhs]| {
+        // Equal blocks of even depth, no deeper than KC.
+        let kc_max = k.div_ceil(k.div_ceil(KC)).next_multiple_of(2);
+        let grow = |v: &mut Vec<u32>, len: usize| v.resize(v.len().max(len), 0);
+        grow(packed_lhs, MC.min(m).next_multiple_of(MR) * kc_max / 2);
+        grow(packed_rhs, NC.min(n).next_multiple_of(NR) * kc_max / 2);
+        for j0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - j0);
+            for p0 in (0..k).step_by(kc_max) {
+                let kc = kc_max.min(k - p0);
+                let pairs = kc.div_ceil(2);
+                // SAFETY: the block lies inside rhs (the caller's contract).
+                unsafe { pack_rhs(rhs.at(p0, j0), kc, nc, packed_rhs) };
+                let overwrite = p0 == 0 && !accumulate;
+                for b0 in (0..m).step_by(MC) {
+                    let mc = MC.min(m - b0);
+                    let (tiles, tile_stride) = match lhs {
+                        Lhs::Packed(packed) => packed.tiles(i0 + b0, p0),
+                        Lhs::Strided(lhs) => {
+                            for (t, tile) in
+                                packed_lhs[..mc.div_ceil(MR) * pairs * MR].chunks_exact_mut(pairs * MR).enumerate()
+                            {
+                                // SAFETY: rows i0 + b0 + t·MR.., depths p0..p0 + kc of lhs.
+                                unsafe { pack_lhs_tile(lhs.at(i0 + b0 + t * MR, p0), MR.min(mc - t * MR), kc, tile) };
+                            }
+                            (packed_lhs.as_ptr(), pairs * MR)
+                        }
+                    };
+                    for (q, panel) in packed_rhs[..nc.div_ceil(NR) * pairs * NR].chunks_exact(pairs * NR).enumerate() {
+                        let cols = NR.min(nc - q * NR);
+                        for t in 0..mc.div_ceil(MR) {
+                            let rows = MR.min(mc - t * MR);
+                            // SAFETY: tile t holds pairs x MR lanes; the output tile (b0 + t·MR, j0 +
+                            // q·NR) of rows x cols lies inside dst.
+                            unsafe {
+                                let tile = dst.add((b0 + t * MR) * ldd + j0 + q * NR);
+                                let lhs_tile = tiles.add(t * tile_stride);
+                                write_tile(pairs, lhs_tile, panel.as_ptr(), tile, ldd, (rows, cols), overwrite, scale);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Packs `rows` (≤ MR) rows of `lhs` over depths 0..kc as [kc/2][MR] pairs, rows past `rows` zero.
+///
+/// # Safety
+/// `lhs` must address rows x kc elements.
+unsafe fn pack_lhs_tile(lhs: Operand, rows: usize, kc: usize, out: &mut [u32]) {
+    let pairs = kc.div_ceil(2);
+    let out = &mut out[..pairs * MR];
+    if rows < MR {
+        out.fill(0);
+    }
+    for i in 0..rows {
+        // SAFETY: row i of lhs (the caller's contract).
+        let row = unsafe { lhs.at(i, 0) };
+        let lane = out[i..].iter_mut().step_by(MR);
+        match row.elements {
+            Elements::Bf16(p) if row.col_stride == 1 => {
+                for (pp, o) in lane.enumerate() {
+                    // SAFETY: depths 2pp and 2pp + 1 (when < kc) of the row.
+                    *o = unsafe { row.pair_contiguous_bf16(p, 2 * pp, kc) };
+                }
+            }
+            Elements::F32(p) if row.col_stride == 1 && available() => {
+                let mut buf = [0u32; 16];
+                let mut pp = 0;
+                let mut lane = lane;
+                while 2 * pp + 32 <= kc {
+                    // SAFETY: 32 floats of the row from depth 2pp; the CPU has AVX512-BF16 (checked).
+                    unsafe { round_pairs_32(p.add(2 * pp), &mut buf) };
+                    for &v in &buf {
+                        *lane.next().expect("a lane per pair") = v;
+                    }
+                    pp += 16;
+                }
+                for (q, o) in lane.enumerate() {
+                    // SAFETY: depths from 2(pp + q) (when < kc) of the row.
+                    *o = unsafe { row.pair(0, 2 * (pp + q), kc, false) };
+                }
+            }
+            _ => {
+                for (pp, o) in lane.enumerate() {
+                    // SAFETY: as above.
+                    *o = unsafe { row.pair(0, 2 * pp, kc, false) };
+                }
+            }
+        }
+    }
+}
+
+impl Operand {
+    /// The pair of depths (p, p + 1) of a contiguous bf16 row at `ptr` (0 past `depth`).
+    ///
+    /// # Safety
+    /// `ptr` must address the row's `depth` elements.
+    unsafe fn pair_contiguous_bf16(self, ptr: *const u16, p: usize, depth: usize) -> u32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { if p + 1 < depth { (ptr.add(p) as *const u32).read_unaligned() } else { *ptr.add(p) as u32 } }
+    }
+}
+
+/// Packs rhs [kc, nc] into [`NR`]-column panels of pairs: panel q holds, for each pair of depths
+/// pp, its columns' pairs at `out[(q·kc/2 + pp)·NR ..][..NR]`, columns past `nc` zero.
+///
+/// # Safety
+/// `rhs` must address kc x nc elements.
+unsafe fn pack_rhs(rhs: Operand, kc: usize, nc: usize, out: &mut [u32]) {
+    let pairs = kc.div_ceil(2);
+    for (q, panel) in out[..nc.div_ceil(NR) * pairs * NR].chunks_exact_mut(pairs * NR).enumerate() {
+        let cols = NR.min(nc - q * NR);
+        // SAFETY: columns q·NR.. of rhs (the caller's contract).
+        let block = unsafe { rhs.at(0, q * NR) };
+        match block.elements {
+            Elements::F32(p) if block.col_stride == 1 && cols == NR && available() => {
+                for (pp, step) in panel.chunks_exact_mut(NR).enumerate() {
+                    // SAFETY: rows 2pp and 2pp + 1 (when < kc), NR columns each; AVX512-BF16 checked.
+                    unsafe {
+                        let row0 = p.add(2 * pp * block.row_stride);
+                        let row1 = (2 * pp + 1 < kc).then(|| p.add((2 * pp + 1) * block.row_stride));
+                        interleave_rows_32(row0, row1, step);
+                    }
+                }
+            }
+            Elements::Bf16(p) if block.row_stride == 1 => {
+                // Depth runs along memory: each column's pairs are contiguous.
+                for j in 0..NR {
+                    let lane = panel[j..].iter_mut().step_by(NR);
+                    if j >= cols {
+                        lane.for_each(|o| *o = 0);
+                        continue;
+                    }
+                    for (pp, o) in lane.enumerate() {
+                        // SAFETY: column j's depths 2pp, 2pp + 1 (when < kc).
+                        *o = unsafe { block.pair_contiguous_bf16(p.add(j * block.col_stride), 2 * pp, kc) };
+                    }
+                }
+            }
+            _ => {
+                for (pp, step) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (j, o) in step.iter_mut().enumerate() {
+                        // SAFETY: column j < cols, depths 2pp.. (when < kc).
+                        *o = if j < cols { unsafe { block.pair(j, 2 * pp, kc, true) } } else { 0 };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rounds 32 consecutive floats at `src` to bf16 and writes them as 16 pairs.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; `src` must address 32 floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn round_pairs_32(src: *const f32, out: &mut [u32; 16]) {
+    use std::arch::x86_64::*;
+    // SAFETY: 32 floats at src, 16 lanes in out (the caller's contract).
+    unsafe {
+        let packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src));
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, std::mem::transmute::<__m512bh, __m512i>(packed));
+    }
+}
+
+/// Writes the [`NR`] columns of two rows (`row1` None: zeros) as NR pairs (row0's value low).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; each row must address NR floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave_rows_32(row0: *const f32, row1: Option<*const f32>, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    // Lane 2t takes element t of the first half (row 0), lane 2t + 1 element t of the second (row 1).
+    const INTERLEAVE: [u16; 32] = {
+        let mut idx = [0u16; 32];
+        let mut t = 0;
+        while t < 16 {
+            idx[2 * t] = t as u16;
+            idx[2 * t + 1] = 16 + t as u16;
+            t += 1;
+        }
+        idx
+    };
+    // SAFETY: NR floats per row and NR lanes of out (the caller's contract).
+    unsafe {
+        let idx = _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _);
+        for h in 0..NR / 16 {
+            let a = _mm512_loadu_ps(row0.add(16 * h));
+            let b = match row1 {
+                Some(r) => _mm512_loadu_ps(r.add(16 * h)),
+                None => _mm512_setzero_ps(),
+            };
+            let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
+            _mm512_storeu_si512(out[16 * h..].as_mut_ptr() as *mut _, _mm512_permutexvar_epi16(idx, both));
+        }
+    }
+}
+
+/// Multiplies a left tile [pairs][MR] by a right panel [pairs][NR] into the `rows` x `cols` corner of
+/// the output tile at `dst`: overwritten with `scale` · product or, unless `overwrite`, accumulated.
+///
+/// # Safety
+/// As [`microkernel`], with `dst` addressing only `rows` rows (`ldd` apart) of `cols` elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_tile(
+    pairs: usize,
+    lhs: *const u32,
+    rhs: *const u32,
+    dst: *mut f32,
+    ldd: usize,
+    (rows, cols): (usize, usize),
+    overwrite: bool,
+    scale: f32,
+) {
+    if rows == MR && cols == NR {
+        // SAFETY: forwarded; the whole tile lies inside dst.
+        return unsafe { microkernel(pairs, lhs, rhs, dst, ldd, overwrite, scale) };
+    }
+    let mut tile = [0f32; MR * NR];
+    // SAFETY: `tile` is a whole MR x NR tile with rows NR apart.
+    unsafe { microkernel(pairs, lhs, rhs, tile.as_mut_ptr(), NR, true, scale) };
+    for (i, row) in tile.chunks_exact(NR).take(rows).enumerate() {
+        // SAFETY: row i < rows, `cols` elements (the caller's contract).
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
+        if overwrite {
+            out.copy_from_slice(&row[..cols]);
+        } else {
+            out.iter_mut().zip(row).for_each(|(o, t)| *o += t);
+        }
+    }
+}
+
+/// The 8x32 register tile: acc = Σ over pairs of lhs[pp][0..8] ⊗ rhs[pp][0..32] (each lane a
+/// two-term bf16 dot product), then dst = scale · acc (+ dst unless `overwrite`).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; `lhs` must address pairs·MR lanes, `rhs` pairs·NR lanes and `dst` a
+/// whole MR x NR tile with rows `ldd` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn microkernel(
+    pairs: usize,
+    lhs: *const u32,
+    rhs: *const u32,
+    dst: *mut f32,
+    ldd: usize,
+    overwrite: bool,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for pp in 0..pairs {
+        // SAFETY: pair pp of both packed operands (the caller's contract).
+        unsafe {
+            let b0 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(rhs.add(pp * NR) as *const _));
+            let b1 = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(rhs.add(pp * NR + 16) as *const _));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let a = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*lhs.add(pp * MR + i) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], a, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], a, b1);
+            }
+        }
+    }
+    let scale = _mm512_set1_ps(scale);
+    for (i, row) in acc.iter().enumerate() {
+        for (h, &sum) in row.iter().enumerate() {
+            // SAFETY: row i, columns 16h..16h + 16 of the tile (the caller's contract).
+            unsafe {
+                let out = dst.add(i * ldd + 16 * h);
+                let value = if overwrite {
+                    _mm512_mul_ps(sum, scale)
+                } else {
+                    _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out))
+                };
+                _mm512_storeu_ps(out, value);
+            }
+        }
+    }
+}
+
+/// Stand-ins for targets other than x86-64, never called there ([`available`] is false).
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn microkernel(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: bool, _: f32) {
+    unreachable!("the bf16 microkernel runs only on x86-64")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn round_pairs_32(_: *const f32, _: &mut [u32; 16]) {
+    unreachable!("bf16 packing runs only on x86-64")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn interleave_rows_32(_: *const f32, _: Option<*const f32>, _: &mut [u32]) {
+    unreachable!("bf16 packing runs only on x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                let x = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn round(x: f32) -> f64 {
+        bf16::from_f32(x).to_f64()
+    }
+
+    /// One product against a triple loop over the bf16-rounded operands in f64: the only difference
+    /// left is the f32 accumulation.
+    fn check((m, n, k): (usize, usize, usize), layout: (bool, bool), accumulate: bool, parallel: bool, prepack: bool) {
+        let (lhs_bf16, rhs_bf16) = layout;
+        let a = values(m * k, 1);
+        let b = values(k * n, 2);
+        let a16: Vec<u16> = a.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        // rhs stored as its transpose [n, k] when bf16 (the linear layers' weights).
+        let b16t: Vec<u16> = (0..n * k).map(|idx| bf16::from_f32(b[(idx % k) * n + idx / k]).to_bits()).collect();
+        let ldd = n + 3;
+        let start = values(m * ldd, 3);
+        let lhs = if lhs_bf16 { Operand::bf16_rows(a16.as_ptr(), k) } else { MatRef::rows(a.as_ptr(), k).into() };
+        let rhs =
+            if rhs_bf16 { Operand::bf16_transposed(b16t.as_ptr(), k) } else { MatRef::rows(b.as_ptr(), n).into() };
+        let mut packed = PackedLhs::default();
+        let lhs = if prepack {
+            // SAFETY: lhs is [m, k].
+            unsafe { packed.pack(lhs, m, k) };
+            Lhs::Packed(&packed)
+        } else {
+            Lhs::Strided(lhs)
+        };
+        let mut out = start.clone();
+        // SAFETY: the operands are [m, k] and [k, n], out [m, ldd].
+        unsafe { matmul((m, n, k), out.as_mut_ptr(), ldd, accumulate, lhs, rhs, 0.5, parallel) };
+        for i in 0..m {
+            for j in 0..ldd {
+                let got = out[i * ldd + j] as f64;
+                let expected = if j >= n {
+                    start[i * ldd + j] as f64
+                } else {
+                    let dot: f64 = (0..k).map(|p| round(a[i * k + p]) * round(b[p * n + j])).sum();
+                    0.5 * dot + if accumulate { start[i * ldd + j] as f64 } else { 0.0 }
+                };
+                assert!(
+                    (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
+                    "({m}, {n}, {k}) {layout:?} accumulate {accumulate} prepack {prepack}: [{i}, {j}] = {got}, \
+                     expected {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_a_product_of_rounded_operands() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for dims in [(1, 1, 1), (8, 32, 4), (9, 33, 5), (13, 40, 40), (200, 70, 700), (5, 1100, 9), (12, 16, 0)] {
+            for layout in [(false, false), (true, false), (false, true), (true, true)] {
+                for accumulate in [false, true] {
+                    check(dims, layout, accumulate, false, false);
+                }
+            }
+            check(dims, (false, false), true, false, true);
+        }
+        check((300, 70, 130), (true, false), true, true, true);
+        check((40, 500, 64), (false, true), false, true, false);
+    }
+}
