@@ -13,6 +13,7 @@
 //! Other devices use candle's `conv2d`; f16/bf16 inputs are computed in f32 and rounded back.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Lhs, Operand, PackedLhs};
@@ -208,11 +209,15 @@ impl LayerWeight<'_> {
         }
     }
 
-    /// Weight element `i` as f32.
-    fn get(&self, i: usize) -> f32 {
+    /// Output channel `co`'s [Cin·k·k] weights as f32 (`scratch` holds the widened copy of bf16 ones).
+    fn channel<'s>(&'s self, co: usize, len: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
         match *self {
-            LayerWeight::F32(w) => w[i],
-            LayerWeight::Bf16(w) => half::bf16::from_bits(w[i]).to_f32(),
+            LayerWeight::F32(w) => &w[co * len..][..len],
+            LayerWeight::Bf16(w) => {
+                scratch.resize(len, 0.0);
+                super::convert::widen_bf16(scratch, w[co * len..][..len].reinterpret_cast());
+                scratch
+            }
         }
     }
 }
@@ -299,14 +304,12 @@ fn winograd(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out:
     let cb = d.cout.div_ceil(blocks);
     let geom = TileGeom { h: d.h, w: d.w, tiles_w, tiles_img };
     let out = SharedMut(out.as_mut_ptr());
-    let mut u = vec![0f32; cb * 36 * d.cin];
-    let mut packed = Vec::new();
+    let (mut u, mut packed) = (Vec::new(), Vec::new());
     // Chunks of whole register-tile columns: the bf16 product's are 32 wide.
     let unit = if matches!(weight, LayerWeight::Bf16(_)) { bf16_gemm::NR } else { LANES };
     let tc = (TASK_SCRATCH_ELEMS / (36 * d.cin.max(d.cout)) / unit * unit).max(MIN_TASK_TILES);
     if blocks == 1 && tiles >= 4 * tc * rayon::current_num_threads() {
-        weight_transform(d, weight, 0, &mut u);
-        let u = Transformed::new(&u, weight, (cb, d.cin), &mut packed);
+        let u = Transformed::new(d, weight, (0, cb), &mut u, &mut packed);
         let chunk = WinogradChunk { d, geom, x, u, co0: 0, cb, bias, out, tc, parallel: false };
         let scratch = || (vec![0f32; d.cin * 36 * tc], vec![0f32; cb * 36 * tc]);
         (0..tiles).into_par_iter().step_by(tc).for_each_init(scratch, |(v, m), g0| {
@@ -318,8 +321,7 @@ fn winograd(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out:
     let (mut v, mut m) = (vec![0f32; d.cin * 36 * tc], vec![0f32; cb * 36 * tc]);
     for co0 in (0..d.cout).step_by(cb) {
         let cbn = cb.min(d.cout - co0);
-        weight_transform(d, weight, co0, &mut u[..cbn * 36 * d.cin]);
-        let u = Transformed::new(&u, weight, (cbn, d.cin), &mut packed);
+        let u = Transformed::new(d, weight, (co0, cbn), &mut u, &mut packed);
         let chunk = WinogradChunk { d, geom, x, u, co0, cb: cbn, bias, out, tc, parallel: true };
         for g0 in (0..tiles).step_by(tc) {
             chunk.run(g0, tc.min(tiles - g0), &mut v, &mut m);
@@ -337,17 +339,33 @@ enum Transformed<'a> {
 }
 
 impl<'a> Transformed<'a> {
-    /// U (the first cb·36·Cin elements of `u`) in the form the weight's product takes; bf16 packs
-    /// into `packed`.
-    fn new(u: &'a [f32], weight: LayerWeight, (cb, cin): (usize, usize), packed: &'a mut Vec<PackedLhs>) -> Self {
+    /// U for the output channels co0..co0 + cb in the form the weight's product takes, made in `u`
+    /// (f32) or `packed` (bf16).
+    fn new(
+        d: &Dims,
+        weight: LayerWeight,
+        (co0, cb): (usize, usize),
+        u: &'a mut Vec<f32>,
+        packed: &'a mut Vec<PackedLhs>,
+    ) -> Self {
+        let cin = d.cin;
         if let LayerWeight::F32(_) = weight {
+            u.resize(cb * 36 * cin, 0.0);
+            u.par_chunks_mut(36 * cin).enumerate().for_each_init(Vec::new, |scratch, (j, uc)| {
+                transform_channel(weight.channel(co0 + j, cin * 9, scratch), cin, uc, cin);
+            });
             return Transformed::F32(u);
         }
         packed.resize_with(36, PackedLhs::default);
-        for (xi, p) in packed.iter_mut().enumerate() {
-            // SAFETY: U[:, ξ, :] is [cb, Cin] with rows 36·Cin apart, inside u.
-            unsafe { p.pack(MatRef::rows(u[xi * cin..].as_ptr(), 36 * cin).into(), cb, cin) };
-        }
+        let mr = bf16_gemm::MR;
+        PackedLhs::pack_many(packed, cb, cin, |t, values| {
+            // values [36, MR, Cin] for the output channels co0 + t·MR..
+            let mut scratch = Vec::new();
+            for r in 0..mr.min(cb - t * mr) {
+                let taps = weight.channel(co0 + t * mr + r, cin * 9, &mut scratch);
+                transform_channel(taps, cin, &mut values[r * cin..], mr * cin);
+            }
+        });
         Transformed::Bf16(packed)
     }
 }
@@ -442,38 +460,49 @@ impl TileGeom {
     }
 }
 
-/// U [cb, 36, Cin] = G g Gᵀ for the output channels co0.. (cb = u.len() / (36·Cin)).
-fn weight_transform(d: &Dims, weight: LayerWeight, co0: usize, u: &mut [f32]) {
-    u.par_chunks_mut(36 * d.cin).enumerate().for_each(|(j, uc)| {
-        for ci in 0..d.cin {
-            let g: [f32; 9] = std::array::from_fn(|t| weight.get(((co0 + j) * d.cin + ci) * 9 + t));
+simd_dispatch! {
+    /// U = G g Gᵀ for one output channel, [`LANES`] input channels at a time: `out[ξ·xi_stride + ci]`
+    /// (point ξ = 6·row + column) from the 3x3 kernels `taps` [Cin, 3, 3].
+    fn transform_channel(taps: &[f32], cin: usize, out: &mut [f32], xi_stride: usize) {
+        for ci0 in (0..cin).step_by(LANES) {
+            let lanes = LANES.min(cin - ci0);
+            let mut g = [[0f32; LANES]; 9];
+            for l in 0..lanes {
+                for (t, gt) in g.iter_mut().enumerate() {
+                    gt[l] = taps[(ci0 + l) * 9 + t];
+                }
+            }
             // Columns: t [6, 3] = G g; then rows: G tᵀ.
-            let mut t = [[0f32; 3]; 6];
+            let mut t = [[[0f32; LANES]; 3]; 6];
             for c in 0..3 {
-                let col = g_transform([g[c], g[3 + c], g[6 + c]]);
+                let col = g_transform(&[g[c], g[3 + c], g[6 + c]]);
                 for r in 0..6 {
                     t[r][c] = col[r];
                 }
             }
             for (r, tr) in t.iter().enumerate() {
-                for (c, val) in g_transform(*tr).into_iter().enumerate() {
-                    uc[(r * 6 + c) * d.cin + ci] = val;
+                for (c, val) in g_transform(tr).iter().enumerate() {
+                    out[(r * 6 + c) * xi_stride + ci0..][..lanes].copy_from_slice(&val[..lanes]);
                 }
             }
         }
-    });
+    }
 }
 
-/// G g for one 3-vector (G [6, 3] of F(4, 3) with points 0, ±1, ±2, ∞).
-fn g_transform([g0, g1, g2]: [f32; 3]) -> [f32; 6] {
-    [
-        g0 / 4.0,
-        -(g0 + g1 + g2) / 6.0,
-        -(g0 - g1 + g2) / 6.0,
-        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
-        g2,
-    ]
+/// G g for three lane vectors (G [6, 3] of F(4, 3) with points 0, ±1, ±2, ∞).
+#[inline(always)]
+fn g_transform(g: &[Lanes; 3]) -> [Lanes; 6] {
+    let mut o = [[0f32; LANES]; 6];
+    for l in 0..LANES {
+        let [g0, g1, g2] = [g[0][l], g[1][l], g[2][l]];
+        o[0][l] = g0 / 4.0;
+        o[1][l] = -(g0 + g1 + g2) / 6.0;
+        o[2][l] = -(g0 - g1 + g2) / 6.0;
+        o[3][l] = g0 / 24.0 + g1 / 12.0 + g2 / 6.0;
+        o[4][l] = g0 / 24.0 - g1 / 12.0 + g2 / 6.0;
+        o[5][l] = g2;
+    }
+    o
 }
 
 /// Bᵀ d for six lane vectors (Bᵀ [6, 6] of F(4, 3)).

@@ -48,7 +48,7 @@ impl CustomOp1 for Widen {
 
 simd_dispatch! {
     /// `dst` = `src` widened to f32.
-    fn widen_bf16(dst: &mut [f32], src: &[bf16]) {
+    pub(super) fn widen_bf16(dst: &mut [f32], src: &[bf16]) {
         dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s.to_f32());
     }
 }

@@ -91,21 +91,21 @@ pub fn max(xs: &[f32]) -> f32 {
     lanes.iter().copied().fold(tail, f32::max)
 }
 
-/// Defines `fn $name(args) { body }` (or `unsafe fn`) that runs `body` compiled for AVX2+FMA when
+/// Defines `fn $name(args) { body }` (or `unsafe fn`, with any visibility) that runs `body` compiled for AVX2+FMA when
 /// the CPU has them, else for the build's baseline target. `body` is a nested `#[inline(always)]`
 /// function, so it and the `#[inline(always)]` helpers it calls are compiled inside the AVX2
 /// version (a closure handed to a dispatching function is not reliably inlined there).
 macro_rules! simd_dispatch {
-    ($(#[$doc:meta])* unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $crate::kernels::math::simd_dispatch!(@impl [unsafe] $(#[$doc])* $name($($arg: $ty),*) $body);
+    ($(#[$doc:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $crate::kernels::math::simd_dispatch!(@impl [$vis] [unsafe] $(#[$doc])* $name($($arg: $ty),*) $body);
     };
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $crate::kernels::math::simd_dispatch!(@impl [] $(#[$doc])* $name($($arg: $ty),*) $body);
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $crate::kernels::math::simd_dispatch!(@impl [$vis] [] $(#[$doc])* $name($($arg: $ty),*) $body);
     };
-    (@impl [$($unsafety:tt)*] $(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+    (@impl [$vis:vis] [$($unsafety:tt)*] $(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
-        $($unsafety)* fn $name($($arg: $ty),*) {
+        $vis $($unsafety)* fn $name($($arg: $ty),*) {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             $($unsafety)* fn body($($arg: $ty),*) $body
