@@ -1,8 +1,10 @@
 //! Fused attention ([`diffctl::kernels::attention`]) against plain candle (`q kᵀ`, scale,
-//! `softmax_last_dim`, `· v`, the unfused path) on the SD1.5 UNet and VAE attention shapes.
+//! `softmax_last_dim`, `· v`, the unfused path) on the SD1.5 UNet and VAE attention shapes; with bf16
+//! products too where the CPU has them.
 
 use candle_core::{Device, Tensor};
 use diffctl::kernels::attention::scaled_dot_product;
+use diffctl::kernels::bf16_gemm;
 
 use super::timing::{median_ms, report};
 
@@ -24,7 +26,7 @@ pub fn run() -> anyhow::Result<()> {
         let scale = (d as f64).powf(-0.5);
         let runs = if lq * lk >= 1 << 24 { 3 } else { 10 };
         let ours = median_ms(runs, || {
-            scaled_dot_product(&q, &k, &v, scale)?;
+            scaled_dot_product(&q, &k, &v, scale, false)?;
             Ok(())
         })?;
         let plain = median_ms(runs, || {
@@ -33,6 +35,20 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         })?;
         report(&format!("{what} q [{b},{h},{lq},{d}] Lk {lk}"), ours, plain);
+        let flop = 4.0 * (b * h * lq * lk * d) as f64;
+        println!("{:<60} {:>9.1} GFLOP/s", "", flop / ours / 1e6);
+        if bf16_gemm::available() {
+            let bf16 = median_ms(runs, || {
+                scaled_dot_product(&q, &k, &v, scale, true)?;
+                Ok(())
+            })?;
+            println!(
+                "{:<60} bf16 products {bf16:>9.1} ms, {:>9.1} GFLOP/s, bf16/f32 {:.2}",
+                "",
+                flop / bf16 / 1e6,
+                bf16 / ours
+            );
+        }
     }
     Ok(())
 }

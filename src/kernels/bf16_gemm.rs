@@ -209,6 +209,74 @@ pub enum Lhs<'a> {
     Packed(&'a PackedLhs),
 }
 
+/// A right operand packed once for many products (the attention's queries and probabilities):
+/// [`NR`]-column panels of bf16 pairs over the whole depth.
+#[derive(Debug, Default)]
+pub struct PackedRhs {
+    data: Vec<u32>,
+    depth: usize,
+    cols: usize,
+}
+
+impl PackedRhs {
+    /// Packs `rhs` [depth, cols].
+    ///
+    /// # Safety
+    /// `rhs` must address depth x cols elements; the CPU must have AVX512-BF16 ([`available`]).
+    pub unsafe fn pack(&mut self, rhs: Operand, depth: usize, cols: usize) {
+        self.data.resize(cols.div_ceil(NR) * depth.div_ceil(2) * NR, 0);
+        (self.depth, self.cols) = (depth, cols);
+        // SAFETY: forwarded from the caller; data holds the panels.
+        unsafe { pack_rhs(rhs, depth, cols, &mut self.data) };
+    }
+}
+
+/// dst [m, n] = (dst if `accumulate`, else 0) + `scale` · lhs [m, k] · rhs [k, n] on the calling thread,
+/// both operands packed in advance: lhs is the packed rows `row0`.. (a multiple of [`MR`]) at depths
+/// `p0`.. (even), rhs the whole packed matrix (k ≤ its depth, n ≤ its columns). No cache blocking:
+/// for products whose packed operands stay in cache (the attention's).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; `dst` must address m rows (`ldd` apart) of n elements that no one
+/// else reads or writes during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_packed(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    accumulate: bool,
+    (lhs, row0, p0): (&PackedLhs, usize, usize),
+    rhs: &PackedRhs,
+    scale: f32,
+) {
+    assert!(
+        row0 % MR == 0 && p0 % 2 == 0 && row0 + m <= lhs.rows && p0 + k <= lhs.depth.next_multiple_of(2),
+        "packed left operand [{}, {}] has no rows {row0}..+{m} at depths {p0}..+{k}",
+        lhs.rows,
+        lhs.depth
+    );
+    assert!(
+        k <= rhs.depth && n <= rhs.cols,
+        "packed right operand [{}, {}] is smaller than [{k}, {n}]",
+        rhs.depth,
+        rhs.cols
+    );
+    let (tiles, tile_stride) = lhs.tiles(row0, p0);
+    let (pairs, panel_len) = (k.div_ceil(2), rhs.depth.div_ceil(2) * NR);
+    for q in 0..n.div_ceil(NR) {
+        let panel = rhs.data[q * panel_len..].as_ptr();
+        for t in 0..m.div_ceil(MR) {
+            let size = (MR.min(m - t * MR), NR.min(n - q * NR));
+            // SAFETY: tile t and panel q hold `pairs` pairs (checked above); the output tile lies
+            // inside dst (the caller's contract).
+            unsafe {
+                let tile = dst.add(t * MR * ldd + q * NR);
+                write_tile(pairs, tiles.add(t * tile_stride), panel, tile, ldd, size, !accumulate, scale);
+            }
+        }
+    }
+}
+
 /// dst [m, n] = (dst if `accumulate`, else 0) + `scale` · lhs [m, k] · rhs [k, n] with bf16 products,
 /// where dst has rows `dst_row_stride` elements apart and unit column stride. With `parallel` the
 /// product is split over the rayon threads; without, it runs on the calling thread.
@@ -336,40 +404,120 @@ unsafe fn pack_lhs_tile(lhs: Operand, rows: usize, kc: usize, out: &mut [u32]) {
     if rows < MR {
         out.fill(0);
     }
+    if rows == MR && available() {
+        if lhs.col_stride == 1 {
+            // Rows with contiguous depths: 8 pairs of all the tile's rows at a time, transposed in
+            // registers; the depths left over go below.
+            let blocks = kc / 16;
+            // SAFETY: 16·blocks ≤ kc depths of the MR rows (the caller's contract); AVX512-BF16 checked.
+            unsafe { transpose_rows_8(lhs, blocks, out) };
+            // SAFETY: the rest of the rows, from depth 16·blocks.
+            return unsafe { pack_lhs_rows(lhs, rows, kc, 8 * blocks, out) };
+        }
+        if let Elements::F32(p) = lhs.elements
+            && lhs.row_stride == 1
+        {
+            // The tile's rows lie side by side in memory: each pair of depths is two runs of MR floats.
+            for (pp, lanes) in out.chunks_exact_mut(MR).enumerate() {
+                // SAFETY: depths 2pp and 2pp + 1 (when < kc) of the MR rows (the caller's contract).
+                unsafe {
+                    let run0 = p.add(2 * pp * lhs.col_stride);
+                    let run1 = (2 * pp + 1 < kc).then(|| p.add((2 * pp + 1) * lhs.col_stride));
+                    interleave_runs_8(run0, run1, lanes);
+                }
+            }
+            return;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { pack_lhs_rows(lhs, rows, kc, 0, out) }
+}
+
+/// The pairs `first..` of each of `rows` rows of `lhs` (depths 0..kc) into the tile `out` [pairs][MR],
+/// one element at a time.
+///
+/// # Safety
+/// `lhs` must address rows x kc elements.
+unsafe fn pack_lhs_rows(lhs: Operand, rows: usize, kc: usize, first: usize, out: &mut [u32]) {
+    if first >= kc.div_ceil(2) {
+        return;
+    }
     for i in 0..rows {
         // SAFETY: row i of lhs (the caller's contract).
         let row = unsafe { lhs.at(i, 0) };
-        let lane = out[i..].iter_mut().step_by(MR);
-        match row.elements {
-            Elements::Bf16(p) if row.col_stride == 1 => {
-                for (pp, o) in lane.enumerate() {
-                    // SAFETY: depths 2pp and 2pp + 1 (when < kc) of the row.
-                    *o = unsafe { row.pair_contiguous_bf16(p, 2 * pp, kc) };
+        for (pp, o) in out[first * MR + i..].iter_mut().step_by(MR).enumerate() {
+            let p = 2 * (first + pp);
+            // SAFETY: depths p and p + 1 (when < kc) of the row.
+            *o = unsafe {
+                match row.elements {
+                    Elements::Bf16(ptr) if row.col_stride == 1 => row.pair_contiguous_bf16(ptr, p, kc),
+                    _ => row.pair(0, p, kc, false),
                 }
-            }
-            Elements::F32(p) if row.col_stride == 1 && available() => {
-                let mut buf = [0u32; 16];
-                let mut pp = 0;
-                let mut lane = lane;
-                while 2 * pp + 32 <= kc {
-                    // SAFETY: 32 floats of the row from depth 2pp; the CPU has AVX512-BF16 (checked).
-                    unsafe { round_pairs_32(p.add(2 * pp), &mut buf) };
-                    for &v in &buf {
-                        *lane.next().expect("a lane per pair") = v;
-                    }
-                    pp += 16;
+            };
+        }
+    }
+}
+
+/// Packs depths 0..16·blocks of the [`MR`] = 8 rows of `lhs` (contiguous depths, f32 or bf16) into
+/// `out` [pairs][8]: per block, each row's 8 pairs in one register, the 8x8 block transposed.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; `lhs` must address 8 rows of 16·blocks elements with unit column
+/// stride; `out` must hold 8·8·blocks lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn transpose_rows_8(lhs: Operand, blocks: usize, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    const { assert!(MR == 8) };
+    assert!(out.len() >= 64 * blocks);
+    for blk in 0..blocks {
+        let p0 = 16 * blk;
+        let mut r = [_mm256_setzero_si256(); 8];
+        for (i, ri) in r.iter_mut().enumerate() {
+            // SAFETY: depths p0..p0 + 16 of row i (the caller's contract).
+            *ri = unsafe {
+                match lhs.elements {
+                    Elements::F32(p) => std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(
+                        p.add(i * lhs.row_stride + p0),
+                    ))),
+                    Elements::Bf16(p) => _mm256_loadu_si256(p.add(i * lhs.row_stride + p0) as *const __m256i),
                 }
-                for (q, o) in lane.enumerate() {
-                    // SAFETY: depths from 2(pp + q) (when < kc) of the row.
-                    *o = unsafe { row.pair(0, 2 * (pp + q), kc, false) };
-                }
-            }
-            _ => {
-                for (pp, o) in lane.enumerate() {
-                    // SAFETY: as above.
-                    *o = unsafe { row.pair(0, 2 * pp, kc, false) };
-                }
-            }
+            };
+        }
+        // Transpose the 8x8 block of 32-bit pairs: rows i → lanes, pairs j → registers.
+        let t = [
+            _mm256_unpacklo_epi32(r[0], r[1]),
+            _mm256_unpackhi_epi32(r[0], r[1]),
+            _mm256_unpacklo_epi32(r[2], r[3]),
+            _mm256_unpackhi_epi32(r[2], r[3]),
+            _mm256_unpacklo_epi32(r[4], r[5]),
+            _mm256_unpackhi_epi32(r[4], r[5]),
+            _mm256_unpacklo_epi32(r[6], r[7]),
+            _mm256_unpackhi_epi32(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_unpacklo_epi64(t[0], t[2]),
+            _mm256_unpackhi_epi64(t[0], t[2]),
+            _mm256_unpacklo_epi64(t[1], t[3]),
+            _mm256_unpackhi_epi64(t[1], t[3]),
+            _mm256_unpacklo_epi64(t[4], t[6]),
+            _mm256_unpackhi_epi64(t[4], t[6]),
+            _mm256_unpacklo_epi64(t[5], t[7]),
+            _mm256_unpackhi_epi64(t[5], t[7]),
+        ];
+        let columns = [
+            _mm256_permute2x128_si256::<0x20>(u[0], u[4]),
+            _mm256_permute2x128_si256::<0x20>(u[1], u[5]),
+            _mm256_permute2x128_si256::<0x20>(u[2], u[6]),
+            _mm256_permute2x128_si256::<0x20>(u[3], u[7]),
+            _mm256_permute2x128_si256::<0x31>(u[0], u[4]),
+            _mm256_permute2x128_si256::<0x31>(u[1], u[5]),
+            _mm256_permute2x128_si256::<0x31>(u[2], u[6]),
+            _mm256_permute2x128_si256::<0x31>(u[3], u[7]),
+        ];
+        for (j, c) in columns.into_iter().enumerate() {
+            // SAFETY: pair 8·blk + j's MR lanes lie inside out (checked above).
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add((8 * blk + j) * MR) as *mut __m256i, c) };
         }
     }
 }
@@ -433,21 +581,6 @@ unsafe fn pack_rhs(rhs: Operand, kc: usize, nc: usize, out: &mut [u32]) {
     }
 }
 
-/// Rounds 32 consecutive floats at `src` to bf16 and writes them as 16 pairs.
-///
-/// # Safety
-/// The CPU must have AVX512-BF16; `src` must address 32 floats.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn round_pairs_32(src: *const f32, out: &mut [u32; 16]) {
-    use std::arch::x86_64::*;
-    // SAFETY: 32 floats at src, 16 lanes in out (the caller's contract).
-    unsafe {
-        let packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.add(16)), _mm512_loadu_ps(src));
-        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, std::mem::transmute::<__m512bh, __m512i>(packed));
-    }
-}
-
 /// Writes the [`NR`] columns of two rows (`row1` None: zeros) as NR pairs (row0's value low).
 ///
 /// # Safety
@@ -479,6 +612,28 @@ unsafe fn interleave_rows_32(row0: *const f32, row1: Option<*const f32>, out: &m
             let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
             _mm512_storeu_si512(out[16 * h..].as_mut_ptr() as *mut _, _mm512_permutexvar_epi16(idx, both));
         }
+    }
+}
+
+/// Writes 8 consecutive floats of two runs (`run1` None: zeros) as 8 pairs (run0's value low).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; each run must address 8 floats, `out` 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
+unsafe fn interleave_runs_8(run0: *const f32, run1: Option<*const f32>, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    // Lane 2t takes element t of run 0, lane 2t + 1 element t of run 1.
+    const INTERLEAVE: [u16; 16] = [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15];
+    assert!(out.len() >= 8);
+    // SAFETY: 8 floats per run, 8 lanes of out (the caller's contract and the check above).
+    unsafe {
+        let a = _mm256_loadu_ps(run0);
+        let b = run1.map_or(_mm256_setzero_ps(), |r| _mm256_loadu_ps(r));
+        let both = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(a), b);
+        let halves = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(both));
+        let idx = _mm256_loadu_si256(INTERLEAVE.as_ptr() as *const _);
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut _, _mm256_permutexvar_epi16(idx, halves));
     }
 }
 
@@ -570,7 +725,11 @@ unsafe fn microkernel(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: us
     unreachable!("the bf16 microkernel runs only on x86-64")
 }
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn round_pairs_32(_: *const f32, _: &mut [u32; 16]) {
+unsafe fn transpose_rows_8(_: Operand, _: usize, _: &mut [u32]) {
+    unreachable!("bf16 packing runs only on x86-64")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn interleave_runs_8(_: *const f32, _: Option<*const f32>, _: &mut [u32]) {
     unreachable!("bf16 packing runs only on x86-64")
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -639,6 +798,35 @@ mod tests {
         }
     }
 
+    /// [`matmul_packed`] with a transposed f32 left operand (the attention's Vᵀ) read from packed rows
+    /// `row0`.. and depths `p0`.., against a triple loop over the rounded operands.
+    fn check_packed((m, n, k): (usize, usize, usize), row0: usize, p0: usize) {
+        let (rows, depth) = (row0 + m + 3, p0 + k + 5);
+        // lhs [rows, depth] stored transposed: element (i, p) at a[p·rows + i].
+        let a = values(rows * depth, 4);
+        let b = values(k * n, 5);
+        let mut lhs = PackedLhs::default();
+        let mut rhs = PackedRhs::default();
+        let mut out = vec![0f32; m * n];
+        // SAFETY: a is [depth, rows] (the transpose of lhs), b [k, n], out [m, n].
+        unsafe {
+            lhs.pack(Operand { elements: Elements::F32(a.as_ptr()), row_stride: 1, col_stride: rows }, rows, depth);
+            rhs.pack(MatRef::rows(b.as_ptr(), n).into(), k, n);
+            matmul_packed((m, n, k), out.as_mut_ptr(), n, false, (&lhs, row0, p0), &rhs, 2.0);
+        }
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k).map(|p| round(a[(p0 + p) * rows + row0 + i]) * round(b[p * n + j])).sum();
+                let got = out[i * n + j] as f64;
+                assert!(
+                    (got - 2.0 * dot).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
+                    "[{i}, {j}] = {got}, expected {}",
+                    2.0 * dot
+                );
+            }
+        }
+    }
+
     #[test]
     fn matches_a_product_of_rounded_operands() {
         if !available() {
@@ -654,6 +842,8 @@ mod tests {
             check(dims, (false, false), true, false, true);
         }
         check((300, 70, 130), (true, false), true, true, true);
+        check_packed((40, 70, 256), 8, 6);
+        check_packed((13, 33, 77), 0, 0);
         check((40, 500, 64), (false, true), false, true, false);
     }
 }

@@ -25,7 +25,8 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 /// dtype (diffusers' `upcast_attention`). Inputs may be strided views such as [`split_heads`]'.
 ///
 /// Without a mask on the CPU this is the fused kernel [`kernels::attention::scaled_dot_product`],
-/// which always computes scores in f32; otherwise plain candle ops, long queries in blocks.
+/// which always computes scores in f32, its products on bf16 dot products for models whose layers
+/// are bf16 (`layer_dtype`) where the CPU has them; otherwise plain candle ops, long queries in blocks.
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -33,9 +34,10 @@ pub fn scaled_dot_product(
     scale: f64,
     mask: Option<&Tensor>,
     upcast: bool,
+    layer_dtype: DType,
 ) -> Result<Tensor> {
     if mask.is_none() && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-        return Ok(kernels::attention::scaled_dot_product(q, k, v, scale)?);
+        return Ok(kernels::attention::scaled_dot_product(q, k, v, scale, layer_dtype == DType::BF16)?);
     }
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let (b, h, lq, _) = q.dims4()?;

@@ -1,7 +1,7 @@
 //! Pieces shared by the CLIP text and vision transformers (transformers' `CLIPEncoderLayer`): the
 //! MLP activation and the pre-norm encoder layer.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
@@ -68,6 +68,8 @@ struct SelfAttention {
     out: Linear,
     heads: usize,
     scale: f64,
+    /// The dtype of the layer weights (see [`scaled_dot_product`]).
+    layer_dtype: DType,
 }
 
 impl SelfAttention {
@@ -80,6 +82,7 @@ impl SelfAttention {
             out: linear(&w.pp("out_proj"), d, d, true)?,
             heads: s.heads,
             scale: ((d / s.heads) as f64).powf(-0.5),
+            layer_dtype: w.layer_dtype(),
         })
     }
 
@@ -87,7 +90,7 @@ impl SelfAttention {
         let q = split_heads(&self.q.forward(xs)?, self.heads)?;
         let k = split_heads(&self.k.forward(xs)?, self.heads)?;
         let v = split_heads(&self.v.forward(xs)?, self.heads)?;
-        let attn = scaled_dot_product(&q, &k, &v, self.scale, mask, false)?;
+        let attn = scaled_dot_product(&q, &k, &v, self.scale, mask, false, self.layer_dtype)?;
         Ok(self.out.forward(&merge_heads(&attn)?)?)
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use serde::Deserialize;
 
 use super::attention::scaled_dot_product;
@@ -146,6 +146,8 @@ struct PixelAttention {
     k: Linear,
     v: Linear,
     out: Linear,
+    /// The dtype of the layer weights (see [`scaled_dot_product`]).
+    layer_dtype: DType,
 }
 
 impl PixelAttention {
@@ -159,6 +161,7 @@ impl PixelAttention {
             k: linear(&w.pp(name("to_k", "key")), channels, channels, true)?,
             v: linear(&w.pp(name("to_v", "value")), channels, channels, true)?,
             out: linear(&w.pp(name("to_out.0", "proj_attn")), channels, channels, true)?,
+            layer_dtype: w.layer_dtype(),
         })
     }
 
@@ -169,7 +172,7 @@ impl PixelAttention {
         let q = heads(self.q.forward(&tokens)?)?;
         let k = heads(self.k.forward(&tokens)?)?;
         let v = heads(self.v.forward(&tokens)?)?;
-        let attn = scaled_dot_product(&q, &k, &v, (c as f64).powf(-0.5), None, true)?.squeeze(1)?;
+        let attn = scaled_dot_product(&q, &k, &v, (c as f64).powf(-0.5), None, true, self.layer_dtype)?.squeeze(1)?;
         let out = self.out.forward(&attn)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + xs)?)
     }

@@ -5,7 +5,7 @@
 //! (`ImageProjection`), `proj.3.weight` → Full-face (`IPAdapterFullImageProjection`), `norm.weight` →
 //! FaceID (`IPAdapterFaceIDImageProjection`), `latents` → Plus (`IPAdapterPlusImageProjection`).
 
-use candle_core::{D, Module, Tensor};
+use candle_core::{D, DType, Module, Tensor};
 use candle_nn::LayerNorm;
 
 use crate::io::weights::Weights;
@@ -75,6 +75,8 @@ struct ResamplerLayer {
     ff_norm: LayerNorm,
     ff_in: Linear,
     ff_out: Linear,
+    /// The dtype of the layer weights (see [`scaled_dot_product`]).
+    layer_dtype: DType,
 }
 
 impl ResamplerLayer {
@@ -91,6 +93,7 @@ impl ResamplerLayer {
             ff_norm: layer_norm(&f.pp("0"), dim, EPS)?,
             ff_in: linear(&f.pp("1"), dim, ff_dim, false)?,
             ff_out: linear(&f.pp("3"), ff_dim, dim, false)?,
+            layer_dtype: w.layer_dtype(),
         })
     }
 
@@ -104,7 +107,7 @@ impl ResamplerLayer {
         let (k, v) = (kv.narrow(D::Minus1, 0, inner)?, kv.narrow(D::Minus1, inner, inner)?);
         let scale = (RESAMPLER_HEAD_DIM as f64).powf(-0.5);
         let (q, k, v) = (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
-        let attn = merge_heads(&scaled_dot_product(&q, &k, &v, scale, None, false)?)?;
+        let attn = merge_heads(&scaled_dot_product(&q, &k, &v, scale, None, false, self.layer_dtype)?)?;
         let latents = (self.to_out.forward(&attn)? + latents)?;
         let ff = self.ff_out.forward(&self.ff_in.forward(&self.ff_norm.forward(&latents)?)?.gelu_erf()?)?;
         Ok((ff + latents)?)

@@ -1,7 +1,7 @@
 //! diffusers' `Transformer2DModel` as used in SD UNets: GroupNorm, projection in, transformer
 //! blocks (self-attention, cross-attention, GEGLU feed-forward), projection out, residual.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::LayerNorm;
 
 use super::controls::UNetControls;
@@ -22,6 +22,8 @@ pub struct Attention {
     heads: usize,
     scale: f64,
     upcast: bool,
+    /// The dtype of the layer weights (bf16 layers attend with bf16 products where the CPU has them).
+    layer_dtype: DType,
 }
 
 impl Attention {
@@ -36,6 +38,7 @@ impl Attention {
             heads,
             scale: ((dim / heads) as f64).powf(-0.5),
             upcast,
+            layer_dtype: w.layer_dtype(),
         })
     }
 
@@ -55,11 +58,12 @@ impl Attention {
         let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(&kv_input)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(&kv_input)?, self.heads)?;
-        let mut out = merge_heads(&scaled_dot_product(&q, &k, &v, self.scale, None, self.upcast)?)?;
+        let mut out = merge_heads(&scaled_dot_product(&q, &k, &v, self.scale, None, self.upcast, self.layer_dtype)?)?;
         for extra in controls.extra_attention.get(&self.id).into_iter().flatten() {
             let k = split_heads(&extra.key, self.heads)?;
             let v = split_heads(&extra.value, self.heads)?;
-            let mut stream = merge_heads(&scaled_dot_product(&q, &k, &v, self.scale, None, self.upcast)?)?;
+            let mut stream =
+                merge_heads(&scaled_dot_product(&q, &k, &v, self.scale, None, self.upcast, self.layer_dtype)?)?;
             if let Some(mask) = &extra.mask {
                 stream = stream.broadcast_mul(mask)?;
             }
