@@ -1,33 +1,74 @@
-//! f32 matrix product for the CPU kernels: BLIS-style blocking around an AVX2+FMA 6x16 register-tile
-//! microkernel.
+//! f32 matrix product for the CPU kernels: BLIS-style blocking around a register-tile microkernel,
+//! 6x32 in 12 zmm registers with AVX-512, else 6x16 in 12 ymm registers with AVX2+FMA.
 //!
 //! The product is cut into blocks that stay in cache: a [KC, NC] block of the right operand is packed
-//! into 16-column panels (each panel, 16 KB, stays in L1 while it is used), and the microkernel
-//! multiplies six rows of a [MC, KC] block of the left operand (144 KB, in L2, read in place when it
-//! is row-major) by one panel into a 6x16 tile of the output held in 12 ymm registers. On this project's Zen 3 it runs at about
-//! 85 % of the FMA peak, where the `gemm` crate's kernels reach 60-75 % on the UNet's shapes; the
-//! `gemm` crate still serves CPUs without AVX2 and FMA.
+//! into NR-column panels (each panel stays in L1 while it is used), and the microkernel multiplies six
+//! rows of an [MC, KC] block of the left operand (in L2, read in place when it is row-major) by one
+//! panel into a 6xNR tile of the output held in registers. On Zen 4 the AVX-512 tile measured 5-10 %
+//! faster than the AVX2 one on the UNet's linear layers; narrow products keep the AVX2 tile. The
+//! `gemm` crate serves CPUs without AVX2 and FMA.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use super::SharedMut;
 
-/// Rows of the output tile the microkernel holds in registers (broadcast from the left rows).
+/// Rows of the output tile every microkernel holds in registers (broadcast from the left rows).
 const MR: usize = 6;
-/// Columns of the output tile (two ymm registers of 8 lanes).
-const NR: usize = 16;
-/// Largest depth of one packed block: a 16-column right panel is at most KC·16 floats = 20 KB, in L1
-/// with the left rows it meets. Deeper products are cut into equal blocks no deeper than this, so that
-/// each output tile is loaded and stored as few times as possible (k = 320 is one block, not 256 + 64).
-const KC: usize = 320;
-/// Rows of one left block: MC·KC floats = 144 KB, in L2 with room for the output tiles.
-const MC: usize = 144;
-/// Columns of one packed right block (2 MB at KC = 256, in L3).
-const NC: usize = 2048;
+/// Columns of the widest register tile.
+const MAX_NR: usize = 32;
 /// Below this many multiply-adds a product runs on one thread whatever the caller asks.
 const MIN_PARALLEL_MACS: usize = 1 << 20;
+
+/// A register tile's microkernel and the cache blocking around it.
+#[derive(Clone, Copy)]
+struct Kernel {
+    /// Columns of the register tile.
+    nr: usize,
+    /// Largest depth of one packed block: an [KC, NR] right panel stays in L1 with the left rows it
+    /// meets. Deeper products are cut into equal blocks no deeper than this, so that each output tile
+    /// is loaded and stored as few times as possible (k = 320 is one block, not 256 + 64).
+    kc: usize,
+    /// Rows of one left block (MC·KC floats in L2 with room for the output tiles).
+    mc: usize,
+    /// Columns of one packed right block (in L2/L3).
+    nc: usize,
+    /// acc = Σₚ lhs[0..MR, p] ⊗ rhs[p, 0..nr] (lhs rows `lds` apart, rhs packed), then dst = scale ·
+    /// acc (+ dst unless `overwrite`). Safety: as [`microkernel_avx2`].
+    tile: unsafe fn(usize, *const f32, usize, *const f32, *mut f32, usize, bool, f32),
+}
+
+/// The AVX2+FMA tile: 6x16 (12 ymm accumulators), a 20 KB panel at KC = 320.
+const AVX2: Kernel = Kernel { nr: 16, kc: 320, mc: 144, nc: 2048, tile: microkernel_avx2 };
+/// The AVX-512 tile: 6x32 (12 zmm accumulators), a 24 KB panel at KC = 192.
+const AVX512: Kernel = Kernel { nr: 32, kc: 192, mc: 144, nc: 1024, tile: microkernel_avx512::<2> };
+
+/// Narrowest product that takes the AVX-512 tile: narrower ones (the attention's P·V with 40 or 80
+/// value channels) waste less of the 16-wide AVX2 tile.
+const MIN_AVX512_COLUMNS: usize = 128;
+
+/// The microkernel for a product with `n` output columns on this CPU, if it has one.
+fn kernel(n: usize) -> Option<Kernel> {
+    static FEATURES: OnceLock<(bool, bool)> = OnceLock::new();
+    let (avx2, avx512) = *FEATURES.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            (avx2, avx2 && is_x86_feature_detected!("avx512f"))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            (false, false)
+        }
+    });
+    match (avx2, avx512) {
+        (_, true) if n >= MIN_AVX512_COLUMNS => Some(AVX512),
+        (true, _) => Some(AVX2),
+        _ => None,
+    }
+}
 
 /// A read-only strided matrix: element (i, j) lies at `ptr + i·row_stride + j·col_stride`.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +131,7 @@ pub unsafe fn matmul(
         return;
     }
     let threads = if parallel && m * n * k >= MIN_PARALLEL_MACS { rayon::current_num_threads() } else { 1 };
+    let nr = kernel(n).map_or(16, |kernel| kernel.nr);
     let dst = SharedMut(dst);
     let run = |(i0, j0, rows, cols): (usize, usize, usize, usize)| {
         // SAFETY: each task gets a disjoint block of dst and reads inside lhs and rhs (the caller's
@@ -102,7 +144,7 @@ pub unsafe fn matmul(
     if threads <= 1 {
         return run((0, 0, m, n));
     }
-    split(m, n, threads, (MR, NR)).into_par_iter().for_each(run);
+    split(m, n, threads, (MR, nr)).into_par_iter().for_each(run);
 }
 
 /// Splits an [m, n] output into one strip per thread along its longer side, in whole register tiles
@@ -136,10 +178,11 @@ unsafe fn product(
     rhs: MatRef,
     scale: f32,
 ) {
-    if !has_avx2_fma() {
+    let Some(kernel) = kernel(n) else {
         // SAFETY: forwarded from the caller's contract.
         return unsafe { fallback((m, n, k), dst, ldd, accumulate, lhs, rhs, scale) };
-    }
+    };
+    let Kernel { nr, kc: max_kc, mc: max_mc, nc: max_nc, .. } = kernel;
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -150,23 +193,23 @@ unsafe fn product(
         return;
     }
     SCRATCH.with_borrow_mut(|[copied_lhs, edge_lhs, packed_rhs]| {
-        let kc_max = k.div_ceil(k.div_ceil(KC));
+        let kc_max = k.div_ceil(k.div_ceil(max_kc));
         let grow = |v: &mut Vec<f32>, len: usize| v.resize(v.len().max(len), 0.0);
         if lhs.col_stride != 1 {
-            grow(copied_lhs, MC.min(m) * kc_max);
+            grow(copied_lhs, max_mc.min(m) * kc_max);
         }
         grow(edge_lhs, MR * kc_max);
-        grow(packed_rhs, NC.min(n).next_multiple_of(NR) * kc_max);
-        for j0 in (0..n).step_by(NC) {
-            let nc = NC.min(n - j0);
-            let panels = nc.div_ceil(NR);
+        grow(packed_rhs, max_nc.min(n).next_multiple_of(nr) * kc_max);
+        for j0 in (0..n).step_by(max_nc) {
+            let nc = max_nc.min(n - j0);
+            let panels = nc.div_ceil(nr);
             for p0 in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - p0);
                 // SAFETY: the blocks lie inside the operands (the caller's contract).
-                unsafe { pack_rhs(rhs.at(p0, j0), kc, nc, packed_rhs) };
+                unsafe { pack_rhs(rhs.at(p0, j0), kc, nc, nr, packed_rhs) };
                 let overwrite = p0 == 0 && !accumulate;
-                for i0 in (0..m).step_by(MC) {
-                    let mc = MC.min(m - i0);
+                for i0 in (0..m).step_by(max_mc) {
+                    let mc = max_mc.min(m - i0);
                     // The block's rows, row-major: read in place, or copied when the operand is not.
                     // SAFETY: the block lies inside lhs (the caller's contract).
                     let block = unsafe { lhs.at(i0, p0) };
@@ -191,8 +234,8 @@ unsafe fn product(
                         edge_lhs[(mc - full) * kc..MR * kc].fill(0.0);
                     }
                     for jp in 0..panels {
-                        let cols = NR.min(nc - jp * NR);
-                        let rhs_panel = &packed_rhs[jp * NR * kc..][..NR * kc];
+                        let cols = nr.min(nc - jp * nr);
+                        let rhs_panel = &packed_rhs[jp * nr * kc..][..nr * kc];
                         for i in (0..mc).step_by(MR) {
                             let rows = MR.min(mc - i);
                             // A whole tile's rows in place, a partial one's from the zero-padded copy.
@@ -205,9 +248,9 @@ unsafe fn product(
                             // SAFETY: the tile (i0 + i, j0 + jp·NR) of rows x cols lies inside dst; the
                             // left rows hold MR x kc readable elements.
                             unsafe {
-                                let tile = dst.add((i0 + i) * ldd + j0 + jp * NR);
+                                let tile = dst.add((i0 + i) * ldd + j0 + jp * nr);
                                 let lhs_rows = MatRef::rows(tile_lhs, tile_stride);
-                                write_tile(kc, lhs_rows, rhs_panel, tile, ldd, (rows, cols), overwrite, scale);
+                                write_tile(&kernel, kc, lhs_rows, rhs_panel, tile, ldd, (rows, cols), overwrite, scale);
                             }
                         }
                     }
@@ -230,30 +273,30 @@ unsafe fn copy_rows(src: MatRef, rows: usize, kc: usize, out: &mut [f32]) {
     }
 }
 
-/// Packs rhs [kc, nc] into NR-column panels: panel q holds, for each step p, row p's elements of its
-/// columns at `out[q·kc·NR + p·NR ..][..NR]`, columns past `nc` zero.
+/// Packs rhs [kc, nc] into `nr`-column panels: panel q holds, for each step p, row p's elements of its
+/// columns at `out[q·kc·nr + p·nr ..][..nr]`, columns past `nc` zero.
 ///
 /// # Safety
 /// `rhs` must address at least kc x nc elements.
-unsafe fn pack_rhs(rhs: MatRef, kc: usize, nc: usize, out: &mut [f32]) {
-    for (q, panel) in out[..nc.next_multiple_of(NR) * kc].chunks_exact_mut(NR * kc).enumerate() {
-        let cols = NR.min(nc - q * NR);
+unsafe fn pack_rhs(rhs: MatRef, kc: usize, nc: usize, nr: usize, out: &mut [f32]) {
+    for (q, panel) in out[..nc.next_multiple_of(nr) * kc].chunks_exact_mut(nr * kc).enumerate() {
+        let cols = nr.min(nc - q * nr);
         if rhs.col_stride == 1 {
-            for (p, step) in panel.chunks_exact_mut(NR).enumerate() {
-                // SAFETY: row p < kc, columns q·NR.. q·NR + cols ≤ nc (the caller's contract).
-                let src = unsafe { std::slice::from_raw_parts(rhs.at(p, q * NR).ptr, cols) };
+            for (p, step) in panel.chunks_exact_mut(nr).enumerate() {
+                // SAFETY: row p < kc, columns q·nr.. q·nr + cols ≤ nc (the caller's contract).
+                let src = unsafe { std::slice::from_raw_parts(rhs.at(p, q * nr).ptr, cols) };
                 step[..cols].copy_from_slice(src);
                 step[cols..].fill(0.0);
             }
         } else {
-            for j in 0..NR {
+            for j in 0..nr {
                 if j >= cols {
-                    panel.iter_mut().skip(j).step_by(NR).for_each(|x| *x = 0.0);
+                    panel.iter_mut().skip(j).step_by(nr).for_each(|x| *x = 0.0);
                     continue;
                 }
-                // SAFETY: column q·NR + j < nc, rows < kc (the caller's contract).
-                let src = unsafe { rhs.at(0, q * NR + j) };
-                for (p, x) in panel.iter_mut().skip(j).step_by(NR).enumerate() {
+                // SAFETY: column q·nr + j < nc, rows < kc (the caller's contract).
+                let src = unsafe { rhs.at(0, q * nr + j) };
+                for (p, x) in panel.iter_mut().skip(j).step_by(nr).enumerate() {
                     // SAFETY: as above.
                     *x = unsafe { *src.ptr.add(p * src.row_stride) };
                 }
@@ -262,15 +305,16 @@ unsafe fn pack_rhs(rhs: MatRef, kc: usize, nc: usize, out: &mut [f32]) {
     }
 }
 
-/// Multiplies MR row-major left rows [MR, kc] by a packed right panel [kc, NR] into the `rows` x
+/// Multiplies MR row-major left rows [MR, kc] by a packed right panel [kc, nr] into the `rows` x
 /// `cols` corner of the tile at `dst`: overwritten with `scale` · product or, unless `overwrite`,
 /// accumulated.
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; `lhs` must address MR x kc elements; `dst` must address `rows`
-/// rows (`ldd` apart) of `cols` elements.
+/// The CPU must run `kernel`; `lhs` must address MR x kc elements; `dst` must address `rows` rows
+/// (`ldd` apart) of `cols` elements.
 #[allow(clippy::too_many_arguments)]
 unsafe fn write_tile(
+    kernel: &Kernel,
     kc: usize,
     lhs: MatRef,
     rhs: &[f32],
@@ -280,14 +324,15 @@ unsafe fn write_tile(
     overwrite: bool,
     scale: f32,
 ) {
-    if rows == MR && cols == NR {
+    let nr = kernel.nr;
+    if rows == MR && cols == nr {
         // SAFETY: forwarded; the whole tile lies inside dst.
-        return unsafe { microkernel(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), dst, ldd, overwrite, scale) };
+        return unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), dst, ldd, overwrite, scale) };
     }
-    let mut tile = [0f32; MR * NR];
-    // SAFETY: `tile` is a whole MR x NR tile with rows NR apart.
-    unsafe { microkernel(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), tile.as_mut_ptr(), NR, true, scale) };
-    for (i, row) in tile.chunks_exact(NR).take(rows).enumerate() {
+    let mut tile = [0f32; MR * MAX_NR];
+    // SAFETY: `tile` holds a whole MR x nr tile with rows nr apart.
+    unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), tile.as_mut_ptr(), nr, true, scale) };
+    for (i, row) in tile.chunks_exact(nr).take(rows).enumerate() {
         // SAFETY: row i < rows, `cols` elements (the caller's contract).
         let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
         if overwrite {
@@ -298,8 +343,8 @@ unsafe fn write_tile(
     }
 }
 
-/// The 6x16 register tile: acc = Σₚ lhs[0..6, p] ⊗ rhs[p, 0..16] with lhs rows `lds` apart and the
-/// right panel packed, then dst = scale · acc (+ dst unless `overwrite`).
+/// The AVX2 6x16 register tile: acc = Σₚ lhs[0..6, p] ⊗ rhs[p, 0..16] with lhs rows `lds` apart and
+/// the right panel packed, then dst = scale · acc (+ dst unless `overwrite`).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `lhs` must address MR rows of kc elements, `rhs` kc·NR floats and
@@ -307,7 +352,7 @@ unsafe fn write_tile(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn microkernel(
+unsafe fn microkernel_avx2(
     kc: usize,
     lhs: *const f32,
     lds: usize,
@@ -321,7 +366,7 @@ unsafe fn microkernel(
     for i in 0..MR {
         // The tile's output lines are fetched while the products run (hints only, never faults).
         _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(i * ldd) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(i * ldd + NR - 1) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(i * ldd + 15) as *const i8);
     }
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     // SAFETY: rows 0..MR of lhs (the caller's contract).
@@ -329,8 +374,8 @@ unsafe fn microkernel(
     let step = |p: usize, acc: &mut [[__m256; 2]; MR]| {
         // SAFETY: p < kc, inside both panels (the caller's contract).
         unsafe {
-            let b0 = _mm256_loadu_ps(rhs.add(p * NR));
-            let b1 = _mm256_loadu_ps(rhs.add(p * NR + 8));
+            let b0 = _mm256_loadu_ps(rhs.add(p * 16));
+            let b1 = _mm256_loadu_ps(rhs.add(p * 16 + 8));
             for (i, row) in acc.iter_mut().enumerate() {
                 let a = _mm256_broadcast_ss(&*rows[i].add(p));
                 row[0] = _mm256_fmadd_ps(a, b0, row[0]);
@@ -367,23 +412,73 @@ unsafe fn microkernel(
     }
 }
 
-/// Stand-in for targets other than x86-64, never called there ([`has_avx2_fma`] is false).
-#[cfg(not(target_arch = "x86_64"))]
+/// The AVX-512 6x(16·NV) register tile: as [`microkernel_avx2`] with a panel of 16·NV columns.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `lhs` must address MR rows of kc elements, `rhs` kc·16·NV floats and
+/// `dst` a whole MR x 16·NV tile with rows `ldd` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn microkernel(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: bool, _: f32) {
-    unreachable!("the AVX2 microkernel runs only on x86-64")
+unsafe fn microkernel_avx512<const NV: usize>(
+    kc: usize,
+    lhs: *const f32,
+    lds: usize,
+    rhs: *const f32,
+    dst: *mut f32,
+    ldd: usize,
+    overwrite: bool,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    for i in 0..MR {
+        for h in 0..NV {
+            // The tile's output lines are fetched while the products run (hints only, never faults).
+            _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(i * ldd + 16 * h) as *const i8);
+        }
+    }
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    // SAFETY: rows 0..MR of lhs (the caller's contract).
+    let rows: [*const f32; MR] = std::array::from_fn(|i| unsafe { lhs.add(i * lds) });
+    for p in 0..kc {
+        // SAFETY: p < kc, inside both panels (the caller's contract).
+        unsafe {
+            let mut b = [_mm512_setzero_ps(); NV];
+            for (h, bh) in b.iter_mut().enumerate() {
+                *bh = _mm512_loadu_ps(rhs.add(p * 16 * NV + 16 * h));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*rows[i].add(p));
+                for (r, &bh) in row.iter_mut().zip(&b) {
+                    *r = _mm512_fmadd_ps(a, bh, *r);
+                }
+            }
+        }
+    }
+    let scale = _mm512_set1_ps(scale);
+    for (i, row) in acc.iter().enumerate() {
+        for (h, &sum) in row.iter().enumerate() {
+            // SAFETY: row i, columns 16h..16h + 16 of the tile (the caller's contract).
+            unsafe {
+                let out = dst.add(i * ldd + 16 * h);
+                let value =
+                    if overwrite { _mm512_mul_ps(sum, scale) } else { _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out)) };
+                _mm512_storeu_ps(out, value);
+            }
+        }
+    }
 }
 
-/// Whether the CPU can run the microkernel.
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Stand-ins for targets other than x86-64, never called there ([`kernel`] is None).
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn microkernel_avx2(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: bool, _: f32) {
+    unreachable!("the f32 microkernels run only on x86-64")
+}
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn microkernel_avx512<const NV: usize>(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: bool, _: f32) {
+    unreachable!("the f32 microkernels run only on x86-64")
 }
 
 /// [`product`] on the `gemm` crate, for CPUs without AVX2 and FMA.
@@ -478,7 +573,8 @@ mod tests {
 
     #[test]
     fn matches_a_plain_product_on_edges_blocks_and_strides() {
-        for dims in [(1, 1, 1), (6, 16, 4), (7, 17, 5), (13, 40, 40), (150, 33, 300), (5, 2100, 9), (12, 16, 0)] {
+        // Narrow products take the AVX2 tile, wide ones (n ≥ 128) the AVX-512 one where the CPU has it.
+        for dims in [(1, 1, 1), (6, 16, 4), (7, 17, 5), (13, 40, 40), (150, 33, 300), (5, 2100, 9), (12, 16, 0), (70, 200, 400), (7, 130, 5)] {
             for (lt, rt) in [(false, false), (false, true), (true, false)] {
                 for accumulate in [false, true] {
                     check(dims, lt, rt, accumulate, false);
