@@ -297,10 +297,10 @@ fn attend_block_bf16(q: &Operand, packed: &PackedHeads, log2_scale: f32, bi: usi
                     );
                 }
                 let stats = RunningStats { maxes: &mut maxes[..n], sums: &mut sums[..n] };
-                softmax_columns(s, n, stats, &mut scratch.out, c0 == 0);
-                // SAFETY: s is [len, n] row-major; Vᵀ is packed over all Lk depths, read from c0 (even).
+                let panels = scratch.probabilities.panels_mut(len, n);
+                softmax_columns(s, n, stats, &mut scratch.out, c0 == 0, panels);
+                // SAFETY: Vᵀ is packed over all Lk depths, read from c0 (even); Pᵀ holds [len, n].
                 unsafe {
-                    scratch.probabilities.pack(MatRef::rows(s.as_ptr(), n).into(), len, n);
                     // Oᵀ [dv, n] (+)= Vᵀ_chunk [dv, len] · Pᵀ [len, n].
                     let dst = scratch.out.as_mut_ptr();
                     bf16_gemm::matmul_packed(
@@ -326,9 +326,11 @@ fn attend_block_bf16(q: &Operand, packed: &PackedHeads, log2_scale: f32, bi: usi
 simd_dispatch! {
     /// One key chunk's step of the online softmax on the key-major score block `scores` [len, n] (in
     /// log2 units, one column per query): each query's running max rises to cover the chunk, its
-    /// scores become `2^(score − max)`, its running sum shrinks by the rise and grows by their sum, and
-    /// its output so far (column of `out_t` [dv, n]; none yet for the `first` chunk) shrinks by the rise.
-    fn softmax_columns(scores: &mut [f32], n: usize, stats: RunningStats, out_t: &mut [f32], first: bool) {
+    /// scores become probabilities `2^(score − max)` written as the packed bf16 operand Pᵀ [len, n]
+    /// (`panels`, see [`PackedRhs::panels_mut`]), its running sum shrinks by the rise and grows by
+    /// their sum, and its output so far (column of `out_t` [dv, n]; none yet for the `first` chunk)
+    /// shrinks by the rise.
+    fn softmax_columns(scores: &[f32], n: usize, stats: RunningStats, out_t: &mut [f32], first: bool, panels: &mut [u32]) {
         let (mut maxes, mut rescale) = ([0f32; MAX_BLOCK_ROWS], [0f32; MAX_BLOCK_ROWS]);
         let (maxes, rescale) = (&mut maxes[..n], &mut rescale[..n]);
         maxes.copy_from_slice(stats.maxes);
@@ -341,10 +343,35 @@ simd_dispatch! {
             *sum *= *r;
             *old = m;
         }
-        for row in scores.chunks_exact_mut(n) {
-            for ((x, &m), sum) in row.iter_mut().zip(&*maxes).zip(stats.sums.iter_mut()) {
-                *x = math::exp2(*x - m);
-                *sum += *x;
+        let len = scores.len() / n;
+        let pairs = len.div_ceil(2);
+        let nr = bf16_gemm::NR;
+        for pp in 0..pairs {
+            let row0 = &scores[2 * pp * n..][..n];
+            let row1 = (2 * pp + 1 < len).then(|| &scores[(2 * pp + 1) * n..][..n]);
+            for q in 0..n.div_ceil(nr) {
+                let cols = nr.min(n - q * nr);
+                let lanes = &mut panels[(q * pairs + pp) * nr..][..nr];
+                let (m, sum) = (&maxes[q * nr..][..cols], &mut stats.sums[q * nr..][..cols]);
+                let r0 = &row0[q * nr..][..cols];
+                match row1 {
+                    Some(row1) => {
+                        let r1 = &row1[q * nr..][..cols];
+                        for j in 0..cols {
+                            let (a, b) = (math::exp2(r0[j] - m[j]), math::exp2(r1[j] - m[j]));
+                            sum[j] += a + b;
+                            lanes[j] = bf16_gemm::pair(a, b);
+                        }
+                    }
+                    None => {
+                        for j in 0..cols {
+                            let a = math::exp2(r0[j] - m[j]);
+                            sum[j] += a;
+                            lanes[j] = bf16_gemm::pair(a, 0.0);
+                        }
+                    }
+                }
+                lanes[cols..].fill(0);
             }
         }
         if !first {

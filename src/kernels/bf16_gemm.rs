@@ -231,6 +231,28 @@ impl PackedRhs {
     }
 }
 
+impl PackedRhs {
+    /// The panels of a [depth, cols] operand, for a producer that writes them itself: panel q holds
+    /// the pair of depths pp of columns q·NR.. at `[(q·⌈depth/2⌉ + pp)·NR ..][..NR]` (each lane from
+    /// [`pair`]), columns past `cols` zero.
+    pub fn panels_mut(&mut self, depth: usize, cols: usize) -> &mut [u32] {
+        self.data.resize(cols.div_ceil(NR) * depth.div_ceil(2) * NR, 0);
+        (self.depth, self.cols) = (depth, cols);
+        &mut self.data
+    }
+}
+
+/// The lane holding `lo` and `hi` (consecutive depths) rounded to bf16, nearest-even; for finite
+/// values (no NaN handling). Branch-free, so loops over it vectorise.
+#[inline(always)]
+pub fn pair(lo: f32, hi: f32) -> u32 {
+    let round = |x: f32| {
+        let bits = x.to_bits();
+        (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
+    };
+    round(lo) | round(hi) << 16
+}
+
 /// dst [m, n] = (dst if `accumulate`, else 0) + `scale` · lhs [m, k] · rhs [k, n] on the calling thread,
 /// both operands packed in advance: lhs is the packed rows `row0`.. (a multiple of [`MR`]) at depths
 /// `p0`.. (even), rhs the whole packed matrix (k ≤ its depth, n ≤ its columns). No cache blocking:

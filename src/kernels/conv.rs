@@ -188,27 +188,48 @@ fn fill_bias(out: &mut [f32], plane: usize, bias: Option<&[f32]>) -> bool {
     true
 }
 
-impl LayerWeight<'_> {
-    /// dst [m, n] = (dst if `accumulate`) + W [m, k] @ rhs [k, n], the weight read as row-major
-    /// [m, k] (rows `k` apart), on the product for its dtype, over all threads.
-    ///
-    /// # Safety
-    /// The weight must hold m x k elements; `rhs` and `dst` as in [`sgemm::matmul`].
-    unsafe fn times(&self, (m, n, k): (usize, usize, usize), dst: *mut f32, ldd: usize, accumulate: bool, rhs: MatRef) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match *self {
-                LayerWeight::F32(w) => {
-                    sgemm::matmul((m, n, k), dst, ldd, accumulate, MatRef::rows(w.as_ptr(), k), rhs, 1.0, true)
-                }
-                LayerWeight::Bf16(w) => {
-                    let lhs = Lhs::Strided(Operand::bf16_rows(w.as_ptr(), k));
-                    bf16_gemm::matmul((m, n, k), dst, ldd, accumulate, lhs, rhs.into(), 1.0, true)
-                }
+/// The weight matrix W [Cout, Cin·k·k] as the 1x1 and im2col products read it: f32 in place, or bf16
+/// packed once per call (then shared by every batch item, band and thread).
+enum WeightMatrix<'a> {
+    F32(&'a [f32]),
+    Bf16(PackedLhs),
+}
+
+impl<'a> WeightMatrix<'a> {
+    /// W [m, k] (row-major) from the layer's weight.
+    fn new(weight: LayerWeight<'a>, (m, k): (usize, usize)) -> Self {
+        match weight {
+            LayerWeight::F32(w) => WeightMatrix::F32(w),
+            LayerWeight::Bf16(w) => {
+                let mut packed = PackedLhs::default();
+                // SAFETY: w holds the m x k weight, row-major.
+                unsafe { packed.pack(Operand::bf16_rows(w.as_ptr(), k), m, k) };
+                WeightMatrix::Bf16(packed)
             }
         }
     }
 
+    /// dst [m, n] = (dst if `accumulate`) + W [m, k] @ rhs [k, n], on the product for the weight's
+    /// dtype, over all threads.
+    ///
+    /// # Safety
+    /// (m, k) must be the weight's shape; `rhs` and `dst` as in [`sgemm::matmul`].
+    unsafe fn times(&self, (m, n, k): (usize, usize, usize), dst: *mut f32, ldd: usize, accumulate: bool, rhs: MatRef) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self {
+                WeightMatrix::F32(w) => {
+                    sgemm::matmul((m, n, k), dst, ldd, accumulate, MatRef::rows(w.as_ptr(), k), rhs, 1.0, true)
+                }
+                WeightMatrix::Bf16(packed) => {
+                    bf16_gemm::matmul((m, n, k), dst, ldd, accumulate, Lhs::Packed(packed), rhs.into(), 1.0, true)
+                }
+            }
+        }
+    }
+}
+
+impl LayerWeight<'_> {
     /// Output channel `co`'s [Cin·k·k] weights as f32 (`scratch` holds the widened copy of bf16 ones).
     fn channel<'s>(&'s self, co: usize, len: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
         match *self {
@@ -224,6 +245,7 @@ impl LayerWeight<'_> {
 
 /// 1x1 stride-1 convolution: out[b] [Cout, H·W] = bias + W [Cout, Cin] @ x[b] [Cin, H·W].
 fn pointwise(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    let weight = WeightMatrix::new(weight, (d.cout, d.cin));
     let hw = d.h * d.w;
     let accumulate = fill_bias(out, hw, bias);
     for (xb, ob) in x.chunks(d.cin * hw).zip(out.chunks_mut(d.cout * hw)) {
@@ -236,6 +258,7 @@ fn pointwise(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out
 /// out[b][:, band] = bias + W [Cout, Cin·k·k] @ columns.
 fn im2col(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
     let kk = d.cin * d.k * d.k;
+    let weight = WeightMatrix::new(weight, (d.cout, kk));
     let plane_out = d.ho * d.wo;
     let accumulate = fill_bias(out, plane_out, bias);
     let band_rows = (SCRATCH_ELEMS / (kk * d.wo)).clamp(1, d.ho);

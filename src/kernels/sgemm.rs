@@ -281,7 +281,26 @@ unsafe fn copy_rows(src: MatRef, rows: usize, kc: usize, out: &mut [f32]) {
 unsafe fn pack_rhs(rhs: MatRef, kc: usize, nc: usize, nr: usize, out: &mut [f32]) {
     for (q, panel) in out[..nc.next_multiple_of(nr) * kc].chunks_exact_mut(nr * kc).enumerate() {
         let cols = nr.min(nc - q * nr);
-        if rhs.col_stride == 1 {
+        if rhs.col_stride == 1 && cols == nr {
+            // Whole panel rows as fixed-size copies (a `memmove` call per row otherwise).
+            /// # Safety
+            /// As [`pack_rhs`], with N = nr and panel q whole.
+            unsafe fn copy<const N: usize>(panel: &mut [f32], rhs: MatRef, q: usize) {
+                for (p, step) in panel.chunks_exact_mut(N).enumerate() {
+                    // SAFETY: row p < kc, columns q·N..(q + 1)·N ≤ nc (the caller's contract).
+                    let src = unsafe { &*(rhs.at(p, q * N).ptr as *const [f32; N]) };
+                    <&mut [f32; N]>::try_from(step).expect("panel rows of N").copy_from_slice(src);
+                }
+            }
+            // SAFETY: forwarded from the caller; cols == nr.
+            unsafe {
+                match nr {
+                    16 => copy::<16>(panel, rhs, q),
+                    32 => copy::<32>(panel, rhs, q),
+                    _ => unreachable!("register tiles are 16 or 32 columns wide"),
+                }
+            }
+        } else if rhs.col_stride == 1 {
             for (p, step) in panel.chunks_exact_mut(nr).enumerate() {
                 // SAFETY: row p < kc, columns q·nr.. q·nr + cols ≤ nc (the caller's contract).
                 let src = unsafe { std::slice::from_raw_parts(rhs.at(p, q * nr).ptr, cols) };
@@ -461,8 +480,11 @@ unsafe fn microkernel_avx512<const NV: usize>(
             // SAFETY: row i, columns 16h..16h + 16 of the tile (the caller's contract).
             unsafe {
                 let out = dst.add(i * ldd + 16 * h);
-                let value =
-                    if overwrite { _mm512_mul_ps(sum, scale) } else { _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out)) };
+                let value = if overwrite {
+                    _mm512_mul_ps(sum, scale)
+                } else {
+                    _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out))
+                };
                 _mm512_storeu_ps(out, value);
             }
         }
@@ -477,7 +499,16 @@ unsafe fn microkernel_avx2(_: usize, _: *const f32, _: usize, _: *const f32, _: 
 }
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn microkernel_avx512<const NV: usize>(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: bool, _: f32) {
+unsafe fn microkernel_avx512<const NV: usize>(
+    _: usize,
+    _: *const f32,
+    _: usize,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+    _: f32,
+) {
     unreachable!("the f32 microkernels run only on x86-64")
 }
 
@@ -574,7 +605,17 @@ mod tests {
     #[test]
     fn matches_a_plain_product_on_edges_blocks_and_strides() {
         // Narrow products take the AVX2 tile, wide ones (n ≥ 128) the AVX-512 one where the CPU has it.
-        for dims in [(1, 1, 1), (6, 16, 4), (7, 17, 5), (13, 40, 40), (150, 33, 300), (5, 2100, 9), (12, 16, 0), (70, 200, 400), (7, 130, 5)] {
+        for dims in [
+            (1, 1, 1),
+            (6, 16, 4),
+            (7, 17, 5),
+            (13, 40, 40),
+            (150, 33, 300),
+            (5, 2100, 9),
+            (12, 16, 0),
+            (70, 200, 400),
+            (7, 130, 5),
+        ] {
             for (lt, rt) in [(false, false), (false, true), (true, false)] {
                 for accumulate in [false, true] {
                     check(dims, lt, rt, accumulate, false);
