@@ -64,7 +64,8 @@ struct Args {
     /// Only these measurements (comma-separated); default: all but `full` (which --full adds).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Kind>,
-    /// Our compute dtype: f32, f16 or bf16.
+    /// Our compute dtype: f32, f16 or bf16; several, comma-separated (`f32,bf16`), measure ours in
+    /// each against the same peers, one group of rows per dtype.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Our device: cpu, cuda or metal (the latter two need --features cuda / metal; peers are CPU-only
@@ -133,14 +134,14 @@ fn schedule(args: &Args, kind: Kind) -> (usize, usize) {
 }
 
 /// Runs one measurement in a child process with the thread count set for candle and rayon.
-fn run_child(args: &Args, inputs: &Inputs, kind: Kind) -> Result<Outcome> {
+fn run_child(args: &Args, dtype: &str, inputs: &Inputs, kind: Kind) -> Result<Outcome> {
     let (warmup, runs) = schedule(args, kind);
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.args(["--child", kind.name(), "--model"])
         .arg(&inputs.model)
         .args(["--runs", &runs.to_string(), "--warmup", &warmup.to_string()])
-        .args(["--dtype", &args.dtype, "--device", &args.device, "--seed", &args.seed.to_string()]);
+        .args(["--dtype", dtype, "--device", &args.device, "--seed", &args.seed.to_string()]);
     if let Some(p) = &inputs.controlnet {
         cmd.arg("--controlnet").arg(p);
     }
@@ -188,8 +189,9 @@ fn child_main(args: &Args, kind: Kind) -> Result<()> {
     Ok(())
 }
 
-/// The rows of the table from our outcomes and the peers'.
-fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults) -> Vec<Row> {
+/// The rows of the table from our outcomes and the peers'; `label` (our dtype when several were
+/// measured) ends each row's description.
+fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, label: &str) -> Vec<Row> {
     let get = |k: Kind| ours.iter().find(|(kind, _)| *kind == k).map(|(_, o)| o);
     let stat = |k: Kind| get(k).and_then(|o| Stat::of(&o.runs));
     let rss = |k: Kind| get(k).map(|o| o.peak_rss_gb);
@@ -272,6 +274,7 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults) -> Vec<Row> {
         peers: peer_rss,
     });
     rows.retain(|r| r.ours.is_some() || !r.peers.is_empty());
+    rows.iter_mut().for_each(|r| r.what.push_str(label));
     for r in rows.iter_mut().filter(|r| r.what.starts_with('↳')) {
         (r.ours_rss, r.ours_cpu_share) = (None, None);
     }
@@ -289,7 +292,10 @@ fn main() -> Result<()> {
         return child_main(&args, kind);
     }
     device(&args.device)?;
-    dtype(&args.dtype)?;
+    let dtypes: Vec<&str> = args.dtype.split(',').map(str::trim).collect();
+    for d in &dtypes {
+        dtype(d)?;
+    }
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -315,31 +321,39 @@ fn main() -> Result<()> {
         model,
     };
 
-    let mut ours = Vec::new();
+    let mut ours: Vec<(&str, Vec<(Kind, Outcome)>)> = dtypes.iter().map(|d| (*d, Vec::new())).collect();
     let mut failed = Vec::new();
-    for &kind in &kinds {
-        let (warmup, runs) = schedule(&args, kind);
-        eprintln!("diffctl {}: {} warm-up + {} timed, {} threads", kind.name(), warmup, runs, args.threads);
-        match run_child(&args, &inputs, kind) {
-            Ok(o) => {
-                if o.threads != args.threads {
-                    eprintln!("  warning: candle used {} threads, not {}", o.threads, args.threads);
+    for (dtype, ours) in &mut ours {
+        for &kind in &kinds {
+            let (warmup, runs) = schedule(&args, kind);
+            eprintln!(
+                "diffctl {} ({dtype}): {} warm-up + {} timed, {} threads",
+                kind.name(),
+                warmup,
+                runs,
+                args.threads
+            );
+            match run_child(&args, dtype, &inputs, kind) {
+                Ok(o) => {
+                    if o.threads != args.threads {
+                        eprintln!("  warning: candle used {} threads, not {}", o.threads, args.threads);
+                    }
+                    let parts: Vec<String> = o.parts.iter().map(|(k, v)| format!("{k} {v:.2} s")).collect();
+                    eprintln!(
+                        "  {}; peak RSS {:.2} GB; CPU: ours {:.0} % of {} threads, machine {:.0} % busy; {}",
+                        o.check,
+                        o.peak_rss_gb,
+                        100.0 * o.cpu_share,
+                        o.threads,
+                        100.0 * o.machine_busy,
+                        parts.join(", ")
+                    );
+                    ours.push((kind, o));
                 }
-                let parts: Vec<String> = o.parts.iter().map(|(k, v)| format!("{k} {v:.2} s")).collect();
-                eprintln!(
-                    "  {}; peak RSS {:.2} GB; CPU: ours {:.0} % of {} threads, machine {:.0} % busy; {}",
-                    o.check,
-                    o.peak_rss_gb,
-                    100.0 * o.cpu_share,
-                    o.threads,
-                    100.0 * o.machine_busy,
-                    parts.join(", ")
-                );
-                ours.push((kind, o));
-            }
-            Err(e) => {
-                eprintln!("  {e:#}");
-                failed.push(format!("{}: {e:#}", kind.name()));
+                Err(e) => {
+                    eprintln!("  {e:#}");
+                    failed.push(format!("{} ({dtype}): {e:#}", kind.name()));
+                }
             }
         }
     }
@@ -417,7 +431,14 @@ fn main() -> Result<()> {
         ));
     }
     text.push('\n');
-    text.push_str(&report::table(&rows(&ours, &peer_results), &columns));
+    let all_rows: Vec<Row> = ours
+        .iter()
+        .flat_map(|(dtype, ours)| {
+            let label = if dtypes.len() > 1 { format!(" — ours {dtype}") } else { String::new() };
+            rows(ours, &peer_results, &label)
+        })
+        .collect();
+    text.push_str(&report::table(&all_rows, &columns));
     match peer_results.skipped.as_slice() {
         [] => {}
         all @ [(_, why), ..] if all.len() == Peer::ALL.len() && all.iter().all(|(_, w)| w == why) => {

@@ -137,10 +137,11 @@ impl CustomOp3 for Attention {
                 v.dims
             )
         }
-        let mut out = vec![0f32; b * lq * h * dv];
-        if out.is_empty() || lk == 0 {
-            return Ok((CpuStorage::F32(out), Shape::from((b, lq, h, dv))));
+        if b * lq * h * dv == 0 || lk == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; b * lq * h * dv]), Shape::from((b, lq, h, dv))));
         }
+        // Written in full: every row of every head by its task.
+        let mut out = super::output_buffer(b * lq * h * dv);
         // Query rows per task: MAX_BLOCK_ROWS, but at least 4 tasks per thread when the queries
         // allow it.
         let per_thread = (b * lq).div_ceil(4 * rayon::current_num_threads()).max(MIN_BLOCK_ROWS);

@@ -168,7 +168,8 @@ impl Conv2dOp {
         let ho = (h + 2 * padding - k) / stride + 1;
         let wo = (w + 2 * padding - k) / stride + 1;
         let d = Dims { b, cin, h, w, cout, k, stride, padding, ho, wo };
-        let mut out = vec![0f32; b * cout * ho * wo];
+        // Written in full by every path: bias then accumulated products, or products overwriting.
+        let mut out = super::output_buffer(b * cout * ho * wo);
         match cpu_path(b, cin, h, w, k, stride, padding) {
             ConvPath::Pointwise => pointwise(&d, x, weight, bias, &mut out),
             ConvPath::Winograd => winograd(&d, x, weight, bias, &mut out),

@@ -32,7 +32,7 @@ impl CustomOp1 for Widen {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("widen-to-f32: non-contiguous input");
         };
-        let mut out = vec![0f32; end - start];
+        let mut out = super::output_buffer(end - start);
         match storage {
             CpuStorage::BF16(data) => {
                 out.par_chunks_mut(CHUNK).zip(data[start..end].par_chunks(CHUNK)).for_each(|(d, s)| widen_bf16(d, s))

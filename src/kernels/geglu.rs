@@ -31,7 +31,7 @@ impl CustomOp1 for Geglu {
         }
         let h = super::contiguous_f32("GEGLU", storage, layout)?;
         let inner = width / 2;
-        let mut out = vec![0f32; h.len() / 2];
+        let mut out = super::output_buffer(h.len() / 2);
         // Rows in groups of about 64k values per task.
         let rows_per_task = (65_536 / inner.max(1)).max(1);
         out.par_chunks_mut(rows_per_task * inner)

@@ -90,7 +90,7 @@ impl CustomOp3 for GroupNormOp {
         let weight = super::contiguous_f32("GroupNorm", weight, weight_layout)?;
         let bias = super::contiguous_f32("GroupNorm", bias, bias_layout)?;
         let group_len = channels / self.groups * spatial;
-        let mut out = vec![0f32; xs.len()];
+        let mut out = super::output_buffer(xs.len());
         out.par_chunks_mut(group_len).zip(xs.par_chunks(group_len)).enumerate().for_each(|(i, (ys, xs))| {
             let first_channel = (i % self.groups) * (channels / self.groups);
             normalise_group(xs, ys, spatial, &weight[first_channel..], &bias[first_channel..], self.eps, self.silu)

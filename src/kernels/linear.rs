@@ -78,7 +78,8 @@ fn forward(
     let bias = bias.map(|(s, l)| super::contiguous_f32("linear", s, l)).transpose()?;
     let (out, inp) = w_layout.shape().dims2()?;
     let rows = x.len() / inp;
-    let mut ys = vec![0f32; rows * out];
+    // Written in full: the bias rows, or the product overwriting.
+    let mut ys = super::output_buffer(rows * out);
     if let Some(bias) = bias {
         ys.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(bias));
     }

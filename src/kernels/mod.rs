@@ -63,6 +63,17 @@ fn layer_weight<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candl
     }
 }
 
+/// An output buffer of `len` f32 that the kernel then writes in full, without the zeroing pass of
+/// `vec![0.0; len]` (candle's CPU backend allocates its outputs the same way). Callers must write
+/// every element before anything reads it.
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`; f32 has no invalid bit patterns, and every caller writes each
+    // element before the buffer is read (see the call sites).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// A raw output pointer shared by rayon tasks that write disjoint elements.
 #[derive(Debug)]
 pub(crate) struct SharedMut<T = f32>(pub(crate) *mut T);
