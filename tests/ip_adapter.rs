@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, load_fixture, max_abs_diff, repo_path};
+use common::{assert_close, load_fixture, max_abs_diff, repo_path, std_all};
 use diffctl::control::Control;
 use diffctl::control::cross_attention::ip_adapter::read_embedding_file;
 use diffctl::control::cross_attention::{ImagePromptEmbeds, IpAdapter, IpAdapterWeights, IpScale, RegionMask};
@@ -305,6 +305,26 @@ fn cli_reproduces_masks_per_block_scales_faceid_and_embeds_files() {
 }
 
 /// Writes a copy of the base adapter with `edit` applied to its tensors.
+/// `--dtype bf16` on the CPU: the image encoder, the image projection and the extra key/value streams
+/// run with f32 activations like the rest of the model (bf16 products where the CPU has them). Latents
+/// within the bf16 bound of tests/checkpoints.rs: 0.1 per unit of guidance, × max(1, std).
+#[test]
+fn cli_runs_in_bf16() {
+    for (name, embeds) in [("ip-two-masks", false), ("ip-faceid", false), ("ip-plus-batch2", true)] {
+        let case = case(name);
+        let dir = tempfile::tempdir().unwrap();
+        let mut flags = case_flags(&case, embeds);
+        flags.extend(["--dtype".to_string(), "bf16".to_string()]);
+        let (out, _) = generate(&case, dir.path(), &flags);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let saved = candle_core::safetensors::load(dir.path().join("out.safetensors"), &Device::Cpu).unwrap();
+        let expected = &load_fixture(&case.file)["latents"];
+        let err =
+            max_abs_diff(&saved["latents"], expected) / std_all(expected).max(1.0) / case.guidance.max(1.0) as f32;
+        assert!(err <= 0.1, "{name}: bf16 latent error {err} per unit of guidance");
+    }
+}
+
 fn edited_adapter(dir: &Path, name: &str, edit: impl Fn(&mut HashMap<String, Tensor>)) -> PathBuf {
     let mut tensors =
         candle_core::safetensors::load(repo_path(&format!("{DIR}/ip-adapter_tiny.safetensors")), &Device::Cpu).unwrap();

@@ -130,8 +130,8 @@ impl Operand {
     }
 }
 
-/// A left operand packed once for many products (the Winograd transformed weights): [`MR`]-row
-/// tiles of bf16 pairs over the whole depth.
+/// A left operand packed once for many products (a convolution's weights, the attention's keys and
+/// transposed values): [`MR`]-row tiles of bf16 pairs over the whole depth.
 #[derive(Debug, Default)]
 pub struct PackedLhs {
     data: Vec<u32>,
@@ -155,40 +155,6 @@ impl PackedLhs {
             let i0 = t * MR;
             // SAFETY: rows i0.. of lhs (the caller's contract).
             unsafe { pack_lhs_tile(lhs.at(i0, 0), MR.min(rows - i0), depth, tile) };
-        });
-    }
-
-    /// Packs `matrices.len()` matrices of [rows, depth] at once, for a producer that computes them
-    /// together: `produce(t, values)` fills `values` [count, MR, depth] (row-major) with rows t·MR..
-    /// of each matrix (rows past `rows` are ignored). Tiles are produced in parallel.
-    pub fn pack_many(
-        matrices: &mut [PackedLhs],
-        rows: usize,
-        depth: usize,
-        produce: impl Fn(usize, &mut [f32]) + Sync,
-    ) {
-        let tile_len = depth.div_ceil(2) * MR;
-        let tiles = rows.div_ceil(MR);
-        for p in matrices.iter_mut() {
-            p.data.resize(tiles * tile_len, 0);
-            (p.rows, p.depth) = (rows, depth);
-        }
-        if tile_len == 0 {
-            return;
-        }
-        let outputs: Vec<SharedMut<u32>> = matrices.iter_mut().map(|p| SharedMut(p.data.as_mut_ptr())).collect();
-        let scratch = || vec![0f32; outputs.len() * MR * depth];
-        (0..tiles).into_par_iter().for_each_init(scratch, |values, t| {
-            produce(t, values);
-            for (x, out) in outputs.iter().enumerate() {
-                // SAFETY: tile t of matrix x is written by this task alone, inside its data (resized
-                // above); values holds [count, MR, depth].
-                unsafe {
-                    let tile = std::slice::from_raw_parts_mut(out.get().add(t * tile_len), tile_len);
-                    let rows_x = MatRef::rows(values[x * MR * depth..].as_ptr(), depth);
-                    pack_lhs_tile(rows_x.into(), MR.min(rows - t * MR), depth, tile);
-                }
-            }
         });
     }
 

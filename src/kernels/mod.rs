@@ -75,24 +75,16 @@ pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
 }
 
 /// A raw output pointer shared by rayon tasks that write disjoint elements.
-#[derive(Debug)]
-pub(crate) struct SharedMut<T = f32>(pub(crate) *mut T);
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 // SAFETY: only used where every task writes elements no other task touches (see the users).
-unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl Send for SharedMut {}
 // SAFETY: as above.
-unsafe impl<T> Sync for SharedMut<T> {}
+unsafe impl Sync for SharedMut {}
 
-impl<T> Clone for SharedMut<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<T> Copy for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
+impl SharedMut {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    pub(crate) fn get(self) -> *mut T {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

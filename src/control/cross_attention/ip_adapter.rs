@@ -57,6 +57,8 @@ pub struct IpAdapterWeights {
     projection: ImageProjection,
     /// Each cross-attention layer with its `to_k_ip` and `to_v_ip`, in the UNet's layer order.
     layers: Vec<(CrossAttentionLayer, Linear, Linear)>,
+    /// The dtype activations run in (f32 for half-precision weights on the CPU, see
+    /// [`crate::io::weights::precision`]).
     dtype: DType,
     /// The attention LoRA the file carries (FaceID), by UNet layer path.
     lora: Vec<(String, WeightDelta)>,
@@ -123,7 +125,7 @@ impl IpAdapterWeights {
                 Ok((layer, k, v))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { path: path.to_path_buf(), projection, layers, dtype, lora })
+        Ok(Self { path: path.to_path_buf(), projection, layers, dtype: w.dtype(), lora })
     }
 
     /// The file the weights came from.
