@@ -648,15 +648,8 @@ unsafe fn write_tile(
     let mut tile = [0f32; MR * NR];
     // SAFETY: `tile` is a whole MR x NR tile with rows NR apart.
     unsafe { microkernel(pairs, lhs, rhs, tile.as_mut_ptr(), NR, true, scale) };
-    for (i, row) in tile.chunks_exact(NR).take(rows).enumerate() {
-        // SAFETY: row i < rows, `cols` elements (the caller's contract).
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
-        if overwrite {
-            out.copy_from_slice(&row[..cols]);
-        } else {
-            out.iter_mut().zip(row).for_each(|(o, t)| *o += t);
-        }
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { super::store_corner(&tile, NR, dst, ldd, (rows, cols), overwrite) };
 }
 
 /// The 8x32 register tile: acc = Σ over pairs of lhs[pp][0..8] ⊗ rhs[pp][0..32] (each lane a

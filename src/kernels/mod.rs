@@ -74,6 +74,30 @@ pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
     out
 }
 
+/// Writes the `rows` x `cols` corner of a register tile computed into `tile` (rows `nr` apart) to
+/// `dst` (rows `ldd` apart): copied when `overwrite`, else added. For the GEMMs' partial edge tiles.
+///
+/// # Safety
+/// `dst` must address `rows` rows of `cols` elements, `ldd` apart, that no one else accesses.
+pub(crate) unsafe fn store_corner(
+    tile: &[f32],
+    nr: usize,
+    dst: *mut f32,
+    ldd: usize,
+    (rows, cols): (usize, usize),
+    overwrite: bool,
+) {
+    for (i, row) in tile.chunks_exact(nr).take(rows).enumerate() {
+        // SAFETY: row i < rows, `cols` elements (the caller's contract).
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
+        if overwrite {
+            out.copy_from_slice(&row[..cols]);
+        } else {
+            out.iter_mut().zip(row).for_each(|(o, t)| *o += t);
+        }
+    }
+}
+
 /// A raw output pointer shared by rayon tasks that write disjoint elements.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);

@@ -351,15 +351,8 @@ unsafe fn write_tile(
     let mut tile = [0f32; MR * MAX_NR];
     // SAFETY: `tile` holds a whole MR x nr tile with rows nr apart.
     unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), tile.as_mut_ptr(), nr, true, scale) };
-    for (i, row) in tile.chunks_exact(nr).take(rows).enumerate() {
-        // SAFETY: row i < rows, `cols` elements (the caller's contract).
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
-        if overwrite {
-            out.copy_from_slice(&row[..cols]);
-        } else {
-            out.iter_mut().zip(row).for_each(|(o, t)| *o += t);
-        }
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { super::store_corner(&tile, nr, dst, ldd, (rows, cols), overwrite) };
 }
 
 /// The AVX2 6x16 register tile: acc = Σₚ lhs[0..6, p] ⊗ rhs[p, 0..16] with lhs rows `lds` apart and
