@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use diffctl::kernels::attention::scaled_dot_product;
 use diffctl::kernels::bf16_gemm;
 
-use super::timing::{median_ms, report};
+use super::timing::{median_ms, report, report_variant};
 
 /// (what, q [B, H, Lq, D], Lk) for each benchmarked attention.
 const CASES: [(&str, [usize; 4], usize); 5] = [
@@ -42,12 +42,7 @@ pub fn run() -> anyhow::Result<()> {
                 scaled_dot_product(&q, &k, &v, scale, true)?;
                 Ok(())
             })?;
-            println!(
-                "{:<60} bf16 products {bf16:>9.1} ms, {:>9.1} GFLOP/s, bf16/f32 {:.2}",
-                "",
-                flop / bf16 / 1e6,
-                bf16 / ours
-            );
+            report_variant("bf16 products", bf16, flop, ours);
         }
     }
     Ok(())

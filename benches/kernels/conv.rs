@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use diffctl::kernels::bf16_gemm;
 use diffctl::kernels::conv::{conv2d, cpu_path};
 
-use super::timing::{median_ms, report};
+use super::timing::{median_ms, report, report_variant};
 
 /// (what, B, Cin, H, W, Cout, kernel, stride, padding).
 type Case = (&'static str, usize, usize, usize, usize, usize, usize, usize, usize);
@@ -55,12 +55,7 @@ pub fn run() -> anyhow::Result<()> {
                 conv2d(&x, &weight, Some(&bias), stride, padding)?;
                 Ok(())
             })?;
-            println!(
-                "{:<60} bf16 weights {bf16:>9.1} ms, {:>9.1} GFLOP/s, bf16/f32 {:.2}",
-                "",
-                flop / bf16 / 1e6,
-                bf16 / ours
-            );
+            report_variant("bf16 weights", bf16, flop, ours);
         }
     }
     Ok(())

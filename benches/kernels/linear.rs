@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use diffctl::kernels::bf16_gemm;
 use diffctl::kernels::linear::linear;
 
-use super::timing::{median_ms, report};
+use super::timing::{median_ms, report, report_variant};
 
 /// (what, rows, in, out).
 const CASES: &[(&str, usize, usize, usize)] = &[
@@ -42,12 +42,7 @@ pub fn run() -> anyhow::Result<()> {
                 linear(&xs, &weight, Some(&bias))?;
                 Ok(())
             })?;
-            println!(
-                "{:<60} bf16 weights {bf16:>9.1} ms, {:>9.1} GFLOP/s, bf16/f32 {:.2}",
-                "",
-                flop / bf16 / 1e6,
-                bf16 / ours
-            );
+            report_variant("bf16 weights", bf16, flop, ours);
         }
     }
     Ok(())

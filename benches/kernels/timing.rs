@@ -15,6 +15,12 @@ pub fn median_ms(runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyh
     Ok(times[times.len() / 2])
 }
 
+/// Prints the indented line of a variant of the kernel (bf16 weights or products): its time, its
+/// GFLOP/s for `flop` operations and its ratio to the f32 kernel's `f32_ms`.
+pub fn report_variant(what: &str, ms: f64, flop: f64, f32_ms: f64) {
+    println!("{:<60} {what} {ms:>9.1} ms, {:>9.1} GFLOP/s, bf16/f32 {:.2}", "", flop / ms / 1e6, ms / f32_ms);
+}
+
 /// Prints one line: the kernel, the plain op and their ratio.
 pub fn report(what: &str, ours_ms: f64, plain_ms: f64) {
     println!("{what:<60} ours {ours_ms:>9.1} ms   candle {plain_ms:>9.1} ms   ours/candle {:.2}", ours_ms / plain_ms);

@@ -16,7 +16,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::SharedMut;
-use super::sgemm::MatRef;
+use super::sgemm::{MIN_PARALLEL_MACS, MatRef};
 
 /// Rows of the register tile (each broadcast from one pair of the left tile).
 pub const MR: usize = 8;
@@ -28,8 +28,6 @@ const KC: usize = 320;
 const MC: usize = 192;
 /// Columns of one packed right block (640 KB at KC = 320).
 const NC: usize = 1024;
-/// Below this many multiply-adds a product runs on one thread whatever the caller asks.
-const MIN_PARALLEL_MACS: usize = 1 << 20;
 
 /// Whether this CPU has the bf16 dot product (and the AVX-512 subsets the kernels use).
 pub fn available() -> bool {
@@ -438,7 +436,7 @@ unsafe fn pack_lhs_rows(lhs: Operand, rows: usize, kc: usize, first: usize, out:
             // SAFETY: depths p and p + 1 (when < kc) of the row.
             *o = unsafe {
                 match row.elements {
-                    Elements::Bf16(ptr) if row.col_stride == 1 => row.pair_contiguous_bf16(ptr, p, kc),
+                    Elements::Bf16(ptr) if row.col_stride == 1 => pair_contiguous_bf16(ptr, p, kc),
                     _ => row.pair(0, p, kc, false),
                 }
             };
@@ -510,15 +508,13 @@ unsafe fn transpose_rows_8(lhs: Operand, blocks: usize, out: &mut [u32]) {
     }
 }
 
-impl Operand {
-    /// The pair of depths (p, p + 1) of a contiguous bf16 row at `ptr` (0 past `depth`).
-    ///
-    /// # Safety
-    /// `ptr` must address the row's `depth` elements.
-    unsafe fn pair_contiguous_bf16(self, ptr: *const u16, p: usize, depth: usize) -> u32 {
-        // SAFETY: forwarded from the caller.
-        unsafe { if p + 1 < depth { (ptr.add(p) as *const u32).read_unaligned() } else { *ptr.add(p) as u32 } }
-    }
+/// The pair of depths (p, p + 1) of a contiguous bf16 row at `ptr` (0 past `depth`).
+///
+/// # Safety
+/// `ptr` must address the row's `depth` elements.
+unsafe fn pair_contiguous_bf16(ptr: *const u16, p: usize, depth: usize) -> u32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { if p + 1 < depth { (ptr.add(p) as *const u32).read_unaligned() } else { *ptr.add(p) as u32 } }
 }
 
 /// Packs rhs [kc, nc] into [`NR`]-column panels of pairs: panel q holds, for each pair of depths
@@ -553,7 +549,7 @@ unsafe fn pack_rhs(rhs: Operand, kc: usize, nc: usize, out: &mut [u32]) {
                     }
                     for (pp, o) in lane.enumerate() {
                         // SAFETY: column j's depths 2pp, 2pp + 1 (when < kc).
-                        *o = unsafe { block.pair_contiguous_bf16(p.add(j * block.col_stride), 2 * pp, kc) };
+                        *o = unsafe { pair_contiguous_bf16(p.add(j * block.col_stride), 2 * pp, kc) };
                     }
                 }
             }
@@ -683,21 +679,8 @@ unsafe fn microkernel(
             }
         }
     }
-    let scale = _mm512_set1_ps(scale);
-    for (i, row) in acc.iter().enumerate() {
-        for (h, &sum) in row.iter().enumerate() {
-            // SAFETY: row i, columns 16h..16h + 16 of the tile (the caller's contract).
-            unsafe {
-                let out = dst.add(i * ldd + 16 * h);
-                let value = if overwrite {
-                    _mm512_mul_ps(sum, scale)
-                } else {
-                    _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out))
-                };
-                _mm512_storeu_ps(out, value);
-            }
-        }
-    }
+    // SAFETY: dst addresses the whole tile (the caller's contract); the CPU has AVX-512F.
+    unsafe { super::sgemm::store_zmm_tile(&acc, dst, ldd, overwrite, scale) };
 }
 
 /// Stand-ins for targets other than x86-64, never called there ([`available`] is false).

@@ -19,8 +19,8 @@ use super::SharedMut;
 const MR: usize = 6;
 /// Columns of the widest register tile.
 const MAX_NR: usize = 32;
-/// Below this many multiply-adds a product runs on one thread whatever the caller asks.
-const MIN_PARALLEL_MACS: usize = 1 << 20;
+/// Below this many multiply-adds a product runs on one thread whatever the caller asks (both GEMMs).
+pub(crate) const MIN_PARALLEL_MACS: usize = 1 << 20;
 
 /// A register tile's microkernel and the cache blocking around it.
 #[derive(Clone, Copy)]
@@ -467,11 +467,32 @@ unsafe fn microkernel_avx512<const NV: usize>(
             }
         }
     }
-    let scale = _mm512_set1_ps(scale);
-    for (i, row) in acc.iter().enumerate() {
-        for (h, &sum) in row.iter().enumerate() {
-            // SAFETY: row i, columns 16h..16h + 16 of the tile (the caller's contract).
-            unsafe {
+    // SAFETY: dst addresses the whole tile (the caller's contract); the CPU has AVX-512F.
+    unsafe { store_zmm_tile(&acc, dst, ldd, overwrite, scale) };
+}
+
+/// dst = scale · acc (+ dst unless `overwrite`) for a register tile of R rows of NV zmm registers, the
+/// epilogue of the AVX-512 microkernels (this one's and [`super::bf16_gemm`]'s). Inlined into them,
+/// so it is compiled with their AVX-512 features.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `dst` must address R rows (`ldd` apart) of 16·NV floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn store_zmm_tile<const R: usize, const NV: usize>(
+    acc: &[[std::arch::x86_64::__m512; NV]; R],
+    dst: *mut f32,
+    ldd: usize,
+    overwrite: bool,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the CPU has AVX-512F and every row i, columns 16h..16h + 16, lies inside dst (the
+    // caller's contract).
+    unsafe {
+        let scale = _mm512_set1_ps(scale);
+        for (i, row) in acc.iter().enumerate() {
+            for (h, &sum) in row.iter().enumerate() {
                 let out = dst.add(i * ldd + 16 * h);
                 let value = if overwrite {
                     _mm512_mul_ps(sum, scale)
