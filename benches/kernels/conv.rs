@@ -45,7 +45,7 @@ pub fn run() -> anyhow::Result<()> {
             x.conv2d(&weight, padding, stride, 1, 1)?.broadcast_add(&bias4)?;
             Ok(())
         })?;
-        let path = cpu_path(b, cin, h, w, k, stride, padding);
+        let path = cpu_path(b, cin, h, w, k, stride, padding, false);
         let label = format!("conv {what} {b}x{cin}x{h}x{w}→{cout} k{k} s{stride} [{path:?}]");
         report(&label, ours, plain);
         println!("{:<60} {:>9.1} GFLOP/s (direct-conv equivalent)", "", flop / ours / 1e6);
@@ -55,7 +55,8 @@ pub fn run() -> anyhow::Result<()> {
                 conv2d(&x, &weight, Some(&bias), stride, padding)?;
                 Ok(())
             })?;
-            report_variant("bf16 weights", bf16, flop, ours);
+            let path = cpu_path(b, cin, h, w, k, stride, padding, true);
+            report_variant(&format!("bf16 weights [{path:?}]"), bf16, flop, ours);
         }
     }
     Ok(())

@@ -308,7 +308,13 @@ unsafe fn pack_rhs(rhs: MatRef, kc: usize, nc: usize, nr: usize, out: &mut [f32]
                 step[cols..].fill(0.0);
             }
         } else {
-            for j in 0..nr {
+            // Columns in whole groups of 8 with contiguous depths (a transposed operand: the linear
+            // layers' weights, the attention's keys) go through 8x8 register transposes.
+            let fast = if rhs.row_stride == 1 { cols / 8 * 8 } else { 0 };
+            // SAFETY: the CPU has AVX2 (a kernel was chosen); columns q·nr.. q·nr + fast < nc,
+            // depths < kc (the caller's contract); the panel holds kc x nr elements.
+            unsafe { transpose_columns_8(rhs.at(0, q * nr), kc, fast / 8, nr, panel) };
+            for j in fast..nr {
                 if j >= cols {
                     panel.iter_mut().skip(j).step_by(nr).for_each(|x| *x = 0.0);
                     continue;
@@ -319,6 +325,61 @@ unsafe fn pack_rhs(rhs: MatRef, kc: usize, nc: usize, nr: usize, out: &mut [f32]
                     // SAFETY: as above.
                     *x = unsafe { *src.ptr.add(p * src.row_stride) };
                 }
+            }
+        }
+    }
+}
+
+/// Packs `groups` groups of 8 columns of `rhs` (contiguous depths: unit row stride) into the first
+/// 8·groups columns of a panel [kc, nr] (`panel[p·nr + j]`): 8 depths at a time through an 8x8
+/// register transpose, the last kc mod 8 depths one by one.
+///
+/// # Safety
+/// The CPU must have AVX; `rhs` must address kc x 8·groups elements with unit row stride; `panel`
+/// must hold kc·nr elements with 8·groups ≤ nr.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_columns_8(rhs: MatRef, kc: usize, groups: usize, nr: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(panel.len() >= kc * nr && 8 * groups <= nr);
+    let out = panel.as_mut_ptr();
+    for g in 0..groups {
+        let j0 = 8 * g;
+        // SAFETY (whole loop): columns j0..j0 + 8 and depths < kc lie inside rhs (the caller's
+        // contract), panel rows p < kc, columns j0..j0 + 8 inside the panel (checked above).
+        let col = |c: usize| unsafe { rhs.ptr.add((j0 + c) * rhs.col_stride) };
+        for p0 in (0..kc - kc % 8).step_by(8) {
+            unsafe {
+                let r: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(col(c).add(p0)));
+                let t = [
+                    _mm256_unpacklo_ps(r[0], r[1]),
+                    _mm256_unpackhi_ps(r[0], r[1]),
+                    _mm256_unpacklo_ps(r[2], r[3]),
+                    _mm256_unpackhi_ps(r[2], r[3]),
+                    _mm256_unpacklo_ps(r[4], r[5]),
+                    _mm256_unpackhi_ps(r[4], r[5]),
+                    _mm256_unpacklo_ps(r[6], r[7]),
+                    _mm256_unpackhi_ps(r[6], r[7]),
+                ];
+                let u = [
+                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0xee>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0xee>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0xee>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    _mm256_shuffle_ps::<0xee>(t[5], t[7]),
+                ];
+                for i in 0..4 {
+                    _mm256_storeu_ps(out.add((p0 + i) * nr + j0), _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]));
+                    _mm256_storeu_ps(out.add((p0 + i + 4) * nr + j0), _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]));
+                }
+            }
+        }
+        for p in kc - kc % 8..kc {
+            for c in 0..8 {
+                unsafe { *out.add(p * nr + j0 + c) = *col(c).add(p) };
             }
         }
     }
@@ -506,6 +567,10 @@ pub(crate) unsafe fn store_zmm_tile<const R: usize, const NV: usize>(
 }
 
 /// Stand-ins for targets other than x86-64, never called there ([`kernel`] is None).
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose_columns_8(_: MatRef, _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("f32 packing runs only on x86-64")
+}
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn microkernel_avx2(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: bool, _: f32) {
