@@ -1,18 +1,18 @@
 //! Fused, blocked scaled dot-product attention on the CPU: `softmax(q kᵀ · scale) v` without a mask.
 //!
 //! The work is split into tasks of (batch, block of query rows); a task loops over the heads and,
-//! for each, over chunks of keys (flash attention): the chunk's score block
-//! `S = scale · log2(e) · Q_blk K_chunkᵀ` comes from [`super::sgemm`], becomes unnormalised probabilities in
-//! place (vectorised exp2 against the running row max), and `P V_chunk` is accumulated by it
-//! straight into the output, whose rows are rescaled when a row's max grows and divided by their
-//! probability sums at the end. The score block lives in a per-thread scratch buffer that stays in
-//! cache; no call ever allocates a [Lq, Lk] matrix.
+//! for each, over chunks of keys (flash attention), key-major: the chunk's scores
+//! `Sᵀ = scale · log2(e) · K_chunk Qᵀ` [len, n] put one query per column, so the online softmax
+//! (vectorised exp2 against each query's running max) runs along rows, vectorised over the queries,
+//! and `Oᵀ [dv, n] += Vᵀ_chunk Pᵀ` accumulates the output, rescaled when a query's max grows and
+//! divided by its probability sum at the end. Scores and outputs live in a per-thread scratch
+//! buffer that stays in cache; no call ever allocates a [Lq, Lk] matrix. The values are transposed
+//! once per call.
 //!
-//! With bf16 products ([`super::bf16_gemm`], for models whose layers are bf16) the same flash
-//! attention runs key-major: the keys and the transposed values of each head are packed in bf16 once
-//! per call, a task packs its queries once per head, the chunk's scores are `Sᵀ = K_chunk Qᵀ`
-//! [len, n] (the softmax then runs across rows, vectorised over the queries), and `Oᵀ [dv, n] +=
-//! Vᵀ_chunk Pᵀ`; scores, probabilities' sums and outputs stay f32.
+//! The products run on [`super::sgemm`] (f32; keys and queries read in place) or, for models whose
+//! layers are bf16, on [`super::bf16_gemm`]: then the keys and transposed values of each head are
+//! packed in bf16 once per call, a task packs its queries once per head, and the softmax writes the
+//! probabilities straight into their packed operand; scores, sums and outputs stay f32.
 //!
 //! Inputs may have any strides as long as the last dimension is contiguous (the free
 //! `split_heads` view is read in place). The output is written as [B, Lq, H, D] so that merging
@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use super::bf16_gemm::{self, PackedLhs, PackedRhs};
 use super::math::{self, simd_dispatch};
-use super::sgemm::{MatRef, matmul};
+use super::sgemm::{self, MatRef};
 
 /// Keys per chunk of the online softmax: a [rows, chunk] score block and the chunk's keys and values
 /// stay in a core's L2 cache.
@@ -38,19 +38,18 @@ const MIN_BLOCK_ROWS: usize = 32;
 const MAX_BLOCK_ROWS: usize = 256;
 
 thread_local! {
-    /// Per-thread score block [rows, KEY_CHUNK], reused across tasks and calls.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Per-thread scratch of the bf16 path, reused across tasks and calls.
-    static BF16_SCRATCH: RefCell<Bf16Scratch> = RefCell::new(Bf16Scratch::default());
+    /// Per-thread buffers of the tasks, reused across tasks and calls.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// A task's buffers on the bf16 path: packed Qᵀ [d, n] and Pᵀ [len, n], Sᵀ [len, n] and Oᵀ [dv, n].
+/// A task's buffers: the scores Sᵀ [len, n] (f32 products: then the probabilities Pᵀ in place) and
+/// the output so far Oᵀ [dv, n]; with bf16 products also the packed Qᵀ [d, n] and Pᵀ [len, n].
 #[derive(Default)]
-struct Bf16Scratch {
-    queries: PackedRhs,
-    probabilities: PackedRhs,
+struct Scratch {
     scores: Vec<f32>,
     out: Vec<f32>,
+    queries: PackedRhs,
+    probabilities: PackedRhs,
 }
 
 /// `softmax(q kᵀ · scale) v` for q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] on the CPU,
@@ -146,277 +145,314 @@ impl CustomOp3 for Attention {
         // allow it.
         let per_thread = (b * lq).div_ceil(4 * rayon::current_num_threads()).max(MIN_BLOCK_ROWS);
         let rows = MAX_BLOCK_ROWS.min(per_thread).min(lq);
-        if self.bf16 {
-            let packed = PackedHeads::new(&k, &v);
-            out.par_chunks_mut(lq * h * dv).enumerate().for_each(|(bi, batch)| {
-                batch.par_chunks_mut(rows * h * dv).enumerate().for_each(|(blk, chunk)| {
-                    attend_block_bf16(&q, &packed, self.log2_scale, bi, blk * rows, chunk);
-                })
-            });
-            return Ok((CpuStorage::F32(out), Shape::from((b, lq, h, dv))));
-        }
+        let heads = Heads::new(&k, &v, self.bf16);
         // out [B, Lq, H, Dv]: a batch is a contiguous [Lq, H, Dv] slab, a task `rows` of its rows.
         out.par_chunks_mut(lq * h * dv).enumerate().for_each(|(bi, batch)| {
             batch.par_chunks_mut(rows * h * dv).enumerate().for_each(|(blk, chunk)| {
-                attend_block(&q, &k, &v, self.log2_scale, bi, blk * rows, chunk);
+                attend_block(&q, &k, &heads, self.log2_scale, bi, blk * rows, chunk);
             })
         });
         Ok((CpuStorage::F32(out), Shape::from((b, lq, h, dv))))
     }
 }
 
-/// Computes query rows `row0..row0 + n` of batch `bi` for every head into `out` [n, H, Dv];
-/// `log2_scale` is the attention scale times log2(e).
-///
-/// Keys are taken [`KEY_CHUNK`] at a time with an online softmax (flash attention): each chunk's
-/// scores stay in the core's cache, and the output rows and their running max and sum are rescaled
-/// when a later chunk raises a row's max.
-fn attend_block(q: &Operand, k: &Operand, v: &Operand, log2_scale: f32, bi: usize, row0: usize, out: &mut [f32]) {
-    let [_, heads, _, d] = q.dims;
-    let [_, _, lk, dv] = v.dims;
-    let n = out.len() / (heads * dv);
-    let chunk = KEY_CHUNK.min(lk);
-    SCORES.with_borrow_mut(|scores| {
-        if scores.len() < n * chunk {
-            scores.resize(n * chunk, 0.0);
-        }
-        let mut maxes = [0f32; MAX_BLOCK_ROWS];
-        let mut sums = [0f32; MAX_BLOCK_ROWS];
-        for hi in 0..heads {
-            let dst = &mut out[hi * dv..];
-            maxes[..n].fill(f32::NEG_INFINITY);
-            sums[..n].fill(0.0);
-            for c0 in (0..lk).step_by(chunk) {
-                let len = chunk.min(lk - c0);
-                let s = &mut scores[..n * len];
-                // SAFETY: q rows row0..row0+n and k rows c0..c0+len (d columns each) of head (bi, hi)
-                // lie inside their storages, as their candle layouts guarantee; `s` is [n, len]
-                // row-major, and nothing else aliases it during the call.
-                unsafe {
-                    // S [n, len] = scale · log2(e) · Q_blk [n, d] · K_chunkᵀ [d, len], so that
-                    // exp(scale·q·k − m) is 2^(S − m / ln 2).
-                    matmul(
-                        (n, len, d),
-                        s.as_mut_ptr(),
-                        len,
-                        false,
-                        MatRef::rows(q.row(bi, hi, row0), q.stride[2]),
-                        MatRef::transposed(k.row(bi, hi, c0), k.stride[2]),
-                        log2_scale,
-                        false,
-                    );
-                }
-                let stats = RunningStats { maxes: &mut maxes[..n], sums: &mut sums[..n] };
-                online_softmax_step(s, len, stats, dst, heads * dv, dv, c0 == 0);
-                // SAFETY: as above for v rows c0..c0+len (dv columns); the destination is rows of
-                // stride H·Dv starting at column hi·Dv of `out`, dv columns each, all inside `out`,
-                // which nothing else aliases.
-                unsafe {
-                    // O_blk [n, dv] (+)= P [n, len] · V_chunk [len, dv].
-                    matmul(
-                        (n, dv, len),
-                        dst.as_mut_ptr(),
-                        heads * dv,
-                        c0 > 0,
-                        MatRef::rows(s.as_ptr(), len),
-                        MatRef::rows(v.row(bi, hi, c0), v.stride[2]),
-                        1.0,
-                        false,
-                    );
-                }
-            }
-            for (i, &sum) in sums[..n].iter().enumerate() {
-                let inv = 1.0 / sum;
-                dst[i * heads * dv..][..dv].iter_mut().for_each(|o| *o *= inv);
-            }
-        }
-    });
+/// What every task reads of the keys and values, prepared once per call (index b·H + h).
+enum Heads {
+    /// f32 products: the keys are read in place; Vᵀ [Dv, Lk] of every head, row-major.
+    F32 { values_t: Vec<f32>, lk: usize, dv: usize },
+    /// bf16 products: every head's K [Lk, D] and Vᵀ [Dv, Lk] packed in bf16.
+    Bf16 { keys: Vec<PackedLhs>, values_t: Vec<PackedLhs>, lk: usize, dv: usize },
 }
 
-/// Every head's keys K [Lk, D] and transposed values Vᵀ [Dv, Lk] packed in bf16 (index b·H + h).
-struct PackedHeads {
-    keys: Vec<PackedLhs>,
-    values_t: Vec<PackedLhs>,
-    lk: usize,
-    dv: usize,
-}
-
-impl PackedHeads {
-    fn new(k: &Operand, v: &Operand) -> Self {
+impl Heads {
+    fn new(k: &Operand, v: &Operand, bf16: bool) -> Self {
         let [b, h, lk, d] = k.dims;
         let dv = v.dims[3];
+        // Vᵀ's element (c, key) is V's (key, c).
+        let v_t = |bh: usize| MatRef::transposed(v.row(bh / h, bh % h, 0), v.stride[2]);
+        if !bf16 {
+            let mut values_t = super::output_buffer(b * h * dv * lk);
+            values_t.par_chunks_mut(dv * lk).enumerate().for_each(|(bh, head)| {
+                // SAFETY: the rows of head bh lie inside v's storage, as its layout guarantees; the
+                // head's slice holds dv rows of lk.
+                unsafe { sgemm::copy_block(v_t(bh), dv, lk, head, lk) }
+            });
+            return Self::F32 { values_t, lk, dv };
+        }
         let pack = |(bh, (keys, values_t)): (usize, (&mut PackedLhs, &mut PackedLhs))| {
-            let (bi, hi) = (bh / h, bh % h);
-            // SAFETY: the rows of head (bi, hi) lie inside the storages, as their layouts guarantee;
-            // Vᵀ's element (c, key) is V's (key, c).
+            // SAFETY: the rows of head bh lie inside the storages, as their layouts guarantee.
             unsafe {
-                keys.pack(MatRef::rows(k.row(bi, hi, 0), k.stride[2]).into(), lk, d);
-                values_t.pack(MatRef::transposed(v.row(bi, hi, 0), v.stride[2]).into(), dv, lk);
+                keys.pack(MatRef::rows(k.row(bh / h, bh % h, 0), k.stride[2]).into(), lk, d);
+                values_t.pack(v_t(bh).into(), dv, lk);
             }
         };
         let mut keys: Vec<PackedLhs> = (0..b * h).map(|_| PackedLhs::default()).collect();
         let mut values_t: Vec<PackedLhs> = (0..b * h).map(|_| PackedLhs::default()).collect();
         keys.par_iter_mut().zip(values_t.par_iter_mut()).enumerate().for_each(pack);
-        Self { keys, values_t, lk, dv }
+        Self::Bf16 { keys, values_t, lk, dv }
+    }
+
+    /// (Lk, Dv).
+    fn dims(&self) -> (usize, usize) {
+        match *self {
+            Self::F32 { lk, dv, .. } | Self::Bf16 { lk, dv, .. } => (lk, dv),
+        }
     }
 }
 
-/// [`attend_block`] on bf16 products, key-major (see the module documentation).
-fn attend_block_bf16(q: &Operand, packed: &PackedHeads, log2_scale: f32, bi: usize, row0: usize, out: &mut [f32]) {
-    let [_, heads, _, d] = q.dims;
-    let (lk, dv) = (packed.lk, packed.dv);
-    let n = out.len() / (heads * dv);
+/// Computes query rows `row0..row0 + n` of batch `bi` for every head into `out` [n, H, Dv];
+/// `log2_scale` is the attention scale times log2(e).
+///
+/// Key-major flash attention: keys are taken [`KEY_CHUNK`] at a time; the chunk's scores
+/// `Sᵀ = K_chunk Qᵀ` [len, n] put one query per column, so the online softmax runs along rows,
+/// vectorised over the queries; `Oᵀ [dv, n] += Vᵀ_chunk Pᵀ` accumulates the output, rescaled
+/// when a later chunk raises a query's max, and divided by the probability sums at the end. Scores,
+/// sums and outputs stay in the core's cache.
+fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: usize, row0: usize, out: &mut [f32]) {
+    let [_, h, _, d] = q.dims;
+    let (lk, dv) = heads.dims();
+    let n = out.len() / (h * dv);
     let chunk = KEY_CHUNK.min(lk);
-    BF16_SCRATCH.with_borrow_mut(|scratch| {
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    SCRATCH.with_borrow_mut(|scratch| {
         scratch.scores.resize(chunk * n, 0.0);
         scratch.out.resize(dv * n, 0.0);
         let mut maxes = [0f32; MAX_BLOCK_ROWS];
         let mut sums = [0f32; MAX_BLOCK_ROWS];
-        for hi in 0..heads {
-            let (keys, values_t) = (&packed.keys[bi * heads + hi], &packed.values_t[bi * heads + hi]);
-            // SAFETY: query rows row0..row0 + n of head (bi, hi) lie inside q's storage; Qᵀ's element
-            // (p, j) is Q's (j, p).
-            unsafe { scratch.queries.pack(MatRef::transposed(q.row(bi, hi, row0), q.stride[2]).into(), d, n) };
+        for hi in 0..h {
+            let bh = bi * h + hi;
+            // Qᵀ's element (p, j) is Q's (j, p): query rows row0..row0 + n of head (bi, hi).
+            let queries_t = MatRef::transposed(q.row(bi, hi, row0), q.stride[2]);
+            if let Heads::Bf16 { .. } = heads {
+                // SAFETY: those query rows lie inside q's storage, as its layout guarantees.
+                unsafe { scratch.queries.pack(queries_t.into(), d, n) };
+            }
             maxes[..n].fill(f32::NEG_INFINITY);
             sums[..n].fill(0.0);
             for c0 in (0..lk).step_by(chunk) {
                 let len = chunk.min(lk - c0);
                 let s = &mut scratch.scores[..len * n];
-                // SAFETY: s is [len, n]; the packed keys hold rows c0..c0 + len (c0 a multiple of the
-                // chunk, itself of the register tile) over depth d; the CPU has bf16 dot products.
-                unsafe {
-                    // Sᵀ [len, n] = scale · log2(e) · K_chunk [len, d] · Qᵀ [d, n].
-                    let dims = (len, n, d);
-                    bf16_gemm::matmul_packed(
-                        dims,
-                        s.as_mut_ptr(),
-                        n,
-                        false,
-                        (keys, c0, 0),
-                        &scratch.queries,
-                        log2_scale,
-                    );
-                }
                 let stats = RunningStats { maxes: &mut maxes[..n], sums: &mut sums[..n] };
-                let panels = scratch.probabilities.panels_mut(len, n);
-                softmax_columns(s, n, stats, &mut scratch.out, c0 == 0, panels);
-                // SAFETY: Vᵀ is packed over all Lk depths, read from c0 (even); Pᵀ holds [len, n].
-                unsafe {
-                    // Oᵀ [dv, n] (+)= Vᵀ_chunk [dv, len] · Pᵀ [len, n].
-                    let dst = scratch.out.as_mut_ptr();
-                    bf16_gemm::matmul_packed(
-                        (dv, n, len),
-                        dst,
-                        n,
-                        c0 > 0,
-                        (values_t, 0, c0),
-                        &scratch.probabilities,
-                        1.0,
-                    );
+                let (first, dst) = (c0 == 0, scratch.out.as_mut_ptr());
+                // SAFETY (both arms): key rows c0..c0 + len of head bh lie inside k's storage (or its
+                // packed copy, c0 a multiple of the chunk and so even), Vᵀ holds Lk columns; `s` is
+                // [len, n] and Oᵀ [dv, n], both this task's own.
+                match heads {
+                    Heads::F32 { values_t, .. } => unsafe {
+                        // Sᵀ [len, n] = scale · log2(e) · K_chunk [len, d] · Qᵀ [d, n].
+                        let keys = MatRef::rows(k.row(bi, hi, c0), k.stride[2]);
+                        sgemm::matmul((len, n, d), s.as_mut_ptr(), n, false, keys, queries_t, log2_scale, false);
+                        if avx512 {
+                            softmax_columns_avx512(s, n, stats, &mut scratch.out, first);
+                        } else {
+                            softmax_columns(s, n, stats, &mut scratch.out, first);
+                        }
+                        // Oᵀ [dv, n] (+)= Vᵀ_chunk [dv, len] · Pᵀ [len, n].
+                        let values_t = MatRef::rows(values_t[bh * dv * lk + c0..].as_ptr(), lk);
+                        sgemm::matmul((dv, n, len), dst, n, !first, values_t, MatRef::rows(s.as_ptr(), n), 1.0, false);
+                    },
+                    Heads::Bf16 { keys, values_t, .. } => unsafe {
+                        let queries = &scratch.queries;
+                        bf16_gemm::matmul_packed((len, n, d), s.as_mut_ptr(), n, false, (&keys[bh], c0, 0), queries, log2_scale);
+                        let panels = scratch.probabilities.panels_mut(len, n);
+                        // The bf16 path is taken only where the CPU has AVX512-BF16.
+                        softmax_columns_bf16(s, n, stats, &mut scratch.out, first, panels);
+                        let probabilities = &scratch.probabilities;
+                        bf16_gemm::matmul_packed((dv, n, len), dst, n, !first, (&values_t[bh], 0, c0), probabilities, 1.0);
+                    },
                 }
             }
             for (c, channel) in scratch.out.chunks_exact(n).enumerate() {
                 for (i, (&o, &sum)) in channel.iter().zip(&sums[..n]).enumerate() {
-                    out[(i * heads + hi) * dv + c] = o / sum;
+                    out[(i * h + hi) * dv + c] = o / sum;
                 }
             }
         }
     });
 }
 
-simd_dispatch! {
-    /// One key chunk's step of the online softmax on the key-major score block `scores` [len, n] (in
-    /// log2 units, one column per query): each query's running max rises to cover the chunk, its
-    /// scores become probabilities `2^(score − max)` written as the packed bf16 operand Pᵀ [len, n]
-    /// (`panels`, see [`PackedRhs::panels_mut`]), its running sum shrinks by the rise and grows by
-    /// their sum, and its output so far (column of `out_t` [dv, n]; none yet for the `first` chunk)
-    /// shrinks by the rise.
-    fn softmax_columns(scores: &[f32], n: usize, stats: RunningStats, out_t: &mut [f32], first: bool, panels: &mut [u32]) {
-        let (mut maxes, mut rescale) = ([0f32; MAX_BLOCK_ROWS], [0f32; MAX_BLOCK_ROWS]);
-        let (maxes, rescale) = (&mut maxes[..n], &mut rescale[..n]);
-        maxes.copy_from_slice(stats.maxes);
-        for row in scores.chunks_exact(n) {
-            // `f32::max` is a `vmaxps` here; a select compiles to masked stores, slow on AMD CPUs.
-            maxes.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
-        }
-        for (((r, &m), old), sum) in rescale.iter_mut().zip(&*maxes).zip(stats.maxes.iter_mut()).zip(stats.sums.iter_mut()) {
-            *r = math::exp2(*old - m);
-            *sum *= *r;
-            *old = m;
-        }
-        let len = scores.len() / n;
-        let pairs = len.div_ceil(2);
-        let nr = bf16_gemm::NR;
-        for pp in 0..pairs {
-            let row0 = &scores[2 * pp * n..][..n];
-            let row1 = (2 * pp + 1 < len).then(|| &scores[(2 * pp + 1) * n..][..n]);
-            for q in 0..n.div_ceil(nr) {
-                let cols = nr.min(n - q * nr);
-                let lanes = &mut panels[(q * pairs + pp) * nr..][..nr];
-                let (m, sum) = (&maxes[q * nr..][..cols], &mut stats.sums[q * nr..][..cols]);
-                let r0 = &row0[q * nr..][..cols];
-                match row1 {
-                    Some(row1) => {
-                        let r1 = &row1[q * nr..][..cols];
-                        for j in 0..cols {
-                            let (a, b) = (math::exp2(r0[j] - m[j]), math::exp2(r1[j] - m[j]));
-                            sum[j] += a + b;
-                            lanes[j] = bf16_gemm::pair(a, b);
-                        }
-                    }
-                    None => {
-                        for j in 0..cols {
-                            let a = math::exp2(r0[j] - m[j]);
-                            sum[j] += a;
-                            lanes[j] = bf16_gemm::pair(a, 0.0);
-                        }
-                    }
-                }
-                lanes[cols..].fill(0);
-            }
-        }
-        if !first {
-            for channel in out_t.chunks_exact_mut(n) {
-                channel.iter_mut().zip(&rescale[..n]).for_each(|(o, &r)| *o *= r);
-            }
-        }
-    }
-}
-
-/// The running max and sum of exponentials of each query row of a block.
+/// The running max and sum of exponentials of each query of a block.
 struct RunningStats<'a> {
     maxes: &'a mut [f32],
     sums: &'a mut [f32],
 }
 
-simd_dispatch! {
-    /// One key chunk's step of the online softmax on the score block `scores` [n, len] (in log2
-    /// units): per row, the running max rises to cover the chunk, the scores become
-    /// `2^(score − max)`, the running sum shrinks by the rise and grows by their sum, and the row's
-    /// output so far (`dv` values at row · `stride` in `out`; none yet for the `first` chunk) shrinks
-    /// by the rise.
-    fn online_softmax_step(
-        scores: &mut [f32],
-        len: usize,
-        stats: RunningStats,
-        out: &mut [f32],
-        stride: usize,
-        dv: usize,
-        first: bool,
-    ) {
-        for (i, row) in scores.chunks_exact_mut(len).enumerate() {
-            let max = math::max(row).max(stats.maxes[i]);
-            let rescale = math::exp2(stats.maxes[i] - max);
-            for x in row.iter_mut() {
-                *x = math::exp2(*x - max);
-            }
-            stats.sums[i] = stats.sums[i] * rescale + math::sum(row);
-            stats.maxes[i] = max;
-            if !first && rescale != 1.0 {
-                out[i * stride..][..dv].iter_mut().for_each(|o| *o *= rescale);
-            }
+/// The start of one key chunk's online-softmax step on the key-major scores [len, n]: each query's
+/// running max rises to cover the chunk, its sum shrinks by the rise, and `rescale` gets the rise
+/// factor for its output so far.
+#[inline(always)]
+fn raise_maxes(scores: &[f32], n: usize, stats: &mut RunningStats, rescale: &mut [f32]) {
+    let mut maxes = [0f32; MAX_BLOCK_ROWS];
+    let maxes = &mut maxes[..n];
+    maxes.copy_from_slice(stats.maxes);
+    for row in scores.chunks_exact(n) {
+        // `f32::max` is a `vmaxps` here; a select compiles to masked stores, slow on AMD CPUs.
+        maxes.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
+    }
+    for (((r, &m), old), sum) in rescale.iter_mut().zip(&*maxes).zip(stats.maxes.iter_mut()).zip(stats.sums.iter_mut()) {
+        *r = math::exp2(*old - m);
+        *sum *= *r;
+        *old = m;
+    }
+}
+
+/// The end of the step: the output so far, Oᵀ [dv, n], shrinks by each query's rise (none yet for
+/// the `first` chunk).
+#[inline(always)]
+fn rescale_outputs(out_t: &mut [f32], n: usize, rescale: &[f32], first: bool) {
+    if !first {
+        for channel in out_t.chunks_exact_mut(n) {
+            channel.iter_mut().zip(rescale).for_each(|(o, &r)| *o *= r);
         }
     }
+}
+
+simd_dispatch! {
+    /// One key chunk's step of the online softmax on the key-major score block `scores` [len, n] (in
+    /// log2 units, one column per query), in place: [`raise_maxes`], the scores become probabilities
+    /// `2^(score − max)` added to their query's sum, [`rescale_outputs`].
+    fn softmax_columns(scores: &mut [f32], n: usize, stats: RunningStats, out_t: &mut [f32], first: bool) {
+        let (mut stats, mut rescale) = (stats, [0f32; MAX_BLOCK_ROWS]);
+        raise_maxes(scores, n, &mut stats, &mut rescale[..n]);
+        for row in scores.chunks_exact_mut(n) {
+            for ((x, &m), sum) in row.iter_mut().zip(&*stats.maxes).zip(stats.sums.iter_mut()) {
+                *x = math::exp2(*x - m);
+                *sum += *x;
+            }
+        }
+        rescale_outputs(out_t, n, &rescale[..n], first);
+    }
+}
+
+/// [`softmax_columns`] on AVX-512, in place.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_columns_avx512(scores: &mut [f32], n: usize, stats: RunningStats, out_t: &mut [f32], first: bool) {
+    let (mut stats, mut rescale) = (stats, [0f32; MAX_BLOCK_ROWS]);
+    raise_maxes(scores, n, &mut stats, &mut rescale[..n]);
+    let rows = scores.len() / n;
+    let ptr = scores.as_mut_ptr();
+    // SAFETY: rows 2pp (and 2pp + 1 when there is one) of `scores` [rows, n], at the masked lanes j0..
+    // below n (the contract of `exponentiate_columns`).
+    let emit = |pp: usize, j0: usize, mask, a, b| unsafe {
+        use std::arch::x86_64::*;
+        _mm512_mask_storeu_ps(ptr.add(2 * pp * n + j0), mask, a);
+        if 2 * pp + 1 < rows {
+            _mm512_mask_storeu_ps(ptr.add((2 * pp + 1) * n + j0), mask, b);
+        }
+    };
+    // SAFETY: the CPU has AVX-512F (the caller's contract); `ptr` addresses [rows, n].
+    unsafe { exponentiate_columns(ptr, rows, n, &mut stats, &EXP2_F32, emit) };
+    rescale_outputs(out_t, n, &rescale[..n], first);
+}
+
+/// [`softmax_columns`] writing the probabilities as the packed bf16 operand Pᵀ [len, n] (`panels`,
+/// see [`PackedRhs::panels_mut`]) on AVX-512, pairs of rows rounded together, the probabilities
+/// from a shorter polynomial ([`EXP2_BF16`]).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16 (the bf16 path's condition, [`bf16_gemm::available`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn softmax_columns_bf16(scores: &[f32], n: usize, stats: RunningStats, out_t: &mut [f32], first: bool, panels: &mut [u32]) {
+    let (mut stats, mut rescale) = (stats, [0f32; MAX_BLOCK_ROWS]);
+    raise_maxes(scores, n, &mut stats, &mut rescale[..n]);
+    let len = scores.len() / n;
+    let (pairs, nr) = (len.div_ceil(2), bf16_gemm::NR);
+    assert!(panels.len() >= n.div_ceil(nr) * pairs * nr);
+    let out = panels.as_mut_ptr();
+    // SAFETY: pair pp of the queries j0..j0 + 16 lies inside panel j0 / NR (checked above); lanes
+    // past n hold zeros (masked off by `exponentiate_columns`), which the product needs.
+    let emit = |pp: usize, j0: usize, _, a, b| unsafe {
+        let dst = out.add(((j0 / nr) * pairs + pp) * nr + j0 % nr);
+        std::arch::x86_64::_mm512_storeu_si512(dst as *mut _, bf16_gemm::pair_zmm(a, b));
+    };
+    // SAFETY: the CPU has AVX-512F (the caller's contract); `scores` is [len, n].
+    unsafe { exponentiate_columns(scores.as_ptr(), len, n, &mut stats, &EXP2_BF16, emit) };
+    rescale_outputs(out_t, n, &rescale[..n], first);
+}
+
+/// The middle of the AVX-512 softmax steps: for the queries in groups of 16 (a register, masked
+/// past n) and the score rows [rows, n] in pairs (2pp, 2pp + 1; the second zero past the last row),
+/// `2^(score − max)` of both rows is added to the query's sum and handed to `emit(pp, j0, mask,
+/// a, b)` (lanes past n zero).
+///
+/// # Safety
+/// The CPU must have AVX-512F; `scores` must address rows x n floats; `stats` hold n queries.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exponentiate_columns(
+    scores: *const f32,
+    rows: usize,
+    n: usize,
+    stats: &mut RunningStats,
+    coefficients: &[f32],
+    mut emit: impl FnMut(usize, usize, std::arch::x86_64::__mmask16, std::arch::x86_64::__m512, std::arch::x86_64::__m512),
+) {
+    use std::arch::x86_64::*;
+    assert!(stats.maxes.len() >= n && stats.sums.len() >= n);
+    for j0 in (0..n).step_by(16) {
+        let mask: __mmask16 = ((1u32 << (n - j0).min(16)) - 1) as u16;
+        // SAFETY (block): every load and store is masked to the queries below n, inside the stats
+        // (checked above) and the score rows (the caller's contract).
+        unsafe {
+            let m = _mm512_maskz_loadu_ps(mask, stats.maxes.as_ptr().add(j0));
+            let mut sum = _mm512_maskz_loadu_ps(mask, stats.sums.as_ptr().add(j0));
+            let p = |row: usize| {
+                let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores.add(row * n + j0)), m);
+                _mm512_maskz_mov_ps(mask, exp2_zmm(x, coefficients))
+            };
+            for pp in 0..rows.div_ceil(2) {
+                let a = p(2 * pp);
+                let b = if 2 * pp + 1 < rows { p(2 * pp + 1) } else { _mm512_setzero_ps() };
+                sum = _mm512_add_ps(sum, _mm512_add_ps(a, b));
+                emit(pp, j0, mask, a, b);
+            }
+            _mm512_mask_storeu_ps(stats.sums.as_mut_ptr().add(j0), mask, sum);
+        }
+    }
+}
+
+/// Near-minimax polynomials for 2ᶠ on |f| ≤ 1/2, constant term first: degree 5 (relative error
+/// 2.3e-7 in f32, as [`math::exp2`]) and degree 4 (2.7e-6: ample for probabilities rounded to bf16).
+const EXP2_F32: [f32; 6] = [1.000_000_1, 0.693_146_94, 0.240_221_2, 0.055_507_13, 0.009_675_541, 0.001_327_647_1];
+const EXP2_BF16: [f32; 5] = [0.999_999_3, 0.693_121_8, 0.240_247_44, 0.055_917_86, 0.009_570_101];
+
+/// `2ˣ` on 16 lanes for x ≤ 0 from a polynomial for 2ᶠ (`coefficients`), x below -126 giving about
+/// 1e-38.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp2_zmm(x: std::arch::x86_64::__m512, coefficients: &[f32]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-126.0));
+    // Round to nearest (imm 0), exceptions suppressed (8).
+    let n = _mm512_roundscale_ps::<0x08>(x);
+    let f = _mm512_sub_ps(x, n);
+    let (&last, rest) = coefficients.split_last().expect("a polynomial");
+    let mut p = _mm512_set1_ps(last);
+    for &c in rest.iter().rev() {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+/// Stand-ins for targets other than x86-64, never called there (no bf16 path, no AVX-512).
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn softmax_columns_bf16(_: &[f32], _: usize, _: RunningStats, _: &mut [f32], _: bool, _: &mut [u32]) {
+    unreachable!("the bf16 attention runs only on x86-64")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn softmax_columns_avx512(_: &mut [f32], _: usize, _: RunningStats, _: &mut [f32], _: bool) {
+    unreachable!("AVX-512 runs only on x86-64")
 }
 
 #[cfg(test)]

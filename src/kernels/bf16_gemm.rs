@@ -573,7 +573,28 @@ unsafe fn pack_rhs(rhs: Operand, kc: usize, nc: usize, out: &mut [u32]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn interleave_rows_32(row0: *const f32, row1: Option<*const f32>, out: &mut [u32]) {
     use std::arch::x86_64::*;
-    // Lane 2t takes element t of the first half (row 0), lane 2t + 1 element t of the second (row 1).
+    // SAFETY: NR floats per row and NR lanes of out (the caller's contract).
+    unsafe {
+        for h in 0..NR / 16 {
+            let a = _mm512_loadu_ps(row0.add(16 * h));
+            let b = match row1 {
+                Some(r) => _mm512_loadu_ps(r.add(16 * h)),
+                None => _mm512_setzero_ps(),
+            };
+            _mm512_storeu_si512(out[16 * h..].as_mut_ptr() as *mut _, pair_zmm(a, b));
+        }
+    }
+}
+
+/// The 16 pairs (a[t], b[t]) of two registers rounded to bf16 (a's value low): [`pair`] on 16 lanes.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pair_zmm(a: std::arch::x86_64::__m512, b: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // Lane 2t takes element t of the first half (a), lane 2t + 1 element t of the second (b).
     const INTERLEAVE: [u16; 32] = {
         let mut idx = [0u16; 32];
         let mut t = 0;
@@ -584,18 +605,11 @@ unsafe fn interleave_rows_32(row0: *const f32, row1: Option<*const f32>, out: &m
         }
         idx
     };
-    // SAFETY: NR floats per row and NR lanes of out (the caller's contract).
+    // SAFETY: INTERLEAVE holds 32 u16; the CPU has AVX512-BF16 (the caller's contract).
     unsafe {
         let idx = _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const _);
-        for h in 0..NR / 16 {
-            let a = _mm512_loadu_ps(row0.add(16 * h));
-            let b = match row1 {
-                Some(r) => _mm512_loadu_ps(r.add(16 * h)),
-                None => _mm512_setzero_ps(),
-            };
-            let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
-            _mm512_storeu_si512(out[16 * h..].as_mut_ptr() as *mut _, _mm512_permutexvar_epi16(idx, both));
-        }
+        let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
+        _mm512_permutexvar_epi16(idx, both)
     }
 }
 

@@ -308,40 +308,55 @@ unsafe fn pack_rhs(rhs: MatRef, kc: usize, nc: usize, nr: usize, out: &mut [f32]
                 step[cols..].fill(0.0);
             }
         } else {
-            // Columns in whole groups of 8 with contiguous depths (a transposed operand: the linear
-            // layers' weights, the attention's keys) go through 8x8 register transposes.
-            let fast = if rhs.row_stride == 1 { cols / 8 * 8 } else { 0 };
-            // SAFETY: the CPU has AVX2 (a kernel was chosen); columns q·nr.. q·nr + fast < nc,
-            // depths < kc (the caller's contract); the panel holds kc x nr elements.
-            unsafe { transpose_columns_8(rhs.at(0, q * nr), kc, fast / 8, nr, panel) };
-            for j in fast..nr {
-                if j >= cols {
-                    panel.iter_mut().skip(j).step_by(nr).for_each(|x| *x = 0.0);
-                    continue;
-                }
-                // SAFETY: column q·nr + j < nc, rows < kc (the caller's contract).
-                let src = unsafe { rhs.at(0, q * nr + j) };
-                for (p, x) in panel.iter_mut().skip(j).step_by(nr).enumerate() {
-                    // SAFETY: as above.
-                    *x = unsafe { *src.ptr.add(p * src.row_stride) };
-                }
+            // SAFETY: rows < kc and columns q·nr.. q·nr + cols ≤ nc lie inside rhs (the caller's
+            // contract); the panel holds kc rows of nr.
+            unsafe { copy_block(rhs.at(0, q * nr), kc, cols, panel, nr) };
+            for step in panel.chunks_exact_mut(nr) {
+                step[cols..].fill(0.0);
             }
         }
     }
 }
 
-/// Packs `groups` groups of 8 columns of `rhs` (contiguous depths: unit row stride) into the first
-/// 8·groups columns of a panel [kc, nr] (`panel[p·nr + j]`): 8 depths at a time through an 8x8
+/// dst[i·ldd + j] = src(i, j) for i < rows, j < cols. A transposed source (unit row stride: the
+/// linear layers' weights, the attention's queries and values) goes through 8x8 register
+/// transposes where the CPU has AVX.
+///
+/// # Safety
+/// `src` must address rows x cols elements; `dst` must hold (rows − 1)·ldd + cols elements, cols ≤ ldd.
+pub(crate) unsafe fn copy_block(src: MatRef, rows: usize, cols: usize, dst: &mut [f32], ldd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    let fast = if src.row_stride == 1 && is_x86_feature_detected!("avx") { cols / 8 * 8 } else { 0 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = 0;
+    assert!(cols <= ldd && (rows == 0 || dst.len() >= (rows - 1) * ldd + cols));
+    if fast > 0 {
+        // SAFETY: the CPU has AVX; columns < fast and rows lie inside src (the caller's contract),
+        // and dst holds them (checked above).
+        unsafe { transpose_columns_8(src, rows, fast / 8, ldd, dst) };
+    }
+    for j in fast..cols {
+        // SAFETY: column j < cols of src (the caller's contract).
+        let col = unsafe { src.at(0, j) };
+        for (i, x) in dst.iter_mut().skip(j).step_by(ldd).take(rows).enumerate() {
+            // SAFETY: row i < rows of that column.
+            *x = unsafe { *col.ptr.add(i * col.row_stride) };
+        }
+    }
+}
+
+/// Copies `groups` groups of 8 columns of `rhs` (contiguous depths: unit row stride) into the first
+/// 8·groups columns of `panel` (rows nr apart, `panel[p·nr + j]`): 8 depths at a time through an 8x8
 /// register transpose, the last kc mod 8 depths one by one.
 ///
 /// # Safety
 /// The CPU must have AVX; `rhs` must address kc x 8·groups elements with unit row stride; `panel`
-/// must hold kc·nr elements with 8·groups ≤ nr.
+/// must hold (kc − 1)·nr + 8·groups elements with 8·groups ≤ nr.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 unsafe fn transpose_columns_8(rhs: MatRef, kc: usize, groups: usize, nr: usize, panel: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert!(panel.len() >= kc * nr && 8 * groups <= nr);
+    assert!(8 * groups <= nr && (kc == 0 || panel.len() >= (kc - 1) * nr + 8 * groups));
     let out = panel.as_mut_ptr();
     for g in 0..groups {
         let j0 = 8 * g;
