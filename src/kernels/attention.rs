@@ -256,12 +256,28 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                     },
                     Heads::Bf16 { keys, values_t, .. } => unsafe {
                         let queries = &scratch.queries;
-                        bf16_gemm::matmul_packed((len, n, d), s.as_mut_ptr(), n, false, (&keys[bh], c0, 0), queries, log2_scale);
+                        bf16_gemm::matmul_packed(
+                            (len, n, d),
+                            s.as_mut_ptr(),
+                            n,
+                            false,
+                            (&keys[bh], c0, 0),
+                            queries,
+                            log2_scale,
+                        );
                         let panels = scratch.probabilities.panels_mut(len, n);
                         // The bf16 path is taken only where the CPU has AVX512-BF16.
                         softmax_columns_bf16(s, n, stats, &mut scratch.out, first, panels);
                         let probabilities = &scratch.probabilities;
-                        bf16_gemm::matmul_packed((dv, n, len), dst, n, !first, (&values_t[bh], 0, c0), probabilities, 1.0);
+                        bf16_gemm::matmul_packed(
+                            (dv, n, len),
+                            dst,
+                            n,
+                            !first,
+                            (&values_t[bh], 0, c0),
+                            probabilities,
+                            1.0,
+                        );
                     },
                 }
             }
@@ -292,7 +308,8 @@ fn raise_maxes(scores: &[f32], n: usize, stats: &mut RunningStats, rescale: &mut
         // `f32::max` is a `vmaxps` here; a select compiles to masked stores, slow on AMD CPUs.
         maxes.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
     }
-    for (((r, &m), old), sum) in rescale.iter_mut().zip(&*maxes).zip(stats.maxes.iter_mut()).zip(stats.sums.iter_mut()) {
+    for (((r, &m), old), sum) in rescale.iter_mut().zip(&*maxes).zip(stats.maxes.iter_mut()).zip(stats.sums.iter_mut())
+    {
         *r = math::exp2(*old - m);
         *sum *= *r;
         *old = m;
@@ -360,7 +377,14 @@ unsafe fn softmax_columns_avx512(scores: &mut [f32], n: usize, stats: RunningSta
 /// The CPU must have AVX512-BF16 (the bf16 path's condition, [`bf16_gemm::available`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn softmax_columns_bf16(scores: &[f32], n: usize, stats: RunningStats, out_t: &mut [f32], first: bool, panels: &mut [u32]) {
+unsafe fn softmax_columns_bf16(
+    scores: &[f32],
+    n: usize,
+    stats: RunningStats,
+    out_t: &mut [f32],
+    first: bool,
+    panels: &mut [u32],
+) {
     let (mut stats, mut rescale) = (stats, [0f32; MAX_BLOCK_ROWS]);
     raise_maxes(scores, n, &mut stats, &mut rescale[..n]);
     let len = scores.len() / n;

@@ -471,36 +471,7 @@ unsafe fn transpose_rows_8(lhs: Operand, blocks: usize, out: &mut [u32]) {
             };
         }
         // Transpose the 8x8 block of 32-bit pairs: rows i → lanes, pairs j → registers.
-        let t = [
-            _mm256_unpacklo_epi32(r[0], r[1]),
-            _mm256_unpackhi_epi32(r[0], r[1]),
-            _mm256_unpacklo_epi32(r[2], r[3]),
-            _mm256_unpackhi_epi32(r[2], r[3]),
-            _mm256_unpacklo_epi32(r[4], r[5]),
-            _mm256_unpackhi_epi32(r[4], r[5]),
-            _mm256_unpacklo_epi32(r[6], r[7]),
-            _mm256_unpackhi_epi32(r[6], r[7]),
-        ];
-        let u = [
-            _mm256_unpacklo_epi64(t[0], t[2]),
-            _mm256_unpackhi_epi64(t[0], t[2]),
-            _mm256_unpacklo_epi64(t[1], t[3]),
-            _mm256_unpackhi_epi64(t[1], t[3]),
-            _mm256_unpacklo_epi64(t[4], t[6]),
-            _mm256_unpackhi_epi64(t[4], t[6]),
-            _mm256_unpacklo_epi64(t[5], t[7]),
-            _mm256_unpackhi_epi64(t[5], t[7]),
-        ];
-        let columns = [
-            _mm256_permute2x128_si256::<0x20>(u[0], u[4]),
-            _mm256_permute2x128_si256::<0x20>(u[1], u[5]),
-            _mm256_permute2x128_si256::<0x20>(u[2], u[6]),
-            _mm256_permute2x128_si256::<0x20>(u[3], u[7]),
-            _mm256_permute2x128_si256::<0x31>(u[0], u[4]),
-            _mm256_permute2x128_si256::<0x31>(u[1], u[5]),
-            _mm256_permute2x128_si256::<0x31>(u[2], u[6]),
-            _mm256_permute2x128_si256::<0x31>(u[3], u[7]),
-        ];
+        let columns = super::sgemm::transpose_8x8(r.map(|ri| _mm256_castsi256_ps(ri))).map(|c| _mm256_castps_si256(c));
         for (j, c) in columns.into_iter().enumerate() {
             // SAFETY: pair 8·blk + j's MR lanes lie inside out (checked above).
             unsafe { _mm256_storeu_si256(out.as_mut_ptr().add((8 * blk + j) * MR) as *mut __m256i, c) };
@@ -592,7 +563,10 @@ unsafe fn interleave_rows_32(row0: *const f32, row1: Option<*const f32>, out: &m
 /// The CPU must have AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn pair_zmm(a: std::arch::x86_64::__m512, b: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i {
+pub(crate) unsafe fn pair_zmm(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
     // Lane 2t takes element t of the first half (a), lane 2t + 1 element t of the second (b).
     const INTERLEAVE: [u16; 32] = {

@@ -74,23 +74,6 @@ pub fn sum(xs: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// The largest value of `xs` (-∞ when empty; NaNs are skipped), in eight interleaved lanes so that
-/// the loop vectorises.
-#[inline(always)]
-pub fn max(xs: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for c in chunks {
-        let c: &[f32; 8] = c.try_into().unwrap_or(&[f32::NEG_INFINITY; 8]);
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            // A plain comparison compiles to one `maxps`; `f32::max` adds NaN handling.
-            *l = if x > *l { x } else { *l };
-        }
-    }
-    lanes.iter().copied().fold(tail, f32::max)
-}
-
 /// Defines `fn $name(args) { body }` (or `unsafe fn`, with any visibility) that runs `body` compiled for AVX2+FMA when
 /// the CPU has them, else for the build's baseline target. `body` is a nested `#[inline(always)]`
 /// function, so it and the `#[inline(always)]` helpers it calls are compiled inside the AVX2

@@ -66,6 +66,8 @@ fn layer_weight<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candl
 /// An output buffer of `len` f32 that the kernel then writes in full, without the zeroing pass of
 /// `vec![0.0; len]` (candle's CPU backend allocates its outputs the same way). Callers must write
 /// every element before anything reads it.
+// Deliberately uninitialised: every caller writes the whole buffer first (see above).
+#[allow(clippy::uninit_vec)]
 pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
     // SAFETY: the capacity is `len`; f32 has no invalid bit patterns, and every caller writes each

@@ -366,29 +366,8 @@ unsafe fn transpose_columns_8(rhs: MatRef, kc: usize, groups: usize, nr: usize, 
         for p0 in (0..kc - kc % 8).step_by(8) {
             unsafe {
                 let r: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(col(c).add(p0)));
-                let t = [
-                    _mm256_unpacklo_ps(r[0], r[1]),
-                    _mm256_unpackhi_ps(r[0], r[1]),
-                    _mm256_unpacklo_ps(r[2], r[3]),
-                    _mm256_unpackhi_ps(r[2], r[3]),
-                    _mm256_unpacklo_ps(r[4], r[5]),
-                    _mm256_unpackhi_ps(r[4], r[5]),
-                    _mm256_unpacklo_ps(r[6], r[7]),
-                    _mm256_unpackhi_ps(r[6], r[7]),
-                ];
-                let u = [
-                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
-                    _mm256_shuffle_ps::<0xee>(t[0], t[2]),
-                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
-                    _mm256_shuffle_ps::<0xee>(t[1], t[3]),
-                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
-                    _mm256_shuffle_ps::<0xee>(t[4], t[6]),
-                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
-                    _mm256_shuffle_ps::<0xee>(t[5], t[7]),
-                ];
-                for i in 0..4 {
-                    _mm256_storeu_ps(out.add((p0 + i) * nr + j0), _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]));
-                    _mm256_storeu_ps(out.add((p0 + i + 4) * nr + j0), _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]));
+                for (i, row) in transpose_8x8(r).into_iter().enumerate() {
+                    _mm256_storeu_ps(out.add((p0 + i) * nr + j0), row);
                 }
             }
         }
@@ -579,6 +558,41 @@ pub(crate) unsafe fn store_zmm_tile<const R: usize, const NV: usize>(
             }
         }
     }
+}
+
+/// The transpose of an 8x8 block of 32-bit lanes, row i in register i (f32 here; the bf16 GEMM's
+/// pairs through casts).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(crate) fn transpose_8x8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xee>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xee>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xee>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xee>(t[5], t[7]),
+    ];
+    std::array::from_fn(|i| {
+        if i < 4 {
+            _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(u[i - 4], u[i])
+        }
+    })
 }
 
 /// Stand-ins for targets other than x86-64, never called there ([`kernel`] is None).
