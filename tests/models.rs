@@ -17,7 +17,7 @@ const MODELS: [&str; 2] = ["sd1-tiny", "sd2-tiny"];
 
 fn weights(model: &str, component: &str, file: &str) -> Weights {
     let path = repo_path(&format!("tests/fixtures/models/{model}/{component}/{file}"));
-    let store = TensorStore::open_safetensors(&path, &[path.clone()]).unwrap();
+    let store = TensorStore::open_safetensors(&path, std::slice::from_ref(&path)).unwrap();
     Weights::new(Arc::new(store), DType::F32, &Device::Cpu)
 }
 

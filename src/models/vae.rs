@@ -9,9 +9,15 @@ use super::attention::scaled_dot_product;
 use super::nn::{Conv2d, Linear, conv2d, group_norm, linear};
 use super::resnet::{Downsample, ResnetBlock, ResnetSpec, Upsample};
 use super::vae_tiling::Tiling;
+use crate::allocator::LargeBlockCache;
 use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
 use crate::{Error, Result};
+
+/// Freed activations the decoder keeps for reuse while it runs (see [`LargeBlockCache`]): at 512x512
+/// they are 32–256 MB each, in a handful of sizes, and mapping them afresh had the kernel zeroing
+/// pages for a sixth of the decode; this much covers every size of a 512x512 decode.
+const DECODE_BLOCK_CACHE: usize = 2 << 30;
 
 /// The fields of a diffusers `AutoencoderKL` `config.json` that change the math.
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +383,7 @@ impl Vae {
     /// Decodes raw latents [B, lc, h, w] (already divided by the scaling factor) to images
     /// [B, 3, h·f, w·f] in about [-1, 1], in tiles when tiling is on and the latents exceed one tile.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let _reuse = LargeBlockCache::keep_up_to(DECODE_BLOCK_CACHE);
         match &self.tiling {
             Some(tiling) => tiling.decode(latents, |tile| self.decode_whole(tile)),
             None => self.decode_whole(latents),
