@@ -24,6 +24,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::Start;
 use super::bf16_gemm::{self, PackedLhs, PackedRhs};
 use super::math::{self, simd_dispatch};
 use super::sgemm::{self, MatRef};
@@ -237,6 +238,8 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                 let s = &mut scratch.scores[..len * n];
                 let stats = RunningStats { maxes: &mut maxes[..n], sums: &mut sums[..n] };
                 let (first, dst) = (c0 == 0, scratch.out.as_mut_ptr());
+                // The first chunk's products overwrite Oᵀ, the others add to it.
+                let start = if first { Start::Zero } else { Start::Current };
                 // SAFETY (both arms): key rows c0..c0 + len of head bh lie inside k's storage (or its
                 // packed copy, c0 a multiple of the chunk and so even), Vᵀ holds Lk columns; `s` is
                 // [len, n] and Oᵀ [dv, n], both this task's own.
@@ -244,7 +247,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                     Heads::F32 { values_t, .. } => unsafe {
                         // Sᵀ [len, n] = scale · log2(e) · K_chunk [len, d] · Qᵀ [d, n].
                         let keys = MatRef::rows(k.row(bi, hi, c0), k.stride[2]);
-                        sgemm::matmul((len, n, d), s.as_mut_ptr(), n, false, keys, queries_t, log2_scale, false);
+                        sgemm::matmul((len, n, d), s.as_mut_ptr(), n, Start::Zero, keys, queries_t, log2_scale, false);
                         if avx512 {
                             softmax_columns_avx512(s, n, stats, &mut scratch.out, first);
                         } else {
@@ -252,7 +255,8 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                         }
                         // Oᵀ [dv, n] (+)= Vᵀ_chunk [dv, len] · Pᵀ [len, n].
                         let values_t = MatRef::rows(values_t[bh * dv * lk + c0..].as_ptr(), lk);
-                        sgemm::matmul((dv, n, len), dst, n, !first, values_t, MatRef::rows(s.as_ptr(), n), 1.0, false);
+                        let probabilities = MatRef::rows(s.as_ptr(), n);
+                        sgemm::matmul((dv, n, len), dst, n, start, values_t, probabilities, 1.0, false);
                     },
                     Heads::Bf16 { keys, values_t, .. } => unsafe {
                         let queries = &scratch.queries;
@@ -260,7 +264,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                             (len, n, d),
                             s.as_mut_ptr(),
                             n,
-                            false,
+                            Start::Zero,
                             (&keys[bh], c0, 0),
                             queries,
                             log2_scale,
@@ -273,7 +277,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                             (dv, n, len),
                             dst,
                             n,
-                            !first,
+                            start,
                             (&values_t[bh], 0, c0),
                             probabilities,
                             1.0,

@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 use half::bf16;
 use rayon::prelude::*;
 
-use super::SharedMut;
 use super::sgemm::{MIN_PARALLEL_MACS, MatRef};
+use super::{SharedMut, Start};
 
 /// Rows of the register tile (each broadcast from one pair of the left tile).
 pub const MR: usize = 8;
@@ -217,20 +217,20 @@ pub fn pair(lo: f32, hi: f32) -> u32 {
     round(lo) | round(hi) << 16
 }
 
-/// dst [m, n] = (dst if `accumulate`, else 0) + `scale` · lhs [m, k] · rhs [k, n] on the calling thread,
+/// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n] on the calling thread,
 /// both operands packed in advance: lhs is the packed rows `row0`.. (a multiple of [`MR`]) at depths
 /// `p0`.. (even), rhs the whole packed matrix (k ≤ its depth, n ≤ its columns). No cache blocking:
 /// for products whose packed operands stay in cache (the attention's).
 ///
 /// # Safety
 /// The CPU must have AVX512-BF16; `dst` must address m rows (`ldd` apart) of n elements that no one
-/// else reads or writes during the call.
+/// else reads or writes during the call; a bias of `start` must hold m rows or n columns.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_packed(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     ldd: usize,
-    accumulate: bool,
+    start: Start,
     (lhs, row0, p0): (&PackedLhs, usize, usize),
     rhs: &PackedRhs,
     scale: f32,
@@ -257,26 +257,27 @@ pub unsafe fn matmul_packed(
             // inside dst (the caller's contract).
             unsafe {
                 let tile = dst.add(t * MR * ldd + q * NR);
-                write_tile(pairs, tiles.add(t * tile_stride), panel, tile, ldd, size, !accumulate, scale);
+                let start = start.at(t * MR, q * NR);
+                write_tile(pairs, tiles.add(t * tile_stride), panel, tile, ldd, size, start, scale);
             }
         }
     }
 }
 
-/// dst [m, n] = (dst if `accumulate`, else 0) + `scale` · lhs [m, k] · rhs [k, n] with bf16 products,
+/// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n] with bf16 products,
 /// where dst has rows `dst_row_stride` elements apart and unit column stride. With `parallel` the
 /// product is split over the rayon threads; without, it runs on the calling thread.
 ///
 /// # Safety
 /// The CPU must have the bf16 dot product ([`available`]); `lhs`, `rhs` and `dst` must address
 /// matrices of these sizes and strides; `dst` must not overlap them, nor be read or written by anyone
-/// else during the call.
+/// else during the call; a bias of `start` must hold m rows or n columns.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_row_stride: usize,
-    accumulate: bool,
+    start: Start,
     lhs: Lhs<'_>,
     rhs: Operand,
     scale: f32,
@@ -296,7 +297,7 @@ pub unsafe fn matmul(
         // contract), at offsets inside the matrices.
         unsafe {
             let out = dst.get().add(i0 * dst_row_stride + j0);
-            product((i0, rows, cols, k), out, dst_row_stride, accumulate, lhs, rhs.at(0, j0), scale)
+            product((i0, rows, cols, k), out, dst_row_stride, start.at(i0, j0), lhs, rhs.at(0, j0), scale)
         }
     };
     if threads <= 1 {
@@ -319,19 +320,14 @@ unsafe fn product(
     (i0, m, n, k): (usize, usize, usize, usize),
     dst: *mut f32,
     ldd: usize,
-    accumulate: bool,
+    start: Start,
     lhs: Lhs<'_>,
     rhs: Operand,
     scale: f32,
 ) {
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                // SAFETY: row i of dst, n elements (the caller's contract).
-                unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), n).fill(0.0) };
-            }
-        }
-        return;
+        // SAFETY: dst [m, n] and the bias (the caller's contract).
+        return unsafe { start.fill(dst, ldd, (m, n)) };
     }
     SCRATCH.with_borrow_mut(|[packed_lhs, packed_rhs]| {
         // Equal blocks of even depth, no deeper than KC.
@@ -346,7 +342,7 @@ unsafe fn product(
                 let pairs = kc.div_ceil(2);
                 // SAFETY: the block lies inside rhs (the caller's contract).
                 unsafe { pack_rhs(rhs.at(p0, j0), kc, nc, packed_rhs) };
-                let overwrite = p0 == 0 && !accumulate;
+                let block_start = start.for_depth(p0);
                 for b0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - b0);
                     let (tiles, tile_stride) = match lhs {
@@ -370,7 +366,8 @@ unsafe fn product(
                             unsafe {
                                 let tile = dst.add((b0 + t * MR) * ldd + j0 + q * NR);
                                 let lhs_tile = tiles.add(t * tile_stride);
-                                write_tile(pairs, lhs_tile, panel.as_ptr(), tile, ldd, (rows, cols), overwrite, scale);
+                                let start = block_start.at(b0 + t * MR, j0 + q * NR);
+                                write_tile(pairs, lhs_tile, panel.as_ptr(), tile, ldd, (rows, cols), start, scale);
                             }
                         }
                     }
@@ -610,7 +607,7 @@ unsafe fn interleave_runs_8(run0: *const f32, run1: Option<*const f32>, out: &mu
 }
 
 /// Multiplies a left tile [pairs][MR] by a right panel [pairs][NR] into the `rows` x `cols` corner of
-/// the output tile at `dst`: overwritten with `scale` · product or, unless `overwrite`, accumulated.
+/// the output tile at `dst`: `start` + `scale` · product.
 ///
 /// # Safety
 /// As [`microkernel`], with `dst` addressing only `rows` rows (`ldd` apart) of `cols` elements.
@@ -622,26 +619,26 @@ unsafe fn write_tile(
     dst: *mut f32,
     ldd: usize,
     (rows, cols): (usize, usize),
-    overwrite: bool,
+    start: Start,
     scale: f32,
 ) {
     if rows == MR && cols == NR {
         // SAFETY: forwarded; the whole tile lies inside dst.
-        return unsafe { microkernel(pairs, lhs, rhs, dst, ldd, overwrite, scale) };
+        return unsafe { microkernel(pairs, lhs, rhs, dst, ldd, start, scale) };
     }
     let mut tile = [0f32; MR * NR];
     // SAFETY: `tile` is a whole MR x NR tile with rows NR apart.
-    unsafe { microkernel(pairs, lhs, rhs, tile.as_mut_ptr(), NR, true, scale) };
+    unsafe { microkernel(pairs, lhs, rhs, tile.as_mut_ptr(), NR, Start::Zero, scale) };
     // SAFETY: forwarded from the caller.
-    unsafe { super::store_corner(&tile, NR, dst, ldd, (rows, cols), overwrite) };
+    unsafe { super::store_corner(&tile, NR, dst, ldd, (rows, cols), start) };
 }
 
 /// The 8x32 register tile: acc = Σ over pairs of lhs[pp][0..8] ⊗ rhs[pp][0..32] (each lane a
-/// two-term bf16 dot product), then dst = scale · acc (+ dst unless `overwrite`).
+/// two-term bf16 dot product), then dst = `start` + scale · acc.
 ///
 /// # Safety
 /// The CPU must have AVX512-BF16; `lhs` must address pairs·MR lanes, `rhs` pairs·NR lanes and `dst` a
-/// whole MR x NR tile with rows `ldd` apart.
+/// whole MR x NR tile with rows `ldd` apart; a bias of `start` must hold the tile's rows or columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn microkernel(
@@ -650,7 +647,7 @@ unsafe fn microkernel(
     rhs: *const u32,
     dst: *mut f32,
     ldd: usize,
-    overwrite: bool,
+    start: Start,
     scale: f32,
 ) {
     use std::arch::x86_64::*;
@@ -668,12 +665,12 @@ unsafe fn microkernel(
         }
     }
     // SAFETY: dst addresses the whole tile (the caller's contract); the CPU has AVX-512F.
-    unsafe { super::sgemm::store_zmm_tile(&acc, dst, ldd, overwrite, scale) };
+    unsafe { super::sgemm::store_zmm_tile(&acc, dst, ldd, start, scale) };
 }
 
 /// Stand-ins for targets other than x86-64, never called there ([`available`] is false).
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn microkernel(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: bool, _: f32) {
+unsafe fn microkernel(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: Start, _: f32) {
     unreachable!("the bf16 microkernel runs only on x86-64")
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -692,6 +689,7 @@ unsafe fn interleave_rows_32(_: *const f32, _: Option<*const f32>, _: &mut [u32]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::StartKind;
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -709,7 +707,7 @@ mod tests {
 
     /// One product against a triple loop over the bf16-rounded operands in f64: the only difference
     /// left is the f32 accumulation.
-    fn check((m, n, k): (usize, usize, usize), layout: (bool, bool), accumulate: bool, parallel: bool, prepack: bool) {
+    fn check((m, n, k): (usize, usize, usize), layout: (bool, bool), kind: StartKind, parallel: bool, prepack: bool) {
         let (lhs_bf16, rhs_bf16) = layout;
         let a = values(m * k, 1);
         let b = values(k * n, 2);
@@ -731,7 +729,10 @@ mod tests {
         };
         let mut out = start.clone();
         // SAFETY: the operands are [m, k] and [k, n], out [m, ldd].
-        unsafe { matmul((m, n, k), out.as_mut_ptr(), ldd, accumulate, lhs, rhs, 0.5, parallel) };
+        let (row_bias, column_bias) = (values(m, 6), values(n, 7));
+        unsafe {
+            matmul((m, n, k), out.as_mut_ptr(), ldd, kind.start(&row_bias, &column_bias), lhs, rhs, 0.5, parallel)
+        };
         for i in 0..m {
             for j in 0..ldd {
                 let got = out[i * ldd + j] as f64;
@@ -739,11 +740,11 @@ mod tests {
                     start[i * ldd + j] as f64
                 } else {
                     let dot: f64 = (0..k).map(|p| round(a[i * k + p]) * round(b[p * n + j])).sum();
-                    0.5 * dot + if accumulate { start[i * ldd + j] as f64 } else { 0.0 }
+                    0.5 * dot + kind.expected(start[i * ldd + j], &row_bias, &column_bias, (i, j))
                 };
                 assert!(
                     (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
-                    "({m}, {n}, {k}) {layout:?} accumulate {accumulate} prepack {prepack}: [{i}, {j}] = {got}, \
+                    "({m}, {n}, {k}) {layout:?} {kind:?} prepack {prepack}: [{i}, {j}] = {got}, \
                      expected {expected}"
                 );
             }
@@ -764,7 +765,7 @@ mod tests {
         unsafe {
             lhs.pack(Operand { elements: Elements::F32(a.as_ptr()), row_stride: 1, col_stride: rows }, rows, depth);
             rhs.pack(MatRef::rows(b.as_ptr(), n).into(), k, n);
-            matmul_packed((m, n, k), out.as_mut_ptr(), n, false, (&lhs, row0, p0), &rhs, 2.0);
+            matmul_packed((m, n, k), out.as_mut_ptr(), n, Start::Zero, (&lhs, row0, p0), &rhs, 2.0);
         }
         for i in 0..m {
             for j in 0..n {
@@ -787,15 +788,18 @@ mod tests {
         }
         for dims in [(1, 1, 1), (8, 32, 4), (9, 33, 5), (13, 40, 40), (200, 70, 700), (5, 1100, 9), (12, 16, 0)] {
             for layout in [(false, false), (true, false), (false, true), (true, true)] {
-                for accumulate in [false, true] {
-                    check(dims, layout, accumulate, false, false);
+                for kind in StartKind::ALL {
+                    check(dims, layout, kind, false, false);
                 }
             }
-            check(dims, (false, false), true, false, true);
+            check(dims, (false, false), StartKind::Current, false, true);
+            check(dims, (false, false), StartKind::RowBias, false, true);
         }
-        check((300, 70, 130), (true, false), true, true, true);
+        check((300, 70, 130), (true, false), StartKind::Current, true, true);
+        check((300, 70, 700), (true, false), StartKind::RowBias, true, true);
         check_packed((40, 70, 256), 8, 6);
         check_packed((13, 33, 77), 0, 0);
-        check((40, 500, 64), (false, true), false, true, false);
+        check((40, 500, 64), (false, true), StartKind::Zero, true, false);
+        check((400, 1100, 64), (false, true), StartKind::ColumnBias, true, false);
     }
 }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::bf16_gemm::{self, Lhs, Operand, PackedLhs};
 use super::math::simd_dispatch;
 use super::sgemm::{self, MatRef};
-use super::{LayerWeight, SharedMut, kernel_weight};
+use super::{LayerWeight, SharedMut, Start, kernel_weight};
 
 /// The algorithm [`conv2d`] uses for a convolution on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +184,7 @@ impl Conv2dOp {
         let ho = (h + 2 * padding - k) / stride + 1;
         let wo = (w + 2 * padding - k) / stride + 1;
         let d = Dims { b, cin, h, w, cout, k, stride, padding, ho, wo };
-        // Written in full by every path: bias then accumulated products, or products overwriting.
+        // Written in full by every path.
         let mut out = super::output_buffer(b * cout * ho * wo);
         let bf16_products = matches!(weight, LayerWeight::Bf16(_));
         match cpu_path(b, cin, h, w, k, stride, padding, bf16_products) {
@@ -196,14 +196,9 @@ impl Conv2dOp {
     }
 }
 
-/// Fills each [Ho·Wo] output plane of `out` [B, Cout, Ho·Wo] with its channel's bias; returns whether
-/// there was one (the GEMMs then accumulate into `out`).
-fn fill_bias(out: &mut [f32], plane: usize, bias: Option<&[f32]>) -> bool {
-    let Some(bias) = bias else { return false };
-    for (i, chunk) in out.chunks_mut(plane).enumerate() {
-        chunk.fill(bias[i % bias.len()]);
-    }
-    true
+/// Where the products W @ columns of one batch item start: each output channel (a row) at its bias.
+fn channel_bias(bias: Option<&[f32]>) -> Start {
+    bias.map_or(Start::Zero, |b| Start::RowBias(b.as_ptr()))
 }
 
 /// The weight matrix W [Cout, Cin·k·k] as the 1x1 and im2col products read it: f32 in place, or bf16
@@ -227,20 +222,20 @@ impl<'a> WeightMatrix<'a> {
         }
     }
 
-    /// dst [m, n] = (dst if `accumulate`) + W [m, k] @ rhs [k, n], on the product for the weight's
-    /// dtype, over all threads.
+    /// dst [m, n] = `start` + W [m, k] @ rhs [k, n], on the product for the weight's dtype, over all
+    /// threads.
     ///
     /// # Safety
-    /// (m, k) must be the weight's shape; `rhs` and `dst` as in [`sgemm::matmul`].
-    unsafe fn times(&self, (m, n, k): (usize, usize, usize), dst: *mut f32, ldd: usize, accumulate: bool, rhs: MatRef) {
+    /// (m, k) must be the weight's shape; `rhs`, `dst` and `start` as in [`sgemm::matmul`].
+    unsafe fn times(&self, (m, n, k): (usize, usize, usize), dst: *mut f32, ldd: usize, start: Start, rhs: MatRef) {
         // SAFETY: forwarded from the caller.
         unsafe {
             match self {
                 WeightMatrix::F32(w) => {
-                    sgemm::matmul((m, n, k), dst, ldd, accumulate, MatRef::rows(w.as_ptr(), k), rhs, 1.0, true)
+                    sgemm::matmul((m, n, k), dst, ldd, start, MatRef::rows(w.as_ptr(), k), rhs, 1.0, true)
                 }
                 WeightMatrix::Bf16(packed) => {
-                    bf16_gemm::matmul((m, n, k), dst, ldd, accumulate, Lhs::Packed(packed), rhs.into(), 1.0, true)
+                    bf16_gemm::matmul((m, n, k), dst, ldd, start, Lhs::Packed(packed), rhs.into(), 1.0, true)
                 }
             }
         }
@@ -265,10 +260,11 @@ impl LayerWeight<'_> {
 fn pointwise(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
     let weight = WeightMatrix::new(weight, (d.cout, d.cin));
     let hw = d.h * d.w;
-    let accumulate = fill_bias(out, hw, bias);
+    let start = channel_bias(bias);
     for (xb, ob) in x.chunks(d.cin * hw).zip(out.chunks_mut(d.cout * hw)) {
-        // SAFETY: ob is [Cout, HW], weight [Cout, Cin], xb [Cin, HW], all row-major and disjoint.
-        unsafe { weight.times((d.cout, hw, d.cin), ob.as_mut_ptr(), hw, accumulate, MatRef::rows(xb.as_ptr(), hw)) };
+        // SAFETY: ob is [Cout, HW], weight [Cout, Cin], xb [Cin, HW], all row-major and disjoint; the
+        // bias holds Cout values (checked by `conv2d`).
+        unsafe { weight.times((d.cout, hw, d.cin), ob.as_mut_ptr(), hw, start, MatRef::rows(xb.as_ptr(), hw)) };
     }
 }
 
@@ -278,7 +274,7 @@ fn im2col(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &
     let kk = d.cin * d.k * d.k;
     let weight = WeightMatrix::new(weight, (d.cout, kk));
     let plane_out = d.ho * d.wo;
-    let accumulate = fill_bias(out, plane_out, bias);
+    let start = channel_bias(bias);
     let band_rows = (SCRATCH_ELEMS / (kk * d.wo)).clamp(1, d.ho);
     let mut cols = vec![0f32; kk * band_rows * d.wo];
     for (xb, ob) in x.chunks(d.cin * d.h * d.w).zip(out.chunks_mut(d.cout * plane_out)) {
@@ -291,10 +287,10 @@ fn im2col(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &
                 im2col_row(d, &xb[ci * d.h * d.w..(ci + 1) * d.h * d.w], ky, kx, oy0, col);
             });
             // SAFETY: the destination is rows oy0.. of ob [Cout, Ho·Wo] (row stride Ho·Wo), weight is
-            // [Cout, kk] and cols [kk, n], row-major and disjoint.
+            // [Cout, kk] and cols [kk, n], row-major and disjoint; the bias holds Cout values.
             unsafe {
                 let dst = ob[oy0 * d.wo..].as_mut_ptr();
-                weight.times((d.cout, n, kk), dst, plane_out, accumulate, MatRef::rows(cols.as_ptr(), n))
+                weight.times((d.cout, n, kk), dst, plane_out, start, MatRef::rows(cols.as_ptr(), n))
             };
         }
     }
@@ -424,7 +420,7 @@ impl WinogradChunk<'_> {
             // are only read, and all three outlive the call.
             unsafe {
                 let u = MatRef::rows(self.u[xi * d.cin..].as_ptr(), 36 * d.cin);
-                sgemm::matmul(dims, m_ptr.get().add(xi * tc), 36 * tc, false, u, v, 1.0, false)
+                sgemm::matmul(dims, m_ptr.get().add(xi * tc), 36 * tc, Start::Zero, u, v, 1.0, false)
             };
         };
         if self.parallel {

@@ -1,12 +1,12 @@
-//! Linear layer `y = x Wᵀ + b` for CPU f32 inputs: one product over all rows of x with the bias written
-//! first (no separate broadcast add), on [`super::sgemm`], or on [`super::bf16_gemm`] for bf16 weights
+//! Linear layer `y = x Wᵀ + b` for CPU f32 inputs: one product over all rows of x with the bias added
+//! as each output tile is written (no separate broadcast add), on [`super::sgemm`], or on [`super::bf16_gemm`] for bf16 weights
 //! where the CPU has bf16 dot products. Other devices and dtypes use candle's `Linear`.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 
 use super::bf16_gemm::{self, Lhs, Operand};
 use super::sgemm::{self, MatRef};
-use super::{LayerWeight, kernel_weight};
+use super::{LayerWeight, Start, kernel_weight};
 
 /// x [.., in] · weight [out, in]ᵀ + bias [out] → [.., out]. The weight may be in another dtype than x
 /// (half-precision weights of f32 layers on the CPU).
@@ -78,22 +78,21 @@ fn forward(
     let bias = bias.map(|(s, l)| super::contiguous_f32("linear", s, l)).transpose()?;
     let (out, inp) = w_layout.shape().dims2()?;
     let rows = x.len() / inp;
-    // Written in full: the bias rows, or the product overwriting.
+    // Written in full by the product.
     let mut ys = super::output_buffer(rows * out);
-    if let Some(bias) = bias {
-        ys.chunks_exact_mut(out).for_each(|row| row.copy_from_slice(bias));
-    }
-    let (dims, x_rows, accumulate) = ((rows, out, inp), MatRef::rows(x.as_ptr(), inp), bias.is_some());
-    // SAFETY: x is [rows, inp] and weight [out, inp], both row-major; ys [rows, out] is our own.
+    let start = bias.map_or(Start::Zero, |b| Start::ColumnBias(b.as_ptr()));
+    let (dims, x_rows) = ((rows, out, inp), MatRef::rows(x.as_ptr(), inp));
+    // SAFETY: x is [rows, inp] and weight [out, inp], both row-major; ys [rows, out] is our own; the
+    // bias holds `out` columns (checked by `linear`).
     unsafe {
         match weight {
             LayerWeight::F32(w) => {
                 let w = MatRef::transposed(w.as_ptr(), inp);
-                sgemm::matmul(dims, ys.as_mut_ptr(), out, accumulate, x_rows, w, 1.0, true)
+                sgemm::matmul(dims, ys.as_mut_ptr(), out, start, x_rows, w, 1.0, true)
             }
             LayerWeight::Bf16(w) => {
                 let w = Operand::bf16_transposed(w.as_ptr(), inp);
-                bf16_gemm::matmul(dims, ys.as_mut_ptr(), out, accumulate, Lhs::Strided(x_rows.into()), w, 1.0, true)
+                bf16_gemm::matmul(dims, ys.as_mut_ptr(), out, start, Lhs::Strided(x_rows.into()), w, 1.0, true)
             }
         }
     };

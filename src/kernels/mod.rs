@@ -76,26 +76,97 @@ pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
     out
 }
 
+/// What a product's output holds before the products are added to it ([`sgemm::matmul`],
+/// [`bf16_gemm::matmul`]): a bias is added as each output tile is first written, so no pass fills the
+/// output with it and the products do not read it back.
+#[derive(Debug, Clone, Copy)]
+pub enum Start {
+    /// Nothing: the output is overwritten.
+    Zero,
+    /// Its current contents: the products accumulate.
+    Current,
+    /// A bias per output row (a convolution's output channels): row i starts at `bias[i]`.
+    RowBias(*const f32),
+    /// A bias per output column (a linear layer's output features): column j starts at `bias[j]`.
+    ColumnBias(*const f32),
+}
+
+// SAFETY: a Start only reads its bias, which every user keeps alive and unchanged for the product.
+unsafe impl Send for Start {}
+// SAFETY: as above.
+unsafe impl Sync for Start {}
+
+impl Start {
+    /// The start of the output block from row i, column j.
+    pub(crate) fn at(self, i: usize, j: usize) -> Self {
+        match self {
+            Start::RowBias(b) => Start::RowBias(b.wrapping_add(i)),
+            Start::ColumnBias(b) => Start::ColumnBias(b.wrapping_add(j)),
+            other => other,
+        }
+    }
+
+    /// The start of a depth block: this one for the first, then the partial sums already written.
+    pub(crate) fn for_depth(self, p0: usize) -> Self {
+        if p0 == 0 { self } else { Start::Current }
+    }
+
+    /// The value element (i, j) starts from, `current` being what the output holds there.
+    ///
+    /// # Safety
+    /// A bias must hold row i or column j.
+    pub(crate) unsafe fn value(self, i: usize, j: usize, current: f32) -> f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self {
+                Start::Zero => 0.0,
+                Start::Current => current,
+                Start::RowBias(b) => *b.add(i),
+                Start::ColumnBias(b) => *b.add(j),
+            }
+        }
+    }
+
+    /// Writes the start values of the `rows` x `cols` output at `dst` (rows `ldd` apart): for a
+    /// product of depth 0.
+    ///
+    /// # Safety
+    /// `dst` must address that output, which no one else accesses; a bias must hold its rows or columns.
+    pub(crate) unsafe fn fill(self, dst: *mut f32, ldd: usize, (rows, cols): (usize, usize)) {
+        if let Start::Current = self {
+            return;
+        }
+        for i in 0..rows {
+            // SAFETY: row i < rows, `cols` elements (the caller's contract).
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
+            for (j, o) in out.iter_mut().enumerate() {
+                // SAFETY: forwarded from the caller.
+                *o = unsafe { self.value(i, j, *o) };
+            }
+        }
+    }
+}
+
 /// Writes the `rows` x `cols` corner of a register tile computed into `tile` (rows `nr` apart) to
-/// `dst` (rows `ldd` apart): copied when `overwrite`, else added. For the GEMMs' partial edge tiles.
+/// `dst` (rows `ldd` apart), added to the tile's `start`. For the GEMMs' partial edge tiles.
 ///
 /// # Safety
-/// `dst` must address `rows` rows of `cols` elements, `ldd` apart, that no one else accesses.
+/// `dst` must address `rows` rows of `cols` elements, `ldd` apart, that no one else accesses; a bias
+/// of `start` must hold those rows or columns.
 pub(crate) unsafe fn store_corner(
     tile: &[f32],
     nr: usize,
     dst: *mut f32,
     ldd: usize,
     (rows, cols): (usize, usize),
-    overwrite: bool,
+    start: Start,
 ) {
     for (i, row) in tile.chunks_exact(nr).take(rows).enumerate() {
         // SAFETY: row i < rows, `cols` elements (the caller's contract).
         let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
-        if overwrite {
-            out.copy_from_slice(&row[..cols]);
-        } else {
-            out.iter_mut().zip(row).for_each(|(o, t)| *o += t);
+        for (j, (o, t)) in out.iter_mut().zip(row).enumerate() {
+            // SAFETY: forwarded from the caller.
+            *o = unsafe { start.value(i, j, *o) } + t;
         }
     }
 }
@@ -112,5 +183,50 @@ impl SharedMut {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
     pub(crate) fn get(self) -> *mut f32 {
         self.0
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::Start;
+
+    /// The four [`Start`]s, for the GEMM tests.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum StartKind {
+        Zero,
+        Current,
+        RowBias,
+        ColumnBias,
+    }
+
+    impl StartKind {
+        pub(crate) const ALL: [StartKind; 4] =
+            [StartKind::Zero, StartKind::Current, StartKind::RowBias, StartKind::ColumnBias];
+
+        /// The Start of this kind with these biases.
+        pub(crate) fn start(self, row_bias: &[f32], column_bias: &[f32]) -> Start {
+            match self {
+                StartKind::Zero => Start::Zero,
+                StartKind::Current => Start::Current,
+                StartKind::RowBias => Start::RowBias(row_bias.as_ptr()),
+                StartKind::ColumnBias => Start::ColumnBias(column_bias.as_ptr()),
+            }
+        }
+
+        /// What output element (i, j) should start from, `before` being its value before the product.
+        pub(crate) fn expected(
+            self,
+            before: f32,
+            row_bias: &[f32],
+            column_bias: &[f32],
+            (i, j): (usize, usize),
+        ) -> f64 {
+            f64::from(match self {
+                StartKind::Zero => 0.0,
+                StartKind::Current => before,
+                StartKind::RowBias => row_bias[i],
+                StartKind::ColumnBias => column_bias[j],
+            })
+        }
     }
 }

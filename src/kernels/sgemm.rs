@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::SharedMut;
+use super::{SharedMut, Start};
 
 /// Rows of the output tile every microkernel holds in registers (broadcast from the left rows).
 const MR: usize = 6;
@@ -35,9 +35,9 @@ struct Kernel {
     mc: usize,
     /// Columns of one packed right block (in L2/L3).
     nc: usize,
-    /// acc = Σₚ lhs[0..MR, p] ⊗ rhs[p, 0..nr] (lhs rows `lds` apart, rhs packed), then dst = scale ·
-    /// acc (+ dst unless `overwrite`). Safety: as [`microkernel_avx2`].
-    tile: unsafe fn(usize, *const f32, usize, *const f32, *mut f32, usize, bool, f32),
+    /// acc = Σₚ lhs[0..MR, p] ⊗ rhs[p, 0..nr] (lhs rows `lds` apart, rhs packed), then dst = `start` +
+    /// scale · acc. Safety: as [`microkernel_avx2`].
+    tile: unsafe fn(usize, *const f32, usize, *const f32, *mut f32, usize, Start, f32),
 }
 
 /// The AVX2+FMA tile: 6x16 (12 ymm accumulators), a 20 KB panel at KC = 320.
@@ -108,20 +108,21 @@ impl MatRef {
     }
 }
 
-/// dst [m, n] = (dst if `accumulate`, else 0) + `scale` · lhs [m, k] · rhs [k, n], where dst has rows
-/// `dst_row_stride` elements apart and unit column stride. With `parallel` the product is split over
+/// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n], where dst has rows `dst_row_stride` elements
+/// apart and unit column stride. With `parallel` the product is split over
 /// the rayon threads (the caller must not be inside a rayon task that others wait on for it to be
 /// useful); without, it runs on the calling thread.
 ///
 /// # Safety
 /// `lhs`, `rhs` and `dst` must address matrices of these sizes and strides; `dst` must not overlap
-/// them, nor be read or written by anyone else during the call.
+/// them, nor be read or written by anyone else during the call; a bias of `start` must hold m rows or
+/// n columns.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     dst_row_stride: usize,
-    accumulate: bool,
+    start: Start,
     lhs: MatRef,
     rhs: MatRef,
     scale: f32,
@@ -138,7 +139,7 @@ pub unsafe fn matmul(
         // contract), at offsets inside the matrices.
         unsafe {
             let out = dst.get().add(i0 * dst_row_stride + j0);
-            product((rows, cols, k), out, dst_row_stride, accumulate, lhs.at(i0, 0), rhs.at(0, j0), scale)
+            product((rows, cols, k), out, dst_row_stride, start.at(i0, j0), lhs.at(i0, 0), rhs.at(0, j0), scale)
         }
     };
     if threads <= 1 {
@@ -173,24 +174,19 @@ unsafe fn product(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     ldd: usize,
-    accumulate: bool,
+    start: Start,
     lhs: MatRef,
     rhs: MatRef,
     scale: f32,
 ) {
     let Some(kernel) = kernel(n) else {
         // SAFETY: forwarded from the caller's contract.
-        return unsafe { fallback((m, n, k), dst, ldd, accumulate, lhs, rhs, scale) };
+        return unsafe { fallback((m, n, k), dst, ldd, start, lhs, rhs, scale) };
     };
     let Kernel { nr, kc: max_kc, mc: max_mc, nc: max_nc, .. } = kernel;
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                // SAFETY: row i of dst, n elements (the caller's contract).
-                unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), n).fill(0.0) };
-            }
-        }
-        return;
+        // SAFETY: dst [m, n] and the bias (the caller's contract).
+        return unsafe { start.fill(dst, ldd, (m, n)) };
     }
     SCRATCH.with_borrow_mut(|[copied_lhs, edge_lhs, packed_rhs]| {
         let kc_max = k.div_ceil(k.div_ceil(max_kc));
@@ -207,7 +203,7 @@ unsafe fn product(
                 let kc = kc_max.min(k - p0);
                 // SAFETY: the blocks lie inside the operands (the caller's contract).
                 unsafe { pack_rhs(rhs.at(p0, j0), kc, nc, nr, packed_rhs) };
-                let overwrite = p0 == 0 && !accumulate;
+                let block_start = start.for_depth(p0);
                 for i0 in (0..m).step_by(max_mc) {
                     let mc = max_mc.min(m - i0);
                     // The block's rows, row-major: read in place, or copied when the operand is not.
@@ -250,7 +246,8 @@ unsafe fn product(
                             unsafe {
                                 let tile = dst.add((i0 + i) * ldd + j0 + jp * nr);
                                 let lhs_rows = MatRef::rows(tile_lhs, tile_stride);
-                                write_tile(&kernel, kc, lhs_rows, rhs_panel, tile, ldd, (rows, cols), overwrite, scale);
+                                let start = block_start.at(i0 + i, j0 + jp * nr);
+                                write_tile(&kernel, kc, lhs_rows, rhs_panel, tile, ldd, (rows, cols), start, scale);
                             }
                         }
                     }
@@ -380,8 +377,7 @@ unsafe fn transpose_columns_8(rhs: MatRef, kc: usize, groups: usize, nr: usize, 
 }
 
 /// Multiplies MR row-major left rows [MR, kc] by a packed right panel [kc, nr] into the `rows` x
-/// `cols` corner of the tile at `dst`: overwritten with `scale` · product or, unless `overwrite`,
-/// accumulated.
+/// `cols` corner of the tile at `dst`: `start` + `scale` · product.
 ///
 /// # Safety
 /// The CPU must run `kernel`; `lhs` must address MR x kc elements; `dst` must address `rows` rows
@@ -395,27 +391,28 @@ unsafe fn write_tile(
     dst: *mut f32,
     ldd: usize,
     (rows, cols): (usize, usize),
-    overwrite: bool,
+    start: Start,
     scale: f32,
 ) {
     let nr = kernel.nr;
     if rows == MR && cols == nr {
         // SAFETY: forwarded; the whole tile lies inside dst.
-        return unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), dst, ldd, overwrite, scale) };
+        return unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), dst, ldd, start, scale) };
     }
     let mut tile = [0f32; MR * MAX_NR];
     // SAFETY: `tile` holds a whole MR x nr tile with rows nr apart.
-    unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), tile.as_mut_ptr(), nr, true, scale) };
+    unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), tile.as_mut_ptr(), nr, Start::Zero, scale) };
     // SAFETY: forwarded from the caller.
-    unsafe { super::store_corner(&tile, nr, dst, ldd, (rows, cols), overwrite) };
+    unsafe { super::store_corner(&tile, nr, dst, ldd, (rows, cols), start) };
 }
 
 /// The AVX2 6x16 register tile: acc = Σₚ lhs[0..6, p] ⊗ rhs[p, 0..16] with lhs rows `lds` apart and
-/// the right panel packed, then dst = scale · acc (+ dst unless `overwrite`).
+/// the right panel packed, then dst = `start` + scale · acc.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `lhs` must address MR rows of kc elements, `rhs` kc·NR floats and
-/// `dst` a whole MR x NR tile with rows `ldd` apart.
+/// `dst` a whole MR x NR tile with rows `ldd` apart; a bias of `start` must hold the tile's rows or
+/// columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -426,7 +423,7 @@ unsafe fn microkernel_avx2(
     rhs: *const f32,
     dst: *mut f32,
     ldd: usize,
-    overwrite: bool,
+    start: Start,
     scale: f32,
 ) {
     use std::arch::x86_64::*;
@@ -466,12 +463,14 @@ unsafe fn microkernel_avx2(
     for (i, row) in acc.iter().enumerate() {
         for (h, &sum) in row.iter().enumerate() {
             // SAFETY: row i, columns 8h..8h + 8 of the tile (the caller's contract).
+            // (and the bias's row i or columns 8h..8h + 8).
             unsafe {
                 let out = dst.add(i * ldd + 8 * h);
-                let value = if overwrite {
-                    _mm256_mul_ps(sum, scale)
-                } else {
-                    _mm256_fmadd_ps(sum, scale, _mm256_loadu_ps(out))
+                let value = match start {
+                    Start::Zero => _mm256_mul_ps(sum, scale),
+                    Start::Current => _mm256_fmadd_ps(sum, scale, _mm256_loadu_ps(out)),
+                    Start::RowBias(b) => _mm256_fmadd_ps(sum, scale, _mm256_set1_ps(*b.add(i))),
+                    Start::ColumnBias(b) => _mm256_fmadd_ps(sum, scale, _mm256_loadu_ps(b.add(8 * h))),
                 };
                 _mm256_storeu_ps(out, value);
             }
@@ -483,7 +482,8 @@ unsafe fn microkernel_avx2(
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `lhs` must address MR rows of kc elements, `rhs` kc·16·NV floats and
-/// `dst` a whole MR x 16·NV tile with rows `ldd` apart.
+/// `dst` a whole MR x 16·NV tile with rows `ldd` apart; a bias of `start` must hold the tile's rows or
+/// columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
@@ -494,7 +494,7 @@ unsafe fn microkernel_avx512<const NV: usize>(
     rhs: *const f32,
     dst: *mut f32,
     ldd: usize,
-    overwrite: bool,
+    start: Start,
     scale: f32,
 ) {
     use std::arch::x86_64::*;
@@ -523,36 +523,38 @@ unsafe fn microkernel_avx512<const NV: usize>(
         }
     }
     // SAFETY: dst addresses the whole tile (the caller's contract); the CPU has AVX-512F.
-    unsafe { store_zmm_tile(&acc, dst, ldd, overwrite, scale) };
+    unsafe { store_zmm_tile(&acc, dst, ldd, start, scale) };
 }
 
-/// dst = scale · acc (+ dst unless `overwrite`) for a register tile of R rows of NV zmm registers, the
-/// epilogue of the AVX-512 microkernels (this one's and [`super::bf16_gemm`]'s). Inlined into them,
-/// so it is compiled with their AVX-512 features.
+/// dst = `start` + scale · acc for a register tile of R rows of NV zmm registers, the epilogue of the
+/// AVX-512 microkernels (this one's and [`super::bf16_gemm`]'s). Inlined into them, so it is compiled
+/// with their AVX-512 features.
 ///
 /// # Safety
-/// The CPU must have AVX-512F; `dst` must address R rows (`ldd` apart) of 16·NV floats.
+/// The CPU must have AVX-512F; `dst` must address R rows (`ldd` apart) of 16·NV floats; a bias of
+/// `start` must hold the tile's rows or columns.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn store_zmm_tile<const R: usize, const NV: usize>(
     acc: &[[std::arch::x86_64::__m512; NV]; R],
     dst: *mut f32,
     ldd: usize,
-    overwrite: bool,
+    start: Start,
     scale: f32,
 ) {
     use std::arch::x86_64::*;
-    // SAFETY: the CPU has AVX-512F and every row i, columns 16h..16h + 16, lies inside dst (the
-    // caller's contract).
+    // SAFETY: the CPU has AVX-512F and every row i, columns 16h..16h + 16, lies inside dst (and the
+    // bias's row i or columns 16h..16h + 16, the caller's contract).
     unsafe {
         let scale = _mm512_set1_ps(scale);
         for (i, row) in acc.iter().enumerate() {
             for (h, &sum) in row.iter().enumerate() {
                 let out = dst.add(i * ldd + 16 * h);
-                let value = if overwrite {
-                    _mm512_mul_ps(sum, scale)
-                } else {
-                    _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out))
+                let value = match start {
+                    Start::Zero => _mm512_mul_ps(sum, scale),
+                    Start::Current => _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(out)),
+                    Start::RowBias(b) => _mm512_fmadd_ps(sum, scale, _mm512_set1_ps(*b.add(i))),
+                    Start::ColumnBias(b) => _mm512_fmadd_ps(sum, scale, _mm512_loadu_ps(b.add(16 * h))),
                 };
                 _mm512_storeu_ps(out, value);
             }
@@ -602,7 +604,7 @@ unsafe fn transpose_columns_8(_: MatRef, _: usize, _: usize, _: usize, _: &mut [
 }
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn microkernel_avx2(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: bool, _: f32) {
+unsafe fn microkernel_avx2(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize, _: Start, _: f32) {
     unreachable!("the f32 microkernels run only on x86-64")
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -614,7 +616,7 @@ unsafe fn microkernel_avx512<const NV: usize>(
     _: *const f32,
     _: *mut f32,
     _: usize,
-    _: bool,
+    _: Start,
     _: f32,
 ) {
     unreachable!("the f32 microkernels run only on x86-64")
@@ -628,12 +630,16 @@ unsafe fn fallback(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     ldd: usize,
-    accumulate: bool,
+    start: Start,
     lhs: MatRef,
     rhs: MatRef,
     scale: f32,
 ) {
     let stride = |s: usize| s as isize;
+    // The bias written first, then accumulated into.
+    // SAFETY: dst [m, n] and the bias (the caller's contract).
+    unsafe { start.fill(dst, ldd, (m, n)) };
+    let accumulate = !matches!(start, Start::Zero);
     // SAFETY: forwarded from the caller's contract.
     unsafe {
         gemm::gemm(
@@ -663,6 +669,7 @@ unsafe fn fallback(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::StartKind;
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -679,7 +686,7 @@ mod tests {
         (m, n, k): (usize, usize, usize),
         lhs_transposed: bool,
         rhs_transposed: bool,
-        accumulate: bool,
+        kind: StartKind,
         parallel: bool,
     ) {
         let a = values(m * k, 1);
@@ -690,7 +697,10 @@ mod tests {
         let rhs = if rhs_transposed { MatRef::transposed(b.as_ptr(), k) } else { MatRef::rows(b.as_ptr(), n) };
         let mut out = start.clone();
         // SAFETY: the operands are a [m, k], b [k, n] (possibly stored transposed), out [m, ldd].
-        unsafe { matmul((m, n, k), out.as_mut_ptr(), ldd, accumulate, lhs, rhs, 0.5, parallel) };
+        let (row_bias, column_bias) = (values(m, 4), values(n, 5));
+        unsafe {
+            matmul((m, n, k), out.as_mut_ptr(), ldd, kind.start(&row_bias, &column_bias), lhs, rhs, 0.5, parallel)
+        };
         let at = |x: &MatRef, i: usize, j: usize| unsafe { *x.ptr.add(i * x.row_stride + j * x.col_stride) } as f64;
         for i in 0..m {
             for j in 0..ldd {
@@ -699,11 +709,11 @@ mod tests {
                     start[i * ldd + j] as f64
                 } else {
                     let dot: f64 = (0..k).map(|p| at(&lhs, i, p) * at(&rhs, p, j)).sum();
-                    0.5 * dot + if accumulate { start[i * ldd + j] as f64 } else { 0.0 }
+                    0.5 * dot + kind.expected(start[i * ldd + j], &row_bias, &column_bias, (i, j))
                 };
                 assert!(
                     (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
-                    "({m}, {n}, {k}) lhsᵀ {lhs_transposed} rhsᵀ {rhs_transposed} accumulate {accumulate}: \
+                    "({m}, {n}, {k}) lhsᵀ {lhs_transposed} rhsᵀ {rhs_transposed} {kind:?}: \
                      [{i}, {j}] = {got}, expected {expected}"
                 );
             }
@@ -725,12 +735,14 @@ mod tests {
             (7, 130, 5),
         ] {
             for (lt, rt) in [(false, false), (false, true), (true, false)] {
-                for accumulate in [false, true] {
-                    check(dims, lt, rt, accumulate, false);
+                for kind in StartKind::ALL {
+                    check(dims, lt, rt, kind, false);
                 }
             }
         }
-        check((300, 70, 130), false, true, true, true);
-        check((40, 500, 64), false, false, false, true);
+        check((300, 70, 130), false, true, StartKind::Current, true);
+        check((40, 500, 64), false, false, StartKind::Zero, true);
+        check((300, 700, 130), false, true, StartKind::ColumnBias, true);
+        check((300, 70, 700), false, false, StartKind::RowBias, true);
     }
 }

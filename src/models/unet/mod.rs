@@ -16,9 +16,16 @@ pub use encoder::{EncoderOutput, UNetEncoder, timestep_embedding};
 pub use layer_ids::CrossAttentionLayer;
 
 use super::nn::{Conv2d, conv2d, group_norm};
+use crate::allocator::LargeBlockCache;
 use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
 use crate::{Error, Result};
+
+/// Freed activations and scratch a step keeps for the next (see [`LargeBlockCache`]): at 512x512
+/// with guidance the feed-forward projections (84 and 42 MB) and the 32x32 Winograd weights (59 MB)
+/// come and go in every transformer and resnet block, and mapping them afresh has the kernel zero
+/// their pages every time.
+const STEP_BLOCK_CACHE: usize = 512 << 20;
 use blocks::{BlockLoader, UpBlock};
 
 /// The conditional UNet: noisy latents, per-sample timesteps and a text context in, noise (or v)
@@ -88,6 +95,7 @@ impl UNet {
                 timesteps.dims()
             )));
         }
+        let _reuse = LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
         let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
         let EncoderOutput { hidden: mut xs, mut skips } =
             self.encoder.forward(sample, &temb, context, controls, None)?;
