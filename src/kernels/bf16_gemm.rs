@@ -651,6 +651,11 @@ unsafe fn microkernel(
     scale: f32,
 ) {
     use std::arch::x86_64::*;
+    for i in 0..MR {
+        // The tile's output lines are fetched while the products run (hints only, never faults).
+        _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(i * ldd) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(dst.wrapping_add(i * ldd + 16) as *const i8);
+    }
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for pp in 0..pairs {
         // SAFETY: pair pp of both packed operands (the caller's contract).
