@@ -229,7 +229,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
             let queries_t = MatRef::transposed(q.row(bi, hi, row0), q.stride[2]);
             if let Heads::Bf16 { .. } = heads {
                 // SAFETY: those query rows lie inside q's storage, as its layout guarantees.
-                unsafe { scratch.queries.pack(queries_t.into(), d, n) };
+                unsafe { scratch.queries.pack(queries_t.into(), d, n, false) };
             }
             maxes[..n].fill(f32::NEG_INFINITY);
             sums[..n].fill(0.0);

@@ -173,8 +173,9 @@ pub enum Lhs<'a> {
     Packed(&'a PackedLhs),
 }
 
-/// A right operand packed once for many products (the attention's queries and probabilities):
-/// [`NR`]-column panels of bf16 pairs over the whole depth.
+/// A right operand packed once for many products (the attention's queries and probabilities), or
+/// once for all threads of one (a convolution's columns): [`NR`]-column panels of bf16 pairs over the
+/// whole depth.
 #[derive(Debug, Default)]
 pub struct PackedRhs {
     data: Vec<u32>,
@@ -183,15 +184,26 @@ pub struct PackedRhs {
 }
 
 impl PackedRhs {
-    /// Packs `rhs` [depth, cols].
+    /// Packs `rhs` [depth, cols], with `parallel` over rayon's threads.
     ///
     /// # Safety
     /// `rhs` must address depth x cols elements; the CPU must have AVX512-BF16 ([`available`]).
-    pub unsafe fn pack(&mut self, rhs: Operand, depth: usize, cols: usize) {
-        self.data.resize(cols.div_ceil(NR) * depth.div_ceil(2) * NR, 0);
+    pub unsafe fn pack(&mut self, rhs: Operand, depth: usize, cols: usize, parallel: bool) {
+        let panel_len = depth.div_ceil(2) * NR;
+        self.data.resize(cols.div_ceil(NR) * panel_len, 0);
         (self.depth, self.cols) = (depth, cols);
-        // SAFETY: forwarded from the caller; data holds the panels.
-        unsafe { pack_rhs(rhs, depth, cols, &mut self.data) };
+        if panel_len == 0 {
+            return;
+        }
+        // SAFETY (both arms): panel q holds columns q·NR.. of rhs (the caller's contract).
+        let pack_panel = |(q, panel): (usize, &mut [u32])| unsafe {
+            pack_rhs(rhs.at(0, q * NR), depth, NR.min(cols - q * NR), panel)
+        };
+        if parallel {
+            self.data.par_chunks_mut(panel_len).enumerate().for_each(pack_panel);
+        } else {
+            self.data.chunks_mut(panel_len).enumerate().for_each(pack_panel);
+        }
     }
 }
 
@@ -264,6 +276,16 @@ pub unsafe fn matmul_packed(
     }
 }
 
+/// The right operand of [`matmul`]: strided, or packed in advance.
+#[derive(Debug, Clone, Copy)]
+pub enum Rhs<'a> {
+    /// Packed per block as the product runs, by each thread for the columns it computes.
+    Strided(Operand),
+    /// Packed in advance with [`PackedRhs::pack`] (whose depth and columns must match the product's),
+    /// once for all threads: for products split by rows, which would each pack all of a strided one.
+    Packed(&'a PackedRhs),
+}
+
 /// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n] with bf16 products,
 /// where dst has rows `dst_row_stride` elements apart and unit column stride. With `parallel` the
 /// product is split over the rayon threads; without, it runs on the calling thread.
@@ -279,7 +301,7 @@ pub unsafe fn matmul(
     dst_row_stride: usize,
     start: Start,
     lhs: Lhs<'_>,
-    rhs: Operand,
+    rhs: Rhs<'_>,
     scale: f32,
     parallel: bool,
 ) {
@@ -290,6 +312,9 @@ pub unsafe fn matmul(
     if let Lhs::Packed(packed) = lhs {
         assert!(packed.rows == m && packed.depth == k, "packed left operand of another shape");
     }
+    if let Rhs::Packed(packed) = rhs {
+        assert!(packed.depth == k && packed.cols == n, "packed right operand of another shape");
+    }
     let threads = if parallel && m * n * k >= MIN_PARALLEL_MACS { rayon::current_num_threads() } else { 1 };
     let dst = SharedMut(dst);
     let run = |(i0, j0, rows, cols): (usize, usize, usize, usize)| {
@@ -297,7 +322,7 @@ pub unsafe fn matmul(
         // contract), at offsets inside the matrices.
         unsafe {
             let out = dst.get().add(i0 * dst_row_stride + j0);
-            product((i0, rows, cols, k), out, dst_row_stride, start.at(i0, j0), lhs, rhs.at(0, j0), scale)
+            product((i0, j0, rows, cols, k), out, dst_row_stride, start.at(i0, j0), lhs, rhs, scale)
         }
     };
     if threads <= 1 {
@@ -311,18 +336,19 @@ thread_local! {
     static SCRATCH: RefCell<[Vec<u32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
 }
 
-/// Rows i0..i0 + m of the product (lhs rows counted from i0; rhs and dst already offset) on the
-/// calling thread.
+/// The block from row i0, column j0 of the product, m x n, on the calling thread (lhs rows counted
+/// from i0, rhs columns from j0; dst and start already offset).
 ///
 /// # Safety
-/// As [`matmul`]; i0 is a multiple of [`MR`] when lhs is packed.
+/// As [`matmul`]; i0 is a multiple of [`MR`] when lhs is packed, j0 one of [`NR`] when rhs is.
+#[allow(clippy::too_many_arguments)]
 unsafe fn product(
-    (i0, m, n, k): (usize, usize, usize, usize),
+    (i0, j0, m, n, k): (usize, usize, usize, usize, usize),
     dst: *mut f32,
     ldd: usize,
     start: Start,
     lhs: Lhs<'_>,
-    rhs: Operand,
+    rhs: Rhs<'_>,
     scale: f32,
 ) {
     if k == 0 {
@@ -334,14 +360,26 @@ unsafe fn product(
         let kc_max = k.div_ceil(k.div_ceil(KC)).next_multiple_of(2);
         let grow = |v: &mut Vec<u32>, len: usize| v.resize(v.len().max(len), 0);
         grow(packed_lhs, MC.min(m).next_multiple_of(MR) * kc_max / 2);
-        grow(packed_rhs, NC.min(n).next_multiple_of(NR) * kc_max / 2);
-        for j0 in (0..n).step_by(NC) {
-            let nc = NC.min(n - j0);
+        if let Rhs::Strided(_) = rhs {
+            grow(packed_rhs, NC.min(n).next_multiple_of(NR) * kc_max / 2);
+        }
+        for c0 in (0..n).step_by(NC) {
+            let nc = NC.min(n - c0);
             for p0 in (0..k).step_by(kc_max) {
                 let kc = kc_max.min(k - p0);
                 let pairs = kc.div_ceil(2);
-                // SAFETY: the block lies inside rhs (the caller's contract).
-                unsafe { pack_rhs(rhs.at(p0, j0), kc, nc, packed_rhs) };
+                // The block's panels: panel q at `panels + q·panel_stride`, `pairs` pairs of NR lanes.
+                let (panels, panel_stride) = match rhs {
+                    Rhs::Strided(rhs) => {
+                        // SAFETY: the block lies inside rhs (the caller's contract).
+                        unsafe { pack_rhs(rhs.at(p0, j0 + c0), kc, nc, packed_rhs) };
+                        (packed_rhs.as_ptr(), pairs * NR)
+                    }
+                    Rhs::Packed(packed) => {
+                        let stride = packed.depth.div_ceil(2) * NR;
+                        (packed.data[(j0 + c0) / NR * stride + p0 / 2 * NR..].as_ptr(), stride)
+                    }
+                };
                 let block_start = start.for_depth(p0);
                 for b0 in (0..m).step_by(MC) {
                     let mc = MC.min(m - b0);
@@ -357,17 +395,17 @@ unsafe fn product(
                             (packed_lhs.as_ptr(), pairs * MR)
                         }
                     };
-                    for (q, panel) in packed_rhs[..nc.div_ceil(NR) * pairs * NR].chunks_exact(pairs * NR).enumerate() {
+                    for q in 0..nc.div_ceil(NR) {
                         let cols = NR.min(nc - q * NR);
                         for t in 0..mc.div_ceil(MR) {
                             let rows = MR.min(mc - t * MR);
-                            // SAFETY: tile t holds pairs x MR lanes; the output tile (b0 + t·MR, j0 +
-                            // q·NR) of rows x cols lies inside dst.
+                            // SAFETY: tile t holds pairs x MR lanes, panel q pairs x NR; the output tile
+                            // (b0 + t·MR, c0 + q·NR) of rows x cols lies inside dst.
                             unsafe {
-                                let tile = dst.add((b0 + t * MR) * ldd + j0 + q * NR);
-                                let lhs_tile = tiles.add(t * tile_stride);
-                                let start = block_start.at(b0 + t * MR, j0 + q * NR);
-                                write_tile(pairs, lhs_tile, panel.as_ptr(), tile, ldd, (rows, cols), start, scale);
+                                let tile = dst.add((b0 + t * MR) * ldd + c0 + q * NR);
+                                let (lhs_tile, panel) = (tiles.add(t * tile_stride), panels.add(q * panel_stride));
+                                let start = block_start.at(b0 + t * MR, c0 + q * NR);
+                                write_tile(pairs, lhs_tile, panel, tile, ldd, (rows, cols), start, scale);
                             }
                         }
                     }
@@ -712,7 +750,13 @@ mod tests {
 
     /// One product against a triple loop over the bf16-rounded operands in f64: the only difference
     /// left is the f32 accumulation.
-    fn check((m, n, k): (usize, usize, usize), layout: (bool, bool), kind: StartKind, parallel: bool, prepack: bool) {
+    fn check(
+        (m, n, k): (usize, usize, usize),
+        layout: (bool, bool),
+        kind: StartKind,
+        parallel: bool,
+        prepack: (bool, bool),
+    ) {
         let (lhs_bf16, rhs_bf16) = layout;
         let a = values(m * k, 1);
         let b = values(k * n, 2);
@@ -724,13 +768,20 @@ mod tests {
         let lhs = if lhs_bf16 { Operand::bf16_rows(a16.as_ptr(), k) } else { MatRef::rows(a.as_ptr(), k).into() };
         let rhs =
             if rhs_bf16 { Operand::bf16_transposed(b16t.as_ptr(), k) } else { MatRef::rows(b.as_ptr(), n).into() };
-        let mut packed = PackedLhs::default();
-        let lhs = if prepack {
+        let (mut packed_lhs, mut packed_rhs) = (PackedLhs::default(), PackedRhs::default());
+        let lhs = if prepack.0 {
             // SAFETY: lhs is [m, k].
-            unsafe { packed.pack(lhs, m, k) };
-            Lhs::Packed(&packed)
+            unsafe { packed_lhs.pack(lhs, m, k) };
+            Lhs::Packed(&packed_lhs)
         } else {
             Lhs::Strided(lhs)
+        };
+        let rhs = if prepack.1 {
+            // SAFETY: rhs is [k, n].
+            unsafe { packed_rhs.pack(rhs, k, n, parallel) };
+            Rhs::Packed(&packed_rhs)
+        } else {
+            Rhs::Strided(rhs)
         };
         let mut out = start.clone();
         // SAFETY: the operands are [m, k] and [k, n], out [m, ldd].
@@ -749,7 +800,7 @@ mod tests {
                 };
                 assert!(
                     (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
-                    "({m}, {n}, {k}) {layout:?} {kind:?} prepack {prepack}: [{i}, {j}] = {got}, \
+                    "({m}, {n}, {k}) {layout:?} {kind:?} prepack {prepack:?}: [{i}, {j}] = {got}, \
                      expected {expected}"
                 );
             }
@@ -769,7 +820,7 @@ mod tests {
         // SAFETY: a is [depth, rows] (the transpose of lhs), b [k, n], out [m, n].
         unsafe {
             lhs.pack(Operand { elements: Elements::F32(a.as_ptr()), row_stride: 1, col_stride: rows }, rows, depth);
-            rhs.pack(MatRef::rows(b.as_ptr(), n).into(), k, n);
+            rhs.pack(MatRef::rows(b.as_ptr(), n).into(), k, n, false);
             matmul_packed((m, n, k), out.as_mut_ptr(), n, Start::Zero, (&lhs, row0, p0), &rhs, 2.0);
         }
         for i in 0..m {
@@ -794,17 +845,19 @@ mod tests {
         for dims in [(1, 1, 1), (8, 32, 4), (9, 33, 5), (13, 40, 40), (200, 70, 700), (5, 1100, 9), (12, 16, 0)] {
             for layout in [(false, false), (true, false), (false, true), (true, true)] {
                 for kind in StartKind::ALL {
-                    check(dims, layout, kind, false, false);
+                    check(dims, layout, kind, false, (false, false));
                 }
             }
-            check(dims, (false, false), StartKind::Current, false, true);
-            check(dims, (false, false), StartKind::RowBias, false, true);
+            check(dims, (false, false), StartKind::Current, false, (true, false));
+            check(dims, (false, false), StartKind::RowBias, false, (true, true));
+            check(dims, (true, true), StartKind::ColumnBias, false, (false, true));
         }
-        check((300, 70, 130), (true, false), StartKind::Current, true, true);
-        check((300, 70, 700), (true, false), StartKind::RowBias, true, true);
+        check((300, 70, 130), (true, false), StartKind::Current, true, (true, false));
+        check((300, 70, 700), (true, false), StartKind::RowBias, true, (true, true));
+        check((300, 1100, 700), (false, false), StartKind::Current, true, (false, true));
         check_packed((40, 70, 256), 8, 6);
         check_packed((13, 33, 77), 0, 0);
-        check((40, 500, 64), (false, true), StartKind::Zero, true, false);
-        check((400, 1100, 64), (false, true), StartKind::ColumnBias, true, false);
+        check((40, 500, 64), (false, true), StartKind::Zero, true, (false, false));
+        check((400, 1100, 64), (false, true), StartKind::ColumnBias, true, (false, false));
     }
 }

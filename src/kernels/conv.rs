@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Lhs, Operand, PackedLhs};
+use super::bf16_gemm::{self, Lhs, Operand, PackedLhs, PackedRhs, Rhs};
 use super::math::simd_dispatch;
 use super::sgemm::{self, MatRef};
 use super::{LayerWeight, SharedMut, Start, kernel_weight};
@@ -202,10 +202,11 @@ fn channel_bias(bias: Option<&[f32]>) -> Start {
 }
 
 /// The weight matrix W [Cout, Cin·k·k] as the 1x1 and im2col products read it: f32 in place, or bf16
-/// packed once per call (then shared by every batch item, band and thread).
+/// packed once per call (then shared by every batch item, band and thread), with room for the columns
+/// it multiplies packed once for all threads.
 enum WeightMatrix<'a> {
     F32(&'a [f32]),
-    Bf16(PackedLhs),
+    Bf16 { weight: PackedLhs, columns: PackedRhs },
 }
 
 impl<'a> WeightMatrix<'a> {
@@ -214,28 +215,35 @@ impl<'a> WeightMatrix<'a> {
         match weight {
             LayerWeight::F32(w) => WeightMatrix::F32(w),
             LayerWeight::Bf16(w) => {
-                let mut packed = PackedLhs::default();
+                let mut weight = PackedLhs::default();
                 // SAFETY: w holds the m x k weight, row-major.
-                unsafe { packed.pack(Operand::bf16_rows(w.as_ptr(), k), m, k) };
-                WeightMatrix::Bf16(packed)
+                unsafe { weight.pack(Operand::bf16_rows(w.as_ptr(), k), m, k) };
+                WeightMatrix::Bf16 { weight, columns: PackedRhs::default() }
             }
         }
     }
 
     /// dst [m, n] = `start` + W [m, k] @ rhs [k, n], on the product for the weight's dtype, over all
-    /// threads.
+    /// threads. With bf16 products and no fewer rows than columns (the split between threads is then
+    /// by rows, and each would pack all of rhs), rhs is packed first, once, by all threads.
     ///
     /// # Safety
     /// (m, k) must be the weight's shape; `rhs`, `dst` and `start` as in [`sgemm::matmul`].
-    unsafe fn times(&self, (m, n, k): (usize, usize, usize), dst: *mut f32, ldd: usize, start: Start, rhs: MatRef) {
+    unsafe fn times(&mut self, (m, n, k): (usize, usize, usize), dst: *mut f32, ldd: usize, start: Start, rhs: MatRef) {
         // SAFETY: forwarded from the caller.
         unsafe {
             match self {
                 WeightMatrix::F32(w) => {
                     sgemm::matmul((m, n, k), dst, ldd, start, MatRef::rows(w.as_ptr(), k), rhs, 1.0, true)
                 }
-                WeightMatrix::Bf16(packed) => {
-                    bf16_gemm::matmul((m, n, k), dst, ldd, start, Lhs::Packed(packed), rhs.into(), 1.0, true)
+                WeightMatrix::Bf16 { weight, columns } => {
+                    let rhs = if m >= n {
+                        columns.pack(rhs.into(), k, n, true);
+                        Rhs::Packed(columns)
+                    } else {
+                        Rhs::Strided(rhs.into())
+                    };
+                    bf16_gemm::matmul((m, n, k), dst, ldd, start, Lhs::Packed(weight), rhs, 1.0, true)
                 }
             }
         }
@@ -258,7 +266,7 @@ impl LayerWeight<'_> {
 
 /// 1x1 stride-1 convolution: out[b] [Cout, H·W] = bias + W [Cout, Cin] @ x[b] [Cin, H·W].
 fn pointwise(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
-    let weight = WeightMatrix::new(weight, (d.cout, d.cin));
+    let mut weight = WeightMatrix::new(weight, (d.cout, d.cin));
     let hw = d.h * d.w;
     let start = channel_bias(bias);
     for (xb, ob) in x.chunks(d.cin * hw).zip(out.chunks_mut(d.cout * hw)) {
@@ -272,7 +280,7 @@ fn pointwise(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out
 /// out[b][:, band] = bias + W [Cout, Cin·k·k] @ columns.
 fn im2col(d: &Dims, x: &[f32], weight: LayerWeight, bias: Option<&[f32]>, out: &mut [f32]) {
     let kk = d.cin * d.k * d.k;
-    let weight = WeightMatrix::new(weight, (d.cout, kk));
+    let mut weight = WeightMatrix::new(weight, (d.cout, kk));
     let plane_out = d.ho * d.wo;
     let start = channel_bias(bias);
     let band_rows = (SCRATCH_ELEMS / (kk * d.wo)).clamp(1, d.ho);

@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 
-use super::bf16_gemm::{self, Lhs, Operand};
+use super::bf16_gemm::{self, Lhs, Operand, Rhs};
 use super::sgemm::{self, MatRef};
 use super::{LayerWeight, Start, kernel_weight};
 
@@ -92,7 +92,16 @@ fn forward(
             }
             LayerWeight::Bf16(w) => {
                 let w = Operand::bf16_transposed(w.as_ptr(), inp);
-                bf16_gemm::matmul(dims, ys.as_mut_ptr(), out, start, Lhs::Strided(x_rows.into()), w, 1.0, true)
+                bf16_gemm::matmul(
+                    dims,
+                    ys.as_mut_ptr(),
+                    out,
+                    start,
+                    Lhs::Strided(x_rows.into()),
+                    Rhs::Strided(w),
+                    1.0,
+                    true,
+                )
             }
         }
     };
