@@ -11,7 +11,7 @@
 //! allocations up to 32 MB from the heap and keeps freed heap memory for reuse, and
 //! [`TensorAllocator`] asks for huge pages on every allocation of at least [`HUGE_PAGE`] bytes
 //! (`madvise(MADV_HUGEPAGE)`, the same as glibc's `glibc.malloc.hugetlb=1` tunable). Within the
-//! scope of a [`LargeBlockCache`] (the VAE decoder opens one), freed blocks larger than glibc's heap
+//! scope of a [`LargeBlockCache`] (the VAE decoder and each UNet step open one), freed blocks larger than glibc's heap
 //! serves (its own mappings, unmapped when freed and zeroed by the kernel when mapped again) are kept
 //! and handed out again for requests of about their size. Elsewhere all of this leaves the system
 //! allocator as it is. On SD1.5 UNet steps the heap settings remove about nine in ten page faults;
@@ -33,7 +33,7 @@ pub const CACHED_MIN: usize = 32 << 20;
 /// decoder): the cache trades that much memory for the kernel's page zeroing. Blocks kept stay
 /// after the scope ends, for the next run, until reused or [`release_free_memory`] frees them.
 #[derive(Debug)]
-#[must_use = "the cache is emptied when this is dropped"]
+#[must_use = "freed blocks are kept only while this is alive"]
 pub struct LargeBlockCache {
     previous: usize,
 }
@@ -126,15 +126,20 @@ mod large_blocks {
     }
 
     impl Cache {
+        /// Takes block i out of the cache, keeping the others in order.
+        fn remove(&mut self, i: usize) -> (usize, usize) {
+            let block = self.blocks[i];
+            self.blocks.copy_within(i + 1..self.len, i);
+            self.len -= 1;
+            self.bytes -= block.1;
+            block
+        }
+
         /// Removes the oldest blocks while `more` says so, into `out`; returns how many.
         fn evict_oldest(&mut self, out: &mut [usize; SLOTS], more: impl Fn(&Cache) -> bool) -> usize {
             let mut n = 0;
             while self.len > 0 && more(self) {
-                let (ptr, usable) = self.blocks[0];
-                self.blocks.copy_within(1..self.len, 0);
-                self.len -= 1;
-                self.bytes -= usable;
-                out[n] = ptr;
+                out[n] = self.remove(0).0;
                 n += 1;
             }
             n
@@ -173,13 +178,8 @@ mod large_blocks {
         let fits = |&(ptr, usable): &(usize, usize)| {
             usable >= size && usable - size <= size / 4 && ptr.is_multiple_of(layout.align())
         };
-        let (i, &(ptr, usable)) =
-            cache.blocks[..cache.len].iter().enumerate().filter(|(_, b)| fits(b)).min_by_key(|(_, b)| b.1)?;
-        let len = cache.len;
-        cache.blocks.copy_within(i + 1..len, i);
-        cache.len -= 1;
-        cache.bytes -= usable;
-        Some(ptr as *mut u8)
+        let (i, _) = cache.blocks[..cache.len].iter().enumerate().filter(|(_, b)| fits(b)).min_by_key(|(_, b)| b.1)?;
+        Some(cache.remove(i).0 as *mut u8)
     }
 
     /// Keeps the freed block `ptr` if it is large and a cache is open; returns whether it did (else

@@ -636,10 +636,12 @@ unsafe fn fallback(
     scale: f32,
 ) {
     let stride = |s: usize| s as isize;
-    // The bias written first, then accumulated into.
-    // SAFETY: dst [m, n] and the bias (the caller's contract).
-    unsafe { start.fill(dst, ldd, (m, n)) };
+    // A bias is written first, then accumulated into (the current contents need no filling).
     let accumulate = !matches!(start, Start::Zero);
+    if accumulate {
+        // SAFETY: dst [m, n] and the bias (the caller's contract).
+        unsafe { start.fill(dst, ldd, (m, n)) };
+    }
     // SAFETY: forwarded from the caller's contract.
     unsafe {
         gemm::gemm(
