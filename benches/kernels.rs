@@ -15,7 +15,12 @@ mod kernels {
     pub mod timing;
 }
 
+/// The engine's allocator, so that buffers come and go as in a generation.
+#[global_allocator]
+static ALLOCATOR: diffctl::allocator::TensorAllocator = diffctl::allocator::TensorAllocator;
+
 fn main() -> anyhow::Result<()> {
+    diffctl::allocator::configure();
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let wants = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     println!("{} threads", candle_core::utils::get_num_threads());

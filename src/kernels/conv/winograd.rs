@@ -1,0 +1,583 @@
+//! Winograd convolution (Lavin & Gray) for 3x3 stride-1 pad-1 convolutions on [`sgemm`]: F(4x4, 3x3)
+//! (points 0, ±1, ±2, ∞; 36 multiplies per 4x4 output tile instead of 144, 4x less arithmetic than
+//! direct convolution) or F(6x6, 3x3) (points 0, ±1, ±2, ±½, ∞; 64 per 6x6 tile instead of 324,
+//! 5.06x less) for inputs of few channels and images large enough that its 6x6 tiles overhang the
+//! edges little ([`WinogradTile::for_image`]).
+//!
+//! The output tiles, numbered over the whole batch, go in chunks; for each chunk the input patches
+//! are transformed to V [Cin, points, chunk], one GEMM per point multiplies the transformed weights
+//! U [points, Cout, Cin] with V, and the output transform writes the tiles. U is made once per call
+//! (per block of output channels when it is large). bf16 weights are widened and their U kept in f32
+//! for f32 products: with bf16 products (inputs and U rounded to bf16) F(4x4, 3x3)'s transforms
+//! amplified the rounding to 5e-2 of max |out|, against 1.5e-3 for a bf16 direct convolution.
+
+use half::slice::HalfBitsSliceExt;
+use rayon::prelude::*;
+
+use super::super::math::simd_dispatch;
+use super::super::sgemm::{self, MatRef};
+use super::super::{LayerWeight, SharedMut, Start, output_buffer};
+use super::{Dims, SCRATCH_ELEMS};
+
+/// Target size (f32 elements) of each Winograd buffer of one rayon task (V or M, ~2 MB: they stay in
+/// cache between the transforms and the GEMMs); measured best among 0.125–4 M.
+const TASK_SCRATCH_ELEMS: usize = 512 << 10;
+/// Fewest tiles per rayon task's chunk: thinner GEMMs lose more than the cache gains.
+const MIN_TASK_TILES: usize = 32;
+/// Upper bound (f32 elements) of the transformed weights held at once.
+const WEIGHT_SCRATCH_ELEMS: usize = 10 << 20;
+/// Most input channels for F(6x6, 3x3). On 2 threads of a Zen 4 (`cargo bench --bench kernels -- conv`)
+/// it took 0.85–0.9 of F(4x4)'s time on the VAE's 256- and 128-channel layers at 256x256 and 512x512,
+/// but no less on the 320- and 512-channel ones: the chunks of tiles that keep V and M in cache get
+/// thinner and each point's U larger.
+const MAX_F6X6_CHANNELS: usize = 256;
+
+/// The output tile of a Winograd convolution: F(m x m, 3x3) computes m x m outputs from an
+/// (m + 2) x (m + 2) input patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WinogradTile {
+    /// F(4x4, 3x3): 36 points.
+    F4x4,
+    /// F(6x6, 3x3): 64 points.
+    F6x6,
+}
+
+impl WinogradTile {
+    /// The tile for an H x W image of `channels` input channels: F(6x6) where its multiplies, counting
+    /// the tiles that overhang the image's edges, are fewer than F(4x4)'s (from 64x64 up: 0.84 of them;
+    /// at 32x32 a tie) and the input has at most [`MAX_F6X6_CHANNELS`]; F(4x4) otherwise.
+    pub fn for_image(h: usize, w: usize, channels: usize) -> Self {
+        let multiplies = |t: Self| h.div_ceil(t.side()) * w.div_ceil(t.side()) * t.points();
+        if channels <= MAX_F6X6_CHANNELS && multiplies(Self::F6x6) < multiplies(Self::F4x4) {
+            Self::F6x6
+        } else {
+            Self::F4x4
+        }
+    }
+
+    /// Outputs per tile side (m).
+    fn side(self) -> usize {
+        match self {
+            Self::F4x4 => 4,
+            Self::F6x6 => 6,
+        }
+    }
+
+    /// Points of the transform domain per tile, (m + 2)².
+    fn points(self) -> usize {
+        (self.side() + 2) * (self.side() + 2)
+    }
+}
+
+/// Tiles processed side by side in SIMD lanes by the Winograd transforms.
+const LANES: usize = 8;
+/// One value for each of [`LANES`] tiles.
+type Lanes = [f32; LANES];
+/// The largest input patch side (F(6x6)'s 8); smaller transforms use a prefix of such arrays.
+const MAX_ALPHA: usize = 8;
+/// The largest output tile side (F(6x6)'s 6).
+const MAX_SIDE: usize = 6;
+
+/// The three 1-D transforms of one F(m, 3): y = Aᵀ [(G g) ⊙ (Bᵀ d)], each applied to [`LANES`]
+/// tiles at once and to rows and columns in turn for the 2-D F(m x m, 3x3).
+trait Transforms {
+    /// Outputs m.
+    const SIDE: usize;
+    /// Input patch side and points per dimension, m + 2.
+    const ALPHA: usize = Self::SIDE + 2;
+    /// G g: ALPHA values from the three taps.
+    fn g(g: &[Lanes; 3]) -> [Lanes; MAX_ALPHA];
+    /// Bᵀ d: ALPHA values from ALPHA inputs.
+    fn b(d: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_ALPHA];
+    /// Aᵀ m: SIDE outputs from ALPHA products.
+    fn a(m: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_SIDE];
+}
+
+/// F(4, 3) with points 0, ±1, ±2, ∞.
+struct F4;
+
+impl Transforms for F4 {
+    const SIDE: usize = 4;
+
+    #[inline(always)]
+    fn g(g: &[Lanes; 3]) -> [Lanes; MAX_ALPHA] {
+        let mut o = [[0f32; LANES]; MAX_ALPHA];
+        for l in 0..LANES {
+            let [g0, g1, g2] = [g[0][l], g[1][l], g[2][l]];
+            o[0][l] = g0 / 4.0;
+            o[1][l] = -(g0 + g1 + g2) / 6.0;
+            o[2][l] = -(g0 - g1 + g2) / 6.0;
+            o[3][l] = g0 / 24.0 + g1 / 12.0 + g2 / 6.0;
+            o[4][l] = g0 / 24.0 - g1 / 12.0 + g2 / 6.0;
+            o[5][l] = g2;
+        }
+        o
+    }
+
+    #[inline(always)]
+    fn b(d: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_ALPHA] {
+        let mut o = [[0f32; LANES]; MAX_ALPHA];
+        for l in 0..LANES {
+            let [d0, d1, d2, d3, d4, d5] = [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]];
+            o[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+            o[1][l] = -4.0 * (d1 + d2) + d3 + d4;
+            o[2][l] = 4.0 * (d1 - d2) - d3 + d4;
+            o[3][l] = 2.0 * (d3 - d1) - d2 + d4;
+            o[4][l] = 2.0 * (d1 - d3) - d2 + d4;
+            o[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+        }
+        o
+    }
+
+    #[inline(always)]
+    fn a(m: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_SIDE] {
+        let mut o = [[0f32; LANES]; MAX_SIDE];
+        for l in 0..LANES {
+            let [m0, m1, m2, m3, m4, m5] = [m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l]];
+            let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+            o[0][l] = m0 + s12 + s34;
+            o[1][l] = d12 + 2.0 * d34;
+            o[2][l] = s12 + 4.0 * s34;
+            o[3][l] = d12 + 8.0 * d34 + m5;
+        }
+        o
+    }
+}
+
+/// F(6, 3) with points 0, ±1, ±2, ±½, ∞; Bᵀ's rows in pairs that share their even and odd parts.
+struct F6;
+
+impl Transforms for F6 {
+    const SIDE: usize = 6;
+
+    #[inline(always)]
+    fn g(g: &[Lanes; 3]) -> [Lanes; MAX_ALPHA] {
+        let mut o = [[0f32; LANES]; MAX_ALPHA];
+        for l in 0..LANES {
+            let [g0, g1, g2] = [g[0][l], g[1][l], g[2][l]];
+            o[0][l] = g0;
+            o[1][l] = -2.0 / 9.0 * (g0 + g1 + g2);
+            o[2][l] = -2.0 / 9.0 * (g0 - g1 + g2);
+            o[3][l] = g0 / 90.0 + g1 / 45.0 + 2.0 / 45.0 * g2;
+            o[4][l] = g0 / 90.0 - g1 / 45.0 + 2.0 / 45.0 * g2;
+            o[5][l] = 32.0 / 45.0 * g0 + 16.0 / 45.0 * g1 + 8.0 / 45.0 * g2;
+            o[6][l] = 32.0 / 45.0 * g0 - 16.0 / 45.0 * g1 + 8.0 / 45.0 * g2;
+            o[7][l] = g2;
+        }
+        o
+    }
+
+    #[inline(always)]
+    fn b(d: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_ALPHA] {
+        let mut o = [[0f32; LANES]; MAX_ALPHA];
+        for l in 0..LANES {
+            let [d0, d1, d2, d3, d4, d5, d6, d7] =
+                [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l], d[6][l], d[7][l]];
+            o[0][l] = d0 - d6 + 5.25 * (d4 - d2);
+            o[7][l] = d7 - d1 + 5.25 * (d3 - d5);
+            let (even, odd) = (d2 + d6 - 4.25 * d4, d1 + d5 - 4.25 * d3);
+            o[1][l] = even + odd;
+            o[2][l] = even - odd;
+            let (even, odd) = (0.25 * d2 - 1.25 * d4 + d6, 0.5 * d1 - 2.5 * d3 + 2.0 * d5);
+            o[3][l] = even + odd;
+            o[4][l] = even - odd;
+            let (even, odd) = (4.0 * d2 - 5.0 * d4 + d6, 2.0 * d1 - 2.5 * d3 + 0.5 * d5);
+            o[5][l] = even + odd;
+            o[6][l] = even - odd;
+        }
+        o
+    }
+
+    #[inline(always)]
+    fn a(m: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_SIDE] {
+        let mut o = [[0f32; LANES]; MAX_SIDE];
+        for l in 0..LANES {
+            let [m0, m1, m2, m3, m4, m5, m6, m7] =
+                [m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l], m[6][l], m[7][l]];
+            let (s12, d12, s34, d34, s56, d56) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4, m5 + m6, m5 - m6);
+            o[0][l] = m0 + s12 + s34 + s56;
+            o[1][l] = d12 + 2.0 * d34 + 0.5 * d56;
+            o[2][l] = s12 + 4.0 * s34 + 0.25 * s56;
+            o[3][l] = d12 + 8.0 * d34 + 0.125 * d56;
+            o[4][l] = s12 + 16.0 * s34 + 0.0625 * s56;
+            o[5][l] = d12 + 32.0 * d34 + 0.03125 * d56 + m7;
+        }
+        o
+    }
+}
+
+impl LayerWeight<'_> {
+    /// Output channel `co`'s [Cin·k·k] weights as f32 (`scratch` holds the widened copy of bf16 ones).
+    fn channel<'s>(&'s self, co: usize, len: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        match *self {
+            LayerWeight::F32(w) => &w[co * len..][..len],
+            LayerWeight::Bf16(w) => {
+                scratch.resize(len, 0.0);
+                super::super::convert::widen_bf16(scratch, w[co * len..][..len].reinterpret_cast());
+                scratch
+            }
+        }
+    }
+}
+
+/// Winograd convolution with `tile`, 3x3 stride 1 pad 1 (so Ho = H, Wo = W). The B·⌈H/m⌉·⌈W/m⌉ output
+/// tiles go in chunks of `tc` ([`WinogradChunk::run`]), with U [points, cb, Cin] = G g Gᵀ for a block
+/// of cb output channels (all Cout when it fits [`WEIGHT_SCRATCH_ELEMS`]).
+///
+/// With one block and enough tiles, each rayon task runs whole chunks on its own scratch (which stays
+/// in cache); otherwise the chunks run one after another, each step parallel inside.
+pub(super) fn winograd(
+    tile: WinogradTile,
+    d: &Dims,
+    x: &[f32],
+    weight: LayerWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (side, points) = (tile.side(), tile.points());
+    let tiles_w = d.w.div_ceil(side);
+    let tiles_img = d.h.div_ceil(side) * tiles_w;
+    let tiles = d.b * tiles_img;
+    let blocks = (points * d.cout * d.cin).div_ceil(WEIGHT_SCRATCH_ELEMS).max(1);
+    let cb = d.cout.div_ceil(blocks);
+    let geom = TileGeom { h: d.h, w: d.w, side, tiles_w, tiles_img };
+    let out = SharedMut(out.as_mut_ptr());
+    let mut u = Vec::new();
+    // A multiple of 16 tiles: the GEMMs' n, in whole AVX2 register tiles.
+    let tc = ((TASK_SCRATCH_ELEMS / (points * d.cin.max(d.cout)) + 8) / 16 * 16).max(MIN_TASK_TILES);
+    if blocks == 1 && tiles >= 4 * tc * rayon::current_num_threads() {
+        let u = weight_transform(tile, d, weight, (0, cb), &mut u);
+        let chunk = WinogradChunk { tile, d, geom, x, u, co0: 0, cb, bias, out, tc, parallel: false };
+        let scratch = || (output_buffer(d.cin * points * tc), output_buffer(cb * points * tc));
+        (0..tiles).into_par_iter().step_by(tc).for_each_init(scratch, |(v, m), g0| {
+            chunk.run(g0, tc.min(tiles - g0), v, m);
+        });
+        return;
+    }
+    let tc = (SCRATCH_ELEMS / (points * d.cin.max(cb)) / LANES * LANES).clamp(LANES, tiles.next_multiple_of(LANES));
+    let (mut v, mut m) = (output_buffer(d.cin * points * tc), output_buffer(cb * points * tc));
+    for co0 in (0..d.cout).step_by(cb) {
+        let cbn = cb.min(d.cout - co0);
+        let u = weight_transform(tile, d, weight, (co0, cbn), &mut u);
+        let chunk = WinogradChunk { tile, d, geom, x, u, co0, cb: cbn, bias, out, tc, parallel: true };
+        for g0 in (0..tiles).step_by(tc) {
+            chunk.run(g0, tc.min(tiles - g0), &mut v, &mut m);
+        }
+    }
+}
+
+/// U [points, cb, Cin] = G g Gᵀ for the output channels co0..co0 + cb, made in `u` (which keeps its
+/// buffer for the next block). Each point's [cb, Cin] matrix is contiguous, so that its GEMM streams
+/// it.
+fn weight_transform<'a>(
+    tile: WinogradTile,
+    d: &Dims,
+    weight: LayerWeight,
+    (co0, cb): (usize, usize),
+    u: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let (cin, points) = (d.cin, tile.points());
+    let len = cb * points * cin;
+    if u.len() < len {
+        *u = output_buffer(len);
+    }
+    let u_ptr = SharedMut(u.as_mut_ptr());
+    (0..cb).into_par_iter().for_each_init(Vec::new, |scratch, j| {
+        // SAFETY: channel j writes U[ξ, j, :] for every point ξ, inside `u` (len elements) and written
+        // by no other task.
+        unsafe {
+            transform_channel(tile, weight.channel(co0 + j, cin * 9, scratch), cin, u_ptr.get().add(j * cin), cb * cin)
+        };
+    });
+    &u[..len]
+}
+
+/// One Winograd step over a chunk of tiles for output channels co0..co0 + cb.
+struct WinogradChunk<'a> {
+    tile: WinogradTile,
+    d: &'a Dims,
+    geom: TileGeom,
+    /// x [B, Cin, H, W].
+    x: &'a [f32],
+    /// U [points, cb, Cin].
+    u: &'a [f32],
+    co0: usize,
+    cb: usize,
+    /// [Cout].
+    bias: Option<&'a [f32]>,
+    /// out [B, Cout, H, W].
+    out: SharedMut,
+    /// Tiles per chunk (a multiple of [`LANES`]).
+    tc: usize,
+    /// Whether to spread each step of [`WinogradChunk::run`] over rayon's threads.
+    parallel: bool,
+}
+
+impl WinogradChunk<'_> {
+    /// Tiles g0..g0 + n (n ≤ tc): V [Cin, points, tc] = Bᵀ d B; M[:, ξ, :] [cb, tc] = U[:, ξ, :] [cb,
+    /// Cin] @ V[:, ξ, :] [Cin, tc] for every point ξ; out = bias + Aᵀ m A, clipped to the image. `v`
+    /// holds Cin·points·tc elements, `m` cb·points·tc, neither read before this call writes it.
+    fn run(&self, g0: usize, n: usize, v: &mut [f32], m: &mut [f32]) {
+        let (d, tc, tile) = (self.d, self.tc, self.tile);
+        let points = tile.points();
+        let input = |(ci, vc): (usize, &mut [f32])| input_transform(tile, &self.geom, self.x, d.cin, ci, g0, n, tc, vc);
+        let v = &mut v[..d.cin * points * tc];
+        if self.parallel {
+            v.par_chunks_mut(points * tc).enumerate().for_each(input);
+        } else {
+            v.chunks_mut(points * tc).enumerate().for_each(input);
+        }
+        let (m, v) = (&mut m[..self.cb * points * tc], &*v);
+        // The output transform reads whole groups of LANES columns; the GEMMs write the first n.
+        if !n.is_multiple_of(LANES) {
+            for row in m.chunks_mut(tc) {
+                row[n..n.next_multiple_of(LANES)].fill(0.0);
+            }
+        }
+        let m_ptr = SharedMut(m.as_mut_ptr());
+        let product = |xi: usize| {
+            let dims = (self.cb, n, d.cin);
+            let v = MatRef::rows(v[xi * tc..].as_ptr(), points * tc);
+            // SAFETY: point ξ writes only M[:, ξ, :n] of M [cb, points, tc]; U [points, cb, Cin] and V
+            // [Cin, points, tc] are only read, and all three outlive the call.
+            unsafe {
+                let u = MatRef::rows(self.u[xi * self.cb * d.cin..].as_ptr(), d.cin);
+                sgemm::matmul(dims, m_ptr.get().add(xi * tc), points * tc, Start::Zero, u, v, 1.0, false)
+            };
+        };
+        if self.parallel {
+            (0..points).into_par_iter().for_each(product);
+        } else {
+            (0..points).for_each(product);
+        }
+        let output = |(j, mc): (usize, &[f32])| {
+            let co = self.co0 + j;
+            let bias = self.bias.map_or(0.0, |b| b[co]);
+            // SAFETY: this writes only the tiles g0..g0 + n of output channel `co`, which no other task
+            // writes, and `out` outlives the call.
+            unsafe { output_transform(tile, &self.geom, self.out, d.cout, co, bias, g0, n, tc, mc) };
+        };
+        if self.parallel {
+            m.par_chunks(points * tc).enumerate().for_each(output);
+        } else {
+            m.chunks(points * tc).enumerate().for_each(output);
+        }
+    }
+}
+
+/// Where the Winograd tiles of an image lie.
+#[derive(Debug, Clone, Copy)]
+struct TileGeom {
+    h: usize,
+    w: usize,
+    /// Outputs per tile side.
+    side: usize,
+    tiles_w: usize,
+    tiles_img: usize,
+}
+
+impl TileGeom {
+    /// (batch item, first row, first column) of the output tile numbered `g` over the batch.
+    fn tile(&self, g: usize) -> (usize, usize, usize) {
+        let (b, t) = (g / self.tiles_img, g % self.tiles_img);
+        (b, self.side * (t / self.tiles_w), self.side * (t % self.tiles_w))
+    }
+}
+
+simd_dispatch! {
+    /// U = G g Gᵀ for one output channel: `out[ξ·xi_stride + ci]` (point ξ = row·(m + 2) + column)
+    /// from the 3x3 kernels `taps` [Cin, 3, 3].
+    ///
+    /// # Safety
+    /// `out` must address every such element, and no one else access them during the call.
+    unsafe fn transform_channel(tile: WinogradTile, taps: &[f32], cin: usize, out: *mut f32, xi_stride: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match tile {
+                WinogradTile::F4x4 => transform_channel_with::<F4>(taps, cin, out, xi_stride),
+                WinogradTile::F6x6 => transform_channel_with::<F6>(taps, cin, out, xi_stride),
+            }
+        }
+    }
+}
+
+/// [`transform_channel`] for one transform, [`LANES`] input channels at a time.
+///
+/// # Safety
+/// As [`transform_channel`].
+#[inline(always)]
+unsafe fn transform_channel_with<T: Transforms>(taps: &[f32], cin: usize, out: *mut f32, xi_stride: usize) {
+    for ci0 in (0..cin).step_by(LANES) {
+        let lanes = LANES.min(cin - ci0);
+        let mut g = [[0f32; LANES]; 9];
+        for l in 0..lanes {
+            for (t, gt) in g.iter_mut().enumerate() {
+                gt[l] = taps[(ci0 + l) * 9 + t];
+            }
+        }
+        // Columns: t [ALPHA, 3] = G g; then rows: G tᵀ.
+        let mut t = [[[0f32; LANES]; 3]; MAX_ALPHA];
+        for c in 0..3 {
+            let col = T::g(&[g[c], g[3 + c], g[6 + c]]);
+            for r in 0..T::ALPHA {
+                t[r][c] = col[r];
+            }
+        }
+        for (r, tr) in t.iter().enumerate().take(T::ALPHA) {
+            for (c, val) in T::g(tr).iter().enumerate().take(T::ALPHA) {
+                // SAFETY: the caller's contract covers point r·ALPHA + c, channels ci0..ci0 + lanes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(val.as_ptr(), out.add((r * T::ALPHA + c) * xi_stride + ci0), lanes)
+                };
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// v [points, tc] = Bᵀ d B for input channel `ci` of x [B, Cin, H, W] and tiles g0..g0+n: d is the
+    /// tile's (m + 2)² input patch starting one row and column before the output tile, 0 outside the
+    /// image. Whole groups of [`LANES`] columns are written (0 past n), so tc must be a multiple of
+    /// [`LANES`].
+    fn input_transform(tile: WinogradTile, geom: &TileGeom, x: &[f32], cin: usize, ci: usize, g0: usize, n: usize, tc: usize, v: &mut [f32]) {
+        let plane = &x[ci * geom.h * geom.w..];
+        let batch_stride = cin * geom.h * geom.w;
+        match tile {
+            WinogradTile::F4x4 => input_transform_with::<F4>(geom, plane, batch_stride, g0, n, tc, v),
+            WinogradTile::F6x6 => input_transform_with::<F6>(geom, plane, batch_stride, g0, n, tc, v),
+        }
+    }
+}
+
+/// [`input_transform`] for one transform; `plane` starts at the channel's plane of batch item 0 and
+/// the next item's is `batch_stride` further.
+#[inline(always)]
+fn input_transform_with<T: Transforms>(
+    geom: &TileGeom,
+    plane: &[f32],
+    batch_stride: usize,
+    g0: usize,
+    n: usize,
+    tc: usize,
+    v: &mut [f32],
+) {
+    let (h, w) = (geom.h, geom.w);
+    // Made once: each group of tiles overwrites every patch value of its lanes (lanes past n keep
+    // the previous group's, which only reach V's unused columns).
+    let mut d = [[[0f32; LANES]; MAX_ALPHA]; MAX_ALPHA];
+    let mut t = [[[0f32; LANES]; MAX_ALPHA]; MAX_ALPHA];
+    for t0 in (0..n).step_by(LANES) {
+        let lanes = LANES.min(n - t0);
+        for l in 0..lanes {
+            let (b, y0, x0) = geom.tile(g0 + t0 + l);
+            let plane = &plane[b * batch_stride..][..h * w];
+            for (r, dr) in d.iter_mut().enumerate().take(T::ALPHA) {
+                let y = (y0 + r).wrapping_sub(1);
+                if y >= h {
+                    for dc in dr.iter_mut().take(T::ALPHA) {
+                        dc[l] = 0.0;
+                    }
+                    continue;
+                }
+                let row = &plane[y * w..][..w];
+                if x0 >= 1 && x0 + T::ALPHA - 1 <= w {
+                    // The whole patch row lies inside the image.
+                    let src = &row[x0 - 1..][..T::ALPHA];
+                    for (dc, &s) in dr.iter_mut().zip(src) {
+                        dc[l] = s;
+                    }
+                } else {
+                    for (c, dc) in dr.iter_mut().enumerate().take(T::ALPHA) {
+                        let xx = (x0 + c).wrapping_sub(1);
+                        dc[l] = if xx < w { row[xx] } else { 0.0 };
+                    }
+                }
+            }
+        }
+        // Columns: t = Bᵀ d; then rows: (Bᵀ tᵀ)ᵀ = t B.
+        for c in 0..T::ALPHA {
+            let mut col = [[0f32; LANES]; MAX_ALPHA];
+            for r in 0..T::ALPHA {
+                col[r] = d[r][c];
+            }
+            let col = T::b(&col);
+            for r in 0..T::ALPHA {
+                t[r][c] = col[r];
+            }
+        }
+        for (r, tr) in t.iter().enumerate().take(T::ALPHA) {
+            for (c, val) in T::b(tr).iter().enumerate().take(T::ALPHA) {
+                v[(r * T::ALPHA + c) * tc + t0..][..LANES].copy_from_slice(val);
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// Output channel `co` of out [B, Cout, H, W] for tiles g0..g0+n: bias + Aᵀ m A from
+    /// m [points, tc] (this channel's GEMM results, tc a multiple of [`LANES`]), clipped to the image.
+    ///
+    /// # Safety
+    /// `out` must point to a live [B, Cout, H, W] buffer whose channel `co` no one else accesses
+    /// during the call.
+    unsafe fn output_transform(tile: WinogradTile, geom: &TileGeom, out: SharedMut, cout: usize, co: usize, bias: f32, g0: usize, n: usize, tc: usize, m: &[f32]) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match tile {
+                WinogradTile::F4x4 => output_transform_with::<F4>(geom, out, cout, co, bias, g0, n, tc, m),
+                WinogradTile::F6x6 => output_transform_with::<F6>(geom, out, cout, co, bias, g0, n, tc, m),
+            }
+        }
+    }
+}
+
+/// [`output_transform`] for one transform.
+///
+/// # Safety
+/// As [`output_transform`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_transform_with<T: Transforms>(
+    geom: &TileGeom,
+    out: SharedMut,
+    cout: usize,
+    co: usize,
+    bias: f32,
+    g0: usize,
+    n: usize,
+    tc: usize,
+    m: &[f32],
+) {
+    let (h, w) = (geom.h, geom.w);
+    // Made once, overwritten by each group of tiles.
+    let mut t = [[[0f32; LANES]; MAX_ALPHA]; MAX_SIDE];
+    let mut y = [[[0f32; LANES]; MAX_SIDE]; MAX_SIDE];
+    for t0 in (0..n).step_by(LANES) {
+        let lanes = LANES.min(n - t0);
+        // Columns: t [SIDE, ALPHA] = Aᵀ m; then rows: y [SIDE, SIDE] = t A.
+        for c in 0..T::ALPHA {
+            let mut col = [[0f32; LANES]; MAX_ALPHA];
+            for (r, val) in col.iter_mut().enumerate().take(T::ALPHA) {
+                val.copy_from_slice(&m[(r * T::ALPHA + c) * tc + t0..][..LANES]);
+            }
+            let col = T::a(&col);
+            for r in 0..T::SIDE {
+                t[r][c] = col[r];
+            }
+        }
+        for (yr, tr) in y.iter_mut().zip(&t).take(T::SIDE) {
+            *yr = T::a(tr);
+        }
+        for l in 0..lanes {
+            let (b, y0, x0) = geom.tile(g0 + t0 + l);
+            let plane = (b * cout + co) * h * w;
+            for (r, yr) in y.iter().enumerate().take(T::SIDE.min(h - y0)) {
+                for (c, yc) in yr.iter().enumerate().take(T::SIDE.min(w - x0)) {
+                    // SAFETY: (y0 + r, x0 + c) lies in the H x W plane of (b, co), which the caller
+                    // reserves for this call.
+                    unsafe { *out.get().add(plane + (y0 + r) * w + x0 + c) = yc[l] + bias };
+                }
+            }
+        }
+    }
+}
