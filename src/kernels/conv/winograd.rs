@@ -377,10 +377,37 @@ struct TileGeom {
 }
 
 impl TileGeom {
-    /// (batch item, first row, first column) of the output tile numbered `g` over the batch.
-    fn tile(&self, g: usize) -> (usize, usize, usize) {
+    /// The output tiles from the one numbered `g` over the batch on, in order.
+    fn tiles_from(&self, g: usize) -> Tiles {
         let (b, t) = (g / self.tiles_img, g % self.tiles_img);
-        (b, self.side * (t / self.tiles_w), self.side * (t % self.tiles_w))
+        Tiles { geom: *self, b, row: t / self.tiles_w, column: t % self.tiles_w }
+    }
+}
+
+/// A walk over output tiles in their numbering order (row-major within each batch item), without a
+/// division per tile.
+struct Tiles {
+    geom: TileGeom,
+    b: usize,
+    row: usize,
+    column: usize,
+}
+
+impl Tiles {
+    /// (batch item, first row, first column) of the next tile.
+    fn next_tile(&mut self) -> (usize, usize, usize) {
+        let g = self.geom;
+        let tile = (self.b, g.side * self.row, g.side * self.column);
+        self.column += 1;
+        if self.column == g.tiles_w {
+            self.column = 0;
+            self.row += 1;
+            if self.row * g.tiles_w == g.tiles_img {
+                self.row = 0;
+                self.b += 1;
+            }
+        }
+        tile
     }
 }
 
@@ -466,31 +493,27 @@ fn input_transform_with<T: Transforms>(
     // the previous group's, which only reach V's unused columns).
     let mut d = [[[0f32; LANES]; MAX_ALPHA]; MAX_ALPHA];
     let mut t = [[[0f32; LANES]; MAX_ALPHA]; MAX_ALPHA];
+    let mut tiles = geom.tiles_from(g0);
     for t0 in (0..n).step_by(LANES) {
         let lanes = LANES.min(n - t0);
         for l in 0..lanes {
-            let (b, y0, x0) = geom.tile(g0 + t0 + l);
+            let (b, y0, x0) = tiles.next_tile();
             let plane = &plane[b * batch_stride..][..h * w];
-            for (r, dr) in d.iter_mut().enumerate().take(T::ALPHA) {
-                let y = (y0 + r).wrapping_sub(1);
-                if y >= h {
-                    for dc in dr.iter_mut().take(T::ALPHA) {
-                        dc[l] = 0.0;
-                    }
-                    continue;
-                }
-                let row = &plane[y * w..][..w];
-                if x0 >= 1 && x0 + T::ALPHA - 1 <= w {
-                    // The whole patch row lies inside the image.
-                    let src = &row[x0 - 1..][..T::ALPHA];
-                    for (dc, &s) in dr.iter_mut().zip(src) {
+            if y0 >= 1 && y0 + T::ALPHA - 1 <= h && x0 >= 1 && x0 + T::ALPHA - 1 <= w {
+                // The whole patch lies inside the image.
+                let patch = &plane[(y0 - 1) * w + x0 - 1..][..(T::ALPHA - 1) * w + T::ALPHA];
+                for (r, dr) in d.iter_mut().enumerate().take(T::ALPHA) {
+                    for (dc, &s) in dr.iter_mut().zip(&patch[r * w..][..T::ALPHA]) {
                         dc[l] = s;
                     }
-                } else {
-                    for (c, dc) in dr.iter_mut().enumerate().take(T::ALPHA) {
-                        let xx = (x0 + c).wrapping_sub(1);
-                        dc[l] = if xx < w { row[xx] } else { 0.0 };
-                    }
+                }
+                continue;
+            }
+            for (r, dr) in d.iter_mut().enumerate().take(T::ALPHA) {
+                let y = (y0 + r).wrapping_sub(1);
+                for (c, dc) in dr.iter_mut().enumerate().take(T::ALPHA) {
+                    let xx = (x0 + c).wrapping_sub(1);
+                    dc[l] = if y < h && xx < w { plane[y * w + xx] } else { 0.0 };
                 }
             }
         }
@@ -552,6 +575,7 @@ unsafe fn output_transform_with<T: Transforms>(
     // Made once, overwritten by each group of tiles.
     let mut t = [[[0f32; LANES]; MAX_ALPHA]; MAX_SIDE];
     let mut y = [[[0f32; LANES]; MAX_SIDE]; MAX_SIDE];
+    let mut tiles = geom.tiles_from(g0);
     for t0 in (0..n).step_by(LANES) {
         let lanes = LANES.min(n - t0);
         // Columns: t [SIDE, ALPHA] = Aᵀ m; then rows: y [SIDE, SIDE] = t A.
@@ -569,7 +593,7 @@ unsafe fn output_transform_with<T: Transforms>(
             *yr = T::a(tr);
         }
         for l in 0..lanes {
-            let (b, y0, x0) = geom.tile(g0 + t0 + l);
+            let (b, y0, x0) = tiles.next_tile();
             let plane = (b * cout + co) * h * w;
             for (r, yr) in y.iter().enumerate().take(T::SIDE.min(h - y0)) {
                 for (c, yc) in yr.iter().enumerate().take(T::SIDE.min(w - x0)) {
