@@ -243,8 +243,8 @@ pub(super) fn winograd(
     let geom = TileGeom { h: d.h, w: d.w, side, tiles_w, tiles_img };
     let out = SharedMut(out.as_mut_ptr());
     let mut u = Vec::new();
-    // A multiple of 16 tiles: the GEMMs' n, in whole AVX2 register tiles.
-    let tc = ((TASK_SCRATCH_ELEMS / (points * d.cin.max(d.cout)) + 8) / 16 * 16).max(MIN_TASK_TILES);
+    // A multiple of 32 tiles: the GEMMs' n, in whole AVX-512 register panels (see `sgemm`).
+    let tc = (TASK_SCRATCH_ELEMS / (points * d.cin.max(d.cout))).next_multiple_of(32).max(MIN_TASK_TILES);
     if blocks == 1 && tiles >= 4 * tc * rayon::current_num_threads() {
         let u = weight_transform(tile, d, weight, (0, cb), &mut u);
         let chunk = WinogradChunk { tile, d, geom, x, u, co0: 0, cb, bias, out, tc, parallel: false };
@@ -254,7 +254,7 @@ pub(super) fn winograd(
         });
         return;
     }
-    let tc = (SCRATCH_ELEMS / (points * d.cin.max(cb)) / LANES * LANES).clamp(LANES, tiles.next_multiple_of(LANES));
+    let tc = (SCRATCH_ELEMS / (points * d.cin.max(cb)) / 32 * 32).clamp(LANES, tiles.next_multiple_of(LANES));
     let (mut v, mut m) = (output_buffer(d.cin * points * tc), output_buffer(cb * points * tc));
     for co0 in (0..d.cout).step_by(cb) {
         let cbn = cb.min(d.cout - co0);
