@@ -594,14 +594,40 @@ unsafe fn output_transform_with<T: Transforms>(
         }
         for l in 0..lanes {
             let (b, y0, x0) = tiles.next_tile();
-            let plane = (b * cout + co) * h * w;
-            for (r, yr) in y.iter().enumerate().take(T::SIDE.min(h - y0)) {
-                for (c, yc) in yr.iter().enumerate().take(T::SIDE.min(w - x0)) {
-                    // SAFETY: (y0 + r, x0 + c) lies in the H x W plane of (b, co), which the caller
-                    // reserves for this call.
-                    unsafe { *out.get().add(plane + (y0 + r) * w + x0 + c) = yc[l] + bias };
+            // SAFETY: the tile's first output lies in the H x W plane of (b, co), which the caller
+            // reserves for this call, and so do the rows and columns stored from it.
+            unsafe {
+                let first = out.get().add((b * cout + co) * h * w + y0 * w + x0);
+                if y0 + T::SIDE <= h && x0 + T::SIDE <= w {
+                    // A whole tile, with constant bounds.
+                    store_tile(&y, l, bias, first, w, (T::SIDE, T::SIDE));
+                } else {
+                    // The image's last row or column of tiles may be cut.
+                    store_tile(&y, l, bias, first, w, (T::SIDE.min(h - y0), T::SIDE.min(w - x0)));
                 }
             }
+        }
+    }
+}
+
+/// Writes `rows` x `columns` outputs of lane `l` of the tile `y`, plus `bias`, from `first` on (rows
+/// `w` apart).
+///
+/// # Safety
+/// `first` must address that many rows and columns, which no one else accesses during the call.
+#[inline(always)]
+unsafe fn store_tile(
+    y: &[[Lanes; MAX_SIDE]; MAX_SIDE],
+    l: usize,
+    bias: f32,
+    first: *mut f32,
+    w: usize,
+    (rows, columns): (usize, usize),
+) {
+    for (r, yr) in y.iter().enumerate().take(rows) {
+        for (c, yc) in yr.iter().enumerate().take(columns) {
+            // SAFETY: (r, c) lies in the block the caller reserves.
+            unsafe { *first.add(r * w + c) = yc[l] + bias };
         }
     }
 }
