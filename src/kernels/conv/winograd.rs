@@ -24,6 +24,9 @@ use super::{Dims, SCRATCH_ELEMS};
 const TASK_SCRATCH_ELEMS: usize = 512 << 10;
 /// Fewest tiles per rayon task's chunk: thinner GEMMs lose more than the cache gains.
 const MIN_TASK_TILES: usize = 32;
+/// Columns of the f32 GEMM's AVX-512 register panel: chunks are whole multiples of it, so that the
+/// products take that tile (see `sgemm`).
+const PANEL_TILES: usize = 32;
 /// Upper bound (f32 elements) of the transformed weights held at once.
 const WEIGHT_SCRATCH_ELEMS: usize = 10 << 20;
 /// Most input channels for F(6x6, 3x3). On 2 threads of a Zen 4 (`cargo bench --bench kernels -- conv`)
@@ -243,8 +246,7 @@ pub(super) fn winograd(
     let geom = TileGeom { h: d.h, w: d.w, side, tiles_w, tiles_img };
     let out = SharedMut(out.as_mut_ptr());
     let mut u = Vec::new();
-    // A multiple of 32 tiles: the GEMMs' n, in whole AVX-512 register panels (see `sgemm`).
-    let tc = (TASK_SCRATCH_ELEMS / (points * d.cin.max(d.cout))).next_multiple_of(32).max(MIN_TASK_TILES);
+    let tc = (TASK_SCRATCH_ELEMS / (points * d.cin.max(d.cout))).next_multiple_of(PANEL_TILES).max(MIN_TASK_TILES);
     if blocks == 1 && tiles >= 4 * tc * rayon::current_num_threads() {
         let u = weight_transform(tile, d, weight, (0, cb), &mut u);
         let chunk = WinogradChunk { tile, d, geom, x, u, co0: 0, cb, bias, out, tc, parallel: false };
@@ -254,7 +256,8 @@ pub(super) fn winograd(
         });
         return;
     }
-    let tc = (SCRATCH_ELEMS / (points * d.cin.max(cb)) / 32 * 32).clamp(LANES, tiles.next_multiple_of(LANES));
+    let tc = (SCRATCH_ELEMS / (points * d.cin.max(cb)) / PANEL_TILES * PANEL_TILES)
+        .clamp(LANES, tiles.next_multiple_of(LANES));
     let (mut v, mut m) = (output_buffer(d.cin * points * tc), output_buffer(cb * points * tc));
     for co0 in (0..d.cout).step_by(cb) {
         let cbn = cb.min(d.cout - co0);
