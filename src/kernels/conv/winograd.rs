@@ -58,17 +58,21 @@ impl WinogradTile {
         }
     }
 
-    /// Outputs per tile side (m).
+    /// Outputs per tile side (m), as its [`Transforms`] define it.
     fn side(self) -> usize {
         match self {
-            Self::F4x4 => 4,
-            Self::F6x6 => 6,
+            Self::F4x4 => F4::SIDE,
+            Self::F6x6 => F6::SIDE,
         }
     }
 
     /// Points of the transform domain per tile, (m + 2)².
     fn points(self) -> usize {
-        (self.side() + 2) * (self.side() + 2)
+        let alpha = match self {
+            Self::F4x4 => F4::ALPHA,
+            Self::F6x6 => F6::ALPHA,
+        };
+        alpha * alpha
     }
 }
 
