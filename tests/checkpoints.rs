@@ -157,9 +157,11 @@ fn half_precision_compute_stays_close_to_f32() {
     // On the CPU, f16/bf16 keep Linear and Conv2d weights in half precision and activations in f32 (see
     // `diffctl::io::weights::precision`). f16 and, on CPUs without AVX512-BF16, bf16 widen the weights:
     // the error is that of rounding them. Measured: f16 2.6e-3 / 5.6e-3, bf16 3.0e-2 / 7.2e-2 (sd1 / sd2).
-    // With AVX512-BF16, bf16 linear layers, 1x1/im2col convolutions and attention multiply on bf16 dot
-    // products, their inputs rounded to bf16 as well (Winograd convolutions stay f32 products):
-    // 5.5e-2 / 7.5e-2.
+    // With AVX512-BF16, bf16 linear layers, 1x1/im2col/Winograd F(2x2) convolutions and attention
+    // multiply on bf16 dot products, their inputs rounded to bf16 as well (Winograd F(4x4) and F(6x6)
+    // stay f32 products): 3.8e-2 / 1.06e-1. diffusers' own bf16 pipeline lands 5.9e-2 / 1.74e-1 from
+    // its f32 fixtures on the same cases (tools/fixtures/bf16_reference_error.py); the bounds below
+    // stay under those.
     let sd1_bf16 = load(SD1, None, DType::BF16);
     for layer in ["unet.conv_in", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] {
         let weight = sd1_bf16.layers.get(layer).unwrap().weight();
@@ -168,8 +170,8 @@ fn half_precision_compute_stays_close_to_f32() {
     assert_cases("sd1 f16 compute", &load(SD1, None, DType::F16), SD1, Bound::PerGuidance(1e-2));
     assert_cases("sd2 f16 compute", &load(SD2, None, DType::F16), SD2, Bound::PerGuidance(1e-2));
     // bf16 keeps 8 mantissa bits: about 2e-3 relative per weight and per rounded input.
-    assert_cases("sd1 bf16 compute", &sd1_bf16, SD1, Bound::PerGuidance(0.1));
-    assert_cases("sd2 bf16 compute", &load(SD2, None, DType::BF16), SD2, Bound::PerGuidance(0.1));
+    assert_cases("sd1 bf16 compute", &sd1_bf16, SD1, Bound::PerGuidance(5.5e-2));
+    assert_cases("sd2 bf16 compute", &load(SD2, None, DType::BF16), SD2, Bound::PerGuidance(0.15));
 }
 
 fn diffctl(args: &[&str]) -> std::process::Output {

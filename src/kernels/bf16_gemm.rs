@@ -156,6 +156,15 @@ impl PackedLhs {
         });
     }
 
+    /// The tiles of a [rows, depth] operand, for a producer that writes them itself: tile t holds the
+    /// pair of depths pp of rows t·MR.. at `[(t·⌈depth/2⌉ + pp)·MR ..][..MR]` (each lane from
+    /// [`pair`]), rows past `rows` zero.
+    pub fn tiles_mut(&mut self, rows: usize, depth: usize) -> &mut [u32] {
+        self.data.resize(rows.div_ceil(MR) * depth.div_ceil(2) * MR, 0);
+        (self.rows, self.depth) = (rows, depth);
+        &mut self.data
+    }
+
     /// The packed rows i0.. (a multiple of [`MR`]) from depth p0 (even): [kc/2][MR] pairs per tile,
     /// tiles `stride` pairs apart.
     fn tiles(&self, i0: usize, p0: usize) -> (*const u32, usize) {

@@ -7,7 +7,8 @@
 //!   W [Cout, Cin·k·k] @ columns written straight into the NCHW output.
 //! - Winograd F(4x4, 3x3) or F(6x6, 3x3) ([`winograd`]) for the large 3x3 stride-1 pad-1
 //!   convolutions: one GEMM [Cout, Cin] @ [Cin, tiles] per point of the transform, 4x–5x less
-//!   arithmetic than direct convolution.
+//!   arithmetic than direct convolution; for bf16 weights on smaller images F(2x2, 3x3) on bf16
+//!   products (2.25x less arithmetic at twice the rate).
 //!
 //! Scratch is bounded (tens of MB at most) and reused within a call; nothing is cached between calls.
 //! Other devices use candle's `conv2d`; f16/bf16 inputs are computed in f32 and rounded back.
@@ -36,10 +37,15 @@ pub enum ConvPath {
 /// Smallest number of 4x4 output tiles (over the whole batch) for which Winograd beats im2col,
 /// measured with `cargo bench --bench kernels -- conv` (2 threads, Zen 3).
 const WINOGRAD_MIN_TILES: usize = 32;
-/// The same for bf16 weights on bf16 dot products: im2col then runs twice as fast, while Winograd
-/// keeps f32 products (2 threads, Zen 4: the UNet's 16x16 layers, 32 tiles, take half the time on
-/// im2col, its 32x32 ones, 128 tiles, three quarters on Winograd).
-const WINOGRAD_MIN_TILES_BF16: usize = 128;
+/// The same for bf16 weights on bf16 dot products, against F(2x2, 3x3) on bf16 products (2 threads,
+/// Zen 4, `examples`-style probes of single convolutions): on the UNet's 32x32 layers (batch 2, 128
+/// tiles) F(2x2) took 0.65–0.75 of F(4x4)'s time; at 64x64 (batch 1 and 2, 256 and 512 tiles) the
+/// two tied, and on the VAE's 128-channel 512x512 layer F(2x2) was 1.4x slower than F(6x6).
+const WINOGRAD_MIN_TILES_BF16: usize = 256;
+/// Smallest number of 2x2 output tiles (over the batch) for F(2x2, 3x3) on bf16 products, where
+/// F(4x4) would have too few: at 32 (the UNet's 8x8 layers, batch 2) it took 0.63 of bf16 im2col's
+/// time, at 128 (16x16) 0.7.
+const WINOGRAD_F2X2_MIN_TILES: usize = 32;
 /// Smallest input channel count for Winograd: below it the GEMMs are too thin to pay for the transforms.
 const WINOGRAD_MIN_CIN: usize = 16;
 /// Upper bound (f32 elements) of one scratch buffer: im2col columns, transformed input or GEMM output.
@@ -59,15 +65,15 @@ pub fn cpu_path(
     bf16_products: bool,
 ) -> ConvPath {
     let min_tiles = if bf16_products { WINOGRAD_MIN_TILES_BF16 } else { WINOGRAD_MIN_TILES };
+    let tiles = |side: usize| b * h.div_ceil(side) * w.div_ceil(side);
     if k == 1 && stride == 1 && padding == 0 {
         ConvPath::Pointwise
-    } else if k == 3
-        && stride == 1
-        && padding == 1
-        && cin >= WINOGRAD_MIN_CIN
-        && b * h.div_ceil(4) * w.div_ceil(4) >= min_tiles
-    {
+    } else if k != 3 || stride != 1 || padding != 1 || cin < WINOGRAD_MIN_CIN {
+        ConvPath::Im2col
+    } else if tiles(4) >= min_tiles {
         ConvPath::Winograd(WinogradTile::for_image(h, w, cin))
+    } else if bf16_products && tiles(2) >= WINOGRAD_F2X2_MIN_TILES {
+        ConvPath::Winograd(WinogradTile::F2x2)
     } else {
         ConvPath::Im2col
     }
@@ -394,10 +400,51 @@ mod tests {
         }
     }
 
-    /// bf16 weights with f32 inputs on every path: 1x1 and im2col on bf16 dot products where the CPU
-    /// has them (the inputs rounded to bf16 as well), else the weights widened; Winograd always on f32
-    /// products (see [`weight_transform`]). Error relative to max |out| against candle's f32
-    /// convolution of the same weights: measured ≤ 1.3e-3 direct, ≤ 1.4e-5 Winograd. Bound: 5e-3.
+    /// F(2x2, 3x3)'s transforms on f32 products, which no weight dtype picks (bf16 weights take it
+    /// with bf16 products), so that they are checked without bf16 rounding: cut tiles, bias.
+    #[test]
+    fn winograd_f2x2_transforms_match_candle() {
+        let dev = Device::Cpu;
+        let (b, cin, h, w, cout) = (2, 20, 11, 14, 12);
+        let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+        let weight = Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+        let plain = x.conv2d(&weight, 1, 1, 1, 1).unwrap().broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap());
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = Dims { b, cin, h, w, cout, k: 3, stride: 1, padding: 1, ho: h, wo: w };
+        let mut out = vec![0f32; b * cout * h * w];
+        let (x, weight, bias) = (flat(&x), flat(&weight), flat(&bias));
+        winograd::winograd(WinogradTile::F2x2, &d, &x, LayerWeight::F32(&weight), Some(&bias), &mut out);
+        let expected = flat(&plain.unwrap());
+        let top = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = out.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / top;
+        assert!(err < 5e-5, "{err}");
+    }
+
+    /// F(2x2, 3x3) on bf16 products where F(4x4) has too few tiles: odd channel counts and image
+    /// sides (cut tiles), blocks of output channels that end in a partial register tile, and two
+    /// chunks of tiles (the second not a whole group of lanes). Error relative to max |out| against
+    /// candle's f32 convolution of the same weights: measured 2.2e-3–3.5e-3, about twice bf16 im2col's.
+    /// Bound: 1e-2.
+    #[test]
+    fn winograd_f2x2_bf16_matches_candle() {
+        if !bf16_gemm::available() {
+            eprintln!("skipped: this CPU has no bf16 dot product, so F(2x2, 3x3) is never chosen");
+            return;
+        }
+        for dims in [(2, 64, 16, 16, 72), (1, 33, 15, 13, 20), (2, 16, 8, 8, 8), (1, 1100, 44, 44, 24)] {
+            let (b, cin, h, w, cout) = dims;
+            assert_eq!(cpu_path(b, cin, h, w, 3, 1, 1, true), ConvPath::Winograd(WinogradTile::F2x2), "{dims:?}");
+            let err = rel_err_with((b, cin, h, w, cout, 3, 1, 1), DType::BF16);
+            assert!(err < 1e-2, "{dims:?}: {err}");
+        }
+    }
+
+    /// bf16 weights with f32 inputs on every path: 1x1, im2col and Winograd F(2x2) on bf16 dot
+    /// products where the CPU has them (the inputs rounded to bf16 as well), else the weights
+    /// widened; Winograd F(4x4) and F(6x6) always on f32 products. Error relative to max |out|
+    /// against candle's f32 convolution of the same weights: measured ≤ 1.3e-3 direct, ≤ 3.5e-3
+    /// F(2x2), ≤ 1.4e-5 F(4x4). Bound: 5e-3.
     #[test]
     fn bf16_weights_on_every_path() {
         for dims in [
@@ -407,8 +454,8 @@ mod tests {
             (1, 320, 4, 4, 64, 3, 1, 1),
             (1, 320, 32, 32, 64, 3, 1, 1),
             (2, 32, 29, 27, 24, 3, 1, 1),
-            // Winograd for bf16 weights too (≥ 128 tiles).
-            (2, 32, 40, 44, 16, 3, 1, 1),
+            // F(4x4) Winograd for bf16 weights too (≥ 256 tiles).
+            (2, 32, 64, 60, 16, 3, 1, 1),
         ] {
             let (b, cin, h, w, _, k, s, p) = dims;
             let err = rel_err_with(dims, DType::BF16);

@@ -172,16 +172,24 @@ pub(crate) unsafe fn store_corner(
 }
 
 /// A raw output pointer shared by rayon tasks that write disjoint elements.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SharedMut(pub(crate) *mut f32);
+#[derive(Debug)]
+pub(crate) struct SharedMut<T = f32>(pub(crate) *mut T);
 // SAFETY: only used where every task writes elements no other task touches (see the users).
-unsafe impl Send for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
-impl SharedMut {
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

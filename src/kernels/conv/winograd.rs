@@ -1,19 +1,26 @@
-//! Winograd convolution (Lavin & Gray) for 3x3 stride-1 pad-1 convolutions on [`sgemm`]: F(4x4, 3x3)
-//! (points 0, ±1, ±2, ∞; 36 multiplies per 4x4 output tile instead of 144, 4x less arithmetic than
-//! direct convolution) or F(6x6, 3x3) (points 0, ±1, ±2, ±½, ∞; 64 per 6x6 tile instead of 324,
-//! 5.06x less) for inputs of few channels and images large enough that its 6x6 tiles overhang the
-//! edges little ([`WinogradTile::for_image`]).
+//! Winograd convolution (Lavin & Gray) for 3x3 stride-1 pad-1 convolutions: F(4x4, 3x3) (points 0,
+//! ±1, ±2, ∞; 36 multiplies per 4x4 output tile instead of 144, 4x less arithmetic than direct
+//! convolution) or F(6x6, 3x3) (points 0, ±1, ±2, ±½, ∞; 64 per 6x6 tile instead of 324, 5.06x
+//! less) for inputs of few channels and images large enough that its 6x6 tiles overhang the edges
+//! little ([`WinogradTile::for_image`]), both on [`sgemm`]; and F(2x2, 3x3) (points 0, ±1, ∞; 16
+//! per 2x2 tile instead of 36, 2.25x less) on [`bf16_gemm`] for bf16 weights.
 //!
 //! The output tiles, numbered over the whole batch, go in chunks; for each chunk the input patches
 //! are transformed to V [Cin, points, chunk], one GEMM per point multiplies the transformed weights
 //! U [points, Cout, Cin] with V, and the output transform writes the tiles. U is made once per call
-//! (per block of output channels when it is large). bf16 weights are widened and their U kept in f32
-//! for f32 products: with bf16 products (inputs and U rounded to bf16) F(4x4, 3x3)'s transforms
-//! amplified the rounding to 5e-2 of max |out|, against 1.5e-3 for a bf16 direct convolution.
+//! (per block of output channels when it is large).
+//!
+//! Products in bf16 (V and U rounded to bf16, f32 sums) suit only F(2x2, 3x3), whose transforms add
+//! and subtract: its error is 1.7x a bf16 direct convolution's (3.9e-3 against 2.4e-3 of the output's
+//! RMS, 256 channels). F(4x4, 3x3)'s transforms amplified the rounding to 5e-2 of max |out|, so F(4x4)
+//! and F(6x6) widen bf16 weights and keep U and the products in f32.
+
+use std::cell::RefCell;
 
 use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 
+use super::super::bf16_gemm::{self, Lhs, MR, PackedLhs, PackedRhs, Rhs};
 use super::super::math::simd_dispatch;
 use super::super::sgemm::{self, MatRef};
 use super::super::{LayerWeight, SharedMut, Start, output_buffer};
@@ -39,6 +46,8 @@ const MAX_F6X6_CHANNELS: usize = 256;
 /// (m + 2) x (m + 2) input patch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WinogradTile {
+    /// F(2x2, 3x3): 16 points; products on bf16 dot products for bf16 weights.
+    F2x2,
     /// F(4x4, 3x3): 36 points.
     F4x4,
     /// F(6x6, 3x3): 64 points.
@@ -61,6 +70,7 @@ impl WinogradTile {
     /// Outputs per tile side (m), as its [`Transforms`] define it.
     fn side(self) -> usize {
         match self {
+            Self::F2x2 => F2::SIDE,
             Self::F4x4 => F4::SIDE,
             Self::F6x6 => F6::SIDE,
         }
@@ -69,6 +79,7 @@ impl WinogradTile {
     /// Points of the transform domain per tile, (m + 2)².
     fn points(self) -> usize {
         let alpha = match self {
+            Self::F2x2 => F2::ALPHA,
             Self::F4x4 => F4::ALPHA,
             Self::F6x6 => F6::ALPHA,
         };
@@ -98,6 +109,50 @@ trait Transforms {
     fn b(d: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_ALPHA];
     /// Aᵀ m: SIDE outputs from ALPHA products.
     fn a(m: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_SIDE];
+}
+
+/// F(2, 3) with points 0, ±1, ∞.
+struct F2;
+
+impl Transforms for F2 {
+    const SIDE: usize = 2;
+
+    #[inline(always)]
+    fn g(g: &[Lanes; 3]) -> [Lanes; MAX_ALPHA] {
+        let mut o = [[0f32; LANES]; MAX_ALPHA];
+        for l in 0..LANES {
+            let [g0, g1, g2] = [g[0][l], g[1][l], g[2][l]];
+            o[0][l] = g0;
+            o[1][l] = 0.5 * (g0 + g1 + g2);
+            o[2][l] = 0.5 * (g0 - g1 + g2);
+            o[3][l] = g2;
+        }
+        o
+    }
+
+    #[inline(always)]
+    fn b(d: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_ALPHA] {
+        let mut o = [[0f32; LANES]; MAX_ALPHA];
+        for l in 0..LANES {
+            let [d0, d1, d2, d3] = [d[0][l], d[1][l], d[2][l], d[3][l]];
+            o[0][l] = d0 - d2;
+            o[1][l] = d1 + d2;
+            o[2][l] = d2 - d1;
+            o[3][l] = d1 - d3;
+        }
+        o
+    }
+
+    #[inline(always)]
+    fn a(m: &[Lanes; MAX_ALPHA]) -> [Lanes; MAX_SIDE] {
+        let mut o = [[0f32; LANES]; MAX_SIDE];
+        for l in 0..LANES {
+            let [m0, m1, m2, m3] = [m[0][l], m[1][l], m[2][l], m[3][l]];
+            o[0][l] = m0 + m1 + m2;
+            o[1][l] = m1 - m2 - m3;
+        }
+        o
+    }
 }
 
 /// F(4, 3) with points 0, ±1, ±2, ∞.
@@ -241,6 +296,9 @@ pub(super) fn winograd(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    if let (WinogradTile::F2x2, LayerWeight::Bf16(weight)) = (tile, weight) {
+        return winograd_bf16(d, x, weight, bias, out);
+    }
     let (side, points) = (tile.side(), tile.points());
     let tiles_w = d.w.div_ceil(side);
     let tiles_img = d.h.div_ceil(side) * tiles_w;
@@ -271,6 +329,214 @@ pub(super) fn winograd(
             chunk.run(g0, tc.min(tiles - g0), &mut v, &mut m);
         }
     }
+}
+
+/// Output channels per rayon task of [`winograd_bf16`]: the task's U (16 x 64 x Cin bf16, 2.6 MB at
+/// 1280 channels) and M are made and used on one core.
+const BF16_BLOCK_CHANNELS: usize = 64;
+/// Upper bound (bf16 elements) of the packed V of one chunk of tiles in [`winograd_bf16`].
+const BF16_V_ELEMS: usize = 8 << 20;
+
+thread_local! {
+    /// Each thread's buffers for the channel blocks of [`winograd_bf16`], kept across blocks and calls.
+    static BLOCK_SCRATCH: RefCell<BlockScratch> = RefCell::new(BlockScratch::default());
+}
+
+/// A thread's buffers in [`winograd_bf16`].
+#[derive(Default)]
+struct BlockScratch {
+    /// U of the block: one packed left operand [cb, Cin] per point.
+    u: Vec<PackedLhs>,
+    /// M [cb, points, tc].
+    m: Vec<f32>,
+}
+
+/// F(2x2, 3x3) with bf16 products for a bf16 `weight` [Cout, Cin, 3, 3] (bit patterns). Per chunk of
+/// tiles, V is transformed and packed in bf16 once for all threads (a task per pair of input
+/// channels); then each rayon task takes [`BF16_BLOCK_CHANNELS`] output channels through U = G g Gᵀ
+/// (packed in bf16 as it is made), the 16 point products and the output transform, so that U never
+/// leaves the core.
+fn winograd_bf16(d: &Dims, x: &[f32], weight: &[u16], bias: Option<&[f32]>, out: &mut [f32]) {
+    const { assert!(MR == LANES) };
+    let tile = WinogradTile::F2x2;
+    let (side, points, nr) = (tile.side(), tile.points(), bf16_gemm::NR);
+    let tiles_w = d.w.div_ceil(side);
+    let tiles_img = d.h.div_ceil(side) * tiles_w;
+    let tiles = d.b * tiles_img;
+    let geom = TileGeom { h: d.h, w: d.w, side, tiles_w, tiles_img };
+    let out = SharedMut(out.as_mut_ptr());
+    let pairs = d.cin.div_ceil(2);
+    // Tiles per chunk: whole register panels, as many as the bound on V allows.
+    let tc = (BF16_V_ELEMS / (points * 2 * pairs) / nr * nr).clamp(nr, tiles.next_multiple_of(nr));
+    let mut v: Vec<PackedRhs> = (0..points).map(|_| PackedRhs::default()).collect();
+    for g0 in (0..tiles).step_by(tc) {
+        let n = tc.min(tiles - g0);
+        let panels: Vec<SharedMut<u32>> =
+            v.iter_mut().map(|p| SharedMut(p.panels_mut(d.cin, n).as_mut_ptr())).collect();
+        (0..pairs).into_par_iter().for_each_init(
+            || output_buffer(2 * points * tc),
+            |pair_v, pp| {
+                for (half, vh) in pair_v.chunks_mut(points * tc).enumerate() {
+                    let ci = 2 * pp + half;
+                    if ci < d.cin {
+                        input_transform(tile, &geom, x, d.cin, ci, g0, n, tc, vh);
+                    } else {
+                        vh.fill(0.0);
+                    }
+                }
+                // SAFETY: pair pp of every point's panels is this task's alone; `panels` address
+                // ⌈n/NR⌉ panels of `pairs` pairs each (`panels_mut`).
+                unsafe { pack_input_pair(pair_v, points, tc, n, pairs, pp, &panels) };
+            },
+        );
+        let v = &v;
+        let blocks = d.cout.div_ceil(BF16_BLOCK_CHANNELS);
+        (0..blocks).into_par_iter().for_each(|blk| {
+            BLOCK_SCRATCH.with_borrow_mut(|s| {
+                let co0 = blk * BF16_BLOCK_CHANNELS;
+                let cb = BF16_BLOCK_CHANNELS.min(d.cout - co0);
+                s.u.resize_with(points, PackedLhs::default);
+                let mut u: Vec<&mut [u32]> = s.u.iter_mut().map(|p| p.tiles_mut(cb, d.cin)).collect();
+                let taps = &weight[co0 * d.cin * 9..][..cb * d.cin * 9];
+                for (t, rows) in taps.chunks(MR * d.cin * 9).enumerate() {
+                    // SAFETY: a bf16 weight means the CPU has AVX512-BF16.
+                    unsafe { transform_weight_tile(rows, d.cin, t * pairs * MR, &mut u) };
+                }
+                if s.m.len() < cb * points * tc {
+                    s.m = output_buffer(cb * points * tc);
+                }
+                let m = &mut s.m[..cb * points * tc];
+                for (xi, (u, v)) in s.u.iter().zip(v).enumerate() {
+                    // SAFETY: point ξ writes M[:, ξ, :n] of this task's M [cb, points, tc]; U [cb, Cin]
+                    // and V [Cin, n] are packed with those sizes; the CPU has AVX512-BF16 (a bf16 weight).
+                    unsafe {
+                        let dst = m[xi * tc..].as_mut_ptr();
+                        bf16_gemm::matmul(
+                            (cb, n, d.cin),
+                            dst,
+                            points * tc,
+                            Start::Zero,
+                            Lhs::Packed(u),
+                            Rhs::Packed(v),
+                            1.0,
+                            false,
+                        )
+                    };
+                }
+                // The output transform reads whole groups of LANES columns; the products write the first n.
+                if !n.is_multiple_of(LANES) {
+                    for row in m.chunks_mut(tc) {
+                        row[n..n.next_multiple_of(LANES)].fill(0.0);
+                    }
+                }
+                for (j, mc) in m.chunks(points * tc).enumerate() {
+                    let co = co0 + j;
+                    let bias = bias.map_or(0.0, |b| b[co]);
+                    // SAFETY: this writes only the tiles g0..g0 + n of output channel `co`, which no other
+                    // task writes, and `out` outlives the call.
+                    unsafe { output_transform(tile, &geom, out, d.cout, co, bias, g0, n, tc, mc) };
+                }
+            })
+        });
+    }
+}
+
+simd_dispatch! {
+    /// Writes the transformed input of channels 2pp and 2pp + 1 (`pair_v` [2, points, tc], columns
+    /// past n ignored) into pair pp of each point's packed V (`panels[ξ]`, see
+    /// [`PackedRhs::panels_mut`]), as bf16 pairs; columns past n zero.
+    ///
+    /// # Safety
+    /// Each `panels[ξ]` must address ⌈n/NR⌉ panels of `pairs` pairs, whose pair pp no one else
+    /// accesses during the call.
+    unsafe fn pack_input_pair(pair_v: &[f32], points: usize, tc: usize, n: usize, pairs: usize, pp: usize, panels: &[SharedMut<u32>]) {
+        let nr = bf16_gemm::NR;
+        let (lo, hi) = pair_v.split_at(points * tc);
+        for (xi, panel) in panels.iter().enumerate() {
+            let (lo, hi) = (&lo[xi * tc..][..tc], &hi[xi * tc..][..tc]);
+            for q in 0..n.div_ceil(nr) {
+                let cols = nr.min(n - q * nr);
+                // SAFETY: lanes pp of panel q (the caller's contract).
+                let dst = unsafe { std::slice::from_raw_parts_mut(panel.get().add((q * pairs + pp) * nr), nr) };
+                for (j, o) in dst.iter_mut().enumerate() {
+                    let c = q * nr + j;
+                    *o = if j < cols { bf16_gemm::pair(lo[c], hi[c]) } else { 0 };
+                }
+            }
+        }
+    }
+}
+
+/// U = G g Gᵀ of F(2x2, 3x3) for up to [`MR`] output channels (`taps` [rows, Cin, 3, 3], bf16 bit
+/// patterns), written as bf16 pairs into each point's packed U (`u[ξ]`, see
+/// [`PackedLhs::tiles_mut`]) at the tile starting at lane `offset`; rows past `rows` zero.
+///
+/// The 16 lanes of a register hold the kernels of output channel r and input channel 2pp + h at
+/// lane 2r + h, so that each point's lanes round to one row of pairs of its tile. Each kernel's
+/// taps come in five 32-bit gathers (two bf16 taps each, widened by a shift or a mask).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16 (the bf16 path's condition, [`bf16_gemm::available`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn transform_weight_tile(taps: &[u16], cin: usize, offset: usize, u: &mut [&mut [u32]]) {
+    use std::arch::x86_64::*;
+    let rows = taps.len() / (cin * 9);
+    let pairs = cin.div_ceil(2);
+    assert!(
+        rows <= MR
+            && rows * cin * 9 == taps.len()
+            && u.len() == F2::ALPHA * F2::ALPHA
+            && u.iter().all(|t| t.len() >= offset + pairs * MR)
+    );
+    let lane_row = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    let lane_half = _mm512_set_epi32(1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+    // Each lane's kernel, in bf16 elements from the pair's first kernel of row 0.
+    let kernel = _mm512_add_epi32(
+        _mm512_mullo_epi32(lane_row, _mm512_set1_epi32((cin * 9) as i32)),
+        _mm512_mullo_epi32(lane_half, _mm512_set1_epi32(9)),
+    );
+    let row_lanes = ((1u32 << (2 * rows)) - 1) as __mmask16;
+    let (half, high_bits) = (_mm512_set1_ps(0.5), _mm512_set1_epi32(0xffff_0000u32 as i32));
+    // G applied to one column or row of three: (a, (a + b + c)/2, (a − b + c)/2, c).
+    let g3 = |a: __m512, b: __m512, c: __m512| {
+        let s = _mm512_add_ps(a, c);
+        [a, _mm512_mul_ps(_mm512_add_ps(s, b), half), _mm512_mul_ps(_mm512_sub_ps(s, b), half), c]
+    };
+    for pp in 0..pairs {
+        // An odd channel count leaves the last pair's second channel empty.
+        let mask = if 2 * pp + 1 < cin { row_lanes } else { row_lanes & 0x5555 };
+        // SAFETY: taps 0..9 of the masked lanes' kernels lie inside `taps` (rows < `rows`, channels
+        // < cin); each 32-bit read covers taps t and t + 1 ≤ 8 of one kernel.
+        let gather = |t: i32| unsafe {
+            let index = _mm512_add_epi32(kernel, _mm512_set1_epi32(t));
+            _mm512_mask_i32gather_epi32::<2>(_mm512_setzero_si512(), mask, index, taps.as_ptr().add(2 * pp * 9).cast())
+        };
+        let low = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+        let high = |v: __m512i| _mm512_castsi512_ps(_mm512_and_si512(v, high_bits));
+        let [g01, g23, g45, g67, g78] = [0, 2, 4, 6, 7].map(gather);
+        let g = [low(g01), high(g01), low(g23), high(g23), low(g45), high(g45), low(g67), high(g67), high(g78)];
+        // Columns: t[c] = G g[:, c]; then rows: U[r] = G t[:, r].
+        let t = [0, 1, 2].map(|c| g3(g[c], g[3 + c], g[6 + c]));
+        for r in 0..F2::ALPHA {
+            for (c, value) in g3(t[0][r], t[1][r], t[2][r]).into_iter().enumerate() {
+                let dst = &mut u[r * F2::ALPHA + c][offset + pp * MR..][..MR];
+                // SAFETY: dst holds MR lanes of 32 bits, 32 bytes for the 16 bf16 values.
+                unsafe {
+                    _mm256_storeu_si256(
+                        dst.as_mut_ptr().cast(),
+                        std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(value)),
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// Stand-in for targets other than x86-64, which have no bf16 path.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transform_weight_tile(_: &[u16], _: usize, _: usize, _: &mut [&mut [u32]]) {
+    unreachable!("bf16 products run only on x86-64")
 }
 
 /// U [points, cb, Cin] = G g Gᵀ for the output channels co0..co0 + cb, made in `u` (which keeps its
@@ -428,6 +694,7 @@ simd_dispatch! {
         // SAFETY: forwarded from the caller.
         unsafe {
             match tile {
+                WinogradTile::F2x2 => transform_channel_with::<F2>(taps, cin, out, xi_stride),
                 WinogradTile::F4x4 => transform_channel_with::<F4>(taps, cin, out, xi_stride),
                 WinogradTile::F6x6 => transform_channel_with::<F6>(taps, cin, out, xi_stride),
             }
@@ -477,6 +744,7 @@ simd_dispatch! {
         let plane = &x[ci * geom.h * geom.w..];
         let batch_stride = cin * geom.h * geom.w;
         match tile {
+            WinogradTile::F2x2 => input_transform_with::<F2>(geom, plane, batch_stride, g0, n, tc, v),
             WinogradTile::F4x4 => input_transform_with::<F4>(geom, plane, batch_stride, g0, n, tc, v),
             WinogradTile::F6x6 => input_transform_with::<F6>(geom, plane, batch_stride, g0, n, tc, v),
         }
@@ -554,6 +822,7 @@ simd_dispatch! {
         // SAFETY: forwarded from the caller.
         unsafe {
             match tile {
+                WinogradTile::F2x2 => output_transform_with::<F2>(geom, out, cout, co, bias, g0, n, tc, m),
                 WinogradTile::F4x4 => output_transform_with::<F4>(geom, out, cout, co, bias, g0, n, tc, m),
                 WinogradTile::F6x6 => output_transform_with::<F6>(geom, out, cout, co, bias, g0, n, tc, m),
             }
