@@ -440,7 +440,7 @@ unsafe fn pack_lhs_tile(lhs: Operand, rows: usize, kc: usize, out: &mut [u32]) {
             // registers; the depths left over go below.
             let blocks = kc / 16;
             // SAFETY: 16·blocks ≤ kc depths of the MR rows (the caller's contract); AVX512-BF16 checked.
-            unsafe { transpose_rows_8(lhs, blocks, out) };
+            unsafe { transpose_rows_8(lhs, blocks, out, MR) };
             // SAFETY: the rest of the rows, from depth 16·blocks.
             return unsafe { pack_lhs_rows(lhs, rows, kc, 8 * blocks, out) };
         }
@@ -488,18 +488,20 @@ unsafe fn pack_lhs_rows(lhs: Operand, rows: usize, kc: usize, first: usize, out:
     }
 }
 
-/// Packs depths 0..16·blocks of the [`MR`] = 8 rows of `lhs` (contiguous depths, f32 or bf16) into
-/// `out` [pairs][8]: per block, each row's 8 pairs in one register, the 8x8 block transposed.
+/// Packs depths 0..16·blocks of 8 rows of `lhs` (contiguous depths, f32 or bf16) as pairs: pair pp
+/// of row i at `out[pp·stride + i]` (a left tile [pairs][8] with stride [`MR`], or 8 columns of a
+/// right panel with stride [`NR`]). Per block, each row's 8 pairs in one register, the 8x8 block
+/// transposed.
 ///
 /// # Safety
 /// The CPU must have AVX512-BF16; `lhs` must address 8 rows of 16·blocks elements with unit column
-/// stride; `out` must hold 8·8·blocks lanes.
+/// stride; stride ≥ 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn transpose_rows_8(lhs: Operand, blocks: usize, out: &mut [u32]) {
+unsafe fn transpose_rows_8(lhs: Operand, blocks: usize, out: &mut [u32], stride: usize) {
     use std::arch::x86_64::*;
     const { assert!(MR == 8) };
-    assert!(out.len() >= 64 * blocks);
+    assert!(stride >= 8 && (blocks == 0 || out.len() >= (8 * blocks - 1) * stride + 8));
     for blk in 0..blocks {
         let p0 = 16 * blk;
         let mut r = [_mm256_setzero_si256(); 8];
@@ -518,7 +520,7 @@ unsafe fn transpose_rows_8(lhs: Operand, blocks: usize, out: &mut [u32]) {
         let columns = super::sgemm::transpose_8x8(r.map(|ri| _mm256_castsi256_ps(ri))).map(|c| _mm256_castps_si256(c));
         for (j, c) in columns.into_iter().enumerate() {
             // SAFETY: pair 8·blk + j's MR lanes lie inside out (checked above).
-            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add((8 * blk + j) * MR) as *mut __m256i, c) };
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add((8 * blk + j) * stride) as *mut __m256i, c) };
         }
     }
 }
@@ -555,14 +557,26 @@ unsafe fn pack_rhs(rhs: Operand, kc: usize, nc: usize, out: &mut [u32]) {
                 }
             }
             Elements::Bf16(p) if block.row_stride == 1 => {
-                // Depth runs along memory: each column's pairs are contiguous.
-                for j in 0..NR {
-                    let lane = panel[j..].iter_mut().step_by(NR);
+                // Depth runs along memory: each column's pairs are contiguous. Whole panels go 8
+                // columns at a time through register transposes, 8 pairs at a time; the rest below.
+                let first = if cols == NR && available() { 8 * (kc / 16) } else { 0 };
+                if first > 0 {
+                    for j0 in (0..NR).step_by(8) {
+                        // The 8 columns as rows of contiguous depths.
+                        let columns = Operand::bf16_rows(p.wrapping_add(j0 * block.col_stride), block.col_stride);
+                        // SAFETY: columns j0..j0 + 8 < cols, depths 0..kc of the block; AVX512-BF16
+                        // checked.
+                        unsafe { transpose_rows_8(columns, kc / 16, &mut panel[j0..], NR) };
+                    }
+                }
+                let rest = &mut panel[first * NR..];
+                for j in 0..NR.min(rest.len()) {
+                    let lane = rest[j..].iter_mut().step_by(NR);
                     if j >= cols {
                         lane.for_each(|o| *o = 0);
                         continue;
                     }
-                    for (pp, o) in lane.enumerate() {
+                    for (pp, o) in lane.enumerate().map(|(pp, o)| (first + pp, o)) {
                         // SAFETY: column j's depths 2pp, 2pp + 1 (when < kc).
                         *o = unsafe { pair_contiguous_bf16(p.add(j * block.col_stride), 2 * pp, kc) };
                     }
@@ -726,7 +740,7 @@ unsafe fn microkernel(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: us
     unreachable!("the bf16 microkernel runs only on x86-64")
 }
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn transpose_rows_8(_: Operand, _: usize, _: &mut [u32]) {
+unsafe fn transpose_rows_8(_: Operand, _: usize, _: &mut [u32], _: usize) {
     unreachable!("bf16 packing runs only on x86-64")
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -851,7 +865,9 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        for dims in [(1, 1, 1), (8, 32, 4), (9, 33, 5), (13, 40, 40), (200, 70, 700), (5, 1100, 9), (12, 16, 0)] {
+        for dims in
+            [(1, 1, 1), (8, 32, 4), (9, 33, 5), (13, 40, 40), (200, 70, 700), (20, 64, 333), (5, 1100, 9), (12, 16, 0)]
+        {
             for layout in [(false, false), (true, false), (false, true), (true, true)] {
                 for kind in StartKind::ALL {
                     check(dims, layout, kind, false, (false, false));
