@@ -12,6 +12,7 @@
 //! - [`linear`]: linear layers, bias written before the product.
 //! - [`math`]: vectorisable exp/SiLU and the AVX2 dispatch the kernels share.
 //! - [`sgemm`]: the f32 matrix product every kernel and linear layer runs on.
+//! - [`transpose`]: [B, R, S] → [B, S, R] in blocks (the transformer's NCHW ↔ tokens changes).
 
 pub mod attention;
 pub mod bf16_gemm;
@@ -22,6 +23,7 @@ pub mod group_norm;
 pub mod linear;
 pub mod math;
 pub mod sgemm;
+pub mod transpose;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use half::slice::HalfFloatSliceExt;

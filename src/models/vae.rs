@@ -12,6 +12,7 @@ use super::vae_tiling::Tiling;
 use crate::allocator::LargeBlockCache;
 use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
+use crate::kernels::transpose::transpose_last_two;
 use crate::{Error, Result};
 
 /// Freed activations the decoder keeps for reuse while it runs (see [`LargeBlockCache`]): at 512x512
@@ -173,13 +174,13 @@ impl PixelAttention {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let tokens = self.norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens = transpose_last_two(&self.norm.forward(xs)?.reshape((b, c, h * w))?)?;
         let heads = |t: Tensor| -> Result<Tensor> { Ok(t.unsqueeze(1)?) };
         let q = heads(self.q.forward(&tokens)?)?;
         let k = heads(self.k.forward(&tokens)?)?;
         let v = heads(self.v.forward(&tokens)?)?;
         let attn = scaled_dot_product(&q, &k, &v, (c as f64).powf(-0.5), None, true, self.layer_dtype)?.squeeze(1)?;
-        let out = self.out.forward(&attn)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let out = transpose_last_two(&self.out.forward(&attn)?)?.reshape((b, c, h, w))?;
         Ok((out + xs)?)
     }
 }

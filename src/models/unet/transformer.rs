@@ -8,6 +8,7 @@ use super::controls::UNetControls;
 use crate::Result;
 use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
+use crate::kernels::transpose::transpose_last_two;
 use crate::models::attention::{merge_heads, scaled_dot_product, split_heads};
 use crate::models::nn::{Linear, Projection, group_norm, layer_norm, linear};
 
@@ -189,7 +190,7 @@ impl Transformer2D {
     pub fn forward(&self, xs: &Tensor, context: &Tensor, controls: &UNetControls) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
-        let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(transpose_last_two(&t.reshape((b, c, h * w))?)?) };
         let mut tokens = match &self.proj_in {
             Projection::Conv(_) => to_tokens(&self.proj_in.forward(&normed)?)?,
             Projection::Linear(_) => self.proj_in.forward(&to_tokens(&normed)?)?,
@@ -200,8 +201,7 @@ impl Transformer2D {
             tokens = (&tokens + block.attn2.forward(&block.norm2.forward(&tokens)?, Some(context), controls)?)?;
             tokens = (&tokens + block.ff.forward(&block.norm3.forward(&tokens)?)?)?;
         }
-        let to_image =
-            |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?) };
+        let to_image = |t: &Tensor| -> Result<Tensor> { Ok(transpose_last_two(t)?.reshape((b, c, h, w))?) };
         let out = match &self.proj_out {
             Projection::Conv(_) => self.proj_out.forward(&to_image(&tokens)?)?,
             Projection::Linear(_) => to_image(&self.proj_out.forward(&tokens)?)?,
