@@ -38,7 +38,7 @@ pub enum ConvPath {
 /// measured with `cargo bench --bench kernels -- conv` (2 threads, Zen 3).
 const WINOGRAD_MIN_TILES: usize = 32;
 /// The same for bf16 weights on bf16 dot products, against F(2x2, 3x3) on bf16 products (2 threads,
-/// Zen 4, `examples`-style probes of single convolutions): on the UNet's 32x32 layers (batch 2, 128
+/// Zen 4, single convolutions timed alone): on the UNet's 32x32 layers (batch 2, 128
 /// tiles) F(2x2) took 0.65–0.75 of F(4x4)'s time; at 64x64 (batch 1 and 2, 256 and 512 tiles) the
 /// two tied, and on the VAE's 128-channel 512x512 layer F(2x2) was 1.4x slower than F(6x6).
 const WINOGRAD_MIN_TILES_BF16: usize = 256;
