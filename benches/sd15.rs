@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::Parser;
-use sd15::measure::{self, FULL_STEPS, Job, Kind, Outcome, RESULT_TAG};
+use sd15::measure::{self, DEEP_CACHE_INTERVAL, FULL_STEPS, Job, Kind, Outcome, RESULT_TAG};
 use sd15::peers::{self, Item, Peer, PeerOptions, PeerResults};
 use sd15::report::{self, Row, Stat, Unit};
 
@@ -61,7 +61,8 @@ struct Args {
     /// The peers' timing script.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/perf_peers.py"))]
     peers_script: PathBuf,
-    /// Only these measurements (comma-separated); default: all but `full` (which --full adds).
+    /// Only these measurements (comma-separated); default: all but `full` (which --full adds) and
+    /// `full-deep-cache`.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Kind>,
     /// Our compute dtype: f32, f16 or bf16; several, comma-separated (`f32,bf16`), measure ours in
@@ -130,7 +131,7 @@ struct Inputs {
 
 /// Warm-up and timed runs of `kind`: the whole generation runs --full-runs times without warm-up.
 fn schedule(args: &Args, kind: Kind) -> (usize, usize) {
-    if kind == Kind::Full { (0, args.full_runs) } else { (args.warmup, args.runs) }
+    if kind.is_generation() { (0, args.full_runs) } else { (args.warmup, args.runs) }
 }
 
 /// Runs one measurement in a child process with the thread count set for candle and rayon.
@@ -255,7 +256,7 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, label: &str) -> Vec<Row> 
     ));
     // Peers without a whole-generation timing: ours against their sum of the parts, which leaves out
     // their text encoding, scheduler and the 21st PNDM call, so it favours them.
-    if stat(Kind::Full).is_some() {
+    if stat(Kind::Full).is_some() && !peers_sum.is_empty() {
         rows.push(Row {
             what: format!("↳ ours whole against the peers' {FULL_STEPS} × step + decode (favours them)"),
             ..timed("", Kind::Full, peers_sum)
@@ -268,6 +269,11 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, label: &str) -> Vec<Row> 
             ..timed("", Kind::Full, Vec::new())
         });
     }
+    rows.push(timed(
+        &format!("whole generation with DeepCache (interval {DEEP_CACHE_INTERVAL}, branch 0; approximate)"),
+        Kind::FullDeepCache,
+        Vec::new(),
+    ));
     let peer_rss = Peer::ALL
         .iter()
         .filter_map(|p| peers.timings.get(&(*p, Item::UnetB2)).map(|t| (*p, Stat::one(t.peak_rss_gb))))
@@ -308,7 +314,7 @@ fn main() -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let kinds: Vec<Kind> = if args.only.is_empty() {
-        Kind::ALL.into_iter().filter(|k| *k != Kind::Full || args.full).collect()
+        Kind::ALL.into_iter().filter(|k| !k.is_generation() || (*k == Kind::Full && args.full)).collect()
     } else {
         Kind::ALL.into_iter().filter(|k| args.only.contains(k) || (*k == Kind::Full && args.full)).collect()
     };

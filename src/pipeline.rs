@@ -12,7 +12,7 @@ use crate::io::model_files::{ModelFiles, SourceOptions};
 use crate::io::weights::{TensorStore, Weights};
 use crate::models::clip_text::ClipTextEncoder;
 use crate::models::nn::LayerRegistry;
-use crate::models::unet::{UNet, UNetControls};
+use crate::models::unet::{DeepCache, UNet, UNetControls};
 use crate::models::vae::Vae;
 use crate::prompt::{self, PromptSyntax, a1111};
 use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
@@ -165,6 +165,9 @@ pub struct GenerateRequest {
     pub clip_skip: usize,
     /// Standard-normal starting noise [B, C, h, w], used as diffusers' `latents=` argument.
     pub init_latents: Option<Tensor>,
+    /// Opt-in DeepCache (an approximation: faster UNet calls between refreshes), fresh for this
+    /// generation.
+    pub deep_cache: Option<DeepCache>,
 }
 
 /// Progress events of a generation.
@@ -289,7 +292,13 @@ impl StableDiffusion {
             context = control.edit_context(context, &ContextInfo { guided, batch })?;
         }
         let latents = (init * scheduler.init_noise_sigma())?;
-        Ok(SamplingStart { scheduler, latents, context, guidance: guided.then_some(req.guidance) })
+        Ok(SamplingStart {
+            scheduler,
+            latents,
+            context,
+            guidance: guided.then_some(req.guidance),
+            deep_cache: req.deep_cache.clone(),
+        })
     }
 }
 
@@ -302,6 +311,8 @@ struct SamplingStart {
     context: Tensor,
     /// The classifier-free guidance scale, when guidance is on.
     guidance: Option<f64>,
+    /// DeepCache's state, when it is on.
+    deep_cache: Option<DeepCache>,
 }
 
 /// The sampling loop: at every step the controls contribute to the UNet's injection points, the
@@ -314,7 +325,7 @@ fn sample(
     noise: &mut dyn NoiseSource,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let SamplingStart { mut scheduler, mut latents, context, guidance } = start;
+    let SamplingStart { mut scheduler, mut latents, context, guidance, mut deep_cache } = start;
     let (dtype, _) = crate::io::weights::precision(options.dtype, &options.device);
     let batch = latents.dim(0)?;
     let timesteps = scheduler.timesteps().to_vec();
@@ -337,7 +348,11 @@ fn sample(
             unet_controls.merge(control.contribute(&step)?)?;
         }
         let t_batch = Tensor::full(t as f32, n, &options.device)?;
-        let prediction = unet.forward(&model_input, &t_batch, &context, &unet_controls)?.to_dtype(DType::F32)?;
+        let prediction = match deep_cache.as_mut() {
+            Some(cache) => unet.forward_cached(&model_input, &t_batch, &context, &unet_controls, cache)?,
+            None => unet.forward(&model_input, &t_batch, &context, &unet_controls)?,
+        }
+        .to_dtype(DType::F32)?;
         let prediction = match guidance {
             Some(scale) => {
                 let uncond = prediction.narrow(0, 0, batch)?;

@@ -188,3 +188,13 @@ fn init_latents_with_wrong_channels_is_a_clear_error() {
     write_latents(&init, &Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap());
     expect_error(&["--init-latents", init.to_str().unwrap()], &repo_path(SD1), "3 channels");
 }
+
+#[test]
+fn deep_cache_interval_zero_is_a_clear_error() {
+    expect_error(&["--deep-cache", "0"], &repo_path(SD1), "DeepCache interval");
+}
+
+#[test]
+fn deep_cache_branch_past_the_deepest_is_a_clear_error() {
+    expect_error(&["--deep-cache", "2", "--deep-cache-branch", "40"], &repo_path(SD1), "DeepCache branch 40");
+}

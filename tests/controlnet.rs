@@ -148,6 +148,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
             batch: 1,
             clip_skip: 0,
             init_latents: Some(fixture["init_latents"].clone()),
+            deep_cache: None,
         };
         let out = model
             .generate(&request, &mut controls, &mut diffctl::noise::SeededNoise::new(0), &mut |_| {})

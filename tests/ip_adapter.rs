@@ -125,6 +125,7 @@ fn run(model: &StableDiffusion, case: &Case, mut controls: Vec<Box<dyn Control>>
         batch: 0,
         clip_skip: 0,
         init_latents: Some(fixture["init_latents"].clone()),
+        deep_cache: None,
     };
     let out = model.generate(&request, &mut controls, &mut NoNoise, &mut |_| {}).unwrap();
     (out.latents, out.images.permute((0, 2, 3, 1)).unwrap())

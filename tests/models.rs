@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, load_fixture, repo_path};
 use diffctl::io::weights::{TensorStore, Weights};
 use diffctl::models::clip_text::{ClipTextConfig, ClipTextEncoder};
-use diffctl::models::unet::{UNet, UNetConfig, UNetControls};
+use diffctl::models::unet::{DeepCache, UNet, UNetConfig, UNetControls};
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::tokenizer::ClipTokenizer;
 
@@ -133,6 +133,78 @@ fn vae_tiling_matches_diffusers_tiled_decode() {
     assert!(err.contains("tile size 2 px"), "{err}");
 }
 
+/// The shapes of the skip connections the down path makes for `sample` (what ControlNet residuals
+/// must match): `conv_in`'s, each layer's, each downsampler's.
+fn skip_shapes(cfg: &UNetConfig, sample: &Tensor) -> Vec<Vec<usize>> {
+    let (b, _, h, w) = sample.dims4().unwrap();
+    let mut size = (h, w);
+    let mut shapes = vec![vec![b, cfg.blocks[0].channels, h, w]];
+    for (i, block) in cfg.blocks.iter().enumerate() {
+        for _ in 0..block.layers {
+            shapes.push(vec![b, block.channels, size.0, size.1]);
+        }
+        if i + 1 < cfg.blocks.len() {
+            size = (size.0.div_ceil(2), size.1.div_ceil(2));
+            shapes.push(vec![b, block.channels, size.0, size.1]);
+        }
+    }
+    shapes
+}
+
+/// DeepCache at every branch: a partial call on the inputs of the refresh before it reproduces the
+/// whole UNet exactly (its shallow branch is recomputed, its deep feature is that call's), residual
+/// controls included; a partial call on other inputs uses the kept feature; refreshes follow the
+/// interval and the sample's shape; a branch past the deepest and interval 0 are clear errors.
+#[test]
+fn deep_cache_partial_calls_reuse_the_deep_feature() {
+    for model in MODELS {
+        let unit = load_fixture(&format!("tests/fixtures/units/{model}.safetensors"));
+        let cfg = UNetConfig::load(&config(model, "unet")).unwrap();
+        let unet = UNet::load(&weights(model, "unet", "diffusion_pytorch_model.safetensors"), &cfg).unwrap();
+        let (sample, t, ctx) = (&unit["unet.sample"], &unit["unet.timesteps"], &unit["unet.context"]);
+        let sample2 = sample.randn_like(0.0, 1.0).unwrap();
+        let residuals = skip_shapes(&cfg, sample)
+            .into_iter()
+            .map(|shape| Tensor::randn(0f32, 0.3, shape, &Device::Cpu).unwrap())
+            .collect::<Vec<_>>();
+        let mid = residuals.last().unwrap().randn_like(0.0, 0.3).unwrap();
+        let controls = UNetControls { down_residuals: Some(residuals), mid_residual: Some(mid), ..Default::default() };
+        let exact = unet.forward(sample, t, ctx, &controls).unwrap();
+        let exact2 = unet.forward(&sample2, t, ctx, &controls).unwrap();
+        for branch in 0..unet.num_skips() {
+            let what = format!("{model} DeepCache branch {branch}");
+            let mut cache = DeepCache::new(2, branch).unwrap();
+            let mut call = |sample: &Tensor| unet.forward_cached(sample, t, ctx, &controls, &mut cache).unwrap();
+            assert!(common::max_abs_diff(&call(sample), &exact) < 1e-6, "{what}: refresh");
+            assert_close(&format!("{what}: partial on the same inputs"), &call(sample), &exact, 1e-5);
+            assert!(common::max_abs_diff(&call(&sample2), &exact2) < 1e-6, "{what}: second refresh");
+            // Partial on the first sample, around the feature kept for the second: neither output.
+            let mixed = call(sample);
+            assert!(common::max_abs_diff(&mixed, &exact) > 1e-4, "{what}: the kept feature is not used");
+            assert!(common::max_abs_diff(&mixed, &exact2) > 1e-4, "{what}: the shallow branch is not run");
+        }
+        // A sample of another shape refreshes whatever the schedule says.
+        let one = sample.narrow(0, 0, 1).unwrap();
+        let one_controls = UNetControls::default();
+        let mut cache = DeepCache::new(4, 0).unwrap();
+        unet.forward_cached(sample, t, ctx, &one_controls, &mut cache).unwrap();
+        let (t1, c1) = (t.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 0, 1).unwrap());
+        let out = unet.forward_cached(&one, &t1, &c1, &one_controls, &mut cache).unwrap();
+        let expected = unet.forward(&one, &t1, &c1, &one_controls).unwrap();
+        assert!(common::max_abs_diff(&out, &expected) < 1e-6, "{model}: a new shape refreshes");
+
+        let deepest = unet.num_skips() - 1;
+        let mut past = DeepCache::new(2, deepest + 1).unwrap();
+        let err = unet.forward_cached(sample, t, ctx, &one_controls, &mut past).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("branch {}", deepest + 1)) && err.contains(&format!("deepest, {deepest}")),
+            "{err}"
+        );
+    }
+    let err = DeepCache::new(0, 0).unwrap_err().to_string();
+    assert!(err.contains("interval"), "{err}");
+}
+
 #[test]
 fn unet_controls_change_the_output_only_where_injected() {
     let model = "sd1-tiny";
@@ -143,19 +215,11 @@ fn unet_controls_change_the_output_only_where_injected() {
     let base = unet.forward(sample, t, ctx, &UNetControls::default()).unwrap();
 
     // Zero residuals and a zero-scaled extra attention stream leave the output unchanged.
-    let mut skips = Vec::new();
-    let (b, _, h, w) = sample.dims4().unwrap();
-    let mut size = (h, w);
-    skips.push(Tensor::zeros((b, cfg.blocks[0].channels, h, w), DType::F32, &Device::Cpu).unwrap());
-    for (i, block) in cfg.blocks.iter().enumerate() {
-        for _ in 0..block.layers {
-            skips.push(Tensor::zeros((b, block.channels, size.0, size.1), DType::F32, &Device::Cpu).unwrap());
-        }
-        if i + 1 < cfg.blocks.len() {
-            size = (size.0.div_ceil(2), size.1.div_ceil(2));
-            skips.push(Tensor::zeros((b, block.channels, size.0, size.1), DType::F32, &Device::Cpu).unwrap());
-        }
-    }
+    let b = sample.dim(0).unwrap();
+    let mut skips: Vec<Tensor> = skip_shapes(&cfg, sample)
+        .into_iter()
+        .map(|shape| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap())
+        .collect();
     assert_eq!(skips.len(), unet.num_skips());
     let layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2".to_string();
     let inner = cfg.blocks[0].channels;

@@ -6,7 +6,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
-use diffctl::pipeline::{LoadOptions, Progress, StableDiffusion};
+use diffctl::models::unet::DeepCache;
+use diffctl::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
 
 #[test]
 fn pipeline_matches_diffusers_for_every_case() {
@@ -56,4 +57,32 @@ fn generate_once_matches_generate() {
     assert_eq!(max_abs_diff(&once.images, &kept.images), 0.0);
     assert_eq!(progress.first(), Some(&Progress::Sampling { steps: case.steps }));
     assert_eq!(progress.last(), Some(&Progress::Decoding));
+}
+
+/// DeepCache in the sampling loop: interval 1 refreshes at every call, so it is the exact pipeline;
+/// interval 2 reuses the deep feature every other call, so the latents move (finite, still every
+/// step reported).
+#[test]
+fn deep_cache_in_the_sampling_loop() {
+    let case = &common::pipeline_cases()[0];
+    let model = StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap();
+    let fixture = load_fixture(&case.file);
+    let run = |deep_cache: Option<DeepCache>| {
+        let request = GenerateRequest { deep_cache, ..case.request(&fixture) };
+        let mut steps = 0;
+        let out = model
+            .generate(&request, &mut [], &mut ReplayNoise::from_fixture(&fixture), &mut |p| {
+                if let Progress::Step { done, .. } = p {
+                    steps = done;
+                }
+            })
+            .unwrap();
+        assert_eq!(steps, case.steps);
+        out.latents
+    };
+    let exact = run(None);
+    assert_eq!(max_abs_diff(&run(Some(DeepCache::new(1, 0).unwrap())), &exact), 0.0);
+    let cached = run(Some(DeepCache::new(2, 0).unwrap()));
+    let diff = max_abs_diff(&cached, &exact);
+    assert!(diff.is_finite() && diff > 1e-4, "interval 2 changed the latents by {diff}");
 }

@@ -154,6 +154,7 @@ fn request(case: &Case, init: &Tensor) -> GenerateRequest {
         batch: 1,
         clip_skip: 0,
         init_latents: Some(init.clone()),
+        deep_cache: None,
     }
 }
 

@@ -15,7 +15,7 @@ use diffctl::control::{Control, StepContext};
 use diffctl::io::model_files::{ModelFiles, SourceOptions};
 use diffctl::io::weights::Weights;
 use diffctl::models::clip_text::ClipTextEncoder;
-use diffctl::models::unet::{UNet, UNetControls};
+use diffctl::models::unet::{DeepCache, UNet, UNetControls};
 use diffctl::models::vae::Vae;
 use diffctl::noise::SeededNoise;
 use diffctl::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
@@ -49,12 +49,31 @@ pub enum Kind {
     IpAdapter,
     /// A whole 512x512 20-step generation with guidance (text, sampling, decode).
     Full,
+    /// The same generation with DeepCache (an opt-in approximation) at [`DEEP_CACHE_INTERVAL`],
+    /// branch 0.
+    FullDeepCache,
 }
+
+/// The DeepCache interval of [`Kind::FullDeepCache`] (DeepCache's own example uses 3).
+pub const DEEP_CACHE_INTERVAL: usize = 3;
 
 impl Kind {
     /// Every measurement, in the order they run.
-    pub const ALL: [Kind; 7] =
-        [Kind::Text, Kind::UnetB1, Kind::UnetB2, Kind::Vae, Kind::Controlnet, Kind::IpAdapter, Kind::Full];
+    pub const ALL: [Kind; 8] = [
+        Kind::Text,
+        Kind::UnetB1,
+        Kind::UnetB2,
+        Kind::Vae,
+        Kind::Controlnet,
+        Kind::IpAdapter,
+        Kind::Full,
+        Kind::FullDeepCache,
+    ];
+
+    /// Whether this is a whole generation (no warm-up, --full-runs times, never in the default set).
+    pub fn is_generation(self) -> bool {
+        matches!(self, Kind::Full | Kind::FullDeepCache)
+    }
 
     /// The name used on the command line and in logs.
     pub fn name(self) -> &'static str {
@@ -66,6 +85,7 @@ impl Kind {
             Kind::Controlnet => "controlnet",
             Kind::IpAdapter => "ip-adapter",
             Kind::Full => "full",
+            Kind::FullDeepCache => "full-deep-cache",
         }
     }
 }
@@ -322,7 +342,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 }
             }
         }
-        Kind::Full => {
+        Kind::Full | Kind::FullDeepCache => {
             drop(files);
             let options = LoadOptions { dtype: job.dtype, device: job.device.clone(), files: SourceOptions::default() };
             let req = GenerateRequest {
@@ -336,6 +356,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 batch: 1,
                 clip_skip: 0,
                 init_latents: None,
+                deep_cache: (job.kind == Kind::FullDeepCache)
+                    .then(|| DeepCache::new(DEEP_CACHE_INTERVAL, 0))
+                    .transpose()?,
             };
             let mut marks = Vec::new();
             // As the CLI does: one model per generation, each network freed once its stage is done

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::control::Control;
 use crate::io::image::{save_png, to_rgb8};
 use crate::io::latents::{load_latents, save_latents};
+use crate::models::unet::DeepCache;
 use crate::noise::SeededNoise;
 use crate::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
 use crate::prompt::PromptSyntax;
@@ -89,6 +90,16 @@ pub struct GenerateArgs {
     /// half precision, halving their memory, and compute in f32).
     #[arg(long, default_value = "f32", value_parser = parse_dtype, value_name = "DTYPE")]
     dtype: DType,
+    /// Opt-in approximation (DeepCache): run the whole UNet only every N-th call and, in between,
+    /// only its shallow branch around the deep feature kept from the last whole call. Faster, with
+    /// slightly different images; 1 is the same as leaving it off.
+    #[arg(long, value_name = "N")]
+    deep_cache: Option<usize>,
+    /// The shallow branch for --deep-cache (DeepCache's cache_branch_id): branch B recomputes the
+    /// down path through skip connection B (0: conv_in's output); higher is slower and closer to
+    /// the exact UNet.
+    #[arg(long, default_value_t = 0, value_name = "B", requires = "deep_cache")]
+    deep_cache_branch: usize,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -145,6 +156,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         batch: args.batch,
         clip_skip: args.clip_skip,
         init_latents,
+        deep_cache: args.deep_cache.map(|n| DeepCache::new(n, args.deep_cache_branch)).transpose()?,
     };
 
     let bar = ProgressBar::new(args.steps as u64);

@@ -93,6 +93,7 @@ impl Case {
             batch: 0,
             clip_skip: self.clip_skip.unwrap_or(0),
             init_latents: Some(fixture["init_latents"].clone()),
+            deep_cache: None,
         }
     }
 }

@@ -122,6 +122,21 @@ impl UNetEncoder {
         controls: &UNetControls,
         hint: Option<&Tensor>,
     ) -> Result<EncoderOutput> {
+        self.forward_to(sample, temb, context, controls, hint, None)
+    }
+
+    /// [`Self::forward`], stopping once skip connection `last_skip` (0: `conv_in`'s output) is
+    /// final when one is given: the output then holds skips `0..=last_skip` and, as `hidden`, the
+    /// last of them.
+    pub fn forward_to(
+        &self,
+        sample: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        controls: &UNetControls,
+        hint: Option<&Tensor>,
+        last_skip: Option<usize>,
+    ) -> Result<EncoderOutput> {
         let ch = sample.dim(1)?;
         if ch != self.config.in_channels {
             return Err(Error::invalid(format!(
@@ -135,6 +150,10 @@ impl UNetEncoder {
             xs = (xs + hint)?;
         }
         let mut skips = vec![xs.clone()];
+        let reached = |skips: &[Tensor]| last_skip.is_some_and(|last| skips.len() > last);
+        if reached(&skips) {
+            return Ok(EncoderOutput { hidden: xs, skips });
+        }
         let mut intrablock = controls.down_intrablock_residuals.iter();
         for block in &self.down_blocks {
             let count = block.layers.len();
@@ -147,6 +166,11 @@ impl UNetEncoder {
                     xs = xs.broadcast_add(r)?;
                 }
                 skips.push(xs.clone());
+                // The block's last skip may still take a plain block's residual below.
+                let block_last = j + 1 == count && block.downsample.is_none();
+                if !block_last && reached(&skips) {
+                    return Ok(EncoderOutput { hidden: xs, skips });
+                }
             }
             if let Some(down) = &block.downsample {
                 xs = down.forward(&xs)?;
@@ -158,6 +182,9 @@ impl UNetEncoder {
                 // diffusers adds in place, so the block's last skip sees the residual too.
                 xs = xs.broadcast_add(r)?;
                 *skips.last_mut().expect("skips is never empty") = xs.clone();
+            }
+            if reached(&skips) {
+                return Ok(EncoderOutput { hidden: xs, skips });
             }
         }
         if let Some(mid) = &self.mid_block {

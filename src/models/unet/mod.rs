@@ -4,6 +4,7 @@
 pub mod blocks;
 pub mod config;
 pub mod controls;
+pub mod deep_cache;
 pub mod encoder;
 pub mod layer_ids;
 pub mod transformer;
@@ -12,6 +13,7 @@ use candle_core::{Module, Tensor};
 
 pub use config::UNetConfig;
 pub use controls::{ExtraAttention, UNetControls};
+pub use deep_cache::DeepCache;
 pub use encoder::{EncoderOutput, UNetEncoder, timestep_embedding};
 pub use layer_ids::CrossAttentionLayer;
 
@@ -88,6 +90,30 @@ impl UNet {
         context: &Tensor,
         controls: &UNetControls,
     ) -> Result<Tensor> {
+        self.run(sample, timesteps, context, controls, None)
+    }
+
+    /// [`Self::forward`] under DeepCache: a call the cache marks for refreshing runs the whole UNet
+    /// and keeps the deep feature; the others run only the shallow branch around the cached feature.
+    pub fn forward_cached(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        controls: &UNetControls,
+        cache: &mut DeepCache,
+    ) -> Result<Tensor> {
+        self.run(sample, timesteps, context, controls, Some(cache))
+    }
+
+    fn run(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        controls: &UNetControls,
+        cache: Option<&mut DeepCache>,
+    ) -> Result<Tensor> {
         let b = sample.dim(0)?;
         if timesteps.dims() != [b] {
             return Err(Error::invalid(format!(
@@ -95,31 +121,74 @@ impl UNet {
                 timesteps.dims()
             )));
         }
+        let total = self.num_skips();
         let _reuse = LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
         let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
-        let EncoderOutput { hidden: mut xs, mut skips } =
-            self.encoder.forward(sample, &temb, context, controls, None)?;
+        // Under DeepCache: the skip whose up layer takes the cached feature, and that feature when
+        // this call reuses it.
+        let (resume_skip, cached, capture) = match cache {
+            Some(cache) => {
+                let skip = cache.resume_skip(total)?;
+                let cached = cache.next_call(sample);
+                let capture = if cached.is_none() { Some((cache, skip)) } else { None };
+                (Some(skip), cached, capture)
+            }
+            None => (None, None, None),
+        };
+        let stop = cached.as_ref().and(resume_skip);
+        let EncoderOutput { hidden, mut skips } =
+            self.encoder.forward_to(sample, &temb, context, controls, None, stop)?;
 
         if let Some(residuals) = &controls.down_residuals {
-            if residuals.len() != skips.len() {
+            if residuals.len() != total {
                 return Err(Error::invalid(format!(
-                    "control gave {} down residuals, the UNet has {} skip connections",
-                    residuals.len(),
-                    skips.len()
+                    "control gave {} down residuals, the UNet has {total} skip connections",
+                    residuals.len()
                 )));
             }
             skips = skips.iter().zip(residuals).map(|(s, r)| Ok(s.broadcast_add(r)?)).collect::<Result<_>>()?;
         }
-        if let Some(r) = &controls.mid_residual {
-            xs = xs.broadcast_add(r)?;
-        }
+        let xs = match cached {
+            Some(feature) => feature,
+            None => match &controls.mid_residual {
+                Some(r) => hidden.broadcast_add(r)?,
+                None => hidden,
+            },
+        };
+        self.up_path(xs, skips, &temb, context, controls, capture)
+    }
 
+    /// The up blocks and the output head on `xs`, consuming `skips` from the last: with fewer skips
+    /// than the down path makes (a DeepCache partial call), from the up layer that takes the last
+    /// of them. With `capture` (a refreshing DeepCache call), the input of the up layer that takes
+    /// skip `resume_skip` is kept in the cache.
+    fn up_path(
+        &self,
+        mut xs: Tensor,
+        mut skips: Vec<Tensor>,
+        temb: &Tensor,
+        context: &Tensor,
+        controls: &UNetControls,
+        mut capture: Option<(&mut DeepCache, usize)>,
+    ) -> Result<Tensor> {
+        let first = self.num_skips() - skips.len();
+        let mut layer_index = 0;
         for block in &self.up_blocks {
             for layer in &block.layers {
-                let skip = skips.pop().ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
-                xs = layer.forward(&Tensor::cat(&[&xs, &skip], 1)?, &temb, context, controls)?;
+                if layer_index >= first {
+                    if let Some((cache, resume_skip)) = capture.as_mut()
+                        && skips.len() == *resume_skip + 1
+                    {
+                        cache.keep(xs.clone());
+                    }
+                    let skip = skips.pop().ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
+                    xs = layer.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb, context, controls)?;
+                }
+                layer_index += 1;
             }
-            if let Some(up) = &block.upsample {
+            if let Some(up) = &block.upsample
+                && layer_index > first
+            {
                 let target = skips.last().ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
                 let (_, _, h, w) = target.dims4()?;
                 xs = up.forward(&xs, (h, w))?;
