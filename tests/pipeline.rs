@@ -59,11 +59,9 @@ fn generate_once_matches_generate() {
     assert_eq!(progress.last(), Some(&Progress::Decoding));
 }
 
-/// DeepCache in the sampling loop: interval 1 refreshes at every call, so it is the exact pipeline;
-/// interval 2 reuses the deep feature every other call, so the latents move (finite, still every
-/// step reported).
+/// DeepCache at interval 1 refreshes at every call: the exact pipeline, every step reported.
 #[test]
-fn deep_cache_in_the_sampling_loop() {
+fn deep_cache_interval_one_is_the_exact_pipeline() {
     let case = &common::pipeline_cases()[0];
     let model = StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap();
     let fixture = load_fixture(&case.file);
@@ -80,9 +78,23 @@ fn deep_cache_in_the_sampling_loop() {
         assert_eq!(steps, case.steps);
         out.latents
     };
-    let exact = run(None);
-    assert_eq!(max_abs_diff(&run(Some(DeepCache::new(1, 0).unwrap())), &exact), 0.0);
-    let cached = run(Some(DeepCache::new(2, 0).unwrap()));
-    let diff = max_abs_diff(&cached, &exact);
-    assert!(diff.is_finite() && diff > 1e-4, "interval 2 changed the latents by {diff}");
+    assert_eq!(max_abs_diff(&run(Some(DeepCache::new(1, 0).unwrap())), &run(None)), 0.0);
+}
+
+/// DeepCache against its own helper (`DeepCacheSDHelper`, interval 2) on diffusers' pipeline, case
+/// `sd1-ddim`, at every branch of the tiny UNet (tools/fixtures/make_deep_cache_fixtures.py).
+#[test]
+fn deep_cache_matches_the_deepcache_helper_at_every_branch() {
+    let case = common::pipeline_cases().into_iter().find(|c| c.name == "sd1-ddim").unwrap();
+    let model = StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap();
+    let fixture = load_fixture("tests/fixtures/deep_cache.safetensors");
+    let exact = &fixture["exact"];
+    for branch in 0..model.unet.num_skips() {
+        let request =
+            GenerateRequest { deep_cache: Some(DeepCache::new(2, branch).unwrap()), ..case.request(&fixture) };
+        let out = model.generate(&request, &mut [], &mut ReplayNoise(Vec::new()), &mut |_| {}).unwrap();
+        let expected = &fixture[&format!("branch{branch}")];
+        assert!(max_abs_diff(expected, exact) > 0.1, "branch {branch}: the fixture must differ from exact");
+        assert_close(&format!("DeepCache branch {branch}"), &out.latents, expected, 1e-4);
+    }
 }
