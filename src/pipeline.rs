@@ -348,11 +348,9 @@ fn sample(
             unet_controls.merge(control.contribute(&step)?)?;
         }
         let t_batch = Tensor::full(t as f32, n, &options.device)?;
-        let prediction = match deep_cache.as_mut() {
-            Some(cache) => unet.forward_cached(&model_input, &t_batch, &context, &unet_controls, cache)?,
-            None => unet.forward(&model_input, &t_batch, &context, &unet_controls)?,
-        }
-        .to_dtype(DType::F32)?;
+        let prediction = unet
+            .forward_cached(&model_input, &t_batch, &context, &unet_controls, deep_cache.as_mut())?
+            .to_dtype(DType::F32)?;
         let prediction = match guidance {
             Some(scale) => {
                 let uncond = prediction.narrow(0, 0, batch)?;

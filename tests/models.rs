@@ -174,7 +174,7 @@ fn deep_cache_partial_calls_reuse_the_deep_feature() {
         for branch in 0..unet.num_skips() {
             let what = format!("{model} DeepCache branch {branch}");
             let mut cache = DeepCache::new(2, branch).unwrap();
-            let mut call = |sample: &Tensor| unet.forward_cached(sample, t, ctx, &controls, &mut cache).unwrap();
+            let mut call = |sample: &Tensor| unet.forward_cached(sample, t, ctx, &controls, Some(&mut cache)).unwrap();
             assert!(common::max_abs_diff(&call(sample), &exact) < 1e-6, "{what}: refresh");
             assert_close(&format!("{what}: partial on the same inputs"), &call(sample), &exact, 1e-5);
             assert!(common::max_abs_diff(&call(&sample2), &exact2) < 1e-6, "{what}: second refresh");
@@ -187,15 +187,15 @@ fn deep_cache_partial_calls_reuse_the_deep_feature() {
         let one = sample.narrow(0, 0, 1).unwrap();
         let one_controls = UNetControls::default();
         let mut cache = DeepCache::new(4, 0).unwrap();
-        unet.forward_cached(sample, t, ctx, &one_controls, &mut cache).unwrap();
+        unet.forward_cached(sample, t, ctx, &one_controls, Some(&mut cache)).unwrap();
         let (t1, c1) = (t.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 0, 1).unwrap());
-        let out = unet.forward_cached(&one, &t1, &c1, &one_controls, &mut cache).unwrap();
+        let out = unet.forward_cached(&one, &t1, &c1, &one_controls, Some(&mut cache)).unwrap();
         let expected = unet.forward(&one, &t1, &c1, &one_controls).unwrap();
         assert!(common::max_abs_diff(&out, &expected) < 1e-6, "{model}: a new shape refreshes");
 
         let deepest = unet.num_skips() - 1;
         let mut past = DeepCache::new(2, deepest + 1).unwrap();
-        let err = unet.forward_cached(sample, t, ctx, &one_controls, &mut past).unwrap_err().to_string();
+        let err = unet.forward_cached(sample, t, ctx, &one_controls, Some(&mut past)).unwrap_err().to_string();
         assert!(
             err.contains(&format!("branch {}", deepest + 1)) && err.contains(&format!("deepest, {deepest}")),
             "{err}"

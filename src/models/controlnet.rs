@@ -228,7 +228,7 @@ impl ControlNet {
         let hint = self.condition_embedding.forward(&cond.to_dtype(sample.dtype())?)?;
         let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
         let EncoderOutput { hidden, skips } =
-            self.encoder.forward(sample, &temb, context, &UNetControls::default(), Some(&hint))?;
+            self.encoder.forward(sample, &temb, context, &UNetControls::default(), Some(&hint), None)?;
         let n = skips.len();
         let scales: Vec<f64> = match scale {
             ResidualScale::Uniform(s) => vec![s; n + 1],

@@ -33,16 +33,6 @@ impl DeepCache {
         Ok(Self { interval, branch, calls: 0, feature: None, sample_shape: Vec::new() })
     }
 
-    /// UNet calls between refreshes.
-    pub fn interval(&self) -> usize {
-        self.interval
-    }
-
-    /// The shallow branch (DeepCache's `cache_branch_id`).
-    pub fn branch(&self) -> usize {
-        self.branch
-    }
-
     /// The skip connection whose up layer takes the cached feature, for a UNet with `skips` of them.
     pub(super) fn resume_skip(&self, skips: usize) -> Result<usize> {
         let deepest = skips.saturating_sub(1);

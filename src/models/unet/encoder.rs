@@ -113,22 +113,10 @@ impl UNetEncoder {
 
     /// Runs `conv_in` on `sample` [B, C, h, w] (adding `hint`, the ControlNet's condition
     /// embedding, when given), the down blocks and the mid block. Intra-block residuals in `controls`
-    /// are added where diffusers adds `down_intrablock_additional_residuals`.
+    /// are added where diffusers adds `down_intrablock_additional_residuals`. With `last_skip`, stops
+    /// once that skip connection (0: `conv_in`'s output) is final: the output then holds skips
+    /// `0..=last_skip` and, as `hidden`, the last of them.
     pub fn forward(
-        &self,
-        sample: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-        hint: Option<&Tensor>,
-    ) -> Result<EncoderOutput> {
-        self.forward_to(sample, temb, context, controls, hint, None)
-    }
-
-    /// [`Self::forward`], stopping once skip connection `last_skip` (0: `conv_in`'s output) is
-    /// final when one is given: the output then holds skips `0..=last_skip` and, as `hidden`, the
-    /// last of them.
-    pub fn forward_to(
         &self,
         sample: &Tensor,
         temb: &Tensor,

@@ -90,23 +90,13 @@ impl UNet {
         context: &Tensor,
         controls: &UNetControls,
     ) -> Result<Tensor> {
-        self.run(sample, timesteps, context, controls, None)
+        self.forward_cached(sample, timesteps, context, controls, None)
     }
 
-    /// [`Self::forward`] under DeepCache: a call the cache marks for refreshing runs the whole UNet
-    /// and keeps the deep feature; the others run only the shallow branch around the cached feature.
+    /// [`Self::forward`], under DeepCache when `cache` is given: a call the cache marks for
+    /// refreshing runs the whole UNet and keeps the deep feature; the others run only the shallow
+    /// branch around the cached feature.
     pub fn forward_cached(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-        cache: &mut DeepCache,
-    ) -> Result<Tensor> {
-        self.run(sample, timesteps, context, controls, Some(cache))
-    }
-
-    fn run(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
@@ -136,8 +126,7 @@ impl UNet {
             None => (None, None, None),
         };
         let stop = cached.as_ref().and(resume_skip);
-        let EncoderOutput { hidden, mut skips } =
-            self.encoder.forward_to(sample, &temb, context, controls, None, stop)?;
+        let EncoderOutput { hidden, mut skips } = self.encoder.forward(sample, &temb, context, controls, None, stop)?;
 
         if let Some(residuals) = &controls.down_residuals {
             if residuals.len() != total {
