@@ -24,6 +24,9 @@ pub enum Error {
     /// A user-supplied argument is out of range or inconsistent.
     #[error("{0}")]
     InvalidArgument(String),
+    /// What was being done when `source` happened (e.g. "loading ControlNet cn/").
+    #[error("{context}: {source}")]
+    Context { context: String, source: Box<Error> },
     /// A tensor operation failed (a bug or an unsupported combination).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -46,5 +49,17 @@ impl Error {
     /// An [`Error::InvalidArgument`].
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::InvalidArgument(message.into())
+    }
+}
+
+/// Adds what was being done to an error.
+pub trait ResultExt<T> {
+    /// `context` before the error's own message.
+    fn context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::Context { context: context(), source: Box::new(e.into()) })
     }
 }

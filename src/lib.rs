@@ -14,6 +14,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod preprocess;
 pub mod prompt;
+pub mod request;
 pub mod schedulers;
 pub mod tokenizer;
 

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::control::tokens::TokenVectors;
-use crate::control::{ContextInfo, Control, StepContext};
+use crate::control::{ContextInfo, Control, GenerationSetup, StepContext};
 use crate::io::model_files::{ModelFiles, SourceOptions};
 use crate::io::weights::{TensorStore, Weights};
 use crate::models::clip_text::ClipTextEncoder;
 use crate::models::nn::LayerRegistry;
-use crate::models::unet::{DeepCache, UNet, UNetControls};
+use crate::models::unet::{Conditioning, DeepCache, Hooks, UNet, UNetControls, UNetInput};
 use crate::models::vae::Vae;
-use crate::prompt::{self, PromptSyntax, a1111};
+use crate::prompt::{self, PromptSyntax, PromptWord, a1111};
 use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -132,13 +132,22 @@ impl StableDiffusion {
     /// and truncated as diffusers does (L = 77), or A1111-style (L = 77 · chunks). Placeholder
     /// tokens take their vectors from [`Self::token_vectors`].
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        Ok(self.encode_prompt_words(prompt, clip_skip)?.0)
+    }
+
+    /// [`Self::encode_prompt`] with the prompt's words and the rows they became (none located with
+    /// the A1111 syntax, whose weighting and chunking move rows).
+    pub fn encode_prompt_words(&self, prompt: &str, clip_skip: usize) -> Result<(Tensor, Vec<PromptWord>)> {
         let added = self.token_vectors.table();
         if self.prompt_syntax == PromptSyntax::A1111 {
-            return a1111::encode(&self.tokenizer, &self.text_encoder, added, prompt, clip_skip, self.device());
+            let z = a1111::encode(&self.tokenizer, &self.text_encoder, added, prompt, clip_skip, self.device())?;
+            return Ok((z, Vec::new()));
         }
-        let ids = self.tokenizer.encode_padded(prompt)?;
+        let (ids, words) = self.tokenizer.encode_padded_words(prompt)?;
         let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), self.device())?;
-        self.text_encoder.encode_embeddings(&self.text_encoder.token_embeddings_with(&ids, added)?, clip_skip)
+        let z =
+            self.text_encoder.encode_embeddings(&self.text_encoder.token_embeddings_with(&ids, added)?, clip_skip)?;
+        Ok((z, words))
     }
 }
 
@@ -220,9 +229,10 @@ impl StableDiffusion {
         noise.sample(&[req.batch, channels, req.height / f, req.width / f], self.device())
     }
 
-    /// Runs the sampling loop with `controls` contributing at every step, then decodes.
-    /// `noise` supplies the starting noise (unless the request has it) and the noise of stochastic
-    /// schedulers; `progress` hears about each step.
+    /// Runs the sampling loop with `controls` acting at every stage, then decodes. `noise` supplies
+    /// the starting noise (unless the request has it), the noise of stochastic schedulers and any
+    /// noise the controls draw; `progress` hears about each step. The controls are finished (their
+    /// resources released) however the generation ends.
     pub fn generate(
         &self,
         req: &GenerateRequest,
@@ -230,9 +240,12 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
-        let start = self.start(req, controls, noise)?;
-        let latents = sample(&self.unet, &self.options, start, controls, noise, progress)?;
-        decode(&self.vae, &self.options, latents, progress)
+        let result = (|| {
+            let start = self.start(req, controls, noise)?;
+            let latents = sample(&self.unet, &self.options, start, controls, noise, progress)?;
+            decode(&self.vae, &self.options, latents, progress)
+        })();
+        finish(controls, result)
     }
 
     /// [`Self::generate`] for one-shot use (the CLI): the same result, but each network is freed
@@ -245,18 +258,22 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
-        let start = self.start(req, controls, noise)?;
-        let Self { text_encoder, layers, unet, vae, options, .. } = self;
-        drop((text_encoder, layers));
-        crate::allocator::release_free_memory();
-        let latents = sample(&unet, &options, start, controls, noise, progress)?;
-        drop(unet);
-        crate::allocator::release_free_memory();
-        decode(&vae, &options, latents, progress)
+        let result = (|| {
+            let start = self.start(req, controls, noise)?;
+            let Self { text_encoder, layers, unet, vae, options, .. } = self;
+            drop((text_encoder, layers));
+            crate::allocator::release_free_memory();
+            let latents = sample(&unet, &options, start, controls, noise, progress)?;
+            drop(unet);
+            crate::allocator::release_free_memory();
+            decode(&vae, &options, latents, progress)
+        })();
+        finish(controls, result)
     }
 
-    /// Checks the request and prepares sampling: the scheduler, the scaled starting latents and the
-    /// text context (negative and positive prompts, edited by the controls).
+    /// Checks the request and prepares sampling: the scheduler, the starting latents, the controls'
+    /// preparation (their hook ids checked against the UNet) and the text context (negative and
+    /// positive prompts, edited by the controls).
     fn start(
         &self,
         req: &GenerateRequest,
@@ -269,37 +286,73 @@ impl StableDiffusion {
         };
         let scheduler = schedulers::build(kind, &self.scheduler_config, req.steps)?;
         let init = self.initial_noise(req, noise)?;
-        let batch = init.dim(0)?;
+        let (batch, _, h, w) = init.dims4()?;
         let guided = req.guidance > 1.0;
+        let f = self.vae_scale_factor();
+        let (dtype, _) = crate::io::weights::precision(self.options.dtype, &self.options.device);
+        let mut setup = GenerationSetup {
+            unet: &self.unet,
+            vae: &self.vae,
+            layers: &self.layers,
+            batch,
+            guided,
+            image_size: (h * f, w * f),
+            latent_size: (h, w),
+            dtype,
+            device: self.device(),
+            noise,
+        };
+        for control in controls.iter_mut() {
+            control.prepare(&mut setup)?;
+            let name = control.name().to_string();
+            if let Some(hook) = control.hook() {
+                Hooks::new(vec![hook]).check(self.unet.hook_points(), &name)?;
+            }
+        }
 
-        let positive = self.encode_prompt(&req.prompt, req.clip_skip)?;
-        let mut context = if guided {
+        let (positive, prompt_words) = self.encode_prompt_words(&req.prompt, req.clip_skip)?;
+        let (mut context, negative_words) = if guided {
             // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
             // last layer. A1111 applies it to both.
             let a1111 = self.prompt_syntax == PromptSyntax::A1111;
             let negative_skip = if a1111 { req.clip_skip } else { 0 };
-            let negative = self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), negative_skip)?;
+            let (negative, negative_words) =
+                self.encode_prompt_words(req.negative_prompt.as_deref().unwrap_or(""), negative_skip)?;
             let (positive, negative) = if positive.dim(1)? == negative.dim(1)? {
                 (positive, negative)
             } else {
                 prompt::pad_to_same_length(positive, negative, &self.encode_prompt("", req.clip_skip)?)?
             };
-            Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive.repeat((batch, 1, 1))?], 0)?
+            (Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive.repeat((batch, 1, 1))?], 0)?, negative_words)
         } else {
-            positive.repeat((batch, 1, 1))?
+            (positive.repeat((batch, 1, 1))?, Vec::new())
         };
+        let info = ContextInfo { guided, batch, prompt_words: &prompt_words, negative_words: &negative_words };
         for control in controls.iter_mut() {
-            context = control.edit_context(context, &ContextInfo { guided, batch })?;
+            context = control.edit_context(context, &info)?;
         }
         let latents = (init * scheduler.init_noise_sigma())?;
         Ok(SamplingStart {
             scheduler,
             latents,
-            context,
+            conditioning: Conditioning::text(context.to_dtype(dtype)?),
             guidance: guided.then_some(req.guidance),
             deep_cache: req.deep_cache.clone(),
         })
     }
+}
+
+/// Finishes every control, then returns `result` (or the first finishing error when it succeeded).
+fn finish<T>(controls: &mut [Box<dyn Control>], result: Result<T>) -> Result<T> {
+    let mut finished = Ok(());
+    for control in controls.iter_mut() {
+        let outcome = control.finish();
+        if finished.is_ok() {
+            finished = outcome;
+        }
+    }
+    let value = result?;
+    finished.map(|()| value)
 }
 
 /// Where the sampling loop starts from.
@@ -307,16 +360,17 @@ struct SamplingStart {
     scheduler: Box<dyn Scheduler>,
     /// The starting latents [B, C, h, w] (f32), already scaled by the scheduler's initial sigma.
     latents: Tensor,
-    /// Text context [B or 2B, L, D]: negative prompts first when guided.
-    context: Tensor,
+    /// Text context [B or 2B, L, D] (negative prompts first when guided), in the compute dtype.
+    conditioning: Conditioning,
     /// The classifier-free guidance scale, when guidance is on.
     guidance: Option<f64>,
     /// DeepCache's state, when it is on.
     deep_cache: Option<DeepCache>,
 }
 
-/// The sampling loop: at every step the controls contribute to the UNet's injection points, the
-/// UNet predicts, guidance combines, the scheduler steps. Returns the final latents (f32).
+/// The sampling loop: at every step the controls contribute to the UNet's injection points and
+/// install their hooks, the UNet predicts, guidance combines, the scheduler steps. Returns the final
+/// latents (f32).
 fn sample(
     unet: &UNet,
     options: &LoadOptions,
@@ -325,7 +379,7 @@ fn sample(
     noise: &mut dyn NoiseSource,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let SamplingStart { mut scheduler, mut latents, context, guidance, mut deep_cache } = start;
+    let SamplingStart { mut scheduler, mut latents, conditioning, guidance, mut deep_cache } = start;
     let (dtype, _) = crate::io::weights::precision(options.dtype, &options.device);
     let batch = latents.dim(0)?;
     let timesteps = scheduler.timesteps().to_vec();
@@ -333,24 +387,35 @@ fn sample(
     for (i, &t) in timesteps.iter().enumerate() {
         let model_input = if guidance.is_some() { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
-        let n = model_input.dim(0)?;
-        let step = StepContext {
+        let t_batch = Tensor::full(t as f32, model_input.dim(0)?, &options.device)?;
+        let mut step_conditioning = conditioning.clone();
+        for control in controls.iter_mut() {
+            if let Some(context) = control.step_context(i, &step_conditioning.context)? {
+                step_conditioning.context = context.to_dtype(dtype)?;
+            }
+        }
+        let mut step = StepContext {
             unet,
+            scheduler: scheduler.as_ref(),
+            noise: &mut *noise,
             step_index: i,
             num_steps: timesteps.len(),
             timestep: t,
+            timesteps: &t_batch,
             latents: &model_input,
-            context: &context,
+            conditioning: &step_conditioning,
             guided: guidance.is_some(),
         };
         let mut unet_controls = UNetControls::default();
         for control in controls.iter_mut() {
-            unet_controls.merge(control.contribute(&step)?)?;
+            unet_controls.merge(control.contribute(&mut step)?)?;
         }
-        let t_batch = Tensor::full(t as f32, n, &options.device)?;
-        let prediction = unet
-            .forward_cached(&model_input, &t_batch, &context, &unet_controls, deep_cache.as_mut())?
-            .to_dtype(DType::F32)?;
+        let hooks = Hooks::new(controls.iter_mut().filter_map(|c| c.hook()).collect());
+        let input = UNetInput::new(&model_input, &t_batch, &step_conditioning)
+            .with_controls(&unet_controls)
+            .with_hooks(hooks)
+            .with_deep_cache(deep_cache.as_mut());
+        let prediction = unet.forward(input)?.to_dtype(DType::F32)?;
         let prediction = match guidance {
             Some(scale) => {
                 let uncond = prediction.narrow(0, 0, batch)?;
@@ -360,6 +425,9 @@ fn sample(
             None => prediction,
         };
         latents = scheduler.step(&prediction, i, &latents, noise)?;
+        for control in controls.iter_mut() {
+            control.after_step(i, &latents)?;
+        }
         progress(Progress::Step { done: i + 1, total: timesteps.len() });
     }
     Ok(latents)

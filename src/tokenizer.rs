@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 use tokenizers::Tokenizer;
 
+use crate::prompt::PromptWord;
 use crate::{Error, Result};
 
 /// The pre-tokenisation pattern of CLIP (lower-cased input).
@@ -160,6 +161,52 @@ impl ClipTokenizer {
         ids.extend(self.encode_words(text)?);
         ids.push(self.eos);
         Ok(ids)
+    }
+
+    /// [`Self::encode_padded`] with the words of `text` whose tokens survived truncation, each with
+    /// the rows (positions in the ids) of its tokens. A word is what the pre-tokenizer splits off (a
+    /// run of letters, of digits, or a punctuation mark); a placeholder counts as one word.
+    pub fn encode_padded_words(&self, text: &str) -> Result<(Vec<u32>, Vec<PromptWord>)> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::invalid(format!("could not tokenize {text:?}: {e}")))?;
+        let last_row = self.max_length - 1;
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos);
+        let mut words: Vec<PromptWord> = Vec::new();
+        let mut previous: Option<(u32, usize)> = None;
+        for (i, id) in enc.get_ids().iter().enumerate() {
+            let first = ids.len();
+            match self.placeholders.get(id) {
+                Some(all) => ids.extend(all.iter().take(last_row.saturating_sub(first))),
+                None if first < last_row => ids.push(*id),
+                None => {}
+            }
+            if ids.len() == first {
+                break;
+            }
+            let (start, end) = enc.get_offsets()[i];
+            // Tokens of one pre-tokenized word share a word id; without one, a token is a word.
+            let word = enc.get_word_ids()[i].map(|w| (w, start));
+            match (word, previous, words.last_mut()) {
+                (Some((w, _)), Some((p, word_start)), Some(last)) if w == p => {
+                    last.rows.end = ids.len();
+                    last.text = text.get(word_start..end).unwrap_or_default().to_string();
+                }
+                _ => words.push(PromptWord {
+                    text: text.get(start..end).unwrap_or_default().to_string(),
+                    rows: first..ids.len(),
+                }),
+            }
+            previous = word.map(|(w, s)| match previous {
+                Some((p, ps)) if p == w => (w, ps),
+                _ => (w, s),
+            });
+        }
+        ids.push(self.eos);
+        ids.resize(self.max_length, self.pad);
+        Ok((ids, words))
     }
 
     /// `<bos> ids <eos> <pad>…` of exactly [`Self::max_length`] tokens, the text truncated to fit

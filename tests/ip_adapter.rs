@@ -12,7 +12,6 @@ use common::{assert_close, load_fixture, max_abs_diff, repo_path, std_all};
 use diffctl::control::Control;
 use diffctl::control::cross_attention::ip_adapter::read_embedding_file;
 use diffctl::control::cross_attention::{ImagePromptEmbeds, IpAdapter, IpAdapterWeights, IpScale, RegionMask};
-use diffctl::control::weights::LoraMode;
 use diffctl::io::image::load_rgb;
 use diffctl::models::clip_vision::ClipVisionEncoder;
 use diffctl::models::image_processor::ClipImageProcessor;
@@ -77,7 +76,7 @@ fn encoder() -> (ClipVisionEncoder, ClipImageProcessor) {
 /// The case's controls, built through the library (FaceID LoRAs attached to `model`);
 /// `from_embeds_file` reads the projection inputs from the case's diffusers `ip_adapter_image_embeds`
 /// file, `ext` swaps the adapter files' extension.
-fn controls(model: &mut StableDiffusion, case: &Case, from_embeds_file: bool, ext: &str) -> Vec<Box<dyn Control>> {
+fn controls(model: &StableDiffusion, case: &Case, from_embeds_file: bool, ext: &str) -> Vec<Box<dyn Control>> {
     let (encoder, processor) = encoder();
     let mut images = case.images.iter();
     case.adapters
@@ -85,10 +84,8 @@ fn controls(model: &mut StableDiffusion, case: &Case, from_embeds_file: bool, ex
         .enumerate()
         .map(|(i, file)| {
             let path = repo_path(file).with_extension(ext);
+            // A FaceID adapter's control attaches its LoRA itself while it acts.
             let weights = IpAdapterWeights::load(&path, model.unet.config(), DType::F32, &Device::Cpu).unwrap();
-            if let Some(lora) = weights.lora() {
-                model.attach_lora(&format!("ip-adapter-{i}"), &lora, 1.0, LoraMode::Fused).unwrap();
-            }
             let input = weights.projection().input();
             let embeds = if from_embeds_file {
                 let t = read_embedding_file(&repo_path(case.embeds_file.as_ref().unwrap()), &Device::Cpu).unwrap();
@@ -151,7 +148,7 @@ fn cross_attention_layers_follow_diffusers_attn_processors_order() {
 
 #[test]
 fn pipeline_matches_diffusers_for_every_case() {
-    let mut model = model();
+    let model = model();
     let mut report = Vec::new();
     for case in &cases().cases {
         let mut variants = vec![(false, "safetensors", case.name.clone())];
@@ -162,12 +159,11 @@ fn pipeline_matches_diffusers_for_every_case() {
             variants.push((false, "bin", format!("{} (.bin adapter)", case.name)));
         }
         for (from_embeds, ext, what) in variants {
-            let controls = controls(&mut model, case, from_embeds, ext);
+            let controls = controls(&model, case, from_embeds, ext);
             let (latents, image) = run(&model, case, controls);
             report.push(check(case, &latents, &image, &what));
-            for name in model.lora_names() {
-                model.detach_lora(&name).unwrap();
-            }
+            // A FaceID control owns its LoRA: nothing stays attached once the generation is over.
+            assert!(model.lora_names().is_empty(), "{what}: LoRAs left attached: {:?}", model.lora_names());
         }
     }
     eprintln!("{}", report.join("\n"));

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, load_fixture, repo_path};
 use diffctl::io::weights::{TensorStore, Weights};
 use diffctl::models::clip_text::{ClipTextConfig, ClipTextEncoder};
-use diffctl::models::unet::{DeepCache, UNet, UNetConfig, UNetControls};
+use diffctl::models::unet::{Conditioning, DeepCache, UNet, UNetConfig, UNetControls, UNetInput};
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::tokenizer::ClipTokenizer;
 
@@ -84,9 +84,15 @@ fn unet_forward_matches_diffusers_with_per_sample_timesteps() {
         let unit = load_fixture(&format!("tests/fixtures/units/{model}.safetensors"));
         let cfg = UNetConfig::load(&config(model, "unet")).unwrap();
         let unet = UNet::load(&weights(model, "unet", "diffusion_pytorch_model.safetensors"), &cfg).unwrap();
-        let out = unet
-            .forward(&unit["unet.sample"], &unit["unet.timesteps"], &unit["unet.context"], &UNetControls::default())
-            .unwrap();
+        let out = call(
+            &unet,
+            &unit["unet.sample"],
+            &unit["unet.timesteps"],
+            &unit["unet.context"],
+            &UNetControls::default(),
+            None,
+        )
+        .unwrap();
         assert_close(&format!("{model} unet"), &out, &unit["unet.out"], 2e-5);
     }
 }
@@ -105,8 +111,14 @@ fn vae_matches_diffusers() {
         );
         assert_close(
             &format!("{model} vae encode"),
-            &vae.encode_mean(&unit["vae.image"]).unwrap(),
+            &vae.encode(&unit["vae.image"]).unwrap().mean,
             &unit["vae.encoded_mean"],
+            2e-5,
+        );
+        assert_close(
+            &format!("{model} vae encode logvar"),
+            &vae.encode(&unit["vae.image"]).unwrap().logvar,
+            &unit["vae.encoded_logvar"],
             2e-5,
         );
     }
@@ -169,17 +181,17 @@ fn deep_cache_partial_calls_reuse_the_deep_feature() {
             .collect::<Vec<_>>();
         let mid = residuals.last().unwrap().randn_like(0.0, 0.3).unwrap();
         let controls = UNetControls { down_residuals: Some(residuals), mid_residual: Some(mid), ..Default::default() };
-        let exact = unet.forward(sample, t, ctx, &controls).unwrap();
-        let exact2 = unet.forward(&sample2, t, ctx, &controls).unwrap();
+        let exact = call(&unet, sample, t, ctx, &controls, None).unwrap();
+        let exact2 = call(&unet, &sample2, t, ctx, &controls, None).unwrap();
         for branch in 0..unet.num_skips() {
             let what = format!("{model} DeepCache branch {branch}");
             let mut cache = DeepCache::new(2, branch).unwrap();
-            let mut call = |sample: &Tensor| unet.forward_cached(sample, t, ctx, &controls, Some(&mut cache)).unwrap();
-            assert!(common::max_abs_diff(&call(sample), &exact) < 1e-6, "{what}: refresh");
-            assert_close(&format!("{what}: partial on the same inputs"), &call(sample), &exact, 1e-5);
-            assert!(common::max_abs_diff(&call(&sample2), &exact2) < 1e-6, "{what}: second refresh");
+            let mut run = |sample: &Tensor| call(&unet, sample, t, ctx, &controls, Some(&mut cache)).unwrap();
+            assert!(common::max_abs_diff(&run(sample), &exact) < 1e-6, "{what}: refresh");
+            assert_close(&format!("{what}: partial on the same inputs"), &run(sample), &exact, 1e-5);
+            assert!(common::max_abs_diff(&run(&sample2), &exact2) < 1e-6, "{what}: second refresh");
             // Partial on the first sample, around the feature kept for the second: neither output.
-            let mixed = call(sample);
+            let mixed = run(sample);
             assert!(common::max_abs_diff(&mixed, &exact) > 1e-4, "{what}: the kept feature is not used");
             assert!(common::max_abs_diff(&mixed, &exact2) > 1e-4, "{what}: the shallow branch is not run");
         }
@@ -187,15 +199,15 @@ fn deep_cache_partial_calls_reuse_the_deep_feature() {
         let one = sample.narrow(0, 0, 1).unwrap();
         let one_controls = UNetControls::default();
         let mut cache = DeepCache::new(4, 0).unwrap();
-        unet.forward_cached(sample, t, ctx, &one_controls, Some(&mut cache)).unwrap();
+        call(&unet, sample, t, ctx, &one_controls, Some(&mut cache)).unwrap();
         let (t1, c1) = (t.narrow(0, 0, 1).unwrap(), ctx.narrow(0, 0, 1).unwrap());
-        let out = unet.forward_cached(&one, &t1, &c1, &one_controls, Some(&mut cache)).unwrap();
-        let expected = unet.forward(&one, &t1, &c1, &one_controls).unwrap();
+        let out = call(&unet, &one, &t1, &c1, &one_controls, Some(&mut cache)).unwrap();
+        let expected = call(&unet, &one, &t1, &c1, &one_controls, None).unwrap();
         assert!(common::max_abs_diff(&out, &expected) < 1e-6, "{model}: a new shape refreshes");
 
         let deepest = unet.num_skips() - 1;
         let mut past = DeepCache::new(2, deepest + 1).unwrap();
-        let err = unet.forward_cached(sample, t, ctx, &one_controls, Some(&mut past)).unwrap_err().to_string();
+        let err = call(&unet, sample, t, ctx, &one_controls, Some(&mut past)).unwrap_err().to_string();
         assert!(
             err.contains(&format!("branch {}", deepest + 1)) && err.contains(&format!("deepest, {deepest}")),
             "{err}"
@@ -212,7 +224,7 @@ fn unet_controls_change_the_output_only_where_injected() {
     let cfg = UNetConfig::load(&config(model, "unet")).unwrap();
     let unet = UNet::load(&weights(model, "unet", "diffusion_pytorch_model.safetensors"), &cfg).unwrap();
     let (sample, t, ctx) = (&unit["unet.sample"], &unit["unet.timesteps"], &unit["unet.context"]);
-    let base = unet.forward(sample, t, ctx, &UNetControls::default()).unwrap();
+    let base = call(&unet, sample, t, ctx, &UNetControls::default(), None).unwrap();
 
     // Zero residuals and a zero-scaled extra attention stream leave the output unchanged.
     let b = sample.dim(0).unwrap();
@@ -230,18 +242,33 @@ fn unet_controls_change_the_output_only_where_injected() {
         mask: None,
     };
     let mut controls = UNetControls { down_residuals: Some(skips.clone()), ..Default::default() };
-    controls.extra_attention.insert(layer.clone(), vec![stream.clone()]);
-    let same = unet.forward(sample, t, ctx, &controls).unwrap();
+    controls.extra_attention.push(std::sync::Arc::new([(layer.clone(), vec![stream.clone()])].into_iter().collect()));
+    let same = call(&unet, sample, t, ctx, &controls, None).unwrap();
     assert!(common::max_abs_diff(&same, &base) < 1e-6);
 
     // A non-zero stream at one layer changes the output.
-    controls.extra_attention.insert(layer, vec![diffctl::models::unet::ExtraAttention { scale: 1.0, ..stream }]);
-    let changed = unet.forward(sample, t, ctx, &controls).unwrap();
+    controls.extra_attention = vec![std::sync::Arc::new(
+        [(layer, vec![diffctl::models::unet::ExtraAttention { scale: 1.0, ..stream }])].into_iter().collect(),
+    )];
+    let changed = call(&unet, sample, t, ctx, &controls, None).unwrap();
     assert!(common::max_abs_diff(&changed, &base) > 1e-3);
 
     // A wrong number of residuals is an error, not a panic.
     skips.pop();
     let bad = UNetControls { down_residuals: Some(skips), ..Default::default() };
-    let err = unet.forward(sample, t, ctx, &bad).unwrap_err().to_string();
+    let err = call(&unet, sample, t, ctx, &bad, None).unwrap_err().to_string();
     assert!(err.contains("down residuals"), "{err}");
+}
+
+/// One UNet call on `sample` at `t` with the text context `ctx`, the `controls` and DeepCache `cache`.
+fn call(
+    unet: &UNet,
+    sample: &Tensor,
+    t: &Tensor,
+    ctx: &Tensor,
+    controls: &UNetControls,
+    cache: Option<&mut DeepCache>,
+) -> diffctl::Result<Tensor> {
+    let conditioning = Conditioning::text(ctx.clone());
+    unet.forward(UNetInput::new(sample, t, &conditioning).with_controls(controls).with_deep_cache(cache))
 }

@@ -101,7 +101,7 @@ fn adapters_match_the_reference_modules() {
     for (i, f) in features.iter().enumerate() {
         assert_close(&format!("features.{i}"), f, &unit[&format!("features.{i}")], 2e-5);
     }
-    let res = local.forward(&unit["sample"], &unit["timesteps"], &unit["context"], &maps).unwrap();
+    let res = local.forward(&unit["sample"], &unit["timesteps"], &unit["context"], &features).unwrap();
     assert_eq!(res.down.len(), 12);
     for (i, d) in res.down.iter().enumerate() {
         assert_close(&format!("down.{i}"), d, &unit[&format!("down.{i}")], 2e-5);

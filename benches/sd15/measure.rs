@@ -11,15 +11,16 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use diffctl::control::cross_attention::{ImagePromptEmbeds, IpAdapter, IpAdapterWeights, IpScale};
 use diffctl::control::residual::controlnet::{ControlNetControl, ControlNetSettings, load_controlnet};
-use diffctl::control::{Control, StepContext};
+use diffctl::control::{Control, GenerationSetup, StepContext};
 use diffctl::io::model_files::{ModelFiles, SourceOptions};
 use diffctl::io::weights::Weights;
 use diffctl::models::clip_text::ClipTextEncoder;
-use diffctl::models::unet::{DeepCache, UNet, UNetControls};
+use diffctl::models::nn::LayerRegistry;
+use diffctl::models::unet::{Conditioning, DeepCache, UNet, UNetInput};
 use diffctl::models::vae::Vae;
 use diffctl::noise::SeededNoise;
 use diffctl::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
-use diffctl::schedulers::NoiseSource;
+use diffctl::schedulers::{self, NoiseSource, SchedulerKind};
 use serde::{Deserialize, Serialize};
 
 /// The prompt of the text-encoding and whole-generation measurements.
@@ -290,9 +291,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
             out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
             let batch = if job.kind == Kind::UnetB1 { 1 } else { 2 };
             let (x, t, ctx) = unet_inputs(job, &unet, batch)?;
-            let none = UNetControls::default();
+            let conditioning = Conditioning::text(ctx);
             out.runs = time_runs(job, &mut share, &format!("unet b{batch}"), || {
-                last = Some(unet.forward(&x, &t, &ctx, &none)?);
+                last = Some(unet.forward(UNetInput::new(&x, &t, &conditioning))?);
                 Ok(())
             })?;
         }
@@ -310,28 +311,48 @@ pub fn run(job: &Job) -> Result<Outcome> {
         }
         Kind::Controlnet | Kind::IpAdapter => {
             let unet = load_unet()?;
+            let vae = Vae::load(&weights(&files.vae.weights), &files.vae.config)?;
             let mut control = load_control(job, &unet)?;
-            out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
             let (x, t, ctx) = unet_inputs(job, &unet, 2)?;
-            let none = UNetControls::default();
+            let scheduler = schedulers::build(SchedulerKind::Ddim, &files.scheduler_config, FULL_STEPS)?;
+            let mut noise = SeededNoise::new(job.seed ^ 2);
+            let layers = LayerRegistry::new();
+            control.prepare(&mut GenerationSetup {
+                unet: &unet,
+                vae: &vae,
+                layers: &layers,
+                batch: 1,
+                guided: true,
+                image_size: (SIZE, SIZE),
+                latent_size: (x.dim(2)?, x.dim(3)?),
+                dtype: job.compute_dtype(),
+                device: &job.device,
+                noise: &mut noise,
+            })?;
+            drop(vae);
+            out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
+            let conditioning = Conditioning::text(ctx);
             for i in 0..job.warmup + job.runs {
                 let timed = i >= job.warmup;
                 let plain = share.time(&job.device, timed, || {
-                    unet.forward(&x, &t, &ctx, &none)?;
+                    unet.forward(UNetInput::new(&x, &t, &conditioning))?;
                     Ok(())
                 })?;
                 let with = share.time(&job.device, timed, || {
-                    let step = StepContext {
+                    let mut step = StepContext {
                         unet: &unet,
+                        scheduler: scheduler.as_ref(),
+                        noise: &mut noise,
                         step_index: 0,
                         num_steps: FULL_STEPS,
                         timestep: f64::from(TIMESTEP),
+                        timesteps: &t,
                         latents: &x,
-                        context: &ctx,
+                        conditioning: &conditioning,
                         guided: true,
                     };
-                    let controls = control.contribute(&step)?;
-                    last = Some(unet.forward(&x, &t, &ctx, &controls)?);
+                    let controls = control.contribute(&mut step)?;
+                    last = Some(unet.forward(UNetInput::new(&x, &t, &conditioning).with_controls(&controls))?);
                     Ok(())
                 })?;
                 let what = if i < job.warmup { format!("warm-up {i}") } else { format!("run {}", i - job.warmup) };

@@ -1,18 +1,10 @@
 //! Textual-inversion flags of `diffctl generate`: `--embedding FILE[:TOKEN]` (repeatable).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::Context;
 use clap::Args;
 
-use crate::pipeline::StableDiffusion;
-
-/// An `--embedding` value: a file and the token that names it in prompts.
-#[derive(Debug, Clone)]
-pub struct EmbeddingSpec {
-    path: PathBuf,
-    token: Option<String>,
-}
+use crate::request::{EmbeddingSpec, Request};
 
 /// `FILE` or `FILE:TOKEN` (a value that is an existing file is taken whole).
 fn parse_embedding_spec(s: &str) -> Result<EmbeddingSpec, String> {
@@ -35,14 +27,8 @@ pub struct EmbeddingArgs {
 }
 
 impl EmbeddingArgs {
-    /// Adds every `--embedding` to `model`'s tokenizer and token vectors.
-    pub fn apply(&self, model: &mut StableDiffusion) -> anyhow::Result<()> {
-        for spec in &self.embedding {
-            let token = model
-                .load_textual_inversion(&spec.path, spec.token.as_deref())
-                .with_context(|| format!("loading embedding {}", spec.path.display()))?;
-            eprintln!("embedding {} as `{token}`", spec.path.display());
-        }
-        Ok(())
+    /// Adds every `--embedding` to `request`.
+    pub fn add_to(&self, request: &mut Request) {
+        request.embeddings.extend(self.embedding.iter().cloned());
     }
 }

@@ -2,18 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::control::Control;
 use crate::io::image::{save_png, to_rgb8};
-use crate::io::latents::{load_latents, save_latents};
-use crate::models::unet::DeepCache;
-use crate::noise::SeededNoise;
-use crate::pipeline::{GenerateRequest, LoadOptions, Progress, StableDiffusion};
+use crate::io::latents::save_latents;
+use crate::pipeline::{LoadOptions, Progress, StableDiffusion};
 use crate::prompt::PromptSyntax;
+use crate::request::Request;
 use crate::schedulers::SchedulerKind;
 
 /// Arguments of `diffctl generate`.
@@ -75,6 +73,8 @@ pub struct GenerateArgs {
     lora: super::lora::LoraArgs,
     #[command(flatten)]
     embedding: super::embedding::EmbeddingArgs,
+    #[command(flatten)]
+    reference: super::reference::ReferenceArgs,
     /// How prompts are read: diffusers (literal, truncated at 77 tokens) or a1111 ((word:1.3),
     /// (word), [word], \( escapes, BREAK, prompts of any length in 75-token chunks).
     #[arg(long, default_value = "diffusers", value_name = "SYNTAX", value_parser = |s: &str| s.parse::<PromptSyntax>().map_err(|e| e.to_string()))]
@@ -120,45 +120,39 @@ fn image_paths(output: &Path, count: usize) -> Vec<PathBuf> {
     (0..count).map(|i| output.with_file_name(format!("{stem}-{i}.png"))).collect()
 }
 
-/// Runs `diffctl generate`.
+/// Runs `diffctl generate`: the flags become one library [`Request`]; this prints its notices and
+/// progress and writes the outputs.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    for (name, v) in [("--width", args.width), ("--height", args.height)] {
-        if let Some(v) = v
-            && (v == 0 || v % 8 != 0)
-        {
-            bail!("{name} {v} is not a positive multiple of 8");
-        }
-    }
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
     let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
-    let options = LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() };
-    let init_latents = args.init_latents.as_deref().map(|p| load_latents(p, &options.device)).transpose()?;
-    let mut model = StableDiffusion::load(&args.model, &options)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-    model.prompt_syntax = args.prompt_syntax;
-    if args.vae_tiling {
-        model.vae.enable_tiling(args.vae_tile_size)?;
-    }
-    args.lora.apply(&mut model)?;
-    args.embedding.apply(&mut model)?;
-    let native = model.unet.config().sample_size.unwrap_or(64) * model.vae_scale_factor();
     let seed = args.seed.unwrap_or_else(rand::random);
-    let request = GenerateRequest {
+    let mut request = Request {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
+        prompt_syntax: args.prompt_syntax,
         steps: args.steps,
         guidance: args.guidance,
         scheduler,
-        width: args.width.unwrap_or(native),
-        height: args.height.unwrap_or(native),
+        width: args.width,
+        height: args.height,
         batch: args.batch,
+        seed,
         clip_skip: args.clip_skip,
-        init_latents,
-        deep_cache: args.deep_cache.map(|n| DeepCache::new(n, args.deep_cache_branch)).transpose()?,
+        init_latents: args.init_latents.clone(),
+        vae_tiling: args.vae_tiling.then_some(args.vae_tile_size),
+        deep_cache: args.deep_cache.map(|n| (n, args.deep_cache_branch)),
+        ip_adapters: args.ip_adapter.request()?,
+        uni_controlnet: args.uni_controlnet.request()?,
+        ..Request::default()
     };
+    args.residual.add_to(&mut request)?;
+    args.lora.add_to(&mut request);
+    args.embedding.add_to(&mut request);
+    args.reference.add_to(&mut request);
+    request.validate()?;
 
+    let options = LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() };
+    let model = StableDiffusion::load(&args.model, &options)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})")?
@@ -172,17 +166,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         Progress::Step { done, .. } => bar.set_position(done as u64),
         Progress::Decoding => bar.set_message("decoding"),
     };
-    // Each mechanism family's flags build its controls; the loop composes them.
-    let f = model.vae_scale_factor();
-    let (width, height) = match &request.init_latents {
-        Some(latents) => (latents.dim(3)? * f, latents.dim(2)? * f),
-        None => (request.width, request.height),
-    };
-    let mut controls: Vec<Box<dyn Control>> = Vec::new();
-    controls.extend(args.residual.build(&model, &options, width, height)?);
-    controls.extend(args.ip_adapter.build(&mut model, &options, width, height)?);
-    controls.extend(args.uni_controlnet.build(&model, &options, width, height)?);
-    let generated = model.generate_once(&request, &mut controls, &mut SeededNoise::new(seed), &mut on_progress)?;
+    let generated = request.run_once(model, &options, &mut |notice| eprintln!("{notice}"), &mut on_progress)?;
     bar.finish_and_clear();
 
     if let Some(path) = &args.output_latents {

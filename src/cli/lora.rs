@@ -1,19 +1,9 @@
 //! LoRA flags of `diffctl generate`: `--lora FILE[:SCALE]` (repeatable), `--lora-mode`, `--strict-lora`.
 
-use std::path::PathBuf;
-
-use anyhow::bail;
 use clap::Args;
 
-use crate::control::weights::{Lora, LoraMode};
-use crate::pipeline::StableDiffusion;
-
-/// A `--lora` value: a file and its multiplier.
-#[derive(Debug, Clone)]
-pub struct LoraSpec {
-    path: PathBuf,
-    scale: f64,
-}
+use crate::control::weights::LoraMode;
+use crate::request::{LoraSpec, Request};
 
 /// `FILE` or `FILE:SCALE` (the last `:` starts the scale only when a number follows it).
 fn parse_lora_spec(s: &str) -> Result<LoraSpec, String> {
@@ -45,26 +35,10 @@ pub struct LoraArgs {
 }
 
 impl LoraArgs {
-    /// Reads every `--lora` and attaches it to `model`.
-    pub fn apply(&self, model: &mut StableDiffusion) -> anyhow::Result<()> {
-        let device = model.device().clone();
-        for (i, spec) in self.lora.iter().enumerate() {
-            let lora = Lora::load(&spec.path, &model.layers, &device)?;
-            if !lora.unmatched.is_empty() {
-                let message = format!(
-                    "{} keys of {} match no layer of the model (first: `{}`)",
-                    lora.unmatched.len(),
-                    spec.path.display(),
-                    lora.unmatched[0]
-                );
-                if self.strict_lora {
-                    bail!("{message}");
-                }
-                eprintln!("warning: {message}; --strict-lora makes this an error");
-            }
-            let name = format!("{}#{i}", spec.path.display());
-            model.attach_lora(&name, &lora, spec.scale, self.lora_mode)?;
-        }
-        Ok(())
+    /// Adds every `--lora` and the LoRA options to `request`.
+    pub fn add_to(&self, request: &mut Request) {
+        request.loras.extend(self.lora.iter().cloned());
+        request.lora_mode = self.lora_mode;
+        request.strict_lora = self.strict_lora;
     }
 }

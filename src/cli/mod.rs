@@ -7,6 +7,7 @@ mod inspect;
 mod ip_adapter;
 mod lora;
 mod preprocess;
+mod reference;
 mod residual;
 mod source;
 mod uni_controlnet;

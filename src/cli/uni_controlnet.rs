@@ -2,19 +2,12 @@
 //! (content) image.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 
-use crate::control::Control;
-use crate::control::cross_attention::{ImagePromptEmbeds, ProjectionInput};
-use crate::control::residual::uni_controlnet::{
-    LOCAL_CONDITIONS, UniControlNetControl, UniControlNetSettings, load_uni_controlnet, local_conditions,
-};
-use crate::io::image::load_rgb;
-use crate::models::uni_controlnet::CONDITION_SCALE;
-use crate::pipeline::{LoadOptions, StableDiffusion};
+use crate::control::residual::uni_controlnet::{LOCAL_CONDITIONS, UniControlNetSettings};
+use crate::request::UniControlNetSpec;
 
 /// Uni-ControlNet flags of `diffctl generate`.
 #[derive(Debug, Args)]
@@ -42,26 +35,9 @@ pub struct UniControlNetArgs {
     uni_global_scale: f64,
 }
 
-/// Parses `NAME=PNG` into the condition's channel slot and the path.
-fn parse_local(arg: &str) -> anyhow::Result<(usize, PathBuf)> {
-    let Some((name, path)) = arg.split_once('=') else {
-        bail!("--uni-local {arg}: expected NAME=PNG (NAME one of {})", LOCAL_CONDITIONS.join(", "));
-    };
-    let Some(slot) = LOCAL_CONDITIONS.iter().position(|n| *n == name.trim()) else {
-        bail!("--uni-local {arg}: unknown local condition `{name}` (expected one of {})", LOCAL_CONDITIONS.join(", "));
-    };
-    Ok((slot, PathBuf::from(path)))
-}
-
 impl UniControlNetArgs {
-    /// Loads the Uni-ControlNet with its conditions for a `width`x`height` generation.
-    pub fn build(
-        &self,
-        model: &StableDiffusion,
-        options: &LoadOptions,
-        width: usize,
-        height: usize,
-    ) -> anyhow::Result<Vec<Box<dyn Control>>> {
+    /// The Uni-ControlNet part of a request, from the flags.
+    pub fn request(&self) -> anyhow::Result<Option<UniControlNetSpec>> {
         let Some(path) = &self.uni_controlnet else {
             let given = [
                 ("--uni-local", !self.uni_local.is_empty()),
@@ -71,78 +47,27 @@ impl UniControlNetArgs {
             if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
                 bail!("{flag} was given without --uni-controlnet");
             }
-            return Ok(Vec::new());
+            return Ok(None);
         };
-        let locals = self.uni_local.iter().map(|a| parse_local(a)).collect::<anyhow::Result<Vec<_>>>()?;
-        for (i, (slot, _)) in locals.iter().enumerate() {
-            if locals[..i].iter().any(|(s, _)| s == slot) {
-                bail!("--uni-local {} was given twice", LOCAL_CONDITIONS[*slot]);
-            }
-        }
-        match (&self.uni_global_image, &self.uni_image_encoder) {
+        let local = self
+            .uni_local
+            .iter()
+            .map(|arg| match arg.split_once('=') {
+                Some((name, png)) => Ok((name.trim().to_string(), PathBuf::from(png))),
+                None => bail!("--uni-local {arg}: expected NAME=PNG (NAME one of {})", LOCAL_CONDITIONS.join(", ")),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let global = match (&self.uni_global_image, &self.uni_image_encoder) {
+            (Some(image), Some(dir)) => Some((image.clone(), dir.clone())),
             (Some(image), None) => bail!(
                 "--uni-global-image {} needs --uni-image-encoder DIR (the CLIP vision model the adapter was trained \
                  with)",
                 image.display()
             ),
             (None, Some(_)) => bail!("--uni-image-encoder was given without --uni-global-image"),
-            _ => {}
-        }
-        if locals.is_empty() && self.uni_global_image.is_none() {
-            bail!("--uni-controlnet needs conditions: --uni-local NAME=PNG and/or --uni-global-image PNG");
-        }
-        let net = load_uni_controlnet(path, options, model.unet.config())
-            .with_context(|| format!("loading Uni-ControlNet {}", path.display()))?;
-        let name = path.display().to_string();
-
-        let local = match (&net.local, locals.is_empty()) {
-            (None, false) => bail!("{name}: has no local adapter (`local_adapter.*`), but --uni-local was given"),
-            (Some(adapter), false) => {
-                let channels = adapter.config().local_channels;
-                if channels != 3 * LOCAL_CONDITIONS.len() {
-                    bail!(
-                        "{name}: the local adapter takes {channels} condition channels, not the {} of uni.ckpt's \
-                         channel layout ({} as RGB maps)",
-                        3 * LOCAL_CONDITIONS.len(),
-                        LOCAL_CONDITIONS.join(", ")
-                    );
-                }
-                let f = model.vae_scale_factor();
-                let (w, h) = (width / f * CONDITION_SCALE, height / f * CONDITION_SCALE);
-                let images =
-                    locals.iter().map(|(slot, p)| Ok((*slot, load_rgb(p)?))).collect::<crate::Result<Vec<_>>>()?;
-                Some(local_conditions(&images, LOCAL_CONDITIONS.len(), w, h, &options.device)?)
-            }
-            (_, true) => None,
-        };
-        let global_embeds = match (&self.uni_global_image, &self.uni_image_encoder) {
-            (Some(image), Some(dir)) => {
-                let Some(adapter) = &net.global else {
-                    bail!("{name}: has no global adapter (`global_adapter.*`), but --uni-global-image was given");
-                };
-                let encoder = super::ip_adapter::load_encoder(dir, options)
-                    .with_context(|| format!("loading image encoder {}", dir.display()))?;
-                let (theirs, mine) = (encoder.model.config().projection_dim(), adapter.config().in_dim);
-                if theirs != mine {
-                    bail!(
-                        "{name}: the global adapter takes image embeddings of width {mine}, the image encoder {} gives \
-                         {theirs} (projection_dim): use the encoder it was trained with",
-                        dir.display()
-                    );
-                }
-                let picture = load_rgb(image)?;
-                let embeds = ImagePromptEmbeds::from_images(
-                    &[picture],
-                    &encoder.model,
-                    &encoder.processor,
-                    ProjectionInput::ImageEmbeds,
-                )?;
-                Some(embeds.positive)
-            }
-            _ => None,
+            (None, None) => None,
         };
         let settings = UniControlNetSettings { local_scale: self.uni_local_scale, global_scale: self.uni_global_scale };
-        let control = UniControlNetControl::new(name, Arc::new(net), local, global_embeds, settings)?;
-        Ok(vec![Box::new(control)])
+        Ok(Some(UniControlNetSpec { path: path.clone(), local, global, settings }))
     }
 }

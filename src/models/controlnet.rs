@@ -7,7 +7,8 @@ use candle_core::{Module, Tensor};
 use serde::Deserialize;
 
 use super::nn::{Conv2d, conv2d};
-use super::unet::{EncoderOutput, UNetConfig, UNetControls, UNetEncoder};
+use super::unet::input::LayerPass;
+use super::unet::{EncoderOutput, Hooks, UNetConfig, UNetControls, UNetEncoder, UNetHook};
 use crate::io::weights::Weights;
 use crate::{Error, Result};
 
@@ -227,8 +228,10 @@ impl ControlNet {
         let cond = if self.config.bgr { cond.flip(&[1])? } else { cond.clone() };
         let hint = self.condition_embedding.forward(&cond.to_dtype(sample.dtype())?)?;
         let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
-        let EncoderOutput { hidden, skips } =
-            self.encoder.forward(sample, &temb, context, &UNetControls::default(), Some(&hint), None)?;
+        let controls = UNetControls::default();
+        let mut add_hint = AddToOutput { id: "conv_in", tensor: hint };
+        let mut pass = LayerPass { temb, context, controls: &controls, hooks: Hooks::new(vec![&mut add_hint]) };
+        let EncoderOutput { hidden, skips } = self.encoder.forward(sample, &mut pass, None)?;
         let n = skips.len();
         let scales: Vec<f64> = match scale {
             ResidualScale::Uniform(s) => vec![s; n + 1],
@@ -246,5 +249,21 @@ impl ControlNet {
             .collect::<Result<_>>()?;
         let mid = pool((self.mid_zero_conv.forward(&hidden)? * scales[n])?)?;
         Ok(ControlResiduals { down, mid })
+    }
+}
+
+/// A hook adding a tensor to one module's output (the ControlNet's condition embedding at `conv_in`).
+struct AddToOutput {
+    id: &'static str,
+    tensor: Tensor,
+}
+
+impl UNetHook for AddToOutput {
+    fn layer_ids(&self) -> Vec<String> {
+        vec![self.id.to_string()]
+    }
+
+    fn at_output(&mut self, _id: &str, output: Tensor) -> Result<Tensor> {
+        Ok((output + &self.tensor)?)
     }
 }

@@ -361,9 +361,9 @@ impl Vae {
         &self.config
     }
 
-    /// The mean of the latent distribution of `images` [B, 3, H, W] in [-1, 1]: [B, lc, H/f, W/f]
-    /// (unscaled, as `latent_dist.mean`).
-    pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor> {
+    /// The latent distribution of `images` [B, 3, H, W] in [-1, 1]: mean and log-variance, each
+    /// [B, lc, H/f, W/f] (unscaled, as diffusers' `latent_dist`).
+    pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
         let e = &self.encoder;
         let mut xs = e.conv_in.forward(images)?;
         for (resnets, down) in &e.blocks {
@@ -378,7 +378,18 @@ impl Vae {
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
-        Ok(moments.narrow(1, 0, self.config.latent_channels)?)
+        let lc = self.config.latent_channels;
+        Ok(LatentDistribution { mean: moments.narrow(1, 0, lc)?, logvar: moments.narrow(1, lc, lc)? })
+    }
+
+    /// Diffusion latents of images [B, 3, H, W] in [-1, 1]: a sample of their latent distribution
+    /// drawn with `noise`, shifted and scaled as the pipelines do (`(z − shift) · scaling_factor`).
+    pub fn encode_to_latents(&self, images: &Tensor, noise: &mut dyn crate::schedulers::NoiseSource) -> Result<Tensor> {
+        let dist = self.encode(images)?;
+        let eps = noise.sample(dist.mean.dims(), dist.mean.device())?;
+        let c = &self.config;
+        let z = dist.sample(&eps)?;
+        Ok(((z - c.shift_factor.unwrap_or(0.0))? * c.scaling_factor)?)
     }
 
     /// Decodes raw latents [B, lc, h, w] (already divided by the scaling factor) to images
@@ -417,5 +428,24 @@ impl Vae {
         let c = &self.config;
         let z = ((latents / c.scaling_factor)? + c.shift_factor.unwrap_or(0.0))?;
         Ok(((self.decode(&z)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
+
+/// A diagonal Gaussian over latents (diffusers' `DiagonalGaussianDistribution`).
+#[derive(Debug, Clone)]
+pub struct LatentDistribution {
+    /// Mean [B, lc, h, w].
+    pub mean: Tensor,
+    /// Log-variance [B, lc, h, w], as the encoder gives it.
+    pub logvar: Tensor,
+}
+
+impl LatentDistribution {
+    /// `mean + std · noise`, with the log-variance clamped to [-30, 20] as diffusers does; `noise`
+    /// is standard normal, any dtype, the mean's shape.
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
+        let std = (self.logvar.to_dtype(candle_core::DType::F32)?.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
+        let mean = self.mean.to_dtype(candle_core::DType::F32)?;
+        Ok((mean + std.mul(&noise.to_dtype(candle_core::DType::F32)?)?)?)
     }
 }

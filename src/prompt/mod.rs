@@ -10,6 +10,16 @@ use candle_core::Tensor;
 
 use crate::{Error, Result};
 
+/// A word of a prompt and the rows of the text encoder's output its tokens became (within the
+/// prompt's 77, the start token being row 0): how a mechanism finds "man" in "a photo of a man img".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptWord {
+    /// The word as written in the prompt.
+    pub text: String,
+    /// Its rows (several when the word is several tokens or a multi-vector placeholder).
+    pub rows: std::ops::Range<usize>,
+}
+
 /// How prompts are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PromptSyntax {

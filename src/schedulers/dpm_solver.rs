@@ -319,6 +319,11 @@ impl DpmSolver {
 }
 
 impl Scheduler for DpmSolver {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let (alpha, sigma, _) = alpha_sigma_lambda(self.sigmas[step_index]);
+        lin2(alpha, original, sigma, noise)
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -118,6 +118,10 @@ impl Euler {
 }
 
 impl Scheduler for Euler {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        Ok((original + super::mul(noise, self.sigmas[step_index])?)?)
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

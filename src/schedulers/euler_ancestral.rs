@@ -42,6 +42,10 @@ impl EulerAncestral {
 }
 
 impl Scheduler for EulerAncestral {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        Ok((original + super::mul(noise, self.sigmas[step_index])?)?)
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

@@ -68,6 +68,10 @@ impl Lcm {
 }
 
 impl Scheduler for Lcm {
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        super::add_noise_at(&self.train, self.ints[step_index], original, noise)
+    }
+
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

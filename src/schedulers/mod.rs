@@ -35,6 +35,10 @@ pub trait Scheduler {
     fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
         Ok(sample.clone())
     }
+    /// Forward noising to the noise level of step `step_index` (diffusers' `scheduler.add_noise` at
+    /// that step's timestep): `original` and `noise` [B, C, h, w], in the scheduler's own space
+    /// (`sqrt(ᾱ)·x + sqrt(1 − ᾱ)·ε`, or `x + σ·ε` for the schedulers that work in sigma space).
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
     /// One denoising step from `sample` given `model_output` at step `step_index`; returns the
     /// previous (less noisy) sample. `noise` is used only by stochastic schedulers.
     fn step(
@@ -436,4 +440,13 @@ pub(crate) fn div(x: &Tensor, c: f32) -> Result<Tensor> {
 /// `a * x + b * y` evaluated as torch does `a * x + b * y` (two products, one sum) in f32.
 pub(crate) fn lin2(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
     Ok((mul(x, a)? + mul(y, b)?)?)
+}
+
+/// `sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε` at integer timestep `t` (the DDPM-family `add_noise`, f32 as
+/// diffusers computes it).
+pub(crate) fn add_noise_at(train: &betas::Train, t: i64, x: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    let a = usize::try_from(t).ok().and_then(|t| train.alphas_cumprod.get(t)).copied().ok_or_else(|| {
+        crate::Error::invalid(format!("timestep {t} is outside the {} training timesteps", train.num_train_timesteps))
+    })?;
+    lin2(a.sqrt(), x, (1.0 - a).sqrt(), noise)
 }

@@ -19,13 +19,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::image_projection::{ImageProjection, ProjectionInput};
 use super::mask::RegionMask;
 use super::scale::IpScale;
-use crate::control::weights::Lora;
-use crate::control::{Control, StepContext};
+use crate::control::weights::{Lora, LoraAttachment, LoraMode};
+use crate::control::{Control, GenerationSetup, StepContext};
 use crate::io::weights::{TensorStore, Weights};
 use crate::models::clip_vision::ClipVisionEncoder;
 use crate::models::image_processor::ClipImageProcessor;
 use crate::models::nn::{Linear, WeightDelta, linear};
-use crate::models::unet::{CrossAttentionLayer, ExtraAttention, UNetConfig, UNetControls};
+use crate::models::unet::{AttentionStreams, CrossAttentionLayer, ExtraAttention, UNetConfig, UNetControls};
 use crate::{Error, Result};
 
 /// Reads an embedding tensor (f32) from a `.npy` file or a safetensors file holding exactly one tensor.
@@ -300,9 +300,6 @@ struct LayerStreams {
     negative: Vec<(Tensor, Tensor)>,
 }
 
-/// Extra attention streams by layer id.
-type Streams = HashMap<String, Vec<ExtraAttention>>;
-
 /// What the streams depend on: batch size, whether it is guided, latent height and width.
 type BatchLayout = (usize, bool, usize, usize);
 
@@ -312,7 +309,11 @@ pub struct IpAdapter {
     layers: Vec<LayerStreams>,
     masks: Option<Vec<RegionMask>>,
     /// The streams for the last batch layout seen.
-    cache: Option<(BatchLayout, Streams)>,
+    cache: Option<(BatchLayout, Arc<AttentionStreams>)>,
+    /// The attention LoRA of a FaceID adapter, attached while a generation runs.
+    lora: Option<Lora>,
+    /// The attached LoRA, detached when the generation finishes.
+    attached: Option<LoraAttachment>,
 }
 
 impl IpAdapter {
@@ -369,11 +370,17 @@ impl IpAdapter {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { layers, masks, cache: None })
+        Ok(Self { layers, masks, cache: None, lora: weights.lora(), attached: None })
     }
 
     /// The streams for a batch of `n` samples laid out as the pipeline does, for latents `latent_size`.
-    fn streams(&self, n: usize, guided: bool, latent_size: (usize, usize), unet: &UNetConfig) -> Result<Streams> {
+    fn streams(
+        &self,
+        n: usize,
+        guided: bool,
+        latent_size: (usize, usize),
+        unet: &UNetConfig,
+    ) -> Result<AttentionStreams> {
         if guided && !n.is_multiple_of(2) {
             return Err(Error::invalid(format!("a guided batch must be even, got {n} samples")));
         }
@@ -412,17 +419,37 @@ impl Control for IpAdapter {
         "ip-adapter"
     }
 
-    fn contribute(&mut self, step: &StepContext) -> Result<UNetControls> {
+    fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
+        let n = if setup.guided { 2 * setup.batch } else { setup.batch };
+        let (h, w) = setup.latent_size;
+        let streams = self.streams(n, setup.guided, (h, w), setup.unet.config())?;
+        self.cache = Some(((n, setup.guided, h, w), Arc::new(streams)));
+        if let Some(lora) = &self.lora {
+            // Fused with multiplier 1 while this generation runs, as diffusers loads FaceID's LoRA.
+            let name = format!("ip-adapter:{}", lora.path.display());
+            self.attached = Some(LoraAttachment::attach(setup.layers, &name, lora, 1.0, LoraMode::Fused)?);
+        }
+        Ok(())
+    }
+
+    fn contribute(&mut self, step: &mut StepContext) -> Result<UNetControls> {
         let (n, _, h, w) = step.latents.dims4()?;
         let layout = (n, step.guided, h, w);
-        let extra_attention = match &self.cache {
+        let streams = match &self.cache {
             Some((cached, streams)) if *cached == layout => streams.clone(),
             _ => {
-                let streams = self.streams(n, step.guided, (h, w), step.unet.config())?;
+                let streams = Arc::new(self.streams(n, step.guided, (h, w), step.unet.config())?);
                 self.cache = Some((layout, streams.clone()));
                 streams
             }
         };
-        Ok(UNetControls { extra_attention, ..Default::default() })
+        Ok(UNetControls { extra_attention: vec![streams], ..Default::default() })
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        match self.attached.take() {
+            Some(attachment) => attachment.detach(),
+            None => Ok(()),
+        }
     }
 }

@@ -157,7 +157,13 @@ mod tests {
     use super::*;
 
     fn layer(id: &str) -> CrossAttentionLayer {
-        CrossAttentionLayer { id: id.into(), channels: 8, context_dim: 32, downsamplings: 0 }
+        CrossAttentionLayer {
+            id: id.into(),
+            channels: 8,
+            context_dim: 32,
+            downsamplings: 0,
+            only_cross_attention: false,
+        }
     }
 
     fn layers() -> Vec<CrossAttentionLayer> {

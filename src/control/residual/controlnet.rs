@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use super::{active_at, check_step_range};
-use crate::control::{Control, StepContext};
+use crate::control::{Control, GenerationSetup, StepContext};
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::original_controlnet;
 use crate::io::weights::Weights;
@@ -64,6 +64,9 @@ pub struct ControlNetControl {
     model: Arc<ControlNet>,
     /// The condition image [1, 3, H, W] in [0, 1].
     image: Tensor,
+    /// The condition image for every row the ControlNet runs on, in the compute dtype (made once
+    /// per generation by `prepare`).
+    batch_image: Option<Tensor>,
     settings: ControlNetSettings,
 }
 
@@ -74,7 +77,7 @@ impl ControlNetControl {
             return Err(Error::invalid(format!("{name}: control scale {} is not a number", settings.scale)));
         }
         check_step_range(&name, settings.start, settings.end)?;
-        Ok(Self { name, model, image, settings })
+        Ok(Self { name, model, image, batch_image: None, settings })
     }
 }
 
@@ -83,21 +86,9 @@ impl Control for ControlNetControl {
         &self.name
     }
 
-    fn contribute(&mut self, step: &StepContext) -> Result<UNetControls> {
-        let s = self.settings;
-        if !active_at(step.step_index, step.num_steps, s.start, s.end) {
-            return Ok(UNetControls::default());
-        }
-        let guess = s.guess_mode || self.model.config().global_pool_conditions;
-        let total = step.latents.dim(0)?;
-        // In guess mode with guidance the ControlNet sees only the conditional half; the
-        // unconditional half gets zero residuals.
-        let uncond = if guess && step.guided { total / 2 } else { 0 };
-        let latents = step.latents.narrow(0, uncond, total - uncond)?;
-        let context = step.context.narrow(0, uncond, total - uncond)?;
-        let n = latents.dim(0)?;
-        let (_, _, h, w) = latents.dims4()?;
+    fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
         let (_, _, ih, iw) = self.image.dims4()?;
+        let (h, w) = setup.latent_size;
         let f = self.model.config().downscale_factor();
         if (ih, iw) != (h * f, w * f) {
             return Err(Error::invalid(format!(
@@ -107,15 +98,44 @@ impl Control for ControlNetControl {
                 h * f
             )));
         }
-        let image = self.image.to_dtype(latents.dtype())?.repeat((n, 1, 1, 1))?;
-        let timesteps = Tensor::full(step.timestep as f32, n, latents.device())?;
+        // In guess mode with guidance the ControlNet sees only the conditional half.
+        let rows = if setup.guided && !self.guess_mode() { 2 * setup.batch } else { setup.batch };
+        self.batch_image = Some(self.image.to_dtype(setup.dtype)?.repeat((rows, 1, 1, 1))?);
+        Ok(())
+    }
+
+    fn contribute(&mut self, step: &mut StepContext) -> Result<UNetControls> {
+        let s = self.settings;
+        if !active_at(step.step_index, step.num_steps, s.start, s.end) {
+            return Ok(UNetControls::default());
+        }
+        let guess = self.guess_mode();
+        let total = step.latents.dim(0)?;
+        // In guess mode with guidance the unconditional half gets zero residuals.
+        let uncond = if guess && step.guided { total / 2 } else { 0 };
+        let rows = total - uncond;
+        let latents = step.latents.narrow(0, uncond, rows)?;
+        let context = step.conditioning.context.narrow(0, uncond, rows)?;
+        let timesteps = step.timesteps.narrow(0, uncond, rows)?;
+        let image = self
+            .batch_image
+            .as_ref()
+            .filter(|image| image.dim(0).is_ok_and(|n| n == rows))
+            .ok_or_else(|| Error::invalid(format!("{}: used before it was prepared for this batch", self.name)))?;
         let scale = if guess { ResidualScale::Guess(s.scale) } else { ResidualScale::Uniform(s.scale) };
-        let mut residuals = self.model.forward(&latents, &timesteps, &context, &image, scale)?;
+        let mut residuals = self.model.forward(&latents, &timesteps, &context, image, scale)?;
         if uncond > 0 {
             let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
             residuals.down = residuals.down.iter().map(pad).collect::<Result<_>>()?;
             residuals.mid = pad(&residuals.mid)?;
         }
         Ok(residuals.into_controls())
+    }
+}
+
+impl ControlNetControl {
+    /// Guess mode: asked for, or implied by a ControlNet that pools its conditions.
+    fn guess_mode(&self) -> bool {
+        self.settings.guess_mode || self.model.config().global_pool_conditions
     }
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use crate::control::{Control, StepContext};
+use crate::control::{Control, GenerationSetup, StepContext};
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::original_t2i_adapter;
 use crate::io::weights::Weights;
@@ -38,6 +38,9 @@ pub struct T2IAdapterControl {
     name: String,
     /// Scaled features, batch 1, one per UNet down block.
     features: Vec<Tensor>,
+    /// The features for every row of the UNet batch, in the compute dtype (made once per
+    /// generation by `prepare`).
+    batch_features: Vec<Tensor>,
     /// Fraction of the steps (from the start) during which the features are added.
     factor: f64,
 }
@@ -58,7 +61,7 @@ impl T2IAdapterControl {
             return Err(Error::invalid(format!("{name}: image {w}x{h} is not a multiple of the adapter's factor {f}")));
         }
         let features = adapter.forward(image)?.into_iter().map(|t| Ok((t * scale)?)).collect::<Result<_>>()?;
-        Ok(Self { name, features, factor })
+        Ok(Self { name, features, batch_features: Vec::new(), factor })
     }
 }
 
@@ -67,14 +70,20 @@ impl Control for T2IAdapterControl {
         &self.name
     }
 
-    fn contribute(&mut self, step: &StepContext) -> Result<UNetControls> {
+    fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
+        let rows = if setup.guided { 2 * setup.batch } else { setup.batch };
+        self.batch_features = self
+            .features
+            .iter()
+            .map(|t| Ok(t.to_dtype(setup.dtype)?.repeat((rows, 1, 1, 1))?))
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    fn contribute(&mut self, step: &mut StepContext) -> Result<UNetControls> {
         if step.step_index as f64 >= (step.num_steps as f64 * self.factor).floor() {
             return Ok(UNetControls::default());
         }
-        let n = step.latents.dim(0)?;
-        let dtype = step.latents.dtype();
-        let down_intrablock_residuals =
-            self.features.iter().map(|t| Ok(t.to_dtype(dtype)?.repeat((n, 1, 1, 1))?)).collect::<Result<_>>()?;
-        Ok(UNetControls { down_intrablock_residuals, ..Default::default() })
+        Ok(UNetControls { down_intrablock_residuals: self.batch_features.clone(), ..Default::default() })
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::condition_tensor;
-use crate::control::{ContextInfo, Control, StepContext};
+use crate::control::{ContextInfo, Control, GenerationSetup, StepContext};
 use crate::io::uni_controlnet;
 use crate::io::weights::Weights;
 use crate::models::controlnet::ControlResiduals;
@@ -82,6 +82,9 @@ pub struct UniControlNetControl {
     /// The global condition's image embedding [1, in_dim]; zeros when `None`.
     global_embeds: Option<Tensor>,
     settings: UniControlNetSettings,
+    /// The local adapter's condition features, computed once per generation by `prepare` (the
+    /// maps do not change between steps).
+    features: Vec<Tensor>,
 }
 
 impl UniControlNetControl {
@@ -127,7 +130,7 @@ impl UniControlNetControl {
             }
             _ => {}
         }
-        Ok(Self { name, model, local, global_embeds, settings })
+        Ok(Self { name, model, local, global_embeds, settings, features: Vec::new() })
     }
 }
 
@@ -156,21 +159,31 @@ impl Control for UniControlNetControl {
         Ok(Tensor::cat(&[&context, &tokens], 1)?)
     }
 
-    fn contribute(&mut self, step: &StepContext) -> Result<UNetControls> {
-        let Some(adapter) = &self.model.local else { return Ok(UNetControls::default()) };
-        let latents = step.latents;
-        let (n, _, h, w) = latents.dims4()?;
+    fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
+        let Some(adapter) = &self.model.local else { return Ok(()) };
+        let (h, w) = setup.latent_size;
+        let size = (h * CONDITION_SCALE, w * CONDITION_SCALE);
         let maps = match &self.local {
-            Some(maps) => maps.clone(),
-            None => Tensor::zeros(
-                (1, adapter.config().local_channels, h * CONDITION_SCALE, w * CONDITION_SCALE),
-                latents.dtype(),
-                latents.device(),
-            )?,
+            Some(maps) => {
+                let (_, _, mh, mw) = maps.dims4()?;
+                if (mh, mw) != size {
+                    return Err(Error::invalid(format!(
+                        "{}: local condition maps are {mw}x{mh}, the latents ({w}x{h}) need {}x{}",
+                        self.name, size.1, size.0
+                    )));
+                }
+                maps.to_dtype(setup.dtype)?
+            }
+            None => Tensor::zeros((1, adapter.config().local_channels, size.0, size.1), setup.dtype, setup.device)?,
         };
-        let timesteps = Tensor::full(step.timestep as f32, n, latents.device())?;
+        self.features = adapter.features(&maps).map_err(|e| Error::invalid(format!("{}: {e}", self.name)))?;
+        Ok(())
+    }
+
+    fn contribute(&mut self, step: &mut StepContext) -> Result<UNetControls> {
+        let Some(adapter) = &self.model.local else { return Ok(UNetControls::default()) };
         let residuals = adapter
-            .forward(latents, &timesteps, step.context, &maps.repeat((n, 1, 1, 1))?)
+            .forward(step.latents, step.timesteps, &step.conditioning.context, &self.features)
             .map_err(|e| Error::invalid(format!("{}: {e}", self.name)))?;
         let s = self.settings.local_scale;
         let down = residuals.down.iter().map(|r| Ok((r * s)?)).collect::<Result<Vec<_>>>()?;

@@ -13,7 +13,7 @@ pub mod lycoris;
 
 pub use lora::Lora;
 
-use crate::models::nn::LayerHandle;
+use crate::models::nn::{LayerHandle, LayerRegistry};
 use crate::pipeline::StableDiffusion;
 use crate::{Error, Result};
 
@@ -40,25 +40,78 @@ impl std::str::FromStr for LoraMode {
     }
 }
 
+/// Attaches `lora` under `name` to the layers of `registry` it names; on failure nothing stays
+/// attached. Returns the layers it changed.
+fn attach_to(
+    registry: &LayerRegistry,
+    name: &str,
+    lora: &Lora,
+    scale: f64,
+    mode: LoraMode,
+) -> Result<Vec<LayerHandle>> {
+    let mut done: Vec<LayerHandle> = Vec::with_capacity(lora.deltas.len());
+    for (path, delta) in &lora.deltas {
+        let attached = match registry.get(path) {
+            Some(layer) => layer.attach(name, delta.clone(), scale, mode == LoraMode::Fused).map(|()| layer),
+            None => Err(Error::invalid(format!("{}: the model has no layer `{path}`", lora.path.display()))),
+        };
+        match attached {
+            Ok(layer) => done.push(layer),
+            Err(e) => {
+                for layer in &done {
+                    layer.detach(name)?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// A LoRA attached to a model for as long as this value lives: a control that needs a LoRA only
+/// while it acts (FaceID's) owns one, and the LoRA is detached when it is dropped or
+/// [`LoraAttachment::detach`]ed.
+#[derive(Debug)]
+#[must_use = "dropping the attachment detaches the LoRA"]
+pub struct LoraAttachment {
+    name: String,
+    layers: Vec<LayerHandle>,
+}
+
+impl LoraAttachment {
+    /// Attaches `lora` under `name` with multiplier `scale` to the layers of `registry`.
+    pub fn attach(registry: &LayerRegistry, name: &str, lora: &Lora, scale: f64, mode: LoraMode) -> Result<Self> {
+        let in_use =
+            registry.paths().iter().filter_map(|p| registry.get(p)).any(|l| l.attached().iter().any(|n| n == name));
+        if in_use {
+            return Err(Error::invalid(format!("a LoRA named `{name}` is already attached")));
+        }
+        Ok(Self { name: name.to_string(), layers: attach_to(registry, name, lora, scale, mode)? })
+    }
+
+    /// Detaches the LoRA now, reporting any failure.
+    pub fn detach(mut self) -> Result<()> {
+        let layers = std::mem::take(&mut self.layers);
+        layers.iter().try_for_each(|layer| layer.detach(&self.name))
+    }
+}
+
+impl Drop for LoraAttachment {
+    fn drop(&mut self) {
+        for layer in &self.layers {
+            // Nothing to report to from a drop; `detach` is the checked path.
+            let _ = layer.detach(&self.name);
+        }
+    }
+}
+
 impl StableDiffusion {
     /// Attaches `lora` under `name` with multiplier `scale` (ΔW = scale · alpha/rank · up @ down).
     pub fn attach_lora(&mut self, name: &str, lora: &Lora, scale: f64, mode: LoraMode) -> Result<()> {
         if self.lora_names().iter().any(|n| n == name) {
             return Err(Error::invalid(format!("a LoRA named `{name}` is already attached")));
         }
-        for (i, (path, delta)) in lora.deltas.iter().enumerate() {
-            let attached = match self.layers.get(path) {
-                Some(layer) => layer.attach(name, delta.clone(), scale, mode == LoraMode::Fused),
-                None => Err(Error::invalid(format!("{}: the model has no layer `{path}`", lora.path.display()))),
-            };
-            if let Err(e) = attached {
-                for (done, _) in &lora.deltas[..i] {
-                    self.layers.get(done).map(|layer| layer.detach(name)).transpose()?;
-                }
-                return Err(e);
-            }
-        }
-        Ok(())
+        attach_to(&self.layers, name, lora, scale, mode).map(drop)
     }
 
     /// Changes the multiplier of the attached LoRA `name`.

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::config::{BlockConfig, UNetConfig};
-use super::controls::UNetControls;
+use super::input::LayerPass;
 use super::transformer::{Transformer2D, TransformerSpec};
 use crate::Result;
 use crate::io::weights::Weights;
@@ -13,29 +13,36 @@ use crate::models::resnet::{Downsample, ResnetBlock, ResnetSpec, Upsample};
 /// One resnet followed, in attention blocks, by a spatial transformer.
 #[derive(Debug)]
 pub(crate) struct Layer {
+    /// The resnet's module path, e.g. `down_blocks.0.resnets.1`.
+    resnet_id: String,
     resnet: ResnetBlock,
     attention: Option<Transformer2D>,
 }
 
 impl Layer {
-    pub(crate) fn forward(
-        &self,
-        xs: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-    ) -> Result<Tensor> {
-        let xs = self.resnet.forward(xs, Some(temb))?;
+    /// xs [B, Cin, H, W] → [B, C, H, W] through the resnet and the transformer, with the pass's hooks.
+    pub(crate) fn forward(&self, xs: &Tensor, pass: &mut LayerPass) -> Result<Tensor> {
+        let xs = self.resnet.forward(xs, Some(&pass.temb))?;
+        let xs = pass.output(&self.resnet_id, xs)?;
         match &self.attention {
-            Some(attn) => attn.forward(&xs, context, controls),
+            Some(attn) => attn.forward(&xs, pass),
             None => Ok(xs),
         }
+    }
+
+    /// The ids of its hook points.
+    pub(crate) fn hook_points(&self) -> Vec<String> {
+        let mut ids = vec![self.resnet_id.clone()];
+        ids.extend(self.attention.iter().flat_map(Transformer2D::hook_points));
+        ids
     }
 }
 
 /// A down block: layers, then an optional strided-conv downsampler.
 #[derive(Debug)]
 pub(crate) struct DownBlock {
+    /// The module path, `down_blocks.{i}`.
+    pub(crate) id: String,
     pub(crate) layers: Vec<Layer>,
     pub(crate) downsample: Option<Downsample>,
     pub(crate) has_attention: bool,
@@ -44,6 +51,8 @@ pub(crate) struct DownBlock {
 /// An up block: layers that each take one skip connection, then an optional upsampler.
 #[derive(Debug)]
 pub(crate) struct UpBlock {
+    /// The module path, `up_blocks.{i}`.
+    pub(crate) id: String,
     pub(crate) layers: Vec<Layer>,
     pub(crate) upsample: Option<Upsample>,
 }
@@ -51,23 +60,32 @@ pub(crate) struct UpBlock {
 /// Resnet, then (transformer, resnet) pairs.
 #[derive(Debug)]
 pub(crate) struct MidBlock {
+    /// The module path, `mid_block`.
+    id: String,
     first: ResnetBlock,
     rest: Vec<(Transformer2D, ResnetBlock)>,
 }
 
 impl MidBlock {
-    pub(crate) fn forward(
-        &self,
-        xs: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-    ) -> Result<Tensor> {
-        let mut xs = self.first.forward(xs, Some(temb))?;
-        for (attn, resnet) in &self.rest {
-            xs = resnet.forward(&attn.forward(&xs, context, controls)?, Some(temb))?;
+    /// xs [B, C, h, w] → [B, C, h, w], with the pass's hooks (the block's output included).
+    pub(crate) fn forward(&self, xs: &Tensor, pass: &mut LayerPass) -> Result<Tensor> {
+        let mut xs = self.first.forward(xs, Some(&pass.temb))?;
+        xs = pass.output(&format!("{}.resnets.0", self.id), xs)?;
+        for (j, (attn, resnet)) in self.rest.iter().enumerate() {
+            xs = resnet.forward(&attn.forward(&xs, pass)?, Some(&pass.temb))?;
+            xs = pass.output(&format!("{}.resnets.{}", self.id, j + 1), xs)?;
         }
-        Ok(xs)
+        pass.output(&self.id, xs)
+    }
+
+    /// The ids of its hook points.
+    pub(crate) fn hook_points(&self) -> Vec<String> {
+        let mut ids = vec![self.id.clone(), format!("{}.resnets.0", self.id)];
+        for (j, (attn, _)) in self.rest.iter().enumerate() {
+            ids.extend(attn.hook_points());
+            ids.push(format!("{}.resnets.{}", self.id, j + 1));
+        }
+        ids
     }
 }
 
@@ -117,7 +135,7 @@ impl BlockLoader<'_> {
     pub(crate) fn layer(&self, j: usize, cin: usize, block: &BlockConfig, attention: bool) -> Result<Layer> {
         let resnet = self.resnet(j, cin, block.channels, self.config.resnet_out_scale_factor)?;
         let attention = attention.then(|| self.transformer(j, block)).transpose()?;
-        Ok(Layer { resnet, attention })
+        Ok(Layer { resnet_id: format!("{}.resnets.{j}", self.id), resnet, attention })
     }
 
     /// Down block `block` taking `cin` channels; `last` blocks have no downsampler.
@@ -135,7 +153,7 @@ impl BlockLoader<'_> {
                 )
             })
             .transpose()?;
-        Ok(DownBlock { layers, downsample, has_attention: block.has_attention })
+        Ok(DownBlock { id: self.id.clone(), layers, downsample, has_attention: block.has_attention })
     }
 
     /// The mid block at the channels and heads of the last down block.
@@ -144,7 +162,7 @@ impl BlockLoader<'_> {
         let scale = self.config.mid_block_scale_factor;
         let first = self.resnet(0, last.channels, last.channels, scale)?;
         let rest = vec![(self.transformer(0, &mid)?, self.resnet(1, last.channels, last.channels, scale)?)];
-        Ok(MidBlock { first, rest })
+        Ok(MidBlock { id: self.id.clone(), first, rest })
     }
 
     /// Up block mirroring `block`: `prev` channels come from below, `skip_in` is the channel count
@@ -166,6 +184,6 @@ impl BlockLoader<'_> {
             .collect::<Result<_>>()?;
         let upsample =
             (!last).then(|| Upsample::load(&self.w.pp("upsamplers.0"), block.channels, block.channels)).transpose()?;
-        Ok(UpBlock { layers, upsample })
+        Ok(UpBlock { id: self.id.clone(), layers, upsample })
     }
 }

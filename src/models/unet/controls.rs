@@ -1,9 +1,11 @@
-//! The UNet's injection points: what control mechanisms may contribute to one UNet call.
+//! The data control mechanisms contribute to one UNet call: residuals and extra cross-attention
+//! streams. (Code that reads or rewrites a layer's tensors is a hook instead: [`super::hooks`].)
 //!
 //! Layers are addressed by their diffusers module path, e.g.
 //! `down_blocks.0.attentions.1.transformer_blocks.0.attn2`, so weight files map onto them by name.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -36,11 +38,13 @@ pub struct UNetControls {
     /// `down_intrablock_additional_residuals`: after the last layer of each attention block, after
     /// each plain block, and after the mid block when the shape matches.
     pub down_intrablock_residuals: Vec<Tensor>,
-    /// Extra key/value streams for attention layers, by layer id (cross-attention `attn2`).
-    pub extra_attention: HashMap<String, Vec<ExtraAttention>>,
-    /// Extra tokens [B, S, C] joined to the keys/values of self-attention (`attn1`) layers, by id.
-    pub extra_self_attention_tokens: HashMap<String, Tensor>,
+    /// Extra key/value streams for attention layers (cross-attention `attn2`): one map by layer id
+    /// per mechanism, shared so that a mechanism makes its map once per generation.
+    pub extra_attention: Vec<Arc<AttentionStreams>>,
 }
+
+/// Extra key/value streams by attention layer id.
+pub type AttentionStreams = HashMap<String, Vec<ExtraAttention>>;
 
 fn sum_lists(a: Vec<Tensor>, b: Vec<Tensor>) -> Result<Vec<Tensor>> {
     if a.len() != b.len() {
@@ -60,11 +64,14 @@ impl UNetControls {
             && self.mid_residual.is_none()
             && self.down_intrablock_residuals.is_empty()
             && self.extra_attention.is_empty()
-            && self.extra_self_attention_tokens.is_empty()
     }
 
-    /// Adds `other`'s contributions: residuals are summed, attention streams appended, extra
-    /// self-attention tokens concatenated.
+    /// The extra streams for attention layer `id`, from every mechanism.
+    pub fn streams_for<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a ExtraAttention> + 'a {
+        self.extra_attention.iter().filter_map(move |map| map.get(id)).flatten()
+    }
+
+    /// Adds `other`'s contributions: residuals are summed, attention streams appended.
     pub fn merge(&mut self, other: UNetControls) -> Result<()> {
         self.down_residuals = match (self.down_residuals.take(), other.down_residuals) {
             (Some(a), Some(b)) => Some(sum_lists(a, b)?),
@@ -80,16 +87,7 @@ impl UNetControls {
                 (a, b) if b.is_empty() => a,
                 (a, b) => sum_lists(a, b)?,
             };
-        for (layer, streams) in other.extra_attention {
-            self.extra_attention.entry(layer).or_default().extend(streams);
-        }
-        for (layer, tokens) in other.extra_self_attention_tokens {
-            let joined = match self.extra_self_attention_tokens.remove(&layer) {
-                Some(existing) => Tensor::cat(&[existing, tokens], 1)?,
-                None => tokens,
-            };
-            self.extra_self_attention_tokens.insert(layer, joined);
-        }
+        self.extra_attention.extend(other.extra_attention);
         Ok(())
     }
 }

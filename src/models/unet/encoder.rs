@@ -5,7 +5,7 @@ use candle_core::{DType, Module, Tensor};
 
 use super::blocks::{BlockLoader, DownBlock, MidBlock};
 use super::config::UNetConfig;
-use super::controls::UNetControls;
+use super::input::LayerPass;
 use crate::io::weights::Weights;
 use crate::models::nn::{Conv2d, Linear, conv2d, linear};
 use crate::{Error, Result};
@@ -111,42 +111,49 @@ impl UNetEncoder {
         self.time_embedding.forward(&t)
     }
 
-    /// Runs `conv_in` on `sample` [B, C, h, w] (adding `hint`, the ControlNet's condition
-    /// embedding, when given), the down blocks and the mid block. Intra-block residuals in `controls`
-    /// are added where diffusers adds `down_intrablock_additional_residuals`. With `last_skip`, stops
-    /// once that skip connection (0: `conv_in`'s output) is final: the output then holds skips
-    /// `0..=last_skip` and, as `hidden`, the last of them.
-    pub fn forward(
+    /// The ids of its hook points, in forward order: `conv_in`, then each down block's layers and the
+    /// block itself, then the mid block's.
+    pub fn hook_points(&self) -> Vec<String> {
+        let mut ids = vec!["conv_in".to_string()];
+        for block in &self.down_blocks {
+            ids.extend(block.layers.iter().flat_map(|l| l.hook_points()));
+            ids.push(block.id.clone());
+        }
+        ids.extend(self.mid_block.iter().flat_map(MidBlock::hook_points));
+        ids
+    }
+
+    /// Runs `conv_in` on `sample` [B, C, h, w], the down blocks and the mid block with the pass's
+    /// hooks. Intra-block residuals in the pass's controls are added where diffusers adds
+    /// `down_intrablock_additional_residuals`. With `last_skip`, stops once that skip connection (0:
+    /// `conv_in`'s output) is final: the output then holds skips `0..=last_skip` and, as `hidden`,
+    /// the last of them.
+    pub(crate) fn forward(
         &self,
         sample: &Tensor,
-        temb: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-        hint: Option<&Tensor>,
+        pass: &mut LayerPass,
         last_skip: Option<usize>,
     ) -> Result<EncoderOutput> {
         let ch = sample.dim(1)?;
         if ch != self.config.in_channels {
             return Err(Error::invalid(format!(
-                "the UNet expects {} latent channels, got {ch}",
+                "the UNet expects {} input channels (latents and any extra condition channels), got {ch}",
                 self.config.in_channels
             )));
         }
         let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
-        let mut xs = self.conv_in.forward(&sample)?;
-        if let Some(hint) = hint {
-            xs = (xs + hint)?;
-        }
+        let mut xs = pass.output("conv_in", self.conv_in.forward(&sample)?)?;
         let mut skips = vec![xs.clone()];
         let reached = |skips: &[Tensor]| last_skip.is_some_and(|last| skips.len() > last);
         if reached(&skips) {
             return Ok(EncoderOutput { hidden: xs, skips });
         }
+        let controls = pass.controls;
         let mut intrablock = controls.down_intrablock_residuals.iter();
         for block in &self.down_blocks {
             let count = block.layers.len();
             for (j, layer) in block.layers.iter().enumerate() {
-                xs = layer.forward(&xs, temb, context, controls)?;
+                xs = layer.forward(&xs, pass)?;
                 if block.has_attention
                     && j + 1 == count
                     && let Some(r) = intrablock.next()
@@ -164,19 +171,20 @@ impl UNetEncoder {
                 xs = down.forward(&xs)?;
                 skips.push(xs.clone());
             }
+            xs = pass.output(&block.id, xs)?;
             if !block.has_attention
                 && let Some(r) = intrablock.next()
             {
                 // diffusers adds in place, so the block's last skip sees the residual too.
                 xs = xs.broadcast_add(r)?;
-                *skips.last_mut().expect("skips is never empty") = xs.clone();
             }
+            *skips.last_mut().expect("skips is never empty") = xs.clone();
             if reached(&skips) {
                 return Ok(EncoderOutput { hidden: xs, skips });
             }
         }
         if let Some(mid) = &self.mid_block {
-            xs = mid.forward(&xs, temb, context, controls)?;
+            xs = mid.forward(&xs, pass)?;
             if let Some(r) = intrablock.next()
                 && r.dims() == xs.dims()
             {

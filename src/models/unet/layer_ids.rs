@@ -13,6 +13,8 @@ pub struct CrossAttentionLayer {
     pub context_dim: usize,
     /// How many times the latents are halved where the layer runs (0 at full latent size).
     pub downsamplings: usize,
+    /// Whether the block's self-attention attends to the context too (`only_cross_attention`).
+    pub only_cross_attention: bool,
 }
 
 impl UNetConfig {
@@ -29,6 +31,7 @@ impl UNetConfig {
                         channels: block.channels,
                         context_dim: block.cross_attention_dim,
                         downsamplings: level,
+                        only_cross_attention: block.only_cross_attention,
                     });
                 }
             }

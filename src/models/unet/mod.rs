@@ -1,21 +1,30 @@
-//! `UNet2DConditionModel` for SD1.x/2.x with named injection points ([`UNetControls`]) and one
-//! timestep per sample.
+//! `UNet2DConditionModel` for SD1.x/2.x: one call ([`UNetInput`]) carries the conditioning, the
+//! control mechanisms' contributions ([`UNetControls`]), read/write layer hooks by id ([`hooks`]) and
+//! the execution policy ([`DeepCache`]); one timestep per sample.
 
 pub mod blocks;
 pub mod config;
 pub mod controls;
 pub mod deep_cache;
 pub mod encoder;
+pub mod hooks;
+pub mod input;
 pub mod layer_ids;
 pub mod transformer;
+
+use std::collections::BTreeSet;
 
 use candle_core::{Module, Tensor};
 
 pub use config::UNetConfig;
-pub use controls::{ExtraAttention, UNetControls};
+pub use controls::{AttentionStreams, ExtraAttention, UNetControls};
 pub use deep_cache::DeepCache;
 pub use encoder::{EncoderOutput, UNetEncoder, timestep_embedding};
+pub use hooks::{AttentionLayerView, Hooks, UNetHook};
+pub use input::{Conditioning, UNetInput};
 pub use layer_ids::CrossAttentionLayer;
+
+use input::LayerPass;
 
 use super::nn::{Conv2d, conv2d, group_norm};
 use crate::allocator::LargeBlockCache;
@@ -38,6 +47,8 @@ pub struct UNet {
     up_blocks: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Every id a hook may name.
+    hook_points: BTreeSet<String>,
 }
 
 impl UNet {
@@ -62,12 +73,25 @@ impl UNet {
             prev = block.channels;
         }
         let ch0 = c.blocks[0].channels;
+        let encoder = UNetEncoder::load(w, config)?;
+        let mut hook_points: BTreeSet<String> = encoder.hook_points().into_iter().collect();
+        for block in &up_blocks {
+            hook_points.extend(block.layers.iter().flat_map(|l| l.hook_points()));
+            hook_points.insert(block.id.clone());
+        }
         Ok(Self {
-            encoder: UNetEncoder::load(w, config)?,
+            encoder,
             up_blocks,
             norm_out: group_norm(&w.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?,
             conv_out: conv2d(&w.pp("conv_out"), ch0, c.out_channels, c.conv_out_kernel, 1, c.conv_out_kernel / 2)?,
+            hook_points,
         })
+    }
+
+    /// Every id a [`UNetHook`] may name: `conv_in`, each block, resnet, transformer, transformer
+    /// block and attention layer by its diffusers module path.
+    pub fn hook_points(&self) -> &BTreeSet<String> {
+        &self.hook_points
     }
 
     /// The model's configuration.
@@ -81,29 +105,12 @@ impl UNet {
         self.encoder.num_skips()
     }
 
-    /// Predicts noise (or v) for `sample` [B, C, h, w] at `timesteps` [B] (one per sample) given
-    /// `context` [B, S, D], with the contributions of control mechanisms in `controls`.
-    pub fn forward(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-    ) -> Result<Tensor> {
-        self.forward_cached(sample, timesteps, context, controls, None)
-    }
-
-    /// [`Self::forward`], under DeepCache when `cache` is given: a call the cache marks for
-    /// refreshing runs the whole UNet and keeps the deep feature; the others run only the shallow
-    /// branch around the cached feature.
-    pub fn forward_cached(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
-        cache: Option<&mut DeepCache>,
-    ) -> Result<Tensor> {
+    /// Predicts noise (or v) for the input's sample [B, C, h, w] at its timesteps [B] (one per
+    /// sample), given its conditioning, with the control mechanisms' contributions and hooks. Under
+    /// DeepCache, a call the cache marks for refreshing runs the whole UNet and keeps the deep
+    /// feature; the others run only the shallow branch around the cached feature.
+    pub fn forward(&self, input: UNetInput) -> Result<Tensor> {
+        let UNetInput { sample, timesteps, conditioning, controls, hooks, deep_cache } = input;
         let b = sample.dim(0)?;
         if timesteps.dims() != [b] {
             return Err(Error::invalid(format!(
@@ -111,22 +118,36 @@ impl UNet {
                 timesteps.dims()
             )));
         }
+        conditioning.check_batch(b)?;
+        if conditioning.pooled.is_some() || conditioning.time_ids.is_some() {
+            return Err(Error::invalid(
+                "this UNet has no added conditioning (`addition_embed_type` is not set): pooled embeddings and \
+                 time ids are for SDXL-style UNets",
+            ));
+        }
+        let sample = match &conditioning.extra_channels {
+            Some(extra) => Tensor::cat(&[sample, &extra.to_dtype(sample.dtype())?], 1)?,
+            None => sample.clone(),
+        };
+        let empty = UNetControls::default();
+        let controls = controls.unwrap_or(&empty);
         let total = self.num_skips();
         let _reuse = LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
         let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
+        let mut pass = LayerPass { temb, context: &conditioning.context, controls, hooks };
         // Under DeepCache: the skip whose up layer takes the cached feature, and that feature when
         // this call reuses it.
-        let (resume_skip, cached, capture) = match cache {
+        let (resume_skip, cached, capture) = match deep_cache {
             Some(cache) => {
                 let skip = cache.resume_skip(total)?;
-                let cached = cache.next_call(sample);
+                let cached = cache.next_call(&sample);
                 let capture = if cached.is_none() { Some((cache, skip)) } else { None };
                 (Some(skip), cached, capture)
             }
             None => (None, None, None),
         };
         let stop = cached.as_ref().and(resume_skip);
-        let EncoderOutput { hidden, mut skips } = self.encoder.forward(sample, &temb, context, controls, None, stop)?;
+        let EncoderOutput { hidden, mut skips } = self.encoder.forward(&sample, &mut pass, stop)?;
 
         if let Some(residuals) = &controls.down_residuals {
             if residuals.len() != total {
@@ -144,7 +165,7 @@ impl UNet {
                 None => hidden,
             },
         };
-        self.up_path(xs, skips, &temb, context, controls, capture)
+        self.up_path(xs, skips, &mut pass, capture)
     }
 
     /// The up blocks and the output head on `xs`, consuming `skips` from the last: with fewer skips
@@ -155,14 +176,13 @@ impl UNet {
         &self,
         mut xs: Tensor,
         mut skips: Vec<Tensor>,
-        temb: &Tensor,
-        context: &Tensor,
-        controls: &UNetControls,
+        pass: &mut LayerPass,
         mut capture: Option<(&mut DeepCache, usize)>,
     ) -> Result<Tensor> {
         let first = self.num_skips() - skips.len();
         let mut layer_index = 0;
         for block in &self.up_blocks {
+            let runs = layer_index + block.layers.len() > first;
             for layer in &block.layers {
                 if layer_index >= first {
                     if let Some((cache, resume_skip)) = capture.as_mut()
@@ -171,7 +191,7 @@ impl UNet {
                         cache.keep(xs.clone());
                     }
                     let skip = skips.pop().ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
-                    xs = layer.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb, context, controls)?;
+                    xs = layer.forward(&Tensor::cat(&[&xs, &skip], 1)?, pass)?;
                 }
                 layer_index += 1;
             }
@@ -181,6 +201,9 @@ impl UNet {
                 let target = skips.last().ok_or_else(|| Error::invalid("UNet skip connections exhausted"))?;
                 let (_, _, h, w) = target.dims4()?;
                 xs = up.forward(&xs, (h, w))?;
+            }
+            if runs {
+                xs = pass.output(&block.id, xs)?;
             }
         }
         let xs = self.norm_out.forward_silu(&xs)?;

@@ -4,7 +4,9 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::LayerNorm;
 
-use super::controls::UNetControls;
+use super::controls::{AttentionStreams, ExtraAttention, UNetControls};
+use super::hooks::AttentionLayerView;
+use super::input::LayerPass;
 use crate::Result;
 use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
@@ -48,19 +50,38 @@ impl Attention {
         &self.id
     }
 
-    /// Attends from xs [B, L, C] to `context` [B, S, D] (or to xs itself when `None`), joining any
-    /// extra self-attention tokens and adding any extra key/value streams registered for this layer.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, controls: &UNetControls) -> Result<Tensor> {
-        let kv_input = match (context, controls.extra_self_attention_tokens.get(&self.id)) {
-            (Some(c), _) => c.clone(),
-            (None, Some(extra)) => Tensor::cat(&[xs, extra], 1)?,
-            (None, None) => xs.clone(),
+    /// Attends from xs [B, L, C] to `context` [B, S, D] (or to xs itself when `None`), with the
+    /// tokens the call's hooks join to the keys/values and the extra key/value streams the controls
+    /// register for this layer; the hooks may then replace the output.
+    pub(crate) fn forward(&self, xs: &Tensor, context: Option<&Tensor>, pass: &mut LayerPass) -> Result<Tensor> {
+        let joined = pass.hooks.before_attention(&self.id, xs)?;
+        let out = self.attend(xs, context, joined.as_ref(), pass.controls)?;
+        if pass.hooks.is_empty() {
+            return Ok(out);
+        }
+        let view = AttentionView { layer: self, input: xs, context, controls: pass.controls };
+        pass.hooks.after_attention(&self.id, out, &view)
+    }
+
+    /// The attention output for xs [B, L, C]: keys and values from `context` (or xs) with `joined`
+    /// tokens [B, S', C] appended, plus the controls' extra streams for this layer.
+    fn attend(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        joined: Option<&Tensor>,
+        controls: &UNetControls,
+    ) -> Result<Tensor> {
+        let own = context.unwrap_or(xs);
+        let kv_input = match joined {
+            Some(tokens) => Tensor::cat(&[own, tokens], 1)?,
+            None => own.clone(),
         };
         let q = split_heads(&self.to_q.forward(xs)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(&kv_input)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(&kv_input)?, self.heads)?;
         let mut out = merge_heads(&scaled_dot_product(&q, &k, &v, self.scale, None, self.upcast, self.layer_dtype)?)?;
-        for extra in controls.extra_attention.get(&self.id).into_iter().flatten() {
+        for extra in controls.streams_for(&self.id) {
             let k = split_heads(&extra.key, self.heads)?;
             let v = split_heads(&extra.value, self.heads)?;
             let mut stream =
@@ -71,6 +92,44 @@ impl Attention {
             out = (out + (stream * extra.scale)?)?;
         }
         Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// An attention layer during one call, as its hooks see it.
+struct AttentionView<'a> {
+    layer: &'a Attention,
+    input: &'a Tensor,
+    context: Option<&'a Tensor>,
+    controls: &'a UNetControls,
+}
+
+impl AttentionLayerView for AttentionView<'_> {
+    fn input(&self) -> &Tensor {
+        self.input
+    }
+
+    fn plain(&self, rows: std::ops::Range<usize>) -> Result<Tensor> {
+        let part = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        let context = self.context.map(part).transpose()?;
+        // Extra streams are per batch row too: narrow them with the rows.
+        let narrowed = self
+            .controls
+            .streams_for(&self.layer.id)
+            .map(|s| {
+                Ok(ExtraAttention {
+                    key: part(&s.key)?,
+                    value: part(&s.value)?,
+                    scale: s.scale,
+                    mask: s.mask.as_ref().map(part).transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut controls = UNetControls::default();
+        if !narrowed.is_empty() {
+            let streams: AttentionStreams = [(self.layer.id.clone(), narrowed)].into_iter().collect();
+            controls.extra_attention.push(std::sync::Arc::new(streams));
+        }
+        self.layer.attend(&part(self.input)?, context.as_ref(), None, &controls)
     }
 }
 
@@ -105,6 +164,8 @@ impl FeedForward {
 /// Self-attention, cross-attention and feed-forward, each pre-normed with a residual.
 #[derive(Debug)]
 struct TransformerBlock {
+    /// The diffusers module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0`.
+    id: String,
     norm1: LayerNorm,
     attn1: Attention,
     norm2: LayerNorm,
@@ -138,6 +199,8 @@ pub struct TransformerSpec {
 /// The spatial transformer of UNet attention blocks.
 #[derive(Debug)]
 pub struct Transformer2D {
+    /// The diffusers module path, e.g. `down_blocks.0.attentions.0`.
+    id: String,
     norm: GroupNorm,
     proj_in: Projection,
     blocks: Vec<TransformerBlock>,
@@ -154,6 +217,7 @@ impl Transformer2D {
                 let bid = format!("{id}.transformer_blocks.{i}");
                 let attn1_context = if s.only_cross_attention { s.context_dim } else { c };
                 Ok(TransformerBlock {
+                    id: bid.clone(),
                     norm1: layer_norm(&bw.pp("norm1"), c, 1e-5)?,
                     attn1: Attention::load(
                         &bw.pp("attn1"),
@@ -179,6 +243,7 @@ impl Transformer2D {
             })
             .collect::<Result<_>>()?;
         Ok(Self {
+            id: id.to_string(),
             norm: group_norm(&w.pp("norm"), s.groups, c, 1e-6)?,
             proj_in: Projection::load(&w.pp("proj_in"), c, c, s.use_linear_projection)?,
             blocks,
@@ -186,8 +251,14 @@ impl Transformer2D {
         })
     }
 
-    /// xs [B, C, H, W], context [B, S, D] → [B, C, H, W].
-    pub fn forward(&self, xs: &Tensor, context: &Tensor, controls: &UNetControls) -> Result<Tensor> {
+    /// The ids of its hook points: itself, each transformer block and its two attention layers.
+    pub(crate) fn hook_points(&self) -> impl Iterator<Item = String> + '_ {
+        std::iter::once(self.id.clone())
+            .chain(self.blocks.iter().flat_map(|b| [b.id.clone(), b.attn1.id.clone(), b.attn2.id.clone()]))
+    }
+
+    /// xs [B, C, H, W] → [B, C, H, W], attending to the pass's context.
+    pub(crate) fn forward(&self, xs: &Tensor, pass: &mut LayerPass) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> { Ok(transpose_last_two(&t.reshape((b, c, h * w))?)?) };
@@ -195,17 +266,19 @@ impl Transformer2D {
             Projection::Conv(_) => to_tokens(&self.proj_in.forward(&normed)?)?,
             Projection::Linear(_) => self.proj_in.forward(&to_tokens(&normed)?)?,
         };
+        let context = pass.context;
         for block in &self.blocks {
             let attn1_context = if block.only_cross_attention { Some(context) } else { None };
-            tokens = (&tokens + block.attn1.forward(&block.norm1.forward(&tokens)?, attn1_context, controls)?)?;
-            tokens = (&tokens + block.attn2.forward(&block.norm2.forward(&tokens)?, Some(context), controls)?)?;
+            tokens = (&tokens + block.attn1.forward(&block.norm1.forward(&tokens)?, attn1_context, pass)?)?;
+            tokens = (&tokens + block.attn2.forward(&block.norm2.forward(&tokens)?, Some(context), pass)?)?;
             tokens = (&tokens + block.ff.forward(&block.norm3.forward(&tokens)?)?)?;
+            tokens = pass.output(&block.id, tokens)?;
         }
         let to_image = |t: &Tensor| -> Result<Tensor> { Ok(transpose_last_two(t)?.reshape((b, c, h, w))?) };
         let out = match &self.proj_out {
             Projection::Conv(_) => self.proj_out.forward(&to_image(&tokens)?)?,
             Projection::Linear(_) => to_image(&self.proj_out.forward(&tokens)?)?,
         };
-        Ok((out + xs)?)
+        pass.output(&self.id, (out + xs)?)
     }
 }

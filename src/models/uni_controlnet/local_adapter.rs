@@ -9,10 +9,11 @@ use crate::kernels::group_norm::GroupNorm;
 use crate::models::controlnet::ControlResiduals;
 use crate::models::nn::{Conv2d, Linear, conv2d, linear};
 use crate::models::resnet::Downsample;
-use crate::models::unet::UNetConfig;
 use crate::models::unet::blocks::{BlockLoader, Layer, MidBlock};
 use crate::models::unet::encoder::{TimeEmbedding, timestep_embedding};
+use crate::models::unet::input::LayerPass;
 use crate::models::unet::transformer::Transformer2D;
+use crate::models::unet::{Hooks, UNetConfig, UNetControls};
 use crate::{Error, Result};
 
 /// GroupNorm groups of the parameter-free norm inside FDN (fixed in Uni-ControlNet).
@@ -307,40 +308,49 @@ impl LocalAdapter {
     }
 
     /// Residuals (unscaled) for `sample` [B, C, h, w] at `timesteps` [B] with `context` [B, S, D]
-    /// (the text context with any global tokens) and condition maps `local` [B, local_channels,
-    /// 8h, 8w] in [0, 1]: one per UNet skip connection, then the mid block's.
+    /// (the text context with any global tokens) and the condition `features` made by
+    /// [`Self::features`] from maps [B or 1, local_channels, 8h, 8w] (computed once per generation:
+    /// the maps do not change between steps): one residual per UNet skip connection, then the mid
+    /// block's.
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
-        local: &Tensor,
+        features: &[Tensor],
     ) -> Result<ControlResiduals> {
-        let (_, _, h, w) = sample.dims4()?;
-        let (_, _, lh, lw) = local.dims4()?;
-        if (lh, lw) != (h * CONDITION_SCALE, w * CONDITION_SCALE) {
+        let (b, _, h, w) = sample.dims4()?;
+        let first = features.first().ok_or_else(|| Error::invalid("no local condition features"))?;
+        let (_, _, fh, fw) = first.dims4()?;
+        if (fh, fw) != (h, w) {
             return Err(Error::invalid(format!(
-                "local condition maps are {lw}x{lh}, the latents ({w}x{h}) need {}x{}",
+                "local condition maps are {}x{}, the latents ({w}x{h}) need {}x{}",
+                fw * CONDITION_SCALE,
+                fh * CONDITION_SCALE,
                 w * CONDITION_SCALE,
                 h * CONDITION_SCALE
             )));
         }
         let dtype = sample.dtype();
-        let features = self.features(&local.to_dtype(dtype)?)?;
+        let features = features
+            .iter()
+            .map(|f| Ok(if f.dim(0)? == b { f.to_dtype(dtype)? } else { f.to_dtype(dtype)?.repeat((b, 1, 1, 1))? }))
+            .collect::<Result<Vec<_>>>()?;
         let c = &self.config.unet;
         let t = timestep_embedding(timesteps, c.blocks[0].channels, c.flip_sin_to_cos, c.freq_shift)?;
         let temb = self.time_embedding.forward(&t.to_dtype(dtype)?)?;
-        let none = Default::default();
+        let controls = UNetControls::default();
+        let mut pass = LayerPass { temb, context, controls: &controls, hooks: Hooks::none() };
         let mut xs = self.conv_in.forward(sample)?;
         let mut skips = vec![xs.clone()];
         for level in &self.levels {
             for layer in &level.layers {
                 xs = match layer {
-                    AdapterLayer::Plain(layer) => layer.forward(&xs, &temb, context, &none)?,
+                    AdapterLayer::Plain(layer) => layer.forward(&xs, &mut pass)?,
                     AdapterLayer::Local(layer) => {
-                        let xs = layer.resnet.forward(&xs, &temb, &features[layer.feature])?;
+                        let xs = layer.resnet.forward(&xs, &pass.temb, &features[layer.feature])?;
                         match &layer.attention {
-                            Some(attn) => attn.forward(&xs, context, &none)?,
+                            Some(attn) => attn.forward(&xs, &mut pass)?,
                             None => xs,
                         }
                     }
@@ -352,7 +362,7 @@ impl LocalAdapter {
                 skips.push(xs.clone());
             }
         }
-        let hidden = self.mid_block.forward(&xs, &temb, context, &none)?;
+        let hidden = self.mid_block.forward(&xs, &mut pass)?;
         let down = skips.iter().zip(&self.zero_convs).map(|(s, conv)| Ok(conv.forward(s)?)).collect::<Result<_>>()?;
         Ok(ControlResiduals { down, mid: self.mid_zero_conv.forward(&hidden)? })
     }

@@ -1,0 +1,341 @@
+//! The library's generation request: everything one generation needs — sampling settings and every
+//! mechanism with its inputs, as local paths — in one value that the CLI, the HTTP server and
+//! library users build. [`Request::prepare`] checks it, applies its model-level parts and builds the
+//! controls; [`Request::run_once`] does the whole generation.
+
+pub mod ip_adapter;
+pub mod residual;
+pub mod uni_controlnet;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::control::Control;
+use crate::control::self_attention::{ReferenceOnly, ReferenceSettings};
+use crate::control::weights::{Lora, LoraMode};
+use crate::error::ResultExt;
+use crate::io::image::load_rgb;
+use crate::io::latents::load_latents;
+use crate::models::clip_vision::ClipVisionEncoder;
+use crate::models::image_processor::ClipImageProcessor;
+use crate::models::unet::DeepCache;
+use crate::noise::SeededNoise;
+use crate::pipeline::{GenerateRequest, Generated, LoadOptions, Progress, StableDiffusion};
+use crate::prompt::PromptSyntax;
+use crate::schedulers::SchedulerKind;
+use crate::{Error, Result};
+
+pub use ip_adapter::IpAdapterRequest;
+pub use residual::{ControlNetSpec, T2IAdapterSpec};
+pub use uni_controlnet::UniControlNetSpec;
+
+/// A LoRA-family file and its multiplier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// The file (kohya, diffusers/PEFT or LyCORIS layout).
+    pub path: PathBuf,
+    /// Its multiplier.
+    pub scale: f64,
+}
+
+/// A textual-inversion embedding and the token that names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingSpec {
+    /// The file (A1111 `.pt`/`.safetensors`, diffusers `learned_embeds`).
+    pub path: PathBuf,
+    /// The token in prompts (default: the one a diffusers file stores, else the file name).
+    pub token: Option<String>,
+}
+
+/// A reference image for reference-only control.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceSpec {
+    /// The reference image (resized to the output size).
+    pub image: PathBuf,
+    /// Mode, style fidelity and block-selection weights.
+    pub settings: ReferenceSettings,
+}
+
+/// One generation.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt.
+    pub negative_prompt: Option<String>,
+    /// How prompts are read.
+    pub prompt_syntax: PromptSyntax,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off).
+    pub guidance: f64,
+    /// The scheduler, or the model's own.
+    pub scheduler: Option<SchedulerKind>,
+    /// Image width in pixels (default: the model's native size).
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's native size).
+    pub height: Option<usize>,
+    /// Images to generate.
+    pub batch: usize,
+    /// Seed of the starting noise, of stochastic samplers and of every mechanism that samples.
+    pub seed: u64,
+    /// Text-encoder layers to skip from the end.
+    pub clip_skip: usize,
+    /// A safetensors file with `latents` [B, C, h, w] of standard-normal starting noise.
+    pub init_latents: Option<PathBuf>,
+    /// Decode in tiles (with this tile side in pixels, or the VAE config's).
+    pub vae_tiling: Option<Option<usize>>,
+    /// DeepCache (interval, branch): an opt-in approximation.
+    pub deep_cache: Option<(usize, usize)>,
+    /// LoRAs, attached for this generation.
+    pub loras: Vec<LoraSpec>,
+    /// How LoRAs are applied.
+    pub lora_mode: LoraMode,
+    /// Refuse a LoRA with keys that match no layer (otherwise a warning).
+    pub strict_lora: bool,
+    /// Textual-inversion embeddings.
+    pub embeddings: Vec<EmbeddingSpec>,
+    /// ControlNets with their images.
+    pub controlnets: Vec<ControlNetSpec>,
+    /// T2I-Adapters with their images.
+    pub t2i_adapters: Vec<T2IAdapterSpec>,
+    /// IP-Adapters with their inputs.
+    pub ip_adapters: IpAdapterRequest,
+    /// A Uni-ControlNet with its conditions.
+    pub uni_controlnet: Option<UniControlNetSpec>,
+    /// Reference-only control.
+    pub reference: Option<ReferenceSpec>,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            prompt_syntax: PromptSyntax::default(),
+            steps: 50,
+            guidance: 7.5,
+            scheduler: None,
+            width: None,
+            height: None,
+            batch: 1,
+            seed: 0,
+            clip_skip: 0,
+            init_latents: None,
+            vae_tiling: None,
+            deep_cache: None,
+            loras: Vec::new(),
+            lora_mode: LoraMode::default(),
+            strict_lora: false,
+            embeddings: Vec::new(),
+            controlnets: Vec::new(),
+            t2i_adapters: Vec::new(),
+            ip_adapters: IpAdapterRequest::default(),
+            uni_controlnet: None,
+            reference: None,
+        }
+    }
+}
+
+/// A message for the user that did not stop the generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Something probably unintended (e.g. LoRA keys that match no layer).
+    Warning(String),
+    /// What was done (e.g. the token an embedding got).
+    Info(String),
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::Warning(m) => write!(f, "warning: {m}"),
+            Notice::Info(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A request made ready against a model: the sampling request and the controls.
+pub struct Prepared {
+    /// The sampling request.
+    pub generate: GenerateRequest,
+    /// Every mechanism's control, in the order they act.
+    pub controls: Vec<Box<dyn Control>>,
+    /// Messages for the user.
+    pub notices: Vec<Notice>,
+}
+
+/// A CLIP image encoder with its preprocessing.
+pub(crate) struct ImageEncoder {
+    pub(crate) model: ClipVisionEncoder,
+    pub(crate) processor: ClipImageProcessor,
+}
+
+impl ImageEncoder {
+    /// Loads an image-encoder folder with its `preprocessor_config.json` (or CLIP's defaults).
+    fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let model = ClipVisionEncoder::from_dir(dir, options.dtype, &options.device)?;
+        let config = dir.join("preprocessor_config.json");
+        let processor = if config.is_file() {
+            ClipImageProcessor::load(&config)?
+        } else {
+            ClipImageProcessor::for_image_size(model.config().image_size)
+        };
+        Ok(Self { model, processor })
+    }
+}
+
+/// Image encoders loaded once per request and shared by every mechanism that names the same folder.
+#[derive(Default)]
+pub(crate) struct ImageEncoders {
+    loaded: HashMap<PathBuf, ImageEncoder>,
+}
+
+impl ImageEncoders {
+    /// The encoder in `dir`, loading it on first use.
+    pub(crate) fn get(&mut self, dir: &Path, options: &LoadOptions) -> Result<&ImageEncoder> {
+        if !self.loaded.contains_key(dir) {
+            let encoder =
+                ImageEncoder::load(dir, options).context(|| format!("loading image encoder {}", dir.display()))?;
+            self.loaded.insert(dir.to_path_buf(), encoder);
+        }
+        Ok(&self.loaded[dir])
+    }
+}
+
+/// The value for each of `count` items from a list given once (for all) or once per item; `what`
+/// names the list in the error.
+pub fn per_item<T: Clone>(what: &str, values: &[T], count: usize, default: T) -> Result<Vec<T>> {
+    match values.len() {
+        0 => Ok(vec![default; count]),
+        1 => Ok(vec![values[0].clone(); count]),
+        n if n == count => Ok(values.to_vec()),
+        n => Err(Error::invalid(format!(
+            "{what} was given {n} times for {count} models (give it once, or once per model)"
+        ))),
+    }
+}
+
+fn check_finite(name: &str, v: f64) -> Result<()> {
+    if !v.is_finite() {
+        return Err(Error::invalid(format!("{name} {v} is not a finite number")));
+    }
+    Ok(())
+}
+
+impl Request {
+    /// Checks what can be checked without any file: counts, ranges, finite numbers.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::invalid("steps must be at least 1"));
+        }
+        if self.batch == 0 {
+            return Err(Error::invalid("batch must be at least 1"));
+        }
+        check_finite("guidance", self.guidance)?;
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v
+                && (v == 0 || v % 8 != 0)
+            {
+                return Err(Error::invalid(format!("{name} {v} is not a positive multiple of 8")));
+            }
+        }
+        for lora in &self.loras {
+            check_finite(&format!("LoRA multiplier of {}", lora.path.display()), lora.scale)?;
+        }
+        if let Some(reference) = &self.reference {
+            reference.settings.check()?;
+        }
+        if let Some((interval, _)) = self.deep_cache
+            && interval == 0
+        {
+            return Err(Error::invalid("the DeepCache interval must be at least 1"));
+        }
+        residual::validate(&self.controlnets, &self.t2i_adapters)?;
+        self.ip_adapters.validate()?;
+        if let Some(uni) = &self.uni_controlnet {
+            uni.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Applies the request's model-level parts to `model` (prompt syntax, VAE tiling, LoRAs,
+    /// embeddings) and builds its controls, loading every file it names.
+    pub fn prepare(&self, model: &mut StableDiffusion, options: &LoadOptions) -> Result<Prepared> {
+        self.validate()?;
+        let init_latents = self.init_latents.as_deref().map(|p| load_latents(p, &options.device)).transpose()?;
+        model.prompt_syntax = self.prompt_syntax;
+        if let Some(tile) = self.vae_tiling {
+            model.vae.enable_tiling(tile)?;
+        }
+        let mut notices = Vec::new();
+        let device = model.device().clone();
+        for (i, spec) in self.loras.iter().enumerate() {
+            let lora = Lora::load(&spec.path, &model.layers, &device)?;
+            if let Some(first) = lora.unmatched.first() {
+                let message = format!(
+                    "{} keys of {} match no layer of the model (first: `{first}`)",
+                    lora.unmatched.len(),
+                    spec.path.display()
+                );
+                if self.strict_lora {
+                    return Err(Error::invalid(message));
+                }
+                notices.push(Notice::Warning(format!("{message}; --strict-lora makes this an error")));
+            }
+            model.attach_lora(&format!("{}#{i}", spec.path.display()), &lora, spec.scale, self.lora_mode)?;
+        }
+        for spec in &self.embeddings {
+            let token = model
+                .load_textual_inversion(&spec.path, spec.token.as_deref())
+                .context(|| format!("loading embedding {}", spec.path.display()))?;
+            notices.push(Notice::Info(format!("embedding {} as `{token}`", spec.path.display())));
+        }
+
+        let f = model.vae_scale_factor();
+        let native = model.unet.config().sample_size.unwrap_or(64) * f;
+        let (width, height) = match &init_latents {
+            Some(latents) => (latents.dim(3)? * f, latents.dim(2)? * f),
+            None => (self.width.unwrap_or(native), self.height.unwrap_or(native)),
+        };
+        let mut encoders = ImageEncoders::default();
+        let mut controls: Vec<Box<dyn Control>> = Vec::new();
+        controls.extend(residual::build(&self.controlnets, &self.t2i_adapters, model, options, width, height)?);
+        controls.extend(self.ip_adapters.build(model, options, &mut encoders, width, height)?);
+        if let Some(uni) = &self.uni_controlnet {
+            controls.push(uni.build(model, options, &mut encoders, width, height)?);
+        }
+        if let Some(reference) = &self.reference {
+            let image = load_rgb(&reference.image).context(|| "reading the reference image".to_string())?;
+            controls.push(Box::new(ReferenceOnly::new(image, reference.settings)?));
+        }
+        let generate = GenerateRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler,
+            width,
+            height,
+            batch: self.batch,
+            clip_skip: self.clip_skip,
+            init_latents,
+            deep_cache: self.deep_cache.map(|(n, branch)| DeepCache::new(n, branch)).transpose()?,
+        };
+        Ok(Prepared { generate, controls, notices })
+    }
+
+    /// The whole generation on a model used once (each network freed once its stage is done):
+    /// [`Self::prepare`], then sampling with the request's seed, reporting notices and progress.
+    pub fn run_once(
+        &self,
+        mut model: StableDiffusion,
+        options: &LoadOptions,
+        notify: &mut dyn FnMut(&Notice),
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Generated> {
+        let Prepared { generate, mut controls, notices } = self.prepare(&mut model, options)?;
+        notices.iter().for_each(notify);
+        model.generate_once(&generate, &mut controls, &mut SeededNoise::new(self.seed), progress)
+    }
+}
