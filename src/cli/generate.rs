@@ -147,7 +147,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     args.residual.add_to(&mut request)?;
     args.lora.add_to(&mut request);
     args.embedding.add_to(&mut request);
-    args.reference.add_to(&mut request);
+    args.reference.add_to(&mut request)?;
     request.validate()?;
 
     let options = LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() };

@@ -16,9 +16,8 @@ pub struct ReferenceArgs {
     reference_image: Option<PathBuf>,
     /// What the reference changes: attn (joined self-attention), adain (feature statistics) or
     /// attn+adain.
-    #[arg(long, default_value = "attn", value_name = "MODE", requires = "reference_image",
-          value_parser = |s: &str| s.parse::<ReferenceMode>().map_err(|e| e.to_string()))]
-    reference_mode: ReferenceMode,
+    #[arg(long, default_value = "attn", value_name = "MODE", requires = "reference_image")]
+    reference_mode: String,
     /// Style fidelity in [0, 1]: 1 keeps the unconditional half plain (the reference dominates), 0
     /// references both halves (the prompt dominates).
     #[arg(long, default_value_t = 0.5, value_name = "F", requires = "reference_image")]
@@ -33,15 +32,17 @@ pub struct ReferenceArgs {
 
 impl ReferenceArgs {
     /// Adds the reference to `request` when one is given.
-    pub fn add_to(&self, request: &mut Request) {
+    pub fn add_to(&self, request: &mut Request) -> anyhow::Result<()> {
+        let mode: ReferenceMode = self.reference_mode.parse()?;
         request.reference = self.reference_image.as_ref().map(|image| ReferenceSpec {
             image: image.clone(),
             settings: ReferenceSettings {
-                mode: self.reference_mode,
+                mode,
                 style_fidelity: self.style_fidelity,
                 attention_weight: self.reference_attn_weight,
                 gn_weight: self.reference_gn_weight,
             },
         });
+        Ok(())
     }
 }
