@@ -62,6 +62,8 @@ pub(crate) struct UpBlock {
 pub(crate) struct MidBlock {
     /// The module path, `mid_block`.
     id: String,
+    /// The resnets' module paths, `mid_block.resnets.{j}`.
+    resnet_ids: Vec<String>,
     first: ResnetBlock,
     rest: Vec<(Transformer2D, ResnetBlock)>,
 }
@@ -70,21 +72,19 @@ impl MidBlock {
     /// xs [B, C, h, w] → [B, C, h, w], with the pass's hooks (the block's output included).
     pub(crate) fn forward(&self, xs: &Tensor, pass: &mut LayerPass) -> Result<Tensor> {
         let mut xs = self.first.forward(xs, Some(&pass.temb))?;
-        xs = pass.output(&format!("{}.resnets.0", self.id), xs)?;
-        for (j, (attn, resnet)) in self.rest.iter().enumerate() {
+        xs = pass.output(&self.resnet_ids[0], xs)?;
+        for ((attn, resnet), id) in self.rest.iter().zip(&self.resnet_ids[1..]) {
             xs = resnet.forward(&attn.forward(&xs, pass)?, Some(&pass.temb))?;
-            xs = pass.output(&format!("{}.resnets.{}", self.id, j + 1), xs)?;
+            xs = pass.output(id, xs)?;
         }
         pass.output(&self.id, xs)
     }
 
     /// The ids of its hook points.
     pub(crate) fn hook_points(&self) -> Vec<String> {
-        let mut ids = vec![self.id.clone(), format!("{}.resnets.0", self.id)];
-        for (j, (attn, _)) in self.rest.iter().enumerate() {
-            ids.extend(attn.hook_points());
-            ids.push(format!("{}.resnets.{}", self.id, j + 1));
-        }
+        let mut ids = vec![self.id.clone()];
+        ids.extend(self.resnet_ids.iter().cloned());
+        ids.extend(self.rest.iter().flat_map(|(attn, _)| attn.hook_points()));
         ids
     }
 }
@@ -162,7 +162,8 @@ impl BlockLoader<'_> {
         let scale = self.config.mid_block_scale_factor;
         let first = self.resnet(0, last.channels, last.channels, scale)?;
         let rest = vec![(self.transformer(0, &mid)?, self.resnet(1, last.channels, last.channels, scale)?)];
-        Ok(MidBlock { id: self.id.clone(), first, rest })
+        let resnet_ids = (0..=rest.len()).map(|j| format!("{}.resnets.{j}", self.id)).collect();
+        Ok(MidBlock { id: self.id.clone(), resnet_ids, first, rest })
     }
 
     /// Up block mirroring `block`: `prev` channels come from below, `skip_in` is the channel count
