@@ -9,6 +9,7 @@ pub mod control;
 pub mod error;
 pub mod io;
 pub mod kernels;
+pub mod limits;
 pub mod models;
 pub mod noise;
 pub mod pipeline;

@@ -211,7 +211,13 @@ impl StableDiffusion {
     fn initial_noise(&self, req: &GenerateRequest, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let channels = self.unet.config().in_channels;
         if let Some(latents) = &req.init_latents {
-            let (_, c, _, _) = latents.dims4()?;
+            let (b, c, h, w) = latents.dims4()?;
+            if b == 0 || h == 0 || w == 0 {
+                return Err(Error::invalid(format!(
+                    "init latents have shape {:?}: nothing to generate",
+                    latents.dims()
+                )));
+            }
             if c != channels {
                 return Err(Error::invalid(format!("init latents have {c} channels, the model expects {channels}")));
             }
@@ -425,6 +431,14 @@ fn sample(
             None => prediction,
         };
         latents = scheduler.step(&prediction, i, &latents, noise)?;
+        if !crate::models::nn::all_finite(&latents)? {
+            return Err(Error::invalid(format!(
+                "the latents became NaN or infinite at step {} of {} (a guidance, LoRA or control scale far too \
+                 large, or weights that hold NaN)",
+                i + 1,
+                timesteps.len()
+            )));
+        }
         for control in controls.iter_mut() {
             control.after_step(i, &latents)?;
         }

@@ -230,3 +230,47 @@ fn prompt_words_map_to_their_rows() {
     let (_, words) = model.tokenizer.encode_padded_words(&long).unwrap();
     assert_eq!(words.last().unwrap().rows.end, 76);
 }
+
+/// Switches the text context from step `from` on (as PhotoMaker's `start_merge_step` does) and
+/// records the latents after every step.
+struct Switch {
+    from: usize,
+    latents: Rc<RefCell<Vec<Tensor>>>,
+}
+
+impl Control for Switch {
+    fn name(&self) -> &str {
+        "switch"
+    }
+
+    fn step_context(&mut self, step_index: usize, context: &Tensor) -> Result<Option<Tensor>> {
+        Ok((step_index >= self.from).then(|| context * 0.5).transpose()?)
+    }
+
+    fn contribute(&mut self, _step: &mut StepContext) -> Result<UNetControls> {
+        Ok(UNetControls::default())
+    }
+
+    fn after_step(&mut self, _step_index: usize, latents: &Tensor) -> Result<()> {
+        self.latents.borrow_mut().push(latents.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_control_can_change_the_context_at_a_step_and_read_the_latents_after_each() {
+    let model = model();
+    let steps = common::pipeline_cases()[0].steps;
+    let plain = generate(&model, &mut []).unwrap();
+    let never = Rc::new(RefCell::new(Vec::new()));
+    let out = generate(&model, &mut [Box::new(Switch { from: steps, latents: never.clone() })]).unwrap();
+    assert_eq!(max_abs_diff(&out.latents, &plain.latents), 0.0);
+    assert_eq!(never.borrow().len(), steps);
+    assert_eq!(max_abs_diff(never.borrow().last().unwrap(), &plain.latents), 0.0);
+
+    // Switching at the last step changes only that step: the latents before it match.
+    let late = Rc::new(RefCell::new(Vec::new()));
+    let out = generate(&model, &mut [Box::new(Switch { from: steps - 1, latents: late.clone() })]).unwrap();
+    assert!(max_abs_diff(&out.latents, &plain.latents) > 1e-4);
+    assert_eq!(max_abs_diff(&late.borrow()[steps - 2], &never.borrow()[steps - 2]), 0.0);
+}

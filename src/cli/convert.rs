@@ -32,7 +32,8 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}: single-file output is written as .safetensors only", args.output.display());
     }
     if extension == "safetensors" {
-        if args.output.exists() {
+        // Anything at the path, a dangling symlink included, is refused (never written through).
+        if std::fs::symlink_metadata(&args.output).is_ok() {
             anyhow::bail!("{}: already exists; choose a new output file", args.output.display());
         }
         write_checkpoint(&model, &args.output)?;

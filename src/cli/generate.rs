@@ -7,8 +7,10 @@ use candle_core::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::io::image::{save_png, to_rgb8};
-use crate::io::latents::save_latents;
+use crate::io::image::{stage_png, to_rgb8};
+use crate::io::latents::stage_latents;
+use crate::io::output::{OutputFiles, check_output_path};
+use crate::limits::Limits;
 use crate::pipeline::{LoadOptions, Progress, StableDiffusion};
 use crate::prompt::PromptSyntax;
 use crate::request::Request;
@@ -100,6 +102,16 @@ pub struct GenerateArgs {
     /// the exact UNet.
     #[arg(long, default_value_t = 0, value_name = "B", requires = "deep_cache")]
     deep_cache_branch: usize,
+    /// Refuse images of more pixels (width x height) than this.
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_PIXELS, value_name = "N")]
+    max_pixels: u64,
+    /// Refuse batches of more images than this.
+    #[arg(long, default_value_t = crate::limits::DEFAULT_MAX_BATCH, value_name = "N")]
+    max_batch: usize,
+    /// Refuse generations whose activations are estimated to need more than this many GB
+    /// [default: the memory available when the generation starts].
+    #[arg(long, value_name = "GB")]
+    max_memory: Option<f64>,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -111,13 +123,27 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     }
 }
 
-/// The PNG paths for `count` images: `output` itself for one, numbered siblings for more.
-fn image_paths(output: &Path, count: usize) -> Vec<PathBuf> {
+/// The PNG paths for `count` images: `output` itself for one, numbered siblings for more. An
+/// `output` that names a directory is refused (images are written only to the file names asked for).
+fn image_paths(output: &Path, count: usize) -> anyhow::Result<Vec<PathBuf>> {
+    let names_dir = output.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR);
+    if names_dir || output.file_name().is_none() || output.is_dir() {
+        anyhow::bail!("--output {}: is a directory; give the PNG file to write, such as DIR/out.png", output.display());
+    }
     if count == 1 {
-        return vec![output.to_path_buf()];
+        return Ok(vec![output.to_path_buf()]);
     }
     let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "output".into());
-    (0..count).map(|i| output.with_file_name(format!("{stem}-{i}.png"))).collect()
+    Ok((0..count).map(|i| output.with_file_name(format!("{stem}-{i}.png"))).collect())
+}
+
+/// `--max-memory GB` in bytes.
+fn max_memory(gb: Option<f64>) -> anyhow::Result<Option<u64>> {
+    match gb {
+        Some(gb) if !(gb.is_finite() && gb > 0.0) => anyhow::bail!("--max-memory {gb} is not a positive number of GB"),
+        Some(gb) => Ok(Some((gb * 1e9) as u64)),
+        None => Ok(None),
+    }
 }
 
 /// Runs `diffctl generate`: the flags become one library [`Request`]; this prints its notices and
@@ -142,6 +168,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         deep_cache: args.deep_cache.map(|n| (n, args.deep_cache_branch)),
         ip_adapters: args.ip_adapter.request()?,
         uni_controlnet: args.uni_controlnet.request()?,
+        limits: Limits {
+            max_pixels: args.max_pixels,
+            max_batch: args.max_batch,
+            max_memory: max_memory(args.max_memory)?,
+        },
         ..Request::default()
     };
     args.residual.add_to(&mut request)?;
@@ -149,6 +180,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     args.embedding.add_to(&mut request);
     args.reference.add_to(&mut request)?;
     request.validate()?;
+    // Unusable output paths are refused before any work (and checked again when written).
+    for path in image_paths(&args.output, args.batch)?.iter().chain(args.output_latents.as_ref()) {
+        check_output_path(path)?;
+    }
 
     let options = LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() };
     let model = StableDiffusion::load(&args.model, &options)
@@ -169,12 +204,19 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let generated = request.run_once(model, &options, &mut |notice| eprintln!("{notice}"), &mut on_progress)?;
     bar.finish_and_clear();
 
+    // Every output is staged in a temporary file beside it and all are moved into place together
+    // only once all were written: a failure leaves none of them behind.
+    let mut outputs = OutputFiles::new();
     if let Some(path) = &args.output_latents {
-        save_latents(path, &generated.latents)?;
+        stage_latents(&mut outputs, path, &generated.latents)?;
     }
     let images = to_rgb8(&generated.images)?;
-    for (img, path) in images.iter().zip(image_paths(&args.output, images.len())) {
-        save_png(&path, img)?;
+    let paths = image_paths(&args.output, images.len())?;
+    for (img, path) in images.iter().zip(&paths) {
+        stage_png(&mut outputs, path, img)?;
+    }
+    outputs.commit()?;
+    for path in &paths {
         eprintln!("wrote {} (seed {seed})", path.display());
     }
     Ok(())

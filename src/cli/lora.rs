@@ -5,14 +5,12 @@ use clap::Args;
 use crate::control::weights::LoraMode;
 use crate::request::{LoraSpec, Request};
 
-/// `FILE` or `FILE:SCALE` (the last `:` starts the scale only when a number follows it).
+/// `FILE` or `FILE:SCALE` (the last `:` starts the scale only when a number follows it; the request
+/// refuses a scale that is not finite).
 fn parse_lora_spec(s: &str) -> Result<LoraSpec, String> {
     if let Some((path, scale)) = s.rsplit_once(':')
         && let Ok(scale) = scale.parse::<f64>()
     {
-        if !scale.is_finite() {
-            return Err(format!("LoRA multiplier {scale} is not a finite number"));
-        }
         return Ok(LoraSpec { path: path.into(), scale });
     }
     Ok(LoraSpec { path: s.into(), scale: 1.0 })

@@ -6,6 +6,7 @@ use anyhow::bail;
 use clap::Args;
 
 use crate::io::image::{load_rgb, save_png};
+use crate::io::output::check_output_path;
 use crate::preprocess::{self, PreprocessKind, keypoints};
 
 /// Arguments of `diffctl preprocess`.
@@ -19,7 +20,7 @@ pub struct PreprocessArgs {
     /// with `width`, `height` and `kps`.
     #[arg(value_name = "IN")]
     input: PathBuf,
-    /// Output PNG, written atomically.
+    /// Output PNG: a new file or a regular file to replace, written all or nothing.
     #[arg(value_name = "OUT")]
     output: PathBuf,
     /// Canny low threshold on |dx| + |dy| (overrides the one in KIND).
@@ -58,7 +59,10 @@ impl PreprocessArgs {
 
 /// Runs `diffctl preprocess`; nothing is written unless the whole computation succeeds.
 pub fn run(args: &PreprocessArgs) -> anyhow::Result<()> {
-    let image = match args.kind()? {
+    let kind = args.kind()?;
+    // A bad output path (a directory, symlink, FIFO or device) is refused before any work.
+    check_output_path(&args.output)?;
+    let image = match kind {
         PreprocessKind::Keypoints { json: None } => {
             let kps = keypoints::load(&args.input)?;
             let Some((w, h)) = kps.size else {

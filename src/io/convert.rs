@@ -10,30 +10,51 @@ use serde_json::{Value, json};
 
 use super::ldm::{CLIP_PREFIX, KeyMap};
 use super::model_files::{Family, ModelFiles};
+use super::output::{rename_dir_noreplace, split_output_path, write_file, write_safetensors};
 use super::weights::TensorStore;
 use crate::{Error, Result};
 
-/// Writes `model` as a diffusers folder at `out`, which must not exist: model_index.json and the
-/// scheduler, tokenizer, text_encoder, unet and vae sub-folders (safetensors weights).
+/// Writes `model` as a diffusers folder at `out`, which must not exist (not even as a symlink):
+/// model_index.json and the scheduler, tokenizer, text_encoder, unet and vae sub-folders
+/// (safetensors weights). Everything is written into a private temporary folder created exclusively
+/// beside `out` and renamed into place once complete (never over anything that appeared meanwhile);
+/// on failure it is removed.
 pub fn write_diffusers_folder(model: &ModelFiles, out: &Path) -> Result<()> {
-    if out.exists() {
-        return Err(Error::invalid(format!("{}: already exists; choose a new output folder", out.display())));
+    // `out/` names the same folder as `out`.
+    let out: &Path = &out.components().collect::<std::path::PathBuf>();
+    match std::fs::symlink_metadata(out) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(Error::invalid(format!(
+                "{}: is a symbolic link; outputs are never written through or over a symbolic link",
+                out.display()
+            )));
+        }
+        Ok(_) => {
+            return Err(Error::invalid(format!("{}: already exists; choose a new output folder", out.display())));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(out, e)),
     }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        return Err(Error::invalid(format!("{}: output directory {} does not exist", out.display(), parent.display())));
+    let (parent, name) = split_output_path(out)?;
+    let prefix = format!(".{}.", name.to_string_lossy().chars().take(80).collect::<String>());
+    // Created 0700: nothing can be planted inside while it is written.
+    let tmp = tempfile::Builder::new().prefix(&prefix).suffix(".tmp").tempdir_in(&parent).map_err(|e| {
+        Error::invalid(format!("{}: cannot create a temporary folder in {}: {e}", out.display(), parent.display()))
+    })?;
+    write_folder_contents(model, tmp.path())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = 0o777 & !super::output::umask();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(tmp.path(), e))?;
     }
-    let name = out.file_name().ok_or_else(|| Error::invalid(format!("{}: not a folder path", out.display())))?;
-    let tmp = parent.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let result =
-        write_folder_contents(model, &tmp).and_then(|()| std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e)));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    rename_dir_noreplace(tmp.path(), out).map_err(|e| {
+        Error::invalid(format!("{}: could not move the finished folder into place: {e}", out.display()))
+    })?;
+    // Renamed: nothing is left at the temporary path to remove.
+    let _ = tmp.keep();
+    Ok(())
 }
 
 fn write_folder_contents(model: &ModelFiles, dir: &Path) -> Result<()> {
@@ -73,7 +94,7 @@ fn write_folder_contents(model: &ModelFiles, dir: &Path) -> Result<()> {
             .filter(|k| is_weight(k))
             .map(|k| Ok((k.to_string(), load_stored(store, k)?)))
             .collect::<Result<Vec<_>>>()?;
-        write_safetensors(&dir.join(name).join(file), tensors)?;
+        write_safetensors_file(&dir.join(name).join(file), tensors)?;
     }
     Ok(())
 }
@@ -99,7 +120,10 @@ pub fn write_checkpoint(model: &ModelFiles, out: &Path) -> Result<()> {
     let text_name = |k: &str| if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") };
     tensors.extend(text.to_checkpoint(&model.text_encoder.weights, text_name)?);
     tensors.retain(|(k, _)| is_weight(k));
-    super::write_atomic(out, |tmp| write_safetensors(tmp, tensors))
+    write_file(out, |file| {
+        write_safetensors(file, tensors, Some(pt_metadata()))
+            .map_err(|e| Error::Format { path: out.into(), message: format!("could not write safetensors: {e}") })
+    })
 }
 
 /// Whether `key` is a weight (not CLIP's `position_ids` buffer, which loaders rebuild).
@@ -111,20 +135,27 @@ fn load_stored(store: &TensorStore, key: &str) -> Result<Tensor> {
     Ok(store.load(key, store.dtype(key).unwrap_or(DType::F32), &Device::Cpu)?.contiguous()?)
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+/// Writes a file inside the private output folder being built (created new, never opened through
+/// something already there).
+fn create_new(path: &Path) -> Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::write(path, format!("{value:#}\n")).map_err(|e| Error::io(path, e))
+    std::fs::File::create_new(path).map_err(|e| Error::io(path, e))
 }
 
-/// Safetensors with the `format: pt` metadata transformers and diffusers expect.
-fn write_safetensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    let tensors = tensors.into_iter().map(|(k, t)| Ok((k, t.contiguous()?))).collect::<Result<Vec<_>>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), path)
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    use std::io::Write;
+    create_new(path)?.write_all(format!("{value:#}\n").as_bytes()).map_err(|e| Error::io(path, e))
+}
+
+/// The `format: pt` metadata transformers and diffusers expect.
+fn pt_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// Safetensors with the `format: pt` metadata, as a new file in the folder being built.
+fn write_safetensors_file(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    write_safetensors(&mut create_new(path)?, tensors, Some(pt_metadata()))
         .map_err(|e| Error::Format { path: path.into(), message: format!("could not write safetensors: {e}") })
 }

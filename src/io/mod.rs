@@ -4,12 +4,15 @@ pub mod convert;
 pub mod diffusers_folder;
 pub mod identify;
 pub mod image;
+pub mod input;
 pub mod latents;
 pub mod ldm;
 pub mod mapped_safetensors;
 pub mod model_files;
+pub mod npy;
 pub mod original_controlnet;
 pub mod original_t2i_adapter;
+pub mod output;
 pub mod pickle;
 pub mod single_file;
 pub mod uni_controlnet;
@@ -21,9 +24,11 @@ use serde::de::DeserializeOwned;
 
 use crate::{Error, Result};
 
-/// Reads and parses a JSON file, naming the file (and line/column) in errors.
+/// Reads and parses a JSON file (a regular file of at most [`input::MAX_JSON_BYTES`]), naming the
+/// file (and line/column) in errors.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = input::read_limited(path, input::MAX_JSON_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::config(path, format!("not UTF-8 text: {e}")))?;
     parse_json(&text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))
 }
 
@@ -62,25 +67,6 @@ fn replace_non_finite_literals(text: &str) -> std::borrow::Cow<'_, str> {
         rest = &rest[c.len_utf8()..];
     }
     std::borrow::Cow::Owned(out)
-}
-
-/// Writes a file atomically: the bytes go to a temporary file beside `path`, renamed over it only
-/// once complete, so a failure never leaves a partial output behind.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::invalid(format!("{}: output directory {} does not exist", path.display(), dir.display())));
-    }
-    let name = path.file_name().ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -63,12 +63,9 @@ impl TokenizerFiles {
         match self {
             TokenizerFiles::Dir(dir) => ClipTokenizer::from_dir(dir),
             TokenizerFiles::Bundled(_) => {
-                let nanos =
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-                let dir = std::env::temp_dir().join(format!("diffctl-tokenizer-{}-{nanos}", std::process::id()));
-                let loaded = self.write_to(&dir).and_then(|()| ClipTokenizer::from_dir(&dir));
-                let _ = std::fs::remove_dir_all(&dir);
-                loaded
+                // A private folder created exclusively (random name, 0700), removed when dropped.
+                let dir = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+                self.write_to(dir.path()).and_then(|()| ClipTokenizer::from_dir(dir.path()))
             }
         }
     }

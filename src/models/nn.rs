@@ -443,3 +443,11 @@ impl Projection {
         })
     }
 }
+
+/// Whether every element of `t` is finite (no NaN, no infinity).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let t = t.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+    // NaN fails every comparison, infinities fail the bound.
+    let finite = t.abs()?.le(f32::MAX as f64)?.to_dtype(candle_core::DType::F32)?.min(0)?.to_scalar::<f32>()?;
+    Ok(t.elem_count() == 0 || finite == 1.0)
+}

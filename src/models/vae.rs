@@ -130,6 +130,12 @@ impl VaeConfig {
                 ));
             }
         }
+        if !(c.scaling_factor.is_finite() && c.scaling_factor > 0.0) {
+            return Err(Error::config(path, format!("scaling_factor {} must be a positive number", c.scaling_factor)));
+        }
+        if c.shift_factor.is_some_and(|s| !s.is_finite()) {
+            return Err(Error::config(path, "shift_factor must be a finite number"));
+        }
         if let Some(ch) = c.block_out_channels.iter().find(|ch| *ch % c.norm_num_groups != 0) {
             return Err(Error::config(
                 path,

@@ -34,6 +34,9 @@ pub struct FaceKeypoints {
     pub points: [[f64; 2]; 5],
 }
 
+/// The largest canvas side a keypoints file may ask for (8192² RGB is 200 MB).
+pub const MAX_CANVAS: u64 = 8192;
+
 /// Reads a keypoints JSON file, naming the offending field in errors.
 pub fn load(path: &Path) -> Result<FaceKeypoints> {
     let value: Value = crate::io::read_json(path)?;
@@ -49,8 +52,8 @@ fn parse(value: &Value) -> std::result::Result<FaceKeypoints, String> {
         match obj.get(key) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
-                Some(n @ 1..=65535) => Ok(Some(n as u32)),
-                _ => Err(format!("`{key}`: expected a whole number of pixels in 1..=65535, found {v}")),
+                Some(n @ 1..=MAX_CANVAS) => Ok(Some(n as u32)),
+                _ => Err(format!("`{key}`: expected a whole number of pixels in 1..={MAX_CANVAS}, found {v}")),
             },
         }
     };

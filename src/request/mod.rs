@@ -16,6 +16,7 @@ use crate::control::weights::{Lora, LoraMode};
 use crate::error::ResultExt;
 use crate::io::image::load_rgb;
 use crate::io::latents::load_latents;
+use crate::limits::{GenerationShape, Limits};
 use crate::models::clip_vision::ClipVisionEncoder;
 use crate::models::image_processor::ClipImageProcessor;
 use crate::models::unet::DeepCache;
@@ -105,6 +106,8 @@ pub struct Request {
     pub uni_controlnet: Option<UniControlNetSpec>,
     /// Reference-only control.
     pub reference: Option<ReferenceSpec>,
+    /// Resource limits checked before anything large is allocated.
+    pub limits: Limits,
 }
 
 impl Default for Request {
@@ -133,6 +136,7 @@ impl Default for Request {
             ip_adapters: IpAdapterRequest::default(),
             uni_controlnet: None,
             reference: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -232,6 +236,7 @@ impl Request {
         if self.batch == 0 {
             return Err(Error::invalid("batch must be at least 1"));
         }
+        self.limits.check_size(self.batch, self.width.unwrap_or(8), self.height.unwrap_or(8))?;
         check_finite("guidance", self.guidance)?;
         for (name, v) in [("width", self.width), ("height", self.height)] {
             if let Some(v) = v
@@ -268,6 +273,27 @@ impl Request {
         if let Some(tile) = self.vae_tiling {
             model.vae.enable_tiling(tile)?;
         }
+        let f = model.vae_scale_factor();
+        let native = model.unet.config().sample_size.unwrap_or(64).saturating_mul(f);
+        let (batch, width, height) = match &init_latents {
+            Some(latents) => {
+                let (b, _, h, w) = latents.dims4()?;
+                (b, w.saturating_mul(f), h.saturating_mul(f))
+            }
+            None => (self.batch, self.width.unwrap_or(native), self.height.unwrap_or(native)),
+        };
+        self.limits.check_size(batch, width, height)?;
+        let vae_config = model.vae.config();
+        self.limits.check_memory(&GenerationShape {
+            batch,
+            width,
+            height,
+            vae_factor: f,
+            unet_channels: model.unet.config().blocks[0].channels,
+            vae_channels: vae_config.block_out_channels.first().copied().unwrap_or(128),
+            vae_tile: self.vae_tiling.map(|tile| tile.unwrap_or(vae_config.sample_size)),
+            guided: self.guidance > 1.0,
+        })?;
         let mut notices = Vec::new();
         let device = model.device().clone();
         for (i, spec) in self.loras.iter().enumerate() {
@@ -292,12 +318,6 @@ impl Request {
             notices.push(Notice::Info(format!("embedding {} as `{token}`", spec.path.display())));
         }
 
-        let f = model.vae_scale_factor();
-        let native = model.unet.config().sample_size.unwrap_or(64) * f;
-        let (width, height) = match &init_latents {
-            Some(latents) => (latents.dim(3)? * f, latents.dim(2)? * f),
-            None => (self.width.unwrap_or(native), self.height.unwrap_or(native)),
-        };
         let mut encoders = ImageEncoders::default();
         let mut controls: Vec<Box<dyn Control>> = Vec::new();
         controls.extend(residual::build(&self.controlnets, &self.t2i_adapters, model, options, width, height)?);

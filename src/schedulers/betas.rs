@@ -35,13 +35,17 @@ pub(crate) struct Train {
     pub cosine: bool,
 }
 
+/// The most training timesteps a config may declare (diffusion models use 1000; the table costs
+/// 4 bytes per step, so a bound keeps a hostile config from allocating gigabytes).
+pub(crate) const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 impl Train {
     /// Reads the beta fields of `cfg` with the class's `defaults`; `zero_snr_supported` is false for
     /// classes without `rescale_betas_zero_snr` (PNDM), which ignore the field like diffusers does.
     pub fn new(cfg: &SchedulerConfig, defaults: &BetaDefaults, zero_snr_supported: bool) -> Result<Self> {
         let t = cfg.num_train_timesteps.unwrap_or(1000);
-        if t < 2 {
-            return Err(cfg.bad_value("num_train_timesteps", t, "at least 2"));
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&t) {
+            return Err(cfg.bad_value("num_train_timesteps", t, &format!("2 to {MAX_TRAIN_TIMESTEPS}")));
         }
         let schedule = cfg.beta_schedule.as_deref().unwrap_or(defaults.beta_schedule);
         let cosine = schedule == "squaredcos_cap_v2";

@@ -29,16 +29,23 @@ use crate::models::unet::{AttentionStreams, CrossAttentionLayer, ExtraAttention,
 use crate::{Error, Result};
 
 /// Reads an embedding tensor (f32) from a `.npy` file or a safetensors file holding exactly one tensor.
+///
+/// The file must be a regular file of at most [`crate::io::input::MAX_EMBEDDING_BYTES`]; every size
+/// in it is checked against the bytes present, and the tensor must have values, all finite.
 pub fn read_embedding_file(path: &Path, device: &Device) -> Result<Tensor> {
+    use crate::io::input::{MAX_EMBEDDING_BYTES, read_limited};
+    use crate::models::nn::all_finite;
     let format = |message: String| Error::Format { path: path.into(), message };
-    if !path.is_file() {
+    if !path.exists() {
         return Err(Error::invalid(format!("{}: no such file", path.display())));
     }
+    let bytes = read_limited(path, MAX_EMBEDDING_BYTES)?;
     let is_npy = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
     let tensor = if is_npy {
-        Tensor::read_npy(path).map_err(|e| format(format!("not a readable .npy file: {e}")))?
+        crate::io::npy::parse_npy(&bytes, &Device::Cpu).map_err(|e| format(format!("not a readable .npy file: {e}")))?
     } else {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        crate::io::mapped_safetensors::check_header(&bytes)
+            .map_err(|e| format(format!("not a readable safetensors file: {e}")))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| format(format!("not a readable safetensors file: {e}")))?;
         if tensors.len() != 1 {
@@ -48,7 +55,14 @@ pub fn read_embedding_file(path: &Path, device: &Device) -> Result<Tensor> {
         }
         tensors.into_values().next().expect("one tensor")
     };
-    Ok(tensor.to_dtype(DType::F32)?.to_device(device)?)
+    if tensor.elem_count() == 0 {
+        return Err(format(format!("the embedding has shape {:?}, with no values", tensor.dims())));
+    }
+    let tensor = tensor.to_dtype(DType::F32)?;
+    if !all_finite(&tensor)? {
+        return Err(format("the embedding holds non-finite values (NaN or infinity)".into()));
+    }
+    Ok(tensor.to_device(device)?)
 }
 
 /// An IP-Adapter file's weights, mapped onto one UNet's cross-attention layers.

@@ -246,8 +246,14 @@ struct Entry<'a> {
 }
 
 impl Entry<'_> {
+    /// Part `part` as f32, refusing NaN or infinite values (they would turn the image black).
     fn tensor(&self, part: &str) -> Result<Option<Tensor>> {
-        self.parts.get(part).map(|key| self.store.load(key, DType::F32, self.device)).transpose()
+        let Some(key) = self.parts.get(part) else { return Ok(None) };
+        let t = self.store.load(key, DType::F32, self.device)?;
+        if !crate::models::nn::all_finite(&t)? {
+            return Err(Error::invalid(format!("`{key}` holds NaN or infinite values")));
+        }
+        Ok(Some(t))
     }
 
     fn required(&self, part: &str) -> Result<Tensor> {
@@ -361,12 +367,19 @@ fn fit_rank(factor: &Tensor, kind: &LayerKind) -> Result<Tensor> {
 /// The `__metadata__` strings of a safetensors file (empty for other formats).
 fn safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let (mut file, size) = crate::io::input::open_regular(path)?;
     let mut len = [0u8; 8];
     if file.read_exact(&mut len).is_err() || len.starts_with(b"PK") {
         return Ok(HashMap::new());
     }
-    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    let declared = u64::from_le_bytes(len);
+    if declared > size.saturating_sub(8) {
+        return Err(Error::Format {
+            path: path.into(),
+            message: format!("the safetensors header claims {declared} bytes, the file has {size}"),
+        });
+    }
+    let mut header = vec![0u8; declared as usize];
     file.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
     let parsed: Value = serde_json::from_slice(&header)
         .map_err(|e| Error::Format { path: path.into(), message: format!("unreadable safetensors header: {e}") })?;

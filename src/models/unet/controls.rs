@@ -58,14 +58,6 @@ fn sum_lists(a: Vec<Tensor>, b: Vec<Tensor>) -> Result<Vec<Tensor>> {
 }
 
 impl UNetControls {
-    /// Whether nothing is contributed.
-    pub fn is_empty(&self) -> bool {
-        self.down_residuals.is_none()
-            && self.mid_residual.is_none()
-            && self.down_intrablock_residuals.is_empty()
-            && self.extra_attention.is_empty()
-    }
-
     /// The extra streams for attention layer `id`, from every mechanism.
     pub fn streams_for<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a ExtraAttention> + 'a {
         self.extra_attention.iter().filter_map(move |map| map.get(id)).flatten()
