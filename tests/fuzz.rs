@@ -9,8 +9,8 @@
 //! the new inputs join the in-memory corpus, so mutations compound.
 //!
 //! `cargo test --test fuzz` runs every target for `DIFFCTL_FUZZ_SECONDS` seconds (default 6, about
-//! a minute in all); `DIFFCTL_FUZZ_SECONDS=600 DIFFCTL_FUZZ_TARGET=pickle cargo test --release
-//! --test fuzz` runs one target longer. `DIFFCTL_FUZZ_SEED` fixes the mutation seed.
+//! a minute in all); `DIFFCTL_FUZZ_SECONDS=600 DIFFCTL_FUZZ_TARGET=pickle,npy cargo test --release
+//! --test fuzz` runs the named targets longer. `DIFFCTL_FUZZ_SEED` fixes the mutation seed.
 
 mod common;
 
@@ -289,7 +289,8 @@ fn run_one(name: &str, target: Target, fixture: &Fixture, path: &Path, input: &[
 #[test]
 fn parsers_survive_mutated_inputs() {
     let seconds: u64 = std::env::var("DIFFCTL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
-    let only = std::env::var("DIFFCTL_FUZZ_TARGET").ok();
+    let only: Option<Vec<String>> =
+        std::env::var("DIFFCTL_FUZZ_TARGET").ok().map(|list| list.split(',').map(str::to_string).collect());
     let seed: u64 = std::env::var("DIFFCTL_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("fuzz seed {seed} (DIFFCTL_FUZZ_SEED), {seconds} s per target");
     let fixture = Fixture {
@@ -299,7 +300,7 @@ fn parsers_survive_mutated_inputs() {
     std::panic::set_hook(Box::new(|_| {}));
     let mut report = Vec::new();
     for (name, ext, target, seed_files) in targets() {
-        if only.as_deref().is_some_and(|o| o != name) {
+        if only.as_ref().is_some_and(|list| !list.iter().any(|o| o == name)) {
             continue;
         }
         let work = tempfile::tempdir().unwrap();
