@@ -14,10 +14,10 @@ use crate::control::cross_attention::{
 };
 use crate::error::ResultExt;
 use crate::io::image::load_rgb;
-use crate::pipeline::{LoadOptions, StableDiffusion};
+use crate::pipeline::LoadOptions;
 use crate::{Error, Result};
 
-use super::ImageEncoders;
+use super::{BuildContext, ImageEncoders};
 
 /// The IP-Adapters of a request and their inputs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -87,16 +87,11 @@ impl IpAdapterRequest {
         Ok(())
     }
 
-    /// Builds one control per adapter for images of `width` x `height` pixels. A FaceID adapter's
+    /// Builds one control per adapter for the generation `cx` describes. A FaceID adapter's
     /// attention LoRA is owned by its control: attached while a generation runs.
-    pub(super) fn build(
-        &self,
-        model: &StableDiffusion,
-        options: &LoadOptions,
-        encoders: &mut ImageEncoders,
-        width: usize,
-        height: usize,
-    ) -> Result<Vec<Box<dyn Control>>> {
+    pub(super) fn build(&self, cx: &mut BuildContext) -> Result<Vec<Box<dyn Control>>> {
+        let (model, options, width, height) = (cx.model, cx.options, cx.width, cx.height);
+        let encoders = &mut cx.encoders;
         let adapters = self
             .adapters
             .iter()

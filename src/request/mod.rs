@@ -207,6 +207,16 @@ impl ImageEncoders {
     }
 }
 
+/// What every mechanism's builder needs: the model it will run on, how to load its files, the
+/// image encoders loaded so far and the generation's size in pixels.
+pub(crate) struct BuildContext<'a> {
+    pub(crate) model: &'a StableDiffusion,
+    pub(crate) options: &'a LoadOptions,
+    pub(crate) encoders: ImageEncoders,
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+}
+
 /// The value for each of `count` items from a list given once (for all) or once per item; `what`
 /// names the list in the error.
 pub fn per_item<T: Clone>(what: &str, values: &[T], count: usize, default: T) -> Result<Vec<T>> {
@@ -318,12 +328,12 @@ impl Request {
             notices.push(Notice::Info(format!("embedding {} as `{token}`", spec.path.display())));
         }
 
-        let mut encoders = ImageEncoders::default();
+        let mut build = BuildContext { model, options, encoders: ImageEncoders::default(), width, height };
         let mut controls: Vec<Box<dyn Control>> = Vec::new();
-        controls.extend(residual::build(&self.controlnets, &self.t2i_adapters, model, options, width, height)?);
-        controls.extend(self.ip_adapters.build(model, options, &mut encoders, width, height)?);
+        controls.extend(residual::build(&self.controlnets, &self.t2i_adapters, &build)?);
+        controls.extend(self.ip_adapters.build(&mut build)?);
         if let Some(uni) = &self.uni_controlnet {
-            controls.push(uni.build(model, options, &mut encoders, width, height)?);
+            controls.push(uni.build(&mut build)?);
         }
         if let Some(reference) = &self.reference {
             let image = load_rgb(&reference.image).context(|| "reading the reference image".to_string())?;

@@ -12,9 +12,11 @@ use crate::control::residual::controlnet::{ControlNetControl, ControlNetSettings
 use crate::control::residual::t2i_adapter::{T2IAdapterControl, load_t2i_adapter};
 use crate::error::ResultExt;
 use crate::io::image::load_rgb;
-use crate::pipeline::{LoadOptions, StableDiffusion};
+use crate::pipeline::LoadOptions;
 use crate::preprocess::{PreprocessKind, apply};
 use crate::{Error, Result};
+
+use super::BuildContext;
 
 /// One ControlNet with its condition image.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,15 +82,13 @@ fn condition_image(
     condition_tensor(&img, width, height, &options.device)
 }
 
-/// Loads every ControlNet and T2I-Adapter with its image for a `width`x`height` generation.
+/// Loads every ControlNet and T2I-Adapter with its image for the generation `cx` describes.
 pub(super) fn build(
     controlnets: &[ControlNetSpec],
     adapters: &[T2IAdapterSpec],
-    model: &StableDiffusion,
-    options: &LoadOptions,
-    width: usize,
-    height: usize,
+    cx: &BuildContext,
 ) -> Result<Vec<Box<dyn Control>>> {
+    let (model, options, width, height) = (cx.model, cx.options, cx.width, cx.height);
     let mut controls: Vec<Box<dyn Control>> = Vec::new();
     for spec in controlnets {
         let net = load_controlnet(&spec.path, options, Some(model.unet.config()))

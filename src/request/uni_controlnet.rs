@@ -12,10 +12,10 @@ use crate::control::residual::uni_controlnet::{
 use crate::error::ResultExt;
 use crate::io::image::load_rgb;
 use crate::models::uni_controlnet::CONDITION_SCALE;
-use crate::pipeline::{LoadOptions, StableDiffusion};
+
 use crate::{Error, Result};
 
-use super::ImageEncoders;
+use super::BuildContext;
 
 /// A Uni-ControlNet and its conditions.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,15 +63,10 @@ impl UniControlNetSpec {
         Ok(())
     }
 
-    /// Loads the Uni-ControlNet with its conditions for a `width`x`height` generation.
-    pub(super) fn build(
-        &self,
-        model: &StableDiffusion,
-        options: &LoadOptions,
-        encoders: &mut ImageEncoders,
-        width: usize,
-        height: usize,
-    ) -> Result<Box<dyn Control>> {
+    /// Loads the Uni-ControlNet with its conditions for the generation `cx` describes.
+    pub(super) fn build(&self, cx: &mut BuildContext) -> Result<Box<dyn Control>> {
+        let (model, options, width, height) = (cx.model, cx.options, cx.width, cx.height);
+        let encoders = &mut cx.encoders;
         let slots = self.slots()?;
         let path = &self.path;
         let net = load_uni_controlnet(path, options, model.unet.config())
