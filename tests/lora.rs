@@ -273,3 +273,37 @@ fn pytorch_checkpoints_read_like_safetensors() {
         assert_eq!(max_abs_diff(&d1.weight(&kind).unwrap(), &d2.weight(&kind).unwrap()), 0.0, "{p1}");
     }
 }
+
+/// A request's LoRAs act for its generation only: a model kept for the next request (a server's)
+/// is left as it was.
+#[test]
+fn a_request_lora_is_detached_when_its_generation_ends() {
+    use diffctl::pipeline::LoadOptions;
+    use diffctl::request::{LoraSpec, Request};
+
+    let options = LoadOptions::default();
+    let mut model =
+        diffctl::pipeline::StableDiffusion::load(&repo_path("tests/fixtures/models/sd1-tiny"), &options).unwrap();
+    let base = Request { prompt: "a cat".into(), steps: 2, seed: 1, ..Request::default() };
+    let with_lora = Request {
+        loras: vec![LoraSpec { path: repo_path("tests/fixtures/lora/kohya.safetensors"), scale: 1.0 }],
+        ..base.clone()
+    };
+    let mut run = |request: &Request| {
+        let mut prepared = request.prepare(&mut model, &options).unwrap();
+        let mut noise = diffctl::noise::SeededNoise::new(request.seed);
+        let out = model.generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |_| {}).unwrap();
+        assert!(model.lora_names().is_empty(), "left attached: {:?}", model.lora_names());
+        out.latents
+    };
+    let plain = run(&base);
+    let lora = run(&with_lora);
+    assert!(max_abs_diff(&lora, &plain) > 1e-3, "the LoRA acted");
+    // Fused (the default), detaching subtracts the delta again: the weights come back up to f32
+    // rounding. Unfused, the weights are never touched: exactly as they were.
+    assert!(max_abs_diff(&run(&base), &plain) < 1e-3, "the model is as it was, up to rounding");
+    let unfused = Request { lora_mode: LoraMode::Unfused, ..with_lora.clone() };
+    let plain = run(&base);
+    assert!(max_abs_diff(&run(&unfused), &lora) < 1e-3, "unfused acts as fused");
+    assert_eq!(max_abs_diff(&run(&base), &plain), 0.0, "unfused leaves the weights untouched");
+}

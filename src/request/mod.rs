@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::control::Control;
 use crate::control::self_attention::{ReferenceOnly, ReferenceSettings};
-use crate::control::weights::{Lora, LoraMode};
+use crate::control::weights::{Lora, LoraControl, LoraMode};
 use crate::error::ResultExt;
 use crate::io::image::load_rgb;
 use crate::io::latents::load_latents;
@@ -88,7 +88,7 @@ pub struct Request {
     pub vae_tiling: Option<Option<usize>>,
     /// DeepCache (interval, branch): an opt-in approximation.
     pub deep_cache: Option<(usize, usize)>,
-    /// LoRAs, attached for this generation.
+    /// LoRAs, attached while this generation runs (the model is left as it was).
     pub loras: Vec<LoraSpec>,
     /// How LoRAs are applied.
     pub lora_mode: LoraMode,
@@ -274,8 +274,8 @@ impl Request {
         Ok(())
     }
 
-    /// Applies the request's model-level parts to `model` (prompt syntax, VAE tiling, LoRAs,
-    /// embeddings) and builds its controls, loading every file it names.
+    /// Applies the request's model-level settings to `model` (prompt syntax, VAE tiling, embeddings)
+    /// and builds its controls (LoRAs among them), loading every file it names.
     pub fn prepare(&self, model: &mut StableDiffusion, options: &LoadOptions) -> Result<Prepared> {
         self.validate()?;
         let init_latents = self.init_latents.as_deref().map(|p| load_latents(p, &options.device)).transpose()?;
@@ -306,6 +306,7 @@ impl Request {
         })?;
         let mut notices = Vec::new();
         let device = model.device().clone();
+        let mut loras = Vec::with_capacity(self.loras.len());
         for (i, spec) in self.loras.iter().enumerate() {
             let lora = Lora::load(&spec.path, &model.layers, &device)?;
             if let Some(first) = lora.unmatched.first() {
@@ -319,7 +320,7 @@ impl Request {
                 }
                 notices.push(Notice::Warning(format!("{message}; --strict-lora makes this an error")));
             }
-            model.attach_lora(&format!("{}#{i}", spec.path.display()), &lora, spec.scale, self.lora_mode)?;
+            loras.push((format!("{}#{i}", spec.path.display()), lora, spec.scale));
         }
         for spec in &self.embeddings {
             let token = model
@@ -330,6 +331,9 @@ impl Request {
 
         let mut build = BuildContext { model, options, encoders: ImageEncoders::default(), width, height };
         let mut controls: Vec<Box<dyn Control>> = Vec::new();
+        if !loras.is_empty() {
+            controls.push(Box::new(LoraControl::new(loras, self.lora_mode)));
+        }
         controls.extend(residual::build(&self.controlnets, &self.t2i_adapters, &build)?);
         controls.extend(self.ip_adapters.build(&mut build)?);
         if let Some(uni) = &self.uni_controlnet {

@@ -13,7 +13,9 @@ pub mod lycoris;
 
 pub use lora::Lora;
 
+use crate::control::{Control, GenerationSetup, StepContext};
 use crate::models::nn::{LayerHandle, LayerRegistry};
+use crate::models::unet::UNetControls;
 use crate::pipeline::StableDiffusion;
 use crate::{Error, Result};
 
@@ -102,6 +104,42 @@ impl Drop for LoraAttachment {
             // Nothing to report to from a drop; `detach` is the checked path.
             let _ = layer.detach(&self.name);
         }
+    }
+}
+
+/// LoRAs applied for one generation: attached when it starts (before the prompts are encoded, so
+/// their text-encoder parts act), detached when it ends, leaving the model as it was.
+pub struct LoraControl {
+    loras: Vec<(String, Lora, f64)>,
+    mode: LoraMode,
+    attached: Vec<LoraAttachment>,
+}
+
+impl LoraControl {
+    /// `loras` as (name, file, multiplier), applied `mode`.
+    pub fn new(loras: Vec<(String, Lora, f64)>, mode: LoraMode) -> Self {
+        Self { loras, mode, attached: Vec::new() }
+    }
+}
+
+impl Control for LoraControl {
+    fn name(&self) -> &str {
+        "lora"
+    }
+
+    fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
+        for (name, lora, scale) in &self.loras {
+            self.attached.push(LoraAttachment::attach(setup.layers, name, lora, *scale, self.mode)?);
+        }
+        Ok(())
+    }
+
+    fn contribute(&mut self, _step: &mut StepContext) -> Result<UNetControls> {
+        Ok(UNetControls::default())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.attached.drain(..).try_for_each(LoraAttachment::detach)
     }
 }
 
