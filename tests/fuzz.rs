@@ -49,7 +49,8 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn safetensors(_: &Fixture, path: &Path, bytes: &[u8]) {
+/// A weight file of any format `TensorStore` reads, every tensor loaded.
+fn weight_file(_: &Fixture, path: &Path, bytes: &[u8]) {
     write(path, bytes);
     if let Ok(store) = diffctl::io::weights::TensorStore::open(path) {
         for key in store.keys() {
@@ -132,7 +133,7 @@ fn targets() -> Vec<(&'static str, &'static str, Target, Vec<&'static str>)> {
         (
             "safetensors",
             "safetensors",
-            safetensors as Target,
+            weight_file as Target,
             vec![
                 "tests/fixtures/lora/bad-hands.safetensors",
                 "tests/fixtures/lora/lokr.safetensors",
@@ -140,7 +141,7 @@ fn targets() -> Vec<(&'static str, &'static str, Target, Vec<&'static str>)> {
             ],
         ),
         ("pickle", "pt", pickle, vec!["tests/fixtures/lora/tiny-style.pt", "tests/fixtures/lora/lokr.pt"]),
-        ("torch_file", "pt", safetensors, vec!["tests/fixtures/lora/tiny-style.pt"]),
+        ("torch_file", "pt", weight_file, vec!["tests/fixtures/lora/tiny-style.pt"]),
         (
             "lora",
             "safetensors",
