@@ -272,3 +272,51 @@ fn call(
     let conditioning = Conditioning::text(ctx.clone());
     unet.forward(UNetInput::new(sample, t, &conditioning).with_controls(controls).with_deep_cache(cache))
 }
+
+/// SDXL's added conditioning: a tiny UNet with `addition_embed_type: text_time`, a down block
+/// without attention and two transformer layers in the other, against diffusers with pooled text
+/// embeddings and time ids (tools/fixtures/make_sdxl_unet_fixtures.py).
+#[test]
+fn sdxl_add_embedding_matches_diffusers() {
+    let unit = load_fixture("tests/fixtures/sdxl/unet-units.safetensors");
+    let path = repo_path("tests/fixtures/sdxl/unet/diffusion_pytorch_model.safetensors");
+    let store = TensorStore::open_safetensors(&path, std::slice::from_ref(&path)).unwrap();
+    let cfg = UNetConfig::load(&repo_path("tests/fixtures/sdxl/unet/config.json")).unwrap();
+    assert!(cfg.add_embedding.is_some());
+    let unet = UNet::load(&Weights::new(Arc::new(store), DType::F32, &Device::Cpu), &cfg).unwrap();
+    let call = |pooled: Option<&Tensor>, time_ids: Option<&Tensor>| {
+        let conditioning = Conditioning {
+            pooled: pooled.cloned(),
+            time_ids: time_ids.cloned(),
+            ..Conditioning::text(unit["context"].clone())
+        };
+        unet.forward(UNetInput::new(&unit["sample"], &unit["timesteps"], &conditioning))
+    };
+    let out = call(Some(&unit["text_embeds"]), Some(&unit["time_ids"])).unwrap();
+    assert_close("sdxl unet", &out, &unit["out"], 2e-5);
+    let flipped = unit["time_ids"].flip(&[0]).unwrap();
+    let other = call(Some(&unit["text_embeds"]), Some(&flipped)).unwrap();
+    assert_close("sdxl unet, other time ids", &other, &unit["out_other_time_ids"], 2e-5);
+
+    let err = call(None, None).unwrap_err().to_string();
+    assert!(err.contains("needs pooled text embeddings and time ids"), "{err}");
+    let short = unit["time_ids"].narrow(1, 0, 5).unwrap();
+    let err = call(Some(&unit["text_embeds"]), Some(&short)).unwrap_err().to_string();
+    assert!(err.contains("projection_class_embeddings_input_dim"), "{err}");
+    // An SD1 UNet refuses added conditioning it has no layer for.
+    let sd1 = UNet::load(
+        &weights("sd1-tiny", "unet", "diffusion_pytorch_model.safetensors"),
+        &UNetConfig::load(&config("sd1-tiny", "unet")).unwrap(),
+    )
+    .unwrap();
+    let sd1_unit = load_fixture("tests/fixtures/units/sd1-tiny.safetensors");
+    let conditioning = Conditioning {
+        pooled: Some(unit["text_embeds"].clone()),
+        ..Conditioning::text(sd1_unit["unet.context"].clone())
+    };
+    let err = sd1
+        .forward(UNetInput::new(&sd1_unit["unet.sample"], &sd1_unit["unet.timesteps"], &conditioning))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no added conditioning"), "{err}");
+}

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::nn::{Conv2d, conv2d};
 use super::unet::input::LayerPass;
-use super::unet::{EncoderOutput, Hooks, UNetConfig, UNetControls, UNetEncoder, UNetHook};
+use super::unet::{Conditioning, EncoderOutput, Hooks, UNetConfig, UNetControls, UNetEncoder, UNetHook};
 use crate::io::weights::Weights;
 use crate::{Error, Result};
 
@@ -228,7 +228,7 @@ impl ControlNet {
     ) -> Result<ControlResiduals> {
         let cond = if self.config.bgr { cond.flip(&[1])? } else { cond.clone() };
         let hint = self.condition_embedding.forward(&cond.to_dtype(sample.dtype())?)?;
-        let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
+        let temb = self.encoder.embed_time(timesteps, &Conditioning::text(context.clone()), sample.dtype())?;
         let controls = UNetControls::default();
         let mut add_hint = AddToOutput { id: "conv_in", tensor: hint };
         let mut pass = LayerPass { temb, context, controls: &controls, hooks: Hooks::new(vec![&mut add_hint]) };

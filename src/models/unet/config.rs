@@ -85,6 +85,10 @@ struct RawConfig {
     #[serde(default)]
     addition_embed_type: Option<String>,
     #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
     num_class_embeds: Option<usize>,
     #[serde(default)]
     encoder_hid_dim: Option<usize>,
@@ -225,6 +229,19 @@ pub struct UNetConfig {
     pub conv_in_kernel: usize,
     /// Kernel of `conv_out`.
     pub conv_out_kernel: usize,
+    /// SDXL's added conditioning (`addition_embed_type: text_time`), when the UNet has one.
+    pub add_embedding: Option<AddEmbeddingConfig>,
+}
+
+/// The `text_time` added conditioning: pooled text embeddings and sinusoidal embeddings of the
+/// micro-conditioning time ids, concatenated and projected into the time embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddEmbeddingConfig {
+    /// Width of each time id's sinusoidal embedding (`addition_time_embed_dim`).
+    pub time_id_dim: usize,
+    /// Width of the concatenated input (`projection_class_embeddings_input_dim`): the pooled
+    /// embedding's width plus `time_id_dim` per time id.
+    pub input_dim: usize,
 }
 
 fn unsupported(path: &Path, field: &str, value: impl std::fmt::Debug) -> Error {
@@ -266,9 +283,21 @@ impl UNetConfig {
         if r.num_class_embeds.is_some() {
             return Err(unsupported(path, "num_class_embeds", r.num_class_embeds));
         }
-        if r.addition_embed_type.is_some() {
-            return Err(unsupported(path, "addition_embed_type", &r.addition_embed_type));
-        }
+        let add_embedding = match r.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let field = |name: &str, v: Option<usize>| {
+                    v.filter(|&v| v > 0).ok_or_else(|| {
+                        Error::config(path, format!("addition_embed_type `text_time` needs a positive `{name}`"))
+                    })
+                };
+                Some(AddEmbeddingConfig {
+                    time_id_dim: field("addition_time_embed_dim", r.addition_time_embed_dim)?,
+                    input_dim: field("projection_class_embeddings_input_dim", r.projection_class_embeddings_input_dim)?,
+                })
+            }
+            Some(_) => return Err(unsupported(path, "addition_embed_type", &r.addition_embed_type)),
+        };
         if r.encoder_hid_dim.is_some() {
             return Err(unsupported(path, "encoder_hid_dim", r.encoder_hid_dim));
         }
@@ -402,6 +431,7 @@ impl UNetConfig {
             time_embed_dim: r.time_embedding_dim.unwrap_or(r.block_out_channels[0] * 4),
             conv_in_kernel: r.conv_in_kernel,
             conv_out_kernel: r.conv_out_kernel,
+            add_embedding,
         })
     }
 

@@ -5,7 +5,7 @@ use candle_core::{DType, Module, Tensor};
 
 use super::blocks::{BlockLoader, DownBlock, MidBlock};
 use super::config::UNetConfig;
-use super::input::LayerPass;
+use super::input::{Conditioning, LayerPass};
 use crate::io::weights::Weights;
 use crate::models::nn::{Conv2d, Linear, conv2d, linear};
 use crate::{Error, Result};
@@ -60,6 +60,8 @@ pub struct UNetEncoder {
     config: UNetConfig,
     conv_in: Conv2d,
     time_embedding: TimeEmbedding,
+    /// SDXL's `add_embedding` (pooled text embeddings and time ids into the time embedding).
+    add_embedding: Option<TimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
 }
@@ -88,6 +90,10 @@ impl UNetEncoder {
             config: config.clone(),
             conv_in: conv2d(&w.pp("conv_in"), c.in_channels, ch0, c.conv_in_kernel, 1, c.conv_in_kernel / 2)?,
             time_embedding: TimeEmbedding::load(&w.pp("time_embedding"), ch0, c.time_embed_dim)?,
+            add_embedding: c
+                .add_embedding
+                .map(|a| TimeEmbedding::load(&w.pp("add_embedding"), a.input_dim, c.time_embed_dim))
+                .transpose()?,
             down_blocks,
             mid_block,
         })
@@ -103,12 +109,43 @@ impl UNetEncoder {
         1 + self.down_blocks.iter().map(|b| b.layers.len() + usize::from(b.downsample.is_some())).sum::<usize>()
     }
 
-    /// The time embedding [B, time_embed_dim] of per-sample `timesteps` [B].
-    pub fn embed_time(&self, timesteps: &Tensor, dtype: DType) -> Result<Tensor> {
+    /// The time embedding [B, time_embed_dim] of per-sample `timesteps` [B], with the added
+    /// conditioning of `conditioning` (pooled text embeddings [B, P] and time ids [B, N]) where the
+    /// UNet has an `add_embedding` (SDXL: `emb + add_embedding(cat(text_embeds, time_proj(time_ids)))`).
+    pub fn embed_time(&self, timesteps: &Tensor, conditioning: &Conditioning, dtype: DType) -> Result<Tensor> {
         let c = &self.config;
         let t =
             timestep_embedding(timesteps, c.blocks[0].channels, c.flip_sin_to_cos, c.freq_shift)?.to_dtype(dtype)?;
-        self.time_embedding.forward(&t)
+        let temb = self.time_embedding.forward(&t)?;
+        let (pooled, time_ids) = (conditioning.pooled.as_ref(), conditioning.time_ids.as_ref());
+        match (&self.add_embedding, c.add_embedding, pooled, time_ids) {
+            (None, _, None, None) => Ok(temb),
+            (None, _, _, _) => Err(Error::invalid(
+                "this UNet has no added conditioning (`addition_embed_type` is not set): pooled embeddings and time \
+                 ids are for SDXL-style UNets",
+            )),
+            (Some(embedding), Some(config), Some(pooled), Some(time_ids)) => {
+                let b = timesteps.dim(0)?;
+                let n = time_ids.dim(1)?;
+                let ids =
+                    timestep_embedding(&time_ids.flatten_all()?, config.time_id_dim, c.flip_sin_to_cos, c.freq_shift)?;
+                let ids = ids.reshape((b, n * config.time_id_dim))?;
+                let input = Tensor::cat(&[&pooled.to_dtype(DType::F32)?, &ids], 1)?;
+                if input.dim(1)? != config.input_dim {
+                    return Err(Error::invalid(format!(
+                        "the UNet's add_embedding takes {} values (projection_class_embeddings_input_dim), got pooled \
+                         embeddings of width {} and {n} time ids of {} each",
+                        config.input_dim,
+                        pooled.dim(1)?,
+                        config.time_id_dim
+                    )));
+                }
+                Ok((temb + embedding.forward(&input.to_dtype(dtype)?)?)?)
+            }
+            (Some(_), _, _, _) => Err(Error::invalid(
+                "this SDXL-style UNet (`addition_embed_type: text_time`) needs pooled text embeddings and time ids",
+            )),
+        }
     }
 
     /// The ids of its hook points, in forward order: `conv_in`, then each down block's layers and the

@@ -119,12 +119,6 @@ impl UNet {
             )));
         }
         conditioning.check_batch(b)?;
-        if conditioning.pooled.is_some() || conditioning.time_ids.is_some() {
-            return Err(Error::invalid(
-                "this UNet has no added conditioning (`addition_embed_type` is not set): pooled embeddings and \
-                 time ids are for SDXL-style UNets",
-            ));
-        }
         let sample = match &conditioning.extra_channels {
             Some(extra) => Tensor::cat(&[sample, &extra.to_dtype(sample.dtype())?], 1)?,
             None => sample.clone(),
@@ -133,7 +127,7 @@ impl UNet {
         let controls = controls.unwrap_or(&empty);
         let total = self.num_skips();
         let _reuse = LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
-        let temb = self.encoder.embed_time(timesteps, sample.dtype())?;
+        let temb = self.encoder.embed_time(timesteps, conditioning, sample.dtype())?;
         let mut pass = LayerPass { temb, context: &conditioning.context, controls, hooks };
         // Under DeepCache: the skip whose up layer takes the cached feature, and that feature when
         // this call reuses it.
