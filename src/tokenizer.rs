@@ -226,9 +226,7 @@ impl ClipTokenizer {
 /// Builds the CLIP BPE pipeline (as transformers' `CLIPTokenizerFast` saves it) from the two files.
 fn build_clip_bpe(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
     let vocab: HashMap<String, u32> = crate::io::read_json(vocab_path)?;
-    let merges_bytes = crate::io::input::read_limited(merges_path, crate::io::input::MAX_JSON_BYTES)?;
-    let merges_text =
-        String::from_utf8(merges_bytes).map_err(|e| Error::config(merges_path, format!("not UTF-8 text: {e}")))?;
+    let merges_text = crate::io::read_text(merges_path)?;
     let merges: Vec<&str> =
         merges_text.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).collect();
     if let Some(bad) = merges.iter().find(|l| l.split(' ').count() != 2) {

@@ -27,9 +27,15 @@ use crate::{Error, Result};
 /// Reads and parses a JSON file (a regular file of at most [`input::MAX_JSON_BYTES`]), naming the
 /// file (and line/column) in errors.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = input::read_limited(path, input::MAX_JSON_BYTES)?;
-    let text = String::from_utf8(bytes).map_err(|e| Error::config(path, format!("not UTF-8 text: {e}")))?;
+    let text = read_text(path)?;
     parse_json(&text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))
+}
+
+/// Reads a UTF-8 text file (configs, merges; a regular file of at most
+/// [`input::MAX_JSON_BYTES`]), naming the file in errors.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = input::read_limited(path, input::MAX_JSON_BYTES)?;
+    String::from_utf8(bytes).map_err(|e| Error::config(path, format!("not UTF-8 text: {e}")))
 }
 
 /// Parses JSON as Python's `json` module writes it: configs saved by diffusers may hold the bare

@@ -53,8 +53,7 @@ pub struct ControlNetConfig {
 impl ControlNetConfig {
     /// Reads and validates a ControlNet `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = crate::io::input::read_limited(path, crate::io::input::MAX_JSON_BYTES)?;
-        let text = String::from_utf8(bytes).map_err(|e| Error::config(path, format!("not UTF-8 text: {e}")))?;
+        let text = crate::io::read_text(path)?;
         let unet = UNetConfig::from_json(&text, path)?;
         let extra: ExtraConfig =
             crate::io::parse_json(&text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))?;

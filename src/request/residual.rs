@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use crate::Result;
 use crate::control::Control;
 use crate::control::residual::condition_tensor;
 use crate::control::residual::controlnet::{ControlNetControl, ControlNetSettings, load_controlnet};
@@ -14,7 +15,6 @@ use crate::error::ResultExt;
 use crate::io::image::load_rgb;
 use crate::pipeline::LoadOptions;
 use crate::preprocess::{PreprocessKind, apply};
-use crate::{Error, Result};
 
 use super::BuildContext;
 
@@ -49,20 +49,10 @@ pub struct T2IAdapterSpec {
 /// Checks the numbers of every spec.
 pub(super) fn validate(controlnets: &[ControlNetSpec], adapters: &[T2IAdapterSpec]) -> Result<()> {
     for spec in controlnets {
-        let s = &spec.settings;
-        let name = spec.path.display();
-        super::check_finite(&format!("{name}: control scale"), s.scale)?;
-        crate::control::residual::check_step_range(&name.to_string(), s.start, s.end)?;
+        spec.settings.check(&spec.path.display().to_string())?;
     }
     for spec in adapters {
-        super::check_finite(&format!("{}: adapter scale", spec.path.display()), spec.scale)?;
-        if !(0.0..=1.0).contains(&spec.factor) {
-            return Err(Error::invalid(format!(
-                "{}: adapter factor {} must be within [0, 1]",
-                spec.path.display(),
-                spec.factor
-            )));
-        }
+        T2IAdapterControl::check_settings(&spec.path.display().to_string(), spec.scale, spec.factor)?;
     }
     Ok(())
 }

@@ -57,10 +57,7 @@ impl UniControlNetSpec {
                 "--uni-controlnet needs conditions: --uni-local NAME=PNG and/or --uni-global-image PNG",
             ));
         }
-        for (what, v) in [("local", self.settings.local_scale), ("global", self.settings.global_scale)] {
-            super::check_finite(&format!("Uni-ControlNet {what} scale"), v)?;
-        }
-        Ok(())
+        self.settings.check(&self.path.display().to_string())
     }
 
     /// Loads the Uni-ControlNet with its conditions for the generation `cx` describes.

@@ -314,16 +314,13 @@ struct LayerStreams {
     negative: Vec<(Tensor, Tensor)>,
 }
 
-/// What the streams depend on: batch size, whether it is guided, latent height and width.
-type BatchLayout = (usize, bool, usize, usize);
-
 /// An IP-Adapter applied to one set of prompt images: a [`Control`] adding its key/value streams to
 /// every cross-attention layer with a non-zero scale.
 pub struct IpAdapter {
     layers: Vec<LayerStreams>,
     masks: Option<Vec<RegionMask>>,
-    /// The streams for the last batch layout seen.
-    cache: Option<(BatchLayout, Arc<AttentionStreams>)>,
+    /// The streams for the generation's batch, made by `prepare`.
+    streams: Option<Arc<AttentionStreams>>,
     /// The attention LoRA of a FaceID adapter, attached while a generation runs.
     lora: Option<Lora>,
     /// The attached LoRA, detached when the generation finishes.
@@ -384,11 +381,11 @@ impl IpAdapter {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { layers, masks, cache: None, lora: weights.lora(), attached: None })
+        Ok(Self { layers, masks, streams: None, lora: weights.lora(), attached: None })
     }
 
     /// The streams for a batch of `n` samples laid out as the pipeline does, for latents `latent_size`.
-    fn streams(
+    fn make_streams(
         &self,
         n: usize,
         guided: bool,
@@ -436,8 +433,7 @@ impl Control for IpAdapter {
     fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
         let n = if setup.guided { 2 * setup.batch } else { setup.batch };
         let (h, w) = setup.latent_size;
-        let streams = self.streams(n, setup.guided, (h, w), setup.unet.config())?;
-        self.cache = Some(((n, setup.guided, h, w), Arc::new(streams)));
+        self.streams = Some(Arc::new(self.make_streams(n, setup.guided, (h, w), setup.unet.config())?));
         if let Some(lora) = &self.lora {
             // Fused with multiplier 1 while this generation runs, as diffusers loads FaceID's LoRA.
             let name = format!("ip-adapter:{}", lora.path.display());
@@ -446,17 +442,8 @@ impl Control for IpAdapter {
         Ok(())
     }
 
-    fn contribute(&mut self, step: &mut StepContext) -> Result<UNetControls> {
-        let (n, _, h, w) = step.latents.dims4()?;
-        let layout = (n, step.guided, h, w);
-        let streams = match &self.cache {
-            Some((cached, streams)) if *cached == layout => streams.clone(),
-            _ => {
-                let streams = Arc::new(self.streams(n, step.guided, (h, w), step.unet.config())?);
-                self.cache = Some((layout, streams.clone()));
-                streams
-            }
-        };
+    fn contribute(&mut self, _step: &mut StepContext) -> Result<UNetControls> {
+        let streams = self.streams.clone().ok_or_else(|| Error::invalid("ip-adapter: used before it was prepared"))?;
         Ok(UNetControls { extra_attention: vec![streams], ..Default::default() })
     }
 

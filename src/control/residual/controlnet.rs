@@ -52,6 +52,16 @@ pub struct ControlNetSettings {
     pub guess_mode: bool,
 }
 
+impl ControlNetSettings {
+    /// Checks the scale is finite and the step range is within [0, 1]; `name` is for the error.
+    pub fn check(&self, name: &str) -> Result<()> {
+        if !self.scale.is_finite() {
+            return Err(Error::invalid(format!("{name}: control scale {} is not a number", self.scale)));
+        }
+        check_step_range(name, self.start, self.end)
+    }
+}
+
 impl Default for ControlNetSettings {
     fn default() -> Self {
         Self { scale: 1.0, start: 0.0, end: 1.0, guess_mode: false }
@@ -73,10 +83,7 @@ pub struct ControlNetControl {
 impl ControlNetControl {
     /// A ControlNet conditioned on `image` [1, 3, H, W]; `name` identifies it in errors.
     pub fn new(name: String, model: Arc<ControlNet>, image: Tensor, settings: ControlNetSettings) -> Result<Self> {
-        if !settings.scale.is_finite() {
-            return Err(Error::invalid(format!("{name}: control scale {} is not a number", settings.scale)));
-        }
-        check_step_range(&name, settings.start, settings.end)?;
+        settings.check(&name)?;
         Ok(Self { name, model, image, batch_image: None, settings })
     }
 }

@@ -49,12 +49,7 @@ impl T2IAdapterControl {
     /// Runs `adapter` on `image` [1, 3, H, W] in [0, 1] once; the features are scaled by `scale` and
     /// added during the first `factor` of the steps (diffusers' `adapter_conditioning_factor`).
     pub fn new(name: String, adapter: &T2IAdapter, image: &Tensor, scale: f64, factor: f64) -> Result<Self> {
-        if !scale.is_finite() {
-            return Err(Error::invalid(format!("{name}: adapter scale {scale} is not a number")));
-        }
-        if !(0.0..=1.0).contains(&factor) {
-            return Err(Error::invalid(format!("{name}: adapter factor {factor} must be within [0, 1]")));
-        }
+        Self::check_settings(&name, scale, factor)?;
         let f = adapter.config().downscale_factor;
         let (_, _, h, w) = image.dims4()?;
         if h % f != 0 || w % f != 0 {
@@ -62,6 +57,19 @@ impl T2IAdapterControl {
         }
         let features = adapter.forward(image)?.into_iter().map(|t| Ok((t * scale)?)).collect::<Result<_>>()?;
         Ok(Self { name, features, batch_features: Vec::new(), factor })
+    }
+}
+
+impl T2IAdapterControl {
+    /// Checks a feature weight (finite) and a step fraction (within [0, 1]); `name` is for the error.
+    pub fn check_settings(name: &str, scale: f64, factor: f64) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(Error::invalid(format!("{name}: adapter scale {scale} is not a number")));
+        }
+        if !(0.0..=1.0).contains(&factor) {
+            return Err(Error::invalid(format!("{name}: adapter factor {factor} must be within [0, 1]")));
+        }
+        Ok(())
     }
 }
 

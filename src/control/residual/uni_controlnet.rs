@@ -67,6 +67,18 @@ pub struct UniControlNetSettings {
     pub global_scale: f64,
 }
 
+impl UniControlNetSettings {
+    /// Checks both scales are finite; `name` is for the error.
+    pub fn check(&self, name: &str) -> Result<()> {
+        for (what, v) in [("local", self.local_scale), ("global", self.global_scale)] {
+            if !v.is_finite() {
+                return Err(Error::invalid(format!("{name}: {what} scale {v} is not a number")));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for UniControlNetSettings {
     fn default() -> Self {
         Self { local_scale: 1.0, global_scale: 1.0 }
@@ -99,11 +111,7 @@ impl UniControlNetControl {
         global_embeds: Option<Tensor>,
         settings: UniControlNetSettings,
     ) -> Result<Self> {
-        for (what, v) in [("local", settings.local_scale), ("global", settings.global_scale)] {
-            if !v.is_finite() {
-                return Err(Error::invalid(format!("{name}: {what} scale {v} is not a number")));
-            }
-        }
+        settings.check(&name)?;
         match (&model.local, &local) {
             (None, Some(_)) => {
                 return Err(Error::invalid(format!("{name}: has no local adapter, but local conditions were given")));

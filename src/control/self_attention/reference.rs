@@ -243,8 +243,8 @@ impl Control for ReferenceOnly {
 
     fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
         self.selection = Selection::new(setup.unet.config(), &self.settings);
-        let mut check = Writer { selection: &self.selection, bank: &mut self.bank };
-        Hooks::new(vec![&mut check]).check(setup.unet.hook_points(), "reference-only")?;
+        // The write pass's hook names the same points as the read pass's, which the pipeline checks
+        // against the UNet once this returns.
         let (height, width) = setup.image_size;
         let resized = fit(&self.image, width as u32, height as u32, ResizeMode::Stretch)?;
         let pixels = ((rgb_to_tensor(&resized, setup.device)? * 2.0)? - 1.0)?;
