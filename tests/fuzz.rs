@@ -282,8 +282,18 @@ fn run_one(name: &str, target: Target, fixture: &Fixture, path: &Path, input: &[
     if outcome.is_err() || elapsed > SLOW_INPUT {
         let kept = crashes.join(format!("{:016x}", hash(input)));
         std::fs::write(&kept, input).unwrap();
-        let what = if outcome.is_err() { "panicked" } else { "hung" };
-        panic!("fuzz target {name} {what} ({elapsed:?}) on the input kept in {}", kept.display());
+        let what = match &outcome {
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| payload.downcast_ref::<&str>().copied())
+                    .unwrap_or("a non-string payload");
+                format!("panicked ({message})")
+            }
+            Ok(()) => "hung".to_string(),
+        };
+        panic!("fuzz target {name} {what} after {elapsed:?} on the input kept in {}", kept.display());
     }
 }
 

@@ -108,6 +108,11 @@ fn dsilu() -> String {
     "silu".into()
 }
 
+/// The most blocks a VAE config may declare.
+const MAX_BLOCKS: usize = 8;
+/// The largest width or count a VAE config may declare.
+const MAX_SIZE: usize = 1 << 20;
+
 impl VaeConfig {
     /// Reads and validates a VAE `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
@@ -115,6 +120,15 @@ impl VaeConfig {
         let n = c.block_out_channels.len();
         if n == 0 {
             return Err(Error::config(path, "block_out_channels is empty"));
+        }
+        // Real VAEs have 4 blocks of at most 512 channels; the bounds keep the size arithmetic (a
+        // factor of 2 per block) from overflowing on a hostile config.
+        if n > MAX_BLOCKS {
+            return Err(Error::config(path, format!("{n} blocks in block_out_channels (at most {MAX_BLOCKS})")));
+        }
+        let sizes = c.block_out_channels.iter().chain([&c.latent_channels, &c.layers_per_block, &c.sample_size]);
+        if let Some(v) = sizes.into_iter().find(|&&v| v > MAX_SIZE) {
+            return Err(Error::config(path, format!("a width or count of {v} is not plausible (at most {MAX_SIZE})")));
         }
         if c.act_fn != "silu" {
             return Err(Error::config(path, format!("unsupported VAE act_fn {:?}", c.act_fn)));

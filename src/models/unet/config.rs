@@ -244,6 +244,21 @@ pub struct AddEmbeddingConfig {
     pub input_dim: usize,
 }
 
+/// The largest width or count a config may declare: real UNets stay below a few thousand, and a
+/// bound keeps the arithmetic on them (time embedding ×4, feed-forward ×8, weight sizes) from
+/// overflowing on a hostile config.
+const MAX_CONFIG_SIZE: usize = 1 << 20;
+
+/// Checks every size `values` of `field` is at most [`MAX_CONFIG_SIZE`].
+fn check_sizes(path: &Path, field: &str, values: &[usize]) -> Result<()> {
+    match values.iter().find(|&&v| v > MAX_CONFIG_SIZE) {
+        Some(v) => {
+            Err(Error::config(path, format!("`{field}` = {v} is not a plausible size (at most {MAX_CONFIG_SIZE})")))
+        }
+        None => Ok(()),
+    }
+}
+
 fn unsupported(path: &Path, field: &str, value: impl std::fmt::Debug) -> Error {
     Error::config(path, format!("unsupported UNet setting `{field}` = {value:?}"))
 }
@@ -365,6 +380,17 @@ impl UNetConfig {
         let cross_dims = r.cross_attention_dim.resolve(n, "cross_attention_dim", path)?;
         let only_cross = r.only_cross_attention.resolve(n, "only_cross_attention", path)?;
 
+        check_sizes(path, "block_out_channels", &r.block_out_channels)?;
+        check_sizes(path, "attention heads", &heads)?;
+        check_sizes(path, "layers_per_block", &layers)?;
+        check_sizes(path, "transformer_layers_per_block", &transformer_layers)?;
+        check_sizes(path, "cross_attention_dim", &cross_dims)?;
+        check_sizes(path, "in_channels", &[r.in_channels])?;
+        check_sizes(path, "out_channels", &[r.out_channels])?;
+        check_sizes(path, "time_embedding_dim", &r.time_embedding_dim.into_iter().collect::<Vec<_>>())?;
+        check_sizes(path, "addition_time_embed_dim", &r.addition_time_embed_dim.into_iter().collect::<Vec<_>>())?;
+        let add_input = r.projection_class_embeddings_input_dim.into_iter().collect::<Vec<_>>();
+        check_sizes(path, "projection_class_embeddings_input_dim", &add_input)?;
         let mut blocks = Vec::with_capacity(n);
         for (i, kind) in r.down_block_types.iter().enumerate() {
             let has_attention = match kind.as_str() {
