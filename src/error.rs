@@ -24,9 +24,10 @@ pub enum Error {
     /// A user-supplied argument is out of range or inconsistent.
     #[error("{0}")]
     InvalidArgument(String),
-    /// What was being done when `source` happened (e.g. "loading ControlNet cn/").
-    #[error("{context}: {source}")]
-    Context { context: String, source: Box<Error> },
+    /// What was being done when `cause` happened (e.g. "loading ControlNet cn/"). The cause is
+    /// part of the message, not a separate source, so error chains print it once.
+    #[error("{context}: {cause}")]
+    Context { context: String, cause: Box<Error> },
     /// A tensor operation failed (a bug or an unsupported combination).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -60,6 +61,6 @@ pub trait ResultExt<T> {
 
 impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error::Context { context: context(), source: Box::new(e.into()) })
+        self.map_err(|e| Error::Context { context: context(), cause: Box::new(e.into()) })
     }
 }

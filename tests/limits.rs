@@ -100,3 +100,35 @@ fn init_latents_with_nothing_to_generate_or_too_large_are_refused() {
     let huge = write("huge.safetensors", &[1, 4, 3000, 3000]);
     expect_error(&["--init-latents", huge.to_str().unwrap()], &model(), "--max-pixels");
 }
+
+/// An error with context ("loading ControlNet …: cause") prints its cause once.
+#[test]
+fn errors_with_context_print_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cn = dir.path().join("cn");
+    copy_dir(&repo_path("tests/fixtures/controlnets/cn-a"), &cn);
+    let path = cn.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["conditioning_embedding_out_channels"] = serde_json::json!([7, 8]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let image = repo_path("tests/fixtures/images/control_a.png");
+    let out = common::diffctl(&[
+        "generate",
+        "--model",
+        model().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--controlnet",
+        cn.to_str().unwrap(),
+        "--control-image",
+        image.to_str().unwrap(),
+        "--output",
+        dir.path().join("o.png").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("loading ControlNet"), "{stderr}");
+    assert_eq!(stderr.matches("controlnet_cond_embedding").count(), 1, "{stderr}");
+}
