@@ -148,6 +148,10 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
             batch: 1,
             clip_skip: 0,
             init_latents: Some(fixture["init_latents"].clone()),
+            init_image: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro_conditioning: Default::default(),
             deep_cache: None,
         };
         let out = model

@@ -122,6 +122,10 @@ fn run(model: &StableDiffusion, case: &Case, mut controls: Vec<Box<dyn Control>>
         batch: 0,
         clip_skip: 0,
         init_latents: Some(fixture["init_latents"].clone()),
+        init_image: None,
+        prompt_2: None,
+        negative_prompt_2: None,
+        micro_conditioning: Default::default(),
         deep_cache: None,
     };
     let out = model.generate(&request, &mut controls, &mut NoNoise, &mut |_| {}).unwrap();

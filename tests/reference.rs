@@ -79,6 +79,10 @@ fn reference_only_matches_the_diffusers_community_pipeline() {
             batch: 0,
             clip_skip: 0,
             init_latents: Some(fixture["init_latents"].clone()),
+            init_image: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro_conditioning: Default::default(),
             deep_cache: None,
         };
         let out = model.generate(&request, &mut controls, &mut replay, &mut |_| {}).unwrap();

@@ -154,6 +154,10 @@ fn request(case: &Case, init: &Tensor) -> GenerateRequest {
         batch: 1,
         clip_skip: 0,
         init_latents: Some(init.clone()),
+        init_image: None,
+        prompt_2: None,
+        negative_prompt_2: None,
+        micro_conditioning: Default::default(),
         deep_cache: None,
     }
 }

@@ -13,7 +13,7 @@ use crate::io::output::{OutputFiles, check_output_path};
 use crate::limits::Limits;
 use crate::pipeline::{LoadOptions, Progress, StableDiffusion};
 use crate::prompt::PromptSyntax;
-use crate::request::Request;
+use crate::request::{InitImageSpec, Request};
 use crate::schedulers::SchedulerKind;
 
 /// Arguments of `diffctl generate`.
@@ -59,6 +59,19 @@ pub struct GenerateArgs {
     /// values, used like diffusers' `latents=` (batch, width and height follow from it).
     #[arg(long, value_name = "FILE")]
     init_latents: Option<PathBuf>,
+    /// img2img: start from this image (resized to --width x --height, which default to its own
+    /// size) instead of pure noise; with --mask, inpainting.
+    #[arg(long, value_name = "PNG")]
+    init_image: Option<PathBuf>,
+    /// How much of the schedule runs from the init image, in (0, 1]: low keeps the image, 1 redraws
+    /// it [default: 0.8, or 1 with --mask].
+    #[arg(long, value_name = "F", requires = "init_image")]
+    strength: Option<f64>,
+    /// Inpainting: repaint where this image is white (resized to the output size, binarised at
+    /// half gray). An inpainting model gets mask and masked image as extra input channels; a plain
+    /// model keeps the original outside the mask after every step.
+    #[arg(long, value_name = "PNG", requires = "init_image")]
+    mask: Option<PathBuf>,
     /// Where to write the image (PNG); with --batch N > 1, NAME-0.png, NAME-1.png, ...
     #[arg(long, default_value = "output.png", value_name = "PNG")]
     output: PathBuf,
@@ -77,6 +90,8 @@ pub struct GenerateArgs {
     embedding: super::embedding::EmbeddingArgs,
     #[command(flatten)]
     reference: super::reference::ReferenceArgs,
+    #[command(flatten)]
+    sdxl: super::sdxl::SdxlArgs,
     /// How prompts are read: diffusers (literal, truncated at 77 tokens) or a1111 ((word:1.3),
     /// (word), [word], \( escapes, BREAK, prompts of any length in 75-token chunks).
     #[arg(long, default_value = "diffusers", value_name = "SYNTAX", value_parser = |s: &str| s.parse::<PromptSyntax>().map_err(|e| e.to_string()))]
@@ -164,6 +179,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         seed,
         clip_skip: args.clip_skip,
         init_latents: args.init_latents.clone(),
+        init_image: args.init_image.as_ref().map(|image| InitImageSpec {
+            image: image.clone(),
+            mask: args.mask.clone(),
+            strength: args.strength,
+        }),
         vae_tiling: args.vae_tiling.then_some(args.vae_tile_size),
         deep_cache: args.deep_cache.map(|n| (n, args.deep_cache_branch)),
         ip_adapters: args.ip_adapter.request()?,
@@ -179,6 +199,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     args.lora.add_to(&mut request);
     args.embedding.add_to(&mut request);
     args.reference.add_to(&mut request)?;
+    args.sdxl.add_to(&mut request);
     request.validate()?;
     // Unusable output paths are refused before any work (and checked again when written).
     for path in image_paths(&args.output, args.batch)?.iter().chain(args.output_latents.as_ref()) {

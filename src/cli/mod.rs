@@ -9,6 +9,7 @@ mod lora;
 mod preprocess;
 mod reference;
 mod residual;
+mod sdxl;
 mod source;
 mod uni_controlnet;
 

@@ -72,10 +72,13 @@ pub struct StepContext<'a> {
     pub scheduler: &'a dyn Scheduler,
     /// The generation's noise source: draws made here come in the loop's order.
     pub noise: &'a mut dyn NoiseSource,
-    /// Index of this step, from 0.
+    /// Index of this step among the steps that run, from 0.
     pub step_index: usize,
-    /// Number of steps in the run.
+    /// Number of steps that run (fewer than the schedule's when img2img starts part-way).
     pub num_steps: usize,
+    /// The scheduler's index of this step (for [`Scheduler::add_noise`] and
+    /// [`Scheduler::scale_model_input`]).
+    pub scheduler_step: usize,
     /// The model timestep of this step.
     pub timestep: f64,
     /// This step's timestep for every row of the UNet batch, [N].

@@ -54,6 +54,11 @@ impl DiffusersFolder {
         self.index.get(component)?.as_array()?.get(1)?.as_str()
     }
 
+    /// A boolean setting of `model_index.json` (false when absent or not a boolean).
+    pub fn flag(&self, name: &str) -> bool {
+        self.index.get(name).and_then(serde_json::Value::as_bool).unwrap_or(false)
+    }
+
     /// The sub-folder of `component`, which must exist.
     pub fn component_dir(&self, component: &str) -> Result<PathBuf> {
         let dir = self.root.join(component);

@@ -133,6 +133,11 @@ pub struct ModelFiles {
     pub tokenizer_files: TokenizerFiles,
     /// The text encoder.
     pub text_encoder: Component<ClipTextConfig>,
+    /// SDXL's second tokenizer and text encoder (OpenCLIP bigG with its projection).
+    pub text_2: Option<(ClipTokenizer, Component<ClipTextConfig>)>,
+    /// Whether a missing negative prompt means zero negative embeddings (SDXL's
+    /// `force_zeros_for_empty_prompt` in `model_index.json`).
+    pub force_zeros_for_empty_prompt: bool,
     /// The denoising UNet.
     pub unet: Component<UNetConfig>,
     /// The autoencoder.
@@ -182,10 +187,18 @@ impl ModelFiles {
         let folder = DiffusersFolder::open(root)?;
         let scheduler_path = folder.component_file("scheduler", "scheduler_config.json")?;
         let tokenizer_dir = folder.component_dir("tokenizer")?;
+        let text_2 = if folder.class_name("text_encoder_2").is_some() {
+            let tokenizer = ClipTokenizer::from_dir(&folder.component_dir("tokenizer_2")?)?;
+            Some((tokenizer, folder_component(&folder, "text_encoder_2", ClipTextConfig::load)?))
+        } else {
+            None
+        };
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&tokenizer_dir)?,
             tokenizer_files: TokenizerFiles::Dir(tokenizer_dir),
             text_encoder: folder_component(&folder, "text_encoder", ClipTextConfig::load)?,
+            text_2,
+            force_zeros_for_empty_prompt: folder.flag("force_zeros_for_empty_prompt"),
             unet: folder_component(&folder, "unet", UNetConfig::load)?,
             vae: folder_component(&folder, "vae", VaeConfig::load)?,
             scheduler_config: SchedulerConfig::load(&scheduler_path)?,

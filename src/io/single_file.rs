@@ -220,6 +220,8 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
             json: text_json,
             config_path: text_path,
         },
+        text_2: None,
+        force_zeros_for_empty_prompt: false,
         unet: Component {
             weights: view(KeyMap::unet(&unet_config))?,
             config: unet_config,

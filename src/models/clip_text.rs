@@ -1,6 +1,6 @@
-//! CLIP text encoder (transformers' `CLIPTextModel`), with the token-embedding injection point
-//! exposed: callers may edit token embeddings before the transformer runs (textual inversion and
-//! image-derived pseudo-words).
+//! CLIP text encoder (transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`), with the
+//! token-embedding injection point exposed: callers may edit token embeddings before the
+//! transformer runs (textual inversion and image-derived pseudo-words).
 
 use std::path::Path;
 
@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::attention::causal_mask;
 pub use super::clip::Activation;
 use super::clip::{EncoderLayer, EncoderSpec, check_heads};
-use super::nn::layer_norm;
+use super::nn::{Linear, layer_norm, linear};
 use crate::io::weights::Weights;
 use crate::{Error, Result};
 
@@ -36,6 +36,10 @@ pub struct ClipTextConfig {
     /// LayerNorm epsilon.
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// The end-of-text token, whose position gives the pooled output; 2 (the value of configs
+    /// written before transformers fixed it) means the highest id of each sequence instead.
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
 }
 
 fn default_act() -> Activation {
@@ -54,18 +58,37 @@ impl ClipTextConfig {
     }
 }
 
-/// The CLIP text transformer with a causal mask.
+/// The CLIP text transformer with a causal mask, and the pooled output's projection when the
+/// weights have one (`CLIPTextModelWithProjection`).
 pub struct ClipTextEncoder {
     token_embedding: Embedding,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_norm: LayerNorm,
+    text_projection: Option<Linear>,
     config: ClipTextConfig,
 }
 
+/// One encoder run as SDXL reads it.
+pub struct HiddenAndPooled {
+    /// The hidden state [B, L, D] of the chosen layer, without the final LayerNorm.
+    pub hidden: Tensor,
+    /// The final-normed last hidden state at each sequence's end token [B, D], projected when the
+    /// encoder has a projection ([B, projection_dim]).
+    pub pooled: Tensor,
+}
+
 impl ClipTextEncoder {
-    /// Loads the weights of a `CLIPTextModel` (keys under `text_model.`).
-    pub fn load(w: &Weights, config: &ClipTextConfig) -> Result<Self> {
+    /// Loads the weights of a `CLIPTextModel` (keys under `text_model.`), with a
+    /// `CLIPTextModelWithProjection`'s `text_projection` when present.
+    pub fn load(root: &Weights, config: &ClipTextConfig) -> Result<Self> {
+        let text_projection = if root.contains("text_projection.weight") {
+            let out = root.pp("text_projection").shape_of("weight").and_then(|s| s.first().copied()).unwrap_or(0);
+            Some(linear(&root.pp("text_projection"), config.hidden_size, out, false)?)
+        } else {
+            None
+        };
+        let w = root;
         // transformers 5 saves the keys without the `text_model.` prefix the public checkpoints use;
         // the layers register under the public module paths either way (LoRA files name those).
         let w = match w.layer_registry() {
@@ -90,7 +113,7 @@ impl ClipTextEncoder {
             .map(|i| EncoderLayer::load(&w.pp(format!("encoder.layers.{i}")), &spec))
             .collect::<Result<_>>()?;
         let final_norm = layer_norm(&w.pp("final_layer_norm"), c.hidden_size, c.layer_norm_eps)?;
-        Ok(Self { token_embedding, position_embedding, layers, final_norm, config: config.clone() })
+        Ok(Self { token_embedding, position_embedding, layers, final_norm, text_projection, config: config.clone() })
     }
 
     /// The model's configuration.
@@ -146,13 +169,7 @@ impl ClipTextEncoder {
     /// With `clip_skip` = 0 this is the last hidden state; with `clip_skip` = n the output of the
     /// layer n before the last, passed through the final LayerNorm (diffusers' `clip_skip`).
     pub fn encode_embeddings(&self, embeddings: &Tensor, clip_skip: usize) -> Result<Tensor> {
-        let len = embeddings.dim(1)?;
-        if len > self.config.max_position_embeddings {
-            return Err(Error::invalid(format!(
-                "{len} tokens exceed the text encoder's {} positions",
-                self.config.max_position_embeddings
-            )));
-        }
+        let len = self.check_length(embeddings)?;
         if clip_skip >= self.layers.len() {
             return Err(Error::invalid(format!(
                 "clip skip {clip_skip} must be less than the text encoder's {} layers",
@@ -165,6 +182,66 @@ impl ClipTextEncoder {
             xs = layer.forward(&xs, Some(&mask))?;
         }
         Ok(self.final_norm.forward(&xs)?)
+    }
+
+    /// SDXL's reading of token embeddings [B, L, D] of `ids` [B, L]: the hidden state `depth`
+    /// layers before the last (transformers' `hidden_states[-(depth + 1)]`, not normed) and the
+    /// pooled output (see [`HiddenAndPooled`]).
+    pub fn encode_hidden_and_pooled(&self, embeddings: &Tensor, ids: &Tensor, depth: usize) -> Result<HiddenAndPooled> {
+        let len = self.check_length(embeddings)?;
+        if depth > self.layers.len() {
+            return Err(Error::invalid(format!(
+                "hidden state {depth} layers before the last: the text encoder has {} layers",
+                self.layers.len()
+            )));
+        }
+        let mut xs = embeddings.broadcast_add(&self.position_embedding.narrow(0, 0, len)?)?;
+        let mask = causal_mask(len, xs.device())?;
+        let keep = self.layers.len() - depth;
+        let mut hidden = if keep == 0 { Some(xs.clone()) } else { None };
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, Some(&mask))?;
+            if i + 1 == keep {
+                hidden = Some(xs.clone());
+            }
+        }
+        let last = self.final_norm.forward(&xs)?;
+        let ids: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
+        let rows = ids
+            .iter()
+            .enumerate()
+            .map(|(b, row)| Ok(last.get(b)?.get(self.end_position(row))?.unsqueeze(0)?))
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::cat(&rows, 0)?;
+        let pooled = match &self.text_projection {
+            Some(projection) => projection.forward(&pooled)?,
+            None => pooled,
+        };
+        Ok(HiddenAndPooled { hidden: hidden.expect("keep <= layers"), pooled })
+    }
+
+    /// The position of a sequence's end token, as transformers finds it: the first `eos_token_id`,
+    /// or the highest id when the config gives the legacy value 2 (or none).
+    fn end_position(&self, ids: &[u32]) -> usize {
+        match self.config.eos_token_id {
+            Some(eos) if eos != 2 => ids.iter().position(|&id| id == eos).unwrap_or(0),
+            _ => {
+                let max = ids.iter().copied().max().unwrap_or(0);
+                ids.iter().position(|&id| id == max).unwrap_or(0)
+            }
+        }
+    }
+
+    /// The sequence length of `embeddings` [B, L, D], checked against the position table.
+    fn check_length(&self, embeddings: &Tensor) -> Result<usize> {
+        let len = embeddings.dim(1)?;
+        if len > self.config.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "{len} tokens exceed the text encoder's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        Ok(len)
     }
 
     /// Encodes token ids [B, L] to hidden states [B, L, D].

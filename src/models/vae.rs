@@ -407,8 +407,18 @@ impl Vae {
     pub fn encode_to_latents(&self, images: &Tensor, noise: &mut dyn crate::schedulers::NoiseSource) -> Result<Tensor> {
         let dist = self.encode(images)?;
         let eps = noise.sample(dist.mean.dims(), dist.mean.device())?;
+        self.scale_latents(&dist.sample(&eps)?)
+    }
+
+    /// Diffusion latents of images [B, 3, H, W] in [-1, 1]: the mean of their latent distribution
+    /// (deterministic), shifted and scaled as [`Self::encode_to_latents`]; f32.
+    pub fn encode_mean_latents(&self, images: &Tensor) -> Result<Tensor> {
+        self.scale_latents(&self.encode(images)?.mean.to_dtype(candle_core::DType::F32)?)
+    }
+
+    /// `(z − shift) · scaling_factor`.
+    fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
         let c = &self.config;
-        let z = dist.sample(&eps)?;
         Ok(((z - c.shift_factor.unwrap_or(0.0))? * c.scaling_factor)?)
     }
 

@@ -21,7 +21,7 @@ use crate::models::clip_vision::ClipVisionEncoder;
 use crate::models::image_processor::ClipImageProcessor;
 use crate::models::unet::DeepCache;
 use crate::noise::SeededNoise;
-use crate::pipeline::{GenerateRequest, Generated, LoadOptions, Progress, StableDiffusion};
+use crate::pipeline::{GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion};
 use crate::prompt::PromptSyntax;
 use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};
@@ -57,6 +57,25 @@ pub struct ReferenceSpec {
     pub settings: ReferenceSettings,
 }
 
+/// The image img2img and inpainting start from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImageSpec {
+    /// The image (resized to the output size, which defaults to its own).
+    pub image: PathBuf,
+    /// Inpainting: where to repaint (white), resized to the output size.
+    pub mask: Option<PathBuf>,
+    /// How much of the schedule runs, in (0, 1] (default: 0.8 for img2img as diffusers, 1 for
+    /// inpainting).
+    pub strength: Option<f64>,
+}
+
+impl InitImageSpec {
+    /// The strength given, or the default for img2img or inpainting.
+    pub fn strength(&self) -> f64 {
+        self.strength.unwrap_or(if self.mask.is_some() { 1.0 } else { 0.8 })
+    }
+}
+
 /// One generation.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -64,6 +83,12 @@ pub struct Request {
     pub prompt: String,
     /// The negative prompt.
     pub negative_prompt: Option<String>,
+    /// SDXL: the second text encoder's prompt (default: the prompt).
+    pub prompt_2: Option<String>,
+    /// SDXL: the second text encoder's negative prompt (default: the negative prompt).
+    pub negative_prompt_2: Option<String>,
+    /// SDXL: size and crop conditioning.
+    pub micro_conditioning: MicroConditioning,
     /// How prompts are read.
     pub prompt_syntax: PromptSyntax,
     /// Denoising steps.
@@ -84,6 +109,8 @@ pub struct Request {
     pub clip_skip: usize,
     /// A safetensors file with `latents` [B, C, h, w] of standard-normal starting noise.
     pub init_latents: Option<PathBuf>,
+    /// img2img or inpainting: the image to start from.
+    pub init_image: Option<InitImageSpec>,
     /// Decode in tiles (with this tile side in pixels, or the VAE config's).
     pub vae_tiling: Option<Option<usize>>,
     /// DeepCache (interval, branch): an opt-in approximation.
@@ -115,6 +142,9 @@ impl Default for Request {
         Self {
             prompt: String::new(),
             negative_prompt: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro_conditioning: MicroConditioning::default(),
             prompt_syntax: PromptSyntax::default(),
             steps: 50,
             guidance: 7.5,
@@ -125,6 +155,7 @@ impl Default for Request {
             seed: 0,
             clip_skip: 0,
             init_latents: None,
+            init_image: None,
             vae_tiling: None,
             deep_cache: None,
             loras: Vec::new(),
@@ -255,6 +286,9 @@ impl Request {
                 return Err(Error::invalid(format!("{name} {v} is not a positive multiple of 8")));
             }
         }
+        if let Some(init) = &self.init_image {
+            crate::pipeline::init_image::check_strength(init.strength())?;
+        }
         for lora in &self.loras {
             check_finite(&format!("LoRA multiplier of {}", lora.path.display()), lora.scale)?;
         }
@@ -284,13 +318,43 @@ impl Request {
             model.vae.enable_tiling(tile)?;
         }
         let f = model.vae_scale_factor();
-        let native = model.unet.config().sample_size.unwrap_or(64).saturating_mul(f);
+        let init_pixels = self
+            .init_image
+            .as_ref()
+            .map(|init| -> Result<_> {
+                let image = load_rgb(&init.image).context(|| "reading the init image".to_string())?;
+                let mask = init
+                    .mask
+                    .as_deref()
+                    .map(|mask| load_rgb(mask).context(|| "reading the inpainting mask".to_string()))
+                    .transpose()?;
+                Ok((image, mask))
+            })
+            .transpose()?;
+        // The default size: the init image's own, rounded down to whole latent pixels (as diffusers),
+        // else the UNet's native one.
+        let (default_width, default_height) = match &init_pixels {
+            Some((image, _)) => {
+                let (w, h) = (image.width() as usize, image.height() as usize);
+                if w < f || h < f {
+                    return Err(Error::invalid(format!(
+                        "the init image {} is {w}x{h} pixels, smaller than one latent pixel ({f}x{f})",
+                        self.init_image.as_ref().map(|i| i.image.display().to_string()).unwrap_or_default()
+                    )));
+                }
+                (w - w % f, h - h % f)
+            }
+            None => {
+                let native = model.unet.config().sample_size.unwrap_or(64).saturating_mul(f);
+                (native, native)
+            }
+        };
         let (batch, width, height) = match &init_latents {
             Some(latents) => {
                 let (b, _, h, w) = latents.dims4()?;
                 (b, w.saturating_mul(f), h.saturating_mul(f))
             }
-            None => (self.batch, self.width.unwrap_or(native), self.height.unwrap_or(native)),
+            None => (self.batch, self.width.unwrap_or(default_width), self.height.unwrap_or(default_height)),
         };
         self.limits.check_size(batch, width, height)?;
         let vae_config = model.vae.config();
@@ -304,6 +368,12 @@ impl Request {
             vae_tile: self.vae_tiling.map(|tile| tile.unwrap_or(vae_config.sample_size)),
             guided: self.guidance > 1.0,
         })?;
+        let init_image = match (&self.init_image, &init_pixels) {
+            (Some(spec), Some((image, mask))) => {
+                Some(InitImage::new(image, mask.as_ref(), width, height, spec.strength(), model.device())?)
+            }
+            _ => None,
+        };
         let mut notices = Vec::new();
         let device = model.device().clone();
         let mut loras = Vec::with_capacity(self.loras.len());
@@ -346,6 +416,9 @@ impl Request {
         let generate = GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
+            prompt_2: self.prompt_2.clone(),
+            negative_prompt_2: self.negative_prompt_2.clone(),
+            micro_conditioning: self.micro_conditioning.clone(),
             steps: self.steps,
             guidance: self.guidance,
             scheduler: self.scheduler,
@@ -354,6 +427,7 @@ impl Request {
             batch: self.batch,
             clip_skip: self.clip_skip,
             init_latents,
+            init_image,
             deep_cache: self.deep_cache.map(|(n, branch)| DeepCache::new(n, branch)).transpose()?,
         };
         Ok(Prepared { generate, controls, notices })

@@ -93,6 +93,10 @@ impl Case {
             batch: 0,
             clip_skip: self.clip_skip.unwrap_or(0),
             init_latents: Some(fixture["init_latents"].clone()),
+            init_image: None,
+            prompt_2: None,
+            negative_prompt_2: None,
+            micro_conditioning: Default::default(),
             deep_cache: None,
         }
     }

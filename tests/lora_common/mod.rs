@@ -84,6 +84,10 @@ pub fn generate(model: &StableDiffusion, case: &Case) -> Generated {
         batch: 0,
         clip_skip: case.clip_skip,
         init_latents: Some(fixture["init_latents"].clone()),
+        init_image: None,
+        prompt_2: None,
+        negative_prompt_2: None,
+        micro_conditioning: Default::default(),
         deep_cache: None,
     };
     model.generate(&request, &mut [], &mut NoNoise, &mut |_| {}).unwrap_or_else(|e| panic!("{}: {e}", case.name))

@@ -260,9 +260,9 @@ impl Control for ReferenceOnly {
         let latents =
             self.latents.as_ref().ok_or_else(|| Error::invalid("reference-only: used before it was prepared"))?;
         let noise = step.noise.sample(latents.dims(), latents.device())?;
-        let noisy = step.scheduler.add_noise(latents, &noise, step.step_index)?;
+        let noisy = step.scheduler.add_noise(latents, &noise, step.scheduler_step)?;
         let noisy = if step.guided { Tensor::cat(&[&noisy, &noisy], 0)? } else { noisy };
-        let input = step.scheduler.scale_model_input(&noisy, step.step_index)?.to_dtype(step.latents.dtype())?;
+        let input = step.scheduler.scale_model_input(&noisy, step.scheduler_step)?.to_dtype(step.latents.dtype())?;
         self.bank = Bank::default();
         let mut writer = Writer { selection: &self.selection, bank: &mut self.bank };
         step.unet.forward(

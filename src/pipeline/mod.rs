@@ -1,5 +1,8 @@
-//! The text-to-image pipeline: loading a model, encoding prompts, the sampling loop that composes
-//! control mechanisms, and VAE decoding.
+//! The generation pipeline: loading a model, encoding prompts, the sampling loop that composes
+//! control mechanisms (from noise, or from an image for img2img and inpainting), and VAE decoding.
+
+pub mod init_image;
+mod prompts;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,10 +17,13 @@ use crate::models::clip_text::ClipTextEncoder;
 use crate::models::nn::LayerRegistry;
 use crate::models::unet::{Conditioning, DeepCache, Hooks, UNet, UNetControls, UNetInput};
 use crate::models::vae::Vae;
-use crate::prompt::{self, PromptSyntax, PromptWord, a1111};
+use crate::prompt::PromptSyntax;
 use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
+
+pub use init_image::InitImage;
+pub use prompts::MicroConditioning;
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -37,12 +43,26 @@ impl Default for LoadOptions {
     }
 }
 
-/// A loaded Stable Diffusion 1.x/2.x model.
+/// SDXL's second prompt tokenizer and text encoder.
+pub struct SecondTextEncoder {
+    /// The tokenizer (`tokenizer_2`, padding with `!`).
+    pub tokenizer: ClipTokenizer,
+    /// The encoder with its projection (`text_encoder_2`, OpenCLIP bigG).
+    pub encoder: ClipTextEncoder,
+}
+
+/// A loaded Stable Diffusion model: SD1.x/2.x, or SDXL (two text encoders, pooled and
+/// micro-conditioning through the UNet's `add_embedding`).
 pub struct StableDiffusion {
     /// The prompt tokenizer.
     pub tokenizer: ClipTokenizer,
     /// The text encoder.
     pub text_encoder: ClipTextEncoder,
+    /// SDXL's second tokenizer and text encoder.
+    pub text_2: Option<SecondTextEncoder>,
+    /// A missing negative prompt means zero negative embeddings (SDXL's
+    /// `force_zeros_for_empty_prompt`).
+    pub force_zeros_for_empty_prompt: bool,
     /// The denoising UNet.
     pub unet: UNet,
     /// The latent autoencoder.
@@ -66,27 +86,32 @@ impl StableDiffusion {
     /// Loads a model: a diffusers folder or a single-file SD1.x/2.x checkpoint (see
     /// [`ModelFiles::open`]).
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
-        let files = ModelFiles::open(path, &options.files)?;
+        let mut files = ModelFiles::open(path, &options.files)?;
         let (text_config, unet_config, vae_config) =
             (&files.text_encoder.config, &files.unet.config, &files.vae.config);
         let unet_config_path = &files.unet.config_path;
         let weights = |store: &Arc<TensorStore>| Weights::new(store.clone(), options.dtype, &options.device);
 
-        if let Some(block) = unet_config.blocks.iter().find(|b| b.cross_attention_dim != text_config.hidden_size) {
+        let text_width =
+            text_config.hidden_size + files.text_2.as_ref().map_or(0, |(_, c)| c.config.hidden_size);
+        if let Some(block) = unet_config.blocks.iter().find(|b| b.cross_attention_dim != text_width) {
             return Err(Error::config(
                 unet_config_path,
                 format!(
-                    "cross_attention_dim {} does not match the text encoder's hidden_size {}",
-                    block.cross_attention_dim, text_config.hidden_size
+                    "cross_attention_dim {} does not match the text encoders' width {text_width}",
+                    block.cross_attention_dim
                 ),
             ));
         }
-        if unet_config.in_channels != vae_config.latent_channels {
+        let latent_channels = vae_config.latent_channels;
+        if ![latent_channels, 2 * latent_channels + 1].contains(&unet_config.in_channels) {
             return Err(Error::config(
                 unet_config_path,
                 format!(
-                    "in_channels {} does not match the VAE's latent_channels {}",
-                    unet_config.in_channels, vae_config.latent_channels
+                    "in_channels {} fits neither the VAE's latent_channels {latent_channels} nor an inpainting \
+                     UNet's {}",
+                    unet_config.in_channels,
+                    2 * latent_channels + 1
                 ),
             ));
         }
@@ -94,8 +119,17 @@ impl StableDiffusion {
         let registered = |component: &str, store: &Arc<TensorStore>| -> Weights {
             weights(store).with_layer_registry(&layers.scoped(component))
         };
+        let text_2 = match files.text_2.take() {
+            Some((tokenizer, component)) => Some(SecondTextEncoder {
+                tokenizer,
+                encoder: ClipTextEncoder::load(&registered("text_encoder_2", &component.weights), &component.config)?,
+            }),
+            None => None,
+        };
         Ok(Self {
             text_encoder: ClipTextEncoder::load(&registered("text_encoder", &files.text_encoder.weights), text_config)?,
+            text_2,
+            force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt,
             unet: UNet::load(&registered("unet", &files.unet.weights), unet_config)?,
             vae: Vae::load(&weights(&files.vae.weights), vae_config)?,
             tokenizer: files.tokenizer,
@@ -127,28 +161,6 @@ impl StableDiffusion {
             None => self.scheduler_config.kind(),
         }
     }
-
-    /// Text embeddings [1, L, D] of `prompt` read with [`Self::prompt_syntax`]: tokenized literally
-    /// and truncated as diffusers does (L = 77), or A1111-style (L = 77 · chunks). Placeholder
-    /// tokens take their vectors from [`Self::token_vectors`].
-    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
-        Ok(self.encode_prompt_words(prompt, clip_skip)?.0)
-    }
-
-    /// [`Self::encode_prompt`] with the prompt's words and the rows they became (none located with
-    /// the A1111 syntax, whose weighting and chunking move rows).
-    pub fn encode_prompt_words(&self, prompt: &str, clip_skip: usize) -> Result<(Tensor, Vec<PromptWord>)> {
-        let added = self.token_vectors.table();
-        if self.prompt_syntax == PromptSyntax::A1111 {
-            let z = a1111::encode(&self.tokenizer, &self.text_encoder, added, prompt, clip_skip, self.device())?;
-            return Ok((z, Vec::new()));
-        }
-        let (ids, words) = self.tokenizer.encode_padded_words(prompt)?;
-        let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), self.device())?;
-        let z =
-            self.text_encoder.encode_embeddings(&self.text_encoder.token_embeddings_with(&ids, added)?, clip_skip)?;
-        Ok((z, words))
-    }
 }
 
 /// One text-to-image request.
@@ -156,8 +168,15 @@ impl StableDiffusion {
 pub struct GenerateRequest {
     /// The prompt.
     pub prompt: String,
-    /// The negative prompt (empty text when `None` and guidance is on).
+    /// The negative prompt (when `None` and guidance is on: the empty text, or zero embeddings
+    /// for an SDXL model that says so).
     pub negative_prompt: Option<String>,
+    /// SDXL: the second text encoder's prompt (default: `prompt`).
+    pub prompt_2: Option<String>,
+    /// SDXL: the second text encoder's negative prompt (default: `negative_prompt`).
+    pub negative_prompt_2: Option<String>,
+    /// SDXL: size and crop conditioning.
+    pub micro_conditioning: MicroConditioning,
     /// Denoising steps.
     pub steps: usize,
     /// Classifier-free guidance scale; guidance is off at 1 or below.
@@ -172,8 +191,11 @@ pub struct GenerateRequest {
     pub batch: usize,
     /// Text-encoder layers to skip from the end (diffusers' `clip_skip`).
     pub clip_skip: usize,
-    /// Standard-normal starting noise [B, C, h, w], used as diffusers' `latents=` argument.
+    /// Standard-normal starting noise [B, C, h, w], used as diffusers' `latents=` argument (with an
+    /// init image: the noise added to it).
     pub init_latents: Option<Tensor>,
+    /// The image img2img and inpainting start from, at the output size.
+    pub init_image: Option<InitImage>,
     /// Opt-in DeepCache (an approximation: faster UNet calls between refreshes), fresh for this
     /// generation.
     pub deep_cache: Option<DeepCache>,
@@ -209,7 +231,7 @@ pub struct Generated {
 impl StableDiffusion {
     /// Checks the request and returns the starting noise: `init_latents` or fresh noise.
     fn initial_noise(&self, req: &GenerateRequest, noise: &mut dyn NoiseSource) -> Result<Tensor> {
-        let channels = self.unet.config().in_channels;
+        let channels = self.vae.config().latent_channels;
         if let Some(latents) = &req.init_latents {
             let (b, c, h, w) = latents.dims4()?;
             if b == 0 || h == 0 || w == 0 {
@@ -225,8 +247,8 @@ impl StableDiffusion {
         }
         let f = self.vae_scale_factor();
         for (name, v) in [("width", req.width), ("height", req.height)] {
-            if v == 0 || v % 8 != 0 || v % f != 0 {
-                return Err(Error::invalid(format!("{name} {v} must be a positive multiple of {}", f.max(8))));
+            if v == 0 || v % f != 0 {
+                return Err(Error::invalid(format!("{name} {v} must be a positive multiple of {f}")));
             }
         }
         if req.batch == 0 {
@@ -296,6 +318,24 @@ impl StableDiffusion {
         let guided = req.guidance > 1.0;
         let f = self.vae_scale_factor();
         let (dtype, _) = crate::io::weights::precision(self.options.dtype, &self.options.device);
+        let image_start = match &req.init_image {
+            Some(image) => Some(init_image::start(
+                image,
+                &self.vae,
+                self.unet.config().in_channels,
+                scheduler.as_ref(),
+                req.steps,
+                &init,
+                dtype,
+            )?),
+            None if self.unet.config().in_channels != self.vae.config().latent_channels => {
+                return Err(Error::invalid(format!(
+                    "the UNet takes {} input channels (an inpainting model): give an init image and a mask",
+                    self.unet.config().in_channels
+                )));
+            }
+            None => None,
+        };
         let mut setup = GenerationSetup {
             unet: &self.unet,
             vae: &self.vae,
@@ -316,34 +356,34 @@ impl StableDiffusion {
             }
         }
 
-        let (positive, prompt_words) = self.encode_prompt_words(&req.prompt, req.clip_skip)?;
-        let (mut context, negative_words) = if guided {
-            // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
-            // last layer. A1111 applies it to both.
-            let a1111 = self.prompt_syntax == PromptSyntax::A1111;
-            let negative_skip = if a1111 { req.clip_skip } else { 0 };
-            let (negative, negative_words) =
-                self.encode_prompt_words(req.negative_prompt.as_deref().unwrap_or(""), negative_skip)?;
-            let (positive, negative) = if positive.dim(1)? == negative.dim(1)? {
-                (positive, negative)
-            } else {
-                prompt::pad_to_same_length(positive, negative, &self.encode_prompt("", req.clip_skip)?)?
-            };
-            (Tensor::cat(&[negative.repeat((batch, 1, 1))?, positive.repeat((batch, 1, 1))?], 0)?, negative_words)
-        } else {
-            (positive.repeat((batch, 1, 1))?, Vec::new())
-        };
-        let info = ContextInfo { guided, batch, prompt_words: &prompt_words, negative_words: &negative_words };
+        let prompts = self.encode_prompts(req, guided, batch, (h * f, w * f))?;
+        let mut context = prompts.context;
+        let info =
+            ContextInfo { guided, batch, prompt_words: &prompts.prompt_words, negative_words: &prompts.negative_words };
         for control in controls.iter_mut() {
             context = control.edit_context(context, &info)?;
         }
-        let latents = (init * scheduler.init_noise_sigma())?;
+        let mut conditioning = Conditioning::text(context.to_dtype(dtype)?);
+        conditioning.pooled = prompts::to_dtype(prompts.pooled, dtype)?;
+        conditioning.time_ids = prompts::to_dtype(prompts.time_ids, dtype)?;
+        let (first_step, latents, keep_outside_mask) = match image_start {
+            Some(start) => {
+                if let Some(extra) = start.extra_channels {
+                    let extra = if guided { Tensor::cat(&[&extra, &extra], 0)? } else { extra };
+                    conditioning.extra_channels = Some(extra.to_dtype(dtype)?);
+                }
+                (start.first_step, start.latents, start.keep_outside_mask)
+            }
+            None => (0, (init * scheduler.init_noise_sigma())?, None),
+        };
         Ok(SamplingStart {
             scheduler,
+            first_step,
             latents,
-            conditioning: Conditioning::text(context.to_dtype(dtype)?),
+            conditioning,
             guidance: guided.then_some(req.guidance),
             deep_cache: req.deep_cache.clone(),
+            keep_outside_mask,
         })
     }
 }
@@ -364,7 +404,9 @@ fn finish<T>(controls: &mut [Box<dyn Control>], result: Result<T>) -> Result<T> 
 /// Where the sampling loop starts from.
 struct SamplingStart {
     scheduler: Box<dyn Scheduler>,
-    /// The starting latents [B, C, h, w] (f32), already scaled by the scheduler's initial sigma.
+    /// The scheduler's index of the first step that runs (0 unless img2img starts part-way).
+    first_step: usize,
+    /// The starting latents [B, C, h, w] (f32), at the first step's noise level.
     latents: Tensor,
     /// Text context [B or 2B, L, D] (negative prompts first when guided), in the compute dtype.
     conditioning: Conditioning,
@@ -372,6 +414,8 @@ struct SamplingStart {
     guidance: Option<f64>,
     /// DeepCache's state, when it is on.
     deep_cache: Option<DeepCache>,
+    /// Inpainting with a plain UNet: the original put back outside the mask after every step.
+    keep_outside_mask: Option<init_image::KeepOutsideMask>,
 }
 
 /// The sampling loop: at every step the controls contribute to the UNet's injection points and
@@ -385,14 +429,23 @@ fn sample(
     noise: &mut dyn NoiseSource,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Tensor> {
-    let SamplingStart { mut scheduler, mut latents, conditioning, guidance, mut deep_cache } = start;
+    let SamplingStart {
+        mut scheduler,
+        first_step,
+        mut latents,
+        conditioning,
+        guidance,
+        mut deep_cache,
+        keep_outside_mask,
+    } = start;
     let (dtype, _) = crate::io::weights::precision(options.dtype, &options.device);
     let batch = latents.dim(0)?;
-    let timesteps = scheduler.timesteps().to_vec();
+    let timesteps = scheduler.timesteps()[first_step..].to_vec();
     progress(Progress::Sampling { steps: timesteps.len() });
     for (i, &t) in timesteps.iter().enumerate() {
+        let scheduler_step = first_step + i;
         let model_input = if guidance.is_some() { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-        let model_input = scheduler.scale_model_input(&model_input, i)?.to_dtype(dtype)?;
+        let model_input = scheduler.scale_model_input(&model_input, scheduler_step)?.to_dtype(dtype)?;
         let t_batch = Tensor::full(t as f32, model_input.dim(0)?, &options.device)?;
         let mut step_conditioning = conditioning.clone();
         for control in controls.iter_mut() {
@@ -406,6 +459,7 @@ fn sample(
             noise: &mut *noise,
             step_index: i,
             num_steps: timesteps.len(),
+            scheduler_step,
             timestep: t,
             timesteps: &t_batch,
             latents: &model_input,
@@ -430,7 +484,10 @@ fn sample(
             }
             None => prediction,
         };
-        latents = scheduler.step(&prediction, i, &latents, noise)?;
+        latents = scheduler.step(&prediction, scheduler_step, &latents, noise)?;
+        if let Some(keep) = &keep_outside_mask {
+            latents = keep.apply(scheduler.as_ref(), scheduler_step, &latents)?;
+        }
         if !crate::models::nn::all_finite(&latents)? {
             return Err(Error::invalid(format!(
                 "the latents became NaN or infinite at step {} of {} (a guidance, LoRA or control scale far too \

@@ -1,0 +1,164 @@
+//! Prompt encoding: one text encoder for SD1.x/2.x; for SDXL two, whose penultimate hidden states
+//! are concatenated, the second's pooled projection, and the micro-conditioning time ids, as
+//! diffusers' `StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids` compute them.
+
+use candle_core::{DType, Tensor};
+
+use super::{GenerateRequest, SecondTextEncoder, StableDiffusion};
+use crate::prompt::{self, PromptSyntax, PromptWord, a1111};
+use crate::{Error, Result};
+
+/// SDXL's size and crop conditioning (pixels, as `(height, width)` and `(top, left)`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MicroConditioning {
+    /// The size the image is said to have been before cropping (default: the output size).
+    pub original_size: Option<(usize, usize)>,
+    /// The top-left corner of the crop (default: (0, 0)).
+    pub crop_top_left: (usize, usize),
+    /// The size the image is said to be generated at (default: the output size).
+    pub target_size: Option<(usize, usize)>,
+    /// The negative prompt's own conditioning (default: the same as the prompt's): original size,
+    /// crop corner and target size.
+    pub negative: Option<((usize, usize), (usize, usize), (usize, usize))>,
+}
+
+impl MicroConditioning {
+    /// The time ids [1, 6] of the prompt and of the negative prompt for an image of `size`
+    /// (height, width): original size, crop corner, target size.
+    fn time_ids(&self, size: (usize, usize), device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        let ids = |original: (usize, usize), crop: (usize, usize), target: (usize, usize)| -> Result<Tensor> {
+            let values = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f32);
+            Ok(Tensor::from_vec(values.to_vec(), (1, 6), device)?)
+        };
+        let positive =
+            ids(self.original_size.unwrap_or(size), self.crop_top_left, self.target_size.unwrap_or(size))?;
+        let negative = match self.negative {
+            Some((original, crop, target)) => ids(original, crop, target)?,
+            None => positive.clone(),
+        };
+        Ok((positive, negative))
+    }
+}
+
+/// The text side of a generation's conditioning, batched (negative rows first when guided).
+pub(super) struct EncodedPrompts {
+    /// The context [B or 2B, L, D].
+    pub context: Tensor,
+    /// SDXL: the pooled embeddings [B or 2B, P].
+    pub pooled: Option<Tensor>,
+    /// SDXL: the time ids [B or 2B, N].
+    pub time_ids: Option<Tensor>,
+    /// The prompt's words and their context rows.
+    pub prompt_words: Vec<PromptWord>,
+    /// The negative prompt's words and their context rows.
+    pub negative_words: Vec<PromptWord>,
+}
+
+impl StableDiffusion {
+    /// Text embeddings [1, L, D] of `prompt` read with [`Self::prompt_syntax`]: tokenized literally
+    /// and truncated as diffusers does (L = 77), or A1111-style (L = 77 · chunks). Placeholder
+    /// tokens take their vectors from [`Self::token_vectors`]. For SDXL, both encoders'
+    /// penultimate hidden states, concatenated.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
+        Ok(self.encode_prompt_words(prompt, None, clip_skip)?.0)
+    }
+
+    /// [`Self::encode_prompt`] with the pooled embeddings [1, P] (SDXL; `prompt_2` is the second
+    /// encoder's prompt, default `prompt`) and the prompt's words with the rows they became (none
+    /// located with the A1111 syntax, whose weighting and chunking move rows).
+    fn encode_prompt_words(
+        &self,
+        prompt: &str,
+        prompt_2: Option<&str>,
+        clip_skip: usize,
+    ) -> Result<(Tensor, Option<Tensor>, Vec<PromptWord>)> {
+        let added = self.token_vectors.table();
+        if self.prompt_syntax == PromptSyntax::A1111 {
+            if self.text_2.is_some() {
+                return Err(Error::invalid("the A1111 prompt syntax is not supported for SDXL models yet"));
+            }
+            let z = a1111::encode(&self.tokenizer, &self.text_encoder, added, prompt, clip_skip, self.device())?;
+            return Ok((z, None, Vec::new()));
+        }
+        let (ids, words) = self.tokenizer.encode_padded_words(prompt)?;
+        let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), self.device())?;
+        let embeddings = self.text_encoder.token_embeddings_with(&ids, added)?;
+        let Some(SecondTextEncoder { tokenizer, encoder }) = &self.text_2 else {
+            return Ok((self.text_encoder.encode_embeddings(&embeddings, clip_skip)?, None, words));
+        };
+        // SDXL reads hidden_states[-(clip_skip + 2)] of both encoders, without the final norm.
+        let first = self.text_encoder.encode_hidden_and_pooled(&embeddings, &ids, clip_skip + 1)?;
+        let ids_2 = tokenizer.encode_padded(prompt_2.unwrap_or(prompt))?;
+        let ids_2 = Tensor::from_vec(ids_2, (1, tokenizer.max_length()), self.device())?;
+        let second = encoder.encode_hidden_and_pooled(&encoder.token_embeddings(&ids_2)?, &ids_2, clip_skip + 1)?;
+        let context = Tensor::cat(&[&first.hidden, &second.hidden.to_dtype(first.hidden.dtype())?], 2)?;
+        Ok((context, Some(second.pooled), words))
+    }
+
+    /// The batched text conditioning of `req` for `batch` images of `size` (height, width)
+    /// pixels, with the negative prompt's rows first when `guided`.
+    pub(super) fn encode_prompts(
+        &self,
+        req: &GenerateRequest,
+        guided: bool,
+        batch: usize,
+        size: (usize, usize),
+    ) -> Result<EncodedPrompts> {
+        let (positive, pooled, prompt_words) =
+            self.encode_prompt_words(&req.prompt, req.prompt_2.as_deref(), req.clip_skip)?;
+        let rows = |t: Tensor| -> Result<Tensor> {
+            let mut repeat = vec![batch];
+            repeat.resize(t.rank(), 1);
+            Ok(t.repeat(repeat)?)
+        };
+        let time_ids = match (&self.text_2, &pooled) {
+            (Some(_), Some(_)) => Some(req.micro_conditioning.time_ids(size, self.device())?),
+            _ => None,
+        };
+        if !guided {
+            return Ok(EncodedPrompts {
+                context: rows(positive)?,
+                pooled: pooled.map(rows).transpose()?,
+                time_ids: time_ids.map(|(ids, _)| rows(ids)).transpose()?,
+                prompt_words,
+                negative_words: Vec::new(),
+            });
+        }
+        let (negative, negative_pooled, negative_words) =
+            if self.force_zeros_for_empty_prompt && req.negative_prompt.is_none() {
+                // SDXL: no negative prompt means zero embeddings, not the empty prompt's.
+                (positive.zeros_like()?, pooled.as_ref().map(Tensor::zeros_like).transpose()?, Vec::new())
+            } else {
+                // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
+                // last layer (SDXL: the penultimate). A1111 applies it to both.
+                let negative_skip = if self.prompt_syntax == PromptSyntax::A1111 { req.clip_skip } else { 0 };
+                let negative_prompt = req.negative_prompt.as_deref().unwrap_or("");
+                let negative_prompt_2 = req.negative_prompt_2.as_deref().unwrap_or(negative_prompt);
+                self.encode_prompt_words(negative_prompt, Some(negative_prompt_2), negative_skip)?
+            };
+        let (positive, negative) = if positive.dim(1)? == negative.dim(1)? {
+            (positive, negative)
+        } else {
+            prompt::pad_to_same_length(positive, negative, &self.encode_prompt("", req.clip_skip)?)?
+        };
+        let guided_rows = |negative: Tensor, positive: Tensor| -> Result<Tensor> {
+            Ok(Tensor::cat(&[rows(negative)?, rows(positive)?], 0)?)
+        };
+        let pooled = match (negative_pooled, pooled) {
+            (Some(negative), Some(positive)) => Some(guided_rows(negative, positive)?),
+            _ => None,
+        };
+        Ok(EncodedPrompts {
+            context: guided_rows(negative, positive)?,
+            pooled,
+            time_ids: time_ids.map(|(positive, negative)| guided_rows(negative, positive)).transpose()?,
+            prompt_words,
+            negative_words,
+        })
+    }
+}
+
+/// `t` in `dtype` when given.
+pub(super) fn to_dtype(t: Option<Tensor>, dtype: DType) -> Result<Option<Tensor>> {
+    Ok(t.map(|t| t.to_dtype(dtype)).transpose()?)
+}

@@ -1,0 +1,146 @@
+//! SDXL parity with diffusers' StableDiffusionXLPipeline on a tiny SDXL-layout model (two text
+//! encoders, `text_time` added conditioning, VAE scaling factor 0.13025): every scheduler, zero
+//! negative embeddings, clip skip, second prompts, micro-conditioning, sizes; through the library
+//! request and the CLI.
+
+mod common;
+
+use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
+use diffctl::pipeline::{LoadOptions, MicroConditioning, Progress, StableDiffusion};
+use diffctl::request::Request;
+use diffctl::schedulers::SchedulerKind;
+
+const MODEL: &str = "tests/fixtures/models/sdxl-tiny";
+
+/// One recorded diffusers run (tests/fixtures/sdxl/cases.json).
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    scheduler: Option<String>,
+    steps: usize,
+    guidance: f64,
+    prompt: String,
+    prompt_2: Option<String>,
+    negative_prompt: Option<String>,
+    negative_prompt_2: Option<String>,
+    batch: usize,
+    clip_skip: Option<usize>,
+    width: Option<usize>,
+    height: Option<usize>,
+    original_size: Option<(usize, usize)>,
+    crops_coords_top_left: Option<(usize, usize)>,
+    target_size: Option<(usize, usize)>,
+    output_width: usize,
+    output_height: usize,
+    file: String,
+    timesteps: Vec<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Cases {
+    cases: Vec<Case>,
+}
+
+fn cases() -> Vec<Case> {
+    diffctl::io::read_json::<Cases>(&repo_path("tests/fixtures/sdxl/cases.json")).unwrap().cases
+}
+
+/// The library request a user makes for `case`.
+fn request(case: &Case) -> Request {
+    Request {
+        prompt: case.prompt.clone(),
+        prompt_2: case.prompt_2.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        negative_prompt_2: case.negative_prompt_2.clone(),
+        micro_conditioning: MicroConditioning {
+            original_size: case.original_size,
+            crop_top_left: case.crops_coords_top_left.unwrap_or((0, 0)),
+            target_size: case.target_size,
+            negative: None,
+        },
+        steps: case.steps,
+        guidance: case.guidance,
+        scheduler: case.scheduler.as_deref().map(|s| s.parse::<SchedulerKind>().unwrap()),
+        width: case.width,
+        height: case.height,
+        batch: case.batch,
+        clip_skip: case.clip_skip.unwrap_or(0),
+        ..Request::default()
+    }
+}
+
+#[test]
+fn sdxl_pipeline_matches_diffusers() {
+    let mut model = StableDiffusion::load(&repo_path(MODEL), &LoadOptions::default()).unwrap();
+    let mut report = Vec::new();
+    for case in cases() {
+        let fixture = load_fixture(&case.file);
+        let mut prepared = request(&case).prepare(&mut model, &LoadOptions::default()).unwrap();
+        let generate = &mut prepared.generate;
+        assert_eq!((generate.width, generate.height), (case.output_width, case.output_height), "{}", case.name);
+        generate.init_latents = Some(fixture["init_latents"].clone());
+        let mut noise = ReplayNoise::from_fixture(&fixture);
+        let mut steps = None;
+        let out = model
+            .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |p| {
+                if let Progress::Sampling { steps: n } = p {
+                    steps = Some(n);
+                }
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_eq!(steps, Some(case.timesteps.len()), "{}", case.name);
+        assert!(noise.0.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.0.len());
+        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
+        let image = out.images.permute((0, 2, 3, 1)).unwrap();
+        let image_err = max_abs_diff(&image, &fixture["image"]);
+        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
+        report.push(format!("{:20} latents {err:.2e}  image {image_err:.2e}", case.name));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// `diffctl generate` on the SDXL folder with the SDXL flags gives the library's latents.
+#[test]
+fn cli_generates_with_sdxl_flags() {
+    let case = cases().into_iter().find(|c| c.name == "sdxl-microcond").unwrap();
+    let fixture = load_fixture(&case.file);
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", fixture["init_latents"].clone())]),
+        &init,
+    )
+    .unwrap();
+    let (png, latents) = (dir.path().join("out.png"), dir.path().join("out.safetensors"));
+    let (oh, ow) = case.original_size.unwrap();
+    let (ct, cl) = case.crops_coords_top_left.unwrap();
+    let (th, tw) = case.target_size.unwrap();
+    let out = common::diffctl(&[
+        "generate",
+        "--model",
+        repo_path(MODEL).to_str().unwrap(),
+        "--prompt",
+        &case.prompt,
+        "--negative-prompt",
+        case.negative_prompt.as_deref().unwrap(),
+        "--steps",
+        &case.steps.to_string(),
+        "--guidance",
+        &case.guidance.to_string(),
+        "--original-size",
+        &format!("{ow}x{oh}"),
+        "--crop-top-left",
+        &format!("{cl},{ct}"),
+        "--target-size",
+        &format!("{tw}x{th}"),
+        "--init-latents",
+        init.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--output-latents",
+        latents.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+    assert_close("cli sdxl-microcond", &got["latents"], &fixture["latents"], 2e-3);
+}
