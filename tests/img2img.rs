@@ -138,7 +138,10 @@ fn bad_init_inputs_get_clear_errors() {
     let err = prepare_error("sd1-tiny", with_init(InitImageSpec { image: missing.clone(), ..init_spec() }));
     assert!(err.contains("init image") && err.contains(&missing.display().to_string()), "{err}");
     // Too few steps for the strength: nothing would run.
-    let err = prepare_error("sd1-tiny", Request { steps: 2, ..with_init(InitImageSpec { strength: Some(0.3), mask: None, ..init_spec() }) });
+    let err = prepare_error(
+        "sd1-tiny",
+        Request { steps: 2, ..with_init(InitImageSpec { strength: Some(0.3), mask: None, ..init_spec() }) },
+    );
     assert!(err.contains("no step"), "{err}");
     // An inpainting model needs a mask.
     let err = prepare_error("sd1-tiny-inpaint", with_init(InitImageSpec { mask: None, ..init_spec() }));
@@ -156,7 +159,8 @@ fn empty_mask_keeps_the_image_on_a_plain_model() {
     image::RgbImage::new(7, 5).save(&black).unwrap();
     let mut model = StableDiffusion::load(&tiny("sd1-tiny"), &LoadOptions::default()).unwrap();
     let spec = InitImageSpec { mask: Some(black), strength: Some(0.5), ..init_spec() };
-    let request = Request { width: Some(32), height: Some(32), scheduler: Some(SchedulerKind::Euler), ..with_init(spec) };
+    let request =
+        Request { width: Some(32), height: Some(32), scheduler: Some(SchedulerKind::Euler), ..with_init(spec) };
     let mut prepared = request.prepare(&mut model, &LoadOptions::default()).unwrap();
     let out = model
         .generate(&prepared.generate, &mut prepared.controls, &mut diffctl::noise::SeededNoise::new(3), &mut |_| {})

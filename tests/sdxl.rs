@@ -144,3 +144,49 @@ fn cli_generates_with_sdxl_flags() {
     let got = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
     assert_close("cli sdxl-microcond", &got["latents"], &fixture["latents"], 2e-3);
 }
+
+/// The tiny model as one SGM single-file checkpoint (f16, as SDXL base ships; configs from the
+/// folder) gives the folder's latents; `convert` writes it back as a folder and as a single file
+/// with every tensor of the SGM layout.
+#[test]
+fn single_file_sgm_checkpoint_matches_the_folder() {
+    use diffctl::io::model_files::SourceOptions;
+    let case = cases().into_iter().find(|c| c.name == "sdxl-default").unwrap();
+    let fixture = load_fixture(&case.file);
+    let single = repo_path("tests/fixtures/models/sdxl-tiny.safetensors");
+    let options = LoadOptions {
+        files: SourceOptions { model_config: Some(repo_path(MODEL)), ..Default::default() },
+        ..LoadOptions::default()
+    };
+    let mut model = StableDiffusion::load(&single, &options).unwrap();
+    let mut prepared = request(&case).prepare(&mut model, &options).unwrap();
+    prepared.generate.init_latents = Some(fixture["init_latents"].clone());
+    let out = model
+        .generate(&prepared.generate, &mut prepared.controls, &mut ReplayNoise::from_fixture(&fixture), &mut |_| {})
+        .unwrap();
+    assert_close("single-file sdxl-default", &out.latents, &fixture["latents"], 2e-3);
+
+    // Without the configs the tiny (non-standard) file is refused with what to pass.
+    let err = StableDiffusion::load(&single, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("non-standard SDXL") && err.contains("--model-config"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let folder = dir.path().join("folder");
+    let o = common::diffctl(&["convert", &s(&single), &s(&folder), "--model-config", &s(&repo_path(MODEL))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = dir.path().join("again.safetensors");
+    let o = common::diffctl(&["convert", &s(&folder), &s(&again)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let original = candle_core::safetensors::load(&single, &candle_core::Device::Cpu).unwrap();
+    let written = candle_core::safetensors::load(&again, &candle_core::Device::Cpu).unwrap();
+    let mut missing: Vec<_> = original.keys().filter(|k| !written.contains_key(*k)).collect();
+    missing.sort();
+    // OpenCLIP's logit_scale belongs to its image-text head, which no pipeline reads.
+    assert_eq!(missing, vec!["conditioner.embedders.1.model.logit_scale"]);
+    for (key, tensor) in &written {
+        assert_eq!(max_abs_diff(tensor, &original[key]), 0.0, "{key}");
+    }
+    let reloaded = StableDiffusion::load(&folder, &LoadOptions::default()).unwrap();
+    assert!(reloaded.force_zeros_for_empty_prompt);
+}

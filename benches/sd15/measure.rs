@@ -345,6 +345,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                         noise: &mut noise,
                         step_index: 0,
                         num_steps: FULL_STEPS,
+                        scheduler_step: 0,
                         timestep: f64::from(TIMESTEP),
                         timesteps: &t,
                         latents: &x,
@@ -369,6 +370,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
             let req = GenerateRequest {
                 prompt: PROMPT.into(),
                 negative_prompt: None,
+                prompt_2: None,
+                negative_prompt_2: None,
+                micro_conditioning: Default::default(),
                 steps: FULL_STEPS,
                 guidance: GUIDANCE,
                 scheduler: None,
@@ -377,6 +381,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 batch: 1,
                 clip_skip: 0,
                 init_latents: None,
+                init_image: None,
                 deep_cache: (job.kind == Kind::FullDeepCache)
                     .then(|| DeepCache::new(DEEP_CACHE_INTERVAL, 0))
                     .transpose()?,

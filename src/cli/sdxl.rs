@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use crate::pipeline::MicroConditioning;
+use crate::pipeline::{MicroConditioning, SizeConditioning};
 use crate::request::Request;
 
 /// SDXL flags of `diffctl generate` (ignored by SD1.x/2.x models).
@@ -58,8 +58,12 @@ impl SdxlArgs {
             original_size: self.original_size,
             crop_top_left: self.crop_top_left.unwrap_or((0, 0)),
             target_size: self.target_size,
-            negative: self.negative_original_size.zip(self.negative_target_size).map(|(original, target)| {
-                (original, self.negative_crop_top_left.unwrap_or((0, 0)), target)
+            negative: self.negative_original_size.zip(self.negative_target_size).map(|(original_size, target_size)| {
+                SizeConditioning {
+                    original_size,
+                    crop_top_left: self.negative_crop_top_left.unwrap_or((0, 0)),
+                    target_size,
+                }
             }),
         };
     }

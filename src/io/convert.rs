@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
 
-use super::ldm::{CLIP_PREFIX, KeyMap};
+use super::ldm::{CLIP_PREFIX, KeyMap, SGM_EMBEDDERS_PREFIX};
 use super::model_files::{Family, ModelFiles};
 use super::output::{rename_dir_noreplace, split_output_path, write_file, write_safetensors};
 use super::weights::TensorStore;
@@ -65,7 +65,7 @@ fn write_folder_contents(model: &ModelFiles, dir: &Path) -> Result<()> {
         .unwrap_or_else(|| "PNDMScheduler".into());
     let mut scheduler = model.scheduler_json.clone();
     scheduler["_class_name"] = json!(scheduler_class);
-    let index = json!({
+    let mut index = json!({
         "_class_name": "StableDiffusionPipeline",
         "feature_extractor": [null, null],
         "image_encoder": [null, null],
@@ -77,15 +77,34 @@ fn write_folder_contents(model: &ModelFiles, dir: &Path) -> Result<()> {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]
     });
+    if model.text_2.is_some() {
+        index = json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "feature_extractor": [null, null],
+            "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+            "image_encoder": [null, null],
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_json(&dir.join("model_index.json"), &index)?;
     write_json(&dir.join("scheduler").join("scheduler_config.json"), &scheduler)?;
     model.tokenizer_files.write_to(&dir.join("tokenizer"))?;
-    let components = [
+    let mut components = vec![
         ("text_encoder", "model.safetensors", &model.text_encoder.json, &model.text_encoder.weights),
         ("unet", "diffusion_pytorch_model.safetensors", &model.unet.json, &model.unet.weights),
         ("vae", "diffusion_pytorch_model.safetensors", &model.vae.json, &model.vae.weights),
     ];
+    if let Some(text) = &model.text_2 {
+        text.tokenizer_files.write_to(&dir.join("tokenizer_2"))?;
+        components.push(("text_encoder_2", "model.safetensors", &text.encoder.json, &text.encoder.weights));
+    }
     for (name, file, config, store) in components {
         write_json(&dir.join(name).join("config.json"), config)?;
         let tensors = store
@@ -113,12 +132,20 @@ pub fn write_checkpoint(model: &ModelFiles, out: &Path) -> Result<()> {
     let text = match model.family() {
         Family::Sd1 => KeyMap::clip(&format!("{CLIP_PREFIX}text_model")),
         Family::Sd2 => KeyMap::open_clip(model.text_encoder.config.num_hidden_layers),
+        Family::Sdxl => KeyMap::clip(&format!("{SGM_EMBEDDERS_PREFIX}0.transformer.text_model")),
     };
     let mut tensors = unet.to_checkpoint(&model.unet.weights, str::to_string)?;
     tensors.extend(vae.to_checkpoint(&model.vae.weights, str::to_string)?);
     // transformers 5 saves CLIP keys without the `text_model.` prefix the layouts are named by.
     let text_name = |k: &str| if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") };
     tensors.extend(text.to_checkpoint(&model.text_encoder.weights, text_name)?);
+    if let Some(text_2) = &model.text_2 {
+        let layers = text_2.encoder.config.num_hidden_layers;
+        let map = KeyMap::open_clip_at(&format!("{SGM_EMBEDDERS_PREFIX}1.model."), layers, true);
+        // The projection sits beside text_model (transformers 5 saves the rest without the prefix).
+        let name = |k: &str| if k.starts_with("text_projection") { k.to_string() } else { text_name(k) };
+        tensors.extend(map.to_checkpoint(&text_2.encoder.weights, name)?);
+    }
     tensors.retain(|(k, _)| is_weight(k));
     write_file(out, |file| {
         write_safetensors(file, tensors, Some(pt_metadata()))

@@ -73,7 +73,11 @@ fn identify_folder(dir: &Path) -> Result<Identity> {
         let mut id = Identity {
             path: dir.into(),
             format: "diffusers pipeline folder".into(),
-            kind: "Stable Diffusion pipeline (UNet + VAE + text encoder)".into(),
+            kind: if model.text_2.is_some() {
+                "SDXL pipeline (UNet + VAE + two text encoders)".into()
+            } else {
+                "Stable Diffusion pipeline (UNet + VAE + text encoder)".into()
+            },
             family: Some(model.family().to_string()),
             notes: vec![prediction_note(model.scheduler_config.prediction_type.as_deref())],
             dtypes: BTreeMap::new(),
@@ -82,6 +86,9 @@ fn identify_folder(dir: &Path) -> Result<Identity> {
         };
         for store in [&model.unet.weights, &model.vae.weights, &model.text_encoder.weights] {
             id.count(store);
+        }
+        if let Some(text) = &model.text_2 {
+            id.count(&text.encoder.weights);
         }
         return Ok(id);
     }
@@ -234,6 +241,9 @@ fn classify_checkpoint(s: &TensorStore) -> (String, Option<String>, Vec<String>)
     match analyze(s) {
         Ok(a) => {
             let layout = match &a.text_layout {
+                _ if a.text_2.is_some() => {
+                    "CLIP ViT-L and OpenCLIP bigG text encoders (conditioner.embedders.0/1.*, SGM layout)".to_string()
+                }
                 TextLayout::Clip { .. } => "CLIP text encoder (cond_stage_model.transformer.*)".to_string(),
                 TextLayout::OpenClip { resblocks } => {
                     format!("OpenCLIP text encoder (cond_stage_model.model.*, {resblocks} resblocks)")
@@ -242,7 +252,7 @@ fn classify_checkpoint(s: &TensorStore) -> (String, Option<String>, Vec<String>)
             let mut notes = vec![layout];
             let family = if a.is_standard() {
                 notes.push(match a.family {
-                    super::model_files::Family::Sd1 => prediction_note(None),
+                    super::model_files::Family::Sd1 | super::model_files::Family::Sdxl => prediction_note(None),
                     super::model_files::Family::Sd2 => {
                         "prediction type: v_prediction assumed (768-v); pass --prediction-type epsilon for a 512 base \
                          model"
@@ -259,7 +269,12 @@ fn classify_checkpoint(s: &TensorStore) -> (String, Option<String>, Vec<String>)
                 notes.push("needs --model-config DIR for head counts and the like".into());
                 format!("{}-style, non-standard", a.family)
             };
-            ("full Stable Diffusion checkpoint (UNet + VAE + text encoder, LDM layout)".into(), Some(family), notes)
+            let kind = if a.text_2.is_some() {
+                "full SDXL checkpoint (UNet + VAE + two text encoders, SGM layout)"
+            } else {
+                "full Stable Diffusion checkpoint (UNet + VAE + text encoder, LDM layout)"
+            };
+            (kind.into(), Some(family), notes)
         }
         Err(e) => {
             let family = s

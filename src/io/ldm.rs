@@ -32,6 +32,9 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 /// Key prefix of the SD2.x OpenCLIP text encoder.
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// Key prefix of SDXL's text encoders (`0.transformer.text_model` CLIP ViT-L, `1.model` OpenCLIP
+/// bigG; the refiner has only the bigG one, at `0.model`).
+pub const SGM_EMBEDDERS_PREFIX: &str = "conditioner.embedders.";
 
 /// Parameter names inside one module: (diffusers, checkpoint, how the diffusers tensor is read from
 /// the checkpoint's). Names not listed are the same in both layouts.
@@ -59,6 +62,9 @@ const VAE_ATTENTION: SubNames = &[
     ("to_out.0.weight", "proj_out.weight", SQUEEZE),
     ("to_out.0.bias", "proj_out.bias", None),
 ];
+/// A leaf matrix stored transposed under the module's own name (`text_projection` ↔
+/// `text_projection.weight`).
+const TRANSPOSED: SubNames = &[("weight", "", Some(Transform::Transpose))];
 const fn qkv(index: usize) -> Option<Transform> {
     Some(Transform::Chunk { index, count: 3 })
 }
@@ -206,7 +212,14 @@ impl KeyMap {
     /// The SD2.x OpenCLIP text encoder, of which the first `layers` resblocks are used (SD2 uses all
     /// but the last of its 24; the rest of the file's text tower is ignored, as in diffusers).
     pub fn open_clip(layers: usize) -> Self {
-        let p = OPEN_CLIP_PREFIX;
+        Self::open_clip_at(OPEN_CLIP_PREFIX, layers, false)
+    }
+
+    /// An OpenCLIP text encoder under `prefix` (ending in `.`) with `layers` resblocks used, and
+    /// with `projection` its `text_projection` (stored [hidden, projection]) as transformers'
+    /// `text_projection.weight` (SDXL's bigG encoder).
+    pub fn open_clip_at(prefix: &str, layers: usize, projection: bool) -> Self {
+        let p = prefix;
         let mut rows: Vec<Row> = [
             ("text_model.embeddings.token_embedding", "token_embedding"),
             ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
@@ -220,6 +233,13 @@ impl KeyMap {
             checkpoint: format!("{p}transformer.resblocks.{i}"),
             sub: OPEN_CLIP_LAYER,
         }));
+        if projection {
+            rows.push(Row {
+                diffusers: "text_projection".into(),
+                checkpoint: format!("{p}text_projection"),
+                sub: TRANSPOSED,
+            });
+        }
         Self::new(rows)
     }
 
@@ -287,6 +307,7 @@ impl KeyMap {
                 Some(Transform::Chunk { index, count }) => {
                     parts.entry(target).or_insert_with(|| vec![None; count])[index] = Some(tensor);
                 }
+                Some(Transform::Transpose) => out.push((target, tensor.t()?.contiguous()?)),
             }
         }
         for (target, pieces) in parts {
@@ -312,6 +333,9 @@ fn input_half_rows(config: &UNetConfig, prefix: &str) -> Vec<Row> {
         ("time_embedding.linear_1", "time_embed.0"),
         ("time_embedding.linear_2", "time_embed.2"),
         ("conv_in", "input_blocks.0.0"),
+        // SDXL's added conditioning (absent from other UNets' files, so never looked up there).
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
     ] {
         row(d.into(), c.into(), SAME);
     }

@@ -114,6 +114,8 @@ pub enum Family {
     Sd1,
     /// SD2.x: OpenCLIP ViT-H text encoder.
     Sd2,
+    /// SDXL: CLIP ViT-L and OpenCLIP ViT-bigG text encoders, added conditioning.
+    Sdxl,
 }
 
 impl std::fmt::Display for Family {
@@ -121,8 +123,19 @@ impl std::fmt::Display for Family {
         f.write_str(match self {
             Family::Sd1 => "SD1.x",
             Family::Sd2 => "SD2.x",
+            Family::Sdxl => "SDXL",
         })
     }
+}
+
+/// SDXL's second tokenizer and text encoder.
+pub struct SecondText {
+    /// The tokenizer (`tokenizer_2`).
+    pub tokenizer: ClipTokenizer,
+    /// Where the tokenizer came from.
+    pub tokenizer_files: TokenizerFiles,
+    /// The text encoder (`text_encoder_2`).
+    pub encoder: Component<ClipTextConfig>,
 }
 
 /// A model's components, configs and tokenizer, ready to build the networks from.
@@ -134,7 +147,7 @@ pub struct ModelFiles {
     /// The text encoder.
     pub text_encoder: Component<ClipTextConfig>,
     /// SDXL's second tokenizer and text encoder (OpenCLIP bigG with its projection).
-    pub text_2: Option<(ClipTokenizer, Component<ClipTextConfig>)>,
+    pub text_2: Option<SecondText>,
     /// Whether a missing negative prompt means zero negative embeddings (SDXL's
     /// `force_zeros_for_empty_prompt` in `model_index.json`).
     pub force_zeros_for_empty_prompt: bool,
@@ -188,8 +201,12 @@ impl ModelFiles {
         let scheduler_path = folder.component_file("scheduler", "scheduler_config.json")?;
         let tokenizer_dir = folder.component_dir("tokenizer")?;
         let text_2 = if folder.class_name("text_encoder_2").is_some() {
-            let tokenizer = ClipTokenizer::from_dir(&folder.component_dir("tokenizer_2")?)?;
-            Some((tokenizer, folder_component(&folder, "text_encoder_2", ClipTextConfig::load)?))
+            let tokenizer_files = TokenizerFiles::Dir(folder.component_dir("tokenizer_2")?);
+            Some(SecondText {
+                tokenizer: tokenizer_files.load()?,
+                tokenizer_files,
+                encoder: folder_component(&folder, "text_encoder_2", ClipTextConfig::load)?,
+            })
         } else {
             None
         };
@@ -207,8 +224,11 @@ impl ModelFiles {
         })
     }
 
-    /// The model's family, from its text encoder (OpenCLIP's GELU marks SD2.x).
+    /// The model's family, from its text encoders (a second one marks SDXL, OpenCLIP's GELU SD2.x).
     pub fn family(&self) -> Family {
+        if self.text_2.is_some() {
+            return Family::Sdxl;
+        }
         match self.text_encoder.config.hidden_act {
             crate::models::clip_text::Activation::QuickGelu => Family::Sd1,
             _ => Family::Sd2,

@@ -1,12 +1,13 @@
-//! Single-file SD1.x/2.x checkpoints (LDM layout, `.safetensors` or PyTorch `.ckpt`) opened as a
-//! model: the family the keys show, the diffusers configs of the parts, and each part as a renamed
-//! view of the file.
+//! Single-file checkpoints (SD1.x/2.x in the LDM layout, SDXL in the SGM layout; `.safetensors` or
+//! PyTorch `.ckpt`) opened as a model: the family the keys show, the diffusers configs of the parts,
+//! and each part as a renamed view of the file.
 //!
 //! Tensor shapes fix the structure: block channels, layers per block, where attention sits and how
 //! deep it is, the context width, linear or 1x1-conv projections, VAE channels and latent width, text
 //! widths and layers. What they cannot fix (head counts, norm groups, time-embedding flavour,
-//! scheduler) comes from the built-in configs of stable-diffusion-v1-5 (SD1.x) and
-//! stable-diffusion-2-1 (SD2.x) when the structure is the standard one, or else from the
+//! scheduler) comes from the built-in configs of stable-diffusion-v1-5 (SD1.x),
+//! stable-diffusion-2-1 (SD2.x) and stable-diffusion-xl-base-1.0 (SDXL) when the structure is the
+//! standard one, or else from the
 //! `--model-config` folder, as diffusers' `from_single_file(config=...)` does.
 
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use super::ldm::{CLIP_PREFIX, KeyMap, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
-use super::model_files::{Component, Family, ModelFiles, SourceOptions, TokenizerFiles};
+use super::ldm::{CLIP_PREFIX, KeyMap, OPEN_CLIP_PREFIX, SGM_EMBEDDERS_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use super::model_files::{Component, Family, ModelFiles, SecondText, SourceOptions, TokenizerFiles};
 use super::weights::TensorStore;
 use crate::models::clip_text::ClipTextConfig;
 use crate::models::unet::UNetConfig;
@@ -52,6 +53,8 @@ pub struct Analysis {
     pub vae: Map<String, Value>,
     /// The text encoder's shape-derived config fields.
     pub text: Map<String, Value>,
+    /// SDXL's second (OpenCLIP bigG) text encoder: its key prefix and shape-derived config fields.
+    pub text_2: Option<(String, Map<String, Value>)>,
     /// How each component departs from the family's standard config (empty: standard), as
     /// (component, differences).
     pub differences: Vec<(&'static str, Vec<String>)>,
@@ -73,16 +76,15 @@ impl Analysis {
 pub fn analyze(store: &TensorStore) -> Result<Analysis> {
     let has = |prefix: &str| store.keys().iter().any(|k| k.starts_with(prefix));
     let unknown = |message: String| Err(Error::Format { path: store.label().into(), message });
-    if has("conditioner.embedders.") {
-        return unknown("an SDXL checkpoint, which is not supported (SD1.x/2.x only)".into());
-    }
+    let sdxl = has(SGM_EMBEDDERS_PREFIX);
     if !has(UNET_PREFIX) {
         let looks_like = super::identify::kind_of(store);
         return unknown(format!(
-            "no `{UNET_PREFIX}*` keys: not a Stable Diffusion 1.x/2.x checkpoint (it looks like: {looks_like})"
+            "no `{UNET_PREFIX}*` keys: not a Stable Diffusion checkpoint (it looks like: {looks_like})"
         ));
     }
-    for (prefix, part) in [(VAE_PREFIX, "VAE"), ("cond_stage_model.", "text encoder")] {
+    let text_prefix = if sdxl { SGM_EMBEDDERS_PREFIX } else { "cond_stage_model." };
+    for (prefix, part) in [(VAE_PREFIX, "VAE"), (text_prefix, "text encoder")] {
         if !has(prefix) {
             return Err(Error::Format {
                 path: store.label().into(),
@@ -92,8 +94,30 @@ pub fn analyze(store: &TensorStore) -> Result<Analysis> {
             });
         }
     }
-    let (text_layout, text) = infer_text(store)?;
+    let (text_layout, text, text_2) = if sdxl {
+        let (layout, text) = infer_text(store, &[format!("{SGM_EMBEDDERS_PREFIX}0.transformer.text_model")], None)?;
+        let prefix = format!("{SGM_EMBEDDERS_PREFIX}1.model.");
+        if !has(&prefix) {
+            return unknown(format!(
+                "an SDXL checkpoint without `{prefix}*` (the OpenCLIP bigG text encoder): SDXL refiner checkpoints, \
+                 which have only that encoder, are not supported yet"
+            ));
+        }
+        let (layout_2, mut text_2) = infer_text(store, &[], Some(&prefix))?;
+        // SDXL's bigG uses every resblock, and projects the pooled output (stored [hidden, projection]).
+        if let TextLayout::OpenClip { resblocks } = layout_2 {
+            text_2.insert("num_hidden_layers".into(), json!(resblocks));
+        }
+        let projection = need(store, &format!("{prefix}text_projection"), 2)?;
+        text_2.insert("projection_dim".into(), json!(projection[1]));
+        (layout, text, Some((prefix, text_2)))
+    } else {
+        let roots = [format!("{CLIP_PREFIX}text_model"), CLIP_PREFIX.trim_end_matches('.').to_string()];
+        let (layout, text) = infer_text(store, &roots, Some(OPEN_CLIP_PREFIX))?;
+        (layout, text, None)
+    };
     let family = match text_layout {
+        _ if sdxl => Family::Sdxl,
         TextLayout::Clip { .. } => Family::Sd1,
         TextLayout::OpenClip { .. } => Family::Sd2,
     };
@@ -111,12 +135,15 @@ pub fn analyze(store: &TensorStore) -> Result<Analysis> {
     {
         text_diffs.push(format!("{resblocks} OpenCLIP resblocks (standard: 24, of which 23 are used)"));
     }
-    let differences = vec![
+    let mut differences = vec![
         ("unet", differences_from(standard_unet(family), &unet, blocks)),
         ("vae", differences_from(standard_vae(family), &vae, vae_blocks)),
         ("text_encoder", text_diffs),
     ];
-    Ok(Analysis { family, text_layout, unet, vae, text, differences })
+    if let Some((_, text_2)) = &text_2 {
+        differences.push(("text_encoder_2", differences_from(standard_text_2(), text_2, 1)));
+    }
+    Ok(Analysis { family, text_layout, unet, vae, text, text_2, differences })
 }
 
 /// Opens the checkpoint at `path` as a model (see the module docs for where each config comes from).
@@ -193,6 +220,16 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
         TextLayout::Clip { root } => KeyMap::clip(root),
         TextLayout::OpenClip { .. } => KeyMap::open_clip(text_config.num_hidden_layers),
     };
+    let text_2 = match &analysis.text_2 {
+        Some((prefix, inferred)) => {
+            let (json, config_path) = fitted("text_encoder_2", standard_text_2(), inferred, 1)?;
+            let config: ClipTextConfig = parse(&json, &config_path)?;
+            crate::models::clip::check_heads(&config_path, config.hidden_size, config.num_attention_heads)?;
+            let map = KeyMap::open_clip_at(prefix, config.num_hidden_layers, true);
+            Some((map, config, json, config_path))
+        }
+        None => None,
+    };
 
     let (scheduler_json, scheduler_path) = base("scheduler", "scheduler_config.json", standard_scheduler(family))?;
     let scheduler_config = SchedulerConfig::from_value(&scheduler_json, Some(&scheduler_path))?;
@@ -204,13 +241,30 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
         .or_else(|| scheduler_json["_class_name"].as_str())
         .map(str::to_string);
 
-    let tokenizer_dir = options.tokenizer.clone().or(config_dir.map(|d| d.join("tokenizer")).filter(|d| d.is_dir()));
-    let tokenizer_files = match tokenizer_dir {
+    // SD2's tokenizer (and SDXL's second) pads with `!` where SD1's pads with the end token.
+    let folder_tokenizer = |name: &str, pad: &'static str| match config_dir.map(|d| d.join(name)).filter(|d| d.is_dir())
+    {
         Some(dir) => TokenizerFiles::Dir(dir),
-        // SD2's tokenizer pads with `!` where SD1's pads with the end token.
-        None => TokenizerFiles::Bundled(if family == Family::Sd2 { "!" } else { "<|endoftext|>" }),
+        None => TokenizerFiles::Bundled(pad),
+    };
+    let tokenizer_files = match &options.tokenizer {
+        Some(dir) => TokenizerFiles::Dir(dir.clone()),
+        None => folder_tokenizer("tokenizer", if family == Family::Sd2 { "!" } else { "<|endoftext|>" }),
     };
     let view = |map: KeyMap| -> Result<Arc<TensorStore>> { Ok(Arc::new(Arc::new(map).view(&store)?)) };
+    let text_2 = match text_2 {
+        Some((map, config, json, config_path)) => {
+            let tokenizer_files = folder_tokenizer("tokenizer_2", "!");
+            Some(SecondText {
+                tokenizer: tokenizer_files.load()?,
+                tokenizer_files,
+                encoder: Component { weights: view(map)?, config, json, config_path },
+            })
+        }
+        None => None,
+    };
+    let force_zeros_for_empty_prompt =
+        index.as_ref().and_then(|i| i["force_zeros_for_empty_prompt"].as_bool()).unwrap_or(family == Family::Sdxl);
     Ok(ModelFiles {
         tokenizer: tokenizer_files.load()?,
         tokenizer_files,
@@ -220,8 +274,8 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
             json: text_json,
             config_path: text_path,
         },
-        text_2: None,
-        force_zeros_for_empty_prompt: false,
+        text_2,
+        force_zeros_for_empty_prompt,
         unet: Component {
             weights: view(KeyMap::unet(&unet_config))?,
             config: unet_config,
@@ -333,6 +387,11 @@ fn infer_unet(s: &TensorStore) -> Result<Map<String, Value>> {
     if time[0] != 4 * time[1] {
         m.insert("time_embedding_dim".into(), json!(time[0]));
     }
+    if let Some(added) = s.shape(&key("label_emb.0.0.weight")) {
+        // SDXL's added conditioning: pooled text embeddings and time-id embeddings.
+        m.insert("addition_embed_type".into(), json!("text_time"));
+        m.insert("projection_class_embeddings_input_dim".into(), json!(added.get(1).copied().unwrap_or(0)));
+    }
     Ok(m)
 }
 
@@ -362,9 +421,15 @@ fn infer_vae(s: &TensorStore) -> Result<Map<String, Value>> {
     Ok(m)
 }
 
-fn infer_text(s: &TensorStore) -> Result<(TextLayout, Map<String, Value>)> {
+/// The text encoder's layout and shape-derived config: transformers' CLIP under the first of
+/// `clip_roots` that holds one, else OpenCLIP under `open_clip` (a prefix ending in `.`).
+fn infer_text(
+    s: &TensorStore,
+    clip_roots: &[String],
+    open_clip: Option<&str>,
+) -> Result<(TextLayout, Map<String, Value>)> {
     let mut m = Map::new();
-    for root in [format!("{CLIP_PREFIX}text_model"), CLIP_PREFIX.trim_end_matches('.').to_string()] {
+    for root in clip_roots {
         let Some(token) = s.shape(&format!("{root}.embeddings.token_embedding.weight")) else { continue };
         let layers = (0..).take_while(|i| s.contains(&format!("{root}.encoder.layers.{i}.mlp.fc1.weight"))).count();
         let position = need(s, &format!("{root}.embeddings.position_embedding.weight"), 2)?;
@@ -374,15 +439,20 @@ fn infer_text(s: &TensorStore) -> Result<(TextLayout, Map<String, Value>)> {
         m.insert("max_position_embeddings".into(), json!(position[0]));
         m.insert("intermediate_size".into(), json!(fc1[0]));
         m.insert("num_hidden_layers".into(), json!(layers));
-        return Ok((TextLayout::Clip { root }, m));
+        return Ok((TextLayout::Clip { root: root.clone() }, m));
     }
-    let p = OPEN_CLIP_PREFIX;
-    let token = need(s, &format!("{p}token_embedding.weight"), 2).map_err(|_| Error::Format {
+    let expected = match (clip_roots.first(), open_clip) {
+        (Some(root), Some(p)) => format!("`{root}.*` CLIP or `{p}*` OpenCLIP"),
+        (Some(root), None) => format!("`{root}.*` CLIP"),
+        (None, Some(p)) => format!("`{p}*` OpenCLIP"),
+        (None, None) => "a text encoder".into(),
+    };
+    let unknown = || Error::Format {
         path: s.label().into(),
-        message: format!(
-            "text encoder in an unknown layout (expected `{CLIP_PREFIX}text_model.*` (SD1.x) or `{p}*` OpenCLIP (SD2.x))"
-        ),
-    })?;
+        message: format!("text encoder in an unknown layout (expected {expected})"),
+    };
+    let p = open_clip.ok_or_else(unknown)?;
+    let token = need(s, &format!("{p}token_embedding.weight"), 2).map_err(|_| unknown())?;
     let position = need(s, &format!("{p}positional_embedding"), 2)?;
     let fc = need(s, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 2)?;
     let resblocks = (0..).take_while(|i| s.contains(&format!("{p}transformer.resblocks.{i}.mlp.c_fc.weight"))).count();
@@ -452,8 +522,41 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// The UNet config of stable-diffusion-v1-5 (SD1.x) or stable-diffusion-2-1 (SD2.x).
+/// The UNet config of stable-diffusion-v1-5 (SD1.x), stable-diffusion-2-1 (SD2.x) or
+/// stable-diffusion-xl-base-1.0 (SDXL).
 pub fn standard_unet(family: Family) -> Value {
+    if family == Family::Sdxl {
+        return json!({
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "addition_embed_type": "text_time",
+            "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256,
+            "attention_head_dim": [5, 10, 20],
+            "block_out_channels": [320, 640, 1280],
+            "center_input_sample": false,
+            "conv_in_kernel": 3,
+            "conv_out_kernel": 3,
+            "cross_attention_dim": 2048,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "downsample_padding": 1,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "in_channels": 4,
+            "layers_per_block": 2,
+            "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "norm_eps": 1e-5,
+            "norm_num_groups": 32,
+            "out_channels": 4,
+            "projection_class_embeddings_input_dim": 2816,
+            "sample_size": 128,
+            "transformer_layers_per_block": [1, 2, 10],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "upcast_attention": false,
+            "use_linear_projection": true
+        });
+    }
     let sd2 = family == Family::Sd2;
     json!({
         "_class_name": "UNet2DConditionModel",
@@ -483,8 +586,10 @@ pub fn standard_unet(family: Family) -> Value {
     })
 }
 
-/// The VAE config shared by SD1.x and SD2.x.
+/// The VAE config of SD1.x and SD2.x, or SDXL's (another scaling factor, decoded in f32 when the
+/// weights are f16).
 pub fn standard_vae(family: Family) -> Value {
+    let sdxl = family == Family::Sdxl;
     json!({
         "_class_name": "AutoencoderKL",
         "act_fn": "silu",
@@ -496,15 +601,17 @@ pub fn standard_vae(family: Family) -> Value {
         "mid_block_add_attention": true,
         "norm_num_groups": 32,
         "out_channels": 3,
-        "sample_size": if family == Family::Sd2 { 768 } else { 512 },
-        "scaling_factor": 0.18215,
+        "force_upcast": sdxl,
+        "sample_size": match family { Family::Sd1 => 512, Family::Sd2 => 768, Family::Sdxl => 1024 },
+        "scaling_factor": if sdxl { 0.13025 } else { 0.18215 },
         "up_block_types": vec!["UpDecoderBlock2D"; 4],
         "use_post_quant_conv": true,
         "use_quant_conv": true
     })
 }
 
-/// The text encoder config: CLIP ViT-L/14 (SD1.x) or OpenCLIP ViT-H/14 without its last layer (SD2.x).
+/// The text encoder config: CLIP ViT-L/14 (SD1.x, SDXL's first) or OpenCLIP ViT-H/14 without its
+/// last layer (SD2.x).
 pub fn standard_text(family: Family) -> Value {
     let sd2 = family == Family::Sd2;
     json!({
@@ -525,9 +632,48 @@ pub fn standard_text(family: Family) -> Value {
     })
 }
 
-/// The scheduler config: SD1.5's PNDM, or SD2.1's DDIM with v-prediction (768-v models; pass
-/// `--prediction-type epsilon` for the 512 base models).
+/// SDXL's second text encoder config: OpenCLIP ViT-bigG/14 with its projection.
+pub fn standard_text_2() -> Value {
+    json!({
+        "architectures": ["CLIPTextModelWithProjection"],
+        "model_type": "clip_text_model",
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-5,
+        "max_position_embeddings": 77,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "projection_dim": 1280,
+        "vocab_size": 49408
+    })
+}
+
+/// The scheduler config: SD1.5's PNDM, SD2.1's DDIM with v-prediction (768-v models; pass
+/// `--prediction-type epsilon` for the 512 base models), or SDXL base's Euler.
 pub fn standard_scheduler(family: Family) -> Value {
+    if family == Family::Sdxl {
+        return json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "clip_sample": false,
+            "interpolation_type": "linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+            "sample_max_value": 1.0,
+            "set_alpha_to_one": false,
+            "skip_prk_steps": true,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "trained_betas": null,
+            "use_karras_sigmas": false
+        });
+    }
     let mut config = json!({
         "_class_name": if family == Family::Sd2 { "DDIMScheduler" } else { "PNDMScheduler" },
         "beta_end": 0.012,

@@ -38,6 +38,8 @@ pub enum Transform {
     },
     /// A 1x1 convolution weight [O, I, 1, 1] (or [O, I, 1]) read as a Linear weight [O, I].
     SqueezeToLinear,
+    /// A matrix stored as [I, O] read as a Linear weight [O, I] (OpenCLIP's `text_projection`).
+    Transpose,
 }
 
 impl Transform {
@@ -54,6 +56,10 @@ impl Transform {
                 [o, i] | [o, i, 1] | [o, i, 1, 1] => Ok(vec![*o, *i]),
                 _ => Err("is not a 1x1 convolution weight".into()),
             },
+            Transform::Transpose => match shape {
+                [i, o] => Ok(vec![*o, *i]),
+                _ => Err("is not a matrix".into()),
+            },
         }
     }
 
@@ -68,6 +74,7 @@ impl Transform {
                 let (o, i) = (dims[0], dims[1]);
                 t.reshape((o, i))?
             }
+            Transform::Transpose => t.t()?.contiguous()?,
         })
     }
 }

@@ -138,11 +138,7 @@ pub(super) fn start(
     let f = vae.config().scale_factor();
     let (_, _, ih, iw) = init.image.dims4()?;
     if (ih, iw) != (h * f, w * f) {
-        return Err(Error::invalid(format!(
-            "the init image is {iw}x{ih} pixels, the generation {}x{}",
-            w * f,
-            h * f
-        )));
+        return Err(Error::invalid(format!("the init image is {iw}x{ih} pixels, the generation {}x{}", w * f, h * f)));
     }
     let first = first_step(steps, init.strength);
     let total = scheduler.timesteps().len();
@@ -199,8 +195,7 @@ fn nearest_resize(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (_, _, ih, iw) = x.dims4()?;
     let indices = |input: usize, output: usize| -> Result<Tensor> {
         let scale = input as f32 / output as f32;
-        let idx: Vec<u32> =
-            (0..output).map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32).collect();
+        let idx: Vec<u32> = (0..output).map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as u32).collect();
         Ok(Tensor::from_vec(idx, output, x.device())?)
     };
     Ok(x.index_select(&indices(ih, h)?, 2)?.index_select(&indices(iw, w)?, 3)?)

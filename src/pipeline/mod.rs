@@ -23,7 +23,7 @@ use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
 pub use init_image::InitImage;
-pub use prompts::MicroConditioning;
+pub use prompts::{MicroConditioning, SizeConditioning};
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -92,8 +92,7 @@ impl StableDiffusion {
         let unet_config_path = &files.unet.config_path;
         let weights = |store: &Arc<TensorStore>| Weights::new(store.clone(), options.dtype, &options.device);
 
-        let text_width =
-            text_config.hidden_size + files.text_2.as_ref().map_or(0, |(_, c)| c.config.hidden_size);
+        let text_width = text_config.hidden_size + files.text_2.as_ref().map_or(0, |t| t.encoder.config.hidden_size);
         if let Some(block) = unet_config.blocks.iter().find(|b| b.cross_attention_dim != text_width) {
             return Err(Error::config(
                 unet_config_path,
@@ -120,9 +119,12 @@ impl StableDiffusion {
             weights(store).with_layer_registry(&layers.scoped(component))
         };
         let text_2 = match files.text_2.take() {
-            Some((tokenizer, component)) => Some(SecondTextEncoder {
-                tokenizer,
-                encoder: ClipTextEncoder::load(&registered("text_encoder_2", &component.weights), &component.config)?,
+            Some(text) => Some(SecondTextEncoder {
+                tokenizer: text.tokenizer,
+                encoder: ClipTextEncoder::load(
+                    &registered("text_encoder_2", &text.encoder.weights),
+                    &text.encoder.config,
+                )?,
             }),
             None => None,
         };

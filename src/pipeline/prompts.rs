@@ -17,9 +17,19 @@ pub struct MicroConditioning {
     pub crop_top_left: (usize, usize),
     /// The size the image is said to be generated at (default: the output size).
     pub target_size: Option<(usize, usize)>,
-    /// The negative prompt's own conditioning (default: the same as the prompt's): original size,
-    /// crop corner and target size.
-    pub negative: Option<((usize, usize), (usize, usize), (usize, usize))>,
+    /// The negative prompt's own conditioning (default: the same as the prompt's).
+    pub negative: Option<SizeConditioning>,
+}
+
+/// One set of SDXL size and crop conditioning, all given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SizeConditioning {
+    /// The size before cropping, (height, width).
+    pub original_size: (usize, usize),
+    /// The crop corner, (top, left).
+    pub crop_top_left: (usize, usize),
+    /// The target size, (height, width).
+    pub target_size: (usize, usize),
 }
 
 impl MicroConditioning {
@@ -30,10 +40,9 @@ impl MicroConditioning {
             let values = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f32);
             Ok(Tensor::from_vec(values.to_vec(), (1, 6), device)?)
         };
-        let positive =
-            ids(self.original_size.unwrap_or(size), self.crop_top_left, self.target_size.unwrap_or(size))?;
+        let positive = ids(self.original_size.unwrap_or(size), self.crop_top_left, self.target_size.unwrap_or(size))?;
         let negative = match self.negative {
-            Some((original, crop, target)) => ids(original, crop, target)?,
+            Some(n) => ids(n.original_size, n.crop_top_left, n.target_size)?,
             None => positive.clone(),
         };
         Ok((positive, negative))

@@ -21,7 +21,9 @@ use crate::models::clip_vision::ClipVisionEncoder;
 use crate::models::image_processor::ClipImageProcessor;
 use crate::models::unet::DeepCache;
 use crate::noise::SeededNoise;
-use crate::pipeline::{GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion};
+use crate::pipeline::{
+    GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion,
+};
 use crate::prompt::PromptSyntax;
 use crate::schedulers::SchedulerKind;
 use crate::{Error, Result};

@@ -46,6 +46,11 @@ impl StableDiffusion {
     /// stands for all N. Fails when the width D is not the text encoder's or the name is
     /// already a token or word of the vocabulary.
     pub fn add_token_vectors(&mut self, token: &str, vectors: &Tensor) -> Result<()> {
+        if self.text_2.is_some() {
+            return Err(Error::invalid(format!(
+                "cannot add `{token}`: placeholder tokens (textual inversion) are not supported for SDXL models yet"
+            )));
+        }
         let vectors = self.check_token_vectors(token, vectors)?;
         let rows = self.token_vectors.len();
         let first_id = self.text_encoder.config().vocab_size + rows;
