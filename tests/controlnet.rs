@@ -14,7 +14,8 @@ use diffctl::pipeline::LoadOptions;
 fn controlnet_residuals_match_diffusers() {
     let unit = load_fixture("tests/fixtures/units/controlnet.safetensors");
     let net = load_controlnet(&repo_path("tests/fixtures/controlnets/cn-a"), &LoadOptions::default(), None).unwrap();
-    let (sample, t, ctx, cond) = (&unit["sample"], &unit["timesteps"], &unit["context"], &unit["cond"]);
+    let (sample, t, cond) = (&unit["sample"], &unit["timesteps"], &unit["cond"]);
+    let ctx = &diffctl::models::unet::Conditioning::text(unit["context"].clone());
     let guess_scale = unit["guess.scale"].to_vec1::<f32>().unwrap()[0] as f64;
     for (prefix, scale) in [("", ResidualScale::Uniform(1.0)), ("guess.", ResidualScale::Guess(guess_scale))] {
         let res = net.forward(sample, t, ctx, cond, scale).unwrap();

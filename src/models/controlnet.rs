@@ -215,21 +215,23 @@ impl ControlNet {
         &self.config
     }
 
-    /// Residuals for `sample` [B, C, h, w] at `timesteps` [B] with `context` [B, S, D] and the
-    /// condition image `cond` [B, 3, h·f, w·f] in [0, 1].
+    /// Residuals for `sample` [B, C, h, w] at `timesteps` [B] with `conditioning` (the UNet's: text
+    /// context [B, S, D], and SDXL's pooled embeddings and time ids) and the condition image `cond`
+    /// [B, 3, h·f, w·f] in [0, 1].
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
-        context: &Tensor,
+        conditioning: &Conditioning,
         cond: &Tensor,
         scale: ResidualScale,
     ) -> Result<ControlResiduals> {
         let cond = if self.config.bgr { cond.flip(&[1])? } else { cond.clone() };
         let hint = self.condition_embedding.forward(&cond.to_dtype(sample.dtype())?)?;
-        let temb = self.encoder.embed_time(timesteps, &Conditioning::text(context.clone()), sample.dtype())?;
+        let temb = self.encoder.embed_time(timesteps, conditioning, sample.dtype())?;
         let controls = UNetControls::default();
         let mut add_hint = AddToOutput { id: "conv_in", tensor: hint };
+        let context = &conditioning.context;
         let mut pass = LayerPass { temb, context, controls: &controls, hooks: Hooks::new(vec![&mut add_hint]) };
         let EncoderOutput { hidden, skips } = self.encoder.forward(sample, &mut pass, None)?;
         let n = skips.len();

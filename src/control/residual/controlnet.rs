@@ -11,7 +11,7 @@ use crate::io::diffusers_folder::open_weights_in;
 use crate::io::original_controlnet;
 use crate::io::weights::Weights;
 use crate::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
-use crate::models::unet::{UNetConfig, UNetControls};
+use crate::models::unet::{Conditioning, UNetConfig, UNetControls};
 use crate::pipeline::LoadOptions;
 use crate::{Error, Result};
 
@@ -122,7 +122,8 @@ impl Control for ControlNetControl {
         let uncond = if guess && step.guided { total / 2 } else { 0 };
         let rows = total - uncond;
         let latents = step.latents.narrow(0, uncond, rows)?;
-        let context = step.conditioning.context.narrow(0, uncond, rows)?;
+        // The ControlNet sees the latents alone (an inpainting UNet's extra channels are its own).
+        let conditioning = Conditioning { extra_channels: None, ..step.conditioning.narrow(uncond, rows)? };
         let timesteps = step.timesteps.narrow(0, uncond, rows)?;
         let image = self
             .batch_image
@@ -130,7 +131,7 @@ impl Control for ControlNetControl {
             .filter(|image| image.dim(0).is_ok_and(|n| n == rows))
             .ok_or_else(|| Error::invalid(format!("{}: used before it was prepared for this batch", self.name)))?;
         let scale = if guess { ResidualScale::Guess(s.scale) } else { ResidualScale::Uniform(s.scale) };
-        let mut residuals = self.model.forward(&latents, &timesteps, &context, image, scale)?;
+        let mut residuals = self.model.forward(&latents, &timesteps, &conditioning, image, scale)?;
         if uncond > 0 {
             let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
             residuals.down = residuals.down.iter().map(pad).collect::<Result<_>>()?;
