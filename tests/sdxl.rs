@@ -57,6 +57,8 @@ fn request(case: &Case) -> Request {
             crop_top_left: case.crops_coords_top_left.unwrap_or((0, 0)),
             target_size: case.target_size,
             negative: None,
+            aesthetic_score: None,
+            negative_aesthetic_score: None,
         },
         steps: case.steps,
         guidance: case.guidance,

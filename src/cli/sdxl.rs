@@ -33,6 +33,12 @@ pub struct SdxlArgs {
     /// SDXL: the negative prompt's target size (with --negative-original-size).
     #[arg(long, value_name = "WxH", value_parser = parse_size, requires = "negative_original_size")]
     negative_target_size: Option<(usize, usize)>,
+    /// SDXL refiner: the aesthetic score the image is conditioned on [default: 6].
+    #[arg(long, value_name = "F")]
+    aesthetic_score: Option<f64>,
+    /// SDXL refiner: the negative prompt's aesthetic score [default: 2.5].
+    #[arg(long, value_name = "F")]
+    negative_aesthetic_score: Option<f64>,
 }
 
 /// `WxH` as (height, width).
@@ -65,6 +71,8 @@ impl SdxlArgs {
                     target_size,
                 }
             }),
+            aesthetic_score: self.aesthetic_score,
+            negative_aesthetic_score: self.negative_aesthetic_score,
         };
     }
 }

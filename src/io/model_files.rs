@@ -151,6 +151,9 @@ pub struct ModelFiles {
     /// Whether a missing negative prompt means zero negative embeddings (SDXL's
     /// `force_zeros_for_empty_prompt` in `model_index.json`).
     pub force_zeros_for_empty_prompt: bool,
+    /// Whether the time ids end in an aesthetic score instead of the target size (the SDXL
+    /// refiner's `requires_aesthetics_score`).
+    pub requires_aesthetics_score: bool,
     /// The denoising UNet.
     pub unet: Component<UNetConfig>,
     /// The autoencoder.
@@ -199,8 +202,12 @@ impl ModelFiles {
     fn open_folder(root: &Path) -> Result<Self> {
         let folder = DiffusersFolder::open(root)?;
         let scheduler_path = folder.component_file("scheduler", "scheduler_config.json")?;
-        let tokenizer_dir = folder.component_dir("tokenizer")?;
-        let text_2 = if folder.class_name("text_encoder_2").is_some() {
+        // The SDXL refiner has only the second (bigG) encoder: it is then the model's one encoder.
+        let refiner = folder.class_name("text_encoder").is_none() && folder.class_name("text_encoder_2").is_some();
+        let (tokenizer_name, encoder_name) =
+            if refiner { ("tokenizer_2", "text_encoder_2") } else { ("tokenizer", "text_encoder") };
+        let tokenizer_dir = folder.component_dir(tokenizer_name)?;
+        let text_2 = if !refiner && folder.class_name("text_encoder_2").is_some() {
             let tokenizer_files = TokenizerFiles::Dir(folder.component_dir("tokenizer_2")?);
             Some(SecondText {
                 tokenizer: tokenizer_files.load()?,
@@ -213,9 +220,10 @@ impl ModelFiles {
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&tokenizer_dir)?,
             tokenizer_files: TokenizerFiles::Dir(tokenizer_dir),
-            text_encoder: folder_component(&folder, "text_encoder", ClipTextConfig::load)?,
+            text_encoder: folder_component(&folder, encoder_name, ClipTextConfig::load)?,
             text_2,
             force_zeros_for_empty_prompt: folder.flag("force_zeros_for_empty_prompt"),
+            requires_aesthetics_score: folder.flag("requires_aesthetics_score"),
             unet: folder_component(&folder, "unet", UNetConfig::load)?,
             vae: folder_component(&folder, "vae", VaeConfig::load)?,
             scheduler_config: SchedulerConfig::load(&scheduler_path)?,
@@ -224,9 +232,10 @@ impl ModelFiles {
         })
     }
 
-    /// The model's family, from its text encoders (a second one marks SDXL, OpenCLIP's GELU SD2.x).
+    /// The model's family, from its text encoders (a second one, or a UNet with added
+    /// conditioning, marks SDXL; OpenCLIP's GELU SD2.x).
     pub fn family(&self) -> Family {
-        if self.text_2.is_some() {
+        if self.text_2.is_some() || self.unet.config.add_embedding.is_some() {
             return Family::Sdxl;
         }
         match self.text_encoder.config.hidden_act {

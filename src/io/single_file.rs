@@ -276,6 +276,7 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
         },
         text_2,
         force_zeros_for_empty_prompt,
+        requires_aesthetics_score: false,
         unet: Component {
             weights: view(KeyMap::unet(&unet_config))?,
             config: unet_config,

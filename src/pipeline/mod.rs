@@ -63,6 +63,8 @@ pub struct StableDiffusion {
     /// A missing negative prompt means zero negative embeddings (SDXL's
     /// `force_zeros_for_empty_prompt`).
     pub force_zeros_for_empty_prompt: bool,
+    /// The time ids end in an aesthetic score instead of the target size (the SDXL refiner).
+    pub requires_aesthetics_score: bool,
     /// The denoising UNet.
     pub unet: UNet,
     /// The latent autoencoder.
@@ -132,6 +134,7 @@ impl StableDiffusion {
             text_encoder: ClipTextEncoder::load(&registered("text_encoder", &files.text_encoder.weights), text_config)?,
             text_2,
             force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt,
+            requires_aesthetics_score: files.requires_aesthetics_score,
             unet: UNet::load(&registered("unet", &files.unet.weights), unet_config)?,
             vae: Vae::load(&weights(&files.vae.weights), vae_config)?,
             tokenizer: files.tokenizer,

@@ -1,6 +1,7 @@
-//! Prompt encoding: one text encoder for SD1.x/2.x; for SDXL two, whose penultimate hidden states
-//! are concatenated, the second's pooled projection, and the micro-conditioning time ids, as
-//! diffusers' `StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids` compute them.
+//! Prompt encoding: one text encoder for SD1.x/2.x; for SDXL (a UNet with added conditioning) the
+//! penultimate hidden states of its encoders (two, or the refiner's one) concatenated, the last
+//! one's pooled projection, and the micro-conditioning time ids, as diffusers'
+//! `StableDiffusionXL(Img2Img)Pipeline.encode_prompt` and `_get_add_time_ids` compute them.
 
 use candle_core::{DType, Tensor};
 
@@ -19,6 +20,10 @@ pub struct MicroConditioning {
     pub target_size: Option<(usize, usize)>,
     /// The negative prompt's own conditioning (default: the same as the prompt's).
     pub negative: Option<SizeConditioning>,
+    /// The refiner's aesthetic score (default 6).
+    pub aesthetic_score: Option<f64>,
+    /// The refiner's aesthetic score for the negative prompt (default 2.5).
+    pub negative_aesthetic_score: Option<f64>,
 }
 
 /// One set of SDXL size and crop conditioning, all given.
@@ -33,19 +38,35 @@ pub struct SizeConditioning {
 }
 
 impl MicroConditioning {
-    /// The time ids [1, 6] of the prompt and of the negative prompt for an image of `size`
-    /// (height, width): original size, crop corner, target size.
-    fn time_ids(&self, size: (usize, usize), device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
-        let ids = |original: (usize, usize), crop: (usize, usize), target: (usize, usize)| -> Result<Tensor> {
-            let values = [original.0, original.1, crop.0, crop.1, target.0, target.1].map(|v| v as f32);
-            Ok(Tensor::from_vec(values.to_vec(), (1, 6), device)?)
+    /// The time ids [1, N] of the prompt and of the negative prompt for an image of `size`
+    /// (height, width): original size, crop corner and target size (N = 6), or with `aesthetic`
+    /// the aesthetic score instead of the target size (N = 5, the refiner, whose negative crop
+    /// corner is its own, (0, 0) unless given).
+    fn time_ids(&self, size: (usize, usize), aesthetic: bool, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        let row = |values: Vec<f32>| -> Result<Tensor> {
+            let n = values.len();
+            Ok(Tensor::from_vec(values, (1, n), device)?)
         };
-        let positive = ids(self.original_size.unwrap_or(size), self.crop_top_left, self.target_size.unwrap_or(size))?;
-        let negative = match self.negative {
-            Some(n) => ids(n.original_size, n.crop_top_left, n.target_size)?,
-            None => positive.clone(),
+        let pixels = |(a, b): (usize, usize)| [a as f32, b as f32];
+        let positive = SizeConditioning {
+            original_size: self.original_size.unwrap_or(size),
+            crop_top_left: self.crop_top_left,
+            target_size: self.target_size.unwrap_or(size),
         };
-        Ok((positive, negative))
+        if aesthetic {
+            let negative = self.negative.unwrap_or(SizeConditioning { crop_top_left: (0, 0), ..positive });
+            let with_score = |c: SizeConditioning, score: f64| -> Result<Tensor> {
+                row([&pixels(c.original_size)[..], &pixels(c.crop_top_left), &[score as f32]].concat())
+            };
+            return Ok((
+                with_score(positive, self.aesthetic_score.unwrap_or(6.0))?,
+                with_score(negative, self.negative_aesthetic_score.unwrap_or(2.5))?,
+            ));
+        }
+        let sizes = |c: SizeConditioning| -> Result<Tensor> {
+            row([pixels(c.original_size), pixels(c.crop_top_left), pixels(c.target_size)].concat())
+        };
+        Ok((sizes(positive)?, sizes(self.negative.unwrap_or(positive))?))
     }
 }
 
@@ -92,11 +113,15 @@ impl StableDiffusion {
         let (ids, words) = self.tokenizer.encode_padded_words(prompt)?;
         let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), self.device())?;
         let embeddings = self.text_encoder.token_embeddings_with(&ids, added)?;
-        let Some(SecondTextEncoder { tokenizer, encoder }) = &self.text_2 else {
+        if self.unet.config().add_embedding.is_none() {
             return Ok((self.text_encoder.encode_embeddings(&embeddings, clip_skip)?, None, words));
-        };
-        // SDXL reads hidden_states[-(clip_skip + 2)] of both encoders, without the final norm.
+        }
+        // SDXL reads hidden_states[-(clip_skip + 2)] of its encoders, without the final norm, and
+        // the pooled output of the last.
         let first = self.text_encoder.encode_hidden_and_pooled(&embeddings, &ids, clip_skip + 1)?;
+        let Some(SecondTextEncoder { tokenizer, encoder }) = &self.text_2 else {
+            return Ok((first.hidden, Some(first.pooled), words));
+        };
         let ids_2 = tokenizer.encode_padded(prompt_2.unwrap_or(prompt))?;
         let ids_2 = Tensor::from_vec(ids_2, (1, tokenizer.max_length()), self.device())?;
         let second = encoder.encode_hidden_and_pooled(&encoder.token_embeddings(&ids_2)?, &ids_2, clip_skip + 1)?;
@@ -120,9 +145,9 @@ impl StableDiffusion {
             repeat.resize(t.rank(), 1);
             Ok(t.repeat(repeat)?)
         };
-        let time_ids = match (&self.text_2, &pooled) {
-            (Some(_), Some(_)) => Some(req.micro_conditioning.time_ids(size, self.device())?),
-            _ => None,
+        let time_ids = match &pooled {
+            Some(_) => Some(req.micro_conditioning.time_ids(size, self.requires_aesthetics_score, self.device())?),
+            None => None,
         };
         if !guided {
             return Ok(EncodedPrompts {

@@ -66,15 +66,19 @@ pub struct InitImageSpec {
     pub image: PathBuf,
     /// Inpainting: where to repaint (white), resized to the output size.
     pub mask: Option<PathBuf>,
-    /// How much of the schedule runs, in (0, 1] (default: 0.8 for img2img as diffusers, 1 for
-    /// inpainting).
+    /// How much of the schedule runs, in (0, 1] (default: 1 for inpainting; for img2img 0.8, or
+    /// 0.3 on SDXL models, as diffusers' pipelines).
     pub strength: Option<f64>,
 }
 
 impl InitImageSpec {
-    /// The strength given, or the default for img2img or inpainting.
-    pub fn strength(&self) -> f64 {
-        self.strength.unwrap_or(if self.mask.is_some() { 1.0 } else { 0.8 })
+    /// The strength given, or the default for inpainting or img2img (on an SDXL model when `sdxl`).
+    pub fn strength(&self, sdxl: bool) -> f64 {
+        self.strength.unwrap_or(match (self.mask.is_some(), sdxl) {
+            (true, _) => 1.0,
+            (false, true) => 0.3,
+            (false, false) => 0.8,
+        })
     }
 }
 
@@ -288,8 +292,8 @@ impl Request {
                 return Err(Error::invalid(format!("{name} {v} is not a positive multiple of 8")));
             }
         }
-        if let Some(init) = &self.init_image {
-            crate::pipeline::init_image::check_strength(init.strength())?;
+        if let Some(strength) = self.init_image.as_ref().and_then(|init| init.strength) {
+            crate::pipeline::init_image::check_strength(strength)?;
         }
         for lora in &self.loras {
             check_finite(&format!("LoRA multiplier of {}", lora.path.display()), lora.scale)?;
@@ -372,7 +376,8 @@ impl Request {
         })?;
         let init_image = match (&self.init_image, &init_pixels) {
             (Some(spec), Some((image, mask))) => {
-                Some(InitImage::new(image, mask.as_ref(), width, height, spec.strength(), model.device())?)
+                let strength = spec.strength(model.unet.config().add_embedding.is_some());
+                Some(InitImage::new(image, mask.as_ref(), width, height, strength, model.device())?)
             }
             _ => None,
         };

@@ -1,0 +1,103 @@
+//! SDXL img2img, inpainting (9-channel and blending) and the refiner, against diffusers'
+//! StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline on tiny SDXL-layout
+//! models (the VAE posterior pinned to its mean, as in the SD1 img2img fixtures).
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
+use diffctl::pipeline::{LoadOptions, MicroConditioning, Progress, StableDiffusion};
+use diffctl::request::{InitImageSpec, Request};
+use diffctl::schedulers::SchedulerKind;
+
+/// One recorded diffusers run (tests/fixtures/sdxl-img2img/cases.json).
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    kind: String,
+    model: String,
+    scheduler: String,
+    steps: usize,
+    strength: Option<f64>,
+    strength_passed: bool,
+    guidance: f64,
+    prompt: String,
+    negative_prompt: Option<String>,
+    batch: usize,
+    width: usize,
+    height: usize,
+    init_image: Option<String>,
+    mask: Option<String>,
+    aesthetic_score: Option<f64>,
+    negative_aesthetic_score: Option<f64>,
+    file: String,
+    timesteps: Vec<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Cases {
+    cases: Vec<Case>,
+}
+
+fn cases() -> Vec<Case> {
+    diffctl::io::read_json::<Cases>(&repo_path("tests/fixtures/sdxl-img2img/cases.json")).unwrap().cases
+}
+
+/// The library request a user makes for `case` (strength left to the default where diffusers'
+/// default was used, except inpainting's 0.9999, which is given).
+fn request(case: &Case) -> Request {
+    let strength = if case.strength_passed || case.mask.is_some() { case.strength } else { None };
+    Request {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        micro_conditioning: MicroConditioning {
+            aesthetic_score: case.aesthetic_score,
+            negative_aesthetic_score: case.negative_aesthetic_score,
+            ..MicroConditioning::default()
+        },
+        steps: case.steps,
+        guidance: case.guidance,
+        scheduler: Some(case.scheduler.parse::<SchedulerKind>().unwrap()),
+        width: Some(case.width),
+        height: Some(case.height),
+        batch: case.batch,
+        init_image: case.init_image.as_ref().map(|image| InitImageSpec {
+            image: repo_path(image),
+            mask: case.mask.as_deref().map(repo_path),
+            strength,
+        }),
+        ..Request::default()
+    }
+}
+
+#[test]
+fn sdxl_img2img_inpainting_and_refiner_match_diffusers() {
+    let mut models: HashMap<String, StableDiffusion> = HashMap::new();
+    let mut report = Vec::new();
+    for case in cases().into_iter().filter(|c| c.kind != "ensemble") {
+        let model = models
+            .entry(case.model.clone())
+            .or_insert_with(|| StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap());
+        let fixture = load_fixture(&case.file);
+        let mut prepared = request(&case).prepare(model, &LoadOptions::default()).unwrap();
+        prepared.generate.init_latents = Some(fixture["init_noise"].clone());
+        let mut noise = ReplayNoise::from_fixture(&fixture);
+        let mut steps = None;
+        let out = model
+            .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |p| {
+                if let Progress::Sampling { steps: n } = p {
+                    steps = Some(n);
+                }
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_eq!(steps, Some(case.timesteps.len()), "{}: steps run", case.name);
+        assert!(noise.0.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.0.len());
+        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
+        let image = out.images.permute((0, 2, 3, 1)).unwrap();
+        let image_err = max_abs_diff(&image, &fixture["image"]);
+        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
+        report.push(format!("{:26} latents {err:.2e}  image {image_err:.2e}", case.name));
+    }
+    eprintln!("{}", report.join("\n"));
+}
