@@ -153,6 +153,8 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
             prompt_2: None,
             negative_prompt_2: None,
             micro_conditioning: Default::default(),
+            denoising_end: None,
+            continue_from: None,
             deep_cache: None,
         };
         let out = model

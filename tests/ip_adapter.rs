@@ -126,6 +126,8 @@ fn run(model: &StableDiffusion, case: &Case, mut controls: Vec<Box<dyn Control>>
         prompt_2: None,
         negative_prompt_2: None,
         micro_conditioning: Default::default(),
+        denoising_end: None,
+        continue_from: None,
         deep_cache: None,
     };
     let out = model.generate(&request, &mut controls, &mut NoNoise, &mut |_| {}).unwrap();

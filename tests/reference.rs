@@ -83,6 +83,8 @@ fn reference_only_matches_the_diffusers_community_pipeline() {
             prompt_2: None,
             negative_prompt_2: None,
             micro_conditioning: Default::default(),
+            denoising_end: None,
+            continue_from: None,
             deep_cache: None,
         };
         let out = model.generate(&request, &mut controls, &mut replay, &mut |_| {}).unwrap();

@@ -101,3 +101,99 @@ fn sdxl_img2img_inpainting_and_refiner_match_diffusers() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// Base + refiner (diffusers' ensemble of experts: the base with `denoising_end`, the refiner with
+/// `denoising_start` on its latents), through the library and through `diffctl generate --refiner`.
+#[test]
+fn base_and_refiner_hand_off_as_diffusers() {
+    use diffctl::pipeline::ContinueFrom;
+    let refiner =
+        StableDiffusion::load(&repo_path("tests/fixtures/models/sdxl-tiny-refiner"), &LoadOptions::default()).unwrap();
+    for case in cases().into_iter().filter(|c| c.kind == "ensemble") {
+        let fixture = load_fixture(&case.file);
+        let mut base_request = Request { width: None, height: None, init_image: None, ..request(&case) };
+        base_request.refiner = None;
+        let mut base_model = StableDiffusion::load(&repo_path(&case.model), &LoadOptions::default()).unwrap();
+        let mut prepared = base_request.prepare(&mut base_model, &LoadOptions::default()).unwrap();
+        prepared.generate.init_latents = Some(fixture["init_latents"].clone());
+        prepared.generate.denoising_end = Some(0.8);
+        let mut noise = ReplayNoise(Vec::new());
+        if let Some(draws) = fixture.get("base_step_noise") {
+            noise.0.extend((0..draws.dim(0).unwrap()).map(|i| draws.get(i).unwrap()));
+        }
+        noise.0.extend(ReplayNoise::from_fixture(&fixture).0);
+        let out = base_model.generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |_| {}).unwrap();
+        assert_close(&format!("{} base latents", case.name), &out.latents, &fixture["base_latents"], 2e-3);
+        let finish = diffctl::pipeline::GenerateRequest {
+            continue_from: Some(ContinueFrom { latents: out.latents, denoising_start: 0.8 }),
+            denoising_end: None,
+            init_latents: None,
+            ..prepared.generate.clone()
+        };
+        let mut steps = None;
+        let out = refiner
+            .generate(&finish, &mut [], &mut noise, &mut |p| {
+                if let Progress::Sampling { steps: n } = p {
+                    steps = Some(n);
+                }
+            })
+            .unwrap();
+        assert_eq!(steps, Some(case.timesteps.len()), "{}: refiner steps", case.name);
+        assert!(noise.0.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.0.len());
+        assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
+        let image_err = max_abs_diff(&out.images.permute((0, 2, 3, 1)).unwrap(), &fixture["image"]);
+        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
+    }
+
+    // The CLI: one command, base then refiner (Euler: no noise drawn after the start).
+    let case = cases().into_iter().find(|c| c.name == "xl-ensemble").unwrap();
+    let fixture = load_fixture(&case.file);
+    let dir = tempfile::tempdir().unwrap();
+    let init = dir.path().join("init.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("latents", fixture["init_latents"].clone())]), &init).unwrap();
+    let (png, latents) = (dir.path().join("out.png"), dir.path().join("out.safetensors"));
+    let path = |p: &str| repo_path(p).to_str().unwrap().to_string();
+    let out = common::diffctl(&[
+        "generate",
+        "--model",
+        &path("tests/fixtures/models/sdxl-tiny"),
+        "--refiner",
+        &path("tests/fixtures/models/sdxl-tiny-refiner"),
+        "--refiner-start",
+        "0.8",
+        "--prompt",
+        &case.prompt,
+        "--negative-prompt",
+        case.negative_prompt.as_deref().unwrap(),
+        "--steps",
+        &case.steps.to_string(),
+        "--guidance",
+        &case.guidance.to_string(),
+        "--scheduler",
+        "euler",
+        "--init-latents",
+        init.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--output-latents",
+        latents.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = candle_core::safetensors::load(&latents, &candle_core::Device::Cpu).unwrap();
+    assert_close("cli xl-ensemble", &got["latents"], &fixture["latents"], 2e-3);
+    let bad = common::diffctl(&[
+        "generate",
+        "--model",
+        &path("tests/fixtures/models/sdxl-tiny"),
+        "--refiner",
+        &path("tests/fixtures/models/sdxl-tiny-refiner"),
+        "--refiner-start",
+        "1.0",
+        "--prompt",
+        "x",
+        "--output",
+        png.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && stderr.contains("strictly between 0 and 1"), "{stderr}");
+}

@@ -158,6 +158,8 @@ fn request(case: &Case, init: &Tensor) -> GenerateRequest {
         prompt_2: None,
         negative_prompt_2: None,
         micro_conditioning: Default::default(),
+        denoising_end: None,
+        continue_from: None,
         deep_cache: None,
     }
 }

@@ -373,6 +373,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 prompt_2: None,
                 negative_prompt_2: None,
                 micro_conditioning: Default::default(),
+                denoising_end: None,
+                continue_from: None,
                 steps: FULL_STEPS,
                 guidance: GUIDANCE,
                 scheduler: None,

@@ -4,7 +4,7 @@
 use clap::Args;
 
 use crate::pipeline::{MicroConditioning, SizeConditioning};
-use crate::request::Request;
+use crate::request::{RefinerSpec, Request};
 
 /// SDXL flags of `diffctl generate` (ignored by SD1.x/2.x models).
 #[derive(Debug, Args)]
@@ -33,6 +33,13 @@ pub struct SdxlArgs {
     /// SDXL: the negative prompt's target size (with --negative-original-size).
     #[arg(long, value_name = "WxH", value_parser = parse_size, requires = "negative_original_size")]
     negative_target_size: Option<(usize, usize)>,
+    /// SDXL: a refiner model (folder) that finishes the generation from the base's latents
+    /// (diffusers' ensemble of experts).
+    #[arg(long, value_name = "PATH")]
+    refiner: Option<std::path::PathBuf>,
+    /// SDXL: the fraction of the schedule the base runs before the refiner takes over.
+    #[arg(long, default_value_t = 0.8, value_name = "F", requires = "refiner")]
+    refiner_start: f64,
     /// SDXL refiner: the aesthetic score the image is conditioned on [default: 6].
     #[arg(long, value_name = "F")]
     aesthetic_score: Option<f64>,
@@ -59,6 +66,7 @@ impl SdxlArgs {
     /// Sets the SDXL fields of `request`.
     pub fn add_to(&self, request: &mut Request) {
         request.prompt_2 = self.prompt_2.clone();
+        request.refiner = self.refiner.clone().map(|model| RefinerSpec { model, start: self.refiner_start });
         request.negative_prompt_2 = self.negative_prompt_2.clone();
         request.micro_conditioning = MicroConditioning {
             original_size: self.original_size,

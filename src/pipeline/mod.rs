@@ -1,6 +1,7 @@
 //! The generation pipeline: loading a model, encoding prompts, the sampling loop that composes
 //! control mechanisms (from noise, or from an image for img2img and inpainting), and VAE decoding.
 
+pub mod handoff;
 pub mod init_image;
 mod prompts;
 
@@ -22,6 +23,7 @@ use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, Scheduler
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
+pub use handoff::ContinueFrom;
 pub use init_image::InitImage;
 pub use prompts::{MicroConditioning, SizeConditioning};
 
@@ -168,8 +170,9 @@ impl StableDiffusion {
     }
 }
 
-/// One text-to-image request.
-#[derive(Debug, Clone)]
+/// One generation's sampling request (the library's [`crate::request::Request`] builds it with
+/// every mechanism's controls).
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     /// The prompt.
     pub prompt: String,
@@ -201,6 +204,11 @@ pub struct GenerateRequest {
     pub init_latents: Option<Tensor>,
     /// The image img2img and inpainting start from, at the output size.
     pub init_image: Option<InitImage>,
+    /// Base + refiner: stop at this fraction of the schedule (diffusers' `denoising_end`), for a
+    /// refiner to continue from the latents.
+    pub denoising_end: Option<f64>,
+    /// Refiner: continue from a base's latents (diffusers' `denoising_start`).
+    pub continue_from: Option<ContinueFrom>,
     /// Opt-in DeepCache (an approximation: faster UNet calls between refreshes), fresh for this
     /// generation.
     pub deep_cache: Option<DeepCache>,
@@ -292,16 +300,42 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
         let result = (|| {
-            let start = self.start(req, controls, noise)?;
-            let Self { text_encoder, layers, unet, vae, options, .. } = self;
-            drop((text_encoder, layers));
-            crate::allocator::release_free_memory();
-            let latents = sample(&unet, &options, start, controls, noise, progress)?;
-            drop(unet);
-            crate::allocator::release_free_memory();
+            let (latents, vae, options) = self.sample_freeing(req, controls, noise, progress)?;
             decode(&vae, &options, latents, progress)
         })();
         finish(controls, result)
+    }
+
+    /// [`Self::generate_once`] without decoding: the final latents (f32), for a refiner to continue
+    /// from (see [`GenerateRequest::denoising_end`]).
+    pub fn sample_once(
+        self,
+        req: &GenerateRequest,
+        controls: &mut [Box<dyn Control>],
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Tensor> {
+        let result = self.sample_freeing(req, controls, noise, progress).map(|(latents, _, _)| latents);
+        finish(controls, result)
+    }
+
+    /// Prepares and samples, freeing the text encoders and the layer registry after prompt
+    /// encoding and the UNet after sampling; returns the latents with what decoding needs.
+    fn sample_freeing(
+        self,
+        req: &GenerateRequest,
+        controls: &mut [Box<dyn Control>],
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(Tensor, Vae, LoadOptions)> {
+        let start = self.start(req, controls, noise)?;
+        let Self { text_encoder, text_2, layers, unet, vae, options, .. } = self;
+        drop((text_encoder, text_2, layers));
+        crate::allocator::release_free_memory();
+        let latents = sample(&unet, &options, start, controls, noise, progress)?;
+        drop(unet);
+        crate::allocator::release_free_memory();
+        Ok((latents, vae, options))
     }
 
     /// Checks the request and prepares sampling: the scheduler, the starting latents, the controls'
@@ -318,7 +352,16 @@ impl StableDiffusion {
             None => self.default_scheduler()?,
         };
         let scheduler = schedulers::build(kind, &self.scheduler_config, req.steps)?;
-        let init = self.initial_noise(req, noise)?;
+        let init = match &req.continue_from {
+            Some(_) if req.init_image.is_some() => {
+                return Err(Error::invalid("a refiner continues from latents, not from an init image"));
+            }
+            Some(from) => {
+                handoff::check_fraction("the refiner start", from.denoising_start)?;
+                from.latents.to_device(self.device())?.to_dtype(DType::F32)?
+            }
+            None => self.initial_noise(req, noise)?,
+        };
         let (batch, _, h, w) = init.dims4()?;
         let guided = req.guidance > 1.0;
         let f = self.vae_scale_factor();
@@ -371,19 +414,38 @@ impl StableDiffusion {
         let mut conditioning = Conditioning::text(context.to_dtype(dtype)?);
         conditioning.pooled = prompts::to_dtype(prompts.pooled, dtype)?;
         conditioning.time_ids = prompts::to_dtype(prompts.time_ids, dtype)?;
-        let (first_step, latents, keep_outside_mask) = match image_start {
-            Some(start) => {
+        let train_steps = self.scheduler_config.num_train_timesteps.unwrap_or(1000);
+        let (first_step, latents, keep_outside_mask) = match (image_start, &req.continue_from) {
+            (Some(start), _) => {
                 if let Some(extra) = start.extra_channels {
                     let extra = if guided { Tensor::cat(&[&extra, &extra], 0)? } else { extra };
                     conditioning.extra_channels = Some(extra.to_dtype(dtype)?);
                 }
                 (start.first_step, start.latents, start.keep_outside_mask)
             }
-            None => (0, (init * scheduler.init_noise_sigma())?, None),
+            (None, Some(from)) => {
+                // The base's latents are already at this step's noise level.
+                (handoff::refiner_start(scheduler.timesteps(), from.denoising_start, train_steps, 1), init, None)
+            }
+            (None, None) => (0, (init * scheduler.init_noise_sigma())?, None),
         };
+        let end_step = match req.denoising_end {
+            Some(fraction) => {
+                handoff::check_fraction("the base's end", fraction)?;
+                handoff::base_end(scheduler.timesteps(), fraction, train_steps)
+            }
+            None => scheduler.timesteps().len(),
+        };
+        if end_step <= first_step {
+            return Err(Error::invalid(format!(
+                "no step of {} runs between the hand-off points (give more steps)",
+                req.steps
+            )));
+        }
         Ok(SamplingStart {
             scheduler,
             first_step,
+            end_step,
             latents,
             conditioning,
             guidance: guided.then_some(req.guidance),
@@ -411,6 +473,9 @@ struct SamplingStart {
     scheduler: Box<dyn Scheduler>,
     /// The scheduler's index of the first step that runs (0 unless img2img starts part-way).
     first_step: usize,
+    /// The scheduler's index after the last step that runs (before the end when a refiner
+    /// continues).
+    end_step: usize,
     /// The starting latents [B, C, h, w] (f32), at the first step's noise level.
     latents: Tensor,
     /// Text context [B or 2B, L, D] (negative prompts first when guided), in the compute dtype.
@@ -437,6 +502,7 @@ fn sample(
     let SamplingStart {
         mut scheduler,
         first_step,
+        end_step,
         mut latents,
         conditioning,
         guidance,
@@ -445,7 +511,7 @@ fn sample(
     } = start;
     let (dtype, _) = crate::io::weights::precision(options.dtype, &options.device);
     let batch = latents.dim(0)?;
-    let timesteps = scheduler.timesteps()[first_step..].to_vec();
+    let timesteps = scheduler.timesteps()[first_step..end_step].to_vec();
     progress(Progress::Sampling { steps: timesteps.len() });
     for (i, &t) in timesteps.iter().enumerate() {
         let scheduler_step = first_step + i;

@@ -42,7 +42,12 @@ impl MicroConditioning {
     /// (height, width): original size, crop corner and target size (N = 6), or with `aesthetic`
     /// the aesthetic score instead of the target size (N = 5, the refiner, whose negative crop
     /// corner is its own, (0, 0) unless given).
-    fn time_ids(&self, size: (usize, usize), aesthetic: bool, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    fn time_ids(
+        &self,
+        size: (usize, usize),
+        aesthetic: bool,
+        device: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
         let row = |values: Vec<f32>| -> Result<Tensor> {
             let n = values.len();
             Ok(Tensor::from_vec(values, (1, n), device)?)

@@ -22,7 +22,7 @@ use crate::models::image_processor::ClipImageProcessor;
 use crate::models::unet::DeepCache;
 use crate::noise::SeededNoise;
 use crate::pipeline::{
-    GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion,
+    ContinueFrom, GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion,
 };
 use crate::prompt::PromptSyntax;
 use crate::schedulers::SchedulerKind;
@@ -82,6 +82,15 @@ impl InitImageSpec {
     }
 }
 
+/// An SDXL refiner that finishes the base model's generation (diffusers' ensemble of experts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefinerSpec {
+    /// The refiner model (a diffusers folder).
+    pub model: PathBuf,
+    /// The fraction of the schedule the base runs before handing over, in (0, 1) (0.8 is usual).
+    pub start: f64,
+}
+
 /// One generation.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -117,6 +126,8 @@ pub struct Request {
     pub init_latents: Option<PathBuf>,
     /// img2img or inpainting: the image to start from.
     pub init_image: Option<InitImageSpec>,
+    /// A refiner that finishes the generation (its mechanisms are the base's alone).
+    pub refiner: Option<RefinerSpec>,
     /// Decode in tiles (with this tile side in pixels, or the VAE config's).
     pub vae_tiling: Option<Option<usize>>,
     /// DeepCache (interval, branch): an opt-in approximation.
@@ -162,6 +173,7 @@ impl Default for Request {
             clip_skip: 0,
             init_latents: None,
             init_image: None,
+            refiner: None,
             vae_tiling: None,
             deep_cache: None,
             loras: Vec::new(),
@@ -291,6 +303,9 @@ impl Request {
             {
                 return Err(Error::invalid(format!("{name} {v} is not a positive multiple of 8")));
             }
+        }
+        if let Some(refiner) = &self.refiner {
+            crate::pipeline::handoff::check_fraction("the refiner start", refiner.start)?;
         }
         if let Some(strength) = self.init_image.as_ref().and_then(|init| init.strength) {
             crate::pipeline::init_image::check_strength(strength)?;
@@ -435,13 +450,17 @@ impl Request {
             clip_skip: self.clip_skip,
             init_latents,
             init_image,
+            denoising_end: None,
+            continue_from: None,
             deep_cache: self.deep_cache.map(|(n, branch)| DeepCache::new(n, branch)).transpose()?,
         };
         Ok(Prepared { generate, controls, notices })
     }
 
     /// The whole generation on a model used once (each network freed once its stage is done):
-    /// [`Self::prepare`], then sampling with the request's seed, reporting notices and progress.
+    /// [`Self::prepare`], then sampling with the request's seed, reporting notices and progress;
+    /// with a refiner, the base samples up to the hand-off, is freed, and the refiner (loaded with
+    /// the same options) finishes from its latents.
     pub fn run_once(
         &self,
         mut model: StableDiffusion,
@@ -449,8 +468,24 @@ impl Request {
         notify: &mut dyn FnMut(&Notice),
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
-        let Prepared { generate, mut controls, notices } = self.prepare(&mut model, options)?;
+        let Prepared { mut generate, mut controls, notices } = self.prepare(&mut model, options)?;
         notices.iter().for_each(notify);
-        model.generate_once(&generate, &mut controls, &mut SeededNoise::new(self.seed), progress)
+        let mut noise = SeededNoise::new(self.seed);
+        let Some(refiner) = &self.refiner else {
+            return model.generate_once(&generate, &mut controls, &mut noise, progress);
+        };
+        generate.denoising_end = Some(refiner.start);
+        let latents = model.sample_once(&generate, &mut controls, &mut noise, progress)?;
+        let refiner_model = StableDiffusion::load(&refiner.model, options)
+            .context(|| format!("loading the refiner {}", refiner.model.display()))?;
+        let finish = GenerateRequest {
+            continue_from: Some(ContinueFrom { latents, denoising_start: refiner.start }),
+            denoising_end: None,
+            init_latents: None,
+            init_image: None,
+            deep_cache: self.deep_cache.map(|(n, branch)| DeepCache::new(n, branch)).transpose()?,
+            ..generate
+        };
+        refiner_model.generate_once(&finish, &mut [], &mut noise, progress)
     }
 }

@@ -97,6 +97,8 @@ impl Case {
             prompt_2: None,
             negative_prompt_2: None,
             micro_conditioning: Default::default(),
+            denoising_end: None,
+            continue_from: None,
             deep_cache: None,
         }
     }

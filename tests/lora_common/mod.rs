@@ -88,6 +88,8 @@ pub fn generate(model: &StableDiffusion, case: &Case) -> Generated {
         prompt_2: None,
         negative_prompt_2: None,
         micro_conditioning: Default::default(),
+        denoising_end: None,
+        continue_from: None,
         deep_cache: None,
     };
     model.generate(&request, &mut [], &mut NoNoise, &mut |_| {}).unwrap_or_else(|e| panic!("{}: {e}", case.name))
