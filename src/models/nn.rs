@@ -306,6 +306,9 @@ fn add_to_weight(state: &mut LayerState, delta: &WeightDelta, kind: &LayerKind, 
 pub struct LayerRegistry {
     scope: String,
     layers: Arc<Mutex<BTreeMap<String, LayerHandle>>>,
+    /// Module paths in the original single-file layout (`unet.input_blocks.4.1.proj_in`) → the
+    /// layer's path, where the layouts differ (kohya names SDXL's UNet modules that way).
+    original_names: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl LayerRegistry {
@@ -316,7 +319,11 @@ impl LayerRegistry {
 
     /// A view of the same registry in which layers register under `name.` (after this view's scope).
     pub fn scoped(&self, name: &str) -> Self {
-        Self { scope: format!("{}{name}.", self.scope), layers: self.layers.clone() }
+        Self {
+            scope: format!("{}{name}.", self.scope),
+            layers: self.layers.clone(),
+            original_names: self.original_names.clone(),
+        }
     }
 
     /// The layer at the full module path `path` (scopes included).
@@ -327,6 +334,17 @@ impl LayerRegistry {
     /// Every registered module path, sorted.
     pub fn paths(&self) -> Vec<String> {
         self.layers.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
+    }
+
+    /// Records that the layer at `path` is `original` in the original single-file layout.
+    pub fn add_original_name(&self, original: &str, path: &str) {
+        self.original_names.lock().unwrap_or_else(PoisonError::into_inner).insert(original.into(), path.into());
+    }
+
+    /// Every (original-layout path, layer path) pair recorded, sorted.
+    pub fn original_names(&self) -> Vec<(String, String)> {
+        let names = self.original_names.lock().unwrap_or_else(PoisonError::into_inner);
+        names.iter().map(|(a, b)| (a.clone(), b.clone())).collect()
     }
 
     fn register(&self, path: &str, handle: &LayerHandle) {

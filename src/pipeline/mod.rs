@@ -122,6 +122,8 @@ impl StableDiffusion {
         let registered = |component: &str, store: &Arc<TensorStore>| -> Weights {
             weights(store).with_layer_registry(&layers.scoped(component))
         };
+        let unet = UNet::load(&registered("unet", &files.unet.weights), unet_config)?;
+        record_original_names(&layers, unet_config);
         let text_2 = match files.text_2.take() {
             Some(text) => Some(SecondTextEncoder {
                 tokenizer: text.tokenizer,
@@ -137,7 +139,7 @@ impl StableDiffusion {
             text_2,
             force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt,
             requires_aesthetics_score: files.requires_aesthetics_score,
-            unet: UNet::load(&registered("unet", &files.unet.weights), unet_config)?,
+            unet,
             vae: Vae::load(&weights(&files.vae.weights), vae_config)?,
             tokenizer: files.tokenizer,
             scheduler_config: files.scheduler_config,
@@ -452,6 +454,20 @@ impl StableDiffusion {
             deep_cache: req.deep_cache.clone(),
             keep_outside_mask,
         })
+    }
+}
+
+/// Records the UNet layers' module paths in the original single-file layout (as LoRA files made
+/// for SDXL name them).
+fn record_original_names(layers: &LayerRegistry, config: &crate::models::unet::UNetConfig) {
+    let map = crate::io::ldm::KeyMap::unet(config);
+    for path in layers.paths() {
+        let Some(module) = path.strip_prefix("unet.") else { continue };
+        let Some((key, _)) = map.to_checkpoint_key(&format!("{module}.weight")) else { continue };
+        let original = key.strip_prefix(crate::io::ldm::UNET_PREFIX).and_then(|k| k.strip_suffix(".weight"));
+        if let Some(original) = original.filter(|o| *o != module) {
+            layers.add_original_name(&format!("unet.{original}"), &path);
+        }
     }
 }
 

@@ -150,11 +150,18 @@ struct LayerNames<'a> {
 impl<'a> LayerNames<'a> {
     fn new(layers: &'a LayerRegistry) -> Self {
         let mut kohya = HashMap::new();
-        for path in layers.paths() {
-            let Some((component, rest)) = path.split_once('.') else { continue };
+        let mut add = |name: &str, path: &str| {
+            let Some((component, rest)) = name.split_once('.') else { return };
             for (_, prefix) in KOHYA_PREFIXES.iter().filter(|(c, _)| *c == component) {
-                kohya.insert(format!("{prefix}{}", rest.replace('.', "_")), path.clone());
+                kohya.entry(format!("{prefix}{}", rest.replace('.', "_"))).or_insert_with(|| path.to_string());
             }
+        };
+        for path in layers.paths() {
+            add(&path, &path);
+        }
+        // kohya names SDXL's UNet modules by the original layout (`lora_unet_input_blocks_4_1_…`).
+        for (original, path) in layers.original_names() {
+            add(&original, &path);
         }
         Self { layers, kohya }
     }
