@@ -107,7 +107,7 @@ fn cli_reads_a1111_syntax_only_when_asked() {
 fn placeholder_vectors_stay_in_one_chunk() {
     let mut model = load_model();
     let vectors = candle_core::Tensor::zeros((3, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
-    model.add_token_vectors("<three>", &vectors).unwrap();
+    model.add_token_vectors("<three>", &vectors, None).unwrap();
     let first = model.text_encoder.config().vocab_size as u32;
     // 74 single-token words, then the 3-vector placeholder: it does not fit and moves whole.
     let text = format!("{} <three>", "a ".repeat(74));

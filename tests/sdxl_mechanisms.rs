@@ -52,3 +52,173 @@ fn kohya_sdxl_names_resolve_as_diffusers_maps_them() {
         assert!(err <= 1e-5 * (1.0 + common::std_all(&a)), "{path}: {err}");
     }
 }
+
+/// A ControlNet, T2I-Adapter, IP-Adapter, LoRA or textual-inversion case on the tiny SDXL model
+/// (tests/fixtures/sdxl/mechanism_cases.json).
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    kind: String,
+    steps: usize,
+    guidance: f64,
+    prompt: String,
+    negative_prompt: Option<String>,
+    batch: usize,
+    width: usize,
+    height: usize,
+    #[serde(default)]
+    controlnets: Vec<ControlNetCase>,
+    #[serde(default)]
+    guess_mode: bool,
+    #[serde(default)]
+    control_guidance_start: f64,
+    #[serde(default = "one")]
+    control_guidance_end: f64,
+    #[serde(default)]
+    adapters: Vec<ImageModelCase>,
+    #[serde(default = "one")]
+    adapter_conditioning_factor: f64,
+    #[serde(default)]
+    ip_adapters: Vec<IpAdapterCase>,
+    #[serde(default)]
+    ip_adapter_scale: Option<serde_json::Value>,
+    #[serde(default)]
+    loras: Vec<LoraCase>,
+    #[serde(default)]
+    lora_apply: Option<String>,
+    #[serde(default)]
+    embeddings: Vec<EmbeddingCase>,
+    file: String,
+    timesteps: Vec<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(serde::Deserialize)]
+struct ControlNetCase {
+    path: String,
+    image: String,
+    scale: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct ImageModelCase {
+    path: String,
+    image: String,
+    scale: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct IpAdapterCase {
+    path: String,
+    image_encoder: String,
+    images: Vec<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct LoraCase {
+    path: String,
+    scale: f64,
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingCase {
+    path: String,
+    token: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Cases {
+    cases: Vec<Case>,
+}
+
+/// The library request a user makes for `case`.
+fn request(case: &Case) -> diffctl::request::Request {
+    use diffctl::control::residual::controlnet::ControlNetSettings;
+    use diffctl::control::weights::LoraMode;
+    use diffctl::request::{ControlNetSpec, EmbeddingSpec, IpAdapterRequest, LoraSpec, Request, T2IAdapterSpec};
+    let path = |p: &str| repo_path(p);
+    let ip_scale = case.ip_adapter_scale.as_ref().map(|v| match v {
+        serde_json::Value::Number(n) => n.to_string().parse().unwrap(),
+        other => other.to_string().parse().unwrap(),
+    });
+    Request {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        steps: case.steps,
+        guidance: case.guidance,
+        width: Some(case.width),
+        height: Some(case.height),
+        batch: case.batch,
+        controlnets: case
+            .controlnets
+            .iter()
+            .map(|c| ControlNetSpec {
+                path: path(&c.path),
+                image: path(&c.image),
+                preprocess: None,
+                settings: ControlNetSettings {
+                    scale: c.scale,
+                    start: case.control_guidance_start,
+                    end: case.control_guidance_end,
+                    guess_mode: case.guess_mode,
+                },
+            })
+            .collect(),
+        t2i_adapters: case
+            .adapters
+            .iter()
+            .map(|a| T2IAdapterSpec {
+                path: path(&a.path),
+                image: path(&a.image),
+                preprocess: None,
+                scale: a.scale,
+                factor: case.adapter_conditioning_factor,
+            })
+            .collect(),
+        ip_adapters: IpAdapterRequest {
+            adapters: case.ip_adapters.iter().map(|a| path(&a.path)).collect(),
+            image_encoders: case.ip_adapters.iter().map(|a| path(&a.image_encoder)).collect(),
+            images: case.ip_adapters.iter().map(|a| a.images.iter().map(|i| path(i)).collect()).collect(),
+            scales: ip_scale.into_iter().collect(),
+            ..IpAdapterRequest::default()
+        },
+        loras: case.loras.iter().map(|l| LoraSpec { path: path(&l.path), scale: l.scale }).collect(),
+        lora_mode: if case.lora_apply.as_deref() == Some("fuse_lora") { LoraMode::Fused } else { LoraMode::Unfused },
+        strict_lora: true,
+        embeddings: case
+            .embeddings
+            .iter()
+            .map(|e| EmbeddingSpec { path: path(&e.path), token: Some(e.token.clone()) })
+            .collect(),
+        ..Request::default()
+    }
+}
+
+#[test]
+fn sdxl_mechanisms_match_diffusers() {
+    use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff};
+    let cases = diffctl::io::read_json::<Cases>(&repo_path("tests/fixtures/sdxl/mechanism_cases.json")).unwrap().cases;
+    let mut report = Vec::new();
+    for case in &cases {
+        // A fresh model per case: embeddings and LoRAs change it.
+        let mut model = StableDiffusion::load(&repo_path(MODEL), &LoadOptions::default()).unwrap();
+        let fixture = load_fixture(&case.file);
+        let mut prepared = request(case)
+            .prepare(&mut model, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{} ({}): {e}", case.name, case.kind));
+        prepared.generate.init_latents = Some(fixture["init_latents"].clone());
+        let mut noise = ReplayNoise::from_fixture(&fixture);
+        let out = model
+            .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert_eq!(case.timesteps.len(), case.steps, "{}", case.name);
+        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
+        let image_err = max_abs_diff(&out.images.permute((0, 2, 3, 1)).unwrap(), &fixture["image"]);
+        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
+        report.push(format!("{:22} latents {err:.2e}  image {image_err:.2e}", case.name));
+    }
+    eprintln!("{}", report.join("\n"));
+}

@@ -1,5 +1,5 @@
-//! `T2IAdapter` (full and light): a small conv net turning a condition image into one feature map
-//! per UNet down block, added inside the down path.
+//! `T2IAdapter` (full, light, and SDXL's full_adapter_xl): a small conv net turning a condition
+//! image into one feature map per UNet down block, added inside the down path.
 
 use std::path::Path;
 
@@ -10,7 +10,7 @@ use super::nn::{Conv2d, conv2d};
 use crate::io::weights::Weights;
 use crate::{Error, Result};
 
-/// The adapter variants diffusers defines for SD1.x/2.x.
+/// The adapter variants diffusers defines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdapterType {
@@ -18,6 +18,9 @@ pub enum AdapterType {
     FullAdapter,
     /// Bottlenecked blocks (a quarter of the width inside).
     LightAdapter,
+    /// SDXL's: as the full adapter, but only the third stage halves the size (the first two match
+    /// SDXL's first two down blocks, of which only the first downsamples inside the UNet).
+    FullAdapterXl,
 }
 
 /// A T2I-Adapter `config.json`.
@@ -53,15 +56,9 @@ fn dfull() -> AdapterType {
 }
 
 impl T2IAdapterConfig {
-    /// Reads and validates a `config.json` (SDXL's `full_adapter_xl` is rejected by name).
+    /// Reads and validates a `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let value: serde_json::Value = crate::io::read_json(path)?;
-        if value.get("adapter_type").and_then(|v| v.as_str()) == Some("full_adapter_xl") {
-            return Err(Error::config(
-                path,
-                "adapter_type full_adapter_xl is an SDXL adapter; this model is SD1.x/2.x",
-            ));
-        }
         let c: Self = serde_json::from_value(value).map_err(|e| Error::config(path, format!("invalid config: {e}")))?;
         if c.channels.is_empty() || c.downscale_factor == 0 {
             return Err(Error::config(path, "channels must be non-empty and downscale_factor positive"));
@@ -169,18 +166,22 @@ impl T2IAdapter {
         let ch = &c.channels;
         let unshuffled = c.in_channels * c.downscale_factor * c.downscale_factor;
         let (conv_in, stages) = match c.adapter_type {
-            AdapterType::FullAdapter => {
+            AdapterType::FullAdapter | AdapterType::FullAdapterXl => {
+                let xl = c.adapter_type == AdapterType::FullAdapterXl;
                 let conv_in = conv2d(&w.pp("conv_in"), unshuffled, ch[0], 3, 1, 1)?;
                 let stages = (0..ch.len())
                     .map(|i| {
                         let sw = w.pp(format!("body.{i}"));
-                        let (cin, cout) = (if i == 0 { ch[0] } else { ch[i - 1] }, ch[i]);
+                        // The XL adapter changes width at stages 1 and 2 only.
+                        let changes = if xl { i == 1 || i == 2 } else { i > 0 };
+                        let (cin, cout) = (if changes { ch[i - 1] } else { ch[i] }, ch[i]);
+                        let down = if xl { i == 2 } else { i > 0 };
                         let in_conv =
                             (cin != cout).then(|| conv2d(&sw.pp("in_conv"), cin, cout, 1, 1, 0)).transpose()?;
                         let resnets = (0..c.num_res_blocks)
                             .map(|j| ResBlock::load(&sw.pp(format!("resnets.{j}")), cout, 1))
                             .collect::<Result<_>>()?;
-                        Ok(Stage { down: i > 0, in_conv, resnets, out_conv: None })
+                        Ok(Stage { down, in_conv, resnets, out_conv: None })
                     })
                     .collect::<Result<_>>()?;
                 (Some(conv_in), stages)

@@ -51,6 +51,8 @@ pub struct SecondTextEncoder {
     pub tokenizer: ClipTokenizer,
     /// The encoder with its projection (`text_encoder_2`, OpenCLIP bigG).
     pub encoder: ClipTextEncoder,
+    /// The vectors of placeholder tokens added to this tokenizer (SDXL textual inversion).
+    pub token_vectors: TokenVectors,
 }
 
 /// A loaded Stable Diffusion model: SD1.x/2.x, or SDXL (two text encoders, pooled and
@@ -127,6 +129,7 @@ impl StableDiffusion {
         let text_2 = match files.text_2.take() {
             Some(text) => Some(SecondTextEncoder {
                 tokenizer: text.tokenizer,
+                token_vectors: TokenVectors::default(),
                 encoder: ClipTextEncoder::load(
                     &registered("text_encoder_2", &text.encoder.weights),
                     &text.encoder.config,

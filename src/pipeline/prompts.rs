@@ -124,12 +124,13 @@ impl StableDiffusion {
         // SDXL reads hidden_states[-(clip_skip + 2)] of its encoders, without the final norm, and
         // the pooled output of the last.
         let first = self.text_encoder.encode_hidden_and_pooled(&embeddings, &ids, clip_skip + 1)?;
-        let Some(SecondTextEncoder { tokenizer, encoder }) = &self.text_2 else {
+        let Some(SecondTextEncoder { tokenizer, encoder, token_vectors }) = &self.text_2 else {
             return Ok((first.hidden, Some(first.pooled), words));
         };
         let ids_2 = tokenizer.encode_padded(prompt_2.unwrap_or(prompt))?;
         let ids_2 = Tensor::from_vec(ids_2, (1, tokenizer.max_length()), self.device())?;
-        let second = encoder.encode_hidden_and_pooled(&encoder.token_embeddings(&ids_2)?, &ids_2, clip_skip + 1)?;
+        let embeddings_2 = encoder.token_embeddings_with(&ids_2, token_vectors.table())?;
+        let second = encoder.encode_hidden_and_pooled(&embeddings_2, &ids_2, clip_skip + 1)?;
         let context = Tensor::cat(&[&first.hidden, &second.hidden.to_dtype(first.hidden.dtype())?], 2)?;
         Ok((context, Some(second.pooled), words))
     }

@@ -9,9 +9,11 @@
 
 pub mod textual_inversion;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use crate::models::clip_text::ClipTextEncoder;
 use crate::pipeline::StableDiffusion;
+use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
 /// The vectors of the placeholder tokens added to a model: row i is the input embedding of token
@@ -40,44 +42,39 @@ impl TokenVectors {
     }
 }
 
-impl StableDiffusion {
-    /// Adds the placeholder `token` whose input embeddings are `vectors` [N, D] (or [D]): N
-    /// tokens `token`, `token_1`, …, and a mention of `token` in a prompt (positive or negative)
-    /// stands for all N. Fails when the width D is not the text encoder's or the name is
-    /// already a token or word of the vocabulary.
-    pub fn add_token_vectors(&mut self, token: &str, vectors: &Tensor) -> Result<()> {
-        if self.text_2.is_some() {
-            return Err(Error::invalid(format!(
-                "cannot add `{token}`: placeholder tokens (textual inversion) are not supported for SDXL models yet"
-            )));
-        }
-        let vectors = self.check_token_vectors(token, vectors)?;
-        let rows = self.token_vectors.len();
-        let first_id = self.text_encoder.config().vocab_size + rows;
-        if self.tokenizer.vocab_size() != first_id {
+impl TokenVectors {
+    /// Adds the placeholder `token` with `vectors` [N, D] to `tokenizer` and this table of
+    /// `encoder`'s added rows.
+    fn add(
+        &mut self,
+        tokenizer: &mut ClipTokenizer,
+        encoder: &ClipTextEncoder,
+        token: &str,
+        vectors: Tensor,
+    ) -> Result<()> {
+        let rows = self.len();
+        let first_id = encoder.config().vocab_size + rows;
+        if tokenizer.vocab_size() != first_id {
             return Err(Error::invalid(format!(
                 "cannot add `{token}`: the tokenizer has {} tokens but the text encoder {} (and {rows} added)",
-                self.tokenizer.vocab_size(),
-                self.text_encoder.config().vocab_size
+                tokenizer.vocab_size(),
+                encoder.config().vocab_size
             )));
         }
         let n = vectors.dim(0)?;
-        self.tokenizer.add_placeholder(token, n)?;
-        let table = match self.token_vectors.rows.take() {
+        tokenizer.add_placeholder(token, n)?;
+        let table = match self.rows.take() {
             Some(table) => Tensor::cat(&[table, vectors], 0)?,
             None => vectors,
         };
-        self.token_vectors.rows = Some(table);
-        self.token_vectors.tokens.push((token.to_string(), rows, n));
+        self.rows = Some(table);
+        self.tokens.push((token.to_string(), rows, n));
         Ok(())
     }
 
-    /// Replaces the vectors of the placeholder `token` (added before, with the same number of
-    /// vectors): the run-time path for vectors computed per generation.
-    pub fn set_token_vectors(&mut self, token: &str, vectors: &Tensor) -> Result<()> {
-        let vectors = self.check_token_vectors(token, vectors)?;
+    /// Replaces the vectors [N, D] of the placeholder `token`.
+    fn set(&mut self, token: &str, vectors: &Tensor) -> Result<()> {
         let &(_, first, n) = self
-            .token_vectors
             .tokens
             .iter()
             .find(|(name, _, _)| name == token)
@@ -85,32 +82,78 @@ impl StableDiffusion {
         if vectors.dim(0)? != n {
             return Err(Error::invalid(format!("`{token}` stands for {n} vectors, {} given", vectors.dim(0)?)));
         }
-        if let Some(table) = &self.token_vectors.rows {
+        if let Some(table) = &self.rows {
             let d = vectors.dim(1)?;
-            self.token_vectors.rows = Some(table.slice_assign(&[first..first + n, 0..d], &vectors)?);
+            self.rows = Some(table.slice_assign(&[first..first + n, 0..d], vectors)?);
+        }
+        Ok(())
+    }
+}
+
+/// `vectors` as [N, D] f32 on `device`, D checked against `encoder`'s width.
+fn check_token_vectors(encoder: &ClipTextEncoder, token: &str, vectors: &Tensor, device: &Device) -> Result<Tensor> {
+    let width = encoder.config().hidden_size;
+    let vectors = match vectors.dims() {
+        [d] => vectors.reshape((1, *d))?,
+        [_, _] => vectors.clone(),
+        dims => {
+            return Err(Error::invalid(format!("vectors for `{token}` have shape {dims:?}, expected [N, {width}]")));
+        }
+    };
+    let (n, d) = vectors.dims2()?;
+    if n == 0 || d != width {
+        return Err(Error::invalid(format!(
+            "vectors for `{token}` have shape [{n}, {d}] but the text encoder's embeddings are {width} wide \
+             (an embedding made for another model: SD1.x uses 768, SD2.x 1024, SDXL 768 and 1280)"
+        )));
+    }
+    Ok(vectors.to_dtype(DType::F32)?.to_device(device)?)
+}
+
+impl StableDiffusion {
+    /// Adds the placeholder `token` whose input embeddings are `vectors` [N, D] (or [D]): N
+    /// tokens `token`, `token_1`, …, and a mention of `token` in a prompt (positive or negative)
+    /// stands for all N. An SDXL model needs the second encoder's vectors too (`vectors_2`, the
+    /// same N). Fails when a width is not its encoder's or the name is already a token or word of
+    /// the vocabulary.
+    pub fn add_token_vectors(&mut self, token: &str, vectors: &Tensor, vectors_2: Option<&Tensor>) -> Result<()> {
+        let device = self.device().clone();
+        let vectors = check_token_vectors(&self.text_encoder, token, vectors, &device)?;
+        let second = match (&self.text_2, vectors_2) {
+            (Some(text), Some(v)) => Some(check_token_vectors(&text.encoder, token, v, &device)?),
+            (Some(_), None) => {
+                return Err(Error::invalid(format!(
+                    "`{token}` has vectors for one text encoder; an SDXL model needs them for both (`clip_l` and \
+                     `clip_g`)"
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "`{token}` is for SDXL (vectors for two text encoders); the loaded model has one"
+                )));
+            }
+            (None, None) => None,
+        };
+        if let Some(second) = &second
+            && second.dim(0)? != vectors.dim(0)?
+        {
+            return Err(Error::invalid(format!(
+                "`{token}` has {} vectors for the first text encoder and {} for the second",
+                vectors.dim(0)?,
+                second.dim(0)?
+            )));
+        }
+        self.token_vectors.add(&mut self.tokenizer, &self.text_encoder, token, vectors)?;
+        if let (Some(text), Some(second)) = (&mut self.text_2, second) {
+            text.token_vectors.add(&mut text.tokenizer, &text.encoder, token, second)?;
         }
         Ok(())
     }
 
-    /// `vectors` as [N, D] f32 on the model's device, D checked against the text encoder.
-    fn check_token_vectors(&self, token: &str, vectors: &Tensor) -> Result<Tensor> {
-        let width = self.text_encoder.config().hidden_size;
-        let vectors = match vectors.dims() {
-            [d] => vectors.reshape((1, *d))?,
-            [_, _] => vectors.clone(),
-            dims => {
-                return Err(Error::invalid(format!(
-                    "vectors for `{token}` have shape {dims:?}, expected [N, {width}]"
-                )));
-            }
-        };
-        let (n, d) = vectors.dims2()?;
-        if n == 0 || d != width {
-            return Err(Error::invalid(format!(
-                "vectors for `{token}` have shape [{n}, {d}] but the text encoder's embeddings are {width} wide \
-                 (an embedding made for another model: SD1.x uses 768, SD2.x 1024)"
-            )));
-        }
-        Ok(vectors.to_dtype(DType::F32)?.to_device(self.device())?)
+    /// Replaces the vectors of the placeholder `token` (added before, with the same number of
+    /// vectors) for the first text encoder: the run-time path for vectors computed per generation.
+    pub fn set_token_vectors(&mut self, token: &str, vectors: &Tensor) -> Result<()> {
+        let vectors = check_token_vectors(&self.text_encoder, token, vectors, &self.device().clone())?;
+        self.token_vectors.set(token, &vectors)
     }
 }
