@@ -155,6 +155,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
             micro_conditioning: Default::default(),
             denoising_end: None,
             continue_from: None,
+            concat_latents: None,
             deep_cache: None,
         };
         let out = model

@@ -128,6 +128,7 @@ fn run(model: &StableDiffusion, case: &Case, mut controls: Vec<Box<dyn Control>>
         micro_conditioning: Default::default(),
         denoising_end: None,
         continue_from: None,
+        concat_latents: None,
         deep_cache: None,
     };
     let out = model.generate(&request, &mut controls, &mut NoNoise, &mut |_| {}).unwrap();

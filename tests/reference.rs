@@ -85,6 +85,7 @@ fn reference_only_matches_the_diffusers_community_pipeline() {
             micro_conditioning: Default::default(),
             denoising_end: None,
             continue_from: None,
+            concat_latents: None,
             deep_cache: None,
         };
         let out = model.generate(&request, &mut controls, &mut replay, &mut |_| {}).unwrap();

@@ -160,6 +160,7 @@ fn request(case: &Case, init: &Tensor) -> GenerateRequest {
         micro_conditioning: Default::default(),
         denoising_end: None,
         continue_from: None,
+        concat_latents: None,
         deep_cache: None,
     }
 }

@@ -375,6 +375,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 micro_conditioning: Default::default(),
                 denoising_end: None,
                 continue_from: None,
+                concat_latents: None,
                 steps: FULL_STEPS,
                 guidance: GUIDANCE,
                 scheduler: None,

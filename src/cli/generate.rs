@@ -92,6 +92,8 @@ pub struct GenerateArgs {
     reference: super::reference::ReferenceArgs,
     #[command(flatten)]
     sdxl: super::sdxl::SdxlArgs,
+    #[command(flatten)]
+    ic_light: super::ic_light::IcLightArgs,
     /// How prompts are read: diffusers (literal, truncated at 77 tokens) or a1111 ((word:1.3),
     /// (word), [word], \( escapes, BREAK, prompts of any length in 75-token chunks).
     #[arg(long, default_value = "diffusers", value_name = "SYNTAX", value_parser = |s: &str| s.parse::<PromptSyntax>().map_err(|e| e.to_string()))]
@@ -200,6 +202,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     args.embedding.add_to(&mut request);
     args.reference.add_to(&mut request)?;
     args.sdxl.add_to(&mut request);
+    args.ic_light.add_to(&mut request);
     request.validate()?;
     // Unusable output paths are refused before any work (and checked again when written).
     for path in image_paths(&args.output, args.batch)?.iter().chain(args.output_latents.as_ref()) {

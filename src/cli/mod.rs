@@ -3,6 +3,7 @@
 mod convert;
 mod embedding;
 mod generate;
+mod ic_light;
 mod inspect;
 mod ip_adapter;
 mod lora;

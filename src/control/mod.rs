@@ -13,6 +13,7 @@
 //! 4. [`Control::finish`] when the generation ends, however it ends.
 
 pub mod cross_attention;
+pub mod input_channels;
 pub mod residual;
 pub mod self_attention;
 pub mod tokens;

@@ -24,6 +24,13 @@ enum Source {
     Pickle(PickleTensors),
     /// No file: the (name, shape) of every tensor asked for, in order (see [`TensorStore::recorder`]).
     Recorder(Mutex<Vec<(String, Vec<usize>)>>),
+    /// Another store's tensors plus offsets of the same names (see [`TensorStore::with_offsets`]).
+    Sum {
+        /// The base tensors.
+        base: Arc<TensorStore>,
+        /// The offsets added to them.
+        offsets: Arc<TensorStore>,
+    },
 }
 
 /// How an entry of a renamed view is derived from the tensor stored in the file.
@@ -199,6 +206,38 @@ impl TensorStore {
         }
     }
 
+    /// `base` with `offsets` added, tensor by tensor, when read (IC-Light's weight files are such
+    /// offsets to a UNet). An offset may be wider than its base tensor along dimension 1 (a
+    /// widened input convolution): the base is then padded with zeros there. Every offset must
+    /// name a tensor of `base`; names without an offset read as the base's.
+    pub fn with_offsets(base: Arc<TensorStore>, offsets: Arc<TensorStore>) -> Result<Self> {
+        let format_err = |message: String| Error::Format { path: offsets.label.clone(), message };
+        for (name, offset) in &offsets.entries {
+            let Some(entry) = base.entries.get(name) else {
+                return Err(format_err(format!("offset `{name}` has no tensor of that name in the model")));
+            };
+            let (a, b) = (&entry.shape, &offset.shape);
+            let widened = a.len() == b.len()
+                && a.len() >= 2
+                && b[1] >= a[1]
+                && a.iter().zip(b).enumerate().all(|(i, (x, y))| i == 1 || x == y);
+            if a != b && !widened {
+                return Err(format_err(format!("offset `{name}` has shape {b:?}, the model's tensor {a:?}")));
+            }
+        }
+        let entries = base
+            .entries
+            .iter()
+            .map(|(name, entry)| {
+                let shape = offsets.entries.get(name).map_or_else(|| entry.shape.clone(), |o| o.shape.clone());
+                let entry = Entry { source: name.clone(), transforms: Vec::new(), shape, dtype: entry.dtype };
+                (name.clone(), entry)
+            })
+            .collect();
+        let label = offsets.label.clone();
+        Ok(Self { label, source: Arc::new(Source::Sum { base, offsets }), entries, source_name: None })
+    }
+
     /// A view of this store under new names: each [`Rename`] reads `from` (a name of this store),
     /// optionally transformed. `source_name` names the file key an absent name would come from, so
     /// that a model asking for it gets an error naming what the file lacks.
@@ -231,6 +270,7 @@ impl TensorStore {
             Source::Safetensors(_) => "safetensors",
             Source::Pickle(_) => "PyTorch zip pickle (torch.save)",
             Source::Recorder(_) => "none (shape recorder)",
+            Source::Sum { base, .. } => base.format(),
         }
     }
 
@@ -266,6 +306,17 @@ impl TensorStore {
             }),
             Source::Pickle(file) => file.load(&entry.source, device),
             Source::Recorder(_) => Err(self.missing(key)),
+            Source::Sum { base, offsets } => {
+                let mut tensor = base.load(&entry.source, DType::F32, device)?;
+                if offsets.contains(&entry.source) {
+                    if tensor.rank() >= 2 && entry.shape[1] > tensor.dim(1)? {
+                        let extra = entry.shape[1] - tensor.dim(1)?;
+                        tensor = tensor.pad_with_zeros(1, 0, extra)?;
+                    }
+                    tensor = (tensor + offsets.load(&entry.source, DType::F32, device)?)?;
+                }
+                Ok(tensor)
+            }
         };
         let mut tensor = read?;
         for t in &entry.transforms {

@@ -85,6 +85,8 @@ pub struct StableDiffusion {
     pub token_vectors: TokenVectors,
     /// How prompts are read.
     pub prompt_syntax: PromptSyntax,
+    /// The UNet's weights as loaded (memory-mapped), for merging offsets into it.
+    unet_weights: Arc<TensorStore>,
     options: LoadOptions,
 }
 
@@ -150,6 +152,7 @@ impl StableDiffusion {
             layers,
             token_vectors: TokenVectors::default(),
             prompt_syntax: PromptSyntax::default(),
+            unet_weights: files.unet.weights.clone(),
             options: options.clone(),
         })
     }
@@ -157,6 +160,19 @@ impl StableDiffusion {
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.options.device
+    }
+
+    /// Rebuilds the UNet from its weights plus `offsets` (same names; `conv_in` widened to
+    /// `in_channels` with zeros first): IC-Light's merge. The layers re-register, so LoRAs attach
+    /// to the merged weights.
+    pub fn merge_unet_offsets(&mut self, offsets: &Arc<TensorStore>, in_channels: usize) -> Result<()> {
+        let store = Arc::new(TensorStore::with_offsets(self.unet_weights.clone(), offsets.clone())?);
+        let mut config = self.unet.config().clone();
+        config.in_channels = in_channels;
+        let weights = Weights::new(store, self.options.dtype, &self.options.device)
+            .with_layer_registry(&self.layers.scoped("unet"));
+        self.unet = UNet::load(&weights, &config)?;
+        Ok(())
     }
 
     /// How many image pixels one latent pixel spans.
@@ -214,6 +230,9 @@ pub struct GenerateRequest {
     pub denoising_end: Option<f64>,
     /// Refiner: continue from a base's latents (diffusers' `denoising_start`).
     pub continue_from: Option<ContinueFrom>,
+    /// Condition latents [1, C', h, w] concatenated to the latents at every UNet call, in both
+    /// guidance halves (IC-Light's foreground and background).
+    pub concat_latents: Option<Tensor>,
     /// Opt-in DeepCache (an approximation: faster UNet calls between refreshes), fresh for this
     /// generation.
     pub deep_cache: Option<DeepCache>,
@@ -371,20 +390,23 @@ impl StableDiffusion {
         let guided = req.guidance > 1.0;
         let f = self.vae_scale_factor();
         let (dtype, _) = crate::io::weights::precision(self.options.dtype, &self.options.device);
+        // The input channels left for the latents and an inpainting UNet's extra channels once the
+        // concatenated condition latents (IC-Light) are counted.
+        let in_channels = self.unet.config().in_channels;
+        let concat_channels = req.concat_latents.as_ref().map(|c| c.dim(1)).transpose()?.unwrap_or(0);
+        let unet_channels = in_channels.checked_sub(concat_channels).ok_or_else(|| {
+            Error::invalid(format!(
+                "{concat_channels} condition channels, but the UNet takes {in_channels} input channels"
+            ))
+        })?;
         let image_start = match &req.init_image {
-            Some(image) => Some(init_image::start(
-                image,
-                &self.vae,
-                self.unet.config().in_channels,
-                scheduler.as_ref(),
-                req.steps,
-                &init,
-                dtype,
-            )?),
-            None if self.unet.config().in_channels != self.vae.config().latent_channels => {
+            Some(image) => {
+                Some(init_image::start(image, &self.vae, unet_channels, scheduler.as_ref(), req.steps, &init, dtype)?)
+            }
+            None if unet_channels != self.vae.config().latent_channels => {
                 return Err(Error::invalid(format!(
-                    "the UNet takes {} input channels (an inpainting model): give an init image and a mask",
-                    self.unet.config().in_channels
+                    "the UNet takes {in_channels} input channels: an inpainting model needs an init image and a mask, \
+                     an IC-Light model its condition images"
                 )));
             }
             None => None,
@@ -434,6 +456,21 @@ impl StableDiffusion {
             }
             (None, None) => (0, (init * scheduler.init_noise_sigma())?, None),
         };
+        if let Some(concat) = &req.concat_latents {
+            let (n, _, ch, cw) = concat.dims4()?;
+            if n != 1 || (ch, cw) != (h, w) {
+                return Err(Error::invalid(format!(
+                    "condition latents have shape {:?}, the generation needs [1, C, {h}, {w}]",
+                    concat.dims()
+                )));
+            }
+            let rows = if guided { 2 * batch } else { batch };
+            let concat = concat.to_dtype(dtype)?.repeat((rows, 1, 1, 1))?;
+            conditioning.extra_channels = Some(match conditioning.extra_channels.take() {
+                Some(extra) => Tensor::cat(&[&extra, &concat], 1)?,
+                None => concat,
+            });
+        }
         let end_step = match req.denoising_end {
             Some(fraction) => {
                 handoff::check_fraction("the base's end", fraction)?;

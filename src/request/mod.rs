@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::control::Control;
+use crate::control::input_channels::{IcLight, condition_latents};
 use crate::control::self_attention::{ReferenceOnly, ReferenceSettings};
 use crate::control::weights::{Lora, LoraControl, LoraMode};
 use crate::error::ResultExt;
@@ -91,6 +92,18 @@ pub struct RefinerSpec {
     pub start: f64,
 }
 
+/// IC-Light: its offset file and condition images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IcLightSpec {
+    /// `iclight_sd15_fc.safetensors` or `iclight_sd15_fbc.safetensors` (offsets merged into the
+    /// loaded model's UNet, which keeps them).
+    pub path: PathBuf,
+    /// The cut-out foreground (background gray 127, as the demo's matting leaves it).
+    pub foreground: PathBuf,
+    /// The background, for the `fbc` model.
+    pub background: Option<PathBuf>,
+}
+
 /// One generation.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -128,6 +141,8 @@ pub struct Request {
     pub init_image: Option<InitImageSpec>,
     /// A refiner that finishes the generation (its mechanisms are the base's alone).
     pub refiner: Option<RefinerSpec>,
+    /// IC-Light relighting.
+    pub ic_light: Option<IcLightSpec>,
     /// Decode in tiles (with this tile side in pixels, or the VAE config's).
     pub vae_tiling: Option<Option<usize>>,
     /// DeepCache (interval, branch): an opt-in approximation.
@@ -174,6 +189,7 @@ impl Default for Request {
             init_latents: None,
             init_image: None,
             refiner: None,
+            ic_light: None,
             vae_tiling: None,
             deep_cache: None,
             loras: Vec::new(),
@@ -396,6 +412,28 @@ impl Request {
             }
             _ => None,
         };
+        let concat_latents = match &self.ic_light {
+            Some(spec) => {
+                let ic_light = IcLight::open(&spec.path)?;
+                let groups = (ic_light.input_channels() / model.vae.config().latent_channels).saturating_sub(1);
+                let mut images = vec![load_rgb(&spec.foreground).context(|| "reading the IC-Light foreground".into())?];
+                if let Some(background) = &spec.background {
+                    images.push(load_rgb(background).context(|| "reading the IC-Light background".into())?);
+                }
+                if images.len() != groups {
+                    return Err(Error::invalid(format!(
+                        "{} takes {groups} condition image(s) (foreground{}), {} given",
+                        spec.path.display(),
+                        if groups == 2 { " and background" } else { "" },
+                        images.len()
+                    )));
+                }
+                ic_light.apply(model)?;
+                let (dtype, _) = crate::io::weights::precision(options.dtype, &options.device);
+                Some(condition_latents(&model.vae, &images, (width, height), dtype, model.device())?)
+            }
+            None => None,
+        };
         let mut notices = Vec::new();
         let device = model.device().clone();
         let mut loras = Vec::with_capacity(self.loras.len());
@@ -452,6 +490,7 @@ impl Request {
             init_image,
             denoising_end: None,
             continue_from: None,
+            concat_latents,
             deep_cache: self.deep_cache.map(|(n, branch)| DeepCache::new(n, branch)).transpose()?,
         };
         Ok(Prepared { generate, controls, notices })

@@ -99,6 +99,7 @@ impl Case {
             micro_conditioning: Default::default(),
             denoising_end: None,
             continue_from: None,
+            concat_latents: None,
             deep_cache: None,
         }
     }

@@ -90,6 +90,7 @@ pub fn generate(model: &StableDiffusion, case: &Case) -> Generated {
         micro_conditioning: Default::default(),
         denoising_end: None,
         continue_from: None,
+        concat_latents: None,
         deep_cache: None,
     };
     model.generate(&request, &mut [], &mut NoNoise, &mut |_| {}).unwrap_or_else(|e| panic!("{}: {e}", case.name))
