@@ -61,6 +61,7 @@ struct ControlCase {
     name: String,
     model: String,
     scheduler: Option<String>,
+    schedule: None,
     steps: usize,
     guidance: f64,
     prompt: String,

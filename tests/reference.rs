@@ -29,6 +29,7 @@ struct Case {
     negative_prompt: String,
     steps: usize,
     scheduler: String,
+    schedule: None,
 }
 
 #[derive(serde::Deserialize)]

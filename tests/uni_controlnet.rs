@@ -40,6 +40,7 @@ struct Cases {
 struct Case {
     name: String,
     scheduler: String,
+    schedule: None,
     steps: usize,
     guidance: f64,
     prompt: String,

@@ -18,7 +18,7 @@ use crate::models::nn::LayerRegistry;
 use crate::models::unet::{Conditioning, DeepCache, Hooks, UNet, UNetControls, UNetInput};
 use crate::models::vae::Vae;
 use crate::prompt::PromptSyntax;
-use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind, SigmaSchedule};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -155,9 +155,7 @@ impl StableDiffusion {
     /// The scheduler the model's own config names.
     pub fn default_scheduler(&self) -> Result<SchedulerKind> {
         match &self.scheduler_class {
-            Some(class) => {
-                SchedulerKind::from_class_name(class, self.scheduler_config.use_karras_sigmas.unwrap_or(false))
-            }
+            Some(class) => SchedulerKind::from_class_name(class),
             None => self.scheduler_config.kind(),
         }
     }
@@ -183,6 +181,8 @@ pub struct GenerateRequest {
     pub guidance: f64,
     /// The scheduler, or the model's own when `None`.
     pub scheduler: Option<SchedulerKind>,
+    /// The sigma schedule, or the scheduler config's own when `None`.
+    pub schedule: Option<SigmaSchedule>,
     /// Image width in pixels (ignored when `init_latents` is given).
     pub width: usize,
     /// Image height in pixels (ignored when `init_latents` is given).
@@ -312,7 +312,8 @@ impl StableDiffusion {
             Some(k) => k,
             None => self.default_scheduler()?,
         };
-        let scheduler = schedulers::build(kind, &self.scheduler_config, req.steps)?;
+        let schedule = req.schedule.map(|s| s.for_model(self.text_2.is_some()));
+        let scheduler = schedulers::build(kind, schedule, &self.scheduler_config, req.steps)?;
         let init = self.initial_noise(req, noise)?;
         let (batch, _, h, w) = init.dims4()?;
         let guided = req.guidance > 1.0;

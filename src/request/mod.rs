@@ -23,7 +23,7 @@ use crate::models::unet::DeepCache;
 use crate::noise::SeededNoise;
 use crate::pipeline::{GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion};
 use crate::prompt::PromptSyntax;
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SigmaSchedule};
 use crate::{Error, Result};
 
 pub use ip_adapter::IpAdapterRequest;
@@ -97,6 +97,8 @@ pub struct Request {
     pub guidance: f64,
     /// The scheduler, or the model's own.
     pub scheduler: Option<SchedulerKind>,
+    /// The sigma schedule, or the scheduler config's own.
+    pub schedule: Option<SigmaSchedule>,
     /// Image width in pixels (default: the model's native size).
     pub width: Option<usize>,
     /// Image height in pixels (default: the model's native size).
@@ -149,6 +151,7 @@ impl Default for Request {
             steps: 50,
             guidance: 7.5,
             scheduler: None,
+            schedule: None,
             width: None,
             height: None,
             batch: 1,
@@ -422,6 +425,7 @@ impl Request {
             steps: self.steps,
             guidance: self.guidance,
             scheduler: self.scheduler,
+            schedule: self.schedule,
             width,
             height,
             batch: self.batch,
