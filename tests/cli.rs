@@ -178,7 +178,7 @@ fn width_not_multiple_of_8_is_a_clear_error() {
 
 #[test]
 fn unknown_scheduler_is_a_clear_error() {
-    expect_error(&["--scheduler", "heun"], &repo_path(SD1), "heun");
+    expect_error(&["--scheduler", "heunn"], &repo_path(SD1), "heunn");
 }
 
 #[test]

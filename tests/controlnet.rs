@@ -144,6 +144,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
             steps: case.steps,
             guidance: case.guidance,
             scheduler: case.scheduler.as_deref().map(|s| s.parse().unwrap()),
+            schedule: None,
             width: case.width,
             height: case.height,
             batch: 1,

@@ -103,8 +103,9 @@ fn configs(_: &Fixture, path: &Path, bytes: &[u8]) {
     let _ = diffctl::models::clip_text::ClipTextConfig::load(path);
     let _ = diffctl::models::controlnet::ControlNetConfig::load(path);
     if let Ok(config) = diffctl::schedulers::SchedulerConfig::from_json_str(&text(bytes)) {
-        for kind in ["ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "pndm", "lcm", "ddpm"] {
-            let _ = diffctl::schedulers::build(kind.parse().unwrap(), &config, 4);
+        for kind in diffctl::schedulers::SchedulerKind::ALL {
+            let _ = diffctl::schedulers::build(kind, None, &config, 4);
+            let _ = diffctl::schedulers::build(kind, Some(diffctl::schedulers::SigmaSchedule::Karras), &config, 4);
         }
     }
 }

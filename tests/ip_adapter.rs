@@ -117,6 +117,7 @@ fn run(model: &StableDiffusion, case: &Case, mut controls: Vec<Box<dyn Control>>
         steps: case.steps,
         guidance: case.guidance,
         scheduler: Some(SchedulerKind::Ddim),
+        schedule: None,
         width: 0,
         height: 0,
         batch: 0,

@@ -74,6 +74,7 @@ fn reference_only_matches_the_diffusers_community_pipeline() {
             steps: case.steps,
             guidance: case.guidance,
             scheduler: Some(case.scheduler.parse().unwrap()),
+            schedule: None,
             width: 0,
             height: 0,
             batch: 0,

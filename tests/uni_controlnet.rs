@@ -149,6 +149,7 @@ fn request(case: &Case, init: &Tensor) -> GenerateRequest {
         steps: case.steps,
         guidance: case.guidance,
         scheduler: Some(case.scheduler.parse().unwrap()),
+        schedule: None,
         width: case.width,
         height: case.height,
         batch: 1,

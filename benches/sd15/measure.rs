@@ -314,7 +314,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
             let vae = Vae::load(&weights(&files.vae.weights), &files.vae.config)?;
             let mut control = load_control(job, &unet)?;
             let (x, t, ctx) = unet_inputs(job, &unet, 2)?;
-            let scheduler = schedulers::build(SchedulerKind::Ddim, &files.scheduler_config, FULL_STEPS)?;
+            let scheduler = schedulers::build(SchedulerKind::Ddim, None, &files.scheduler_config, FULL_STEPS)?;
             let mut noise = SeededNoise::new(job.seed ^ 2);
             let layers = LayerRegistry::new();
             control.prepare(&mut GenerationSetup {
@@ -376,6 +376,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 denoising_end: None,
                 continue_from: None,
                 concat_latents: None,
+                schedule: None,
                 steps: FULL_STEPS,
                 guidance: GUIDANCE,
                 scheduler: None,

@@ -14,7 +14,7 @@ use crate::limits::Limits;
 use crate::pipeline::{LoadOptions, Progress, StableDiffusion};
 use crate::prompt::PromptSyntax;
 use crate::request::{InitImageSpec, Request};
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SamplerChoice, SigmaSchedule};
 
 /// Arguments of `diffctl generate`.
 #[derive(Debug, Args)]
@@ -37,9 +37,15 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale (1 turns guidance off).
     #[arg(long, default_value_t = 7.5, value_name = "F")]
     guidance: f64,
-    /// Sampler: ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm, lcm, ddpm [default: the model's scheduler_config.json].
+    /// Sampler: ddim, euler, euler-a, heun, dpm2, dpm2-a, lms, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde, dpmpp-2s-a,
+    /// unipc, deis, pndm, lcm, tcd, ddpm, or an A1111 name ("DPM++ 2M", "Euler a", "PLMS", ...), optionally
+    /// with a schedule suffix ("DPM++ 2M Karras", dpmpp-2m-karras) [default: the model's scheduler_config.json].
     #[arg(long, value_name = "NAME")]
     scheduler: Option<String>,
+    /// Sigma schedule: normal, karras, exponential, sgm_uniform, simple, beta, align-your-steps (10 steps; the
+    /// SD1.5 or SDXL table by model) [default: the scheduler config's own].
+    #[arg(long, value_name = "NAME")]
+    schedule: Option<String>,
     /// Image width in pixels, a multiple of 8 [default: the model's native size].
     #[arg(long, value_name = "W")]
     width: Option<usize>,
@@ -166,7 +172,14 @@ fn max_memory(gb: Option<f64>) -> anyhow::Result<Option<u64>> {
 /// Runs `diffctl generate`: the flags become one library [`Request`]; this prints its notices and
 /// progress and writes the outputs.
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let scheduler = args.scheduler.as_deref().map(str::parse::<SchedulerKind>).transpose()?;
+    let (scheduler, suffix) = match args.scheduler.as_deref().map(SamplerChoice::parse).transpose()? {
+        Some((kind, suffix)) => (Some(kind), suffix),
+        None => (None, None),
+    };
+    let schedule = match (suffix, args.schedule.as_deref().map(str::parse::<SigmaSchedule>).transpose()?) {
+        (Some(a), Some(b)) if a != b => anyhow::bail!("--scheduler names the {a} schedule but --schedule is {b}"),
+        (a, b) => b.or(a),
+    };
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut request = Request {
         prompt: args.prompt.clone(),
@@ -175,6 +188,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         steps: args.steps,
         guidance: args.guidance,
         scheduler,
+        schedule,
         width: args.width,
         height: args.height,
         batch: args.batch,

@@ -78,11 +78,12 @@ pub fn check_strength(strength: f64) -> Result<()> {
     Ok(())
 }
 
-/// The index of the first step that runs for `strength` out of a schedule of `steps` (diffusers'
-/// `get_timesteps`: the last ⌊steps·strength⌋ steps run).
-pub fn first_step(steps: usize, strength: f64) -> usize {
+/// The index of the first timestep that runs for `strength` out of a schedule of `steps` steps,
+/// each `order` timesteps long (diffusers' `get_timesteps`: the last ⌊steps·strength⌋ steps run),
+/// or `None` when no step would.
+pub fn first_step(steps: usize, strength: f64, order: usize) -> Option<usize> {
     let run = ((steps as f64 * strength) as usize).min(steps);
-    steps - run
+    (run > 0).then_some((steps - run) * order)
 }
 
 /// Where sampling from an init image starts.
@@ -140,14 +141,13 @@ pub(super) fn start(
     if (ih, iw) != (h * f, w * f) {
         return Err(Error::invalid(format!("the init image is {iw}x{ih} pixels, the generation {}x{}", w * f, h * f)));
     }
-    let first = first_step(steps, init.strength);
     let total = scheduler.timesteps().len();
-    if first >= steps.min(total) {
+    let Some(first) = first_step(steps, init.strength, scheduler.order()).filter(|&first| first < total) else {
         return Err(Error::invalid(format!(
             "strength {} leaves no step of {steps} to run (give more steps or a higher strength)",
             init.strength
         )));
-    }
+    };
     let encode = |pixels: &Tensor| -> Result<Tensor> {
         let latents = vae.encode_mean_latents(&((pixels * 2.0)? - 1.0)?.to_dtype(dtype)?)?;
         Ok(latents.repeat((batch, 1, 1, 1))?)

@@ -19,7 +19,7 @@ use crate::models::nn::LayerRegistry;
 use crate::models::unet::{Conditioning, DeepCache, Hooks, UNet, UNetControls, UNetInput};
 use crate::models::vae::Vae;
 use crate::prompt::PromptSyntax;
-use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind};
+use crate::schedulers::{self, NoiseSource, Scheduler, SchedulerConfig, SchedulerKind, SigmaSchedule};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -183,9 +183,7 @@ impl StableDiffusion {
     /// The scheduler the model's own config names.
     pub fn default_scheduler(&self) -> Result<SchedulerKind> {
         match &self.scheduler_class {
-            Some(class) => {
-                SchedulerKind::from_class_name(class, self.scheduler_config.use_karras_sigmas.unwrap_or(false))
-            }
+            Some(class) => SchedulerKind::from_class_name(class),
             None => self.scheduler_config.kind(),
         }
     }
@@ -212,6 +210,8 @@ pub struct GenerateRequest {
     pub guidance: f64,
     /// The scheduler, or the model's own when `None`.
     pub scheduler: Option<SchedulerKind>,
+    /// The sigma schedule, or the scheduler config's own when `None`.
+    pub schedule: Option<SigmaSchedule>,
     /// Image width in pixels (ignored when `init_latents` is given).
     pub width: usize,
     /// Image height in pixels (ignored when `init_latents` is given).
@@ -375,7 +375,9 @@ impl StableDiffusion {
             Some(k) => k,
             None => self.default_scheduler()?,
         };
-        let scheduler = schedulers::build(kind, &self.scheduler_config, req.steps)?;
+        // SDXL models (added conditioning) take SDXL's align-your-steps table.
+        let schedule = req.schedule.map(|s| s.for_model(self.unet.config().add_embedding.is_some()));
+        let scheduler = schedulers::build(kind, schedule, &self.scheduler_config, req.steps)?;
         let init = match &req.continue_from {
             Some(_) if req.init_image.is_some() => {
                 return Err(Error::invalid("a refiner continues from latents, not from an init image"));
@@ -452,7 +454,8 @@ impl StableDiffusion {
             }
             (None, Some(from)) => {
                 // The base's latents are already at this step's noise level.
-                (handoff::refiner_start(scheduler.timesteps(), from.denoising_start, train_steps, 1), init, None)
+                let order = scheduler.order();
+                (handoff::refiner_start(scheduler.timesteps(), from.denoising_start, train_steps, order), init, None)
             }
             (None, None) => (0, (init * scheduler.init_noise_sigma())?, None),
         };

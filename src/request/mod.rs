@@ -26,7 +26,7 @@ use crate::pipeline::{
     ContinueFrom, GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion,
 };
 use crate::prompt::PromptSyntax;
-use crate::schedulers::SchedulerKind;
+use crate::schedulers::{SchedulerKind, SigmaSchedule};
 use crate::{Error, Result};
 
 pub use ip_adapter::IpAdapterRequest;
@@ -125,6 +125,8 @@ pub struct Request {
     pub guidance: f64,
     /// The scheduler, or the model's own.
     pub scheduler: Option<SchedulerKind>,
+    /// The sigma schedule, or the scheduler config's own.
+    pub schedule: Option<SigmaSchedule>,
     /// Image width in pixels (default: the model's native size).
     pub width: Option<usize>,
     /// Image height in pixels (default: the model's native size).
@@ -181,6 +183,7 @@ impl Default for Request {
             steps: 50,
             guidance: 7.5,
             scheduler: None,
+            schedule: None,
             width: None,
             height: None,
             batch: 1,
@@ -482,6 +485,7 @@ impl Request {
             steps: self.steps,
             guidance: self.guidance,
             scheduler: self.scheduler,
+            schedule: self.schedule,
             width,
             height,
             batch: self.batch,

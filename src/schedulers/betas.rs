@@ -16,11 +16,15 @@ pub(crate) struct BetaDefaults {
     pub beta_schedule: &'static str,
 }
 
-/// DDIM, DDPM, PNDM, Euler, Euler-ancestral and DPM-Solver defaults.
+/// DDIM, DDPM, PNDM, Euler, Euler-ancestral, LMS, DPM-Solver, UniPC and DEIS defaults.
 pub(crate) const LINEAR_DEFAULTS: BetaDefaults =
     BetaDefaults { beta_start: 0.0001, beta_end: 0.02, beta_schedule: "linear" };
 
-/// LCM defaults.
+/// Heun, DPM2 and DPM2-ancestral defaults (SD's beta range on a `linear` schedule).
+pub(crate) const K_DEFAULTS: BetaDefaults =
+    BetaDefaults { beta_start: 0.00085, beta_end: 0.012, beta_schedule: "linear" };
+
+/// LCM and TCD defaults.
 pub(crate) const LCM_DEFAULTS: BetaDefaults =
     BetaDefaults { beta_start: 0.00085, beta_end: 0.012, beta_schedule: "scaled_linear" };
 

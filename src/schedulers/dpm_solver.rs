@@ -7,14 +7,15 @@
 //! second-order terms. The first steps use lower orders; `lower_order_final` (and a `zero` final
 //! sigma, or `euler_at_final`) makes the last step first order, and fewer than 15 steps also makes
 //! the second-to-last at most second order. The SDE variants add fresh noise at every step.
-//! Sigmas are the training sigmas at the integer timesteps, or a Karras schedule
-//! (`use_karras_sigmas`; timesteps mapped back and rounded). Scalars are float32 like diffusers'.
+//! Sigmas are the training sigmas at the integer timesteps (the spacing's or given ones), or a
+//! Karras, exponential or beta schedule (timesteps mapped back and made integer). Scalars are
+//! float32 like diffusers'.
 
 use candle_core::Tensor;
 
 use super::betas::{LINEAR_DEFAULTS, Spacing, Train, check_range, np_arange, np_linspace};
 use super::euler::floor_zero_snr;
-use super::sigmas::{interp, karras, log_table, sigma_table, sigma_to_t};
+use super::sigmas::{Conversion, interp, log_table, sigma_table, sigma_to_t};
 use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig, div, lin2, mul};
 use crate::Result;
 
@@ -50,28 +51,77 @@ pub(crate) struct DpmSolver {
     lower_order_nums: usize,
 }
 
+/// The integer timesteps of the multistep solvers (DPM-Solver, UniPC, DEIS): `n + 1` points of the
+/// spacing with the last dropped (`trailing`: `n` points), up to `last_timestep` (the training
+/// count, or less when `lambda_min_clipped` cuts the end).
+pub(crate) fn multistep_timesteps(
+    cfg: &SchedulerConfig,
+    t_train: usize,
+    last_timestep: usize,
+    n: usize,
+) -> Result<Vec<i64>> {
+    let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
+    Ok(match spacing {
+        Spacing::Linspace => {
+            let mut v: Vec<i64> = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1, true)
+                .into_iter()
+                .map(|x| x.round_ties_even() as i64)
+                .collect();
+            v.reverse();
+            v.pop();
+            v
+        }
+        Spacing::Leading => {
+            let ratio = last_timestep / (n + 1);
+            (1..=n).rev().map(|i| (i * ratio) as i64 + cfg.steps_offset.unwrap_or(0)).collect()
+        }
+        Spacing::Trailing => np_arange(last_timestep as f64, 0.0, -(t_train as f64 / n as f64))
+            .into_iter()
+            .map(|x| x.round_ties_even() as i64 - 1)
+            .collect(),
+    })
+}
+
+/// The multistep solvers' converted schedule: `n` sigmas between the bounds (the config's, else the
+/// table's ends) and their timesteps mapped back by [`sigma_to_t`] and made integer by `to_int`.
+pub(crate) fn converted(
+    conv: Conversion,
+    table: &[f32],
+    bounds: (Option<f64>, Option<f64>),
+    n: usize,
+    to_int: impl Fn(f64) -> i64,
+) -> (Vec<f64>, Vec<i64>) {
+    let sigma_min = bounds.0.unwrap_or(table[0] as f64);
+    let sigma_max = bounds.1.unwrap_or(*table.last().expect("non-empty") as f64);
+    let sigmas = conv.apply(sigma_min, sigma_max, n);
+    let logs = log_table(table);
+    let ints = sigmas.iter().map(|&s| to_int(sigma_to_t(s, &logs))).collect();
+    (sigmas, ints)
+}
+
 /// alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t, lambda = log alpha_t - log sigma_t.
-fn alpha_sigma_lambda(sigma: f32) -> (f32, f32, f32) {
+pub(crate) fn alpha_sigma_lambda(sigma: f32) -> (f32, f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     let sig = sigma * alpha;
     (alpha, sig, alpha.ln() - sig.ln())
 }
 
 impl DpmSolver {
-    pub fn new(cfg: &SchedulerConfig, n: usize, force_karras: bool) -> Result<Self> {
+    /// `custom` timesteps replace the spacing (diffusers' `set_timesteps(timesteps=...)`).
+    pub fn new(cfg: &SchedulerConfig, n: usize, custom: Option<&[f64]>) -> Result<Self> {
         const CLASS: &str = "DPMSolverMultistepScheduler";
         cfg.reject_thresholding(CLASS)?;
         let prediction = cfg.prediction(CLASS, &[Prediction::Epsilon, Prediction::Velocity, Prediction::Sample])?;
-        for (field, value) in [
-            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
-            ("use_beta_sigmas", cfg.use_beta_sigmas),
-            ("use_lu_lambdas", cfg.use_lu_lambdas),
-            ("use_flow_sigmas", cfg.use_flow_sigmas),
-        ] {
+        for (field, value) in [("use_lu_lambdas", cfg.use_lu_lambdas), ("use_flow_sigmas", cfg.use_flow_sigmas)] {
             if value == Some(true) {
-                return Err(cfg.bad_value(field, true, "only use_karras_sigmas is supported"));
+                return Err(cfg.bad_value(
+                    field,
+                    true,
+                    "only use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas are supported",
+                ));
             }
         }
+        let conversion = Conversion::from_config(cfg)?;
         if let Some(v @ ("learned" | "learned_range")) = cfg.variance_type.as_deref() {
             return Err(cfg.bad_value(
                 "variance_type",
@@ -133,41 +183,18 @@ impl DpmSolver {
             }
             _ => t_train,
         };
-        let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
-        let offset = cfg.steps_offset.unwrap_or(0);
-        let mut ints: Vec<i64> = match spacing {
-            Spacing::Linspace => {
-                let mut v: Vec<i64> = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1, true)
-                    .into_iter()
-                    .map(|x| x.round_ties_even() as i64)
-                    .collect();
-                v.reverse();
-                v.pop();
-                v
-            }
-            Spacing::Leading => {
-                let ratio = last_timestep / (n + 1);
-                (1..=n).rev().map(|i| (i * ratio) as i64 + offset).collect()
-            }
-            Spacing::Trailing => np_arange(last_timestep as f64, 0.0, -(t_train as f64 / n as f64))
-                .into_iter()
-                .map(|x| x.round_ties_even() as i64 - 1)
-                .collect(),
+        let mut ints = match custom {
+            Some(ts) => ts.iter().map(|&t| t as i64).collect(),
+            None => multistep_timesteps(cfg, t_train, last_timestep, n)?,
         };
         let table = sigma_table(ac);
         let mut sigmas: Vec<f64>;
-        if force_karras || cfg.use_karras_sigmas.unwrap_or(false) {
-            let sigma_min = cfg.sigma_min.unwrap_or(table[0] as f64);
-            let sigma_max = cfg.sigma_max.unwrap_or(*table.last().expect("non-empty") as f64);
-            sigmas = karras(sigma_min, sigma_max, n);
-            let logs = log_table(&table);
-            ints = sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &logs);
-                    if train.cosine { t as i64 } else { t.round_ties_even() as i64 }
-                })
-                .collect();
+        if let Some(conv) = conversion {
+            (sigmas, ints) = converted(conv, &table, (cfg.sigma_min, cfg.sigma_max), n, |t| match conv {
+                // Karras timesteps are rounded (truncated for the cosine schedule), the others truncated
+                Conversion::Karras if !train.cosine => t.round_ties_even() as i64,
+                _ => t as i64,
+            });
         } else {
             sigmas = ints.iter().map(|&t| interp(t as f64, &table)).collect();
         }

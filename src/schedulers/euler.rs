@@ -3,23 +3,25 @@
 //!
 //! The model sees `x / sqrt(sigma^2 + 1)`; a step moves along d = (x - x0) / sigma from sigma_i to
 //! sigma_{i+1}. Sigmas are the training sigmas interpolated at the (possibly fractional)
-//! timesteps, or a Karras schedule (`use_karras_sigmas`, timesteps then mapped back from the
-//! sigmas), or log-linear (`interpolation_type = log_linear`); the last sigma is 0 or the smallest
+//! timesteps (or at given timesteps), or a Karras, exponential or beta schedule (timesteps then
+//! mapped back from the sigmas), or log-linear (`interpolation_type = log_linear`); the last sigma is 0 or the smallest
 //! training sigma (`final_sigmas_type`). `init_noise_sigma` is the largest sigma for `linspace` and
 //! `trailing` spacing and sqrt(max^2 + 1) for `leading`.
 
 use candle_core::Tensor;
 
-use super::betas::{LINEAR_DEFAULTS, Spacing, Train, spaced_timesteps, torch_linspace_f32};
-use super::sigmas::{interp, karras, log_table, sigma_table, sigma_to_t};
+use super::betas::{LINEAR_DEFAULTS, Spacing, Train, torch_linspace_f32};
+use super::sigmas::{Conversion, Discrete, inference_timesteps, log_table, sigma_table, sigma_to_t};
 use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig, div, mul};
 use crate::Result;
 
 pub(crate) struct Euler {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f64,
-    prediction: Prediction,
+    /// The model timesteps (float32 values).
+    pub timesteps: Vec<f64>,
+    /// One sigma per timestep, then the final sigma.
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f64,
+    pub prediction: Prediction,
 }
 
 /// The zero-SNR variants replace the last `alphas_cumprod` (exactly 0) by 2^-24 so sigma stays
@@ -42,11 +44,6 @@ pub(crate) fn euler_init_noise_sigma(sigmas: &[f32], spacing: Spacing) -> f64 {
     }
 }
 
-/// The Euler schedulers' inference timesteps as float32 values (`linspace` ones are fractional).
-pub(crate) fn euler_timesteps(cfg: &SchedulerConfig, spacing: Spacing, train: usize, n: usize) -> Vec<f32> {
-    spaced_timesteps(spacing, train, n, cfg.steps_offset.unwrap_or(0)).into_iter().map(|v| v as f32).collect()
-}
-
 /// Euler's `x0` prediction (shared with Euler-ancestral).
 pub(crate) fn predict_x0(prediction: Prediction, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
     Ok(match prediction {
@@ -60,16 +57,10 @@ pub(crate) fn predict_x0(prediction: Prediction, model_output: &Tensor, sample: 
 }
 
 impl Euler {
-    pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
+    /// `custom` timesteps replace the spacing (diffusers' `set_timesteps(timesteps=...)`).
+    pub fn new(cfg: &SchedulerConfig, n: usize, custom: Option<&[f64]>) -> Result<Self> {
         const CLASS: &str = "EulerDiscreteScheduler";
         let prediction = cfg.prediction(CLASS, &[Prediction::Epsilon, Prediction::Velocity, Prediction::Sample])?;
-        for (field, value) in
-            [("use_exponential_sigmas", cfg.use_exponential_sigmas), ("use_beta_sigmas", cfg.use_beta_sigmas)]
-        {
-            if value == Some(true) {
-                return Err(cfg.bad_value(field, true, "only use_karras_sigmas is supported"));
-            }
-        }
         if cfg.timestep_type.as_deref().unwrap_or("discrete") != "discrete" && prediction == Prediction::Velocity {
             return Err(cfg.bad_value(
                 "timestep_type",
@@ -87,26 +78,33 @@ impl Euler {
         let mut train = Train::new(cfg, &LINEAR_DEFAULTS, true)?;
         floor_zero_snr(&mut train);
         let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
-        let ts32 = euler_timesteps(cfg, spacing, train.num_train_timesteps, n);
-        let table = sigma_table(&train.alphas_cumprod);
-        let mut sigmas: Vec<f64> = if log_linear {
+        let (mut sigmas, timesteps) = if log_linear {
+            // the Karras-style conversions apply to the log-linear sigmas as diffusers does
+            let table = sigma_table(&train.alphas_cumprod);
             let lo = (*table.last().expect("non-empty") as f64).ln() as f32;
             let hi = (table[0] as f64).ln() as f32;
-            torch_linspace_f32(lo as f64, hi as f64, n + 1).into_iter().map(|v| v.exp() as f64).collect()
+            let sigmas: Vec<f64> =
+                torch_linspace_f32(lo as f64, hi as f64, n + 1).into_iter().map(|v| v.exp() as f64).collect();
+            match Conversion::from_config(cfg)? {
+                Some(conv) => {
+                    let sigma_min = cfg.sigma_min.unwrap_or(*sigmas.last().expect("n >= 1"));
+                    let sigma_max = cfg.sigma_max.unwrap_or(sigmas[0]);
+                    let sigmas = conv.apply(sigma_min, sigma_max, n);
+                    let logs = log_table(&table);
+                    let ts = sigmas.iter().map(|&s| sigma_to_t(s, &logs)).collect();
+                    (sigmas, ts)
+                }
+                None => (sigmas, inference_timesteps(cfg, train.num_train_timesteps, spacing, n, custom)),
+            }
         } else {
-            ts32.iter().map(|&t| interp(t as f64, &table)).collect()
+            let d = Discrete::new(cfg, &train.alphas_cumprod, spacing, n, custom, (cfg.sigma_min, cfg.sigma_max))?;
+            (d.sigmas, d.timesteps)
         };
-        let mut timesteps: Vec<f64> = ts32.iter().map(|&t| t as f64).collect();
-        if cfg.use_karras_sigmas.unwrap_or(false) {
-            let sigma_min = cfg.sigma_min.unwrap_or(*sigmas.last().expect("n >= 1"));
-            let sigma_max = cfg.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = karras(sigma_min, sigma_max, n);
-            let logs = log_table(&table);
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs) as f32 as f64).collect();
-        }
+        let timesteps: Vec<f64> = timesteps.into_iter().map(|t| t as f32 as f64).collect();
+        let table0 = sigma_table(&train.alphas_cumprod)[0];
         let last = match cfg.final_sigmas_type.as_deref().unwrap_or("zero") {
             "zero" => 0.0,
-            "sigma_min" => table[0] as f64,
+            "sigma_min" => table0 as f64,
             other => {
                 return Err(cfg.bad_value("final_sigmas_type", format!("`{other}`"), "valid: zero, sigma_min"));
             }

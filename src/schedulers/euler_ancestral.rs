@@ -9,8 +9,8 @@
 use candle_core::Tensor;
 
 use super::betas::{LINEAR_DEFAULTS, Spacing, Train};
-use super::euler::{euler_init_noise_sigma, euler_timesteps, floor_zero_snr, predict_x0};
-use super::sigmas::{interp, sigma_table};
+use super::euler::{euler_init_noise_sigma, floor_zero_snr, predict_x0};
+use super::sigmas::{inference_timesteps, interp, sigma_table};
 use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig, div, mul};
 use crate::Result;
 
@@ -28,13 +28,13 @@ impl EulerAncestral {
         let mut train = Train::new(cfg, &LINEAR_DEFAULTS, true)?;
         floor_zero_snr(&mut train);
         let spacing = Spacing::from_config(cfg, Spacing::Linspace)?;
-        let ts32 = euler_timesteps(cfg, spacing, train.num_train_timesteps, n);
+        let timesteps = inference_timesteps(cfg, train.num_train_timesteps, spacing, n, None);
         let table = sigma_table(&train.alphas_cumprod);
-        let mut sigmas: Vec<f32> = ts32.iter().map(|&t| interp(t as f64, &table) as f32).collect();
+        let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, &table) as f32).collect();
         sigmas.push(0.0);
         Ok(EulerAncestral {
             init_noise_sigma: euler_init_noise_sigma(&sigmas, spacing),
-            timesteps: ts32.iter().map(|&t| t as f64).collect(),
+            timesteps,
             sigmas,
             prediction,
         })

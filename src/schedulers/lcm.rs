@@ -23,32 +23,37 @@ pub(crate) struct Lcm {
     timestep_scaling: f32,
 }
 
+/// The timesteps of the consistency-distilled schedulers (LCM, TCD): `n` of the
+/// `original_inference_steps` distillation timesteps (every `T / original`-th, descending), picked
+/// at `floor(linspace(0, original, n, endpoint=False))`.
+pub(crate) fn distilled_timesteps(cfg: &SchedulerConfig, t: usize, n: usize, name: &str) -> Result<Vec<i64>> {
+    let original = cfg.original_inference_steps.unwrap_or(50);
+    if original == 0 || original > t {
+        return Err(cfg.bad_value(
+            "original_inference_steps",
+            original,
+            &format!("must be between 1 and num_train_timesteps = {t}"),
+        ));
+    }
+    if n > original {
+        return Err(cfg.error(format!("{name} can take at most `original_inference_steps` = {original} steps, got {n}")));
+    }
+    let k = (t / original) as i64;
+    let mut origin: Vec<i64> = (1..=original as i64).map(|i| i * k - 1).collect();
+    origin.reverse();
+    let ints: Vec<i64> =
+        np_linspace(0.0, origin.len() as f64, n, false).into_iter().map(|x| origin[x.floor() as usize]).collect();
+    check_range(cfg, &ints, t)?;
+    Ok(ints)
+}
+
 impl Lcm {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         const CLASS: &str = "LCMScheduler";
         cfg.reject_thresholding(CLASS)?;
         let prediction = cfg.prediction(CLASS, &[Prediction::Epsilon, Prediction::Velocity, Prediction::Sample])?;
         let train = Train::new(cfg, &LCM_DEFAULTS, true)?;
-        let t = train.num_train_timesteps;
-        let original = cfg.original_inference_steps.unwrap_or(50);
-        if original == 0 || original > t {
-            return Err(cfg.bad_value(
-                "original_inference_steps",
-                original,
-                &format!("must be between 1 and num_train_timesteps = {t}"),
-            ));
-        }
-        if n > original {
-            return Err(
-                cfg.error(format!("LCM can take at most `original_inference_steps` = {original} steps, got {n}"))
-            );
-        }
-        let k = (t / original) as i64;
-        let mut origin: Vec<i64> = (1..=original as i64).map(|i| i * k - 1).collect();
-        origin.reverse();
-        let ints: Vec<i64> =
-            np_linspace(0.0, origin.len() as f64, n, false).into_iter().map(|x| origin[x.floor() as usize]).collect();
-        check_range(cfg, &ints, t)?;
+        let ints = distilled_timesteps(cfg, train.num_train_timesteps, n, "LCM")?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { train.alphas_cumprod[0] };
         let clip = cfg.clip_sample.unwrap_or(false).then(|| cfg.clip_sample_range.unwrap_or(1.0) as f32);
         Ok(Lcm {

@@ -5,8 +5,14 @@
 //! - [`SchedulerConfig`]: the fields of a diffusers `scheduler_config.json` that change the math,
 //!   each `Option` so that a field missing from the file takes the chosen class's own default,
 //!   exactly as diffusers' `from_config` does.
-//! - [`SchedulerKind`]: the CLI names (`ddim`, `euler`, `euler-a`, `dpmpp-2m`, `dpmpp-2m-karras`,
-//!   `pndm`, `lcm`, `ddpm`) and the mapping from a config's `_class_name`.
+//! - [`SchedulerKind`]: the samplers by CLI name (`ddim`, `euler`, `euler-a`, `heun`, `dpm2`,
+//!   `dpm2-a`, `lms`, `dpmpp-2m`, `dpmpp-2m-sde`, `dpmpp-3m-sde`, `dpmpp-2s-a`, `unipc`, `deis`,
+//!   `pndm`, `lcm`, `tcd`, `ddpm`) and the mapping from a config's `_class_name`.
+//! - [`SigmaSchedule`]: the noise-level schedule as a separate axis (Karras, exponential, beta,
+//!   sgm_uniform, simple, align-your-steps), applied through the class's own config flags or as
+//!   given timesteps, as diffusers does.
+//! - [`SamplerChoice::parse`]: our names and A1111's sampler names (`DPM++ 2M Karras`) into a
+//!   sampler and an optional schedule.
 //! - [`Scheduler`]: the per-run object the sampling loop drives.
 //! - [`NoiseSource`]: where ancestral samplers get fresh noise (seeded RNG in the CLI, replayed noise
 //!   in parity tests).
@@ -35,6 +41,12 @@ pub trait Scheduler {
     fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
         Ok(sample.clone())
     }
+    /// diffusers' `scheduler.order`: how many entries of [`Scheduler::timesteps`] one denoising
+    /// step spans (2 for Heun and DPM2, whose timesteps repeat for their second model call);
+    /// img2img skips whole steps, `order` entries at a time.
+    fn order(&self) -> usize {
+        1
+    }
     /// Forward noising to the noise level of step `step_index` (diffusers' `scheduler.add_noise` at
     /// that step's timestep): `original` and `noise` [B, C, h, w], in the scheduler's own space
     /// (`sqrt(ᾱ)·x + sqrt(1 − ᾱ)·ε`, or `x + σ·ε` for the schedulers that work in sigma space).
@@ -53,12 +65,25 @@ pub trait Scheduler {
 mod betas;
 mod ddim;
 mod ddpm;
+mod deis;
 mod dpm_solver;
+mod dpmpp_2s_ancestral;
 mod euler;
 mod euler_ancestral;
+mod heun;
+mod kdpm2;
+mod kdpm2_ancestral;
 mod lcm;
+mod lms;
+mod names;
 mod pndm;
+mod schedule;
 mod sigmas;
+mod tcd;
+mod unipc;
+
+pub use names::SamplerChoice;
+pub use schedule::{AysModel, SigmaSchedule};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -69,7 +94,7 @@ use serde_json::{Map, Value};
 
 use crate::Error;
 
-/// The scheduler families, by their CLI names.
+/// The samplers, by their CLI names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
     /// `ddim`: DDIMScheduler (deterministic, eta = 0).
@@ -78,28 +103,56 @@ pub enum SchedulerKind {
     Euler,
     /// `euler-a`: EulerAncestralDiscreteScheduler.
     EulerAncestral,
+    /// `heun`: HeunDiscreteScheduler (second order, two model calls per step).
+    Heun,
+    /// `dpm2`: KDPM2DiscreteScheduler (second order, two model calls per step).
+    Dpm2,
+    /// `dpm2-a`: KDPM2AncestralDiscreteScheduler (stochastic, two model calls per step).
+    Dpm2Ancestral,
+    /// `lms`: LMSDiscreteScheduler (linear multistep, order 4).
+    Lms,
     /// `dpmpp-2m`: DPMSolverMultistepScheduler with the config's own settings.
     DpmPp2m,
-    /// `dpmpp-2m-karras`: DPMSolverMultistepScheduler with `use_karras_sigmas` forced on.
-    DpmPp2mKarras,
+    /// `dpmpp-2m-sde`: DPMSolverMultistepScheduler with `algorithm_type` sde-dpmsolver++, order 2.
+    DpmPp2mSde,
+    /// `dpmpp-3m-sde`: DPMSolverMultistepScheduler with `algorithm_type` sde-dpmsolver++, order 3.
+    DpmPp3mSde,
+    /// `dpmpp-2s-a`: k-diffusion's `sample_dpmpp_2s_ancestral` (no diffusers class) on
+    /// EulerDiscreteScheduler's sigmas; two model calls per step but the last.
+    DpmPp2sAncestral,
+    /// `unipc`: UniPCMultistepScheduler (bh2 unless the config says otherwise).
+    UniPc,
+    /// `deis`: DEISMultistepScheduler.
+    Deis,
     /// `pndm`: PNDMScheduler.
     Pndm,
     /// `lcm`: LCMScheduler.
     Lcm,
+    /// `tcd`: TCDScheduler (eta = 0.3, diffusers' default).
+    Tcd,
     /// `ddpm`: DDPMScheduler.
     Ddpm,
 }
 
 impl SchedulerKind {
     /// Every kind, in the order the CLI lists them.
-    pub const ALL: [SchedulerKind; 8] = [
+    pub const ALL: [SchedulerKind; 17] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
+        SchedulerKind::Heun,
+        SchedulerKind::Dpm2,
+        SchedulerKind::Dpm2Ancestral,
+        SchedulerKind::Lms,
         SchedulerKind::DpmPp2m,
-        SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::DpmPp2mSde,
+        SchedulerKind::DpmPp3mSde,
+        SchedulerKind::DpmPp2sAncestral,
+        SchedulerKind::UniPc,
+        SchedulerKind::Deis,
         SchedulerKind::Pndm,
         SchedulerKind::Lcm,
+        SchedulerKind::Tcd,
         SchedulerKind::Ddpm,
     ];
 
@@ -109,52 +162,82 @@ impl SchedulerKind {
             SchedulerKind::Ddim => "ddim",
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerAncestral => "euler-a",
+            SchedulerKind::Heun => "heun",
+            SchedulerKind::Dpm2 => "dpm2",
+            SchedulerKind::Dpm2Ancestral => "dpm2-a",
+            SchedulerKind::Lms => "lms",
             SchedulerKind::DpmPp2m => "dpmpp-2m",
-            SchedulerKind::DpmPp2mKarras => "dpmpp-2m-karras",
+            SchedulerKind::DpmPp2mSde => "dpmpp-2m-sde",
+            SchedulerKind::DpmPp3mSde => "dpmpp-3m-sde",
+            SchedulerKind::DpmPp2sAncestral => "dpmpp-2s-a",
+            SchedulerKind::UniPc => "unipc",
+            SchedulerKind::Deis => "deis",
             SchedulerKind::Pndm => "pndm",
             SchedulerKind::Lcm => "lcm",
+            SchedulerKind::Tcd => "tcd",
             SchedulerKind::Ddpm => "ddpm",
         }
     }
 
-    /// The diffusers class this kind reproduces.
+    /// The diffusers class this kind reproduces (for `dpmpp-2s-a`, which has none, the class whose
+    /// sigmas it samples on).
     pub fn class_name(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "DDIMScheduler",
-            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::Euler | SchedulerKind::DpmPp2sAncestral => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
-            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::Dpm2 => "KDPM2DiscreteScheduler",
+            SchedulerKind::Dpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde | SchedulerKind::DpmPp3mSde => {
+                "DPMSolverMultistepScheduler"
+            }
+            SchedulerKind::UniPc => "UniPCMultistepScheduler",
+            SchedulerKind::Deis => "DEISMultistepScheduler",
             SchedulerKind::Pndm => "PNDMScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Tcd => "TCDScheduler",
             SchedulerKind::Ddpm => "DDPMScheduler",
         }
     }
 
-    /// The kind for a diffusers `_class_name`; `DPMSolverMultistepScheduler` maps to
-    /// `dpmpp-2m-karras` when `use_karras_sigmas` is set, else `dpmpp-2m`.
-    pub fn from_class_name(class_name: &str, use_karras_sigmas: bool) -> Result<Self> {
+    /// The kind for a diffusers `_class_name` (a `DPMSolverMultistepScheduler` config keeps its own
+    /// algorithm, order and sigma flags under `dpmpp-2m`).
+    pub fn from_class_name(class_name: &str) -> Result<Self> {
         Ok(match class_name {
             "DDIMScheduler" => SchedulerKind::Ddim,
             "EulerDiscreteScheduler" => SchedulerKind::Euler,
             "EulerAncestralDiscreteScheduler" => SchedulerKind::EulerAncestral,
-            "DPMSolverMultistepScheduler" if use_karras_sigmas => SchedulerKind::DpmPp2mKarras,
+            "HeunDiscreteScheduler" => SchedulerKind::Heun,
+            "KDPM2DiscreteScheduler" => SchedulerKind::Dpm2,
+            "KDPM2AncestralDiscreteScheduler" => SchedulerKind::Dpm2Ancestral,
+            "LMSDiscreteScheduler" => SchedulerKind::Lms,
             "DPMSolverMultistepScheduler" => SchedulerKind::DpmPp2m,
+            "UniPCMultistepScheduler" => SchedulerKind::UniPc,
+            "DEISMultistepScheduler" => SchedulerKind::Deis,
             "PNDMScheduler" => SchedulerKind::Pndm,
             "LCMScheduler" => SchedulerKind::Lcm,
+            "TCDScheduler" => SchedulerKind::Tcd,
             "DDPMScheduler" => SchedulerKind::Ddpm,
             other => {
+                let mut classes: Vec<&str> = Self::ALL
+                    .iter()
+                    .filter(|k| **k != SchedulerKind::DpmPp2sAncestral)
+                    .map(|k| k.class_name())
+                    .collect();
+                classes.dedup();
                 return Err(Error::invalid(format!(
-                    "unsupported scheduler class `{other}`; supported classes: DDIMScheduler, \
-                     EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, \
-                     DPMSolverMultistepScheduler, PNDMScheduler, LCMScheduler, DDPMScheduler \
-                     (or pick a scheduler by name: {})",
+                    "unsupported scheduler class `{other}`; supported classes: {} (or pick a scheduler by \
+                     name: {})",
+                    classes.join(", "),
                     Self::names()
                 )));
             }
         })
     }
 
-    fn names() -> String {
+    pub(crate) fn names() -> String {
         Self::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
     }
 }
@@ -168,12 +251,15 @@ impl fmt::Display for SchedulerKind {
 impl FromStr for SchedulerKind {
     type Err = Error;
 
+    /// A sampler name alone (ours or A1111's); a name with a schedule suffix such as
+    /// `DPM++ 2M Karras` is an error here: parse it with [`SamplerChoice::parse`].
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| Error::invalid(format!("unknown scheduler `{s}`; valid names: {}", Self::names())))
+        match SamplerChoice::parse(s)? {
+            (kind, None) => Ok(kind),
+            (_, Some(schedule)) => Err(Error::invalid(format!(
+                "`{s}` names a sampler and the `{schedule}` schedule; give the sampler alone here"
+            ))),
+        }
     }
 }
 
@@ -206,12 +292,13 @@ pub struct SchedulerConfig {
     /// Dynamic thresholding: unsupported, an error when true for a class that would apply it.
     pub thresholding: Option<bool>,
     pub use_karras_sigmas: Option<bool>,
-    /// Unsupported sigma schedules: an error when true for a class that would apply them.
+    /// Exponential and beta sigma schedules (the classes that have `use_karras_sigmas`).
     pub use_exponential_sigmas: Option<bool>,
     pub use_beta_sigmas: Option<bool>,
+    /// Unsupported sigma schedules: an error when true for a class that would apply them.
     pub use_lu_lambdas: Option<bool>,
     pub use_flow_sigmas: Option<bool>,
-    /// Karras schedule bounds (Euler; also honoured by DPM-Solver, as diffusers does).
+    /// Converted-schedule bounds (Euler, DPM-Solver, UniPC, as diffusers does).
     pub sigma_min: Option<f64>,
     pub sigma_max: Option<f64>,
     /// Euler: `linear` or `log_linear`.
@@ -222,12 +309,16 @@ pub struct SchedulerConfig {
     pub final_sigmas_type: Option<String>,
     /// DPM-Solver: `dpmsolver++`, `sde-dpmsolver++`, `dpmsolver`, `sde-dpmsolver`.
     pub algorithm_type: Option<String>,
-    /// DPM-Solver: `midpoint` or `heun`.
+    /// DPM-Solver: `midpoint` or `heun`; UniPC: `bh1` or `bh2`.
     pub solver_type: Option<String>,
     pub solver_order: Option<usize>,
     pub lower_order_final: Option<bool>,
     pub euler_at_final: Option<bool>,
     pub lambda_min_clipped: Option<f64>,
+    /// UniPC: `false` predicts noise instead of x0.
+    pub predict_x0: Option<bool>,
+    /// UniPC: the steps whose corrector is skipped.
+    pub disable_corrector: Option<Vec<usize>>,
     /// DDPM: `fixed_small`, `fixed_small_log`, `fixed_large` (DPM-Solver: learned variances are
     /// unsupported).
     pub variance_type: Option<String>,
@@ -293,6 +384,8 @@ impl SchedulerConfig {
             lower_order_final: r.get("lower_order_final")?,
             euler_at_final: r.get("euler_at_final")?,
             lambda_min_clipped: r.get("lambda_min_clipped")?,
+            predict_x0: r.get("predict_x0")?,
+            disable_corrector: r.get("disable_corrector")?,
             variance_type: r.get("variance_type")?,
             original_inference_steps: r.get("original_inference_steps")?,
             timestep_scaling: r.get("timestep_scaling")?,
@@ -300,12 +393,12 @@ impl SchedulerConfig {
         })
     }
 
-    /// The kind named by `_class_name` (DPM-Solver with `use_karras_sigmas` is `dpmpp-2m-karras`).
+    /// The kind named by `_class_name` (its sigma flags, such as `use_karras_sigmas`, stay in the
+    /// config and apply when no schedule is chosen).
     pub fn kind(&self) -> Result<SchedulerKind> {
         let name =
             self.class_name.as_deref().ok_or_else(|| self.error("has no `_class_name`; choose a scheduler by name"))?;
-        SchedulerKind::from_class_name(name, self.use_karras_sigmas.unwrap_or(false))
-            .map_err(|e| self.error(e.to_string()))
+        SchedulerKind::from_class_name(name).map_err(|e| self.error(e.to_string()))
     }
 
     /// An error about this config: [`Error::Config`] naming the file when it came from one.
@@ -350,8 +443,15 @@ fn short(v: &Value) -> String {
     if s.chars().count() > 60 { format!("{}...", s.chars().take(60).collect::<String>()) } else { s }
 }
 
-/// Builds the scheduler `kind` from `config` for a run of `num_inference_steps` steps.
-pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Box<dyn Scheduler>> {
+/// Builds the scheduler `kind` from `config` for a run of `num_inference_steps` steps, with the
+/// sigma schedule `schedule` (`None`: the config's own; see [`SigmaSchedule`] for what applies
+/// to which sampler).
+pub fn build(
+    kind: SchedulerKind,
+    schedule: Option<SigmaSchedule>,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>> {
     if num_inference_steps == 0 {
         return Err(Error::invalid("the number of inference steps must be at least 1"));
     }
@@ -362,15 +462,42 @@ pub fn build(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps:
              {train} training timesteps"
         )));
     }
+    let mut cfg = config.clone();
+    match kind {
+        SchedulerKind::DpmPp2mSde => {
+            cfg.algorithm_type = Some("sde-dpmsolver++".into());
+            cfg.solver_order = Some(2);
+        }
+        SchedulerKind::DpmPp3mSde => {
+            cfg.algorithm_type = Some("sde-dpmsolver++".into());
+            cfg.solver_order = Some(3);
+        }
+        _ => {}
+    }
+    let custom = match schedule {
+        Some(schedule) => schedule.apply(kind, &mut cfg, num_inference_steps)?,
+        None => None,
+    };
+    let custom = custom.as_deref();
+    let n = num_inference_steps;
     Ok(match kind {
-        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config, num_inference_steps)?),
-        SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(config, num_inference_steps)?),
-        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config, num_inference_steps)?),
-        SchedulerKind::Euler => Box::new(euler::Euler::new(config, num_inference_steps)?),
-        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(config, num_inference_steps)?),
-        SchedulerKind::DpmPp2m => Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, false)?),
-        SchedulerKind::DpmPp2mKarras => Box::new(dpm_solver::DpmSolver::new(config, num_inference_steps, true)?),
-        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(config, num_inference_steps)?),
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&cfg, n)?),
+        SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(&cfg, n)?),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&cfg, n)?),
+        SchedulerKind::Euler => Box::new(euler::Euler::new(&cfg, n, custom)?),
+        SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(&cfg, n)?),
+        SchedulerKind::Heun => Box::new(heun::Heun::new(&cfg, n, custom)?),
+        SchedulerKind::Dpm2 => Box::new(kdpm2::Kdpm2::new(&cfg, n)?),
+        SchedulerKind::Dpm2Ancestral => Box::new(kdpm2_ancestral::Kdpm2Ancestral::new(&cfg, n)?),
+        SchedulerKind::Lms => Box::new(lms::Lms::new(&cfg, n)?),
+        SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde | SchedulerKind::DpmPp3mSde => {
+            Box::new(dpm_solver::DpmSolver::new(&cfg, n, custom)?)
+        }
+        SchedulerKind::DpmPp2sAncestral => Box::new(dpmpp_2s_ancestral::DpmPp2sAncestral::new(&cfg, n, custom)?),
+        SchedulerKind::UniPc => Box::new(unipc::UniPc::new(&cfg, n)?),
+        SchedulerKind::Deis => Box::new(deis::Deis::new(&cfg, n)?),
+        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&cfg, n)?),
+        SchedulerKind::Tcd => Box::new(tcd::Tcd::new(&cfg, n)?),
     })
 }
 

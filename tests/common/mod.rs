@@ -82,12 +82,15 @@ pub struct Case {
 impl Case {
     /// The request that replays this case from its fixture's starting latents.
     pub fn request(&self, fixture: &HashMap<String, Tensor>) -> diffctl::pipeline::GenerateRequest {
+        // `dpmpp-2m-karras` is a sampler and a schedule
+        let choice = self.scheduler.as_deref().map(|s| diffctl::schedulers::SamplerChoice::parse(s).unwrap());
         diffctl::pipeline::GenerateRequest {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps,
             guidance: self.guidance,
-            scheduler: self.scheduler.as_deref().map(|s| s.parse().unwrap()),
+            scheduler: choice.map(|(kind, _)| kind),
+            schedule: choice.and_then(|(_, schedule)| schedule),
             width: 0,
             height: 0,
             batch: 0,

@@ -79,6 +79,7 @@ pub fn generate(model: &StableDiffusion, case: &Case) -> Generated {
         steps: case.steps,
         guidance: case.guidance,
         scheduler: None,
+        schedule: None,
         width: 0,
         height: 0,
         batch: 0,
