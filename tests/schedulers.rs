@@ -64,8 +64,7 @@ fn parity_with_diffusers() {
         let config = SchedulerConfig::from_value(&case["config"], None).unwrap();
         let steps = case["steps"].as_u64().unwrap() as usize;
         let tensors = candle_core::safetensors::load(dir.join(case["file"].as_str().unwrap()), &Device::Cpu).unwrap();
-        let mut sched =
-            build(kind, schedule, &config, steps).unwrap_or_else(|e| panic!("{name}: build failed: {e}"));
+        let mut sched = build(kind, schedule, &config, steps).unwrap_or_else(|e| panic!("{name}: build failed: {e}"));
 
         let want_ts: Vec<f64> = case["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let got_ts = sched.timesteps().to_vec();
@@ -229,7 +228,10 @@ fn class_names_map_to_kinds() {
     assert_eq!(SchedulerKind::from_class_name("PNDMScheduler").unwrap(), SchedulerKind::Pndm);
     assert_eq!(SchedulerKind::from_class_name("DPMSolverMultistepScheduler").unwrap(), SchedulerKind::DpmPp2m);
     for kind in SchedulerKind::ALL {
-        if kind != SchedulerKind::DpmPp2sAncestral && kind != SchedulerKind::DpmPp2mSde && kind != SchedulerKind::DpmPp3mSde {
+        if kind != SchedulerKind::DpmPp2sAncestral
+            && kind != SchedulerKind::DpmPp2mSde
+            && kind != SchedulerKind::DpmPp3mSde
+        {
             assert_eq!(SchedulerKind::from_class_name(kind.class_name()).unwrap(), kind);
         }
     }

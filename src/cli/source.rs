@@ -22,6 +22,10 @@ pub struct SourceArgs {
     /// checkpoints default to v_prediction, as the 768-v models; SD2 base models need epsilon).
     #[arg(long, value_name = "TYPE", value_parser = ["epsilon", "v_prediction"])]
     prediction_type: Option<String>,
+    /// A VAE replacing the model's: a diffusers VAE folder, or one weight file in the original layout
+    /// (vae-ft-mse-840000, sdxl_vae, the SDXL fp16-fix VAE) or diffusers names.
+    #[arg(long, value_name = "PATH")]
+    vae: Option<PathBuf>,
 }
 
 impl SourceArgs {
@@ -31,6 +35,7 @@ impl SourceArgs {
             tokenizer: self.tokenizer.clone(),
             model_config: self.model_config.clone(),
             prediction_type: self.prediction_type.clone(),
+            vae: self.vae.clone(),
         }
     }
 }

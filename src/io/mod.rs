@@ -16,6 +16,7 @@ pub mod output;
 pub mod pickle;
 pub mod single_file;
 pub mod uni_controlnet;
+pub mod vae_file;
 pub mod weights;
 
 use std::path::Path;

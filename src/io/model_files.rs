@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::diffusers_folder::DiffusersFolder;
 use super::single_file;
 use super::weights::TensorStore;
+use crate::error::ResultExt;
 use crate::models::clip_text::ClipTextConfig;
 use crate::models::unet::UNetConfig;
 use crate::models::vae::VaeConfig;
@@ -29,6 +30,9 @@ pub struct SourceOptions {
     pub model_config: Option<PathBuf>,
     /// Overrides the scheduler config's `prediction_type` (`epsilon`, `v_prediction`).
     pub prediction_type: Option<String>,
+    /// A VAE replacing the model's: a diffusers VAE folder or one weight file (see
+    /// [`super::vae_file`]).
+    pub vae: Option<PathBuf>,
 }
 
 /// One network of the model: its config and its weights under diffusers names.
@@ -187,6 +191,10 @@ impl ModelFiles {
             }
             files
         };
+        if let Some(vae) = &options.vae {
+            files.vae =
+                super::vae_file::open(vae, &files.vae).context(|| format!("loading the VAE {}", vae.display()))?;
+        }
         if let Some(prediction) = &options.prediction_type {
             if !["epsilon", "v_prediction"].contains(&prediction.as_str()) {
                 return Err(Error::invalid(format!(

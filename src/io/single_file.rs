@@ -396,7 +396,7 @@ fn infer_unet(s: &TensorStore) -> Result<Map<String, Value>> {
     Ok(m)
 }
 
-fn infer_vae(s: &TensorStore) -> Result<Map<String, Value>> {
+pub(crate) fn infer_vae(s: &TensorStore) -> Result<Map<String, Value>> {
     let key = |k: &str| format!("{VAE_PREFIX}{k}");
     let conv_in = need(s, &key("encoder.conv_in.weight"), 4)?;
     let channels: Vec<usize> =
@@ -470,7 +470,7 @@ type Conflict = (String, Value, Value);
 /// `base` with the `inferred` fields set, and the fields where `base` disagrees with them. Per-block
 /// values compare element-wise over `blocks` (a single value stands for every block); `null`
 /// entries of `inferred` take the base's value (or 1).
-fn merge(base: &Value, inferred: &Map<String, Value>, blocks: usize) -> (Value, Vec<Conflict>) {
+pub(crate) fn merge(base: &Value, inferred: &Map<String, Value>, blocks: usize) -> (Value, Vec<Conflict>) {
     let mut out = base.as_object().cloned().unwrap_or_default();
     let mut conflicts = Vec::new();
     for (key, want) in inferred {

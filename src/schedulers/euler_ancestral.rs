@@ -32,12 +32,7 @@ impl EulerAncestral {
         let table = sigma_table(&train.alphas_cumprod);
         let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| interp(t, &table) as f32).collect();
         sigmas.push(0.0);
-        Ok(EulerAncestral {
-            init_noise_sigma: euler_init_noise_sigma(&sigmas, spacing),
-            timesteps,
-            sigmas,
-            prediction,
-        })
+        Ok(EulerAncestral { init_noise_sigma: euler_init_noise_sigma(&sigmas, spacing), timesteps, sigmas, prediction })
     }
 }
 

@@ -114,8 +114,7 @@ impl Scheduler for Kdpm2 {
                 (sample + mul(&derivative, sigma_interpol - sigma)?)?
             }
             Some(first) => {
-                let (sigma, sigma_interpol, sigma_next) =
-                    (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i]);
+                let (sigma, sigma_interpol, sigma_next) = (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i]);
                 let x0 = predict_x0(self.prediction, model_output, sample, sigma_interpol)?;
                 let derivative = div(&(sample - x0)?, sigma_interpol)?;
                 (first + mul(&derivative, sigma_next - sigma)?)?

@@ -36,7 +36,9 @@ pub(crate) fn distilled_timesteps(cfg: &SchedulerConfig, t: usize, n: usize, nam
         ));
     }
     if n > original {
-        return Err(cfg.error(format!("{name} can take at most `original_inference_steps` = {original} steps, got {n}")));
+        return Err(
+            cfg.error(format!("{name} can take at most `original_inference_steps` = {original} steps, got {n}"))
+        );
     }
     let k = (t / original) as i64;
     let mut origin: Vec<i64> = (1..=original as i64).map(|i| i * k - 1).collect();

@@ -203,8 +203,9 @@ impl FromStr for SigmaSchedule {
     /// A schedule name or alias, without regard to case.
     fn from_str(s: &str) -> Result<Self> {
         let lower = s.trim().to_lowercase();
-        Self::ALL_NAMED.into_iter().find(|sch| sch.aliases().contains(&lower.as_str())).ok_or_else(|| {
-            Error::invalid(format!("unknown schedule `{}`; valid names: {}", s.trim(), Self::names()))
-        })
+        Self::ALL_NAMED
+            .into_iter()
+            .find(|sch| sch.aliases().contains(&lower.as_str()))
+            .ok_or_else(|| Error::invalid(format!("unknown schedule `{}`; valid names: {}", s.trim(), Self::names())))
     }
 }

@@ -74,9 +74,10 @@ impl Conversion {
         match set.as_slice() {
             [] => Ok(None),
             [c] => Ok(Some(*c)),
-            _ => Err(cfg.error(
-                "only one of `use_karras_sigmas`, `use_exponential_sigmas`, `use_beta_sigmas` can be set",
-            )),
+            _ => {
+                Err(cfg
+                    .error("only one of `use_karras_sigmas`, `use_exponential_sigmas`, `use_beta_sigmas` can be set"))
+            }
         }
     }
 
@@ -84,10 +85,9 @@ impl Conversion {
     pub fn apply(self, sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
         match self {
             Conversion::Karras => karras(sigma_min, sigma_max, n),
-            Conversion::Exponential => super::betas::np_linspace(sigma_max.ln(), sigma_min.ln(), n, true)
-                .into_iter()
-                .map(f64::exp)
-                .collect(),
+            Conversion::Exponential => {
+                super::betas::np_linspace(sigma_max.ln(), sigma_min.ln(), n, true).into_iter().map(f64::exp).collect()
+            }
             Conversion::Beta => super::betas::np_linspace(0.0, 1.0, n, true)
                 .into_iter()
                 .map(|r| sigma_min + beta_ppf(1.0 - r, 0.6, 0.6) * (sigma_max - sigma_min))

@@ -272,8 +272,7 @@ impl Scheduler for UniPc {
         };
         self.model_outputs.rotate_left(1);
         *self.model_outputs.last_mut().expect("order >= 1") = Some(converted);
-        let this_order =
-            if self.lower_order_final { self.order.min(self.timesteps.len() - i) } else { self.order };
+        let this_order = if self.lower_order_final { self.order.min(self.timesteps.len() - i) } else { self.order };
         self.this_order = this_order.min(self.lower_order_nums + 1);
         let prev = self.predictor(i, &sample, self.this_order)?;
         self.last_sample = Some(sample);
