@@ -260,7 +260,7 @@ fn controlnet_bad_inputs_are_clear_errors() {
     common::expect_error(
         &["--t2i-adapter", &path_str("tests/fixtures/t2i-adapters/full"), "--adapter-image", &img],
         &repo_path("tests/fixtures/models/sd2-tiny"),
-        "T2I-Adapter features have [8, 16, 16] channels, the model's down blocks [8, 24]",
+        "T2I-Adapter's features have [8, 16, 16] channels, the SD1.x/2.x model's down blocks [8, 24]",
     );
     common::expect_error(
         &[
@@ -293,7 +293,7 @@ fn controlnet_for_another_model_is_rejected_before_loading() {
     common::expect_error(
         &["--controlnet", cn.to_str().unwrap(), "--control-image", &path_str("tests/fixtures/images/control_a.png")],
         &repo_path(SD1),
-        "ControlNet cross_attention_dim 768 does not match the model's 32",
+        "ControlNet with cross_attention_dim 768 does not match the SD1.x/2.x model's 32",
     );
 }
 

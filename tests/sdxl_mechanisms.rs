@@ -222,3 +222,75 @@ fn sdxl_mechanisms_match_diffusers() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// An SD1.x/2.x mechanism on an SDXL model, and the reverse: one error naming both families.
+#[test]
+fn mechanisms_of_the_other_family_are_refused_by_name() {
+    use diffctl::control::residual::controlnet::ControlNetSettings;
+    use diffctl::request::{ControlNetSpec, IpAdapterRequest, LoraSpec, Request, T2IAdapterSpec};
+    let settings = ControlNetSettings { scale: 1.0, start: 0.0, end: 1.0, guess_mode: false };
+    let image = repo_path("tests/fixtures/images/control_a.png");
+    for (model, files, loaded) in [
+        ("sdxl-tiny", ["kohya.safetensors", "cn-a", "ip-adapter_tiny.safetensors", "full"], ("SDXL", "SD1.x/2.x")),
+        (
+            "sd1-tiny",
+            ["sdxl-kohya.safetensors", "sdxl-cn-a", "ip-adapter_sdxl_tiny.safetensors", "sdxl-full-xl"],
+            ("SD1.x/2.x", "SDXL"),
+        ),
+    ] {
+        let mut m =
+            StableDiffusion::load(&repo_path(&format!("tests/fixtures/models/{model}")), &LoadOptions::default())
+                .unwrap();
+        let base = Request { prompt: "x".into(), steps: 2, width: Some(32), height: Some(32), ..Request::default() };
+        let requests = [
+            Request {
+                loras: vec![LoraSpec { path: repo_path(&format!("tests/fixtures/lora/{}", files[0])), scale: 1.0 }],
+                ..base.clone()
+            },
+            Request {
+                controlnets: vec![ControlNetSpec {
+                    path: repo_path(&format!("tests/fixtures/controlnets/{}", files[1])),
+                    image: image.clone(),
+                    preprocess: None,
+                    settings,
+                }],
+                ..base.clone()
+            },
+            Request {
+                ip_adapters: IpAdapterRequest {
+                    adapters: vec![repo_path(&format!("tests/fixtures/ip_adapter/{}", files[2]))],
+                    image_encoders: vec![repo_path("tests/fixtures/ip_adapter/image_encoder")],
+                    images: vec![vec![repo_path("tests/fixtures/images/astronaut.png")]],
+                    ..Default::default()
+                },
+                ..base.clone()
+            },
+            Request {
+                t2i_adapters: vec![T2IAdapterSpec {
+                    path: repo_path(&format!("tests/fixtures/t2i-adapters/{}", files[3])),
+                    image: image.clone(),
+                    preprocess: None,
+                    scale: 1.0,
+                    factor: 1.0,
+                }],
+                ..base.clone()
+            },
+        ];
+        for (request, file) in requests.into_iter().zip(files) {
+            let err = match request.prepare(&mut m, &LoadOptions::default()) {
+                Err(e) => e.to_string(),
+                Ok(mut p) => m
+                    .generate(&p.generate, &mut p.controls, &mut diffctl::noise::SeededNoise::new(0), &mut |_| {})
+                    .err()
+                    .unwrap_or_else(|| panic!("{file} on {model} should fail"))
+                    .to_string(),
+            };
+            assert!(err.contains(file), "{err}");
+            assert!(err.contains(loaded.0), "{file} on {model} should name {}: {err}", loaded.0);
+            // The IP-Adapter's own family shows only in its width (the tiny fixtures have no real one).
+            if !file.starts_with("ip-adapter") {
+                assert!(err.contains(loaded.1), "{file} on {model} should name {}: {err}", loaded.1);
+            }
+        }
+    }
+}

@@ -95,15 +95,19 @@ impl ControlNetConfig {
         let layout = |c: &UNetConfig| c.blocks.iter().map(|b| (b.channels, b.layers)).collect::<Vec<_>>();
         if layout(mine) != layout(unet) {
             return Err(Error::invalid(format!(
-                "{name}: ControlNet block layout (channels, layers) {:?} does not fit the model's UNet {:?}",
+                "{name}: an {} ControlNet, block layout (channels, layers) {:?}, does not fit the {} model's UNet {:?}",
+                mine.family_name(),
                 layout(mine),
+                unet.family_name(),
                 layout(unet)
             )));
         }
         let (a, b) = (mine.blocks[0].cross_attention_dim, unet.blocks[0].cross_attention_dim);
         if a != b {
             return Err(Error::invalid(format!(
-                "{name}: ControlNet cross_attention_dim {a} does not match the model's {b} (a ControlNet for another model family?)"
+                "{name}: an {} ControlNet with cross_attention_dim {a} does not match the {} model's {b}",
+                mine.family_name(),
+                unet.family_name()
             )));
         }
         Ok(())

@@ -77,13 +77,20 @@ impl T2IAdapterConfig {
         channels
     }
 
+    /// The model family the adapter is made for: "SDXL" (`full_adapter_xl`) or "SD1.x/2.x".
+    pub fn family_name(&self) -> &'static str {
+        if self.adapter_type == AdapterType::FullAdapterXl { "SDXL" } else { "SD1.x/2.x" }
+    }
+
     /// Checks that the features fit `unet`'s down blocks, one each, channel for channel.
     pub fn check_fits(&self, unet: &crate::models::unet::UNetConfig, name: &str) -> Result<()> {
         let blocks: Vec<usize> = unet.blocks.iter().map(|b| b.channels).collect();
         let features = self.feature_channels();
         if features.len() < blocks.len() || features[..blocks.len()] != blocks[..] {
             return Err(Error::invalid(format!(
-                "{name}: T2I-Adapter features have {features:?} channels, the model's down blocks {blocks:?}"
+                "{name}: an {} T2I-Adapter's features have {features:?} channels, the {} model's down blocks {blocks:?}",
+                self.family_name(),
+                unet.family_name()
             )));
         }
         Ok(())

@@ -103,8 +103,9 @@ impl IpAdapterWeights {
             return Err(Error::Format {
                 path: path.into(),
                 message: format!(
-                    "the adapter's image tokens are {dim} wide but the UNet's cross_attention_dim is {} \
-                     (the adapter was made for another base model)",
+                    "the adapter's image tokens are {dim} wide but the {} model's cross_attention_dim is {} (the \
+                     adapter was made for another base model; SD1.x uses 768, SD2.x 1024, SDXL 2048)",
+                    unet.family_name(),
                     layer.context_dim
                 ),
             });

@@ -43,6 +43,8 @@ pub struct T2IAdapterControl {
     batch_features: Vec<Tensor>,
     /// Fraction of the steps (from the start) during which the features are added.
     factor: f64,
+    /// The model family the adapter is made for (for messages).
+    family: &'static str,
 }
 
 impl T2IAdapterControl {
@@ -56,7 +58,8 @@ impl T2IAdapterControl {
             return Err(Error::invalid(format!("{name}: image {w}x{h} is not a multiple of the adapter's factor {f}")));
         }
         let features = adapter.forward(image)?.into_iter().map(|t| Ok((t * scale)?)).collect::<Result<_>>()?;
-        Ok(Self { name, features, batch_features: Vec::new(), factor })
+        let family = adapter.config().family_name();
+        Ok(Self { name, features, batch_features: Vec::new(), factor, family })
     }
 }
 
@@ -79,6 +82,28 @@ impl Control for T2IAdapterControl {
     }
 
     fn prepare(&mut self, setup: &mut GenerationSetup) -> Result<()> {
+        // Each feature must have the size of the down-block output it is added to: inside an
+        // attention block before its downsampler, after a plain block's downsampler.
+        let config = setup.unet.config();
+        let (mut h, mut w) = setup.latent_size;
+        let last = config.blocks.len().saturating_sub(1);
+        for (i, (block, feature)) in config.blocks.iter().zip(&self.features).enumerate() {
+            let down = |(h, w): (usize, usize)| if i < last { (h.div_ceil(2), w.div_ceil(2)) } else { (h, w) };
+            let at = if block.has_attention { (h, w) } else { down((h, w)) };
+            let (_, _, fh, fw) = feature.dims4()?;
+            if (fh, fw) != at {
+                return Err(Error::invalid(format!(
+                    "{}: feature {i} of this {} adapter is {fw}x{fh} but the {} model's down block {i} needs {}x{} \
+                     there",
+                    self.name,
+                    self.family,
+                    config.family_name(),
+                    at.1,
+                    at.0
+                )));
+            }
+            (h, w) = down((h, w));
+        }
         let rows = if setup.guided { 2 * setup.batch } else { setup.batch };
         self.batch_features = self
             .features

@@ -116,14 +116,21 @@ impl Lora {
     }
 }
 
-/// Refuses files made for SDXL (two text encoders) on a model that has one.
+/// Refuses files made for SDXL (two text encoders) on a model that has one, and kohya files made
+/// for one text encoder (`lora_te_`) on SDXL.
 fn check_architecture(
     modules: &BTreeMap<String, BTreeMap<&str, String>>,
     metadata: &HashMap<String, String>,
     layers: &LayerRegistry,
 ) -> std::result::Result<(), String> {
     if layers.paths().iter().any(|p| p.starts_with("text_encoder_2.")) {
-        return Ok(());
+        return match modules.keys().find(|m| m.starts_with("lora_te_")) {
+            Some(module) => Err(format!(
+                "this LoRA is for SD1.x/2.x (its entry `{module}` names a single text encoder); the \
+                 loaded model is SDXL with two"
+            )),
+            None => Ok(()),
+        };
     }
     let sdxl_module = modules
         .keys()
@@ -135,9 +142,7 @@ fn check_architecture(
         }
         _ => return Ok(()),
     };
-    Err(format!(
-        "this LoRA is for SDXL ({evidence}); the loaded model is Stable Diffusion 1.x/2.x with a single text encoder"
-    ))
+    Err(format!("this LoRA is for SDXL ({evidence}); the loaded model is SD1.x/2.x with a single text encoder"))
 }
 
 /// Maps a file's module names to the model's layer paths: kohya names are built from the model's

@@ -264,6 +264,12 @@ fn unsupported(path: &Path, field: &str, value: impl std::fmt::Debug) -> Error {
 }
 
 impl UNetConfig {
+    /// The model family the structure shows, for messages: "SDXL" (added conditioning) or
+    /// "SD1.x/2.x".
+    pub fn family_name(&self) -> &'static str {
+        if self.add_embedding.is_some() { "SDXL" } else { "SD1.x/2.x" }
+    }
+
     /// Reads and validates a UNet `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let raw: RawConfig = crate::io::read_json(path)?;
