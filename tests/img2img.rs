@@ -57,6 +57,7 @@ fn request(case: &Case) -> Request {
         init_image: Some(InitImageSpec {
             image: repo_path(&case.init_image),
             mask: case.mask.as_deref().map(repo_path),
+            mask_blur: None,
             strength: Some(case.strength),
         }),
         ..Request::default()
@@ -119,6 +120,7 @@ fn init_spec() -> InitImageSpec {
     InitImageSpec {
         image: repo_path("tests/fixtures/img2img/init.png"),
         mask: Some(repo_path("tests/fixtures/img2img/mask.png")),
+        mask_blur: None,
         strength: None,
     }
 }
@@ -215,5 +217,34 @@ fn cli_inpaints_with_a_controlnet() {
         &["--init-image", &path("tests/fixtures/img2img/init.png"), "--strength", "1.5"],
         &model,
         "strength 1.5 is outside (0, 1]",
+    );
+}
+
+/// `--mask-blur` blurs the mask at its own size before it is resized and binarised (diffusers'
+/// `mask_processor.blur`): the binarised mask changes, and the CLI takes the flag.
+#[test]
+fn mask_blur_reshapes_the_mask() {
+    let image = diffctl::io::image::load_rgb(&repo_path("tests/fixtures/img2img/init.png")).unwrap();
+    let mask = diffctl::io::image::load_rgb(&repo_path("tests/fixtures/inpaint-area/mask-40x28.png")).unwrap();
+    let device = candle_core::Device::Cpu;
+    let make = |blur: Option<f64>| {
+        diffctl::pipeline::InitImage::new(&image, Some(&mask), blur, (32, 32), 1.0, &device).unwrap().mask.unwrap()
+    };
+    let (plain, blurred) = (make(None), make(Some(3.0)));
+    assert!(max_abs_diff(&plain, &blurred) == 1.0, "a blur of 3 px must move the binarised edge");
+    assert_eq!(max_abs_diff(&make(Some(0.0)), &plain), 0.0);
+    let model = repo_path("tests/fixtures/models/sd1-tiny");
+    let path = |rel: &str| repo_path(rel).to_str().unwrap().to_string();
+    common::expect_error(
+        &[
+            "--init-image",
+            &path("tests/fixtures/img2img/init.png"),
+            "--mask",
+            &path("tests/fixtures/img2img/mask.png"),
+            "--mask-blur",
+            "nan",
+        ],
+        &model,
+        "mask blur NaN",
     );
 }

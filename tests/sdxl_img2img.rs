@@ -65,6 +65,7 @@ fn request(case: &Case) -> Request {
         init_image: case.init_image.as_ref().map(|image| InitImageSpec {
             image: repo_path(image),
             mask: case.mask.as_deref().map(repo_path),
+            mask_blur: None,
             strength,
         }),
         ..Request::default()

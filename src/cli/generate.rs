@@ -78,6 +78,10 @@ pub struct GenerateArgs {
     /// model keeps the original outside the mask after every step.
     #[arg(long, value_name = "PNG", requires = "init_image")]
     mask: Option<PathBuf>,
+    /// Blur the mask by this many pixels before it is resized and binarised (Pillow's
+    /// GaussianBlur, as diffusers' mask_processor.blur and A1111's mask blur).
+    #[arg(long, value_name = "PX", requires = "mask")]
+    mask_blur: Option<f64>,
     /// Where to write the image (PNG); with --batch N > 1, NAME-0.png, NAME-1.png, ...
     #[arg(long, default_value = "output.png", value_name = "PNG")]
     output: PathBuf,
@@ -198,6 +202,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         init_image: args.init_image.as_ref().map(|image| InitImageSpec {
             image: image.clone(),
             mask: args.mask.clone(),
+            mask_blur: args.mask_blur,
             strength: args.strength,
         }),
         vae_tiling: args.vae_tiling.then_some(args.vae_tile_size),

@@ -31,12 +31,13 @@ pub struct InitImage {
 impl InitImage {
     /// Prepares an image (and a mask, white = repaint) as diffusers' `VaeImageProcessor` does:
     /// both resized to `width` x `height` with Lanczos where their size differs, the mask converted
-    /// to luma and binarised at one half.
+    /// to luma, blurred first by `mask_blur` (Pillow's GaussianBlur at the mask's own size, as
+    /// `mask_processor.blur`) when given, and binarised at one half.
     pub fn new(
         image: &RgbImage,
         mask: Option<&RgbImage>,
-        width: usize,
-        height: usize,
+        mask_blur: Option<f64>,
+        (width, height): (usize, usize),
         strength: f64,
         device: &Device,
     ) -> Result<Self> {
@@ -47,6 +48,10 @@ impl InitImage {
                 // Luma first, then the resize, as Pillow's convert("L") before resize; the three
                 // equal channels of the gray image resize as the one channel would.
                 let gray = luma(mask);
+                let gray = match mask_blur {
+                    Some(sigma) => crate::preprocess::blur::gaussian_blur(&gray, sigma),
+                    None => gray,
+                };
                 let gray = RgbImage::from_fn(gray.width(), gray.height(), |x, y| {
                     let v = gray.get_pixel(x, y).0[0];
                     image::Rgb([v, v, v])
@@ -68,6 +73,14 @@ fn resized(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     } else {
         pil_resize(img, width, height, Filter::Lanczos)
     }
+}
+
+/// Checks a mask blur is a finite, non-negative number of pixels.
+pub fn check_mask_blur(pixels: f64) -> Result<()> {
+    if !(pixels.is_finite() && (0.0..=256.0).contains(&pixels)) {
+        return Err(Error::invalid(format!("mask blur {pixels} must be between 0 and 256 pixels")));
+    }
+    Ok(())
 }
 
 /// Checks a strength is in (0, 1].

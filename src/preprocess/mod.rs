@@ -5,6 +5,7 @@
 //! Every preprocessor maps an 8-bit RGB image to an 8-bit RGB image; [`PreprocessKind`] names one
 //! with its parameters (`canny:100:200`) and [`apply`] runs it.
 
+pub mod blur;
 pub mod canny;
 pub mod draw;
 pub mod gray;

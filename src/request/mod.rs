@@ -67,6 +67,9 @@ pub struct InitImageSpec {
     pub image: PathBuf,
     /// Inpainting: where to repaint (white), resized to the output size.
     pub mask: Option<PathBuf>,
+    /// Inpainting: blur the mask by this many pixels first (Gaussian sigma, as diffusers'
+    /// `mask_processor.blur` and A1111's mask blur).
+    pub mask_blur: Option<f64>,
     /// How much of the schedule runs, in (0, 1] (default: 1 for inpainting; for img2img 0.8, or
     /// 0.3 on SDXL models, as diffusers' pipelines).
     pub strength: Option<f64>,
@@ -326,6 +329,9 @@ impl Request {
         if let Some(refiner) = &self.refiner {
             crate::pipeline::handoff::check_fraction("the refiner start", refiner.start)?;
         }
+        if let Some(blur) = self.init_image.as_ref().and_then(|init| init.mask_blur) {
+            crate::pipeline::init_image::check_mask_blur(blur)?;
+        }
         if let Some(strength) = self.init_image.as_ref().and_then(|init| init.strength) {
             crate::pipeline::init_image::check_strength(strength)?;
         }
@@ -411,7 +417,7 @@ impl Request {
         let init_image = match (&self.init_image, &init_pixels) {
             (Some(spec), Some((image, mask))) => {
                 let strength = spec.strength(model.unet.config().add_embedding.is_some());
-                Some(InitImage::new(image, mask.as_ref(), width, height, strength, model.device())?)
+                Some(InitImage::new(image, mask.as_ref(), spec.mask_blur, (width, height), strength, model.device())?)
             }
             _ => None,
         };
