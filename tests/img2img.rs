@@ -58,6 +58,7 @@ fn request(case: &Case) -> Request {
             image: repo_path(&case.init_image),
             mask: case.mask.as_deref().map(repo_path),
             mask_blur: None,
+            only_masked_padding: None,
             strength: Some(case.strength),
         }),
         ..Request::default()
@@ -121,6 +122,7 @@ fn init_spec() -> InitImageSpec {
         image: repo_path("tests/fixtures/img2img/init.png"),
         mask: Some(repo_path("tests/fixtures/img2img/mask.png")),
         mask_blur: None,
+        only_masked_padding: None,
         strength: None,
     }
 }

@@ -66,6 +66,7 @@ fn request(case: &Case) -> Request {
             image: repo_path(image),
             mask: case.mask.as_deref().map(repo_path),
             mask_blur: None,
+            only_masked_padding: None,
             strength,
         }),
         ..Request::default()

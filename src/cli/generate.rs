@@ -82,6 +82,14 @@ pub struct GenerateArgs {
     /// GaussianBlur, as diffusers' mask_processor.blur and A1111's mask blur).
     #[arg(long, value_name = "PX", requires = "mask")]
     mask_blur: Option<f64>,
+    /// What inpainting generates: the whole image, or only the masked area (A1111's "inpaint only
+    /// masked", diffusers' padding_mask_crop: the area around the mask is generated at
+    /// --width x --height and pasted back through the mask; the output keeps the image's size).
+    #[arg(long, default_value = "whole", value_name = "AREA", value_parser = ["whole", "masked"], requires = "mask")]
+    inpaint_area: String,
+    /// Pixels of context around the mask for --inpaint-area masked.
+    #[arg(long, default_value_t = 32, value_name = "PX")]
+    inpaint_padding: usize,
     /// Where to write the image (PNG); with --batch N > 1, NAME-0.png, NAME-1.png, ...
     #[arg(long, default_value = "output.png", value_name = "PNG")]
     output: PathBuf,
@@ -203,6 +211,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             image: image.clone(),
             mask: args.mask.clone(),
             mask_blur: args.mask_blur,
+            only_masked_padding: (args.inpaint_area == "masked").then_some(args.inpaint_padding),
             strength: args.strength,
         }),
         vae_tiling: args.vae_tiling.then_some(args.vae_tile_size),

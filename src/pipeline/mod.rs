@@ -3,6 +3,7 @@
 
 pub mod handoff;
 pub mod init_image;
+pub mod inpaint_area;
 mod prompts;
 
 use std::path::Path;

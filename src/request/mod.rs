@@ -22,6 +22,7 @@ use crate::models::clip_vision::ClipVisionEncoder;
 use crate::models::image_processor::ClipImageProcessor;
 use crate::models::unet::DeepCache;
 use crate::noise::SeededNoise;
+use crate::pipeline::inpaint_area;
 use crate::pipeline::{
     ContinueFrom, GenerateRequest, Generated, InitImage, LoadOptions, MicroConditioning, Progress, StableDiffusion,
 };
@@ -70,6 +71,10 @@ pub struct InitImageSpec {
     /// Inpainting: blur the mask by this many pixels first (Gaussian sigma, as diffusers'
     /// `mask_processor.blur` and A1111's mask blur).
     pub mask_blur: Option<f64>,
+    /// Inpaint only the masked area with this padding in pixels (A1111's "inpaint only masked",
+    /// diffusers' `padding_mask_crop`): the area is generated at the output size and pasted back
+    /// into the image, whose size the result keeps.
+    pub only_masked_padding: Option<usize>,
     /// How much of the schedule runs, in (0, 1] (default: 1 for inpainting; for img2img 0.8, or
     /// 0.3 on SDXL models, as diffusers' pipelines).
     pub strength: Option<f64>,
@@ -238,6 +243,32 @@ pub struct Prepared {
     pub controls: Vec<Box<dyn Control>>,
     /// Messages for the user.
     pub notices: Vec<Notice>,
+    /// Inpainting only the masked area: what the generated crop is pasted back into.
+    pub paste_back: Option<PasteBack>,
+}
+
+/// The original image and mask that an only-masked inpainting's result is pasted back into.
+pub struct PasteBack {
+    image: image::RgbImage,
+    mask: image::GrayImage,
+    region: inpaint_area::CropBox,
+}
+
+impl Prepared {
+    /// The images of `generated` as the user gets them: unchanged, or for only-masked inpainting
+    /// pasted back into the original image (which then gives the size).
+    pub fn postprocess(&self, generated: Generated) -> Result<Generated> {
+        let Some(paste) = &self.paste_back else { return Ok(generated) };
+        let device = generated.images.device().clone();
+        let pasted = crate::io::image::to_rgb8(&generated.images)?
+            .iter()
+            .map(|crop| {
+                let image = inpaint_area::paste_back(&paste.image, &paste.mask, crop, paste.region);
+                crate::io::image::rgb_to_tensor(&image, &device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Generated { images: candle_core::Tensor::cat(&pasted, 0)?, ..generated })
+    }
 }
 
 /// A CLIP image encoder with its preprocessing.
@@ -414,10 +445,55 @@ impl Request {
             vae_tile: self.vae_tiling.map(|tile| tile.unwrap_or(vae_config.sample_size)),
             guided: self.guidance > 1.0,
         })?;
+        let mut paste_back = None;
         let init_image = match (&self.init_image, &init_pixels) {
             (Some(spec), Some((image, mask))) => {
                 let strength = spec.strength(model.unet.config().add_embedding.is_some());
-                Some(InitImage::new(image, mask.as_ref(), spec.mask_blur, (width, height), strength, model.device())?)
+                match (spec.only_masked_padding, mask) {
+                    (Some(pad), Some(mask)) => {
+                        if mask.dimensions() != image.dimensions() {
+                            return Err(Error::invalid(format!(
+                                "inpainting only the masked area needs the mask at the image's size: the image is \
+                                 {}x{}, the mask {}x{}",
+                                image.width(),
+                                image.height(),
+                                mask.width(),
+                                mask.height()
+                            )));
+                        }
+                        let gray = crate::preprocess::gray::luma(mask);
+                        let gray = match spec.mask_blur {
+                            Some(sigma) => crate::preprocess::blur::gaussian_blur(&gray, sigma),
+                            None => gray,
+                        };
+                        let region = inpaint_area::crop_region(&gray, width, height, pad)?;
+                        let gray_rgb = image::DynamicImage::ImageLuma8(gray.clone()).to_rgb8();
+                        let image_crop =
+                            inpaint_area::resize_and_fill(&inpaint_area::crop(image, region), width, height);
+                        let mask_crop =
+                            inpaint_area::resize_and_fill(&inpaint_area::crop(&gray_rgb, region), width, height);
+                        paste_back = Some(PasteBack { image: image.clone(), mask: gray, region });
+                        Some(InitImage::new(
+                            &image_crop,
+                            Some(&mask_crop),
+                            None,
+                            (width, height),
+                            strength,
+                            model.device(),
+                        )?)
+                    }
+                    (Some(_), None) => {
+                        return Err(Error::invalid("inpainting only the masked area needs a mask"));
+                    }
+                    (None, _) => Some(InitImage::new(
+                        image,
+                        mask.as_ref(),
+                        spec.mask_blur,
+                        (width, height),
+                        strength,
+                        model.device(),
+                    )?),
+                }
             }
             _ => None,
         };
@@ -503,7 +579,7 @@ impl Request {
             concat_latents,
             deep_cache: self.deep_cache.map(|(n, branch)| DeepCache::new(n, branch)).transpose()?,
         };
-        Ok(Prepared { generate, controls, notices })
+        Ok(Prepared { generate, controls, notices, paste_back })
     }
 
     /// The whole generation on a model used once (each network freed once its stage is done):
@@ -517,12 +593,14 @@ impl Request {
         notify: &mut dyn FnMut(&Notice),
         progress: &mut dyn FnMut(Progress),
     ) -> Result<Generated> {
-        let Prepared { mut generate, mut controls, notices } = self.prepare(&mut model, options)?;
-        notices.iter().for_each(notify);
+        let mut prepared = self.prepare(&mut model, options)?;
+        prepared.notices.iter().for_each(notify);
         let mut noise = SeededNoise::new(self.seed);
         let Some(refiner) = &self.refiner else {
-            return model.generate_once(&generate, &mut controls, &mut noise, progress);
+            let generated = model.generate_once(&prepared.generate, &mut prepared.controls, &mut noise, progress)?;
+            return prepared.postprocess(generated);
         };
+        let Prepared { mut generate, mut controls, .. } = prepared;
         generate.denoising_end = Some(refiner.start);
         let latents = model.sample_once(&generate, &mut controls, &mut noise, progress)?;
         let refiner_model = StableDiffusion::load(&refiner.model, options)
