@@ -192,3 +192,17 @@ fn single_file_sgm_checkpoint_matches_the_folder() {
     let reloaded = StableDiffusion::load(&folder, &LoadOptions::default()).unwrap();
     assert!(reloaded.force_zeros_for_empty_prompt);
 }
+
+/// An f16 model's VAE runs in f32 when its config says `force_upcast` (SDXL's VAE overflows f16),
+/// as diffusers upcasts it: its decode equals the f32 model's exactly.
+#[test]
+fn f16_models_keep_a_force_upcast_vae_in_f32() {
+    let load =
+        |dtype| StableDiffusion::load(&repo_path(MODEL), &LoadOptions { dtype, ..LoadOptions::default() }).unwrap();
+    let (half, full) = (load(candle_core::DType::F16), load(candle_core::DType::F32));
+    assert!(half.vae.config().force_upcast);
+    let latents = candle_core::Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &candle_core::Device::Cpu).unwrap();
+    let a = half.vae.decode_to_unit_range(&latents).unwrap();
+    let b = full.vae.decode_to_unit_range(&latents).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}

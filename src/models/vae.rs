@@ -55,6 +55,9 @@ pub struct VaeConfig {
     /// Subtracted after encoding (before scaling) and added back before decoding, when set.
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// Run in f32 when the model runs in f16 (SDXL's VAE overflows f16), as diffusers does.
+    #[serde(default = "dtrue")]
+    pub force_upcast: bool,
     /// Whether `quant_conv` exists.
     #[serde(default = "dtrue")]
     pub use_quant_conv: bool,
@@ -291,6 +294,8 @@ pub struct Vae {
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
     tiling: Option<Tiling>,
+    /// The dtype it computes in; inputs are converted to it.
+    dtype: candle_core::DType,
 }
 
 impl Vae {
@@ -359,6 +364,7 @@ impl Vae {
                 .transpose()?,
             decoder,
             tiling: None,
+            dtype: crate::io::weights::precision(w.dtype(), w.device()).0,
         })
     }
 
@@ -385,7 +391,7 @@ impl Vae {
     /// [B, lc, H/f, W/f] (unscaled, as diffusers' `latent_dist`).
     pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
         let e = &self.encoder;
-        let mut xs = e.conv_in.forward(images)?;
+        let mut xs = e.conv_in.forward(&images.to_dtype(self.dtype)?)?;
         for (resnets, down) in &e.blocks {
             for r in resnets {
                 xs = r.forward(&xs, None)?;
@@ -435,9 +441,10 @@ impl Vae {
     /// Decodes all of `latents` in one pass.
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
         let d = &self.decoder;
+        let latents = latents.to_dtype(self.dtype)?;
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(latents)?,
-            None => latents.clone(),
+            Some(p) => p.forward(&latents)?,
+            None => latents,
         };
         let mut xs = d.mid.forward(&d.conv_in.forward(&z)?)?;
         for (resnets, up) in &d.blocks {

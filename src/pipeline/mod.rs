@@ -146,7 +146,11 @@ impl StableDiffusion {
             force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt,
             requires_aesthetics_score: files.requires_aesthetics_score,
             unet,
-            vae: Vae::load(&weights(&files.vae.weights), vae_config)?,
+            // An f16 model's VAE runs in f32 where its config asks (SDXL's overflows f16).
+            vae: Vae::load(
+                &Weights::new(files.vae.weights.clone(), vae_dtype(vae_config, options.dtype), &options.device),
+                vae_config,
+            )?,
             tokenizer: files.tokenizer,
             scheduler_config: files.scheduler_config,
             scheduler_class: files.scheduler_class,
@@ -499,6 +503,11 @@ impl StableDiffusion {
             keep_outside_mask,
         })
     }
+}
+
+/// The dtype the VAE is loaded in: f32 for an f16 model whose VAE config has `force_upcast`.
+fn vae_dtype(config: &crate::models::vae::VaeConfig, dtype: DType) -> DType {
+    if config.force_upcast && dtype == DType::F16 { DType::F32 } else { dtype }
 }
 
 /// Records the UNet layers' module paths in the original single-file layout (as LoRA files made
