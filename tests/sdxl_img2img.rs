@@ -199,3 +199,41 @@ fn base_and_refiner_hand_off_as_diffusers() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && stderr.contains("strictly between 0 and 1"), "{stderr}");
 }
+
+/// The refiner as an SGM single file (bigG alone at `conditioner.embedders.0.model.*`, written by
+/// `convert`): it loads with its folder's configs, gives the folder's refiner case, and converts
+/// back to a refiner folder.
+#[test]
+fn refiner_single_file_round_trips() {
+    use diffctl::io::model_files::SourceOptions;
+    let folder = repo_path("tests/fixtures/models/sdxl-tiny-refiner");
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let single = dir.path().join("refiner.safetensors");
+    let o = common::diffctl(&["convert", &s(&folder), &s(&single)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let keys = candle_core::safetensors::load(&single, &candle_core::Device::Cpu).unwrap();
+    assert!(keys.contains_key("conditioner.embedders.0.model.text_projection"));
+    assert!(!keys.keys().any(|k| k.starts_with("conditioner.embedders.1.")));
+    let o = common::diffctl(&["inspect", &s(&single)]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("SDXL refiner"), "{}", String::from_utf8_lossy(&o.stdout));
+
+    let case = cases().into_iter().find(|c| c.name == "xl-refiner-i2i").unwrap();
+    let fixture = load_fixture(&case.file);
+    for (model_path, model_config) in [(single.clone(), Some(folder.clone())), (dir.path().join("back"), None)] {
+        if model_config.is_none() {
+            let o = common::diffctl(&["convert", &s(&single), &s(&model_path), "--model-config", &s(&folder)]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let options =
+            LoadOptions { files: SourceOptions { model_config, ..Default::default() }, ..LoadOptions::default() };
+        let mut model = StableDiffusion::load(&model_path, &options).unwrap();
+        assert!(model.requires_aesthetics_score && !model.force_zeros_for_empty_prompt);
+        let mut prepared = request(&case).prepare(&mut model, &options).unwrap();
+        prepared.generate.init_latents = Some(fixture["init_noise"].clone());
+        let out = model
+            .generate(&prepared.generate, &mut prepared.controls, &mut ReplayNoise::from_fixture(&fixture), &mut |_| {})
+            .unwrap();
+        assert_close(&format!("refiner from {}", model_path.display()), &out.latents, &fixture["latents"], 2e-3);
+    }
+}

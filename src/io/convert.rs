@@ -77,7 +77,22 @@ fn write_folder_contents(model: &ModelFiles, dir: &Path) -> Result<()> {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]
     });
-    if model.text_2.is_some() {
+    if model.is_refiner() {
+        index = json!({
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "feature_extractor": [null, null],
+            "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+            "image_encoder": [null, null],
+            "requires_aesthetics_score": model.requires_aesthetics_score,
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": [null, null],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [null, null],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+    } else if model.text_2.is_some() {
         index = json!({
             "_class_name": "StableDiffusionXLPipeline",
             "feature_extractor": [null, null],
@@ -95,9 +110,12 @@ fn write_folder_contents(model: &ModelFiles, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_json(&dir.join("model_index.json"), &index)?;
     write_json(&dir.join("scheduler").join("scheduler_config.json"), &scheduler)?;
-    model.tokenizer_files.write_to(&dir.join("tokenizer"))?;
+    // The refiner's one encoder and tokenizer are its `_2` components.
+    let (tokenizer_dir, text_dir) =
+        if model.is_refiner() { ("tokenizer_2", "text_encoder_2") } else { ("tokenizer", "text_encoder") };
+    model.tokenizer_files.write_to(&dir.join(tokenizer_dir))?;
     let mut components = vec![
-        ("text_encoder", "model.safetensors", &model.text_encoder.json, &model.text_encoder.weights),
+        (text_dir, "model.safetensors", &model.text_encoder.json, &model.text_encoder.weights),
         ("unet", "diffusion_pytorch_model.safetensors", &model.unet.json, &model.unet.weights),
         ("vae", "diffusion_pytorch_model.safetensors", &model.vae.json, &model.vae.weights),
     ];
@@ -132,19 +150,29 @@ pub fn write_checkpoint(model: &ModelFiles, out: &Path) -> Result<()> {
     let text = match model.family() {
         Family::Sd1 => KeyMap::clip(&format!("{CLIP_PREFIX}text_model")),
         Family::Sd2 => KeyMap::open_clip(model.text_encoder.config.num_hidden_layers),
+        Family::Sdxl if model.is_refiner() => KeyMap::open_clip_at(
+            &format!("{SGM_EMBEDDERS_PREFIX}0.model."),
+            model.text_encoder.config.num_hidden_layers,
+            true,
+        ),
         Family::Sdxl => KeyMap::clip(&format!("{SGM_EMBEDDERS_PREFIX}0.transformer.text_model")),
     };
     let mut tensors = unet.to_checkpoint(&model.unet.weights, str::to_string)?;
     tensors.extend(vae.to_checkpoint(&model.vae.weights, str::to_string)?);
     // transformers 5 saves CLIP keys without the `text_model.` prefix the layouts are named by.
-    let text_name = |k: &str| if k.starts_with("text_model.") { k.to_string() } else { format!("text_model.{k}") };
+    // The projection sits beside text_model.
+    let text_name = |k: &str| {
+        if k.starts_with("text_model.") || k.starts_with("text_projection") {
+            k.to_string()
+        } else {
+            format!("text_model.{k}")
+        }
+    };
     tensors.extend(text.to_checkpoint(&model.text_encoder.weights, text_name)?);
     if let Some(text_2) = &model.text_2 {
         let layers = text_2.encoder.config.num_hidden_layers;
         let map = KeyMap::open_clip_at(&format!("{SGM_EMBEDDERS_PREFIX}1.model."), layers, true);
-        // The projection sits beside text_model (transformers 5 saves the rest without the prefix).
-        let name = |k: &str| if k.starts_with("text_projection") { k.to_string() } else { text_name(k) };
-        tensors.extend(map.to_checkpoint(&text_2.encoder.weights, name)?);
+        tensors.extend(map.to_checkpoint(&text_2.encoder.weights, text_name)?);
     }
     tensors.retain(|(k, _)| is_weight(k));
     write_file(out, |file| {

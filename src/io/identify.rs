@@ -245,6 +245,9 @@ fn classify_checkpoint(s: &TensorStore) -> (String, Option<String>, Vec<String>)
                     "CLIP ViT-L and OpenCLIP bigG text encoders (conditioner.embedders.0/1.*, SGM layout)".to_string()
                 }
                 TextLayout::Clip { .. } => "CLIP text encoder (cond_stage_model.transformer.*)".to_string(),
+                TextLayout::BigG { prefix } => {
+                    format!("OpenCLIP bigG text encoder alone ({prefix}*, SGM layout): an SDXL refiner")
+                }
                 TextLayout::OpenClip { resblocks } => {
                     format!("OpenCLIP text encoder (cond_stage_model.model.*, {resblocks} resblocks)")
                 }

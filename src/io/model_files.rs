@@ -240,6 +240,11 @@ impl ModelFiles {
         })
     }
 
+    /// Whether this is an SDXL refiner: added conditioning and one (bigG) text encoder.
+    pub fn is_refiner(&self) -> bool {
+        self.unet.config.add_embedding.is_some() && self.text_2.is_none()
+    }
+
     /// The model's family, from its text encoders (a second one, or a UNet with added
     /// conditioning, marks SDXL; OpenCLIP's GELU SD2.x).
     pub fn family(&self) -> Family {

@@ -37,6 +37,12 @@ pub enum TextLayout {
         /// Resblocks in the file.
         resblocks: usize,
     },
+    /// OpenCLIP bigG with its projection, every resblock used, as the only text encoder (the SDXL
+    /// refiner, `conditioner.embedders.0.model.*`).
+    BigG {
+        /// The key prefix (ending in `.`).
+        prefix: String,
+    },
 }
 
 /// What the keys and shapes of a single-file checkpoint say.
@@ -94,22 +100,34 @@ pub fn analyze(store: &TensorStore) -> Result<Analysis> {
             });
         }
     }
-    let (text_layout, text, text_2) = if sdxl {
+    // SDXL's bigG uses every resblock, and projects the pooled output (stored [hidden, projection]).
+    let big_g = |prefix: &str| -> Result<Map<String, Value>> {
+        let (layout, mut text) = infer_text(store, &[], Some(prefix))?;
+        if let TextLayout::OpenClip { resblocks } = layout {
+            text.insert("num_hidden_layers".into(), json!(resblocks));
+        }
+        let projection = need(store, &format!("{prefix}text_projection"), 2)?;
+        text.insert("projection_dim".into(), json!(projection[1]));
+        Ok(text)
+    };
+    let (text_layout, text, text_2) = if sdxl && !has(&format!("{SGM_EMBEDDERS_PREFIX}0.transformer.")) {
+        // The refiner: bigG alone.
+        let prefix = format!("{SGM_EMBEDDERS_PREFIX}0.model.");
+        if !has(&prefix) {
+            return unknown(format!(
+                "an SDXL checkpoint with neither `{SGM_EMBEDDERS_PREFIX}0.transformer.*` (CLIP ViT-L) nor \
+                 `{prefix}*` (OpenCLIP bigG): unknown text encoders"
+            ));
+        }
+        let text = big_g(&prefix)?;
+        (TextLayout::BigG { prefix }, text, None)
+    } else if sdxl {
         let (layout, text) = infer_text(store, &[format!("{SGM_EMBEDDERS_PREFIX}0.transformer.text_model")], None)?;
         let prefix = format!("{SGM_EMBEDDERS_PREFIX}1.model.");
         if !has(&prefix) {
-            return unknown(format!(
-                "an SDXL checkpoint without `{prefix}*` (the OpenCLIP bigG text encoder): SDXL refiner checkpoints, \
-                 which have only that encoder, are not supported yet"
-            ));
+            return unknown(format!("an SDXL checkpoint without `{prefix}*` (the OpenCLIP bigG text encoder)"));
         }
-        let (layout_2, mut text_2) = infer_text(store, &[], Some(&prefix))?;
-        // SDXL's bigG uses every resblock, and projects the pooled output (stored [hidden, projection]).
-        if let TextLayout::OpenClip { resblocks } = layout_2 {
-            text_2.insert("num_hidden_layers".into(), json!(resblocks));
-        }
-        let projection = need(store, &format!("{prefix}text_projection"), 2)?;
-        text_2.insert("projection_dim".into(), json!(projection[1]));
+        let text_2 = big_g(&prefix)?;
         (layout, text, Some((prefix, text_2)))
     } else {
         let roots = [format!("{CLIP_PREFIX}text_model"), CLIP_PREFIX.trim_end_matches('.').to_string()];
@@ -119,8 +137,9 @@ pub fn analyze(store: &TensorStore) -> Result<Analysis> {
     let family = match text_layout {
         _ if sdxl => Family::Sdxl,
         TextLayout::Clip { .. } => Family::Sd1,
-        TextLayout::OpenClip { .. } => Family::Sd2,
+        TextLayout::OpenClip { .. } | TextLayout::BigG { .. } => Family::Sd2,
     };
+    let refiner = matches!(text_layout, TextLayout::BigG { .. });
     let unet = infer_unet(store)?;
     let vae = infer_vae(store)?;
     let blocks = unet["block_out_channels"].as_array().map_or(0, Vec::len);
@@ -129,16 +148,20 @@ pub fn analyze(store: &TensorStore) -> Result<Analysis> {
         let conflicts = merge(&standard, inferred, blocks).1;
         conflicts.into_iter().map(|(key, standard, found)| format!("{key} {found} (standard {standard})")).collect()
     };
-    let mut text_diffs = differences_from(standard_text(family), &text, 1);
+    let standard = if refiner { standard_text_2() } else { standard_text(family) };
+    let mut text_diffs = differences_from(standard, &text, 1);
     if let TextLayout::OpenClip { resblocks } = text_layout
         && !(23..=24).contains(&resblocks)
     {
         text_diffs.push(format!("{resblocks} OpenCLIP resblocks (standard: 24, of which 23 are used)"));
     }
     let mut differences = vec![
-        ("unet", differences_from(standard_unet(family), &unet, blocks)),
+        (
+            "unet",
+            differences_from(if refiner { standard_refiner_unet() } else { standard_unet(family) }, &unet, blocks),
+        ),
         ("vae", differences_from(standard_vae(family), &vae, vae_blocks)),
-        ("text_encoder", text_diffs),
+        (if refiner { "text_encoder_2" } else { "text_encoder" }, text_diffs),
     ];
     if let Some((_, text_2)) = &text_2 {
         differences.push(("text_encoder_2", differences_from(standard_text_2(), text_2, 1)));
@@ -200,11 +223,18 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
     };
     let blocks = |m: &Map<String, Value>| m["block_out_channels"].as_array().map_or(0, Vec::len);
 
-    let (unet_json, unet_path) = fitted("unet", standard_unet(family), &analysis.unet, blocks(&analysis.unet))?;
+    let refiner = matches!(analysis.text_layout, TextLayout::BigG { .. });
+    let standard = if refiner { standard_refiner_unet() } else { standard_unet(family) };
+    let (unet_json, unet_path) = fitted("unet", standard, &analysis.unet, blocks(&analysis.unet))?;
     let unet_config = UNetConfig::from_json(&unet_json.to_string(), &unet_path)?;
     let (vae_json, vae_path) = fitted("vae", standard_vae(family), &analysis.vae, blocks(&analysis.vae))?;
     let vae_config: VaeConfig = parse(&vae_json, &vae_path)?;
-    let (text_json, text_path) = fitted("text_encoder", standard_text(family), &analysis.text, 1)?;
+    // The refiner's one encoder is bigG, `text_encoder_2` in its diffusers folder.
+    let (text_json, text_path) = if refiner {
+        fitted("text_encoder_2", standard_text_2(), &analysis.text, 1)?
+    } else {
+        fitted("text_encoder", standard_text(family), &analysis.text, 1)?
+    };
     let text_config: ClipTextConfig = parse(&text_json, &text_path)?;
     if text_config.num_attention_heads == 0 || !text_config.hidden_size.is_multiple_of(text_config.num_attention_heads)
     {
@@ -219,6 +249,7 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
     let text_map = match &analysis.text_layout {
         TextLayout::Clip { root } => KeyMap::clip(root),
         TextLayout::OpenClip { .. } => KeyMap::open_clip(text_config.num_hidden_layers),
+        TextLayout::BigG { prefix } => KeyMap::open_clip_at(prefix, text_config.num_hidden_layers, true),
     };
     let text_2 = match &analysis.text_2 {
         Some((prefix, inferred)) => {
@@ -249,6 +280,7 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
     };
     let tokenizer_files = match &options.tokenizer {
         Some(dir) => TokenizerFiles::Dir(dir.clone()),
+        None if refiner => folder_tokenizer("tokenizer_2", "!"),
         None => folder_tokenizer("tokenizer", if family == Family::Sd2 { "!" } else { "<|endoftext|>" }),
     };
     let view = |map: KeyMap| -> Result<Arc<TensorStore>> { Ok(Arc::new(Arc::new(map).view(&store)?)) };
@@ -263,8 +295,12 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
         }
         None => None,
     };
-    let force_zeros_for_empty_prompt =
-        index.as_ref().and_then(|i| i["force_zeros_for_empty_prompt"].as_bool()).unwrap_or(family == Family::Sdxl);
+    let force_zeros_for_empty_prompt = index
+        .as_ref()
+        .and_then(|i| i["force_zeros_for_empty_prompt"].as_bool())
+        .unwrap_or(family == Family::Sdxl && !refiner);
+    let requires_aesthetics_score =
+        index.as_ref().and_then(|i| i["requires_aesthetics_score"].as_bool()).unwrap_or(refiner);
     Ok(ModelFiles {
         tokenizer: tokenizer_files.load()?,
         tokenizer_files,
@@ -276,7 +312,7 @@ pub fn open(path: &Path, options: &SourceOptions) -> Result<ModelFiles> {
         },
         text_2,
         force_zeros_for_empty_prompt,
-        requires_aesthetics_score: false,
+        requires_aesthetics_score,
         unet: Component {
             weights: view(KeyMap::unet(&unet_config))?,
             config: unet_config,
@@ -630,6 +666,40 @@ pub fn standard_text(family: Family) -> Value {
         "num_hidden_layers": if sd2 { 23 } else { 12 },
         "projection_dim": if sd2 { 512 } else { 768 },
         "vocab_size": 49408
+    })
+}
+
+/// The UNet config of stable-diffusion-xl-refiner-1.0.
+pub fn standard_refiner_unet() -> Value {
+    json!({
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [6, 12, 24, 24],
+        "block_out_channels": [384, 768, 1536, 1536],
+        "center_input_sample": false,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_dim": 1280,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_eps": 1e-5,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2560,
+        "sample_size": 128,
+        "transformer_layers_per_block": 4,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "upcast_attention": false,
+        "use_linear_projection": true
     })
 }
 
