@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
+use common::{assert_close, load_fixture, repo_path};
 use diffctl::pipeline::{LoadOptions, StableDiffusion};
 use diffctl::request::{IcLightSpec, Request};
 use diffctl::schedulers::SchedulerKind;
@@ -65,13 +65,11 @@ fn ic_light_matches_the_official_math() {
         let concat_err =
             assert_close(&format!("{} condition latents", case.name), &concat, &fixture["concat_latents"], 2e-5);
         prepared.generate.init_latents = Some(fixture["init_latents"].clone());
-        let out = model
-            .generate(&prepared.generate, &mut prepared.controls, &mut ReplayNoise::from_fixture(&fixture), &mut |_| {})
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
-        let image_err = max_abs_diff(&out.images.permute((0, 2, 3, 1)).unwrap(), &fixture["image"]);
-        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
-        report.push(format!("{:12} condition {concat_err:.2e}  latents {err:.2e}  image {image_err:.2e}", case.name));
+        let r = common::replay_case(&case.name, &model, &mut prepared, &fixture);
+        report.push(format!(
+            "{:12} condition {concat_err:.2e}  latents {:.2e}  image {:.2e}",
+            case.name, r.latent_err, r.image_err
+        ));
     }
     eprintln!("{}", report.join("\n"));
 }

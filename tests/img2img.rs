@@ -7,8 +7,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
-use diffctl::pipeline::{LoadOptions, Progress, StableDiffusion};
+use common::{load_fixture, max_abs_diff, repo_path};
+use diffctl::pipeline::{LoadOptions, StableDiffusion};
 use diffctl::request::{InitImageSpec, Request};
 use diffctl::schedulers::SchedulerKind;
 
@@ -77,22 +77,9 @@ fn img2img_and_inpainting_match_diffusers() {
         let mut prepared = request(&case).prepare(model, &LoadOptions::default()).unwrap();
         assert_eq!((prepared.generate.width, prepared.generate.height), (case.width, case.height), "{}", case.name);
         prepared.generate.init_latents = Some(fixture["init_noise"].clone());
-        let mut noise = ReplayNoise::from_fixture(&fixture);
-        let mut steps = None;
-        let out = model
-            .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |p| {
-                if let Progress::Sampling { steps: n } = p {
-                    steps = Some(n);
-                }
-            })
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        assert_eq!(steps, Some(case.timesteps.len()), "{}: steps run", case.name);
-        assert!(noise.0.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.0.len());
-        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
-        let image = out.images.permute((0, 2, 3, 1)).unwrap();
-        let image_err = max_abs_diff(&image, &fixture["image"]);
-        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
-        report.push(format!("{:18} latents {err:.2e}  image {image_err:.2e}", case.name));
+        let r = common::replay_case(&case.name, model, &mut prepared, &fixture);
+        assert_eq!(r.steps, Some(case.timesteps.len()), "{}: steps run", case.name);
+        report.push(format!("{:18} latents {:.2e}  image {:.2e}", case.name, r.latent_err, r.image_err));
     }
     eprintln!("{}", report.join("\n"));
 }

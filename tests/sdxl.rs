@@ -6,7 +6,7 @@
 mod common;
 
 use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff, repo_path};
-use diffctl::pipeline::{LoadOptions, MicroConditioning, Progress, StableDiffusion};
+use diffctl::pipeline::{LoadOptions, MicroConditioning, StableDiffusion};
 use diffctl::request::Request;
 use diffctl::schedulers::SchedulerKind;
 
@@ -81,22 +81,9 @@ fn sdxl_pipeline_matches_diffusers() {
         let generate = &mut prepared.generate;
         assert_eq!((generate.width, generate.height), (case.output_width, case.output_height), "{}", case.name);
         generate.init_latents = Some(fixture["init_latents"].clone());
-        let mut noise = ReplayNoise::from_fixture(&fixture);
-        let mut steps = None;
-        let out = model
-            .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |p| {
-                if let Progress::Sampling { steps: n } = p {
-                    steps = Some(n);
-                }
-            })
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        assert_eq!(steps, Some(case.timesteps.len()), "{}", case.name);
-        assert!(noise.0.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.0.len());
-        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
-        let image = out.images.permute((0, 2, 3, 1)).unwrap();
-        let image_err = max_abs_diff(&image, &fixture["image"]);
-        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
-        report.push(format!("{:20} latents {err:.2e}  image {image_err:.2e}", case.name));
+        let r = common::replay_case(&case.name, &model, &mut prepared, &fixture);
+        assert_eq!(r.steps, Some(case.timesteps.len()), "{}", case.name);
+        report.push(format!("{:20} latents {:.2e}  image {:.2e}", case.name, r.latent_err, r.image_err));
     }
     eprintln!("{}", report.join("\n"));
 }

@@ -84,22 +84,9 @@ fn sdxl_img2img_inpainting_and_refiner_match_diffusers() {
         let fixture = load_fixture(&case.file);
         let mut prepared = request(&case).prepare(model, &LoadOptions::default()).unwrap();
         prepared.generate.init_latents = Some(fixture["init_noise"].clone());
-        let mut noise = ReplayNoise::from_fixture(&fixture);
-        let mut steps = None;
-        let out = model
-            .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |p| {
-                if let Progress::Sampling { steps: n } = p {
-                    steps = Some(n);
-                }
-            })
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        assert_eq!(steps, Some(case.timesteps.len()), "{}: steps run", case.name);
-        assert!(noise.0.is_empty(), "{}: {} recorded noise draws unused", case.name, noise.0.len());
-        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
-        let image = out.images.permute((0, 2, 3, 1)).unwrap();
-        let image_err = max_abs_diff(&image, &fixture["image"]);
-        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
-        report.push(format!("{:26} latents {err:.2e}  image {image_err:.2e}", case.name));
+        let r = common::replay_case(&case.name, model, &mut prepared, &fixture);
+        assert_eq!(r.steps, Some(case.timesteps.len()), "{}: steps run", case.name);
+        report.push(format!("{:26} latents {:.2e}  image {:.2e}", case.name, r.latent_err, r.image_err));
     }
     eprintln!("{}", report.join("\n"));
 }

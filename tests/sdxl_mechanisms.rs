@@ -199,7 +199,7 @@ fn request(case: &Case) -> diffctl::request::Request {
 
 #[test]
 fn sdxl_mechanisms_match_diffusers() {
-    use common::{ReplayNoise, assert_close, load_fixture, max_abs_diff};
+    use common::load_fixture;
     let cases = diffctl::io::read_json::<Cases>(&repo_path("tests/fixtures/sdxl/mechanism_cases.json")).unwrap().cases;
     let mut report = Vec::new();
     for case in &cases {
@@ -210,15 +210,9 @@ fn sdxl_mechanisms_match_diffusers() {
             .prepare(&mut model, &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{} ({}): {e}", case.name, case.kind));
         prepared.generate.init_latents = Some(fixture["init_latents"].clone());
-        let mut noise = ReplayNoise::from_fixture(&fixture);
-        let out = model
-            .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |_| {})
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        assert_eq!(case.timesteps.len(), case.steps, "{}", case.name);
-        let err = assert_close(&format!("{} latents", case.name), &out.latents, &fixture["latents"], 2e-3);
-        let image_err = max_abs_diff(&out.images.permute((0, 2, 3, 1)).unwrap(), &fixture["image"]);
-        assert!(image_err <= 2.0 / 255.0, "{}: image max|diff| {image_err}", case.name);
-        report.push(format!("{:22} latents {err:.2e}  image {image_err:.2e}", case.name));
+        let r = common::replay_case(&case.name, &model, &mut prepared, &fixture);
+        assert_eq!(r.steps, Some(case.timesteps.len()), "{}", case.name);
+        report.push(format!("{:22} latents {:.2e}  image {:.2e}", case.name, r.latent_err, r.image_err));
     }
     eprintln!("{}", report.join("\n"));
 }

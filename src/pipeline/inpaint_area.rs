@@ -23,40 +23,36 @@ pub fn crop_region(mask: &GrayImage, width: usize, height: usize, pad: usize) ->
     }
     let (left, right) = (set.iter().map(|p| p.0).min().unwrap_or(0), set.iter().map(|p| p.0).max().unwrap_or(0) + 1);
     let (top, bottom) = (set.iter().map(|p| p.1).min().unwrap_or(0), set.iter().map(|p| p.1).max().unwrap_or(0) + 1);
-    let (mut x1, mut y1) = (left.saturating_sub(pad) as i64, top.saturating_sub(pad) as i64);
-    let (mut x2, mut y2) = ((right + pad).min(w) as i64, (bottom + pad).min(h) as i64);
-    let (w, h) = (w as i64, h as i64);
+    let (x1, y1) = (left.saturating_sub(pad) as i64, top.saturating_sub(pad) as i64);
+    let (x2, y2) = ((right + pad).min(w) as i64, (bottom + pad).min(h) as i64);
     let ratio = width as f64 / height as f64;
-    if (x2 - x1) as f64 / (y2 - y1) as f64 > ratio {
+    let (x1, y1, x2, y2) = if (x2 - x1) as f64 / (y2 - y1) as f64 > ratio {
         let d = ((x2 - x1) as f64 / ratio - (y2 - y1) as f64) as i64;
-        y1 -= d / 2;
-        y2 += d - d / 2;
-        if y2 >= h {
-            let k = y2 - h;
-            y2 -= k;
-            y1 -= k;
-        }
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        y2 = y2.min(h);
+        let (y1, y2) = widen(y1, y2, d, h as i64);
+        (x1, y1, x2, y2)
     } else {
         let d = ((y2 - y1) as f64 * ratio - (x2 - x1) as f64) as i64;
-        x1 -= d / 2;
-        x2 += d - d / 2;
-        if x2 >= w {
-            let k = x2 - w;
-            x2 -= k;
-            x1 -= k;
-        }
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        x2 = x2.min(w);
-    }
+        let (x1, x2) = widen(x1, x2, d, w as i64);
+        (x1, y1, x2, y2)
+    };
     Ok((x1 as usize, y1 as usize, x2 as usize, y2 as usize))
+}
+
+/// The span `lo..hi` grown by `d` around its centre, shifted back inside `0..limit` and clipped
+/// (one axis of `get_crop_region`'s aspect widening).
+fn widen(mut lo: i64, mut hi: i64, d: i64, limit: i64) -> (i64, i64) {
+    lo -= d / 2;
+    hi += d - d / 2;
+    if hi >= limit {
+        let k = hi - limit;
+        hi -= k;
+        lo -= k;
+    }
+    if lo < 0 {
+        hi -= lo;
+        lo = 0;
+    }
+    (lo, hi.min(limit))
 }
 
 /// `img` cropped to `region`.
@@ -76,43 +72,43 @@ pub fn resize_and_fill(img: &RgbImage, width: usize, height: usize) -> RgbImage 
     let mut out = RgbImage::new(width as u32, height as u32);
     let (ox, oy) = ((width / 2) as i64 - (src_w / 2) as i64, (height / 2) as i64 - (src_h / 2) as i64);
     image::imageops::overlay(&mut out, &resized, ox, oy);
-    // Bicubic (a = -0.5) weights of the two edge pixels at a zero-width box: 1.125 and -0.125, in
-    // Pillow's 22-bit fixed point.
+    if ratio < src_ratio && src_h >= 2 {
+        fill_bands(&mut out, &resized, height / 2 - src_h / 2, true);
+    } else if ratio > src_ratio && src_w >= 2 {
+        fill_bands(&mut out, &resized, width / 2 - src_w / 2, false);
+    }
+    out
+}
+
+/// The `fill` bands above and below `resized` (placed `fill` pixels in), or with `vertical` false
+/// left and right of it, each band a copy of the edge row (column) as Pillow's bicubic resize of a
+/// zero-height box makes it: 1.125 × the edge pixel − 0.125 × its neighbour, in 22-bit fixed point.
+fn fill_bands(out: &mut RgbImage, resized: &RgbImage, fill: usize, vertical: bool) {
     let (near, far) = (4_718_592i64, -524_288i64);
     let edge =
         |a: u8, b: u8| -> u8 { (((1i64 << 21) + near * i64::from(a) + far * i64::from(b)) >> 22).clamp(0, 255) as u8 };
-    if ratio < src_ratio && src_h >= 2 {
-        let fill = height / 2 - src_h / 2;
-        for x in 0..width.min(src_w) {
-            let (first, second) = (resized.get_pixel(x as u32, 0).0, resized.get_pixel(x as u32, 1).0);
-            let (last, before) =
-                (resized.get_pixel(x as u32, src_h as u32 - 1).0, resized.get_pixel(x as u32, src_h as u32 - 2).0);
-            let top = image::Rgb(std::array::from_fn(|c| edge(first[c], second[c])));
-            let bottom = image::Rgb(std::array::from_fn(|c| edge(last[c], before[c])));
-            for y in 0..fill {
-                out.put_pixel(x as u32, y as u32, top);
-                if fill + src_h + y < height {
-                    out.put_pixel(x as u32, (fill + src_h + y) as u32, bottom);
-                }
-            }
-        }
-    } else if ratio > src_ratio && src_w >= 2 {
-        let fill = width / 2 - src_w / 2;
-        for y in 0..height.min(src_h) {
-            let (first, second) = (resized.get_pixel(0, y as u32).0, resized.get_pixel(1, y as u32).0);
-            let (last, before) =
-                (resized.get_pixel(src_w as u32 - 1, y as u32).0, resized.get_pixel(src_w as u32 - 2, y as u32).0);
-            let left = image::Rgb(std::array::from_fn(|c| edge(first[c], second[c])));
-            let right = image::Rgb(std::array::from_fn(|c| edge(last[c], before[c])));
-            for x in 0..fill {
-                out.put_pixel(x as u32, y as u32, left);
-                if fill + src_w + x < width {
-                    out.put_pixel((fill + src_w + x) as u32, y as u32, right);
+    // Coordinates as (across the bands, along them).
+    let (len, across, out_len) = if vertical {
+        (resized.height(), resized.width().min(out.width()), out.height())
+    } else {
+        (resized.width(), resized.height().min(out.height()), out.width())
+    };
+    let at = |a: u32, i: u32| if vertical { resized.get_pixel(a, i).0 } else { resized.get_pixel(i, a).0 };
+    let fill = fill as u32;
+    for a in 0..across {
+        let blend = |p: [u8; 3], q: [u8; 3]| image::Rgb(std::array::from_fn(|c| edge(p[c], q[c])));
+        let start = blend(at(a, 0), at(a, 1));
+        let end = blend(at(a, len - 1), at(a, len - 2));
+        for i in 0..fill {
+            let after = fill + len + i;
+            for (i, pixel) in [(i, start), (after, end)] {
+                if i < out_len {
+                    let (x, y) = if vertical { (a, i) } else { (i, a) };
+                    out.put_pixel(x, y, pixel);
                 }
             }
         }
     }
-    out
 }
 
 /// diffusers' `_resize_and_crop`: `img` scaled to cover `width` x `height` (Lanczos) and centred,

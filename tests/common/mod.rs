@@ -153,3 +153,39 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// What [`replay_case`] measured.
+pub struct Replayed {
+    /// The generation's output.
+    pub out: diffctl::pipeline::Generated,
+    /// max |Δ| of the final latents.
+    pub latent_err: f32,
+    /// max |Δ| of the decoded image.
+    pub image_err: f32,
+    /// The steps the sampler reported it would run.
+    pub steps: Option<usize>,
+}
+
+/// Runs `prepared` on `model` with the noise recorded in `fixture` (all of it must be used) and
+/// checks the final latents (2e-3 · max(1, std)) and the image [B, H, W, 3] (2/255) against it.
+pub fn replay_case(
+    name: &str,
+    model: &diffctl::pipeline::StableDiffusion,
+    prepared: &mut diffctl::request::Prepared,
+    fixture: &HashMap<String, Tensor>,
+) -> Replayed {
+    let mut noise = ReplayNoise::from_fixture(fixture);
+    let mut steps = None;
+    let out = model
+        .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut |p| {
+            if let diffctl::pipeline::Progress::Sampling { steps: n } = p {
+                steps = Some(n);
+            }
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(noise.0.is_empty(), "{name}: {} recorded noise draws unused", noise.0.len());
+    let latent_err = assert_close(&format!("{name} latents"), &out.latents, &fixture["latents"], 2e-3);
+    let image_err = max_abs_diff(&out.images.permute((0, 2, 3, 1)).unwrap(), &fixture["image"]);
+    assert!(image_err <= 2.0 / 255.0, "{name}: image max|diff| {image_err}");
+    Replayed { out, latent_err, image_err, steps }
+}
