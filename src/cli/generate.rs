@@ -38,7 +38,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 7.5, value_name = "F")]
     guidance: f64,
     /// Sampler: ddim, euler, euler-a, heun, dpm2, dpm2-a, lms, dpmpp-2m, dpmpp-2m-sde, dpmpp-3m-sde, dpmpp-2s-a,
-    /// unipc, deis, pndm, lcm, tcd, ddpm, or an A1111 name ("DPM++ 2M", "Euler a", "PLMS", ...), optionally
+    /// dpmpp-sde, unipc, deis, pndm, lcm, tcd, ddpm, or an A1111 name ("DPM++ 2M", "Euler a", "PLMS", ...), optionally
     /// with a schedule suffix ("DPM++ 2M Karras", dpmpp-2m-karras) [default: the model's scheduler_config.json].
     #[arg(long, value_name = "NAME")]
     scheduler: Option<String>,

@@ -6,8 +6,8 @@
 //!   each `Option` so that a field missing from the file takes the chosen class's own default,
 //!   exactly as diffusers' `from_config` does.
 //! - [`SchedulerKind`]: the samplers by CLI name (`ddim`, `euler`, `euler-a`, `heun`, `dpm2`,
-//!   `dpm2-a`, `lms`, `dpmpp-2m`, `dpmpp-2m-sde`, `dpmpp-3m-sde`, `dpmpp-2s-a`, `unipc`, `deis`,
-//!   `pndm`, `lcm`, `tcd`, `ddpm`) and the mapping from a config's `_class_name`.
+//!   `dpm2-a`, `lms`, `dpmpp-2m`, `dpmpp-2m-sde`, `dpmpp-3m-sde`, `dpmpp-2s-a`, `dpmpp-sde`, `unipc`,
+//!   `deis`, `pndm`, `lcm`, `tcd`, `ddpm`) and the mapping from a config's `_class_name`.
 //! - [`SigmaSchedule`]: the noise-level schedule as a separate axis (Karras, exponential, beta,
 //!   sgm_uniform, simple, align-your-steps), applied through the class's own config flags or as
 //!   given timesteps, as diffusers does.
@@ -68,6 +68,7 @@ mod ddpm;
 mod deis;
 mod dpm_solver;
 mod dpmpp_2s_ancestral;
+mod dpmpp_sde;
 mod euler;
 mod euler_ancestral;
 mod heun;
@@ -120,6 +121,9 @@ pub enum SchedulerKind {
     /// `dpmpp-2s-a`: k-diffusion's `sample_dpmpp_2s_ancestral` (no diffusers class) on
     /// EulerDiscreteScheduler's sigmas; two model calls per step but the last.
     DpmPp2sAncestral,
+    /// `dpmpp-sde`: DPMSolverSDEScheduler (stochastic, two model calls per step; its noise comes from
+    /// the [`NoiseSource`], not torchsde's Brownian tree).
+    DpmPpSde,
     /// `unipc`: UniPCMultistepScheduler (bh2 unless the config says otherwise).
     UniPc,
     /// `deis`: DEISMultistepScheduler.
@@ -136,7 +140,7 @@ pub enum SchedulerKind {
 
 impl SchedulerKind {
     /// Every kind, in the order the CLI lists them.
-    pub const ALL: [SchedulerKind; 17] = [
+    pub const ALL: [SchedulerKind; 18] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
@@ -148,6 +152,7 @@ impl SchedulerKind {
         SchedulerKind::DpmPp2mSde,
         SchedulerKind::DpmPp3mSde,
         SchedulerKind::DpmPp2sAncestral,
+        SchedulerKind::DpmPpSde,
         SchedulerKind::UniPc,
         SchedulerKind::Deis,
         SchedulerKind::Pndm,
@@ -170,6 +175,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2mSde => "dpmpp-2m-sde",
             SchedulerKind::DpmPp3mSde => "dpmpp-3m-sde",
             SchedulerKind::DpmPp2sAncestral => "dpmpp-2s-a",
+            SchedulerKind::DpmPpSde => "dpmpp-sde",
             SchedulerKind::UniPc => "unipc",
             SchedulerKind::Deis => "deis",
             SchedulerKind::Pndm => "pndm",
@@ -193,6 +199,7 @@ impl SchedulerKind {
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mSde | SchedulerKind::DpmPp3mSde => {
                 "DPMSolverMultistepScheduler"
             }
+            SchedulerKind::DpmPpSde => "DPMSolverSDEScheduler",
             SchedulerKind::UniPc => "UniPCMultistepScheduler",
             SchedulerKind::Deis => "DEISMultistepScheduler",
             SchedulerKind::Pndm => "PNDMScheduler",
@@ -214,6 +221,7 @@ impl SchedulerKind {
             "KDPM2AncestralDiscreteScheduler" => SchedulerKind::Dpm2Ancestral,
             "LMSDiscreteScheduler" => SchedulerKind::Lms,
             "DPMSolverMultistepScheduler" => SchedulerKind::DpmPp2m,
+            "DPMSolverSDEScheduler" => SchedulerKind::DpmPpSde,
             "UniPCMultistepScheduler" => SchedulerKind::UniPc,
             "DEISMultistepScheduler" => SchedulerKind::Deis,
             "PNDMScheduler" => SchedulerKind::Pndm,
@@ -494,6 +502,7 @@ pub fn build(
             Box::new(dpm_solver::DpmSolver::new(&cfg, n, custom)?)
         }
         SchedulerKind::DpmPp2sAncestral => Box::new(dpmpp_2s_ancestral::DpmPp2sAncestral::new(&cfg, n, custom)?),
+        SchedulerKind::DpmPpSde => Box::new(dpmpp_sde::DpmPpSde::new(&cfg, n)?),
         SchedulerKind::UniPc => Box::new(unipc::UniPc::new(&cfg, n)?),
         SchedulerKind::Deis => Box::new(deis::Deis::new(&cfg, n)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&cfg, n)?),

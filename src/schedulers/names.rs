@@ -8,7 +8,7 @@ use crate::{Error, Result};
 pub struct SamplerChoice;
 
 /// A1111's sampler names (matched without regard to case) and the kinds they mean.
-const A1111: [(&str, SchedulerKind); 17] = [
+const A1111: [(&str, SchedulerKind); 18] = [
     ("Euler a", SchedulerKind::EulerAncestral),
     ("Euler", SchedulerKind::Euler),
     ("LMS", SchedulerKind::Lms),
@@ -19,6 +19,7 @@ const A1111: [(&str, SchedulerKind); 17] = [
     ("DPM++ 2M", SchedulerKind::DpmPp2m),
     ("DPM++ 2M SDE", SchedulerKind::DpmPp2mSde),
     ("DPM++ 3M SDE", SchedulerKind::DpmPp3mSde),
+    ("DPM++ SDE", SchedulerKind::DpmPpSde),
     ("DDIM", SchedulerKind::Ddim),
     ("PLMS", SchedulerKind::Pndm),
     ("UniPC", SchedulerKind::UniPc),
@@ -26,17 +27,6 @@ const A1111: [(&str, SchedulerKind); 17] = [
     ("DEIS", SchedulerKind::Deis),
     ("DDPM", SchedulerKind::Ddpm),
     ("TCD", SchedulerKind::Tcd),
-];
-
-/// Names of samplers we do not provide, with the reason.
-const MISSING: [(&str, &str); 2] = [
-    (
-        "dpm++ sde",
-        "DPM++ SDE (diffusers' DPMSolverSDEScheduler) is not available: its noise comes from torchsde's \
-         Brownian tree, which the oracle environment lacks, so it could not be checked against diffusers; \
-         use DPM++ 2M SDE",
-    ),
-    ("dpmpp-sde", "dpmpp-sde (DPMSolverSDEScheduler) is not available; use dpmpp-2m-sde"),
 ];
 
 impl SamplerChoice {
@@ -58,9 +48,6 @@ impl SamplerChoice {
                     }
                 }
             }
-        }
-        if let Some((_, why)) = MISSING.iter().find(|(name, _)| *name == lower) {
-            return Err(Error::invalid(*why));
         }
         Err(Error::invalid(format!(
             "unknown sampler `{}`; valid names: {}; A1111 names: {}; either may be followed by a schedule: {}",

@@ -4,7 +4,8 @@
 //! the corresponding diffusers setup:
 //! - `karras`, `exponential`, `beta`: the class's `use_karras_sigmas`, `use_exponential_sigmas`,
 //!   `use_beta_sigmas` flags (the classes that have them: Euler, Heun, DPM2, DPM2-a, LMS,
-//!   DPM-Solver multistep, UniPC, DEIS; and DPM++ 2S-a, which samples on Euler's sigmas).
+//!   DPM-Solver multistep, DPM-Solver SDE, UniPC, DEIS; and DPM++ 2S-a, which samples on Euler's
+//!   sigmas).
 //! - `sgm_uniform`: `timestep_spacing = "trailing"`, as diffusers documents for A1111's/ComfyUI's
 //!   sgm_uniform (every sampler with a `timestep_spacing`, that is all but LCM and TCD).
 //! - `simple`: ComfyUI's `simple_scheduler` (comfy/samplers.py): for `n` steps, the training sigma
@@ -134,6 +135,7 @@ impl SigmaSchedule {
                     | K::DpmPp2mSde
                     | K::DpmPp3mSde
                     | K::DpmPp2sAncestral
+                    | K::DpmPpSde
                     | K::UniPc
                     | K::Deis
             ),
