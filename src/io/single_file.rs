@@ -669,38 +669,23 @@ pub fn standard_text(family: Family) -> Value {
     })
 }
 
-/// The UNet config of stable-diffusion-xl-refiner-1.0.
+/// The UNet config of stable-diffusion-xl-refiner-1.0: SDXL base's with the refiner's blocks,
+/// context width (bigG alone) and added-conditioning width (aesthetic score instead of the target
+/// size).
 pub fn standard_refiner_unet() -> Value {
-    json!({
-        "_class_name": "UNet2DConditionModel",
-        "act_fn": "silu",
-        "addition_embed_type": "text_time",
-        "addition_embed_type_num_heads": 64,
-        "addition_time_embed_dim": 256,
-        "attention_head_dim": [6, 12, 24, 24],
-        "block_out_channels": [384, 768, 1536, 1536],
-        "center_input_sample": false,
-        "conv_in_kernel": 3,
-        "conv_out_kernel": 3,
-        "cross_attention_dim": 1280,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": true,
-        "freq_shift": 0,
-        "in_channels": 4,
-        "layers_per_block": 2,
-        "mid_block_scale_factor": 1,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "norm_eps": 1e-5,
-        "norm_num_groups": 32,
-        "out_channels": 4,
-        "projection_class_embeddings_input_dim": 2560,
-        "sample_size": 128,
-        "transformer_layers_per_block": 4,
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "upcast_attention": false,
-        "use_linear_projection": true
-    })
+    let mut config = standard_unet(Family::Sdxl);
+    for (key, value) in [
+        ("attention_head_dim", json!([6, 12, 24, 24])),
+        ("block_out_channels", json!([384, 768, 1536, 1536])),
+        ("cross_attention_dim", json!(1280)),
+        ("down_block_types", json!(["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])),
+        ("projection_class_embeddings_input_dim", json!(2560)),
+        ("transformer_layers_per_block", json!(4)),
+        ("up_block_types", json!(["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])),
+    ] {
+        config[key] = value;
+    }
+    config
 }
 
 /// SDXL's second text encoder config: OpenCLIP ViT-bigG/14 with its projection.

@@ -42,7 +42,7 @@ impl InitImage {
         device: &Device,
     ) -> Result<Self> {
         check_strength(strength)?;
-        let image = crate::io::image::rgb_to_tensor(&resized(image, width, height), device)?;
+        let image = crate::io::image::rgb_to_tensor(&pil_resize(image, width, height, Filter::Lanczos), device)?;
         let mask = mask
             .map(|mask| -> Result<Tensor> {
                 // Luma first, then the resize, as Pillow's convert("L") before resize; the three
@@ -56,22 +56,13 @@ impl InitImage {
                     let v = gray.get_pixel(x, y).0[0];
                     image::Rgb([v, v, v])
                 });
-                let gray = resized(&gray, width, height);
+                let gray = pil_resize(&gray, width, height, Filter::Lanczos);
                 let binary: Vec<f32> =
                     gray.pixels().map(|p| if f32::from(p.0[0]) / 255.0 < 0.5 { 0.0 } else { 1.0 }).collect();
                 Ok(Tensor::from_vec(binary, (1, 1, height, width), device)?)
             })
             .transpose()?;
         Ok(Self { image, strength, mask })
-    }
-}
-
-/// `img` at `width` x `height` (Lanczos, as Pillow) unless it has that size already.
-fn resized(img: &RgbImage, width: usize, height: usize) -> RgbImage {
-    if (img.width() as usize, img.height() as usize) == (width, height) {
-        img.clone()
-    } else {
-        pil_resize(img, width, height, Filter::Lanczos)
     }
 }
 

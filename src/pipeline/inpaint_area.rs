@@ -6,6 +6,7 @@
 use image::{GrayImage, RgbImage};
 
 use crate::models::image_processor::{Filter, pil_resize};
+use crate::preprocess::resize::{ResizeMode, fit};
 use crate::{Error, Result};
 
 /// A crop box in pixels: left, top, right and bottom (exclusive).
@@ -68,7 +69,7 @@ pub fn resize_and_fill(img: &RgbImage, width: usize, height: usize) -> RgbImage 
     let (ratio, src_ratio) = (width as f64 / height as f64, iw as f64 / ih as f64);
     let src_w = if ratio < src_ratio { width } else { iw * height / ih };
     let src_h = if ratio >= src_ratio { height } else { ih * width / iw };
-    let resized = if (src_w, src_h) == (iw, ih) { img.clone() } else { pil_resize(img, src_w, src_h, Filter::Lanczos) };
+    let resized = pil_resize(img, src_w, src_h, Filter::Lanczos);
     let mut out = RgbImage::new(width as u32, height as u32);
     let (ox, oy) = ((width / 2) as i64 - (src_w / 2) as i64, (height / 2) as i64 - (src_h / 2) as i64);
     image::imageops::overlay(&mut out, &resized, ox, oy);
@@ -111,29 +112,16 @@ fn fill_bands(out: &mut RgbImage, resized: &RgbImage, fill: usize, vertical: boo
     }
 }
 
-/// diffusers' `_resize_and_crop`: `img` scaled to cover `width` x `height` (Lanczos) and centred,
-/// what overhangs cut off.
-fn resize_and_crop(img: &RgbImage, width: usize, height: usize) -> RgbImage {
-    let (iw, ih) = (img.width() as usize, img.height() as usize);
-    let (ratio, src_ratio) = (width as f64 / height as f64, iw as f64 / ih as f64);
-    let src_w = if ratio > src_ratio { width } else { iw * height / ih };
-    let src_h = if ratio <= src_ratio { height } else { ih * width / iw };
-    let resized = if (src_w, src_h) == (iw, ih) { img.clone() } else { pil_resize(img, src_w, src_h, Filter::Lanczos) };
-    let mut out = RgbImage::new(width as u32, height as u32);
-    let (ox, oy) = ((width / 2) as i64 - (src_w / 2) as i64, (height / 2) as i64 - (src_h / 2) as i64);
-    image::imageops::overlay(&mut out, &resized, ox, oy);
-    out
-}
-
 /// diffusers' `apply_overlay`: the generated crop `generated`, fitted back to `region` of the
 /// original `image`, shows through where `mask` (the original-size mask, blurred if it was) is
 /// white, and the original where it is black; Pillow's premultiplied RGBa round trip and
 /// `alpha_composite` rounding included.
-pub fn paste_back(image: &RgbImage, mask: &GrayImage, generated: &RgbImage, region: CropBox) -> RgbImage {
+pub fn paste_back(image: &RgbImage, mask: &GrayImage, generated: &RgbImage, region: CropBox) -> Result<RgbImage> {
     let (x1, y1, x2, y2) = region;
-    let fitted = resize_and_crop(generated, x2 - x1, y2 - y1);
+    // diffusers' `_resize_and_crop`: cover the region, centred.
+    let fitted = fit(generated, (x2 - x1) as u32, (y2 - y1) as u32, ResizeMode::Crop)?;
     let div255 = |v: u32| ((v + 128) + ((v + 128) >> 8)) >> 8;
-    RgbImage::from_fn(image.width(), image.height(), |x, y| {
+    Ok(RgbImage::from_fn(image.width(), image.height(), |x, y| {
         let (xu, yu) = (x as usize, y as usize);
         let base = if (x1..x2).contains(&xu) && (y1..y2).contains(&yu) {
             fitted.get_pixel((xu - x1) as u32, (yu - y1) as u32).0
@@ -151,5 +139,5 @@ pub fn paste_back(image: &RgbImage, mask: &GrayImage, generated: &RgbImage, regi
             let t = restored * inv * 128 + u32::from(base[c]) * (255 - inv) * 128 + (128 << 7);
             ((((t >> 8) + t) >> 8) >> 7) as u8
         }))
-    })
+    }))
 }

@@ -263,7 +263,7 @@ impl Prepared {
         let pasted = crate::io::image::to_rgb8(&generated.images)?
             .iter()
             .map(|crop| {
-                let image = inpaint_area::paste_back(&paste.image, &paste.mask, crop, paste.region);
+                let image = inpaint_area::paste_back(&paste.image, &paste.mask, crop, paste.region)?;
                 crate::io::image::rgb_to_tensor(&image, &device)
             })
             .collect::<Result<Vec<_>>>()?;

@@ -106,7 +106,7 @@ impl Scheduler for DpmPp2sAncestral {
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let sigma = self.entries[step_index].sigma;
-        div(sample, (sigma * sigma + 1.0).sqrt())
+        super::scale_at_sigma(sample, sigma)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {

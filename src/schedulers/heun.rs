@@ -81,11 +81,11 @@ impl Scheduler for Heun {
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let sigma = self.sigmas[step_index];
-        div(sample, (sigma * sigma + 1.0).sqrt())
+        super::scale_at_sigma(sample, sigma)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        Ok((original + mul(noise, self.sigmas[step_index])?)?)
+        super::add_noise_at_sigma(original, noise, self.sigmas[step_index])
     }
 
     fn step(

@@ -93,11 +93,11 @@ impl Scheduler for Kdpm2Ancestral {
             None => self.sigmas[step_index],
             Some(_) => self.sigmas_interpol[step_index - 1],
         };
-        div(sample, (sigma * sigma + 1.0).sqrt())
+        super::scale_at_sigma(sample, sigma)
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        Ok((original + mul(noise, self.sigmas[step_index])?)?)
+        super::add_noise_at_sigma(original, noise, self.sigmas[step_index])
     }
 
     fn step(

@@ -578,6 +578,17 @@ pub(crate) fn lin2(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
     Ok((mul(x, a)? + mul(y, b)?)?)
 }
 
+/// Forward noising in sigma space, `x + σ·ε` (the k-diffusion-style schedulers' `add_noise`).
+pub(crate) fn add_noise_at_sigma(x: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    Ok((x + mul(noise, sigma)?)?)
+}
+
+/// The model input at noise level `sigma` in sigma space, `x / √(σ² + 1)` (their
+/// `scale_model_input`).
+pub(crate) fn scale_at_sigma(x: &Tensor, sigma: f32) -> Result<Tensor> {
+    div(x, (sigma * sigma + 1.0).sqrt())
+}
+
 /// `sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε` at integer timestep `t` (the DDPM-family `add_noise`, f32 as
 /// diffusers computes it).
 pub(crate) fn add_noise_at(train: &betas::Train, t: i64, x: &Tensor, noise: &Tensor) -> Result<Tensor> {
