@@ -98,6 +98,12 @@ impl StableDiffusion {
         Ok(self.encode_prompt_words(prompt, None, clip_skip)?.0)
     }
 
+    /// [`Self::encode_prompt`] and, for SDXL, the pooled embeddings [1, P].
+    pub fn encode_prompt_and_pooled(&self, prompt: &str, clip_skip: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let (context, pooled, _) = self.encode_prompt_words(prompt, None, clip_skip)?;
+        Ok((context, pooled))
+    }
+
     /// [`Self::encode_prompt`] with the pooled embeddings [1, P] (SDXL; `prompt_2` is the second
     /// encoder's prompt, default `prompt`) and the prompt's words with the rows they became (none
     /// located with the A1111 syntax, whose weighting and chunking move rows).
@@ -109,11 +115,7 @@ impl StableDiffusion {
     ) -> Result<(Tensor, Option<Tensor>, Vec<PromptWord>)> {
         let added = self.token_vectors.table();
         if self.prompt_syntax == PromptSyntax::A1111 {
-            if self.text_2.is_some() {
-                return Err(Error::invalid("the A1111 prompt syntax is not supported for SDXL models yet"));
-            }
-            let z = a1111::encode(&self.tokenizer, &self.text_encoder, added, prompt, clip_skip, self.device())?;
-            return Ok((z, None, Vec::new()));
+            return self.encode_a1111(prompt, prompt_2, clip_skip).map(|(z, pooled)| (z, pooled, Vec::new()));
         }
         let (ids, words) = self.tokenizer.encode_padded_words(prompt)?;
         let ids = Tensor::from_vec(ids, (1, self.tokenizer.max_length()), self.device())?;
@@ -133,6 +135,43 @@ impl StableDiffusion {
         let second = encoder.encode_hidden_and_pooled(&embeddings_2, &ids_2, clip_skip + 1)?;
         let context = Tensor::cat(&[&first.hidden, &second.hidden.to_dtype(first.hidden.dtype())?], 2)?;
         Ok((context, Some(second.pooled), words))
+    }
+
+    /// [`Self::encode_prompt_words`] with the A1111 syntax. SDXL as A1111 conditions it: each
+    /// encoder reads the prompt in the same chunks (padded with its own tokenizer's pad token),
+    /// weights its own hidden states, and the two are joined along features; the pooled embeddings
+    /// are the last encoder's of the first chunk.
+    fn encode_a1111(&self, prompt: &str, prompt_2: Option<&str>, clip_skip: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let added = self.token_vectors.table();
+        let device = self.device();
+        if self.unet.config().add_embedding.is_none() {
+            return Ok((a1111::encode(&self.tokenizer, &self.text_encoder, added, prompt, clip_skip, device)?, None));
+        }
+        let depth = clip_skip + 1;
+        let (first, pooled) =
+            a1111::encode_hidden_and_pooled(&self.tokenizer, &self.text_encoder, added, prompt, depth, device)?;
+        let Some(SecondTextEncoder { tokenizer, encoder, token_vectors }) = &self.text_2 else {
+            return Ok((first, Some(pooled)));
+        };
+        let (second, pooled) = a1111::encode_hidden_and_pooled(
+            tokenizer,
+            encoder,
+            token_vectors.table(),
+            prompt_2.unwrap_or(prompt),
+            depth,
+            device,
+        )?;
+        let (rows, rows_2) = (first.dim(1)?, second.dim(1)?);
+        if rows != rows_2 {
+            let chunks = |rows: usize| rows / self.tokenizer.max_length();
+            return Err(Error::invalid(format!(
+                "with the A1111 prompt syntax the prompt and the second prompt must make as many 75-token chunks \
+                 (the first makes {}, the second {})",
+                chunks(rows),
+                chunks(rows_2)
+            )));
+        }
+        Ok((Tensor::cat(&[&first, &second.to_dtype(first.dtype())?], 2)?, Some(pooled)))
     }
 
     /// The batched text conditioning of `req` for `batch` images of `size` (height, width)
@@ -164,18 +203,22 @@ impl StableDiffusion {
                 negative_words: Vec::new(),
             });
         }
-        let (negative, negative_pooled, negative_words) =
-            if self.force_zeros_for_empty_prompt && req.negative_prompt.is_none() {
-                // SDXL: no negative prompt means zero embeddings, not the empty prompt's.
-                (positive.zeros_like()?, pooled.as_ref().map(Tensor::zeros_like).transpose()?, Vec::new())
-            } else {
-                // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
-                // last layer (SDXL: the penultimate). A1111 applies it to both.
-                let negative_skip = if self.prompt_syntax == PromptSyntax::A1111 { req.clip_skip } else { 0 };
-                let negative_prompt = req.negative_prompt.as_deref().unwrap_or("");
-                let negative_prompt_2 = req.negative_prompt_2.as_deref().unwrap_or(negative_prompt);
-                self.encode_prompt_words(negative_prompt, Some(negative_prompt_2), negative_skip)?
-            };
+        // SDXL: no negative prompt means zero embeddings, not the empty prompt's: in diffusers when
+        // the model says so and none is given, in A1111 whenever it is empty.
+        let zero_negative = match self.prompt_syntax {
+            PromptSyntax::Diffusers => self.force_zeros_for_empty_prompt && req.negative_prompt.is_none(),
+            PromptSyntax::A1111 => pooled.is_some() && req.negative_prompt.as_deref().unwrap_or("").is_empty(),
+        };
+        let (negative, negative_pooled, negative_words) = if zero_negative {
+            (positive.zeros_like()?, pooled.as_ref().map(Tensor::zeros_like).transpose()?, Vec::new())
+        } else {
+            // diffusers applies clip_skip to the prompt only; the negative prompt always uses the
+            // last layer (SDXL: the penultimate). A1111 applies it to both.
+            let negative_skip = if self.prompt_syntax == PromptSyntax::A1111 { req.clip_skip } else { 0 };
+            let negative_prompt = req.negative_prompt.as_deref().unwrap_or("");
+            let negative_prompt_2 = req.negative_prompt_2.as_deref().unwrap_or(negative_prompt);
+            self.encode_prompt_words(negative_prompt, Some(negative_prompt_2), negative_skip)?
+        };
         let (positive, negative) = if positive.dim(1)? == negative.dim(1)? {
             (positive, negative)
         } else {

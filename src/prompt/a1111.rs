@@ -281,6 +281,29 @@ pub fn encode(
     Ok(Tensor::cat(&encoded, 1)?)
 }
 
+/// SDXL's reading of `text` by one of its encoders, as A1111 conditions SDXL: each chunk's hidden
+/// state `depth` layers before the last (without the final norm; see
+/// [`ClipTextEncoder::encode_hidden_and_pooled`]), weighted, joined [1, 77·chunks, D]; and the
+/// pooled output of the first chunk [1, P].
+pub fn encode_hidden_and_pooled(
+    tokenizer: &ClipTokenizer,
+    encoder: &ClipTextEncoder,
+    added: Option<&Tensor>,
+    text: &str,
+    depth: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut encoded = Vec::new();
+    let mut pooled = None;
+    for chunk in chunks(tokenizer, text)? {
+        let ids = Tensor::from_vec(chunk.ids, (1, tokenizer.max_length()), device)?;
+        let out = encoder.encode_hidden_and_pooled(&encoder.token_embeddings_with(&ids, added)?, &ids, depth)?;
+        encoded.push(apply_weights(&out.hidden, &chunk.weights)?);
+        pooled.get_or_insert(out.pooled);
+    }
+    Ok((Tensor::cat(&encoded, 1)?, pooled.expect("chunks() gives at least one chunk")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Fragment, parse};
