@@ -1,12 +1,12 @@
-//! SD1.5-size benchmark: diffctl against the CPU peers (PyTorch, OpenVINO, ONNX Runtime) on the same
-//! weights, same thread count, in one invocation and one table.
+//! SD1.5-size (and, with `--family sdxl`, SDXL-size) benchmark: diffctl against the CPU peers (PyTorch,
+//! OpenVINO, ONNX Runtime) on the same weights, same thread count, in one invocation and one table.
 //!
 //! ```sh
-//! cargo bench --bench sd15 -- [--model DIR] [--runs N] [--full] [--peers PYTHON] [--only unet-b2,vae]
+//! cargo bench --bench sd15 -- [--family sd15|sdxl] [--model DIR] [--runs N] [--full] [--peers PYTHON] [--only unet-b2,vae]
 //! ```
 //!
-//! Without `--model` it makes (once) random weights of the real SD1.5 sizes in the diffusers layout
-//! under `target/bench-sd15/`. Every measurement runs in its own child process (this executable with
+//! Without `--model` it makes (once) random weights of the real SD1.5 (or SDXL base) sizes in the
+//! diffusers layout under `target/bench-sd15/`. Every measurement runs in its own child process (this executable with
 //! `--child KIND`), so each peak RSS is that measurement's alone and the whole generation's is its own.
 //! See README.md, *Performance*.
 
@@ -24,7 +24,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::Parser;
-use sd15::measure::{self, DEEP_CACHE_INTERVAL, FULL_STEPS, Job, Kind, Outcome, RESULT_TAG};
+use diffctl::io::model_files::{ModelFiles, SourceOptions};
+use sd15::measure::{self, DEEP_CACHE_INTERVAL, FULL_STEPS, Job, Kind, Outcome, RESULT_TAG, Shapes, VAE_TILE};
 use sd15::peers::{self, Item, Peer, PeerOptions, PeerResults};
 use sd15::report::{self, Row, Stat, Unit};
 
@@ -32,7 +33,10 @@ use sd15::report::{self, Row, Stat, Unit};
 #[derive(Debug, Parser)]
 #[command(name = "sd15", about = "SD1.5-size benchmark: diffctl vs PyTorch, OpenVINO and ONNX Runtime on the CPU")]
 struct Args {
-    /// An SD1.5-size diffusers folder; default: random weights made once under target/bench-sd15/.
+    /// Which model's sizes to make random weights of (without --model) and which peer script to use.
+    #[arg(long, value_enum, default_value = "sd15")]
+    family: BenchFamily,
+    /// A diffusers folder of the family's size; default: random weights made once under target/bench-sd15/.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Timed runs per measurement (ours and the peers').
@@ -44,7 +48,7 @@ struct Args {
     /// Threads for everyone (candle's CPU backend, torch, OpenVINO, ONNX Runtime).
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Also time a whole 512x512 20-step generation with guidance (no warm-up; --full-runs times).
+    /// Also time a whole 20-step generation at the native size with guidance (no warm-up; --full-runs times).
     #[arg(long)]
     full: bool,
     /// Timed whole generations with --full.
@@ -58,11 +62,12 @@ struct Args {
     /// about 100x slower).
     #[arg(long)]
     bf16_peers: bool,
-    /// The peers' timing script.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/perf_peers.py"))]
-    peers_script: PathBuf,
+    /// The peers' timing script; default: ../shared/bench/perf_peers.py (SD1.5), benches/sd15/sdxl_peers.py
+    /// (SDXL).
+    #[arg(long)]
+    peers_script: Option<PathBuf>,
     /// Only these measurements (comma-separated); default: all but `full` (which --full adds) and
-    /// `full-deep-cache`.
+    /// `full-deep-cache` (SDXL: unet-b2, vae, vae-tiled).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Kind>,
     /// Our compute dtype: f32, f16 or bf16; several, comma-separated (`f32,bf16`), measure ours in
@@ -88,6 +93,33 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// The model sizes the benchmark can make random weights of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchFamily {
+    /// Stable Diffusion 1.5: 512x512, UNet 860 M parameters.
+    Sd15,
+    /// Stable Diffusion XL base 1.0: 1024x1024, UNet 2.57 B parameters, two text encoders.
+    Sdxl,
+}
+
+impl BenchFamily {
+    /// The report's title.
+    fn title(self) -> &'static str {
+        match self {
+            BenchFamily::Sd15 => "SD1.5-size",
+            BenchFamily::Sdxl => "SDXL-size",
+        }
+    }
+
+    /// The measurements run when --only is not given (before --full adds the whole generation).
+    fn default_kinds(self) -> Vec<Kind> {
+        match self {
+            BenchFamily::Sd15 => Kind::ALL.into_iter().filter(|k| !k.is_generation() && *k != Kind::VaeTiled).collect(),
+            BenchFamily::Sdxl => vec![Kind::UnetB2, Kind::Vae, Kind::VaeTiled],
+        }
+    }
 }
 
 fn device(name: &str) -> Result<Device> {
@@ -192,7 +224,7 @@ fn child_main(args: &Args, kind: Kind) -> Result<()> {
 
 /// The rows of the table from our outcomes and the peers'; `label` (our dtype when several were
 /// measured) ends each row's description.
-fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, label: &str) -> Vec<Row> {
+fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, shapes: &Shapes, label: &str) -> Vec<Row> {
     let get = |k: Kind| ours.iter().find(|(kind, _)| *kind == k).map(|(_, o)| o);
     let stat = |k: Kind| get(k).and_then(|o| Stat::of(&o.runs));
     let rss = |k: Kind| get(k).map(|o| o.peak_rss_gb);
@@ -211,9 +243,10 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, label: &str) -> Vec<Row> 
         peers,
     };
     let mut rows = vec![
-        timed("UNet step, batch 2 (CFG), 64x64 latents, 77x768 context", Kind::UnetB2, peer(Item::UnetB2)),
+        timed(&format!("UNet step, batch 2 (CFG), {}", shapes.step_description()), Kind::UnetB2, peer(Item::UnetB2)),
         timed("UNet step, batch 1", Kind::UnetB1, Vec::new()),
-        timed("VAE decode 512x512", Kind::Vae, peer(Item::Vae)),
+        timed(&format!("VAE decode {0}x{0}", shapes.image), Kind::Vae, peer(Item::Vae)),
+        timed(&format!("VAE decode {0}x{0}, tiles of {VAE_TILE} px", shapes.image), Kind::VaeTiled, Vec::new()),
         timed("text encoding, 1 prompt (77 tokens)", Kind::Text, Vec::new()),
     ];
     for (k, name, item) in [
@@ -250,7 +283,7 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, label: &str) -> Vec<Row> 
         peers: peers_sum.clone(),
     });
     rows.push(timed(
-        &format!("whole generation, 512x512, {FULL_STEPS} steps, CFG (load excluded)"),
+        &format!("whole generation, {0}x{0}, {FULL_STEPS} steps, CFG (load excluded)", shapes.image),
         Kind::Full,
         peer(Item::Full),
     ));
@@ -264,7 +297,7 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, label: &str) -> Vec<Row> 
     }
     if let Some(step) = get(Kind::Full).and_then(|o| o.parts.get("step (mean)")) {
         rows.push(Row {
-            what: "↳ its mean UNet call (PNDM: 21 calls for 20 steps)".into(),
+            what: "↳ its mean UNet call (SD1.5's PNDM: 21 calls for 20 steps)".into(),
             ours: Some(Stat::one(*step)),
             ..timed("", Kind::Full, Vec::new())
         });
@@ -314,15 +347,18 @@ fn main() -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let kinds: Vec<Kind> = if args.only.is_empty() {
-        Kind::ALL.into_iter().filter(|k| !k.is_generation() || (*k == Kind::Full && args.full)).collect()
+        let defaults = args.family.default_kinds();
+        Kind::ALL.into_iter().filter(|k| defaults.contains(k) || (*k == Kind::Full && args.full)).collect()
     } else {
         Kind::ALL.into_iter().filter(|k| args.only.contains(k) || (*k == Kind::Full && args.full)).collect()
     };
     let cache = cache_dir();
     let model = match &args.model {
         Some(m) => m.clone(),
+        None if args.family == BenchFamily::Sdxl => sd15::model::sdxl_folder(&cache, args.seed)?,
         None => sd15::model::sd15_folder(&cache, args.seed)?,
     };
+    let shapes = Shapes::of(&ModelFiles::open(&model, &SourceOptions::default())?);
     let inputs = Inputs {
         controlnet: match kinds.contains(&Kind::Controlnet) {
             true => Some(sd15::model::controlnet_for(&model, &cache, args.seed)?),
@@ -390,9 +426,14 @@ fn main() -> Result<()> {
         _ if args.device != "cpu" => peer_results.skipped = skipped_all("the peers are CPU-only"),
         None => peer_results.skipped = skipped_all("no Python (--peers PYTHON or DIFFCTL_BENCH_PYTHON)"),
         Some(python) => {
+            let default_script = match args.family {
+                BenchFamily::Sd15 => concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/perf_peers.py"),
+                BenchFamily::Sdxl => concat!(env!("CARGO_MANIFEST_DIR"), "/benches/sd15/sdxl_peers.py"),
+            };
             let opts = PeerOptions {
                 python,
-                script: &args.peers_script,
+                script: args.peers_script.as_deref().unwrap_or(Path::new(default_script)),
+                sdxl: args.family == BenchFamily::Sdxl,
                 extra_script: Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/sd15/torch_extra.py")),
                 model: &inputs.model,
                 controlnet: inputs.controlnet.as_deref(),
@@ -415,9 +456,10 @@ fn main() -> Result<()> {
     let v = |name: &str| peer_results.versions.get(name).map_or("-".to_string(), Clone::clone);
     let cpu = report::cpu_description();
     let mut text = format!(
-        "SD1.5-size benchmark, {date}; CPU: {cpu}{os_cpu}; {mem}; {threads} threads for everyone; {warmup} warm-up + {runs} \
+        "{title} benchmark, {date}; CPU: {cpu}{os_cpu}; {mem}; {threads} threads for everyone; {warmup} warm-up + {runs} \
          timed runs, min / median\n\
          diffctl {ours} (candle {candle}, {rustc}), {dtype} on {device}; weights: {model}\n",
+        title = args.family.title(),
         date = report::today(),
         os_cpu = match &peer_results.cpu_name {
             Some(n) if !cpu.starts_with(n.as_str()) => format!(" (OpenVINO: {n})"),
@@ -449,7 +491,7 @@ fn main() -> Result<()> {
         .iter()
         .flat_map(|(dtype, ours)| {
             let label = if dtypes.len() > 1 { format!(" — ours {dtype}") } else { String::new() };
-            rows(ours, &peer_results, &label)
+            rows(ours, &peer_results, &shapes, &label)
         })
         .collect();
     text.push_str(&report::table(&all_rows, &columns));

@@ -28,8 +28,11 @@ pub const PROMPT: &str = "a photograph of an astronaut riding a horse on the moo
 /// Steps and guidance of the whole generation.
 pub const FULL_STEPS: usize = 20;
 const GUIDANCE: f64 = 7.5;
-/// Image size; latents are 1/8 of it.
-pub const SIZE: usize = 512;
+/// The tile side of [`Kind::VaeTiled`] in pixels (`--vae-tiling --vae-tile-size 512`; the default
+/// tile is the VAE's `sample_size`, which at 1024x1024 on SDXL is one tile, no tiling at all).
+pub const VAE_TILE: usize = 512;
+/// The context length of the single-step measurements (one 77-token prompt).
+const CONTEXT_TOKENS: usize = 77;
 /// The UNet timestep of the single-step measurements (as the peers use).
 const TIMESTEP: f32 = 500.0;
 
@@ -42,13 +45,15 @@ pub enum Kind {
     UnetB1,
     /// One UNet step, batch 2 (classifier-free guidance).
     UnetB2,
-    /// VAE decode of one 64x64 latent to 512x512.
+    /// VAE decode of one latent to the model's native size (SD1.5 512x512, SDXL 1024x1024).
     Vae,
+    /// The same decode in overlapping tiles of [`VAE_TILE`] pixels.
+    VaeTiled,
     /// A batch-2 UNet step with one ControlNet, paired with a plain step.
     Controlnet,
     /// A batch-2 UNet step with one base IP-Adapter, paired with a plain step.
     IpAdapter,
-    /// A whole 512x512 20-step generation with guidance (text, sampling, decode).
+    /// A whole 20-step generation at the native size with guidance (text, sampling, decode).
     Full,
     /// The same generation with DeepCache (an opt-in approximation) at [`DEEP_CACHE_INTERVAL`],
     /// branch 0.
@@ -60,11 +65,12 @@ pub const DEEP_CACHE_INTERVAL: usize = 3;
 
 impl Kind {
     /// Every measurement, in the order they run.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Text,
         Kind::UnetB1,
         Kind::UnetB2,
         Kind::Vae,
+        Kind::VaeTiled,
         Kind::Controlnet,
         Kind::IpAdapter,
         Kind::Full,
@@ -83,6 +89,7 @@ impl Kind {
             Kind::UnetB1 => "unet-b1",
             Kind::UnetB2 => "unet-b2",
             Kind::Vae => "vae",
+            Kind::VaeTiled => "vae-tiled",
             Kind::Controlnet => "controlnet",
             Kind::IpAdapter => "ip-adapter",
             Kind::Full => "full",
@@ -253,16 +260,56 @@ fn check(t: &Tensor) -> Result<String> {
     Ok(format!("output {:?}, mean |x| {mean:.4}, {}", t.dims(), if finite { "finite" } else { "NOT FINITE" }))
 }
 
-/// The single-step inputs: latents [b, 4, 64, 64], timesteps [b], context [b, 77, 768].
-fn unet_inputs(job: &Job, unet: &UNet, batch: usize) -> Result<(Tensor, Tensor, Tensor)> {
+/// The shapes a model's measurements run at: its native image size and the single step's inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct Shapes {
+    /// Image side in pixels (the UNet's `sample_size` times the VAE's scale factor).
+    pub image: usize,
+    /// Latent side.
+    pub latent: usize,
+    /// Context width (SDXL: both encoders' widths).
+    pub context_dim: usize,
+    /// SDXL: the pooled embedding's width (the added embedding's input less six time ids).
+    pub pooled_dim: Option<usize>,
+}
+
+impl Shapes {
+    /// The shapes of the model `files` describe.
+    pub fn of(files: &ModelFiles) -> Self {
+        let (unet, vae) = (&files.unet.config, &files.vae.config);
+        let latent = unet.sample_size.unwrap_or(64);
+        Self {
+            image: latent * vae.scale_factor(),
+            latent,
+            context_dim: unet.blocks[0].cross_attention_dim,
+            pooled_dim: unet.add_embedding.as_ref().map(|a| a.input_dim - 6 * a.time_id_dim),
+        }
+    }
+
+    /// "64x64 latents, 77x768 context" and the like, for the table.
+    pub fn step_description(&self) -> String {
+        format!("{0}x{0} latents, {CONTEXT_TOKENS}x{1} context", self.latent, self.context_dim)
+    }
+}
+
+/// The single-step inputs: latents [b, 4, h, w], timesteps [b], and the conditioning: context
+/// [b, 77, D], and for SDXL pooled embeddings [b, P] and time ids [b, 6] (original size, crop corner,
+/// target size as the pipeline gives them).
+fn unet_inputs(job: &Job, unet: &UNet, shapes: &Shapes, batch: usize) -> Result<(Tensor, Tensor, Conditioning)> {
     let mut noise = SeededNoise::new(job.seed);
     let c = unet.config();
-    let latent = SIZE / 8;
     let dtype = job.compute_dtype();
-    let x = noise.sample(&[batch, c.in_channels, latent, latent], &job.device)?.to_dtype(dtype)?;
-    let ctx = noise.sample(&[batch, 77, c.blocks[0].cross_attention_dim], &job.device)?.to_dtype(dtype)?;
+    let x = noise.sample(&[batch, c.in_channels, shapes.latent, shapes.latent], &job.device)?.to_dtype(dtype)?;
+    let ctx = noise.sample(&[batch, CONTEXT_TOKENS, shapes.context_dim], &job.device)?.to_dtype(dtype)?;
     let t = Tensor::full(TIMESTEP, batch, &job.device)?;
-    Ok((x, t, ctx))
+    let mut conditioning = Conditioning::text(ctx);
+    if let Some(p) = shapes.pooled_dim {
+        conditioning.pooled = Some(noise.sample(&[batch, p], &job.device)?.to_dtype(dtype)?);
+        let size = shapes.image as f32;
+        let ids = Tensor::new(&[size, size, 0.0, 0.0, size, size], &job.device)?;
+        conditioning.time_ids = Some(ids.unsqueeze(0)?.repeat((batch, 1))?.to_dtype(dtype)?);
+    }
+    Ok((x, t, conditioning))
 }
 
 /// Runs `job` in this process.
@@ -270,6 +317,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let mut out = Outcome { threads: candle_core::utils::get_num_threads(), ..Default::default() };
     let t0 = Instant::now();
     let files = ModelFiles::open(&job.model, &SourceOptions::default())?;
+    let shapes = Shapes::of(&files);
     let weights = |store: &Arc<diffctl::io::weights::TensorStore>| Weights::new(store.clone(), job.dtype, &job.device);
     let load_unet = || -> Result<UNet> { Ok(UNet::load(&weights(&files.unet.weights), &files.unet.config)?) };
     let mut last = None;
@@ -290,21 +338,22 @@ pub fn run(job: &Job) -> Result<Outcome> {
             let unet = load_unet()?;
             out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
             let batch = if job.kind == Kind::UnetB1 { 1 } else { 2 };
-            let (x, t, ctx) = unet_inputs(job, &unet, batch)?;
-            let conditioning = Conditioning::text(ctx);
+            let (x, t, conditioning) = unet_inputs(job, &unet, &shapes, batch)?;
             out.runs = time_runs(job, &mut share, &format!("unet b{batch}"), || {
                 last = Some(unet.forward(UNetInput::new(&x, &t, &conditioning))?);
                 Ok(())
             })?;
         }
-        Kind::Vae => {
-            let vae = Vae::load(&weights(&files.vae.weights), &files.vae.config)?;
+        Kind::Vae | Kind::VaeTiled => {
+            let mut vae = Vae::load(&weights(&files.vae.weights), &files.vae.config)?;
+            if job.kind == Kind::VaeTiled {
+                vae.enable_tiling(Some(VAE_TILE))?;
+            }
             out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
-            let latent = SIZE / vae.config().scale_factor();
             let z = SeededNoise::new(job.seed)
-                .sample(&[1, vae.config().latent_channels, latent, latent], &job.device)?
+                .sample(&[1, vae.config().latent_channels, shapes.latent, shapes.latent], &job.device)?
                 .to_dtype(job.compute_dtype())?;
-            out.runs = time_runs(job, &mut share, "vae decode", || {
+            out.runs = time_runs(job, &mut share, job.kind.name(), || {
                 last = Some(vae.decode(&z)?);
                 Ok(())
             })?;
@@ -312,8 +361,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
         Kind::Controlnet | Kind::IpAdapter => {
             let unet = load_unet()?;
             let vae = Vae::load(&weights(&files.vae.weights), &files.vae.config)?;
-            let mut control = load_control(job, &unet)?;
-            let (x, t, ctx) = unet_inputs(job, &unet, 2)?;
+            let mut control = load_control(job, &unet, shapes.image)?;
+            let (x, t, conditioning) = unet_inputs(job, &unet, &shapes, 2)?;
             let scheduler = schedulers::build(SchedulerKind::Ddim, None, &files.scheduler_config, FULL_STEPS)?;
             let mut noise = SeededNoise::new(job.seed ^ 2);
             let layers = LayerRegistry::new();
@@ -323,7 +372,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 layers: &layers,
                 batch: 1,
                 guided: true,
-                image_size: (SIZE, SIZE),
+                image_size: (shapes.image, shapes.image),
                 latent_size: (x.dim(2)?, x.dim(3)?),
                 dtype: job.compute_dtype(),
                 device: &job.device,
@@ -331,7 +380,6 @@ pub fn run(job: &Job) -> Result<Outcome> {
             })?;
             drop(vae);
             out.parts.insert("load".into(), t0.elapsed().as_secs_f64());
-            let conditioning = Conditioning::text(ctx);
             for i in 0..job.warmup + job.runs {
                 let timed = i >= job.warmup;
                 let plain = share.time(&job.device, timed, || {
@@ -369,26 +417,15 @@ pub fn run(job: &Job) -> Result<Outcome> {
             let options = LoadOptions { dtype: job.dtype, device: job.device.clone(), files: SourceOptions::default() };
             let req = GenerateRequest {
                 prompt: PROMPT.into(),
-                negative_prompt: None,
-                prompt_2: None,
-                negative_prompt_2: None,
-                micro_conditioning: Default::default(),
-                denoising_end: None,
-                continue_from: None,
-                concat_latents: None,
-                schedule: None,
                 steps: FULL_STEPS,
                 guidance: GUIDANCE,
-                scheduler: None,
-                width: SIZE,
-                height: SIZE,
+                width: shapes.image,
+                height: shapes.image,
                 batch: 1,
-                clip_skip: 0,
-                init_latents: None,
-                init_image: None,
                 deep_cache: (job.kind == Kind::FullDeepCache)
                     .then(|| DeepCache::new(DEEP_CACHE_INTERVAL, 0))
                     .transpose()?,
+                ..Default::default()
             };
             let mut marks = Vec::new();
             // As the CLI does: one model per generation, each network freed once its stage is done
@@ -419,7 +456,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 (at(&|p| matches!(p, Progress::Sampling { .. })), at(&|p| *p == Progress::Decoding))
             {
                 out.parts.insert("text + setup".into(), sampling);
-                // PNDM's 20 steps are 21 UNet calls (its first step runs twice).
+                // PNDM's 20 steps are 21 UNet calls (its first step runs twice); Euler's are 20.
                 let calls = marks.iter().filter(|(p, _)| matches!(p, Progress::Step { .. })).count();
                 out.parts.insert("step (mean)".into(), (decoding - sampling) / calls.max(1) as f64);
                 out.parts.insert("decode".into(), total - decoding);
@@ -438,14 +475,15 @@ pub fn run(job: &Job) -> Result<Outcome> {
 /// The control of a [`Kind::Controlnet`] or [`Kind::IpAdapter`] job, built once (the IP-Adapter's
 /// image tokens and per-layer keys/values are computed here, outside the timed steps, as the
 /// pipeline does; its image encoder is not run: the embedding is random).
-fn load_control(job: &Job, unet: &UNet) -> Result<Box<dyn Control>> {
+fn load_control(job: &Job, unet: &UNet, image_size: usize) -> Result<Box<dyn Control>> {
     let mut noise = SeededNoise::new(job.seed ^ 1);
     Ok(match job.kind {
         Kind::Controlnet => {
             let path = job.controlnet.as_ref().context("no ControlNet given")?;
             let options = LoadOptions { dtype: job.dtype, device: job.device.clone(), files: SourceOptions::default() };
             let model = load_controlnet(path, &options, Some(unet.config()))?;
-            let image = (noise.sample(&[1, 3, SIZE, SIZE], &job.device)?.abs()? / 3.0)?.clamp(0f32, 1f32)?;
+            let image =
+                (noise.sample(&[1, 3, image_size, image_size], &job.device)?.abs()? / 3.0)?.clamp(0f32, 1f32)?;
             let name = path.display().to_string();
             Box::new(ControlNetControl::new(name, Arc::new(model), image, ControlNetSettings::default())?)
         }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use diffctl::io::model_files::{Family, ModelFiles, SourceOptions, TokenizerFiles};
-use diffctl::io::single_file::{standard_scheduler, standard_text, standard_unet, standard_vae};
+use diffctl::io::single_file::{standard_scheduler, standard_text, standard_text_2, standard_unet, standard_vae};
 use diffctl::io::weights::{TensorStore, Weights};
 use diffctl::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use diffctl::models::controlnet::{ControlNet, ControlNetConfig};
@@ -201,6 +201,73 @@ pub fn sd15_folder(cache: &Path, seed: u64) -> Result<PathBuf> {
         write_json(&dir.join("model_index.json"), &index)
     })?;
     Ok(out)
+}
+
+/// The SDXL-size pipeline folder `cache/sdxl-random`, made on first use (about 14 GB: stable-diffusion-xl-base-1.0's
+/// configs, UNet 2.57 B parameters, CLIP-L and OpenCLIP bigG text encoders, its VAE; the bundled tokenizer twice,
+/// the second padding with `!`), laid out as `StableDiffusionXLPipeline` saves it so the peers load it too.
+pub fn sdxl_folder(cache: &Path, seed: u64) -> Result<PathBuf> {
+    let out = cache.join(format!("sdxl-random-seed{seed}"));
+    if out.join("model_index.json").is_file() {
+        return Ok(out);
+    }
+    eprintln!("making random SDXL-size weights in {} (once; about 14 GB)", out.display());
+    build_dir(&out, |dir| {
+        let index = json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "feature_extractor": [null, null],
+            "force_zeros_for_empty_prompt": true,
+            "image_encoder": [null, null],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+        write_json(&dir.join("scheduler/scheduler_config.json"), &standard_scheduler(Family::Sdxl))?;
+        TokenizerFiles::Bundled("<|endoftext|>").write_to(&dir.join("tokenizer"))?;
+        TokenizerFiles::Bundled("!").write_to(&dir.join("tokenizer_2"))?;
+        write_component(
+            &dir.join("unet"),
+            "diffusion_pytorch_model",
+            &standard_unet(Family::Sdxl),
+            seed,
+            |w, path| UNet::load(w, &UNetConfig::load(path)?).map(drop),
+        )?;
+        write_component(&dir.join("vae"), "diffusion_pytorch_model", &standard_vae(Family::Sdxl), seed, |w, path| {
+            Vae::load(w, &VaeConfig::load(path)?).map(drop)
+        })?;
+        write_component(&dir.join("text_encoder"), "model", &standard_text(Family::Sdxl), seed, |w, path| {
+            ClipTextEncoder::load(w, &ClipTextConfig::load(path)?).map(drop)
+        })?;
+        // The recorder holds no `text_projection`, so the encoder does not ask for it: ask here.
+        write_component(&dir.join("text_encoder_2"), "model", &standard_text_2(), seed, |w, path| {
+            let config = ClipTextConfig::load(path)?;
+            w.get((config.hidden_size, config.hidden_size), "text_projection.weight")?;
+            ClipTextEncoder::load(w, &config).map(drop)
+        })?;
+        write_json(&dir.join("model_index.json"), &index)
+    })?;
+    Ok(out)
+}
+
+/// Writes `config` as `dir/config.json` and random weights for what `load` (given that path) asks
+/// for as `dir/<stem>.safetensors`.
+fn write_component(
+    dir: &Path,
+    stem: &str,
+    config: &Value,
+    seed: u64,
+    load: impl FnOnce(&Weights, &Path) -> diffctl::Result<()>,
+) -> Result<()> {
+    let config_path = dir.join("config.json");
+    write_json(&config_path, config)?;
+    let params = record(|w| load(w, &config_path))?;
+    let name = dir.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    report(&name, write_random(&dir.join(format!("{stem}.safetensors")), &params, seed)?);
+    Ok(())
 }
 
 fn report(what: &str, params: usize) {

@@ -68,11 +68,11 @@ impl Peer {
 pub enum Item {
     /// One UNet step at batch 2.
     UnetB2,
-    /// VAE decode 512x512.
+    /// VAE decode at the native size.
     Vae,
     /// A batch-2 UNet step with one ControlNet minus the plain step run right before it.
     ControlnetAdded,
-    /// A whole 512x512 generation, `FULL_STEPS` PNDM steps with guidance, load excluded.
+    /// A whole generation at the native size, `FULL_STEPS` steps with guidance, load excluded.
     Full,
 }
 
@@ -118,8 +118,11 @@ pub struct PeerResults {
 pub struct PeerOptions<'a> {
     /// The Python with the peers installed.
     pub python: &'a Path,
-    /// `perf_peers.py`.
+    /// `perf_peers.py`, or for SDXL `sdxl_peers.py` beside this file (the same subcommands).
     pub script: &'a Path,
+    /// SDXL-size weights: only PyTorch and OpenVINO time the step and the decode (ONNX Runtime's
+    /// export and PyTorch's whole generation are left out there).
+    pub sdxl: bool,
     /// `torch_extra.py` (PyTorch f32's [`Item::ControlnetAdded`] and [`Item::Full`]).
     pub extra_script: &'a Path,
     /// The weight folder (diffusers layout).
@@ -296,6 +299,17 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
             results.skipped.push((peer, format!("python module `{m}` missing")));
             continue;
         }
+        if peer == Peer::OnnxRuntime && opts.sdxl {
+            results.skipped.push((peer, "not run at SDXL size (sdxl_peers.py times PyTorch and OpenVINO)".into()));
+            continue;
+        }
+        if peer == Peer::OpenVinoDefault && opts.sdxl && !super::report::has_native_bf16() {
+            results.skipped.push((
+                peer,
+                "the same as OpenVINO f32 on a CPU without native bf16 (not run twice at SDXL size)".into(),
+            ));
+            continue;
+        }
         if peer == Peer::TorchBf16 && !opts.bf16_peers && !super::report::has_native_bf16() {
             results.skipped.push((
                 peer,
@@ -332,7 +346,7 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
                     ];
                     jobs.push((Item::ControlnetAdded, opts.extra_script, args.map(String::from).to_vec()));
                 }
-                if peer == Peer::TorchF32 && opts.items.contains(&Item::Full) {
+                if peer == Peer::TorchF32 && opts.items.contains(&Item::Full) && !opts.sdxl {
                     let args = [
                         "generate",
                         &model,
