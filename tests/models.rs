@@ -145,6 +145,21 @@ fn vae_tiling_matches_diffusers_tiled_decode() {
     assert!(err.contains("tile size 2 px"), "{err}");
 }
 
+/// The same on the tiny SDXL VAE (its own sample size and scaling factor; tiles with a trailing
+/// partial row and column), against diffusers' tiled decode.
+#[test]
+fn vae_tiling_on_sdxl_matches_diffusers_tiled_decode() {
+    let fixture = load_fixture("tests/fixtures/vae_tiling_sdxl.safetensors");
+    let cfg = VaeConfig::load(&config("sdxl-tiny", "vae")).unwrap();
+    let mut vae = Vae::load(&weights("sdxl-tiny", "vae", "diffusion_pytorch_model.safetensors"), &cfg).unwrap();
+    let untiled = vae.decode_to_unit_range(&fixture["latents"]).unwrap();
+    assert_close("SDXL untiled decode", &untiled, &fixture["untiled"], 1e-5);
+    vae.enable_tiling(None).unwrap();
+    let tiled = vae.decode_to_unit_range(&fixture["latents"]).unwrap();
+    assert_close("SDXL tiled decode", &tiled, &fixture["tiled"], 1e-5);
+    assert!(common::max_abs_diff(&tiled, &untiled) > 1e-3, "tiling should change the pixels at the seams");
+}
+
 /// The shapes of the skip connections the down path makes for `sample` (what ControlNet residuals
 /// must match): `conv_in`'s, each layer's, each downsampler's.
 fn skip_shapes(cfg: &UNetConfig, sample: &Tensor) -> Vec<Vec<usize>> {

@@ -29,6 +29,15 @@ struct Case {
     negative_prompt: String,
     steps: usize,
     scheduler: String,
+    /// The SDXL pipeline's `reference_guidance_start` / `_end` (the SD1 pipeline has neither).
+    #[serde(default)]
+    reference_guidance_start: f64,
+    #[serde(default = "one")]
+    reference_guidance_end: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 #[derive(serde::Deserialize)]
@@ -36,8 +45,8 @@ struct Cases {
     cases: Vec<Case>,
 }
 
-fn cases() -> Vec<Case> {
-    let all: Cases = diffctl::io::read_json(&repo_path(&format!("{DIR}/cases.json"))).unwrap();
+fn cases(file: &str) -> Vec<Case> {
+    let all: Cases = diffctl::io::read_json(&repo_path(&format!("{DIR}/{file}"))).unwrap();
     all.cases
 }
 
@@ -52,20 +61,41 @@ fn settings(case: &Case) -> ReferenceSettings {
         style_fidelity: case.style_fidelity,
         attention_weight: case.attention_auto_machine_weight,
         gn_weight: case.gn_auto_machine_weight,
+        start: case.reference_guidance_start,
+        end: case.reference_guidance_end,
+    }
+}
+
+/// The recorded draws in order: SD1 fixtures stack them in `noise`; SDXL ones keep the VAE's
+/// (`vae_noise`) apart from the per-step reference noise (`ref_noise`, both guidance halves).
+fn recorded_draws(fixture: &std::collections::HashMap<String, candle_core::Tensor>) -> Vec<candle_core::Tensor> {
+    let rows = |t: &candle_core::Tensor| (0..t.dim(0).unwrap()).map(|i| t.get(i).unwrap()).collect::<Vec<_>>();
+    match fixture.get("noise") {
+        Some(noise) => rows(noise),
+        None => std::iter::once(fixture["vae_noise"].clone()).chain(rows(&fixture["ref_noise"])).collect(),
     }
 }
 
 #[test]
 fn reference_only_matches_the_diffusers_community_pipeline() {
-    let cases = cases();
-    assert_eq!(cases.len(), 10);
+    replay_cases("cases.json", 10);
+}
+
+/// SDXL against diffusers' `StableDiffusionXLReferencePipeline`: each guidance half noised on its
+/// own, the reference window (`reference_guidance_end` 0.6), pooled embeddings and time ids.
+#[test]
+fn reference_only_on_sdxl_matches_the_diffusers_xl_community_pipeline() {
+    replay_cases("sdxl-cases.json", 11);
+}
+
+fn replay_cases(file: &str, count: usize) {
+    let cases = cases(file);
+    assert_eq!(cases.len(), count);
     let model = StableDiffusion::load(&repo_path(&cases[0].model), &LoadOptions::default()).unwrap();
     let mut report = Vec::new();
     for case in &cases {
         let fixture = load_fixture(&case.file);
-        let noise = &fixture["noise"];
-        let draws = (0..noise.dim(0).unwrap()).map(|i| noise.get(i).unwrap()).collect();
-        let mut replay = ReplayNoise(draws);
+        let mut replay = ReplayNoise(recorded_draws(&fixture));
         let image = load_rgb(&repo_path(&format!("{DIR}/{}", case.reference_image))).unwrap();
         let mut controls: Vec<Box<dyn Control>> = vec![Box::new(ReferenceOnly::new(image, settings(case)).unwrap())];
         let request = GenerateRequest {
@@ -89,7 +119,9 @@ fn reference_only_matches_the_diffusers_community_pipeline() {
             concat_latents: None,
             deep_cache: None,
         };
-        let out = model.generate(&request, &mut controls, &mut replay, &mut |_| {}).unwrap();
+        let out = model
+            .generate(&request, &mut controls, &mut replay, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
         assert!(replay.0.is_empty(), "{}: {} recorded draws unused", case.name, replay.0.len());
         let what = format!("{} latents", case.name);
         let latent_err = assert_close(&what, &out.latents, &fixture["latents"], 2e-3);

@@ -288,3 +288,36 @@ fn mechanisms_of_the_other_family_are_refused_by_name() {
         }
     }
 }
+
+/// DeepCache on SDXL against its own helper (`DeepCacheSDHelper`, interval 2) on diffusers'
+/// StableDiffusionXLPipeline, case `sdxl-default`, resuming at every skip connection of the tiny
+/// UNet (tools/fixtures/make_deep_cache_fixtures.py).
+#[test]
+fn deep_cache_on_sdxl_matches_the_deepcache_helper_at_every_branch() {
+    let cases: serde_json::Value = diffctl::io::read_json(&repo_path("tests/fixtures/sdxl/cases.json")).unwrap();
+    let case = cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == "sdxl-default").unwrap();
+    let fixture = common::load_fixture("tests/fixtures/deep_cache_sdxl.safetensors");
+    let mut model = StableDiffusion::load(&repo_path(MODEL), &LoadOptions::default()).unwrap();
+    let skips = model.unet.num_skips();
+    let base = diffctl::request::Request {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().map(Into::into),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance: case["guidance"].as_f64().unwrap(),
+        ..diffctl::request::Request::default()
+    };
+    let mut run = |deep_cache: Option<(usize, usize)>| {
+        let request = diffctl::request::Request { deep_cache, ..base.clone() };
+        let mut prepared = request.prepare(&mut model, &LoadOptions::default()).unwrap();
+        prepared.generate.init_latents = Some(fixture["init_latents"].clone());
+        let noise = &mut common::ReplayNoise(Vec::new());
+        model.generate(&prepared.generate, &mut prepared.controls, noise, &mut |_| {}).unwrap().latents
+    };
+    common::assert_close("SDXL exact", &run(None), &fixture["exact"], 2e-3);
+    assert_eq!(skips, 4);
+    for branch in 0..skips {
+        let expected = &fixture[&format!("branch{branch}")];
+        assert!(common::max_abs_diff(expected, &fixture["exact"]) > 0.1, "branch {branch}: must differ from exact");
+        common::assert_close(&format!("SDXL DeepCache branch {branch}"), &run(Some((2, branch))), expected, 1e-4);
+    }
+}

@@ -28,6 +28,12 @@ pub struct ReferenceArgs {
     /// How far from the mid block AdaIN reaches, in [0, 2].
     #[arg(long, default_value_t = 1.0, value_name = "F", requires = "reference_image")]
     reference_gn_weight: f64,
+    /// The fraction of the steps before the reference starts acting (diffusers' reference_guidance_start).
+    #[arg(long, default_value_t = 0.0, value_name = "F", requires = "reference_image")]
+    reference_start: f64,
+    /// The fraction of the steps after which it stops (diffusers' reference_guidance_end).
+    #[arg(long, default_value_t = 1.0, value_name = "F", requires = "reference_image")]
+    reference_end: f64,
 }
 
 impl ReferenceArgs {
@@ -41,6 +47,8 @@ impl ReferenceArgs {
                 style_fidelity: self.style_fidelity,
                 attention_weight: self.reference_attn_weight,
                 gn_weight: self.reference_gn_weight,
+                start: self.reference_start,
+                end: self.reference_end,
             },
         });
         Ok(())

@@ -75,11 +75,23 @@ pub struct ReferenceSettings {
     pub attention_weight: f64,
     /// `gn_auto_machine_weight` in [0, 2]: how far from the mid block AdaIN reaches.
     pub gn_weight: f64,
+    /// The reference acts on step i of n only when i/n ≥ `start` and (i + 1)/n ≤ `end` (diffusers'
+    /// `reference_guidance_start` / `_end` of the SDXL pipeline; default 0 and 1, every step).
+    pub start: f64,
+    /// See [`Self::start`].
+    pub end: f64,
 }
 
 impl Default for ReferenceSettings {
     fn default() -> Self {
-        Self { mode: ReferenceMode::Attention, style_fidelity: 0.5, attention_weight: 1.0, gn_weight: 1.0 }
+        Self {
+            mode: ReferenceMode::Attention,
+            style_fidelity: 0.5,
+            attention_weight: 1.0,
+            gn_weight: 1.0,
+            start: 0.0,
+            end: 1.0,
+        }
     }
 }
 
@@ -90,11 +102,19 @@ impl ReferenceSettings {
             ("style fidelity", self.style_fidelity, 1.0),
             ("reference attention weight", self.attention_weight, 1.0),
             ("reference GN weight", self.gn_weight, 2.0),
+            ("reference start", self.start, 1.0),
+            ("reference end", self.end, 1.0),
         ];
         for (name, v, max) in ranges {
             if !(0.0..=max).contains(&v) {
                 return Err(Error::invalid(format!("{name} {v} is out of range (expected 0 to {max})")));
             }
+        }
+        if self.start >= self.end {
+            return Err(Error::invalid(format!(
+                "the reference start {} must be below its end {}",
+                self.start, self.end
+            )));
         }
         Ok(())
     }
@@ -259,16 +279,25 @@ impl Control for ReferenceOnly {
     fn contribute(&mut self, step: &mut StepContext) -> Result<UNetControls> {
         let latents =
             self.latents.as_ref().ok_or_else(|| Error::invalid("reference-only: used before it was prepared"))?;
-        let noise = step.noise.sample(latents.dims(), latents.device())?;
-        let noisy = step.scheduler.add_noise(latents, &noise, step.scheduler_step)?;
-        let noisy = if step.guided { Tensor::cat(&[&noisy, &noisy], 0)? } else { noisy };
-        let input = step.scheduler.scale_model_input(&noisy, step.scheduler_step)?.to_dtype(step.latents.dtype())?;
+        self.guided = step.guided;
         self.bank = Bank::default();
+        let (i, n) = (step.step_index as f64, step.num_steps as f64);
+        if i / n < self.settings.start || (i + 1.0) / n > self.settings.end {
+            // Outside its window the reference draws no noise and leaves the layers plain.
+            return Ok(UNetControls::default());
+        }
+        // diffusers' SDXL reference pipeline duplicates the reference for guidance before noising
+        // it (each half its own noise); the SD1 pipeline noises once and duplicates.
+        let per_half = step.guided && step.conditioning.pooled.is_some();
+        let rows = if per_half { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
+        let noise = step.noise.sample(rows.dims(), rows.device())?;
+        let noisy = step.scheduler.add_noise(&rows, &noise, step.scheduler_step)?;
+        let noisy = if step.guided && !per_half { Tensor::cat(&[&noisy, &noisy], 0)? } else { noisy };
+        let input = step.scheduler.scale_model_input(&noisy, step.scheduler_step)?.to_dtype(step.latents.dtype())?;
         let mut writer = Writer { selection: &self.selection, bank: &mut self.bank };
         step.unet.forward(
             UNetInput::new(&input, step.timesteps, step.conditioning).with_hooks(Hooks::new(vec![&mut writer])),
         )?;
-        self.guided = step.guided;
         Ok(UNetControls::default())
     }
 
