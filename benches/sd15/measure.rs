@@ -162,7 +162,8 @@ fn rusage() -> Option<libc::rusage> {
     (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
 }
 
-/// The peak resident set of this process in GB (10^9 bytes, as the peers print it).
+/// The peak resident set of this process in "GB" as the peers print it: Linux's `ru_maxrss` (KiB)
+/// × 10^-6, so one unit is 1.024 × 10^9 bytes (macOS reports bytes: × 10^-9).
 pub fn peak_rss_gb() -> f64 {
     // Linux reports kilobytes, macOS bytes.
     let scale = if cfg!(target_os = "macos") { 1e-9 } else { 1e-6 };
