@@ -17,6 +17,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod request;
 pub mod schedulers;
+pub mod server;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

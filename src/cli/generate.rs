@@ -149,7 +149,7 @@ pub struct GenerateArgs {
     max_memory: Option<f64>,
 }
 
-fn parse_dtype(s: &str) -> Result<DType, String> {
+pub(super) fn parse_dtype(s: &str) -> Result<DType, String> {
     match s {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),

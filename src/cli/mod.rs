@@ -11,6 +11,7 @@ mod preprocess;
 mod reference;
 mod residual;
 mod sdxl;
+mod serve;
 mod source;
 mod uni_controlnet;
 
@@ -35,6 +36,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Tell what a weight file or model folder is: format, family, dtypes, size, mechanism.
     Inspect(inspect::InspectArgs),
+    /// Serve the AUTOMATIC1111 (/sdapi/v1) and OpenAI (/v1/images) APIs and a web UI over HTTP.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Parses the command line and runs it.
@@ -44,5 +47,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Preprocess(args) => preprocess::run(&args),
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Serve(args) => serve::run(&args),
     }
 }

@@ -30,6 +30,11 @@ const A1111: [(&str, SchedulerKind); 18] = [
 ];
 
 impl SamplerChoice {
+    /// A1111's sampler names, in its order.
+    pub fn a1111_names() -> impl Iterator<Item = &'static str> {
+        A1111.iter().map(|(name, _)| *name)
+    }
+
     /// Parses a sampler name (ours, such as `dpmpp-2m-sde`, or A1111's, such as `DPM++ 2M SDE`,
     /// without regard to case) and an optional schedule suffix separated by a space, `-` or `_`
     /// (`DPM++ 2M Karras`, `Euler a Karras`, `dpmpp-2m-karras`, `DPM++ 2M SDE Exponential`).

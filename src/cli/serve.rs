@@ -1,0 +1,99 @@
+//! `diffctl serve`: the HTTP server (see [`crate::server`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use candle_core::DType;
+use clap::Args;
+
+use crate::limits::Limits;
+use crate::pipeline::LoadOptions;
+use crate::server::models_dir::ModelsDir;
+use crate::server::{EngineSettings, ServeOptions};
+
+/// Arguments of `diffctl serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The model loaded at start: a diffusers folder or a single-file checkpoint.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// A folder laid out as A1111's models/ (Stable-diffusion/, Lora/, ControlNet/, VAE/,
+    /// embeddings/, clip_vision/): its checkpoints are listed and switchable, its LoRAs,
+    /// ControlNets and embeddings usable by name.
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<PathBuf>,
+    #[command(flatten)]
+    source: super::source::SourceArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
+    host: IpAddr,
+    /// Port to listen on (0: any free port, printed).
+    #[arg(long, default_value_t = 7860, value_name = "N")]
+    port: u16,
+    /// Require these credentials on every route: HTTP Basic, or on /v1/* also `Bearer USER:PASS`.
+    #[arg(long, value_name = "USER:PASS")]
+    api_auth: Option<String>,
+    /// Where jobs, their images and the job database are kept (created if missing).
+    #[arg(long, default_value = "diffctl-state", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Precision of the networks: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = super::generate::parse_dtype, value_name = "DTYPE")]
+    dtype: DType,
+    /// Jobs waiting or running at most; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    max_queue: usize,
+    /// Refuse requests for images of more pixels (width x height) than this.
+    #[arg(long, default_value_t = 2048 * 2048, value_name = "N")]
+    max_pixels: u64,
+    /// Refuse requests for more images per batch than this.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    max_batch: usize,
+    /// Refuse requests for more denoising steps than this.
+    #[arg(long, default_value_t = 150, value_name = "N")]
+    max_steps: usize,
+    /// Refuse request bodies larger than this many MB.
+    #[arg(long, default_value_t = 64, value_name = "MB")]
+    max_body_mb: usize,
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let api_auth = match &args.api_auth {
+        Some(text) => {
+            let (user, pass) = text
+                .split_once(':')
+                .filter(|(u, p)| !u.is_empty() && !p.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("--api-auth {text}: expected USER:PASS"))?;
+            Some((user.to_string(), pass.to_string()))
+        }
+        None => None,
+    };
+    if args.max_queue == 0 {
+        anyhow::bail!("--max-queue must be at least 1");
+    }
+    if let Some(dir) = &args.models_dir
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--models-dir {}: not a folder", dir.display());
+    }
+    let options = ServeOptions {
+        engine: EngineSettings {
+            model: args.model.clone(),
+            models_dir: ModelsDir::new(args.models_dir.clone()),
+            load: LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() },
+            state_dir: args.state_dir.clone(),
+            max_queue: args.max_queue,
+            limits: Limits { max_pixels: args.max_pixels, max_batch: args.max_batch, max_memory: None },
+        },
+        address: SocketAddr::new(args.host, args.port),
+        api_auth,
+        max_body: args.max_body_mb.saturating_mul(1 << 20),
+        max_steps: args.max_steps,
+    };
+    eprintln!("loading {} ...", args.model.display());
+    let server = crate::server::start(options.clone(), true)?;
+    let shown = ServeOptions { address: server.address, ..options };
+    eprintln!("diffctl serve: listening on {}", crate::server::describe(&shown));
+    server.wait();
+    Ok(())
+}
