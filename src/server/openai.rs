@@ -276,6 +276,7 @@ async fn respond(state: &AppState, headers: &HeaderMap, id: &str, spec: Generati
             json_response(StatusCode::OK, json!({"created": created, "data": data}))
         }
         GenerationOutcome::Full => queue_full(true),
+        GenerationOutcome::Interrupted => error(StatusCode::CONFLICT, "interrupted", "the job was interrupted"),
         GenerationOutcome::Failed((status, message)) => error(status, "generation_failed", &message),
     }
 }

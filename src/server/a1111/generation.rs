@@ -33,6 +33,8 @@ pub enum GenerationOutcome {
     Done { images: Vec<Vec<u8>>, finished: Finished },
     /// The queue was full.
     Full,
+    /// It was interrupted.
+    Interrupted,
     /// It failed (status and message) or was cancelled.
     Failed(Refusal),
 }
@@ -90,10 +92,7 @@ pub async fn submit_and_wait(state: &AppState, id: &str, spec: JobSpec) -> Gener
             }
             GenerationOutcome::Done { images, finished }
         }
-        JobState::Cancelled => GenerationOutcome::Failed((
-            StatusCode::CONFLICT,
-            finished.error.unwrap_or_else(|| "the job was interrupted".into()),
-        )),
+        JobState::Cancelled => GenerationOutcome::Interrupted,
         _ => {
             let status = if finished.client_error { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
             GenerationOutcome::Failed((status, finished.error.unwrap_or_else(|| "the job failed".into())))
@@ -144,6 +143,12 @@ async fn generate(state: Shared, body: Bytes, img2img: bool) -> Response {
             json_response(StatusCode::OK, json!({"images": images, "parameters": parameters, "info": info.to_string()}))
         }
         GenerationOutcome::Full => queue_full(false),
+        // A1111 answers an interrupted generation with what it finished: here, no image.
+        GenerationOutcome::Interrupted => {
+            let mut info = info_json(&spec, &Finished::default(), &state.engine.current().entry.stem);
+            info["interrupted"] = json!(true);
+            json_response(StatusCode::OK, json!({"images": [], "parameters": parameters, "info": info.to_string()}))
+        }
         GenerationOutcome::Failed((status, message)) => error(status, &message),
     }
 }
