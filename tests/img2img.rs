@@ -59,6 +59,7 @@ fn request(case: &Case) -> Request {
             mask: case.mask.as_deref().map(repo_path),
             mask_blur: None,
             only_masked_padding: None,
+            keep_unmasked: false,
             strength: Some(case.strength),
         }),
         ..Request::default()
@@ -110,6 +111,7 @@ fn init_spec() -> InitImageSpec {
         mask: Some(repo_path("tests/fixtures/img2img/mask.png")),
         mask_blur: None,
         only_masked_padding: None,
+        keep_unmasked: false,
         strength: None,
     }
 }

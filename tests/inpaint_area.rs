@@ -58,6 +58,7 @@ fn only_masked_inpainting_matches_diffusers_padding_mask_crop() {
                 mask: Some(repo_path(&case.mask)),
                 mask_blur: case.mask_blur,
                 only_masked_padding: Some(case.padding_mask_crop),
+                keep_unmasked: false,
                 strength: Some(case.strength),
             }),
             ..Request::default()

@@ -67,6 +67,7 @@ fn request(case: &Case) -> Request {
             mask: case.mask.as_deref().map(repo_path),
             mask_blur: None,
             only_masked_padding: None,
+            keep_unmasked: false,
             strength,
         }),
         ..Request::default()

@@ -81,9 +81,15 @@ fn img2img_with_a_mask_matches_the_cli() {
     let cli = cli_image(&[
         "--model", &model(), "--prompt", "a helmet", "--negative-prompt", "", "--steps", "4", "--guidance", "7",
         "--seed", "3", "--scheduler", "Euler a", "--prompt-syntax", "a1111", "--init-image",
-        init_path.to_str().unwrap(), "--mask", mask_path.to_str().unwrap(), "--strength", "0.6", "--mask-blur", "2",
+        init_path.to_str().unwrap(), "--mask", mask_path.to_str().unwrap(), "--strength", "0.6", "--mask-blur", "2", "--keep-unmasked",
     ]);
     assert_eq!(image, cli, "img2img pixels differ from the CLI's");
+    // As A1111, the original is pasted back outside the mask.
+    for (x, y, p) in image.enumerate_pixels() {
+        if x < 24 {
+            assert_eq!(p, init.get_pixel(x, y), "pixel ({x}, {y}) outside the mask changed");
+        }
+    }
     assert!(body["parameters"]["init_images"].is_null());
 }
 
@@ -182,10 +188,18 @@ fn models_are_listed_and_switched() {
     let (status, body) = s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "nope"}));
     assert_eq!(status, 400);
     assert!(body["detail"].as_str().unwrap().contains("sd1-tiny-file.safetensors"), "{body}");
-    // A per-request override switches back.
+    // A per-request override runs on that model and restores the option afterwards, unless told not to.
     let (status, body) = s.post(
         "/sdapi/v1/txt2img",
         &json!({"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 1, "override_settings": {"sd_model_checkpoint": "sd1-tiny"}}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body["info"].as_str().unwrap().contains("Model: sd1-tiny,"), "{body}");
+    assert_eq!(s.get("/sdapi/v1/options").1["sd_model_checkpoint"], file_title);
+    let (status, body) = s.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 1, "override_settings": {"sd_model_checkpoint": "sd1-tiny"},
+                "override_settings_restore_afterwards": false}),
     );
     assert_eq!(status, 200, "{body}");
     assert_eq!(s.get("/sdapi/v1/options").1["sd_model_checkpoint"], "sd1-tiny");
@@ -262,7 +276,7 @@ fn openai_images_api() {
     let init_path = dir.path().join("32-astronaut.png");
     let cli = cli_image(&["--model", &model(), "--prompt", "a sky", "--negative-prompt", "", "--steps", "2",
         "--guidance", "7", "--seed", "4", "--scheduler", "Euler", "--init-image", init_path.to_str().unwrap(),
-        "--mask", mask_path.to_str().unwrap()]);
+        "--mask", mask_path.to_str().unwrap(), "--keep-unmasked"]);
     assert_eq!(edited, cli, "the edit differs from the CLI's inpainting");
     // Errors in OpenAI's shape.
     let (status, body) = s.post("/v1/images/generations", &json!({"prompt": "x", "size": "63x64"}));

@@ -87,6 +87,10 @@ pub struct GenerateArgs {
     /// --width x --height and pasted back through the mask; the output keeps the image's size).
     #[arg(long, default_value = "whole", value_name = "AREA", value_parser = ["whole", "masked"], requires = "mask")]
     inpaint_area: String,
+    /// Inpainting the whole picture: paste the original back outside the (blurred) mask after
+    /// decoding, as A1111 does (diffusers and the default leave the decoded pixels everywhere).
+    #[arg(long, requires = "mask")]
+    keep_unmasked: bool,
     /// Pixels of context around the mask for --inpaint-area masked.
     #[arg(long, default_value_t = 32, value_name = "PX")]
     inpaint_padding: usize,
@@ -213,6 +217,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             mask_blur: args.mask_blur,
             only_masked_padding: (args.inpaint_area == "masked").then_some(args.inpaint_padding),
             strength: args.strength,
+            keep_unmasked: args.keep_unmasked,
         }),
         vae_tiling: args.vae_tiling.then_some(args.vae_tile_size),
         deep_cache: args.deep_cache.map(|n| (n, args.deep_cache_branch)),

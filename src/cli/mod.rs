@@ -12,6 +12,7 @@ mod reference;
 mod residual;
 mod sdxl;
 mod serve;
+mod worker;
 mod source;
 mod uni_controlnet;
 
@@ -38,6 +39,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve the AUTOMATIC1111 (/sdapi/v1) and OpenAI (/v1/images) APIs and a web UI over HTTP.
     Serve(Box<serve::ServeArgs>),
+    /// Run jobs that `diffctl serve --queue redis://...` puts on Redis Streams.
+    Worker(Box<worker::WorkerArgs>),
 }
 
 /// Parses the command line and runs it.
@@ -48,5 +51,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Worker(args) => worker::run(&args),
     }
 }

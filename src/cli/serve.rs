@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Refuse requests for more denoising steps than this.
     #[arg(long, default_value_t = 150, value_name = "N")]
     max_steps: usize,
+    /// Put jobs on Redis Streams (redis://HOST:PORT) for `diffctl worker`s instead of running them
+    /// here; the model is then not loaded by the server.
+    #[arg(long, value_name = "URL")]
+    queue: Option<String>,
     /// Refuse request bodies larger than this many MB.
     #[arg(long, default_value_t = 64, value_name = "MB")]
     max_body_mb: usize,
@@ -84,6 +88,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             state_dir: args.state_dir.clone(),
             max_queue: args.max_queue,
             limits: Limits { max_pixels: args.max_pixels, max_batch: args.max_batch, max_memory: None },
+            queue: args.queue.clone(),
         },
         address: SocketAddr::new(args.host, args.port),
         api_auth,

@@ -19,7 +19,7 @@ use crate::io::image::load_rgb;
 use crate::io::latents::load_latents;
 use crate::limits::{GenerationShape, Limits};
 use crate::models::clip_vision::ClipVisionEncoder;
-use crate::models::image_processor::ClipImageProcessor;
+use crate::models::image_processor::{ClipImageProcessor, Filter, pil_resize};
 use crate::models::unet::DeepCache;
 use crate::noise::SeededNoise;
 use crate::pipeline::inpaint_area;
@@ -78,6 +78,9 @@ pub struct InitImageSpec {
     /// How much of the schedule runs, in (0, 1] (default: 1 for inpainting; for img2img 0.8, or
     /// 0.3 on SDXL models, as diffusers' pipelines).
     pub strength: Option<f64>,
+    /// Inpainting the whole picture: paste the original back outside the (blurred) mask after
+    /// decoding, as A1111 does (diffusers leaves the decoded pixels).
+    pub keep_unmasked: bool,
 }
 
 impl InitImageSpec {
@@ -485,14 +488,30 @@ impl Request {
                     (Some(_), None) => {
                         return Err(Error::invalid("inpainting only the masked area needs a mask"));
                     }
-                    (None, _) => Some(InitImage::new(
-                        image,
-                        mask.as_ref(),
-                        spec.mask_blur,
-                        (width, height),
-                        strength,
-                        model.device(),
-                    )?),
+                    (None, _) => {
+                        if let (true, Some(mask)) = (spec.keep_unmasked, mask) {
+                            let gray = crate::preprocess::gray::luma(mask);
+                            let gray = match spec.mask_blur {
+                                Some(sigma) => crate::preprocess::blur::gaussian_blur(&gray, sigma),
+                                None => gray,
+                            };
+                            let gray_rgb = image::DynamicImage::ImageLuma8(gray).to_rgb8();
+                            let gray = pil_resize(&gray_rgb, width, height, Filter::Lanczos);
+                            paste_back = Some(PasteBack {
+                                image: pil_resize(image, width, height, Filter::Lanczos),
+                                mask: image::DynamicImage::ImageRgb8(gray).to_luma8(),
+                                region: (0, 0, width, height),
+                            });
+                        }
+                        Some(InitImage::new(
+                            image,
+                            mask.as_ref(),
+                            spec.mask_blur,
+                            (width, height),
+                            strength,
+                            model.device(),
+                        )?)
+                    }
                 }
             }
             _ => None,

@@ -70,6 +70,8 @@ pub struct GenerationSpec {
     pub units: Vec<ControlUnit>,
     /// The model title to run on (`None`: the resident one).
     pub checkpoint: Option<String>,
+    /// Switch back to the previous model afterwards (A1111's `override_settings_restore_afterwards`).
+    pub restore_checkpoint: bool,
 }
 
 /// The image an img2img job starts from, in the job's folder.
@@ -85,6 +87,8 @@ pub struct InitSpec {
     pub only_masked_padding: Option<usize>,
     /// Denoising strength.
     pub strength: f64,
+    /// Paste the original back outside the mask (A1111 does, whole picture or only masked).
+    pub keep_unmasked: bool,
 }
 
 /// A control unit (sd-webui-controlnet's), its image in the job's folder.
@@ -203,6 +207,7 @@ impl GenerationSpec {
                 mask_blur: init.mask_blur,
                 only_masked_padding: init.only_masked_padding,
                 strength: Some(init.strength),
+                keep_unmasked: init.keep_unmasked,
             }),
             loras: self.loras.iter().map(|(path, scale)| LoraSpec { path: path.clone(), scale: *scale }).collect(),
             embeddings: self.embeddings.iter().map(|path| EmbeddingSpec { path: path.clone(), token: None }).collect(),

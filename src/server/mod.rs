@@ -13,6 +13,9 @@ pub mod monitor;
 pub mod openai;
 pub mod png;
 pub mod preview;
+pub mod redis_worker;
+pub mod remote;
+pub mod runner;
 pub mod store;
 pub mod web;
 pub mod worker;
@@ -131,8 +134,8 @@ pub fn start(options: ServeOptions, stop_on_signal: bool) -> anyhow::Result<Runn
     Ok(RunningServer { address, engine, shutdown: Some(tx), thread: Some(thread) })
 }
 
-/// Ctrl-C or SIGTERM.
-async fn termination() {
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn termination() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -169,7 +172,9 @@ async fn authenticate(State(state): State<Shared>, request: Request, next: Next)
     let Some((user, pass)) = &state.options.api_auth else { return next.run(request).await };
     let expected = format!("{user}:{pass}");
     let openai = request.uri().path().starts_with("/v1/");
-    if credentials_match(request.headers(), &expected, openai) {
+    // An OpenAI client fetches `url` results with its API key too.
+    let bearer = openai || request.uri().path().starts_with("/diffctl/v1/files/");
+    if credentials_match(request.headers(), &expected, bearer) {
         return next.run(request).await;
     }
     let mut response = if openai {

@@ -131,6 +131,7 @@ impl ImageRequest {
             embeddings: Vec::new(),
             units: Vec::new(),
             checkpoint,
+            restore_checkpoint: false,
         })
     }
 }
@@ -243,7 +244,7 @@ fn edit_inputs(
     let transparent = rgba.pixels().any(|p| p[3] < 128);
     let fitted = super::a1111::fit_image(&image.to_rgb8(), size.0, size.1, 0);
     store(&image::DynamicImage::ImageRgb8(fitted), dir, "init.png")?;
-    let mut init = InitSpec { image: "init.png".into(), mask: None, mask_blur: None, only_masked_padding: None, strength: strength.unwrap_or(0.75) };
+    let mut init = InitSpec { image: "init.png".into(), mask: None, mask_blur: None, only_masked_padding: None, keep_unmasked: true, strength: strength.unwrap_or(0.75) };
     if transparent {
         let mask = image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
             image::Luma([if rgba.get_pixel(x, y)[3] < 128 { 255 } else { 0 }])

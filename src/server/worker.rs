@@ -1,26 +1,27 @@
-//! The engine: the bounded queue of stored jobs, the one generation thread with its resident
-//! model, progress with previews, cancellation, and the notifications the HTTP side waits on.
+//! The engine: the bounded queue of stored jobs, the jobs' runner (a generation thread with the
+//! resident model, or Redis workers on any machine), progress with previews, cancellation, and
+//! the notifications the HTTP side waits on.
 
-use std::collections::{HashSet, VecDeque};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use candle_core::Tensor;
 use serde_json::{Value, json};
 
-use super::jobs::{Finished, GenerationSpec, JobId, JobSpec, JobState, job_dir};
-use super::models_dir::{Entry, Kind, ModelsDir};
-use super::monitor::{INTERRUPTED, JobMonitor};
+use super::jobs::{Finished, JobId, JobSpec, JobState, job_dir};
+use super::models_dir::ModelsDir;
+use super::monitor::INTERRUPTED;
+use super::remote::{Message, ServerLink};
+use super::runner::{Checkpoint, Runner, RunnerSettings, StepReport, Watch};
 use super::store::{JobStore, StoredJob};
 use crate::Error;
-use crate::io::model_files::SourceOptions;
 use crate::limits::Limits;
-use crate::noise::SeededNoise;
-use crate::pipeline::{LoadOptions, Progress, StableDiffusion};
+use crate::pipeline::LoadOptions;
 
-/// How the engine loads models and bounds work.
+/// How the engine loads models, bounds work and where it runs jobs.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     /// The model loaded at start.
@@ -35,6 +36,20 @@ pub struct EngineSettings {
     pub max_queue: usize,
     /// Generation limits.
     pub limits: Limits,
+    /// A Redis URL: jobs go to `diffctl worker`s through Redis Streams instead of running here.
+    pub queue: Option<String>,
+}
+
+impl EngineSettings {
+    /// The runner's part.
+    pub fn runner(&self) -> RunnerSettings {
+        RunnerSettings {
+            model: self.model.clone(),
+            models_dir: self.models_dir.clone(),
+            load: self.load.clone(),
+            limits: self.limits,
+        }
+    }
 }
 
 /// Why a job was not accepted.
@@ -46,47 +61,29 @@ pub enum SubmitError {
     Store(anyhow::Error),
 }
 
-/// A model the server can load: listed, or the startup model.
-#[derive(Debug, Clone)]
-pub struct Checkpoint {
-    /// The entry.
-    pub entry: Entry,
-    /// Its SHA-256 once known (files only).
-    pub sha256: Option<String>,
-}
-
-impl Checkpoint {
-    /// A1111's title: `name [shorthash]` once the hash is known, else the name.
-    pub fn title(&self) -> String {
-        match &self.sha256 {
-            Some(hash) => format!("{} [{}]", self.entry.name, &hash[..10]),
-            None => self.entry.name.clone(),
-        }
-    }
-}
-
 /// What the progress route and the events report.
 #[derive(Debug, Default)]
 struct ProgressState {
     job: Option<JobId>,
-    step: usize,
-    steps: usize,
-    iteration: usize,
+    report: StepReport,
     iterations: usize,
     started: Option<Instant>,
     latents: Arc<Mutex<Option<Tensor>>>,
+    /// A preview made elsewhere (by a Redis worker), base64 PNG.
+    preview: Option<String>,
     sdxl: bool,
 }
 
 struct QueueState {
     pending: VecDeque<JobId>,
-    running: Option<(JobId, Arc<AtomicBool>)>,
+    running: HashMap<JobId, Arc<AtomicBool>>,
     stopping: bool,
 }
 
 /// The shared engine: see the module doc.
 pub struct Engine {
     settings: EngineSettings,
+    runner_settings: RunnerSettings,
     store: JobStore,
     queue: Mutex<QueueState>,
     wake: Condvar,
@@ -97,9 +94,10 @@ pub struct Engine {
     events: tokio::sync::broadcast::Sender<String>,
     current: Mutex<Checkpoint>,
     /// The default image side for the resident model (512, or an SDXL model's native size).
-    default_size: std::sync::atomic::AtomicUsize,
-    hashes: Mutex<std::collections::HashMap<PathBuf, String>>,
+    default_size: AtomicUsize,
+    hashes: Mutex<HashMap<PathBuf, String>>,
     counter: AtomicU64,
+    remote: Option<ServerLink>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,34 +105,64 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Engine {
-    /// Opens the store, loads the startup model, queues the jobs a previous run left unfinished
-    /// and starts the generation thread.
+    /// Opens the store, loads the startup model (or connects to Redis), queues the jobs a
+    /// previous run left unfinished and starts running jobs.
     pub fn start(settings: EngineSettings) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(settings.state_dir.join("jobs"))
             .map_err(|e| anyhow::anyhow!("creating the state folder {}: {e}", settings.state_dir.display()))?;
         let store = JobStore::open(&settings.state_dir)?;
-        let startup = Checkpoint { entry: startup_entry(&settings), sha256: None };
-        let resident = Resident::load(&startup, &settings)?;
-        let pending: VecDeque<JobId> = store.unfinished()?.into_iter().map(|job| job.id).collect();
+        let runner_settings = settings.runner();
+        let (runner, remote) = match &settings.queue {
+            Some(url) => (None, Some(ServerLink::connect(url, &settings.state_dir)?)),
+            None => (Some(Runner::load(runner_settings.clone())?), None),
+        };
+        let unfinished = store.unfinished()?;
+        let dispatched = match &remote {
+            Some(link) => link.dispatched()?,
+            None => Default::default(),
+        };
+        let mut pending = VecDeque::new();
+        let mut running = HashMap::new();
+        for job in unfinished {
+            if dispatched.contains(&job.id) {
+                running.insert(job.id, Arc::new(AtomicBool::new(false)));
+            } else {
+                pending.push_back(job.id);
+            }
+        }
         let (ended, _) = tokio::sync::watch::channel(0);
         let (events, _) = tokio::sync::broadcast::channel(256);
+        let startup = Checkpoint { entry: runner_settings.startup_entry(), sha256: None };
         let engine = Arc::new(Self {
             store,
-            queue: Mutex::new(QueueState { pending, running: None, stopping: false }),
+            queue: Mutex::new(QueueState { pending, running, stopping: false }),
             wake: Condvar::new(),
             progress: Mutex::new(ProgressState::default()),
             ended,
             events,
             current: Mutex::new(startup),
-            default_size: std::sync::atomic::AtomicUsize::new(resident.default_size()),
-            hashes: Mutex::new(Default::default()),
+            default_size: AtomicUsize::new(runner.as_ref().map_or(512, Runner::default_size)),
+            hashes: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            remote,
+            runner_settings,
             settings,
         });
-        let worker = engine.clone();
-        std::thread::Builder::new().name("diffctl-generation".into()).spawn(move || worker.run(resident))?;
-        let hasher = engine.clone();
-        std::thread::Builder::new().name("diffctl-hashes".into()).spawn(move || hasher.hash_checkpoints())?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
+        match runner {
+            Some(runner) => {
+                let e = engine.clone();
+                spawn("diffctl-generation", Box::new(move || e.run_local(runner)))?;
+            }
+            None => {
+                let e = engine.clone();
+                spawn("diffctl-dispatch", Box::new(move || e.dispatch()))?;
+                let e = engine.clone();
+                spawn("diffctl-results", Box::new(move || e.receive()))?;
+            }
+        }
+        let e = engine.clone();
+        spawn("diffctl-hashes", Box::new(move || e.hash_checkpoints()))?;
         Ok(engine)
     }
 
@@ -160,7 +188,7 @@ impl Engine {
     /// Whether another job fits in the queue now.
     pub fn has_room(&self) -> bool {
         let q = lock(&self.queue);
-        q.pending.len() + usize::from(q.running.is_some()) < self.settings.max_queue
+        q.pending.len() + q.running.len() < self.settings.max_queue
     }
 
     /// Stores and queues job `id` (its inputs already in its folder); on refusal the folder goes.
@@ -170,7 +198,7 @@ impl Engine {
             let _ = std::fs::remove_dir_all(job_dir(&self.settings.state_dir, id));
             e
         };
-        if q.pending.len() + usize::from(q.running.is_some()) >= self.settings.max_queue {
+        if q.pending.len() + q.running.len() >= self.settings.max_queue {
             return Err(refuse(SubmitError::Full));
         }
         self.store.insert(id, spec).map_err(|e| refuse(SubmitError::Store(e)))?;
@@ -210,17 +238,32 @@ impl Engine {
             self.end(id, JobState::Cancelled, &Finished { error: Some(INTERRUPTED.into()), ..Default::default() });
             return;
         }
-        if let Some((running, flag)) = &q.running
-            && running == id
-        {
+        if let Some(flag) = q.running.get(id) {
             flag.store(true, Ordering::Relaxed);
+            drop(q);
+            self.cancel_remote(id);
         }
     }
 
-    /// Interrupts the running job (A1111's `interrupt` and `skip`).
+    /// Interrupts the running jobs (A1111's `interrupt` and `skip`).
     pub fn interrupt(&self) {
-        if let Some((_, flag)) = &lock(&self.queue).running {
-            flag.store(true, Ordering::Relaxed);
+        let ids: Vec<JobId> = {
+            let q = lock(&self.queue);
+            q.running.iter().map(|(id, flag)| {
+                flag.store(true, Ordering::Relaxed);
+                id.clone()
+            }).collect()
+        };
+        for id in ids {
+            self.cancel_remote(&id);
+        }
+    }
+
+    fn cancel_remote(&self, id: &str) {
+        if let Some(link) = &self.remote
+            && let Err(e) = link.cancel(id)
+        {
+            eprintln!("diffctl serve: cancelling {id} on Redis: {e}");
         }
     }
 
@@ -251,60 +294,39 @@ impl Engine {
         self.ended.subscribe()
     }
 
-    /// The resident (or last requested) checkpoint.
+    /// The resident checkpoint.
     pub fn current(&self) -> Checkpoint {
         let mut current = lock(&self.current).clone();
         current.sha256 = lock(&self.hashes).get(&current.entry.path).cloned();
         current
     }
 
-    /// Every loadable checkpoint: the startup model first when it is outside the models folder.
+    /// Every loadable checkpoint.
     pub fn checkpoints(&self) -> Vec<Checkpoint> {
-        let hashes = lock(&self.hashes);
-        let mut entries = self.settings.models_dir.list(Kind::Checkpoint);
-        let startup = startup_entry(&self.settings);
-        if !entries.iter().any(|e| same_path(&e.path, &startup.path)) {
-            entries.insert(0, startup);
-        }
-        entries
-            .into_iter()
-            .map(|entry| Checkpoint { sha256: hashes.get(&entry.path).cloned(), entry })
-            .collect()
+        self.runner_settings.checkpoints(&lock(&self.hashes))
     }
 
-    /// The checkpoint a title names (`name [hash]`, name, stem or hash), or an error naming the
-    /// choices.
+    /// The checkpoint a title names, or an error naming the choices.
     pub fn find_checkpoint(&self, title: &str) -> Result<Checkpoint, String> {
-        let all = self.checkpoints();
-        let wanted = title.trim();
-        let bare = super::models_dir::strip_hash(wanted);
-        let found = all.iter().find(|c| c.title() == wanted).or_else(|| all.iter().find(|c| c.entry.is_named(bare))).or_else(
-            || all.iter().find(|c| c.sha256.as_deref().is_some_and(|h| !wanted.is_empty() && h.starts_with(wanted))),
-        );
-        found.cloned().ok_or_else(|| {
-            format!(
-                "no checkpoint is titled `{wanted}`; available: {}",
-                all.iter().map(Checkpoint::title).collect::<Vec<_>>().join(", ")
-            )
-        })
+        self.runner_settings.find_checkpoint(title, &lock(&self.hashes))
     }
 
     /// The A1111 progress object; the preview image (base64 PNG) unless `skip_image`.
     pub fn progress_json(&self, skip_image: bool) -> Value {
         let (waiting, running) = {
             let q = lock(&self.queue);
-            (q.pending.len(), q.running.as_ref().map(|(id, _)| id.clone()))
+            (q.pending.len(), q.running.len())
         };
         let p = lock(&self.progress);
-        let job_count = waiting + usize::from(running.is_some());
-        let total = (p.steps * p.iterations.max(1)) as f64;
-        let done = (p.iteration * p.steps + p.step) as f64;
-        let fraction = if running.is_some() && total > 0.0 { (done / total).min(1.0) } else { 0.0 };
+        let total = (p.report.steps * p.iterations.max(1)) as f64;
+        let done = (p.report.iteration * p.report.steps + p.report.step) as f64;
+        let active = running > 0 && p.job.is_some();
+        let fraction = if active && total > 0.0 { (done / total).min(1.0) } else { 0.0 };
         let eta = match p.started {
             Some(started) if fraction > 0.0 => started.elapsed().as_secs_f64() / fraction * (1.0 - fraction),
             _ => 0.0,
         };
-        let image = if skip_image || running.is_none() {
+        let image = if skip_image || !active {
             None
         } else {
             let latents = lock(&p.latents).clone();
@@ -312,6 +334,7 @@ impl Engine {
                 .and_then(|l| super::preview::cheap_preview(&l, p.sdxl).ok().flatten())
                 .and_then(|img| super::png::encode(&img, None).ok())
                 .map(|bytes| base64_encode(&bytes))
+                .or_else(|| p.preview.clone())
         };
         json!({
             "progress": fraction,
@@ -320,16 +343,15 @@ impl Engine {
                 "skipped": false,
                 "interrupted": false,
                 "stopping_generation": false,
-                "job": running.clone().unwrap_or_default(),
-                "job_count": job_count,
+                "job": if active { p.job.clone().unwrap_or_default() } else { String::new() },
+                "job_count": waiting + running,
                 "job_timestamp": "0",
-                "job_no": p.iteration,
-                "sampling_step": p.step,
-                "sampling_steps": p.steps,
+                "job_no": p.report.iteration,
+                "sampling_step": p.report.step,
+                "sampling_steps": p.report.steps,
             },
             "current_image": image,
-            "textinfo": running.map(|_| format!("Step {}/{}", p.step, p.steps)),
-            "current_task": p.job,
+            "textinfo": active.then(|| format!("Step {}/{}", p.report.step, p.report.steps)),
         })
     }
 
@@ -339,9 +361,30 @@ impl Engine {
         }
     }
 
+    fn set_progress(&self, id: &str, report: StepReport, iterations: usize, preview: Option<String>) {
+        {
+            let mut p = lock(&self.progress);
+            if p.job.as_deref() != Some(id) {
+                *p = ProgressState { job: Some(id.to_string()), started: Some(Instant::now()), ..Default::default() };
+            }
+            p.report = report;
+            p.iterations = iterations;
+            if preview.is_some() {
+                p.preview = preview;
+            }
+        }
+        self.publish_progress();
+    }
+
     fn end(&self, id: &str, state: JobState, finished: &Finished) {
         if let Err(e) = self.store.finish(id, state, finished) {
             eprintln!("diffctl serve: {e}");
+        }
+        {
+            let mut p = lock(&self.progress);
+            if p.job.as_deref() == Some(id) {
+                *p = ProgressState::default();
+            }
         }
         self.ended.send_modify(|n| *n += 1);
         if self.events.receiver_count() > 0 {
@@ -350,153 +393,145 @@ impl Engine {
         self.publish_progress();
     }
 
-    /// The generation thread: takes jobs in order until stopped.
-    fn run(self: Arc<Self>, mut resident: Resident) {
+    /// The next pending job (marked running with a fresh cancel flag), or `None` once stopping.
+    fn next_job(&self) -> Option<(JobId, Arc<AtomicBool>)> {
+        let mut q = lock(&self.queue);
         loop {
-            let (id, cancel) = {
-                let mut q = lock(&self.queue);
-                loop {
-                    if q.stopping {
-                        return;
+            if q.stopping {
+                return None;
+            }
+            if let Some(id) = q.pending.pop_front() {
+                let cancel = Arc::new(AtomicBool::new(false));
+                q.running.insert(id.clone(), cancel.clone());
+                return Some((id, cancel));
+            }
+            q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn stored(&self, id: &str) -> Result<StoredJob, String> {
+        match self.store.get(id) {
+            Ok(Some(job)) => Ok(job),
+            Ok(None) => Err(format!("job {id} is not stored")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The generation thread: runs jobs in order on the resident model until stopped.
+    fn run_local(self: Arc<Self>, mut runner: Runner) {
+        while let Some((id, cancel)) = self.next_job() {
+            let (state, finished) = match self.stored(&id).and_then(|job| {
+                self.store.set_running(&id).map_err(|e| e.to_string())?;
+                Ok(job)
+            }) {
+                Ok(job) => {
+                    let latents = Arc::new(Mutex::new(None));
+                    let iterations = match &job.spec {
+                        JobSpec::Generate(spec) => spec.n_iter,
+                        JobSpec::LoadModel { .. } => 1,
+                    };
+                    {
+                        let mut p = lock(&self.progress);
+                        *p = ProgressState {
+                            job: Some(id.clone()),
+                            started: Some(Instant::now()),
+                            latents: latents.clone(),
+                            sdxl: runner.is_sdxl(),
+                            iterations,
+                            ..Default::default()
+                        };
                     }
-                    if let Some(id) = q.pending.pop_front() {
-                        let cancel = Arc::new(AtomicBool::new(false));
-                        q.running = Some((id.clone(), cancel.clone()));
-                        break (id, cancel);
-                    }
-                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                    let mut report = |r: StepReport| {
+                        lock(&self.progress).report = r;
+                        self.publish_progress();
+                    };
+                    let resolve = |title: &str| self.find_checkpoint(title);
+                    let dir = job_dir(&self.settings.state_dir, &id);
+                    let result = runner.run(&job.spec, &resolve, &dir, Watch { cancel, latents, report: &mut report });
+                    *lock(&self.current) = runner.checkpoint().clone();
+                    self.default_size.store(runner.default_size(), Ordering::Relaxed);
+                    result
                 }
+                Err(message) => (JobState::Failed, Finished { error: Some(message), ..Default::default() }),
             };
-            let (state, finished) = self.run_job(&mut resident, &id, cancel);
-            lock(&self.queue).running = None;
+            lock(&self.queue).running.remove(&id);
             self.end(&id, state, &finished);
             self.purge_old_jobs();
         }
     }
 
-    fn run_job(&self, resident: &mut Resident, id: &str, cancel: Arc<AtomicBool>) -> (JobState, Finished) {
-        let failed = |message: String, client_error: bool| {
-            (JobState::Failed, Finished { error: Some(message), client_error, ..Default::default() })
-        };
-        let job = match self.store.get(id) {
-            Ok(Some(job)) => job,
-            Ok(None) => return failed(format!("job {id} is not stored"), false),
-            Err(e) => return failed(e.to_string(), false),
-        };
-        if let Err(e) = self.store.set_running(id) {
-            return failed(e.to_string(), false);
-        }
-        let dir = job_dir(&self.settings.state_dir, id);
-        let result = match &job.spec {
-            JobSpec::LoadModel { title } => self.switch(resident, title).map(|()| Finished::default()),
-            JobSpec::Generate(spec) => self.generate(resident, id, spec, &dir, &cancel),
-        };
-        match result {
-            Ok(finished) => (JobState::Done, finished),
-            Err(_) if cancel.load(Ordering::Relaxed) => (
-                JobState::Cancelled,
-                Finished { error: Some(INTERRUPTED.into()), ..Default::default() },
-            ),
-            Err(JobError { message, client_error }) => failed(message, client_error),
+    /// With Redis: puts pending jobs on the stream, with their input files.
+    fn dispatch(self: Arc<Self>) {
+        let Some(link) = &self.remote else { return };
+        while let Some((id, _)) = self.next_job() {
+            let sent = self.stored(&id).and_then(|job| {
+                let dir = job_dir(&self.settings.state_dir, &id);
+                let files = std::fs::read_dir(&dir)
+                    .map(|read| {
+                        read.flatten()
+                            .filter_map(|e| Some((e.file_name().into_string().ok()?, std::fs::read(e.path()).ok()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.store.set_running(&id).map_err(|e| e.to_string())?;
+                link.dispatch(&id, &job.spec, files).map_err(|e| e.to_string())
+            });
+            if let Err(message) = sent {
+                lock(&self.queue).running.remove(&id);
+                self.end(&id, JobState::Failed, &Finished { error: Some(message), ..Default::default() });
+            }
         }
     }
 
-    fn switch(&self, resident: &mut Resident, title: &str) -> Result<(), JobError> {
-        let wanted = self.find_checkpoint(title).map_err(JobError::client)?;
-        if same_path(&wanted.entry.path, &resident.checkpoint.entry.path) {
-            return Ok(());
-        }
-        // The old model goes first: two resident models may not fit.
-        *resident = Resident::empty(resident.checkpoint.clone());
-        crate::allocator::release_free_memory();
-        let loaded = Resident::load(&wanted, &self.settings).map_err(|e| JobError::server(format!("{e:#}")));
-        match loaded {
-            Ok(loaded) => {
-                self.default_size.store(loaded.default_size(), Ordering::Relaxed);
-                *resident = loaded;
-                *lock(&self.current) = wanted;
-                Ok(())
-            }
-            Err(e) => {
-                // Back to the previous model so the server keeps serving.
-                if let Ok(previous) = Resident::load(&lock(&self.current).clone(), &self.settings) {
-                    *resident = previous;
+    /// With Redis: stores results and progress as workers send them (acknowledged once stored).
+    fn receive(self: Arc<Self>) {
+        let Some(link) = &self.remote else { return };
+        while !self.is_stopping() {
+            let (entry, message) = match link.next_message(500) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    eprintln!("diffctl serve: reading results from Redis: {e}");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    continue;
                 }
-                Err(e)
-            }
-        }
-    }
-
-    fn generate(
-        &self,
-        resident: &mut Resident,
-        id: &str,
-        spec: &GenerationSpec,
-        dir: &Path,
-        cancel: &Arc<AtomicBool>,
-    ) -> Result<Finished, JobError> {
-        if let Some(title) = &spec.checkpoint {
-            self.switch(resident, title)?;
-        }
-        let model_title = resident.checkpoint.entry.stem.clone();
-        let Some(model) = resident.model.as_mut() else {
-            return Err(JobError::server("no model is loaded (the last switch failed)".into()));
-        };
-        let latents = Arc::new(Mutex::new(None));
-        {
-            let mut p = lock(&self.progress);
-            *p = ProgressState {
-                job: Some(id.to_string()),
-                steps: spec.steps,
-                iterations: spec.n_iter,
-                started: Some(Instant::now()),
-                latents: latents.clone(),
-                sdxl: model.unet.config().add_embedding.is_some(),
-                ..Default::default()
             };
-        }
-        self.publish_progress();
-        let mut finished = Finished::default();
-        for iteration in 0..spec.n_iter {
-            lock(&self.progress).iteration = iteration;
-            let mut request = spec.request(dir, iteration, self.settings.limits).map_err(JobError::from)?;
-            request.embeddings.retain(|e| !resident.embeddings.contains(&e.path));
-            let mut prepared = request.prepare(model, &self.settings.load).map_err(JobError::from)?;
-            resident.embeddings.extend(request.embeddings.iter().map(|e| e.path.clone()));
-            prepared.controls.push(Box::new(JobMonitor::new(cancel.clone(), latents.clone())));
-            let mut noise = SeededNoise::new(request.seed);
-            let mut on_progress = |p: Progress| {
-                if let Progress::Step { done, total } = p {
-                    {
-                        let mut state = lock(&self.progress);
-                        state.step = done;
-                        state.steps = total;
+            match message {
+                Message::Progress { id, iteration, step, steps, preview } => {
+                    let iterations = match self.store.get(&id) {
+                        Ok(Some(StoredJob { spec: JobSpec::Generate(spec), .. })) => spec.n_iter,
+                        _ => 1,
+                    };
+                    if lock(&self.queue).running.contains_key(&id) {
+                        self.set_progress(&id, StepReport { iteration, step, steps }, iterations, preview);
                     }
-                    self.publish_progress();
                 }
-            };
-            let generated = model
-                .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)
-                .and_then(|g| prepared.postprocess(g))
-                .map_err(JobError::from)?;
-            let images = crate::io::image::to_rgb8(&generated.images).map_err(JobError::from)?;
-            for (i, image) in images.iter().enumerate() {
-                let seed = request.seed.wrapping_add(i as u64);
-                let infotext = spec.infotext(seed, &model_title);
-                let name = format!("output-{iteration}-{i}.png");
-                let bytes = super::png::encode(image, Some(&infotext)).map_err(JobError::from)?;
-                crate::io::output::write_file(&dir.join(&name), |file| {
-                    use std::io::Write;
-                    file.write_all(&bytes).map_err(|e| Error::io(dir.join(&name), e))
-                })
-                .map_err(JobError::from)?;
-                finished.images.push(name);
-                finished.seeds.push(seed);
-                finished.infotexts.push(infotext);
+                Message::Finished { id, state, finished, images, worker } => {
+                    let already = matches!(self.store.get(&id), Ok(Some(job)) if job.state.is_final());
+                    if !already {
+                        let dir = job_dir(&self.settings.state_dir, &id);
+                        let written = super::remote::decode_images(&images).and_then(|files| {
+                            for (name, bytes) in files {
+                                let path = dir.join(&name);
+                                crate::io::output::write_file(&path, |file| {
+                                    std::io::Write::write_all(file, &bytes).map_err(|e| Error::io(&path, e))
+                                })?;
+                            }
+                            Ok(())
+                        });
+                        let (state, finished) = match written {
+                            Ok(()) => (state, finished),
+                            Err(e) => (JobState::Failed, Finished { error: Some(format!("storing the results of {worker}: {e}")), ..Default::default() }),
+                        };
+                        lock(&self.queue).running.remove(&id);
+                        self.end(&id, state, &finished);
+                    }
+                }
+            }
+            if let Err(e) = link.acknowledge(&entry) {
+                eprintln!("diffctl serve: acknowledging a result on Redis: {e}");
             }
         }
-        *lock(&self.progress) = ProgressState::default();
-        Ok(finished)
     }
 
     /// Removes the folders of jobs that ended over an hour ago (their `url` images expire).
@@ -512,7 +547,7 @@ impl Engine {
     /// folder by path, size and modification time.
     fn hash_checkpoints(self: Arc<Self>) {
         let cache_path = self.settings.state_dir.join("hashes.json");
-        let mut cache: std::collections::HashMap<String, String> =
+        let mut cache: HashMap<String, String> =
             std::fs::read(&cache_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         for checkpoint in self.checkpoints() {
             let path = &checkpoint.entry.path;
@@ -534,92 +569,14 @@ impl Engine {
         }
         if let Ok(bytes) = serde_json::to_vec(&cache) {
             let _ = crate::io::output::write_file(&cache_path, |file| {
-                use std::io::Write;
-                file.write_all(&bytes).map_err(|e| Error::io(&cache_path, e))
+                std::io::Write::write_all(file, &bytes).map_err(|e| Error::io(&cache_path, e))
             });
         }
     }
 }
 
-/// A job's failure: its message and whether the request caused it.
-#[derive(Debug)]
-struct JobError {
-    message: String,
-    client_error: bool,
-}
-
-impl JobError {
-    fn client(message: String) -> Self {
-        Self { message, client_error: true }
-    }
-
-    fn server(message: String) -> Self {
-        Self { message, client_error: false }
-    }
-}
-
-impl From<Error> for JobError {
-    fn from(e: Error) -> Self {
-        let client_error = matches!(e, Error::InvalidArgument(_));
-        Self { message: e.to_string(), client_error }
-    }
-}
-
-/// The resident model and what was added to it.
-struct Resident {
-    checkpoint: Checkpoint,
-    model: Option<StableDiffusion>,
-    embeddings: HashSet<PathBuf>,
-}
-
-impl Resident {
-    fn empty(checkpoint: Checkpoint) -> Self {
-        Self { checkpoint, model: None, embeddings: HashSet::new() }
-    }
-
-    fn default_size(&self) -> usize {
-        match &self.model {
-            Some(model) if model.unet.config().add_embedding.is_some() => {
-                model.unet.config().sample_size.unwrap_or(128) * model.vae_scale_factor()
-            }
-            _ => 512,
-        }
-    }
-
-    fn load(checkpoint: &Checkpoint, settings: &EngineSettings) -> anyhow::Result<Self> {
-        let path = &checkpoint.entry.path;
-        // `--model-config` and `--tokenizer` describe single-file checkpoints; a diffusers folder
-        // has its own.
-        let files = if path.is_dir() {
-            SourceOptions { model_config: None, tokenizer: None, ..settings.load.files.clone() }
-        } else {
-            settings.load.files.clone()
-        };
-        let options = LoadOptions { files, ..settings.load.clone() };
-        let model = StableDiffusion::load(path, &options)
-            .map_err(|e| anyhow::anyhow!("loading model {}: {e}", path.display()))?;
-        Ok(Self { checkpoint: checkpoint.clone(), model: Some(model), embeddings: HashSet::new() })
-    }
-}
-
-fn startup_entry(settings: &EngineSettings) -> Entry {
-    settings
-        .models_dir
-        .list(Kind::Checkpoint)
-        .into_iter()
-        .find(|e| same_path(&e.path, &settings.model))
-        .unwrap_or_else(|| Entry::outside(&settings.model))
-}
-
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}
-
 /// Hex SHA-256 of a file's bytes.
-fn sha256_file(path: &Path) -> std::io::Result<String> {
+fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     use sha2::Digest;
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;

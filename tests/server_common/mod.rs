@@ -65,6 +65,7 @@ pub fn options(models: &Path, state: &Path) -> ServeOptions {
             state_dir: state.to_path_buf(),
             max_queue: 64,
             limits: Limits { max_pixels: 512 * 512, max_batch: 4, max_memory: None },
+            queue: None,
         },
         address: SocketAddr::from(([127, 0, 0, 1], 0)),
         api_auth: Some((USER.into(), PASS.into())),

@@ -248,6 +248,7 @@ fn parse_request(state: &AppState, value: &Value, dir: &Path, img2img: bool) -> 
 
     let mut checkpoint = None;
     let mut clip_skip = 0;
+    let restore_checkpoint = f.bool("override_settings_restore_afterwards").map_err(unprocessable)?.unwrap_or(true);
     if let Some(overrides) = f.object("override_settings").map_err(unprocessable)? {
         let o = Fields::nested(overrides, "override_settings");
         if let Some(title) = o.str("sd_model_checkpoint").map_err(unprocessable)? {
@@ -306,6 +307,7 @@ fn parse_request(state: &AppState, value: &Value, dir: &Path, img2img: bool) -> 
         embeddings,
         units,
         checkpoint,
+        restore_checkpoint,
     };
     let mut echo: Map<String, Value> = value.as_object().cloned().unwrap_or_default();
     for (key, v) in [
@@ -350,7 +352,7 @@ fn parse_init(f: &Fields, dir: &Path, width: usize, height: usize, max_pixels: u
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(bad(format!("field `denoising_strength`: {strength} is not in (0, 1]")));
     }
-    let mut init = InitSpec { image: "init.png".into(), mask: None, mask_blur: None, only_masked_padding: None, strength };
+    let mut init = InitSpec { image: "init.png".into(), mask: None, mask_blur: None, only_masked_padding: None, keep_unmasked: true, strength };
     if let Some(mask) = f.str("mask").map_err(unprocessable)? {
         let mask = decode_base64(mask, "mask", max_pixels).map_err(bad)?.to_rgb8();
         let mut mask = fit_image(&mask, width, height, mode);

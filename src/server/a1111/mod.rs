@@ -40,6 +40,8 @@ pub fn routes() -> Router<Shared> {
         .route("/sdapi/v1/memory", get(|| async { axum::Json(json!({})) }))
         .route("/sdapi/v1/face-restorers", get(|| async { axum::Json(json!([])) }))
         .route("/sdapi/v1/prompt-styles", get(|| async { axum::Json(json!([])) }))
+        .route("/sdapi/v1/hypernetworks", get(|| async { axum::Json(json!([])) }))
+        .route("/sdapi/v1/realesrgan-models", get(|| async { axum::Json(json!([])) }))
         .route("/sdapi/v1/scripts", get(|| async { axum::Json(json!({"txt2img": [], "img2img": []})) }))
         .route("/diffctl/v1/jobs/{id}", get(super::job_status))
         .route("/diffctl/v1/files/{job}/{name}", get(super::job_file))
