@@ -162,6 +162,7 @@ fn router(state: Shared) -> Router {
         .merge(web::routes())
         .fallback(|| async { a1111::error(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
 }
@@ -184,6 +185,28 @@ async fn authenticate(State(state): State<Shared>, request: Request, next: Next)
     };
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"diffctl\""));
     response
+}
+
+/// Gives the plain-text refusals of axum's extractors (a body over the limit, a form that is not
+/// multipart) the API's JSON error shape, so every client error carries a readable message.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let openai = request.uri().path().starts_with("/v1/");
+    let response = next.run(request).await;
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream") || v.starts_with("text/html") || v.starts_with("image/"));
+    if is_json || !response.status().is_client_error() {
+        return response;
+    }
+    let status = response.status();
+    let text = match axum::body::to_bytes(response.into_body(), 64 << 10).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.trim().is_empty() { status.canonical_reason().unwrap_or("bad request").to_string() } else { text };
+    if openai { openai::error(status, "invalid_request", &message) } else { a1111::error(status, &message) }
 }
 
 fn credentials_match(headers: &HeaderMap, expected: &str, bearer_allowed: bool) -> bool {
