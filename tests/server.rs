@@ -411,3 +411,50 @@ fn a_disconnected_client_cancels_its_job() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn hires_fix_is_two_cli_passes() {
+    let s = TestServer::start(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let first_args = ["--model", repo_str(SD1), "--prompt", "a castle", "--negative-prompt", "", "--steps", "3",
+        "--guidance", "7", "--seed", "8", "--scheduler", "Euler", "--prompt-syntax", "a1111", "--width", "32",
+        "--height", "32"];
+    for upscaler in ["Latent", "Latent (nearest)", "Lanczos", "Nearest"] {
+        let (status, body) = s.post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": "a castle", "steps": 3, "width": 32, "height": 32, "seed": 8, "enable_hr": true,
+                    "hr_upscaler": upscaler, "hr_scale": 2, "hr_second_pass_steps": 4, "denoising_strength": 0.6}),
+        );
+        assert_eq!(status, 200, "{upscaler}: {body}");
+        let image = decode(body["images"][0].as_str().unwrap());
+        assert_eq!(image.dimensions(), (64, 64));
+        // The same two passes through the CLI: the first pass, enlarged, then img2img from it.
+        let input = if upscaler.starts_with("Latent") {
+            let latents_path = dir.path().join("first.safetensors");
+            let mut args: Vec<&str> = first_args.to_vec();
+            args.extend(["--output-latents", latents_path.to_str().unwrap()]);
+            cli_image(&args);
+            let latents = diffctl::io::latents::load_latents(&latents_path, &candle_core::Device::Cpu).unwrap();
+            let kind = diffctl::pipeline::hires::Upscaler::parse(upscaler).unwrap();
+            let enlarged = diffctl::pipeline::hires::upscale_latents(&latents, 32, 32, kind).unwrap();
+            let path = dir.path().join("enlarged.safetensors");
+            diffctl::io::latents::save_latents(&path, &enlarged).unwrap();
+            path
+        } else {
+            let first = cli_image(&first_args);
+            let kind = diffctl::pipeline::hires::Upscaler::parse(upscaler).unwrap();
+            let path = dir.path().join("enlarged.png");
+            diffctl::pipeline::hires::upscale_image(&first, 64, 64, kind).save(&path).unwrap();
+            path
+        };
+        let cli = cli_image(&["--model", repo_str(SD1), "--prompt", "a castle", "--negative-prompt", "", "--steps", "4",
+            "--guidance", "7", "--seed", "8", "--scheduler", "Euler", "--prompt-syntax", "a1111", "--width", "64",
+            "--height", "64", "--init-image", input.to_str().unwrap(), "--strength", "0.6"]);
+        assert_eq!(image, cli, "hires fix with {upscaler} differs from the two CLI passes");
+        let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+        assert!(info["infotexts"][0].as_str().unwrap().contains(&format!("Hires upscaler: {upscaler}")));
+    }
+    let (status, body) = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "width": 32, "height": 32, "enable_hr": true, "hr_upscaler": "ESRGAN_4x"}));
+    assert_eq!(status, 400);
+    assert!(body["detail"].as_str().unwrap().contains("Lanczos"), "{body}");
+}

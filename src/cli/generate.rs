@@ -66,7 +66,8 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE")]
     init_latents: Option<PathBuf>,
     /// img2img: start from this image (resized to --width x --height, which default to its own
-    /// size) instead of pure noise; with --mask, inpainting.
+    /// size) instead of pure noise; with --mask, inpainting. A .safetensors file with `latents`
+    /// [1, C, h, w] starts from those latents (hires fix's latent upscale).
     #[arg(long, value_name = "PNG")]
     init_image: Option<PathBuf>,
     /// How much of the schedule runs from the init image, in (0, 1]: low keeps the image, 1 redraws

@@ -17,11 +17,21 @@ use crate::preprocess::gray::luma;
 use crate::schedulers::Scheduler;
 use crate::{Error, Result};
 
+/// What img2img starts from.
+#[derive(Debug, Clone)]
+pub enum InitSource {
+    /// An image [1, 3, H, W] in [0, 1], encoded by the VAE.
+    Pixels(Tensor),
+    /// Latents [1, C, h, w] as the UNet sees them (scaled), used as they are: hires fix's latent
+    /// upscale starts the second pass from the first pass's latents, enlarged.
+    Latents(Tensor),
+}
+
 /// The image img2img and inpainting start from, prepared at the output size.
 #[derive(Debug, Clone)]
 pub struct InitImage {
-    /// The image [1, 3, H, W] in [0, 1].
-    pub image: Tensor,
+    /// The image or latents.
+    pub source: InitSource,
     /// How much of the schedule runs (diffusers' `strength`), in (0, 1]: 1 starts from noise.
     pub strength: f64,
     /// Inpainting: where to repaint, [1, 1, H, W] of 0 (keep) and 1 (repaint).
@@ -62,7 +72,16 @@ impl InitImage {
                 Ok(Tensor::from_vec(binary, (1, 1, height, width), device)?)
             })
             .transpose()?;
-        Ok(Self { image, strength, mask })
+        Ok(Self { source: InitSource::Pixels(image), strength, mask })
+    }
+
+    /// Starts img2img from `latents` [1, C, h, w] (no mask: inpainting needs an image).
+    pub fn from_latents(latents: Tensor, strength: f64) -> Result<Self> {
+        check_strength(strength)?;
+        if latents.dims4()?.0 != 1 {
+            return Err(Error::invalid(format!("init latents {:?}: give one image's latents [1, C, h, w]", latents.dims())));
+        }
+        Ok(Self { source: InitSource::Latents(latents.to_dtype(DType::F32)?), strength, mask: None })
     }
 }
 
@@ -141,10 +160,6 @@ pub(super) fn start(
     check_strength(init.strength)?;
     let (batch, lc, h, w) = noise.dims4()?;
     let f = vae.config().scale_factor();
-    let (_, _, ih, iw) = init.image.dims4()?;
-    if (ih, iw) != (h * f, w * f) {
-        return Err(Error::invalid(format!("the init image is {iw}x{ih} pixels, the generation {}x{}", w * f, h * f)));
-    }
     let total = scheduler.timesteps().len();
     let Some(first) = first_step(steps, init.strength, scheduler.order()).filter(|&first| first < total) else {
         return Err(Error::invalid(format!(
@@ -156,7 +171,24 @@ pub(super) fn start(
         let latents = vae.encode_mean_latents(&((pixels * 2.0)? - 1.0)?.to_dtype(dtype)?)?;
         Ok(latents.repeat((batch, 1, 1, 1))?)
     };
-    let image_latents = encode(&init.image)?;
+    let (image, image_latents) = match &init.source {
+        InitSource::Pixels(image) => {
+            let (_, _, ih, iw) = image.dims4()?;
+            if (ih, iw) != (h * f, w * f) {
+                return Err(Error::invalid(format!("the init image is {iw}x{ih} pixels, the generation {}x{}", w * f, h * f)));
+            }
+            (Some(image), encode(image)?)
+        }
+        InitSource::Latents(latents) => {
+            if latents.dims4()? != (1, lc, h, w) {
+                return Err(Error::invalid(format!(
+                    "the init latents are {:?}, the generation's [1, {lc}, {h}, {w}]",
+                    latents.dims()
+                )));
+            }
+            (None, latents.to_device(noise.device())?.repeat((batch, 1, 1, 1))?)
+        }
+    };
     let noised = || scheduler.add_noise(&image_latents, noise, first);
     let Some(mask) = &init.mask else {
         if unet_channels != lc {
@@ -166,6 +198,10 @@ pub(super) fn start(
         }
         return Ok(ImageStart { first_step: first, latents: noised()?, extra_channels: None, keep_outside_mask: None });
     };
+    let Some(image) = image else {
+        return Err(Error::invalid("inpainting needs an init image, not init latents"));
+    };
+    let (_, _, ih, iw) = image.dims4()?;
     let (_, _, mh, mw) = mask.dims4()?;
     if (mh, mw) != (ih, iw) {
         return Err(Error::invalid(format!("the mask is {mw}x{mh} pixels, the init image {iw}x{ih}")));
@@ -176,7 +212,7 @@ pub(super) fn start(
     if unet_channels == 2 * lc + 1 {
         let keep = (1.0 - mask.ge(0.5)?.to_dtype(DType::F32)?)?;
         // diffusers masks the image in [-1, 1] (masked pixels become 0, mid gray); `encode` takes [0, 1].
-        let masked = ((&init.image * 2.0)? - 1.0)?.broadcast_mul(&keep)?;
+        let masked = ((image * 2.0)? - 1.0)?.broadcast_mul(&keep)?;
         let masked_image = ((masked + 1.0)? / 2.0)?;
         let masked_latents = encode(&masked_image)?;
         let extra = Tensor::cat(&[&latent_mask.repeat((batch, 1, 1, 1))?, &masked_latents], 1)?;

@@ -2,6 +2,7 @@
 //! control mechanisms (from noise, or from an image for img2img and inpainting), and VAE decoding.
 
 pub mod handoff;
+pub mod hires;
 pub mod init_image;
 pub mod inpaint_area;
 mod prompts;
@@ -25,7 +26,7 @@ use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
 pub use handoff::ContinueFrom;
-pub use init_image::InitImage;
+pub use init_image::{InitImage, InitSource};
 pub use prompts::{MicroConditioning, SizeConditioning};
 
 /// How to load a model.

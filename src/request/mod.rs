@@ -64,7 +64,9 @@ pub struct ReferenceSpec {
 /// The image img2img and inpainting start from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitImageSpec {
-    /// The image (resized to the output size, which defaults to its own).
+    /// The image (resized to the output size, which defaults to its own), or a safetensors file
+    /// with `latents` [1, C, h, w] to start from without encoding (hires fix's latent upscale; no
+    /// mask then).
     pub image: PathBuf,
     /// Inpainting: where to repaint (white), resized to the output size.
     pub mask: Option<PathBuf>,
@@ -335,6 +337,11 @@ pub fn per_item<T: Clone>(what: &str, values: &[T], count: usize, default: T) ->
     }
 }
 
+/// Whether an init-image path names a safetensors latents file rather than an image.
+fn is_latents_file(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
+
 fn check_finite(name: &str, v: f64) -> Result<()> {
     if !v.is_finite() {
         return Err(Error::invalid(format!("{name} {v} is not a finite number")));
@@ -398,9 +405,22 @@ impl Request {
             model.vae.enable_tiling(tile)?;
         }
         let f = model.vae_scale_factor();
+        let start_latents = match &self.init_image {
+            Some(init) if is_latents_file(&init.image) => {
+                if init.mask.is_some() {
+                    return Err(Error::invalid(format!(
+                        "{}: inpainting needs an init image, not init latents",
+                        init.image.display()
+                    )));
+                }
+                Some(load_latents(&init.image, &options.device)?)
+            }
+            _ => None,
+        };
         let init_pixels = self
             .init_image
             .as_ref()
+            .filter(|_| start_latents.is_none())
             .map(|init| -> Result<_> {
                 let image = load_rgb(&init.image).context(|| "reading the init image".to_string())?;
                 let mask = init
@@ -413,8 +433,12 @@ impl Request {
             .transpose()?;
         // The default size: the init image's own, rounded down to whole latent pixels (as diffusers),
         // else the UNet's native one.
-        let (default_width, default_height) = match &init_pixels {
-            Some((image, _)) => {
+        let (default_width, default_height) = match (&init_pixels, &start_latents) {
+            (_, Some(latents)) => {
+                let (_, _, h, w) = latents.dims4()?;
+                (w.saturating_mul(f), h.saturating_mul(f))
+            }
+            (Some((image, _)), None) => {
                 let (w, h) = (image.width() as usize, image.height() as usize);
                 if w < f || h < f {
                     return Err(Error::invalid(format!(
@@ -424,7 +448,7 @@ impl Request {
                 }
                 (w - w % f, h - h % f)
             }
-            None => {
+            (None, None) => {
                 let native = model.unet.config().sample_size.unwrap_or(64).saturating_mul(f);
                 (native, native)
             }
@@ -450,6 +474,12 @@ impl Request {
         })?;
         let mut paste_back = None;
         let init_image = match (&self.init_image, &init_pixels) {
+            (Some(spec), None) => match start_latents {
+                Some(latents) => {
+                    Some(InitImage::from_latents(latents, spec.strength(model.unet.config().add_embedding.is_some()))?)
+                }
+                None => None,
+            },
             (Some(spec), Some((image, mask))) => {
                 let strength = spec.strength(model.unet.config().add_embedding.is_some());
                 match (spec.only_masked_padding, mask) {

@@ -72,6 +72,23 @@ pub struct GenerationSpec {
     pub checkpoint: Option<String>,
     /// Switch back to the previous model afterwards (A1111's `override_settings_restore_afterwards`).
     pub restore_checkpoint: bool,
+    /// Hires fix: a second, img2img pass on the enlarged result.
+    pub hires: Option<HiresSpec>,
+}
+
+/// Hires fix's second pass.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HiresSpec {
+    /// The upscaler's A1111 name.
+    pub upscaler: String,
+    /// The final width.
+    pub width: usize,
+    /// The final height.
+    pub height: usize,
+    /// The second pass's steps.
+    pub steps: usize,
+    /// The second pass's denoising strength.
+    pub strength: f64,
 }
 
 /// The image an img2img job starts from, in the job's folder.
@@ -248,6 +265,29 @@ impl GenerationSpec {
         Ok(request)
     }
 
+    /// The library request of hires fix's second pass for one image: img2img from `input` (in
+    /// `dir`: the enlarged image or latents) at the hires size, with `seed`.
+    pub fn hires_request(&self, dir: &Path, input: &str, seed: u64, limits: Limits) -> Result<Request> {
+        let hires = self.hires.as_ref().ok_or_else(|| crate::Error::invalid("no hires fix was asked for"))?;
+        let first = self.request(dir, 0, limits)?;
+        Ok(Request {
+            steps: hires.steps,
+            width: Some(hires.width),
+            height: Some(hires.height),
+            batch: 1,
+            seed,
+            init_image: Some(InitImageSpec {
+                image: dir.join(input),
+                mask: None,
+                mask_blur: None,
+                only_masked_padding: None,
+                strength: Some(hires.strength),
+                keep_unmasked: false,
+            }),
+            ..first
+        })
+    }
+
     /// The seed of generation `iteration`: A1111 advances it by the batch size.
     pub fn seed_of(&self, iteration: usize) -> u64 {
         self.seed.wrapping_add((iteration * self.batch_size) as u64)
@@ -271,6 +311,12 @@ impl GenerationSpec {
         fields.push(format!("Seed: {seed}"));
         fields.push(format!("Size: {}x{}", self.width, self.height));
         fields.push(format!("Model: {model}"));
+        if let Some(hires) = &self.hires {
+            fields.push(format!("Denoising strength: {}", hires.strength));
+            fields.push(format!("Hires resize: {}x{}", hires.width, hires.height));
+            fields.push(format!("Hires steps: {}", hires.steps));
+            fields.push(format!("Hires upscaler: {}", hires.upscaler));
+        }
         if let Some(init) = &self.init {
             fields.push(format!("Denoising strength: {}", init.strength));
             if let Some(blur) = init.mask_blur {

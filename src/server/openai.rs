@@ -132,6 +132,7 @@ impl ImageRequest {
             units: Vec::new(),
             checkpoint,
             restore_checkpoint: false,
+            hires: None,
         })
     }
 }

@@ -16,6 +16,7 @@ use crate::Error;
 use crate::io::model_files::SourceOptions;
 use crate::limits::Limits;
 use crate::noise::SeededNoise;
+use crate::pipeline::hires::{Upscaler, upscale_image, upscale_latents};
 use crate::pipeline::{LoadOptions, Progress, StableDiffusion};
 
 /// What a runner loads models with.
@@ -250,7 +251,26 @@ impl Runner {
             let generated = model
                 .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)
                 .and_then(|g| prepared.postprocess(g))?;
-            for (i, image) in crate::io::image::to_rgb8(&generated.images)?.iter().enumerate() {
+            let mut images = crate::io::image::to_rgb8(&generated.images)?;
+            if let Some(hires) = &spec.hires {
+                let upscaler = Upscaler::parse(&hires.upscaler)?;
+                for (i, image) in images.iter_mut().enumerate() {
+                    let seed = request.seed.wrapping_add(i as u64);
+                    let input = hires_input(model, &generated.latents, i, image, hires, upscaler, dir, iteration)?;
+                    let second = spec.hires_request(dir, &input, seed, self.settings.limits)?;
+                    let mut prepared = second.prepare(model, &self.settings.load)?;
+                    prepared.controls.push(Box::new(JobMonitor::new(watch.cancel.clone(), watch.latents.clone())));
+                    let mut noise = SeededNoise::new(seed);
+                    let mut on_progress = |p: Progress| {
+                        if let Progress::Step { done, total } = p {
+                            report(StepReport { iteration, step: done, steps: total });
+                        }
+                    };
+                    let refined = model.generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)?;
+                    *image = crate::io::image::to_rgb8(&refined.images)?.remove(0);
+                }
+            }
+            for (i, image) in images.iter().enumerate() {
                 let seed = request.seed.wrapping_add(i as u64);
                 let infotext = spec.infotext(seed, &model_name);
                 let name = format!("output-{iteration}-{i}.png");
@@ -265,6 +285,34 @@ impl Runner {
             }
         }
         Ok(finished)
+    }
+}
+
+/// Writes hires fix's second-pass input for image `i` of a first pass into `dir` (its latents
+/// or its image, enlarged) and returns the file name.
+#[allow(clippy::too_many_arguments)]
+fn hires_input(
+    model: &StableDiffusion,
+    latents: &Tensor,
+    i: usize,
+    image: &image::RgbImage,
+    hires: &super::jobs::HiresSpec,
+    upscaler: Upscaler,
+    dir: &Path,
+    iteration: usize,
+) -> crate::Result<String> {
+    if upscaler.is_latent() {
+        let f = model.vae_scale_factor();
+        let one = latents.narrow(0, i, 1)?;
+        let enlarged = upscale_latents(&one, hires.height / f, hires.width / f, upscaler)?;
+        let name = format!("hires-{iteration}-{i}.safetensors");
+        crate::io::latents::save_latents(&dir.join(&name), &enlarged)?;
+        Ok(name)
+    } else {
+        let enlarged = upscale_image(image, hires.width as u32, hires.height as u32, upscaler);
+        let name = format!("hires-{iteration}-{i}.png");
+        crate::io::image::save_png(&dir.join(&name), &enlarged)?;
+        Ok(name)
     }
 }
 

@@ -15,7 +15,8 @@ use super::{error, parse_body};
 use crate::schedulers::{SamplerChoice, SigmaSchedule};
 use crate::server::fields::Fields;
 use crate::server::images::{decode_base64, store};
-use crate::server::jobs::{Finished, GenerationSpec, InitSpec, JobSpec, JobState};
+use crate::pipeline::hires::Upscaler;
+use crate::server::jobs::{Finished, GenerationSpec, HiresSpec, InitSpec, JobSpec, JobState};
 use crate::server::models_dir::Kind;
 use crate::server::worker::{Engine, SubmitError, base64_encode};
 use crate::server::{AppState, Shared, json_response, queue_full};
@@ -193,6 +194,32 @@ fn info_json(spec: &GenerationSpec, finished: &Finished, model: &str) -> Value {
     })
 }
 
+/// Hires fix's settings: the upscaler (default "Latent"), the size (`hr_resize_x`/`_y`, else
+/// `hr_scale` × the first pass's, in multiples of 8), second-pass steps and denoising strength.
+fn parse_hires(f: &Fields, width: usize, height: usize, steps: usize, max_steps: usize, limits: &crate::limits::Limits) -> Result<HiresSpec, Refusal> {
+    let upscaler = f.str("hr_upscaler").map_err(unprocessable)?.unwrap_or("Latent").to_string();
+    Upscaler::parse(&upscaler).map_err(|e| bad(e.to_string()))?;
+    let scale = f.ranged("hr_scale", 1.0, 8.0).map_err(bad)?.unwrap_or(2.0);
+    let (rx, ry) = (f.usize("hr_resize_x", 1 << 16).map_err(bad)?.unwrap_or(0), f.usize("hr_resize_y", 1 << 16).map_err(bad)?.unwrap_or(0));
+    let (w, h) = match (rx, ry) {
+        (0, 0) => ((width as f64 * scale) as usize, (height as f64 * scale) as usize),
+        (0, y) => (y * width / height, y),
+        (x, 0) => (x, x * height / width),
+        (x, y) => (x, y),
+    };
+    let (w, h) = (w / 8 * 8, h / 8 * 8);
+    if w < width || h < height {
+        return Err(bad(format!("hires fix: the hires size {w}x{h} is smaller than the first pass's {width}x{height}")));
+    }
+    limits.check_size(1, w, h).map_err(|e| bad(format!("hires fix: {e}")))?;
+    let second = f.usize("hr_second_pass_steps", max_steps).map_err(bad)?.filter(|&s| s > 0).unwrap_or(steps);
+    let strength = f.f64("denoising_strength").map_err(bad)?.unwrap_or(0.7);
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(bad(format!("field `denoising_strength`: {strength} is not in (0, 1]")));
+    }
+    Ok(HiresSpec { upscaler, width: w, height: h, steps: second, strength })
+}
+
 /// A1111's `resize_mode` names.
 pub const RESIZE_MODES: [&str; 4] = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"];
 
@@ -242,9 +269,11 @@ fn parse_request(state: &AppState, value: &Value, dir: &Path, img2img: bool) -> 
     for name in ["restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "send_images", "save_images"] {
         f.bool(name).map_err(unprocessable)?;
     }
-    if f.bool("enable_hr").map_err(unprocessable)? == Some(true) {
-        return Err(bad("hires fix (`enable_hr`) is not supported yet".into()));
-    }
+    let hires = if !img2img && f.bool("enable_hr").map_err(unprocessable)? == Some(true) {
+        Some(parse_hires(&f, width, height, steps, max_steps, &limits)?)
+    } else {
+        None
+    };
 
     let mut checkpoint = None;
     let mut clip_skip = 0;
@@ -308,6 +337,7 @@ fn parse_request(state: &AppState, value: &Value, dir: &Path, img2img: bool) -> 
         units,
         checkpoint,
         restore_checkpoint,
+        hires,
     };
     let mut echo: Map<String, Value> = value.as_object().cloned().unwrap_or_default();
     for (key, v) in [

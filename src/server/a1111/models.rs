@@ -7,6 +7,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 
 use super::{error, parse_body};
+use crate::pipeline::hires::Upscaler;
 use crate::schedulers::{SamplerChoice, SigmaSchedule};
 use crate::server::jobs::{JobSpec, JobState, schedule_label};
 use crate::server::models_dir::Kind;
@@ -112,22 +113,17 @@ pub(super) async fn schedulers() -> Response {
     json_response(StatusCode::OK, Value::Array(list))
 }
 
-/// The image upscalers hires fix offers.
-pub const UPSCALERS: [&str; 3] = ["None", "Lanczos", "Nearest"];
-/// The latent upscale modes hires fix offers.
-pub const LATENT_UPSCALE_MODES: [&str; 2] = ["Latent", "Latent (nearest)"];
-
 pub(super) async fn upscalers() -> Response {
-    let mut list: Vec<Value> = UPSCALERS
+    let list: Vec<Value> = Upscaler::NAMES
         .iter()
-        .map(|name| json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 4}))
+        .map(|(name, _)| json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 2}))
         .collect();
-    list.extend(LATENT_UPSCALE_MODES.iter().map(|name| json!({"name": name, "model_name": null, "model_path": null, "model_url": null, "scale": 2})));
     json_response(StatusCode::OK, Value::Array(list))
 }
 
 pub(super) async fn latent_upscale_modes() -> Response {
-    let list: Vec<Value> = LATENT_UPSCALE_MODES.iter().map(|name| json!({"name": name})).collect();
+    let list: Vec<Value> =
+        Upscaler::NAMES.iter().filter(|(_, u)| u.is_latent()).map(|(name, _)| json!({"name": name})).collect();
     json_response(StatusCode::OK, Value::Array(list))
 }
 
