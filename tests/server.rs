@@ -35,9 +35,26 @@ fn txt2img_matches_the_cli_and_reports_info() {
     assert_eq!(body["parameters"]["seed"], 42);
     let image = decode(body["images"][0].as_str().unwrap());
     let cli = cli_image(&[
-        "--model", &model(), "--prompt", "a red (cat:1.2)", "--negative-prompt", "blurry", "--steps", "3",
-        "--guidance", "6.5", "--width", "64", "--height", "64", "--seed", "42", "--scheduler", "DPM++ 2M Karras",
-        "--prompt-syntax", "a1111",
+        "--model",
+        &model(),
+        "--prompt",
+        "a red (cat:1.2)",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "3",
+        "--guidance",
+        "6.5",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "42",
+        "--scheduler",
+        "DPM++ 2M Karras",
+        "--prompt-syntax",
+        "a1111",
     ]);
     assert_eq!(image, cli, "the API's pixels differ from the CLI's");
 
@@ -79,9 +96,31 @@ fn img2img_with_a_mask_matches_the_cli() {
     assert_eq!(status, 200, "{body}");
     let image = decode(body["images"][0].as_str().unwrap());
     let cli = cli_image(&[
-        "--model", &model(), "--prompt", "a helmet", "--negative-prompt", "", "--steps", "4", "--guidance", "7",
-        "--seed", "3", "--scheduler", "Euler a", "--prompt-syntax", "a1111", "--init-image",
-        init_path.to_str().unwrap(), "--mask", mask_path.to_str().unwrap(), "--strength", "0.6", "--mask-blur", "2", "--keep-unmasked",
+        "--model",
+        &model(),
+        "--prompt",
+        "a helmet",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "4",
+        "--guidance",
+        "7",
+        "--seed",
+        "3",
+        "--scheduler",
+        "Euler a",
+        "--prompt-syntax",
+        "a1111",
+        "--init-image",
+        init_path.to_str().unwrap(),
+        "--mask",
+        mask_path.to_str().unwrap(),
+        "--strength",
+        "0.6",
+        "--mask-blur",
+        "2",
+        "--keep-unmasked",
     ]);
     assert_eq!(image, cli, "img2img pixels differ from the CLI's");
     // As A1111, the original is pasted back outside the mask.
@@ -98,8 +137,28 @@ fn control_units_and_lora_tags_match_the_cli() {
     let s = TestServer::start(|_| {});
     let dir = tempfile::tempdir().unwrap();
     let (control_path, control) = fixture_image("control_a.png", 32, dir.path());
-    let common = ["--model", &model(), "--prompt", "a house", "--negative-prompt", "", "--steps", "3", "--guidance",
-        "7", "--seed", "9", "--scheduler", "Euler", "--prompt-syntax", "a1111", "--width", "32", "--height", "32"];
+    let common = [
+        "--model",
+        &model(),
+        "--prompt",
+        "a house",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "3",
+        "--guidance",
+        "7",
+        "--seed",
+        "9",
+        "--scheduler",
+        "Euler",
+        "--prompt-syntax",
+        "a1111",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ];
     let request = |units: Value, prompt: &str| {
         json!({"prompt": prompt, "steps": 3, "width": 32, "height": 32, "seed": 9,
                "alwayson_scripts": {"ControlNet": {"args": units}}})
@@ -114,8 +173,14 @@ fn control_units_and_lora_tags_match_the_cli() {
     let cli_args: Vec<&str> = common
         .iter()
         .copied()
-        .chain(["--controlnet", repo_str("tests/fixtures/controlnets/cn-a"), "--control-image",
-            control_path.to_str().unwrap(), "--control-scale", "0.8"])
+        .chain([
+            "--controlnet",
+            repo_str("tests/fixtures/controlnets/cn-a"),
+            "--control-image",
+            control_path.to_str().unwrap(),
+            "--control-scale",
+            "0.8",
+        ])
         .collect();
     assert_eq!(decode(body["images"][0].as_str().unwrap()), cli_image(&cli_args), "ControlNet unit");
     // T2I-Adapter.
@@ -124,8 +189,14 @@ fn control_units_and_lora_tags_match_the_cli() {
     let cli_args: Vec<&str> = common
         .iter()
         .copied()
-        .chain(["--t2i-adapter", repo_str("tests/fixtures/t2i-adapters/light"), "--adapter-image",
-            control_path.to_str().unwrap(), "--adapter-scale", "0.8"])
+        .chain([
+            "--t2i-adapter",
+            repo_str("tests/fixtures/t2i-adapters/light"),
+            "--adapter-image",
+            control_path.to_str().unwrap(),
+            "--adapter-scale",
+            "0.8",
+        ])
         .collect();
     assert_eq!(decode(body["images"][0].as_str().unwrap()), cli_image(&cli_args), "T2I-Adapter unit");
     // IP-Adapter, its image encoder from clip_vision/.
@@ -135,9 +206,16 @@ fn control_units_and_lora_tags_match_the_cli() {
     let cli_args: Vec<&str> = common
         .iter()
         .copied()
-        .chain(["--ip-adapter", repo_str("tests/fixtures/ip_adapter/ip-adapter_tiny.safetensors"),
-            "--image-encoder", repo_str("tests/fixtures/ip_adapter/image_encoder"), "--ip-image",
-            control_path.to_str().unwrap(), "--ip-scale", "0.8"])
+        .chain([
+            "--ip-adapter",
+            repo_str("tests/fixtures/ip_adapter/ip-adapter_tiny.safetensors"),
+            "--image-encoder",
+            repo_str("tests/fixtures/ip_adapter/image_encoder"),
+            "--ip-image",
+            control_path.to_str().unwrap(),
+            "--ip-scale",
+            "0.8",
+        ])
         .collect();
     assert_eq!(decode(body["images"][0].as_str().unwrap()), cli_image(&cli_args), "IP-Adapter unit");
     // A LoRA tag is the CLI's --lora, and the infotext keeps the tag.
@@ -183,7 +261,8 @@ fn models_are_listed_and_switched() {
     assert_eq!(status, 200, "{body}");
     let (_, options) = s.get("/sdapi/v1/options");
     assert_eq!(options["sd_model_checkpoint"], file_title);
-    let (status, body) = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 1}));
+    let (status, body) =
+        s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 1}));
     assert_eq!(status, 200, "{body}");
     let (status, body) = s.post("/sdapi/v1/options", &json!({"sd_model_checkpoint": "nope"}));
     assert_eq!(status, 400);
@@ -229,14 +308,34 @@ fn openai_images_api() {
     let body: Value = response.json().unwrap();
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
     let first = decode(body["data"][0]["b64_json"].as_str().unwrap());
-    let (status, one) = s.post("/v1/images/generations", &json!({"prompt": "a lighthouse", "size": "32x32", "seed": 5, "steps": 2}));
+    let (status, one) =
+        s.post("/v1/images/generations", &json!({"prompt": "a lighthouse", "size": "32x32", "seed": 5, "steps": 2}));
     assert_eq!(status, 200, "{one}");
-    let cli = cli_image(&["--model", &model(), "--prompt", "a lighthouse", "--negative-prompt", "", "--steps", "2",
-        "--guidance", "7", "--seed", "5", "--scheduler", "Euler", "--width", "32", "--height", "32"]);
+    let cli = cli_image(&[
+        "--model",
+        &model(),
+        "--prompt",
+        "a lighthouse",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "2",
+        "--guidance",
+        "7",
+        "--seed",
+        "5",
+        "--scheduler",
+        "Euler",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ]);
     assert_eq!(decode(one["data"][0]["b64_json"].as_str().unwrap()), cli);
     assert_eq!(first.dimensions(), (32, 32));
     // url responses are served (with credentials).
-    let (status, body) = s.post("/v1/images/generations", &json!({"prompt": "x", "size": "32x32", "steps": 1, "response_format": "url"}));
+    let (status, body) = s
+        .post("/v1/images/generations", &json!({"prompt": "x", "size": "32x32", "steps": 1, "response_format": "url"}));
     assert_eq!(status, 200, "{body}");
     let url = body["data"][0]["url"].as_str().unwrap();
     let png = s.client.get(url).basic_auth(USER, Some(PASS)).send().unwrap();
@@ -252,10 +351,21 @@ fn openai_images_api() {
         }
     }
     let mut mask_png = Vec::new();
-    image::DynamicImage::ImageRgba8(mask).write_to(&mut std::io::Cursor::new(&mut mask_png), image::ImageFormat::Png).unwrap();
+    image::DynamicImage::ImageRgba8(mask)
+        .write_to(&mut std::io::Cursor::new(&mut mask_png), image::ImageFormat::Png)
+        .unwrap();
     let form = reqwest::blocking::multipart::Form::new()
-        .part("image[]", reqwest::blocking::multipart::Part::bytes(png_bytes(&init)).file_name("a.png").mime_str("image/png").unwrap())
-        .part("mask", reqwest::blocking::multipart::Part::bytes(mask_png).file_name("m.png").mime_str("image/png").unwrap())
+        .part(
+            "image[]",
+            reqwest::blocking::multipart::Part::bytes(png_bytes(&init))
+                .file_name("a.png")
+                .mime_str("image/png")
+                .unwrap(),
+        )
+        .part(
+            "mask",
+            reqwest::blocking::multipart::Part::bytes(mask_png).file_name("m.png").mime_str("image/png").unwrap(),
+        )
         .text("prompt", "a sky")
         .text("size", "32x32")
         .text("steps", "2")
@@ -274,9 +384,27 @@ fn openai_images_api() {
     let mask_path = dir.path().join("white-top.png");
     white_top.save(&mask_path).unwrap();
     let init_path = dir.path().join("32-astronaut.png");
-    let cli = cli_image(&["--model", &model(), "--prompt", "a sky", "--negative-prompt", "", "--steps", "2",
-        "--guidance", "7", "--seed", "4", "--scheduler", "Euler", "--init-image", init_path.to_str().unwrap(),
-        "--mask", mask_path.to_str().unwrap(), "--keep-unmasked"]);
+    let cli = cli_image(&[
+        "--model",
+        &model(),
+        "--prompt",
+        "a sky",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "2",
+        "--guidance",
+        "7",
+        "--seed",
+        "4",
+        "--scheduler",
+        "Euler",
+        "--init-image",
+        init_path.to_str().unwrap(),
+        "--mask",
+        mask_path.to_str().unwrap(),
+        "--keep-unmasked",
+    ]);
     assert_eq!(edited, cli, "the edit differs from the CLI's inpainting");
     // Errors in OpenAI's shape.
     let (status, body) = s.post("/v1/images/generations", &json!({"prompt": "x", "size": "63x64"}));
@@ -362,7 +490,13 @@ fn progress_previews_interrupt_and_a_full_queue() {
     let (_, p) = s.get("/sdapi/v1/progress?skip_current_image=true");
     assert!(p["current_image"].is_null());
     // The queue holds one job: another is refused with Retry-After.
-    let r = s.client.post(s.url("/sdapi/v1/txt2img")).basic_auth(USER, Some(PASS)).json(&json!({"prompt": "x"})).send().unwrap();
+    let r = s
+        .client
+        .post(s.url("/sdapi/v1/txt2img"))
+        .basic_auth(USER, Some(PASS))
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().get("retry-after").is_some());
     // The event stream carries progress.
@@ -395,7 +529,11 @@ fn a_disconnected_client_cancels_its_job() {
     let url = s.url("/sdapi/v1/txt2img");
     std::thread::spawn(move || {
         let quick = reqwest::blocking::Client::builder().timeout(Duration::from_millis(1500)).build().unwrap();
-        let _ = quick.post(url).basic_auth(USER, Some(PASS)).json(&json!({"prompt": "x", "steps": 400, "width": 64, "height": 64})).send();
+        let _ = quick
+            .post(url)
+            .basic_auth(USER, Some(PASS))
+            .json(&json!({"prompt": "x", "steps": 400, "width": 64, "height": 64}))
+            .send();
     });
     std::thread::sleep(Duration::from_millis(500));
     let (_, p) = s.get("/sdapi/v1/progress");
@@ -416,9 +554,28 @@ fn a_disconnected_client_cancels_its_job() {
 fn hires_fix_is_two_cli_passes() {
     let s = TestServer::start(|_| {});
     let dir = tempfile::tempdir().unwrap();
-    let first_args = ["--model", repo_str(SD1), "--prompt", "a castle", "--negative-prompt", "", "--steps", "3",
-        "--guidance", "7", "--seed", "8", "--scheduler", "Euler", "--prompt-syntax", "a1111", "--width", "32",
-        "--height", "32"];
+    let first_args = [
+        "--model",
+        repo_str(SD1),
+        "--prompt",
+        "a castle",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "3",
+        "--guidance",
+        "7",
+        "--seed",
+        "8",
+        "--scheduler",
+        "Euler",
+        "--prompt-syntax",
+        "a1111",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ];
     for upscaler in ["Latent", "Latent (nearest)", "Lanczos", "Nearest"] {
         let (status, body) = s.post(
             "/sdapi/v1/txt2img",
@@ -447,14 +604,40 @@ fn hires_fix_is_two_cli_passes() {
             diffctl::pipeline::hires::upscale_image(&first, 64, 64, kind).save(&path).unwrap();
             path
         };
-        let cli = cli_image(&["--model", repo_str(SD1), "--prompt", "a castle", "--negative-prompt", "", "--steps", "4",
-            "--guidance", "7", "--seed", "8", "--scheduler", "Euler", "--prompt-syntax", "a1111", "--width", "64",
-            "--height", "64", "--init-image", input.to_str().unwrap(), "--strength", "0.6"]);
+        let cli = cli_image(&[
+            "--model",
+            repo_str(SD1),
+            "--prompt",
+            "a castle",
+            "--negative-prompt",
+            "",
+            "--steps",
+            "4",
+            "--guidance",
+            "7",
+            "--seed",
+            "8",
+            "--scheduler",
+            "Euler",
+            "--prompt-syntax",
+            "a1111",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--init-image",
+            input.to_str().unwrap(),
+            "--strength",
+            "0.6",
+        ]);
         assert_eq!(image, cli, "hires fix with {upscaler} differs from the two CLI passes");
         let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
         assert!(info["infotexts"][0].as_str().unwrap().contains(&format!("Hires upscaler: {upscaler}")));
     }
-    let (status, body) = s.post("/sdapi/v1/txt2img", &json!({"prompt": "x", "width": 32, "height": 32, "enable_hr": true, "hr_upscaler": "ESRGAN_4x"}));
+    let (status, body) = s.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "x", "width": 32, "height": 32, "enable_hr": true, "hr_upscaler": "ESRGAN_4x"}),
+    );
     assert_eq!(status, 400);
     assert!(body["detail"].as_str().unwrap().contains("Lanczos"), "{body}");
 }

@@ -27,7 +27,9 @@ fn redis_server(port: u16) -> Killed {
         .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
         .stdout(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("redis-server could not start ({e}): install it (Debian: apt-get install redis-server)"));
+        .unwrap_or_else(|e| {
+            panic!("redis-server could not start ({e}): install it (Debian: apt-get install redis-server)")
+        });
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "redis-server did not start listening");
@@ -65,7 +67,8 @@ fn a_killed_workers_job_is_finished_by_another() {
     let mut b = Some(worker(&url, s.models.path(), &logs.path().join("wb"), &log_b));
 
     // A short job first: the workers are up and the results come back.
-    let (status, body) = s.post("/sdapi/v1/txt2img", &json!({"prompt": "warm up", "steps": 1, "width": 32, "height": 32, "seed": 2}));
+    let (status, body) =
+        s.post("/sdapi/v1/txt2img", &json!({"prompt": "warm up", "steps": 1, "width": 32, "height": 32, "seed": 2}));
     assert_eq!(status, 200, "{body}");
 
     let target = s.url("/sdapi/v1/txt2img");
@@ -89,7 +92,8 @@ fn a_killed_workers_job_is_finished_by_another() {
         assert!(Instant::now() < deadline, "the job never started on a worker: {p}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let running_on = |log: &std::path::Path| std::fs::read_to_string(log).unwrap_or_default().contains(&format!("running job {id}"));
+    let running_on =
+        |log: &std::path::Path| std::fs::read_to_string(log).unwrap_or_default().contains(&format!("running job {id}"));
     let (victim, survivor_log) = if running_on(&log_a) { (a.take(), &log_b) } else { (b.take(), &log_a) };
     let mut victim = victim.expect("no worker runs the job");
     victim.0.kill().unwrap(); // SIGKILL
@@ -100,9 +104,26 @@ fn a_killed_workers_job_is_finished_by_another() {
     assert!(running_on(survivor_log), "the surviving worker never took the job over");
     let image = decode(body["images"][0].as_str().unwrap());
     let cli = cli_image(&[
-        "--model", repo_str("tests/fixtures/models/sd1-tiny"), "--prompt", "a long job", "--negative-prompt", "",
-        "--steps", "150", "--guidance", "7", "--width", "64", "--height", "64", "--seed", "11", "--scheduler", "Euler",
-        "--prompt-syntax", "a1111",
+        "--model",
+        repo_str("tests/fixtures/models/sd1-tiny"),
+        "--prompt",
+        "a long job",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "150",
+        "--guidance",
+        "7",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "11",
+        "--scheduler",
+        "Euler",
+        "--prompt-syntax",
+        "a1111",
     ]);
     assert_eq!(image, cli, "the reclaimed job's pixels differ from the CLI's");
     let (_, stored) = s.get(&format!("/diffctl/v1/jobs/{id}"));

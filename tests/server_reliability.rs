@@ -44,10 +44,19 @@ fn hostile_requests(count: usize) -> Vec<Hostile> {
         ("/sdapi/v1/txt2img", json!({"override_settings": "x"})),
         ("/sdapi/v1/txt2img", json!({"prompt": "<lora:../../../etc/passwd:1>"})),
         ("/sdapi/v1/txt2img", json!({"prompt": "<lora:/etc/passwd:1>"})),
-        ("/sdapi/v1/txt2img", json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "../../etc/passwd", "image": png}]}}})),
-        ("/sdapi/v1/txt2img", json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "cn-a", "image": "!!!"}]}}})),
+        (
+            "/sdapi/v1/txt2img",
+            json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "../../etc/passwd", "image": png}]}}}),
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "cn-a", "image": "!!!"}]}}}),
+        ),
         ("/sdapi/v1/txt2img", json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "cn-a", "image": gif}]}}})),
-        ("/sdapi/v1/txt2img", json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "cn-a", "module": "rm -rf", "image": png}]}}})),
+        (
+            "/sdapi/v1/txt2img",
+            json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "cn-a", "module": "rm -rf", "image": png}]}}}),
+        ),
         ("/sdapi/v1/txt2img", json!({"alwayson_scripts": {"controlnet": {"args": "x"}}})),
         ("/sdapi/v1/txt2img", json!({"alwayson_scripts": {"controlnet": {"args": [{"model": "cn-a"}]}}})),
         ("/sdapi/v1/img2img", json!({"prompt": "x"})),
@@ -140,10 +149,16 @@ fn a_thousand_hostile_requests_each_get_a_4xx_and_the_server_keeps_serving() {
         }
     }
     let elapsed = started.elapsed();
-    assert!(failures.is_empty(), "{} of 1000 hostile requests were not refused with a 4xx and a message:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of 1000 hostile requests were not refused with a 4xx and a message:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     eprintln!("1000 hostile requests refused in {:.2} s", elapsed.as_secs_f64());
     // Still serving.
-    let (status, body) = s.post("/sdapi/v1/txt2img", &json!({"prompt": "still here", "steps": 2, "width": 32, "height": 32}));
+    let (status, body) =
+        s.post("/sdapi/v1/txt2img", &json!({"prompt": "still here", "steps": 2, "width": 32, "height": 32}));
     assert_eq!(status, 200, "{body}");
     // Nothing was queued by the refused requests.
     let (_, p) = s.get("/sdapi/v1/progress");
@@ -223,7 +238,13 @@ fn kill_9_mid_job_loses_nothing() {
     let _first = post(long);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let p: Value = client().get(format!("{base}/sdapi/v1/progress")).basic_auth(USER, Some(PASS)).send().unwrap().json().unwrap();
+        let p: Value = client()
+            .get(format!("{base}/sdapi/v1/progress"))
+            .basic_auth(USER, Some(PASS))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         if p["progress"].as_f64().unwrap_or(0.0) > 0.0 {
             break;
         }
@@ -257,7 +278,8 @@ fn kill_9_mid_job_loses_nothing() {
         assert_eq!(status["images"].as_array().unwrap().len(), 1);
     }
     // The job that was running finishes with the CLI's pixels.
-    let running = unfinished.iter().find(|j| j.state == diffctl::server::jobs::JobState::Running).expect("a running job");
+    let running =
+        unfinished.iter().find(|j| j.state == diffctl::server::jobs::JobState::Running).expect("a running job");
     let status: Value = client()
         .get(format!("{base}/diffctl/v1/jobs/{}", running.id))
         .basic_auth(USER, Some(PASS))
@@ -266,9 +288,26 @@ fn kill_9_mid_job_loses_nothing() {
         .json()
         .unwrap();
     let cli = cli_image(&[
-        "--model", repo_str("tests/fixtures/models/sd1-tiny"), "--prompt", "running when killed", "--negative-prompt", "",
-        "--steps", "200", "--guidance", "7", "--width", "64", "--height", "64", "--seed", "21", "--scheduler", "Euler",
-        "--prompt-syntax", "a1111",
+        "--model",
+        repo_str("tests/fixtures/models/sd1-tiny"),
+        "--prompt",
+        "running when killed",
+        "--negative-prompt",
+        "",
+        "--steps",
+        "200",
+        "--guidance",
+        "7",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "21",
+        "--scheduler",
+        "Euler",
+        "--prompt-syntax",
+        "a1111",
     ]);
     assert_eq!(decode(status["images"][0].as_str().unwrap()), cli);
 }

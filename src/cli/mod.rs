@@ -12,9 +12,9 @@ mod reference;
 mod residual;
 mod sdxl;
 mod serve;
-mod worker;
 mod source;
 mod uni_controlnet;
+mod worker;
 
 use clap::{Parser, Subcommand};
 

@@ -79,7 +79,10 @@ impl InitImage {
     pub fn from_latents(latents: Tensor, strength: f64) -> Result<Self> {
         check_strength(strength)?;
         if latents.dims4()?.0 != 1 {
-            return Err(Error::invalid(format!("init latents {:?}: give one image's latents [1, C, h, w]", latents.dims())));
+            return Err(Error::invalid(format!(
+                "init latents {:?}: give one image's latents [1, C, h, w]",
+                latents.dims()
+            )));
         }
         Ok(Self { source: InitSource::Latents(latents.to_dtype(DType::F32)?), strength, mask: None })
     }
@@ -175,7 +178,11 @@ pub(super) fn start(
         InitSource::Pixels(image) => {
             let (_, _, ih, iw) = image.dims4()?;
             if (ih, iw) != (h * f, w * f) {
-                return Err(Error::invalid(format!("the init image is {iw}x{ih} pixels, the generation {}x{}", w * f, h * f)));
+                return Err(Error::invalid(format!(
+                    "the init image is {iw}x{ih} pixels, the generation {}x{}",
+                    w * f,
+                    h * f
+                )));
             }
             (Some(image), encode(image)?)
         }

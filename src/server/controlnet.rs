@@ -42,7 +42,8 @@ pub fn routes() -> Router<Shared> {
 }
 
 async fn model_list(State(state): State<Shared>) -> Response {
-    let names: Vec<String> = state.options.engine.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
+    let names: Vec<String> =
+        state.options.engine.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
     json_response(StatusCode::OK, json!({"model_list": names}))
 }
 
@@ -52,7 +53,8 @@ async fn module_list() -> Response {
 }
 
 async fn control_types(State(state): State<Shared>) -> Response {
-    let models: Vec<String> = state.options.engine.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
+    let models: Vec<String> =
+        state.options.engine.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
     let all = json!({"module_list": MODULES, "model_list": models, "default_option": "none", "default_model": "None"});
     json_response(StatusCode::OK, json!({"control_types": {"All": all}}))
 }
@@ -90,7 +92,13 @@ async fn detect(State(state): State<Shared>, body: Bytes) -> Response {
 
 /// Runs preprocessor `module` at processor resolution `res` (the short side), with its
 /// thresholds.
-fn preprocess(module: &str, image: &image::RgbImage, res: usize, a: Option<f64>, b: Option<f64>) -> Result<image::RgbImage, String> {
+fn preprocess(
+    module: &str,
+    image: &image::RgbImage,
+    res: usize,
+    a: Option<f64>,
+    b: Option<f64>,
+) -> Result<image::RgbImage, String> {
     let module = module.to_lowercase();
     let at_res = || {
         let (w, h) = image.dimensions();
@@ -115,7 +123,13 @@ fn preprocess(module: &str, image: &image::RgbImage, res: usize, a: Option<f64>,
 }
 
 /// The units of `alwayson_scripts.controlnet` (`{"args": [unit, ...]}`), images stored in `dir`.
-pub fn parse_script(state: &AppState, script: &Value, dir: &Path, width: usize, height: usize) -> Result<Vec<ControlUnit>, String> {
+pub fn parse_script(
+    state: &AppState,
+    script: &Value,
+    dir: &Path,
+    width: usize,
+    height: usize,
+) -> Result<Vec<ControlUnit>, String> {
     let f = Fields::of(script, "alwayson_scripts.controlnet")?;
     let Some(args) = f.array("args")? else { return Ok(Vec::new()) };
     let mut units = Vec::new();
@@ -156,7 +170,9 @@ pub fn parse_script(state: &AppState, script: &Value, dir: &Path, width: usize, 
         .unwrap_or(1);
         let image_text = match u.get("image").or_else(|| u.get("input_image")) {
             Some(Value::String(s)) => s.as_str(),
-            Some(Value::Object(o)) => o.get("image").and_then(Value::as_str).ok_or(format!("{what}: `image.image` is missing"))?,
+            Some(Value::Object(o)) => {
+                o.get("image").and_then(Value::as_str).ok_or(format!("{what}: `image.image` is missing"))?
+            }
             Some(_) => return Err(format!("{what}: `image` must be a base64 string or {{image, mask}}")),
             None => return Err(format!("{what}: no `image` (the API needs one per unit)")),
         };
@@ -168,8 +184,8 @@ pub fn parse_script(state: &AppState, script: &Value, dir: &Path, width: usize, 
             let pixel_perfect = u.bool("pixel_perfect")?.unwrap_or(false);
             let res = if pixel_perfect { width.min(height) } else { u.usize("processor_res", 4096)?.unwrap_or(512) };
             let res = if res == 0 || res > 4096 { 512 } else { res };
-            let processed =
-                preprocess(module, &image, res, u.f64("threshold_a")?, u.f64("threshold_b")?).map_err(|e| format!("{what}: {e}"))?;
+            let processed = preprocess(module, &image, res, u.f64("threshold_a")?, u.f64("threshold_b")?)
+                .map_err(|e| format!("{what}: {e}"))?;
             // The ControlNet pipeline stretches its condition image to the output size: the unit's
             // resize mode is applied here.
             super::a1111::fit_image(&processed, width, height, resize_mode)
@@ -188,7 +204,12 @@ fn unit_kind(path: &Path, module: &str, state: &AppState) -> Result<UnitKind, St
         let encoders = state.options.engine.models_dir.list(Kind::ClipVision);
         let hint = module.to_lowercase();
         let chosen = match encoders.as_slice() {
-            [] => return Err(format!("{} is an IP-Adapter, but the models folder has no clip_vision/ image encoder", path.display())),
+            [] => {
+                return Err(format!(
+                    "{} is an IP-Adapter, but the models folder has no clip_vision/ image encoder",
+                    path.display()
+                ));
+            }
             [only] => only.clone(),
             many => many
                 .iter()

@@ -86,7 +86,9 @@ impl<'a> Fields<'a> {
     /// A number in `[min, max]`.
     pub fn ranged(&self, name: &str, min: f64, max: f64) -> Result<Option<f64>, FieldError> {
         match self.f64(name)? {
-            Some(v) if v < min || v > max => Err(format!("field `{}{name}`: {v} is outside [{min}, {max}]", self.prefix)),
+            Some(v) if v < min || v > max => {
+                Err(format!("field `{}{name}`: {v} is outside [{min}, {max}]", self.prefix))
+            }
             other => Ok(other),
         }
     }
@@ -96,7 +98,9 @@ impl<'a> Fields<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(Value::Number(n)) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => Ok(Some(n.as_f64() == Some(1.0))),
+            Some(Value::Number(n)) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => {
+                Ok(Some(n.as_f64() == Some(1.0)))
+            }
             Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
             Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
             Some(other) => Err(self.wrong(name, "true or false", other)),
@@ -132,9 +136,11 @@ impl<'a> Fields<'a> {
                 {
                     return Ok(Some(i));
                 }
-                names.iter().position(|n| n.eq_ignore_ascii_case(s.trim())).map(Some).ok_or_else(|| {
-                    format!("field `{}{name}`: `{s}` is not one of: {}", self.prefix, names.join(", "))
-                })
+                names
+                    .iter()
+                    .position(|n| n.eq_ignore_ascii_case(s.trim()))
+                    .map(Some)
+                    .ok_or_else(|| format!("field `{}{name}`: `{s}` is not one of: {}", self.prefix, names.join(", ")))
             }
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(i) if (i as usize) < names.len() => Ok(Some(i as usize)),

@@ -10,7 +10,9 @@ use crate::io::image::{MAX_IMAGE_ALLOC, MAX_IMAGE_SIDE};
 /// Decodes a base64 image (optionally a `data:image/...;base64,` URL); `what` names it in errors.
 pub fn decode_base64(text: &str, what: &str, max_pixels: u64) -> Result<image::DynamicImage, String> {
     let payload = match text.trim().strip_prefix("data:") {
-        Some(rest) => rest.split_once(',').map(|(_, data)| data).ok_or_else(|| format!("{what}: a data URL without data"))?,
+        Some(rest) => {
+            rest.split_once(',').map(|(_, data)| data).ok_or_else(|| format!("{what}: a data URL without data"))?
+        }
         None => text.trim(),
     };
     let cleaned: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();

@@ -299,10 +299,7 @@ impl GenerationSpec {
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
-        let mut fields = vec![
-            format!("Steps: {}", self.steps),
-            format!("Sampler: {}", self.sampler_name),
-        ];
+        let mut fields = vec![format!("Steps: {}", self.steps), format!("Sampler: {}", self.sampler_name)];
         let suffix = SamplerChoice::parse(&self.sampler_name).ok().and_then(|(_, s)| s);
         if let Some(schedule) = self.schedule.as_deref().and_then(|s| s.parse().ok()).or(suffix) {
             fields.push(format!("Schedule type: {}", schedule_label(schedule)));

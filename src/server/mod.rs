@@ -192,11 +192,12 @@ async fn authenticate(State(state): State<Shared>, request: Request, next: Next)
 async fn json_errors(request: Request, next: Next) -> Response {
     let openai = request.uri().path().starts_with("/v1/");
     let response = next.run(request).await;
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream") || v.starts_with("text/html") || v.starts_with("image/"));
+    let is_json = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.starts_with("application/json")
+            || v.starts_with("text/event-stream")
+            || v.starts_with("text/html")
+            || v.starts_with("image/")
+    });
     if is_json || !response.status().is_client_error() {
         return response;
     }
@@ -205,7 +206,8 @@ async fn json_errors(request: Request, next: Next) -> Response {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         Err(_) => String::new(),
     };
-    let message = if text.trim().is_empty() { status.canonical_reason().unwrap_or("bad request").to_string() } else { text };
+    let message =
+        if text.trim().is_empty() { status.canonical_reason().unwrap_or("bad request").to_string() } else { text };
     if openai { openai::error(status, "invalid_request", &message) } else { a1111::error(status, &message) }
 }
 
@@ -252,7 +254,9 @@ pub async fn job_file(
     State(state): State<Shared>,
     axum::extract::Path((job, name)): axum::extract::Path<(String, String)>,
 ) -> Response {
-    let safe = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !s.starts_with('.');
+    let safe = |s: &str| {
+        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !s.starts_with('.')
+    };
     if !safe(&job) || !safe(&name) || !name.ends_with(".png") {
         return a1111::error(StatusCode::NOT_FOUND, "no such file");
     }

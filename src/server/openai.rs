@@ -201,13 +201,16 @@ async fn edits(State(state): State<Shared>, headers: HeaderMap, mut multipart: M
     let id = state.engine.new_id();
     let dir = match state.engine.job_dir(&id) {
         Ok(dir) => dir,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &format!("creating the job folder: {e}")),
+        Err(e) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &format!("creating the job folder: {e}"));
+        }
     };
     let prepared = {
         let (state, dir) = (state.clone(), dir.clone());
         tokio::task::spawn_blocking(move || {
             let max_pixels = state.options.engine.limits.max_pixels;
-            let (init, size) = edit_inputs(&image, mask.as_deref(), &dir, settings.size, settings.strength, max_pixels)?;
+            let (init, size) =
+                edit_inputs(&image, mask.as_deref(), &dir, settings.size, settings.strength, max_pixels)?;
             let spec = settings.spec(&state, Some(init), size)?;
             Ok::<_, String>((spec, settings.url))
         })
@@ -245,7 +248,14 @@ fn edit_inputs(
     let transparent = rgba.pixels().any(|p| p[3] < 128);
     let fitted = super::a1111::fit_image(&image.to_rgb8(), size.0, size.1, 0);
     store(&image::DynamicImage::ImageRgb8(fitted), dir, "init.png")?;
-    let mut init = InitSpec { image: "init.png".into(), mask: None, mask_blur: None, only_masked_padding: None, keep_unmasked: true, strength: strength.unwrap_or(0.75) };
+    let mut init = InitSpec {
+        image: "init.png".into(),
+        mask: None,
+        mask_blur: None,
+        only_masked_padding: None,
+        keep_unmasked: true,
+        strength: strength.unwrap_or(0.75),
+    };
     if transparent {
         let mask = image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
             image::Luma([if rgba.get_pixel(x, y)[3] < 128 { 255 } else { 0 }])
@@ -274,7 +284,8 @@ async fn respond(state: &AppState, headers: &HeaderMap, id: &str, spec: Generati
                     }
                 })
                 .collect();
-            let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let created =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             json_response(StatusCode::OK, json!({"created": created, "data": data}))
         }
         GenerationOutcome::Full => queue_full(true),

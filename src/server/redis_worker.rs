@@ -25,7 +25,8 @@ pub struct WorkerOptions {
 /// Runs jobs until `stop` is set (checked between jobs).
 pub fn run(options: &WorkerOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut runner = Runner::load(options.runner.clone())?;
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
+    let host =
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into());
     let consumer = format!("{host}-{}", std::process::id());
     let link = Arc::new(WorkerLink::connect(&options.queue, &consumer)?);
     let heartbeat_link = Arc::new(WorkerLink::connect(&options.queue, &consumer)?);
@@ -64,7 +65,12 @@ pub fn run(options: &WorkerOptions, stop: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_job(runner: &mut Runner, link: &WorkerLink, envelope: &Envelope, work_dir: &std::path::Path) -> anyhow::Result<()> {
+fn run_job(
+    runner: &mut Runner,
+    link: &WorkerLink,
+    envelope: &Envelope,
+    work_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(work_dir)?;
     let dir = tempfile::tempdir_in(work_dir)?;
     for (name, bytes) in &envelope.files {

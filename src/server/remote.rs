@@ -119,7 +119,12 @@ impl ServerLink {
     /// Ids of jobs on the stream (dispatched, not yet finished).
     pub fn dispatched(&self) -> anyhow::Result<HashSet<String>> {
         let reply: StreamRangeReply = redis::cmd("XRANGE").arg(JOBS).arg("-").arg("+").query(&mut *lock(&self.con))?;
-        Ok(reply.ids.iter().filter(|e| e.get::<String>("reply").as_deref() == Some(&self.results)).filter_map(|e| e.get("id")).collect())
+        Ok(reply
+            .ids
+            .iter()
+            .filter(|e| e.get::<String>("reply").as_deref() == Some(&self.results))
+            .filter_map(|e| e.get("id"))
+            .collect())
     }
 
     /// Puts job `id` on the stream with its input files.
@@ -142,7 +147,12 @@ impl ServerLink {
 
     /// Asks the worker running job `id` to stop.
     pub fn cancel(&self, id: &str) -> anyhow::Result<()> {
-        let _: () = redis::cmd("SET").arg(format!("diffctl:cancel:{id}")).arg(1).arg("EX").arg(86400).query(&mut *lock(&self.con))?;
+        let _: () = redis::cmd("SET")
+            .arg(format!("diffctl:cancel:{id}"))
+            .arg(1)
+            .arg("EX")
+            .arg(86400)
+            .query(&mut *lock(&self.con))?;
         Ok(())
     }
 
@@ -155,7 +165,8 @@ impl ServerLink {
             if start == ">" {
                 cmd.arg("BLOCK").arg(block_ms);
             }
-            let reply: Option<StreamReadReply> = cmd.arg("STREAMS").arg(&self.results).arg(start).query(&mut *lock(&self.con))?;
+            let reply: Option<StreamReadReply> =
+                cmd.arg("STREAMS").arg(&self.results).arg(start).query(&mut *lock(&self.con))?;
             if let Some(entry) = reply.and_then(|r| r.keys.into_iter().next()).and_then(|k| k.ids.into_iter().next()) {
                 let message = serde_json::from_str(&field(&entry, "message")?)?;
                 return Ok(Some((entry.id, message)));
@@ -255,15 +266,26 @@ impl WorkerLink {
 
     /// Sends a message to `reply`.
     pub fn send(&self, reply: &str, message: &Message) -> anyhow::Result<()> {
-        let _: String =
-            redis::cmd("XADD").arg(reply).arg("*").arg("message").arg(serde_json::to_string(message)?).query(&mut *lock(&self.con))?;
+        let _: String = redis::cmd("XADD")
+            .arg(reply)
+            .arg("*")
+            .arg("message")
+            .arg(serde_json::to_string(message)?)
+            .query(&mut *lock(&self.con))?;
         Ok(())
     }
 
     /// Sends the result and removes the job from the stream.
-    pub fn finish(&self, envelope: &Envelope, state: JobState, finished: Finished, images: Files) -> anyhow::Result<()> {
+    pub fn finish(
+        &self,
+        envelope: &Envelope,
+        state: JobState,
+        finished: Finished,
+        images: Files,
+    ) -> anyhow::Result<()> {
         let images = images.into_iter().map(|(name, bytes)| (name, b64(&bytes))).collect();
-        let message = Message::Finished { id: envelope.id.clone(), state, finished, images, worker: self.consumer.clone() };
+        let message =
+            Message::Finished { id: envelope.id.clone(), state, finished, images, worker: self.consumer.clone() };
         self.send(&envelope.reply, &message)?;
         let mut con = lock(&self.con);
         let _: i64 = redis::cmd("XACK").arg(JOBS).arg(WORKERS).arg(&envelope.entry).query(&mut *con)?;
@@ -291,5 +313,11 @@ pub fn decode_images(images: &HashMap<String, String>) -> anyhow::Result<Files> 
 
 /// A progress message for `report` of job `id`.
 pub fn progress(id: &str, report: StepReport, preview: Option<String>) -> Message {
-    Message::Progress { id: id.to_string(), iteration: report.iteration, step: report.step, steps: report.steps, preview }
+    Message::Progress {
+        id: id.to_string(),
+        iteration: report.iteration,
+        step: report.step,
+        steps: report.steps,
+        preview,
+    }
 }

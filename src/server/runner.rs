@@ -186,8 +186,11 @@ impl Runner {
             JobSpec::Generate(spec) => match spec.checkpoint.as_deref().map(resolve).transpose() {
                 Ok(wanted) => {
                     let previous = self.checkpoint.clone();
-                    let result = wanted.map_or(Ok(()), |c| self.switch(&c)).and_then(|()| self.generate(spec, dir, watch));
-                    if spec.restore_checkpoint && let Err(e) = self.switch(&previous) {
+                    let result =
+                        wanted.map_or(Ok(()), |c| self.switch(&c)).and_then(|()| self.generate(spec, dir, watch));
+                    if spec.restore_checkpoint
+                        && let Err(e) = self.switch(&previous)
+                    {
                         eprintln!("diffctl: switching back to {}: {}", previous.entry.name, e.message);
                     }
                     result
@@ -231,7 +234,10 @@ impl Runner {
     fn generate(&mut self, spec: &GenerationSpec, dir: &Path, watch: Watch) -> Result<Finished, JobError> {
         let model_name = self.checkpoint.entry.stem.clone();
         let Some(model) = self.model.as_mut() else {
-            return Err(JobError { message: "no model is loaded (the last switch failed)".into(), client_error: false });
+            return Err(JobError {
+                message: "no model is loaded (the last switch failed)".into(),
+                client_error: false,
+            });
         };
         let mut finished = Finished::default();
         for iteration in 0..spec.n_iter {
@@ -266,7 +272,8 @@ impl Runner {
                             report(StepReport { iteration, step: done, steps: total });
                         }
                     };
-                    let refined = model.generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)?;
+                    let refined =
+                        model.generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)?;
                     *image = crate::io::image::to_rgb8(&refined.images)?.remove(0);
                 }
             }

@@ -130,7 +130,8 @@ fn row_to_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<anyhow::Result<Stored
     let result: Option<String> = row.get(3)?;
     Ok((|| {
         let spec = serde_json::from_str(&spec).map_err(|e| db_error(&format!("job {id}'s spec"), e))?;
-        let state = JobState::parse(&state).ok_or_else(|| anyhow::anyhow!("job store: job {id} has state `{state}`"))?;
+        let state =
+            JobState::parse(&state).ok_or_else(|| anyhow::anyhow!("job store: job {id} has state `{state}`"))?;
         let finished = result
             .map(|r| serde_json::from_str(&r))
             .transpose()

@@ -249,10 +249,13 @@ impl Engine {
     pub fn interrupt(&self) {
         let ids: Vec<JobId> = {
             let q = lock(&self.queue);
-            q.running.iter().map(|(id, flag)| {
-                flag.store(true, Ordering::Relaxed);
-                id.clone()
-            }).collect()
+            q.running
+                .iter()
+                .map(|(id, flag)| {
+                    flag.store(true, Ordering::Relaxed);
+                    id.clone()
+                })
+                .collect()
         };
         for id in ids {
             self.cancel_remote(&id);
@@ -521,7 +524,13 @@ impl Engine {
                         });
                         let (state, finished) = match written {
                             Ok(()) => (state, finished),
-                            Err(e) => (JobState::Failed, Finished { error: Some(format!("storing the results of {worker}: {e}")), ..Default::default() }),
+                            Err(e) => (
+                                JobState::Failed,
+                                Finished {
+                                    error: Some(format!("storing the results of {worker}: {e}")),
+                                    ..Default::default()
+                                },
+                            ),
                         };
                         lock(&self.queue).running.remove(&id);
                         self.end(&id, state, &finished);

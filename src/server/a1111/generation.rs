@@ -12,10 +12,10 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use super::{error, parse_body};
+use crate::pipeline::hires::Upscaler;
 use crate::schedulers::{SamplerChoice, SigmaSchedule};
 use crate::server::fields::Fields;
 use crate::server::images::{decode_base64, store};
-use crate::pipeline::hires::Upscaler;
 use crate::server::jobs::{Finished, GenerationSpec, HiresSpec, InitSpec, JobSpec, JobState};
 use crate::server::models_dir::Kind;
 use crate::server::worker::{Engine, SubmitError, base64_encode};
@@ -87,7 +87,10 @@ pub async fn submit_and_wait(state: &AppState, id: &str, spec: JobSpec) -> Gener
                 match tokio::fs::read(dir.join(name)).await {
                     Ok(bytes) => images.push(bytes),
                     Err(e) => {
-                        return GenerationOutcome::Failed((StatusCode::INTERNAL_SERVER_ERROR, format!("reading {name}: {e}")));
+                        return GenerationOutcome::Failed((
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("reading {name}: {e}"),
+                        ));
                     }
                 }
             }
@@ -95,7 +98,8 @@ pub async fn submit_and_wait(state: &AppState, id: &str, spec: JobSpec) -> Gener
         }
         JobState::Cancelled => GenerationOutcome::Interrupted,
         _ => {
-            let status = if finished.client_error { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
+            let status =
+                if finished.client_error { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
             GenerationOutcome::Failed((status, finished.error.unwrap_or_else(|| "the job failed".into())))
         }
     }
@@ -196,11 +200,21 @@ fn info_json(spec: &GenerationSpec, finished: &Finished, model: &str) -> Value {
 
 /// Hires fix's settings: the upscaler (default "Latent"), the size (`hr_resize_x`/`_y`, else
 /// `hr_scale` × the first pass's, in multiples of 8), second-pass steps and denoising strength.
-fn parse_hires(f: &Fields, width: usize, height: usize, steps: usize, max_steps: usize, limits: &crate::limits::Limits) -> Result<HiresSpec, Refusal> {
+fn parse_hires(
+    f: &Fields,
+    width: usize,
+    height: usize,
+    steps: usize,
+    max_steps: usize,
+    limits: &crate::limits::Limits,
+) -> Result<HiresSpec, Refusal> {
     let upscaler = f.str("hr_upscaler").map_err(unprocessable)?.unwrap_or("Latent").to_string();
     Upscaler::parse(&upscaler).map_err(|e| bad(e.to_string()))?;
     let scale = f.ranged("hr_scale", 1.0, 8.0).map_err(bad)?.unwrap_or(2.0);
-    let (rx, ry) = (f.usize("hr_resize_x", 1 << 16).map_err(bad)?.unwrap_or(0), f.usize("hr_resize_y", 1 << 16).map_err(bad)?.unwrap_or(0));
+    let (rx, ry) = (
+        f.usize("hr_resize_x", 1 << 16).map_err(bad)?.unwrap_or(0),
+        f.usize("hr_resize_y", 1 << 16).map_err(bad)?.unwrap_or(0),
+    );
     let (w, h) = match (rx, ry) {
         (0, 0) => ((width as f64 * scale) as usize, (height as f64 * scale) as usize),
         (0, y) => (y * width / height, y),
@@ -209,7 +223,9 @@ fn parse_hires(f: &Fields, width: usize, height: usize, steps: usize, max_steps:
     };
     let (w, h) = (w / 8 * 8, h / 8 * 8);
     if w < width || h < height {
-        return Err(bad(format!("hires fix: the hires size {w}x{h} is smaller than the first pass's {width}x{height}")));
+        return Err(bad(format!(
+            "hires fix: the hires size {w}x{h} is smaller than the first pass's {width}x{height}"
+        )));
     }
     limits.check_size(1, w, h).map_err(|e| bad(format!("hires fix: {e}")))?;
     let second = f.usize("hr_second_pass_steps", max_steps).map_err(bad)?.filter(|&s| s > 0).unwrap_or(steps);
@@ -221,11 +237,17 @@ fn parse_hires(f: &Fields, width: usize, height: usize, steps: usize, max_steps:
 }
 
 /// A1111's `resize_mode` names.
-pub const RESIZE_MODES: [&str; 4] = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"];
+pub const RESIZE_MODES: [&str; 4] =
+    ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"];
 
 /// Reads an A1111 generation request into a spec, writing its images into `dir`; also returns the
 /// request echoed with the defaults filled in.
-fn parse_request(state: &AppState, value: &Value, dir: &Path, img2img: bool) -> Result<(GenerationSpec, Value), Refusal> {
+fn parse_request(
+    state: &AppState,
+    value: &Value,
+    dir: &Path,
+    img2img: bool,
+) -> Result<(GenerationSpec, Value), Refusal> {
     let f = Fields::of(value, "the request body").map_err(unprocessable)?;
     let engine = &state.engine;
     let settings = engine.settings();
@@ -237,8 +259,11 @@ fn parse_request(state: &AppState, value: &Value, dir: &Path, img2img: bool) -> 
         Some(s) if s < 0 => return Err(bad(format!("field `seed`: {s} is not -1 or a seed"))),
         Some(s) => s as u64,
     };
-    let sampler_name =
-        f.str("sampler_name").map_err(unprocessable)?.or(f.str("sampler_index").map_err(unprocessable)?).unwrap_or("Euler");
+    let sampler_name = f
+        .str("sampler_name")
+        .map_err(unprocessable)?
+        .or(f.str("sampler_index").map_err(unprocessable)?)
+        .unwrap_or("Euler");
     if let Err(e) = SamplerChoice::parse(sampler_name) {
         // A1111 answers an unknown sampler with 404.
         return Err((StatusCode::NOT_FOUND, e.to_string()));
@@ -289,7 +314,9 @@ fn parse_request(state: &AppState, value: &Value, dir: &Path, img2img: bool) -> 
         if let Some(vae) = o.str("sd_vae").map_err(unprocessable)?
             && !["automatic", "none", ""].contains(&vae.to_lowercase().as_str())
         {
-            return Err(bad(format!("override_settings.sd_vae `{vae}`: a VAE per request is not supported; start the server with --vae")));
+            return Err(bad(format!(
+                "override_settings.sd_vae `{vae}`: a VAE per request is not supported; start the server with --vae"
+            )));
         }
     }
 
@@ -370,19 +397,26 @@ fn unprocessable(message: String) -> Refusal {
 /// The init image and mask of an img2img request, fitted to the output size and stored.
 fn parse_init(f: &Fields, dir: &Path, width: usize, height: usize, max_pixels: u64) -> Result<InitSpec, Refusal> {
     let images = f.array("init_images").map_err(unprocessable)?;
-    let first = images
-        .and_then(|a| a.first())
-        .ok_or_else(|| bad("img2img needs `init_images` with one image".into()))?;
+    let first =
+        images.and_then(|a| a.first()).ok_or_else(|| bad("img2img needs `init_images` with one image".into()))?;
     let first = first.as_str().ok_or_else(|| unprocessable("field `init_images`: expected base64 strings".into()))?;
     let mode = f.choice("resize_mode", &RESIZE_MODES).map_err(bad)?.unwrap_or(0);
     let image = decode_base64(first, "init_images[0]", max_pixels).map_err(bad)?;
     let image = fit_image(&image.to_rgb8(), width, height, mode);
-    store(&image::DynamicImage::ImageRgb8(image), dir, "init.png").map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    store(&image::DynamicImage::ImageRgb8(image), dir, "init.png")
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let strength = f.f64("denoising_strength").map_err(bad)?.unwrap_or(0.75);
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(bad(format!("field `denoising_strength`: {strength} is not in (0, 1]")));
     }
-    let mut init = InitSpec { image: "init.png".into(), mask: None, mask_blur: None, only_masked_padding: None, keep_unmasked: true, strength };
+    let mut init = InitSpec {
+        image: "init.png".into(),
+        mask: None,
+        mask_blur: None,
+        only_masked_padding: None,
+        keep_unmasked: true,
+        strength,
+    };
     if let Some(mask) = f.str("mask").map_err(unprocessable)? {
         let mask = decode_base64(mask, "mask", max_pixels).map_err(bad)?.to_rgb8();
         let mut mask = fit_image(&mask, width, height, mode);
@@ -393,13 +427,16 @@ fn parse_init(f: &Fields, dir: &Path, width: usize, height: usize, max_pixels: u
         if invert {
             image::imageops::invert(&mut mask);
         }
-        store(&image::DynamicImage::ImageRgb8(mask), dir, "mask.png").map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        store(&image::DynamicImage::ImageRgb8(mask), dir, "mask.png")
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
         init.mask = Some("mask.png".into());
         let blur = f.ranged("mask_blur", 0.0, 64.0).map_err(bad)?.unwrap_or(4.0);
         init.mask_blur = (blur > 0.0).then_some(blur);
         f.int("inpainting_fill", 0, 3).map_err(bad)?;
         let only_masked = match f.get("inpaint_full_res") {
-            Some(Value::String(s)) => s.eq_ignore_ascii_case("Only masked") || s == "1" || s.eq_ignore_ascii_case("true"),
+            Some(Value::String(s)) => {
+                s.eq_ignore_ascii_case("Only masked") || s == "1" || s.eq_ignore_ascii_case("true")
+            }
             _ => f.bool("inpaint_full_res").map_err(bad)?.unwrap_or(false),
         };
         if only_masked {

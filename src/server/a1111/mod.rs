@@ -55,7 +55,8 @@ pub fn error(status: StatusCode, message: &str) -> Response {
 
 /// Parses a JSON body, or the 422 A1111 (FastAPI) answers for one it cannot read.
 pub fn parse_body(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, &format!("the body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::UNPROCESSABLE_ENTITY, &format!("the body is not valid JSON: {e}")))
 }
 
 #[derive(serde::Deserialize)]

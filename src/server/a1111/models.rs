@@ -66,7 +66,8 @@ pub(super) async fn set_options(State(state): State<Shared>, body: Bytes) -> Res
         Ok(job) if job.state == JobState::Done => json_response(StatusCode::OK, json!(null)),
         Ok(job) => {
             let finished = job.finished.unwrap_or_default();
-            let status = if finished.client_error { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
+            let status =
+                if finished.client_error { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
             error(status, finished.error.as_deref().unwrap_or("switching the model failed"))
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
@@ -98,14 +99,15 @@ pub(super) async fn refresh() -> Response {
 }
 
 pub(super) async fn samplers() -> Response {
-    let list: Vec<Value> = SamplerChoice::a1111_names()
-        .map(|name| json!({"name": name, "aliases": [], "options": {}}))
-        .collect();
+    let list: Vec<Value> =
+        SamplerChoice::a1111_names().map(|name| json!({"name": name, "aliases": [], "options": {}})).collect();
     json_response(StatusCode::OK, Value::Array(list))
 }
 
 pub(super) async fn schedulers() -> Response {
-    let mut list = vec![json!({"name": "automatic", "label": "Automatic", "aliases": null, "default_rho": -1, "need_inner_model": false})];
+    let mut list = vec![
+        json!({"name": "automatic", "label": "Automatic", "aliases": null, "default_rho": -1, "need_inner_model": false}),
+    ];
     for schedule in SigmaSchedule::ALL_NAMED.into_iter().take(7) {
         list.push(json!({"name": schedule.name(), "label": schedule_label(schedule), "aliases": null,
                          "default_rho": -1, "need_inner_model": false}));
@@ -154,7 +156,10 @@ pub(super) async fn loras(State(state): State<Shared>) -> Response {
 pub(super) async fn embeddings(State(state): State<Shared>) -> Response {
     let mut loaded = serde_json::Map::new();
     for e in state.options.engine.models_dir.list(Kind::Embedding) {
-        loaded.insert(e.short_stem().to_string(), json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": null, "vectors": null}));
+        loaded.insert(
+            e.short_stem().to_string(),
+            json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": null, "vectors": null}),
+        );
     }
     json_response(StatusCode::OK, json!({"loaded": loaded, "skipped": {}}))
 }
