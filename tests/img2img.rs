@@ -158,7 +158,10 @@ fn empty_mask_keeps_the_image_on_a_plain_model() {
     let out = model
         .generate(&prepared.generate, &mut prepared.controls, &mut diffctl::noise::SeededNoise::new(3), &mut |_| {})
         .unwrap();
-    let image = prepared.generate.init_image.as_ref().unwrap().image.clone();
+    let diffctl::pipeline::InitSource::Pixels(image) = &prepared.generate.init_image.as_ref().unwrap().source else {
+        panic!("an image was given")
+    };
+    let image = image.clone();
     let original = model.vae.encode_mean_latents(&((image * 2.0).unwrap() - 1.0).unwrap()).unwrap();
     assert!(max_abs_diff(&out.latents, &original) < 1e-6);
 }
@@ -238,4 +241,46 @@ fn mask_blur_reshapes_the_mask() {
         &model,
         "mask blur NaN",
     );
+}
+
+/// img2img from an image's latents (a safetensors init, as hires fix's latent upscale uses, and as
+/// diffusers takes a 4-channel `image`) is img2img from the image: the same final latents.
+#[test]
+fn img2img_from_latents_equals_img2img_from_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = StableDiffusion::load(&tiny("sd1-tiny"), &LoadOptions::default()).unwrap();
+    let spec = InitImageSpec { mask: None, strength: Some(0.6), ..init_spec() };
+    let request = Request {
+        width: Some(32),
+        height: Some(32),
+        steps: 4,
+        scheduler: Some(SchedulerKind::Euler),
+        ..with_init(spec.clone())
+    };
+    let mut prepared = request.prepare(&mut model, &LoadOptions::default()).unwrap();
+    let from_image = model
+        .generate(&prepared.generate, &mut prepared.controls, &mut diffctl::noise::SeededNoise::new(5), &mut |_| {})
+        .unwrap();
+    let diffctl::pipeline::InitSource::Pixels(image) = &prepared.generate.init_image.as_ref().unwrap().source else {
+        panic!("an image was given")
+    };
+    let latents = model.vae.encode_mean_latents(&((image * 2.0).unwrap() - 1.0).unwrap()).unwrap();
+    let path = dir.path().join("init.safetensors");
+    diffctl::io::latents::save_latents(&path, &latents).unwrap();
+    let request = Request { init_image: Some(InitImageSpec { image: path, ..spec }), ..request };
+    let mut prepared = request.prepare(&mut model, &LoadOptions::default()).unwrap();
+    let from_latents = model
+        .generate(&prepared.generate, &mut prepared.controls, &mut diffctl::noise::SeededNoise::new(5), &mut |_| {})
+        .unwrap();
+    assert_eq!(max_abs_diff(&from_image.latents, &from_latents.latents), 0.0);
+    // Latents cannot be inpainted.
+    let masked = Request {
+        init_image: Some(InitImageSpec {
+            mask: Some(repo_path("tests/fixtures/img2img/mask.png")),
+            ..request.init_image.clone().unwrap()
+        }),
+        ..request
+    };
+    let err = masked.prepare(&mut model, &LoadOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("not init latents"), "{err}");
 }

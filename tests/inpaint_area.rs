@@ -64,10 +64,12 @@ fn only_masked_inpainting_matches_diffusers_padding_mask_crop() {
             ..Request::default()
         };
         let mut prepared = request.prepare(model, &LoadOptions::default()).unwrap();
-        let crop = prepared.generate.init_image.as_ref().unwrap();
+        let diffctl::pipeline::InitSource::Pixels(crop) = &prepared.generate.init_image.as_ref().unwrap().source else {
+            panic!("an image was given")
+        };
         let input_err = assert_close(
             &format!("{} cropped image", case.name),
-            &((&crop.image * 2.0).unwrap() - 1.0).unwrap(),
+            &((crop * 2.0).unwrap() - 1.0).unwrap(),
             &fixture["init_image"],
             1e-6,
         );

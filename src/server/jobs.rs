@@ -21,7 +21,7 @@ pub type JobId = String;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum JobSpec {
     /// Generate images.
-    Generate(GenerationSpec),
+    Generate(Box<GenerationSpec>),
     /// Make the model with this title the resident one.
     LoadModel {
         /// The model's title (as `sd-models` lists it).

@@ -108,7 +108,7 @@ impl ModelsDir {
                 collect(&dir, &dir, 0, &mut entries);
             }
         }
-        entries.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+        entries.sort_by_key(|e| e.name.to_lowercase());
         entries
     }
 

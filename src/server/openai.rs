@@ -270,7 +270,7 @@ fn edit_inputs(
 
 async fn respond(state: &AppState, headers: &HeaderMap, id: &str, spec: GenerationSpec, url: bool) -> Response {
     let prompt = spec.prompt.clone();
-    match submit_and_wait(state, id, JobSpec::Generate(spec)).await {
+    match submit_and_wait(state, id, JobSpec::Generate(Box::new(spec))).await {
         GenerationOutcome::Done { images, finished } => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
             let data: Vec<Value> = images

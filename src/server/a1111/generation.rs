@@ -141,7 +141,7 @@ async fn generate(state: Shared, body: Bytes, img2img: bool) -> Response {
             return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string());
         }
     };
-    match submit_and_wait(&state, &id, JobSpec::Generate(spec.clone())).await {
+    match submit_and_wait(&state, &id, JobSpec::Generate(Box::new(spec.clone()))).await {
         GenerationOutcome::Done { images, finished } => {
             let info = info_json(&spec, &finished, &state.engine.current().entry.stem);
             let images: Vec<String> = images.iter().map(|b| base64_encode(b)).collect();
