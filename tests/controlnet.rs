@@ -25,6 +25,15 @@ fn controlnet_residuals_match_diffusers() {
         }
         assert_close(&format!("{prefix}mid"), &res.mid, &unit[&format!("{prefix}mid")], 2e-5);
     }
+    // sd-webui-controlnet's soft injection (hook.py: `control_scales = [weight * 0.825 ** (12 - i)
+    // for i in range(13)]`, zipped with the residuals): diffusers' residuals times those factors.
+    let res = net.forward(sample, t, ctx, cond, ResidualScale::Soft(0.8)).unwrap();
+    for (i, d) in res.down.iter().enumerate() {
+        let expected = (&unit[&format!("down.{i}")] * (0.8 * 0.825f64.powi(12 - i as i32))).unwrap();
+        assert_close(&format!("soft.down.{i}"), d, &expected, 2e-5);
+    }
+    let expected = (&unit["mid"] * (0.8 * 0.825f64.powi(12 - 9))).unwrap();
+    assert_close("soft.mid", &res.mid, &expected, 2e-5);
 }
 
 #[test]
@@ -97,7 +106,7 @@ fn one() -> f64 {
 #[test]
 fn controlnet_and_adapter_pipelines_match_diffusers() {
     use diffctl::control::Control;
-    use diffctl::control::residual::controlnet::{ControlNetControl, ControlNetSettings};
+    use diffctl::control::residual::controlnet::{ControlMode, ControlNetControl, ControlNetSettings};
     use diffctl::control::residual::load_condition_image;
     use diffctl::control::residual::t2i_adapter::T2IAdapterControl;
     use diffctl::pipeline::{GenerateRequest, StableDiffusion};
@@ -119,7 +128,7 @@ fn controlnet_and_adapter_pipelines_match_diffusers() {
                 scale: cn.scale,
                 start: case.control_guidance_start,
                 end: case.control_guidance_end,
-                guess_mode: case.guess_mode,
+                mode: if case.guess_mode { ControlMode::Guess } else { ControlMode::Balanced },
             };
             controls.push(Box::new(
                 ControlNetControl::new(cn.path.clone(), Arc::new(net), image(&cn.image), settings).unwrap(),

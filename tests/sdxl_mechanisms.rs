@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::Device;
 use common::repo_path;
+use diffctl::control::residual::controlnet::ControlMode;
 use diffctl::control::weights::Lora;
 use diffctl::pipeline::{LoadOptions, StableDiffusion};
 
@@ -163,7 +164,7 @@ fn request(case: &Case) -> diffctl::request::Request {
                     scale: c.scale,
                     start: case.control_guidance_start,
                     end: case.control_guidance_end,
-                    guess_mode: case.guess_mode,
+                    mode: if case.guess_mode { ControlMode::Guess } else { ControlMode::Balanced },
                 },
             })
             .collect(),
@@ -222,7 +223,7 @@ fn sdxl_mechanisms_match_diffusers() {
 fn mechanisms_of_the_other_family_are_refused_by_name() {
     use diffctl::control::residual::controlnet::ControlNetSettings;
     use diffctl::request::{ControlNetSpec, IpAdapterRequest, LoraSpec, Request, T2IAdapterSpec};
-    let settings = ControlNetSettings { scale: 1.0, start: 0.0, end: 1.0, guess_mode: false };
+    let settings = ControlNetSettings::default();
     let image = repo_path("tests/fixtures/images/control_a.png");
     for (model, files, loaded) in [
         ("sdxl-tiny", ["kohya.safetensors", "cn-a", "ip-adapter_tiny.safetensors", "full"], ("SDXL", "SD1.x/2.x")),

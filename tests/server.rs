@@ -183,6 +183,28 @@ fn control_units_and_lora_tags_match_the_cli() {
         ])
         .collect();
     assert_eq!(decode(body["images"][0].as_str().unwrap()), cli_image(&cli_args), "ControlNet unit");
+    // sd-webui-controlnet's control modes are the CLI's --control-mode prompt / controlnet.
+    for (mode, flag) in [("My prompt is more important", "prompt"), ("ControlNet is more important", "controlnet")] {
+        let mut u = unit("cn-a", "none");
+        u["control_mode"] = json!(mode);
+        let (status, body) = s.post("/sdapi/v1/txt2img", &request(json!([u]), "a house"));
+        assert_eq!(status, 200, "{body}");
+        let cli_args: Vec<&str> = common
+            .iter()
+            .copied()
+            .chain([
+                "--controlnet",
+                repo_str("tests/fixtures/controlnets/cn-a"),
+                "--control-image",
+                control_path.to_str().unwrap(),
+                "--control-scale",
+                "0.8",
+                "--control-mode",
+                flag,
+            ])
+            .collect();
+        assert_eq!(decode(body["images"][0].as_str().unwrap()), cli_image(&cli_args), "control mode {mode}");
+    }
     // T2I-Adapter.
     let (status, body) = s.post("/sdapi/v1/txt2img", &request(json!([unit("t2i-light", "none")]), "a house"));
     assert_eq!(status, 200, "{body}");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::control::residual::controlnet::ControlNetSettings;
+use crate::control::residual::controlnet::{ControlMode, ControlNetSettings};
 use crate::preprocess::PreprocessKind;
 use crate::request::{ControlNetSpec, Request, T2IAdapterSpec, per_item};
 
@@ -31,9 +31,12 @@ pub struct ResidualArgs {
     /// invert, scribble, keypoints, ...; see `diffctl preprocess`): once for all or once per ControlNet.
     #[arg(long, value_name = "KIND")]
     control_preprocess: Vec<String>,
-    /// Guess mode: ControlNets see only the conditional half, residuals weighted from 0.1 to 1 by depth.
-    #[arg(long)]
-    control_guess_mode: bool,
+    /// How ControlNet residuals weigh against the prompt: balanced; guess (diffusers' guess mode:
+    /// the conditional half only, residuals weighted 0.1 to 1 by depth); prompt or controlnet
+    /// (sd-webui-controlnet's "My prompt is more important" / "ControlNet is more important":
+    /// residual i weighted 0.825^(12-i), controlnet on the conditional half only).
+    #[arg(long, default_value = "balanced", value_name = "MODE", value_parser = |s: &str| s.parse::<ControlMode>().map_err(|e| e.to_string()))]
+    control_mode: ControlMode,
     /// A T2I-Adapter (diffusers folder). Repeat for several; their features are summed.
     #[arg(long, value_name = "PATH")]
     t2i_adapter: Vec<PathBuf>,
@@ -87,7 +90,7 @@ impl ResidualArgs {
                     scale: scales[i],
                     start: starts[i],
                     end: ends[i],
-                    guess_mode: self.control_guess_mode,
+                    mode: self.control_mode,
                 },
             });
         }

@@ -159,6 +159,9 @@ pub enum ResidualScale {
     /// Guess mode: residual i of n+1 (the mid block last) times `scale · 10^(i/n − 1)`, rising
     /// from 0.1 at the first skip to 1 at the mid block.
     Guess(f64),
+    /// sd-webui-controlnet's soft injection: residual i times `scale · 0.825^(12 − i)` (its
+    /// 13 factors for SD1.x; an SDXL ControlNet's 10 residuals take the first 10).
+    Soft(f64),
 }
 
 /// Residuals for a UNet: one per skip connection plus the mid block.
@@ -243,6 +246,7 @@ impl ControlNet {
             ResidualScale::Uniform(s) => vec![s; n + 1],
             // torch.logspace(-1, 0, n + 1) in f32, times the scale.
             ResidualScale::Guess(s) => (0..=n).map(|i| f64::from(10f32.powf(-1.0 + i as f32 / n as f32)) * s).collect(),
+            ResidualScale::Soft(s) => (0..=n).map(|i| s * 0.825f64.powi(12 - i as i32)).collect(),
         };
         let pool = |t: Tensor| -> Result<Tensor> {
             Ok(if self.config.global_pool_conditions { t.mean_keepdim(3)?.mean_keepdim(2)? } else { t })

@@ -18,6 +18,7 @@ use super::images::{decode_base64, store};
 use super::jobs::{ControlUnit, UnitKind};
 use super::models_dir::Kind;
 use super::{AppState, Shared, json_response};
+use crate::control::residual::controlnet::ControlMode;
 use crate::preprocess::{PreprocessKind, apply};
 
 /// The preprocessors ("modules") units may name.
@@ -155,14 +156,13 @@ pub fn parse_script(
         if guidance_start > guidance_end {
             return Err(format!("{what}: guidance_start {guidance_start} is after guidance_end {guidance_end}"));
         }
-        let control_mode = u.choice("control_mode", &CONTROL_MODES)?.unwrap_or(0);
-        let guess = u.bool("guessmode")?.unwrap_or(false);
-        if control_mode != 0 || guess {
-            return Err(format!(
-                "{what}: control_mode `{}` is not supported; use Balanced",
-                if guess { "guess mode" } else { CONTROL_MODES[control_mode] }
-            ));
-        }
+        // The legacy `guessmode` flag is "ControlNet is more important".
+        let legacy_guess = if u.bool("guessmode")?.unwrap_or(false) { Some(2) } else { None };
+        let mode = match u.choice("control_mode", &CONTROL_MODES)?.or(legacy_guess).unwrap_or(0) {
+            0 => ControlMode::Balanced,
+            1 => ControlMode::PromptMoreImportant,
+            _ => ControlMode::ControlNetMoreImportant,
+        };
         let resize_mode = match u.choice("resize_mode", &RESIZE_MODES) {
             Ok(mode) => mode,
             Err(_) => u.choice("resize_mode", &OLD_RESIZE_MODES)?,
@@ -192,9 +192,25 @@ pub fn parse_script(
         };
         let name = format!("control-{i}.png");
         store(&image::DynamicImage::ImageRgb8(image), dir, &name)?;
-        units.push(ControlUnit { kind, model: entry.path, image: name, weight, guidance_start, guidance_end });
+        if mode != ControlMode::Balanced && kind != UnitKind::ControlNet {
+            return Err(format!("{what}: control_mode applies to ControlNets; {} is not one", entry.name));
+        }
+        units.push(ControlUnit {
+            kind,
+            model: entry.path,
+            image: name,
+            weight,
+            guidance_start,
+            guidance_end,
+            mode: mode_name(mode).into(),
+        });
     }
     Ok(units)
+}
+
+/// The library's name of a control mode.
+fn mode_name(mode: ControlMode) -> &'static str {
+    ControlMode::NAMES.iter().find(|(_, m)| *m == mode).map_or("balanced", |(n, _)| n)
 }
 
 /// The mechanism of a control model file, with the image encoder an IP-Adapter needs.

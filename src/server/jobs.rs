@@ -123,6 +123,8 @@ pub struct ControlUnit {
     pub guidance_start: f64,
     /// Fraction of the steps where it stops acting.
     pub guidance_end: f64,
+    /// A ControlNet's control mode (the library's name: balanced, prompt, controlnet).
+    pub mode: String,
 }
 
 /// The mechanism behind a control unit's model.
@@ -242,7 +244,7 @@ impl GenerationSpec {
                         scale: unit.weight,
                         start: unit.guidance_start,
                         end: unit.guidance_end,
-                        guess_mode: false,
+                        mode: unit.mode.parse()?,
                     },
                 }),
                 // A T2I-Adapter acts from the start; its guidance end is the fraction it acts for.

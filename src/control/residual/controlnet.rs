@@ -48,8 +48,49 @@ pub struct ControlNetSettings {
     pub start: f64,
     /// Fraction of the steps after which it stops (`control_guidance_end`).
     pub end: f64,
-    /// Guess mode: runs on the conditional half only, residuals rising from 0.1 to 1 with depth.
-    pub guess_mode: bool,
+    /// How the residuals weigh against the prompt.
+    pub mode: ControlMode,
+}
+
+/// How a ControlNet's residuals weigh against the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ControlMode {
+    /// Every residual at the scale, on both guidance halves (diffusers' default,
+    /// sd-webui-controlnet's "Balanced").
+    #[default]
+    Balanced,
+    /// diffusers' guess mode: the conditional half only, residuals rising from 0.1 to 1 with depth.
+    Guess,
+    /// sd-webui-controlnet's "My prompt is more important": residual i at `scale · 0.825^(12 − i)`
+    /// (soft injection), on both halves.
+    PromptMoreImportant,
+    /// sd-webui-controlnet's "ControlNet is more important": the same soft injection on the
+    /// conditional half only (the unconditional half gets none).
+    ControlNetMoreImportant,
+}
+
+impl ControlMode {
+    /// The modes by name: `balanced`, `guess`, `prompt` and `controlnet` (the last two are
+    /// sd-webui-controlnet's "My prompt is more important" and "ControlNet is more important").
+    pub const NAMES: [(&'static str, ControlMode); 4] = [
+        ("balanced", ControlMode::Balanced),
+        ("guess", ControlMode::Guess),
+        ("prompt", ControlMode::PromptMoreImportant),
+        ("controlnet", ControlMode::ControlNetMoreImportant),
+    ];
+}
+
+impl std::str::FromStr for ControlMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::NAMES.iter().find(|(n, _)| n.eq_ignore_ascii_case(s.trim())).map(|(_, m)| *m).ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown control mode `{s}`; valid: {}",
+                Self::NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
 }
 
 impl ControlNetSettings {
@@ -64,7 +105,7 @@ impl ControlNetSettings {
 
 impl Default for ControlNetSettings {
     fn default() -> Self {
-        Self { scale: 1.0, start: 0.0, end: 1.0, guess_mode: false }
+        Self { scale: 1.0, start: 0.0, end: 1.0, mode: ControlMode::Balanced }
     }
 }
 
@@ -105,8 +146,8 @@ impl Control for ControlNetControl {
                 h * f
             )));
         }
-        // In guess mode with guidance the ControlNet sees only the conditional half.
-        let rows = if setup.guided && !self.guess_mode() { 2 * setup.batch } else { setup.batch };
+        // Conditional-only modes with guidance show the ControlNet only the conditional half.
+        let rows = if setup.guided && !self.conditional_only() { 2 * setup.batch } else { setup.batch };
         self.batch_image = Some(self.image.to_dtype(setup.dtype)?.repeat((rows, 1, 1, 1))?);
         Ok(())
     }
@@ -116,10 +157,9 @@ impl Control for ControlNetControl {
         if !active_at(step.step_index, step.num_steps, s.start, s.end) {
             return Ok(UNetControls::default());
         }
-        let guess = self.guess_mode();
         let total = step.latents.dim(0)?;
-        // In guess mode with guidance the unconditional half gets zero residuals.
-        let uncond = if guess && step.guided { total / 2 } else { 0 };
+        // Conditional-only modes with guidance give the unconditional half zero residuals.
+        let uncond = if self.conditional_only() && step.guided { total / 2 } else { 0 };
         let rows = total - uncond;
         let latents = step.latents.narrow(0, uncond, rows)?;
         // The ControlNet sees the latents alone (an inpainting UNet's extra channels are its own).
@@ -130,7 +170,11 @@ impl Control for ControlNetControl {
             .as_ref()
             .filter(|image| image.dim(0).is_ok_and(|n| n == rows))
             .ok_or_else(|| Error::invalid(format!("{}: used before it was prepared for this batch", self.name)))?;
-        let scale = if guess { ResidualScale::Guess(s.scale) } else { ResidualScale::Uniform(s.scale) };
+        let scale = match self.mode() {
+            ControlMode::Balanced => ResidualScale::Uniform(s.scale),
+            ControlMode::Guess => ResidualScale::Guess(s.scale),
+            ControlMode::PromptMoreImportant | ControlMode::ControlNetMoreImportant => ResidualScale::Soft(s.scale),
+        };
         let mut residuals = self.model.forward(&latents, &timesteps, &conditioning, image, scale)?;
         if uncond > 0 {
             let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
@@ -142,8 +186,16 @@ impl Control for ControlNetControl {
 }
 
 impl ControlNetControl {
-    /// Guess mode: asked for, or implied by a ControlNet that pools its conditions.
-    fn guess_mode(&self) -> bool {
-        self.settings.guess_mode || self.model.config().global_pool_conditions
+    /// The mode: as asked, but guess mode for a ControlNet that pools its conditions (shuffle).
+    fn mode(&self) -> ControlMode {
+        match self.settings.mode {
+            ControlMode::Balanced if self.model.config().global_pool_conditions => ControlMode::Guess,
+            mode => mode,
+        }
+    }
+
+    /// Whether the unconditional half goes without residuals.
+    fn conditional_only(&self) -> bool {
+        matches!(self.mode(), ControlMode::Guess | ControlMode::ControlNetMoreImportant)
     }
 }
