@@ -78,7 +78,8 @@ fn main() -> anyhow::Result<()> {
             ..Request::default()
         };
         let mut prepared = request.prepare(&mut model, &options)?;
-        let generated = model.generate(&prepared.generate, &mut prepared.controls, &mut SeededNoise::new(seed), &mut |_| {})?;
+        let generated =
+            model.generate(&prepared.generate, &mut prepared.controls, &mut SeededNoise::new(seed), &mut |_| {})?;
         let image = diffctl::io::image::to_rgb8(&generated.images)?.remove(0);
         std::hint::black_box(diffctl::server::png::encode(&image, Some(prompt))?);
         library.push(start.elapsed());
@@ -91,12 +92,14 @@ fn main() -> anyhow::Result<()> {
     let server = diffctl::server::start(
         ServeOptions {
             engine: EngineSettings {
-                model: args.model.clone(),
-                models_dir: ModelsDir::new(None),
-                load: LoadOptions::default(),
+                runner: diffctl::server::runner::RunnerSettings {
+                    model: args.model.clone(),
+                    models_dir: ModelsDir::new(None),
+                    load: LoadOptions::default(),
+                    limits: Limits::default(),
+                },
                 state_dir: state.path().to_path_buf(),
                 max_queue: 64,
-                limits: Limits::default(),
                 queue: None,
             },
             address: ([127, 0, 0, 1], 0).into(),
@@ -131,9 +134,25 @@ fn main() -> anyhow::Result<()> {
             let status = std::process::Command::new(bin)
                 .args(["generate", "--model"])
                 .arg(&args.model)
-                .args(["--prompt", prompt, "--negative-prompt", "", "--steps", &args.steps.to_string(), "--guidance", "7",
-                    "--scheduler", "Euler", "--width", &args.size.to_string(), "--height", &args.size.to_string(),
-                    "--seed", &seed.to_string(), "--output"])
+                .args([
+                    "--prompt",
+                    prompt,
+                    "--negative-prompt",
+                    "",
+                    "--steps",
+                    &args.steps.to_string(),
+                    "--guidance",
+                    "7",
+                    "--scheduler",
+                    "Euler",
+                    "--width",
+                    &args.size.to_string(),
+                    "--height",
+                    &args.size.to_string(),
+                    "--seed",
+                    &seed.to_string(),
+                    "--output",
+                ])
                 .arg(out.path().join("out.png"))
                 .stderr(std::process::Stdio::null())
                 .status()?;
@@ -143,7 +162,14 @@ fn main() -> anyhow::Result<()> {
     }
 
     let (lib, http) = (mean_ms(&library), mean_ms(&api));
-    println!("model {} at {}x{}, {} steps, {} runs each", args.model.display(), args.size, args.size, args.steps, args.runs);
+    println!(
+        "model {} at {}x{}, {} steps, {} runs each",
+        args.model.display(),
+        args.size,
+        args.size,
+        args.steps,
+        args.runs
+    );
     println!("{:<34} {:>10}", "path", "ms / job");
     println!("{:<34} {:>10.1}", "library, resident model", lib);
     println!("{:<34} {:>10.1}", "HTTP API (txt2img), resident", http);

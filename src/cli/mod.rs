@@ -9,6 +9,7 @@ mod ip_adapter;
 mod lora;
 mod preprocess;
 mod reference;
+mod resident;
 mod residual;
 mod sdxl;
 mod serve;

@@ -3,27 +3,15 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use candle_core::DType;
 use clap::Args;
 
-use crate::limits::Limits;
-use crate::pipeline::LoadOptions;
-use crate::server::models_dir::ModelsDir;
 use crate::server::{EngineSettings, ServeOptions};
 
 /// Arguments of `diffctl serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The model loaded at start: a diffusers folder or a single-file checkpoint.
-    #[arg(long, value_name = "PATH")]
-    model: PathBuf,
-    /// A folder laid out as A1111's models/ (Stable-diffusion/, Lora/, ControlNet/, VAE/,
-    /// embeddings/, clip_vision/): its checkpoints are listed and switchable, its LoRAs,
-    /// ControlNets and embeddings usable by name.
-    #[arg(long, value_name = "DIR")]
-    models_dir: Option<PathBuf>,
     #[command(flatten)]
-    source: super::source::SourceArgs,
+    resident: super::resident::ResidentArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1", value_name = "IP")]
     host: IpAddr,
@@ -36,18 +24,9 @@ pub struct ServeArgs {
     /// Where jobs, their images and the job database are kept (created if missing).
     #[arg(long, default_value = "diffctl-state", value_name = "DIR")]
     state_dir: PathBuf,
-    /// Precision of the networks: f32, f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = super::generate::parse_dtype, value_name = "DTYPE")]
-    dtype: DType,
     /// Jobs waiting or running at most; more are answered 503 with Retry-After.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_queue: usize,
-    /// Refuse requests for images of more pixels (width x height) than this.
-    #[arg(long, default_value_t = 2048 * 2048, value_name = "N")]
-    max_pixels: u64,
-    /// Refuse requests for more images per batch than this.
-    #[arg(long, default_value_t = 8, value_name = "N")]
-    max_batch: usize,
     /// Refuse requests for more denoising steps than this.
     #[arg(long, default_value_t = 150, value_name = "N")]
     max_steps: usize,
@@ -75,19 +54,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
-    if let Some(dir) = &args.models_dir
-        && !dir.is_dir()
-    {
-        anyhow::bail!("--models-dir {}: not a folder", dir.display());
-    }
+    let runner = args.resident.runner()?;
+    let model = runner.model.clone();
     let options = ServeOptions {
         engine: EngineSettings {
-            model: args.model.clone(),
-            models_dir: ModelsDir::new(args.models_dir.clone()),
-            load: LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() },
+            runner,
             state_dir: args.state_dir.clone(),
             max_queue: args.max_queue,
-            limits: Limits { max_pixels: args.max_pixels, max_batch: args.max_batch, max_memory: None },
             queue: args.queue.clone(),
         },
         address: SocketAddr::new(args.host, args.port),
@@ -95,7 +68,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         max_body: args.max_body_mb.saturating_mul(1 << 20),
         max_steps: args.max_steps,
     };
-    eprintln!("loading {} ...", args.model.display());
+    eprintln!("loading {} ...", model.display());
     let server = crate::server::start(options.clone(), true)?;
     let shown = ServeOptions { address: server.address, ..options };
     eprintln!("diffctl serve: listening on {}", crate::server::describe(&shown));

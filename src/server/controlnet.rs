@@ -44,7 +44,7 @@ pub fn routes() -> Router<Shared> {
 
 async fn model_list(State(state): State<Shared>) -> Response {
     let names: Vec<String> =
-        state.options.engine.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
+        state.options.engine.runner.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
     json_response(StatusCode::OK, json!({"model_list": names}))
 }
 
@@ -55,7 +55,7 @@ async fn module_list() -> Response {
 
 async fn control_types(State(state): State<Shared>) -> Response {
     let models: Vec<String> =
-        state.options.engine.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
+        state.options.engine.runner.models_dir.list(Kind::ControlNet).iter().map(|e| e.stem.clone()).collect();
     let all = json!({"module_list": MODULES, "model_list": models, "default_option": "none", "default_model": "None"});
     json_response(StatusCode::OK, json!({"control_types": {"All": all}}))
 }
@@ -66,7 +66,7 @@ async fn detect(State(state): State<Shared>, body: Bytes) -> Response {
         Ok(v) => v,
         Err(response) => return response,
     };
-    let max_pixels = state.options.engine.limits.max_pixels;
+    let max_pixels = state.options.engine.runner.limits.max_pixels;
     let result = tokio::task::spawn_blocking(move || -> Result<Value, String> {
         let f = Fields::of(&value, "the request body")?;
         let module = f.str("controlnet_module")?.unwrap_or("none").to_string();
@@ -148,7 +148,7 @@ pub fn parse_script(
             continue;
         }
         let engine = &state.options.engine;
-        let entry = engine.models_dir.find(Kind::ControlNet, model).map_err(|e| format!("{what}: {e}"))?;
+        let entry = engine.runner.models_dir.find(Kind::ControlNet, model).map_err(|e| format!("{what}: {e}"))?;
         let module = u.str("module")?.unwrap_or("none");
         let weight = u.ranged("weight", -10.0, 10.0)?.unwrap_or(1.0);
         let guidance_start = u.ranged("guidance_start", 0.0, 1.0)?.unwrap_or(0.0);
@@ -176,7 +176,7 @@ pub fn parse_script(
             Some(_) => return Err(format!("{what}: `image` must be a base64 string or {{image, mask}}")),
             None => return Err(format!("{what}: no `image` (the API needs one per unit)")),
         };
-        let image = decode_base64(image_text, &format!("{what} image"), engine.limits.max_pixels)?.to_rgb8();
+        let image = decode_base64(image_text, &format!("{what} image"), engine.runner.limits.max_pixels)?.to_rgb8();
         let kind = unit_kind(&entry.path, module, state).map_err(|e| format!("{what}: {e}"))?;
         let image = if matches!(kind, UnitKind::IpAdapter { .. }) {
             image
@@ -217,7 +217,7 @@ fn mode_name(mode: ControlMode) -> &'static str {
 fn unit_kind(path: &Path, module: &str, state: &AppState) -> Result<UnitKind, String> {
     let identity = crate::io::identify::identify(path).map_err(|e| e.to_string())?;
     if identity.kind.starts_with("IP-Adapter") {
-        let encoders = state.options.engine.models_dir.list(Kind::ClipVision);
+        let encoders = state.options.engine.runner.models_dir.list(Kind::ClipVision);
         let hint = module.to_lowercase();
         let chosen = match encoders.as_slice() {
             [] => {

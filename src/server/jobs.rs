@@ -108,6 +108,21 @@ pub struct InitSpec {
     pub keep_unmasked: bool,
 }
 
+impl InitSpec {
+    /// img2img from the job's `init.png` at `strength`, without a mask yet (a mask pastes the
+    /// original back outside it, as A1111 does).
+    pub fn new(strength: f64) -> Self {
+        Self {
+            image: "init.png".into(),
+            mask: None,
+            mask_blur: None,
+            only_masked_padding: None,
+            keep_unmasked: true,
+            strength,
+        }
+    }
+}
+
 /// A control unit (sd-webui-controlnet's), its image in the job's folder.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ControlUnit {

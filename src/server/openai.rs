@@ -79,7 +79,7 @@ fn parse_size(text: &str) -> Result<Option<(usize, usize)>, String> {
 
 fn parse_settings(f: &Fields, state: &AppState) -> Result<ImageRequest, String> {
     let prompt = f.str("prompt")?.ok_or("`prompt` is required")?.to_string();
-    let n = f.usize("n", state.options.engine.limits.max_batch)?.unwrap_or(1);
+    let n = f.usize("n", state.options.engine.runner.limits.max_batch)?.unwrap_or(1);
     if n == 0 {
         return Err("`n` must be at least 1".into());
     }
@@ -108,7 +108,7 @@ fn parse_settings(f: &Fields, state: &AppState) -> Result<ImageRequest, String> 
 
 impl ImageRequest {
     fn spec(&self, state: &AppState, init: Option<InitSpec>, size: (usize, usize)) -> Result<GenerationSpec, String> {
-        state.options.engine.limits.check_size(self.n, size.0, size.1).map_err(|e| e.to_string())?;
+        state.options.engine.runner.limits.check_size(self.n, size.0, size.1).map_err(|e| e.to_string())?;
         // A model name that is one of ours switches to it; OpenAI's names (dall-e-3, ...) are ignored.
         let checkpoint = self.model.as_deref().and_then(|m| state.engine.find_checkpoint(m).ok()).map(|c| c.title());
         Ok(GenerationSpec {
@@ -208,7 +208,7 @@ async fn edits(State(state): State<Shared>, headers: HeaderMap, mut multipart: M
     let prepared = {
         let (state, dir) = (state.clone(), dir.clone());
         tokio::task::spawn_blocking(move || {
-            let max_pixels = state.options.engine.limits.max_pixels;
+            let max_pixels = state.options.engine.runner.limits.max_pixels;
             let (init, size) =
                 edit_inputs(&image, mask.as_deref(), &dir, settings.size, settings.strength, max_pixels)?;
             let spec = settings.spec(&state, Some(init), size)?;
@@ -248,14 +248,7 @@ fn edit_inputs(
     let transparent = rgba.pixels().any(|p| p[3] < 128);
     let fitted = super::a1111::fit_image(&image.to_rgb8(), size.0, size.1, 0);
     store(&image::DynamicImage::ImageRgb8(fitted), dir, "init.png")?;
-    let mut init = InitSpec {
-        image: "init.png".into(),
-        mask: None,
-        mask_blur: None,
-        only_masked_padding: None,
-        keep_unmasked: true,
-        strength: strength.unwrap_or(0.75),
-    };
+    let mut init = InitSpec::new(strength.unwrap_or(0.75));
     if transparent {
         let mask = image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
             image::Luma([if rgba.get_pixel(x, y)[3] < 128 { 255 } else { 0 }])

@@ -12,44 +12,23 @@ use candle_core::Tensor;
 use serde_json::{Value, json};
 
 use super::jobs::{Finished, JobId, JobSpec, JobState, job_dir};
-use super::models_dir::ModelsDir;
 use super::monitor::INTERRUPTED;
 use super::remote::{Message, ServerLink};
 use super::runner::{Checkpoint, Runner, RunnerSettings, StepReport, Watch};
 use super::store::{JobStore, StoredJob};
 use crate::Error;
-use crate::limits::Limits;
-use crate::pipeline::LoadOptions;
 
 /// How the engine loads models, bounds work and where it runs jobs.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// The model loaded at start.
-    pub model: PathBuf,
-    /// The models folder.
-    pub models_dir: ModelsDir,
-    /// Precision and how single-file checkpoints are read.
-    pub load: LoadOptions,
+    /// The model, models folder, precision and limits.
+    pub runner: RunnerSettings,
     /// Where jobs, inputs and outputs are kept.
     pub state_dir: PathBuf,
     /// Jobs waiting or running at most.
     pub max_queue: usize,
-    /// Generation limits.
-    pub limits: Limits,
     /// A Redis URL: jobs go to `diffctl worker`s through Redis Streams instead of running here.
     pub queue: Option<String>,
-}
-
-impl EngineSettings {
-    /// The runner's part.
-    pub fn runner(&self) -> RunnerSettings {
-        RunnerSettings {
-            model: self.model.clone(),
-            models_dir: self.models_dir.clone(),
-            load: self.load.clone(),
-            limits: self.limits,
-        }
-    }
 }
 
 /// Why a job was not accepted.
@@ -83,7 +62,6 @@ struct QueueState {
 /// The shared engine: see the module doc.
 pub struct Engine {
     settings: EngineSettings,
-    runner_settings: RunnerSettings,
     store: JobStore,
     queue: Mutex<QueueState>,
     wake: Condvar,
@@ -111,7 +89,7 @@ impl Engine {
         std::fs::create_dir_all(settings.state_dir.join("jobs"))
             .map_err(|e| anyhow::anyhow!("creating the state folder {}: {e}", settings.state_dir.display()))?;
         let store = JobStore::open(&settings.state_dir)?;
-        let runner_settings = settings.runner();
+        let runner_settings = settings.runner.clone();
         let (runner, remote) = match &settings.queue {
             Some(url) => (None, Some(ServerLink::connect(url, &settings.state_dir)?)),
             None => (Some(Runner::load(runner_settings.clone())?), None),
@@ -145,7 +123,6 @@ impl Engine {
             hashes: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
             remote,
-            runner_settings,
             settings,
         });
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| std::thread::Builder::new().name(name.into()).spawn(f);
@@ -306,12 +283,12 @@ impl Engine {
 
     /// Every loadable checkpoint.
     pub fn checkpoints(&self) -> Vec<Checkpoint> {
-        self.runner_settings.checkpoints(&lock(&self.hashes))
+        self.settings.runner.checkpoints(&lock(&self.hashes))
     }
 
     /// The checkpoint a title names, or an error naming the choices.
     pub fn find_checkpoint(&self, title: &str) -> Result<Checkpoint, String> {
-        self.runner_settings.find_checkpoint(title, &lock(&self.hashes))
+        self.settings.runner.find_checkpoint(title, &lock(&self.hashes))
     }
 
     /// The A1111 progress object; the preview image (base64 PNG) unless `skip_image`.

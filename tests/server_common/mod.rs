@@ -53,18 +53,20 @@ pub struct TestServer {
 pub fn options(models: &Path, state: &Path) -> ServeOptions {
     ServeOptions {
         engine: EngineSettings {
-            model: models.join("Stable-diffusion/sd1-tiny"),
-            models_dir: ModelsDir::new(Some(models.to_path_buf())),
-            load: LoadOptions {
-                files: diffctl::io::model_files::SourceOptions {
-                    model_config: Some(repo("tests/fixtures/models/sd1-tiny")),
+            runner: diffctl::server::runner::RunnerSettings {
+                model: models.join("Stable-diffusion/sd1-tiny"),
+                models_dir: ModelsDir::new(Some(models.to_path_buf())),
+                load: LoadOptions {
+                    files: diffctl::io::model_files::SourceOptions {
+                        model_config: Some(repo("tests/fixtures/models/sd1-tiny")),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
-                ..Default::default()
+                limits: Limits { max_pixels: 512 * 512, max_batch: 4, max_memory: None },
             },
             state_dir: state.to_path_buf(),
             max_queue: 64,
-            limits: Limits { max_pixels: 512 * 512, max_batch: 4, max_memory: None },
             queue: None,
         },
         address: SocketAddr::from(([127, 0, 0, 1], 0)),

@@ -251,7 +251,7 @@ fn parse_request(
     let f = Fields::of(value, "the request body").map_err(unprocessable)?;
     let engine = &state.engine;
     let settings = engine.settings();
-    let limits = settings.limits;
+    let limits = settings.runner.limits;
     let written_prompt = f.str("prompt").map_err(unprocessable)?.unwrap_or("").to_string();
     let negative_prompt = f.str("negative_prompt").map_err(unprocessable)?.unwrap_or("").to_string();
     let seed = match f.int("seed", -1, i64::from(u32::MAX)).map_err(bad)? {
@@ -323,10 +323,12 @@ fn parse_request(
     let (prompt, lora_tags) = extract_lora_tags(&written_prompt);
     let mut loras = Vec::new();
     for (name, weight) in lora_tags {
-        let entry = settings.models_dir.find(Kind::Lora, &name).map_err(|e| bad(format!("<lora:{name}>: {e}")))?;
+        let entry =
+            settings.runner.models_dir.find(Kind::Lora, &name).map_err(|e| bad(format!("<lora:{name}>: {e}")))?;
         loras.push((entry.path, weight));
     }
     let embeddings = settings
+        .runner
         .models_dir
         .list(Kind::Embedding)
         .into_iter()
@@ -409,14 +411,7 @@ fn parse_init(f: &Fields, dir: &Path, width: usize, height: usize, max_pixels: u
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(bad(format!("field `denoising_strength`: {strength} is not in (0, 1]")));
     }
-    let mut init = InitSpec {
-        image: "init.png".into(),
-        mask: None,
-        mask_blur: None,
-        only_masked_padding: None,
-        keep_unmasked: true,
-        strength,
-    };
+    let mut init = InitSpec::new(strength);
     if let Some(mask) = f.str("mask").map_err(unprocessable)? {
         let mask = decode_base64(mask, "mask", max_pixels).map_err(bad)?.to_rgb8();
         let mut mask = fit_image(&mask, width, height, mode);

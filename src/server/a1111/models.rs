@@ -6,12 +6,12 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Value, json};
 
+use super::{GenerationOutcome, submit_and_wait};
 use super::{error, parse_body};
 use crate::pipeline::hires::Upscaler;
 use crate::schedulers::{SamplerChoice, SigmaSchedule};
-use crate::server::jobs::{JobSpec, JobState, schedule_label};
+use crate::server::jobs::{JobSpec, schedule_label};
 use crate::server::models_dir::Kind;
-use crate::server::worker::SubmitError;
 use crate::server::{Shared, json_response, queue_full};
 
 pub(super) async fn get_options(State(state): State<Shared>) -> Response {
@@ -48,29 +48,13 @@ pub(super) async fn set_options(State(state): State<Shared>, body: Bytes) -> Res
     if let Err(message) = state.engine.find_checkpoint(title) {
         return error(StatusCode::BAD_REQUEST, &message);
     }
-    let engine = state.engine.clone();
-    let id = engine.new_id();
+    let id = state.engine.new_id();
     let spec = JobSpec::LoadModel { title: title.to_string() };
-    let submitted = {
-        let engine = engine.clone();
-        let id = id.clone();
-        tokio::task::spawn_blocking(move || engine.submit(&id, &spec)).await
-    };
-    match submitted {
-        Ok(Ok(())) => {}
-        Ok(Err(SubmitError::Full)) => return queue_full(false),
-        Ok(Err(SubmitError::Store(e))) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-    }
-    match engine.wait(&id).await {
-        Ok(job) if job.state == JobState::Done => json_response(StatusCode::OK, json!(null)),
-        Ok(job) => {
-            let finished = job.finished.unwrap_or_default();
-            let status =
-                if finished.client_error { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
-            error(status, finished.error.as_deref().unwrap_or("switching the model failed"))
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    match submit_and_wait(&state, &id, spec).await {
+        GenerationOutcome::Done { .. } => json_response(StatusCode::OK, json!(null)),
+        GenerationOutcome::Full => queue_full(false),
+        GenerationOutcome::Interrupted => error(StatusCode::CONFLICT, "the model switch was interrupted"),
+        GenerationOutcome::Failed((status, message)) => error(status, &message),
     }
 }
 
@@ -133,6 +117,7 @@ pub(super) async fn sd_vae(State(state): State<Shared>) -> Response {
     let list: Vec<Value> = state
         .options
         .engine
+        .runner
         .models_dir
         .list(Kind::Vae)
         .iter()
@@ -145,6 +130,7 @@ pub(super) async fn loras(State(state): State<Shared>) -> Response {
     let list: Vec<Value> = state
         .options
         .engine
+        .runner
         .models_dir
         .list(Kind::Lora)
         .iter()
@@ -155,7 +141,7 @@ pub(super) async fn loras(State(state): State<Shared>) -> Response {
 
 pub(super) async fn embeddings(State(state): State<Shared>) -> Response {
     let mut loaded = serde_json::Map::new();
-    for e in state.options.engine.models_dir.list(Kind::Embedding) {
+    for e in state.options.engine.runner.models_dir.list(Kind::Embedding) {
         loaded.insert(
             e.short_stem().to_string(),
             json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": null, "vectors": null}),
