@@ -42,7 +42,8 @@ pub fn run() -> anyhow::Result<()> {
                 linear(&xs, &weight, Some(&bias))?;
                 Ok(())
             })?;
-            report_variant("bf16 weights", bf16, flop, ours);
+            let label = if diffctl::kernels::amx::available() { "bf16 weights (AMX)" } else { "bf16 weights" };
+            report_variant(label, bf16, flop, ours);
         }
     }
     Ok(())

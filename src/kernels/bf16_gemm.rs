@@ -120,7 +120,7 @@ impl Operand {
     ///
     /// # Safety
     /// The elements read must lie inside the matrix.
-    unsafe fn pair(self, outer: usize, p: usize, depth: usize, depth_along_rows: bool) -> u32 {
+    pub(crate) unsafe fn pair(self, outer: usize, p: usize, depth: usize, depth_along_rows: bool) -> u32 {
         // SAFETY: forwarded from the caller.
         let get = |q: usize| unsafe { if depth_along_rows { self.bits(q, outer) } else { self.bits(outer, q) } };
         let hi = if p + 1 < depth { get(p + 1) } else { 0 };

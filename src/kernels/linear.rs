@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 
+use super::amx;
 use super::bf16_gemm::{self, Lhs, Operand, Rhs};
 use super::sgemm::{self, MatRef};
 use super::{LayerWeight, Start, kernel_weight};
@@ -90,6 +91,11 @@ fn forward(
                 let w = MatRef::transposed(w.as_ptr(), inp);
                 sgemm::matmul(dims, ys.as_mut_ptr(), out, start, x_rows, w, 1.0, true)
             }
+            // AMX tiles where the CPU has them, for products large enough to pay for the packing.
+            LayerWeight::Bf16(w) if rows * out * inp >= amx::MIN_MACS && amx::available() => {
+                let w = Operand::bf16_transposed(w.as_ptr(), inp);
+                amx::matmul(dims, ys.as_mut_ptr(), out, start, x_rows.into(), w, 1.0, true)
+            }
             LayerWeight::Bf16(w) => {
                 let w = Operand::bf16_transposed(w.as_ptr(), inp);
                 bf16_gemm::matmul(
@@ -148,15 +154,18 @@ mod tests {
     #[test]
     fn bf16_weights_with_f32_inputs() {
         let dev = Device::Cpu;
-        let xs = Tensor::randn(0f32, 1.0, (3, 50, 96), &dev).unwrap();
-        let weight = Tensor::randn(0f32, 0.1, (64, 96), &dev).unwrap().to_dtype(DType::BF16).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, 64, &dev).unwrap();
-        let ours = linear(&xs, &weight, Some(&bias)).unwrap();
-        assert_eq!(ours.dtype(), DType::F32);
-        let plain = candle_nn::Linear::new(weight.to_dtype(DType::F32).unwrap(), Some(bias)).forward(&xs).unwrap();
-        let diff = (ours - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let top = plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff / top < 1e-2, "relative difference {}", diff / top);
+        // A small product (the AVX512-BF16 path) and one large enough for AMX tiles where present.
+        for (rows, inp, out) in [(50, 96, 64), (300, 320, 640)] {
+            let xs = Tensor::randn(0f32, 1.0, (2, rows, inp), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 0.1, (out, inp), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, out, &dev).unwrap();
+            let ours = linear(&xs, &weight, Some(&bias)).unwrap();
+            assert_eq!(ours.dtype(), DType::F32);
+            let plain = candle_nn::Linear::new(weight.to_dtype(DType::F32).unwrap(), Some(bias)).forward(&xs).unwrap();
+            let diff = (ours - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let top = plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff / top < 1e-2, "[{rows}, {inp}] → {out}: relative difference {}", diff / top);
+        }
     }
 
     #[test]

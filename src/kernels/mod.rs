@@ -14,6 +14,7 @@
 //! - [`sgemm`]: the f32 matrix product every kernel and linear layer runs on.
 //! - [`transpose`]: [B, R, S] → [B, S, R] in blocks (the transformer's NCHW ↔ tokens changes).
 
+pub mod amx;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod conv;

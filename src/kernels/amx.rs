@@ -1,0 +1,310 @@
+//! Matrix product on Intel AMX tiles (`TDPBF16PS`: a 16x16 f32 tile += a 16x32 bf16 tile times a
+//! 32x16 bf16 tile, 16,384 multiply-adds per instruction), for the `--dtype bf16` products on CPUs
+//! that have AMX-BF16 and whose kernel grants the tile state (see [`available`]).
+//!
+//! Both operands are packed once per product in the layouts the tiles load: the left operand as
+//! rows of bf16 pairs (depth padded to whole 32-deep blocks), the right one as 32-column panels of
+//! pairs (the VNNI layout: one tile row is 16 columns' pair of consecutive depths). Each task
+//! multiplies a 32-row block by a 32-column panel over the whole depth in four accumulator tiles,
+//! then adds the result to the output's start (zero, current contents or a bias) with the scale.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::bf16_gemm::Operand;
+use super::{SharedMut, Start};
+
+/// Rows of one task's output block (two tiles).
+const MB: usize = 32;
+/// Columns of one task's output block and of a packed right panel (two tiles).
+const NB: usize = 32;
+/// Pairs of depths per tile step (a tile row is 64 bytes).
+const KP: usize = 16;
+/// Products smaller than this many multiply-adds are not worth the packing.
+pub const MIN_MACS: usize = 1 << 18;
+
+/// Whether this CPU has AMX-BF16 and the kernel lets this process use the tile data (and
+/// `DIFFCTL_NO_AMX` is not set: it keeps the AVX512-BF16 path, to compare or test it).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::env::var_os("DIFFCTL_NO_AMX").is_none() && detect())
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    use std::arch::x86_64::{__cpuid_count, _xgetbv};
+    let leaf7 = __cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+    let osxsave = __cpuid_count(1, 0).ecx & (1 << 27) != 0;
+    if !(amx_bf16 && amx_tile && osxsave && super::bf16_gemm::available()) {
+        return false;
+    }
+    // XCR0 bits 17 (tile configuration) and 18 (tile data): the kernel saves the tile state.
+    // SAFETY: OSXSAVE is set, so XGETBV is enabled.
+    let xcr0 = unsafe { _xgetbv(0) };
+    if xcr0 & (3 << 17) != 3 << 17 {
+        return false;
+    }
+    // Linux hands out the tile data only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// The tile palette: tmm0-7 all 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+thread_local! {
+    /// Whether this thread has loaded [`TileConfig`].
+    static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Loads the tile configuration on the calling thread (once).
+///
+/// # Safety
+/// [`available`] must be true.
+#[cfg(target_arch = "x86_64")]
+unsafe fn configure_thread() {
+    if CONFIGURED.get() {
+        return;
+    }
+    let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
+    for t in 0..8 {
+        config.bytes_per_row[t] = 64;
+        config.rows[t] = 16;
+    }
+    // SAFETY: AMX is available (the caller's contract); the configuration is a valid palette 1.
+    unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) &config, options(nostack, readonly)) };
+    CONFIGURED.set(true);
+}
+
+/// The output block [32, 32] (rows 128 bytes apart in `out`) of a left block of 32 rows of `pairs`
+/// pairs (`a`, rows `lda` pairs apart) times a right panel [pairs][32] (`b`): `pairs` a multiple
+/// of 16, at least 16.
+///
+/// # Safety
+/// AMX must be configured on this thread; `a` must address 32 rows of `pairs` lanes, `b` pairs x 32
+/// lanes, `out` 32 x 32 floats.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block_32x32(a: *const u32, lda: usize, b: *const u32, pairs: usize, out: &mut [f32; MB * NB]) {
+    debug_assert!(pairs >= KP && pairs % KP == 0);
+    let steps = pairs / KP;
+    let c = out.as_mut_ptr();
+    // SAFETY: every load reads inside the operands and every store inside `out` (the caller's
+    // contract): A rows i0..i0 + 16 at 64-byte steps along their pairs, B rows (pairs) 16 at a time.
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 2048",
+            "add {b1}, 2048",
+            "dec {steps}",
+            "jnz 2b",
+            "tilestored [{c0} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c3} + {ldc}*1], tmm3",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a.add(16 * lda) => _,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b.add(16) => _,
+            steps = inout(reg) steps => _,
+            lda = in(reg) lda * 4,
+            ldb = in(reg) NB * 4,
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * NB),
+            c3 = in(reg) c.add(16 * NB + 16),
+            ldc = in(reg) NB * 4,
+            options(nostack),
+        );
+    }
+}
+
+/// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n] on AMX tiles, bf16 products
+/// accumulated in f32; split over rayon's threads with `parallel`.
+///
+/// # Safety
+/// [`available`] must be true; `lhs`, `rhs` and `dst` must address matrices of these sizes (dst rows
+/// `ldd` apart, unit column stride) that do not overlap; no one else may access `dst` during the
+/// call; a bias of `start` must hold m rows or n columns.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    start: Start,
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // SAFETY: dst [m, n] and the bias (the caller's contract).
+        return unsafe { start.fill(dst, ldd, (m, n)) };
+    }
+    let pairs = k.div_ceil(2).next_multiple_of(KP);
+    let (row_blocks, panels) = (m.div_ceil(MB), n.div_ceil(NB));
+    // Left: row i's pairs at a[i·pairs ..]; rows past m and depths past k zero.
+    let mut a = vec![0u32; row_blocks * MB * pairs];
+    let pack_row = |(i, row): (usize, &mut [u32])| {
+        if i < m {
+            for (pp, lane) in row.iter_mut().take(k.div_ceil(2)).enumerate() {
+                // SAFETY: row i < m, depths 2pp, 2pp + 1 < k (`pair` zeroes depth k).
+                *lane = unsafe { lhs.pair(i, 2 * pp, k, false) };
+            }
+        }
+    };
+    // Right: panel q's pair pp of column j at b[(q·pairs + pp)·NB + j].
+    let mut b = vec![0u32; panels * pairs * NB];
+    let pack_panel = |(q, panel): (usize, &mut [u32])| {
+        for j in 0..NB.min(n - q * NB) {
+            for pp in 0..k.div_ceil(2) {
+                // SAFETY: column q·NB + j < n, depths 2pp, 2pp + 1 < k.
+                panel[pp * NB + j] = unsafe { rhs.pair(q * NB + j, 2 * pp, k, true) };
+            }
+        }
+    };
+    if parallel {
+        a.par_chunks_mut(pairs).enumerate().for_each(pack_row);
+        b.par_chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
+    } else {
+        a.chunks_mut(pairs).enumerate().for_each(pack_row);
+        b.chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
+    }
+    let dst = SharedMut(dst);
+    let task = |(t, q): (usize, usize)| {
+        let mut block = [0f32; MB * NB];
+        // SAFETY: AMX is available (the caller's contract); the block and panel hold `pairs` pairs;
+        // the output corner lies inside dst.
+        unsafe {
+            configure_thread();
+            block_32x32(a[t * MB * pairs..].as_ptr(), pairs, b[q * pairs * NB..].as_ptr(), pairs, &mut block);
+            if scale != 1.0 {
+                block.iter_mut().for_each(|v| *v *= scale);
+            }
+            let (i0, j0) = (t * MB, q * NB);
+            let corner = (MB.min(m - i0), NB.min(n - j0));
+            super::store_corner(&block, NB, dst.get().add(i0 * ldd + j0), ldd, corner, start.at(i0, j0));
+        }
+    };
+    let tasks: Vec<(usize, usize)> = (0..row_blocks).flat_map(|t| (0..panels).map(move |q| (t, q))).collect();
+    if parallel {
+        tasks.into_par_iter().for_each(task);
+    } else {
+        tasks.into_iter().for_each(task);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn configure_thread() {
+    unreachable!("AMX runs only on x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: &mut [f32; MB * NB]) {
+    unreachable!("AMX runs only on x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::sgemm::MatRef;
+    use crate::kernels::tests::StartKind;
+    use half::bf16;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                let x = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn round(x: f32) -> f64 {
+        bf16::from_f32(x).to_f64()
+    }
+
+    /// Against an f64 triple loop over the bf16-rounded operands: f32 left and right (row-major),
+    /// or bf16 right stored transposed (a linear layer's weight).
+    fn check((m, n, k): (usize, usize, usize), bf16_rhs: bool, kind: StartKind, parallel: bool) {
+        let a = values(m * k, 1);
+        let b = values(k * n, 2);
+        let b16t: Vec<u16> = (0..n * k).map(|idx| bf16::from_f32(b[(idx % k) * n + idx / k]).to_bits()).collect();
+        let ldd = n + 5;
+        let initial = values(m * ldd, 3);
+        let (row_bias, column_bias) = (values(m, 6), values(n, 7));
+        let lhs: Operand = MatRef::rows(a.as_ptr(), k).into();
+        let rhs =
+            if bf16_rhs { Operand::bf16_transposed(b16t.as_ptr(), k) } else { MatRef::rows(b.as_ptr(), n).into() };
+        let mut out = initial.clone();
+        // SAFETY: AMX checked by the caller; lhs [m, k], rhs [k, n], out [m, ldd].
+        unsafe {
+            matmul((m, n, k), out.as_mut_ptr(), ldd, kind.start(&row_bias, &column_bias), lhs, rhs, 0.5, parallel)
+        };
+        for i in 0..m {
+            for j in 0..ldd {
+                let got = out[i * ldd + j] as f64;
+                let expected = if j >= n {
+                    initial[i * ldd + j] as f64
+                } else {
+                    let dot: f64 = (0..k).map(|p| round(a[i * k + p]) * round(b[p * n + j])).sum();
+                    0.5 * dot + kind.expected(initial[i * ldd + j], &row_bias, &column_bias, (i, j))
+                };
+                assert!(
+                    (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
+                    "({m}, {n}, {k}) bf16 rhs {bf16_rhs} {kind:?}: [{i}, {j}] = {got}, expected {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_a_product_of_rounded_operands() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX-BF16 (or the kernel does not grant the tile state)");
+            return;
+        }
+        for dims in [(1, 1, 1), (32, 32, 32), (33, 31, 33), (16, 48, 64), (70, 90, 300), (5, 200, 7), (64, 64, 0)] {
+            for bf16_rhs in [false, true] {
+                for kind in StartKind::ALL {
+                    check(dims, bf16_rhs, kind, false);
+                }
+            }
+        }
+        check((300, 130, 700), true, StartKind::ColumnBias, true);
+        check((257, 320, 1280), false, StartKind::Current, true);
+    }
+}
