@@ -102,7 +102,7 @@ unsafe fn configure_thread() {
 /// lanes, `out` 32 x 32 floats.
 #[cfg(target_arch = "x86_64")]
 unsafe fn block_32x32(a: *const u32, lda: usize, b: *const u32, pairs: usize, out: &mut [f32; MB * NB]) {
-    debug_assert!(pairs >= KP && pairs % KP == 0);
+    debug_assert!(pairs >= KP && pairs.is_multiple_of(KP));
     let steps = pairs / KP;
     let c = out.as_mut_ptr();
     // SAFETY: every load reads inside the operands and every store inside `out` (the caller's
