@@ -16,6 +16,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::amx;
 use super::bf16_gemm::{self, Lhs, Operand, PackedLhs, PackedRhs, Rhs};
 use super::sgemm::{self, MatRef};
 use super::{LayerWeight, Start, kernel_weight};
@@ -207,6 +208,8 @@ fn channel_bias(bias: Option<&[f32]>) -> Start {
 enum WeightMatrix<'a> {
     F32(&'a [f32]),
     Bf16 { weight: PackedLhs, columns: PackedRhs },
+    /// bf16 on AMX tiles (which pack their operands per product).
+    Amx(&'a [u16]),
 }
 
 impl<'a> WeightMatrix<'a> {
@@ -214,6 +217,7 @@ impl<'a> WeightMatrix<'a> {
     fn new(weight: LayerWeight<'a>, (m, k): (usize, usize)) -> Self {
         match weight {
             LayerWeight::F32(w) => WeightMatrix::F32(w),
+            LayerWeight::Bf16(w) if amx::available() => WeightMatrix::Amx(w),
             LayerWeight::Bf16(w) => {
                 let mut weight = PackedLhs::default();
                 // SAFETY: w holds the m x k weight, row-major.
@@ -244,6 +248,14 @@ impl<'a> WeightMatrix<'a> {
                         Rhs::Strided(rhs.into())
                     };
                     bf16_gemm::matmul((m, n, k), dst, ldd, start, Lhs::Packed(weight), rhs, 1.0, true)
+                }
+                WeightMatrix::Amx(w) => {
+                    let w = Operand::bf16_rows(w.as_ptr(), k);
+                    if m * n * k >= amx::MIN_MACS {
+                        amx::matmul((m, n, k), dst, ldd, start, w, rhs.into(), 1.0, true)
+                    } else {
+                        bf16_gemm::matmul((m, n, k), dst, ldd, start, Lhs::Strided(w), Rhs::Strided(rhs.into()), 1.0, true)
+                    }
                 }
             }
         }
