@@ -44,6 +44,39 @@ pub fn run() -> anyhow::Result<()> {
             })?;
             let label = if diffctl::kernels::amx::available() { "bf16 weights (AMX)" } else { "bf16 weights" };
             report_variant(label, bf16, flop, ours);
+            if diffctl::kernels::amx::available() {
+                // The two bf16 products alone on the same operands: AVX512-BF16 against AMX tiles.
+                let x = xs.flatten_all()?.to_vec1::<f32>()?;
+                let w: Vec<u16> = weight.flatten_all()?.to_vec1::<half::bf16>()?.iter().map(|v| v.to_bits()).collect();
+                let mut y = vec![0f32; rows * out];
+                let dims = (rows, out, inp);
+                let lhs = bf16_gemm::Operand::from(diffctl::kernels::sgemm::MatRef::rows(x.as_ptr(), inp));
+                let rhs = bf16_gemm::Operand::bf16_transposed(w.as_ptr(), inp);
+                let zero = diffctl::kernels::Start::Zero;
+                // SAFETY: x [rows, inp], w [out, inp] read as [inp, out], y [rows, out].
+                let avx512 = median_ms(7, || {
+                    unsafe {
+                        bf16_gemm::matmul(
+                            dims,
+                            y.as_mut_ptr(),
+                            out,
+                            zero,
+                            bf16_gemm::Lhs::Strided(lhs),
+                            bf16_gemm::Rhs::Strided(rhs),
+                            1.0,
+                            true,
+                        )
+                    };
+                    Ok(())
+                })?;
+                // SAFETY: as above; AMX checked.
+                let tiles = median_ms(7, || {
+                    unsafe { diffctl::kernels::amx::matmul(dims, y.as_mut_ptr(), out, zero, lhs, rhs, 1.0, true) };
+                    Ok(())
+                })?;
+                report_variant("  product only, AVX512-BF16", avx512, flop, ours);
+                report_variant("  product only, AMX", tiles, flop, ours);
+            }
         }
     }
     Ok(())

@@ -13,13 +13,14 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::bf16_gemm::Operand;
+use super::bf16_gemm::{NR, Operand, pack_rhs};
 use super::{SharedMut, Start};
 
 /// Rows of one task's output block (two tiles).
 const MB: usize = 32;
 /// Columns of one task's output block and of a packed right panel (two tiles).
 const NB: usize = 32;
+const _: () = assert!(NB == NR, "the right panels are bf16_gemm's");
 /// Pairs of depths per tile step (a tile row is 64 bytes).
 const KP: usize = 16;
 /// Products smaller than this many multiply-adds are not worth the packing.
@@ -180,21 +181,16 @@ pub unsafe fn matmul(
     let mut a = vec![0u32; row_blocks * MB * pairs];
     let pack_row = |(i, row): (usize, &mut [u32])| {
         if i < m {
-            for (pp, lane) in row.iter_mut().take(k.div_ceil(2)).enumerate() {
-                // SAFETY: row i < m, depths 2pp, 2pp + 1 < k (`pair` zeroes depth k).
-                *lane = unsafe { lhs.pair(i, 2 * pp, k, false) };
-            }
+            // SAFETY: row i < m of lhs, k depths (the caller's contract).
+            unsafe { lhs.pack_row_pairs(i, k, row) };
         }
     };
-    // Right: panel q's pair pp of column j at b[(q·pairs + pp)·NB + j].
+    // Right: panel q's pair pp of column j at b[(q·pairs + pp)·NB + j] (bf16_gemm's panel layout,
+    // NR = NB columns, here with the depth padded).
     let mut b = vec![0u32; panels * pairs * NB];
     let pack_panel = |(q, panel): (usize, &mut [u32])| {
-        for j in 0..NB.min(n - q * NB) {
-            for pp in 0..k.div_ceil(2) {
-                // SAFETY: column q·NB + j < n, depths 2pp, 2pp + 1 < k.
-                panel[pp * NB + j] = unsafe { rhs.pair(q * NB + j, 2 * pp, k, true) };
-            }
-        }
+        // SAFETY: columns q·NB.. < n of rhs, k depths (the caller's contract).
+        unsafe { pack_rhs(rhs.at(0, q * NB), k, NB.min(n - q * NB), panel) };
     };
     if parallel {
         a.par_chunks_mut(pairs).enumerate().for_each(pack_row);

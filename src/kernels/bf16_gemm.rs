@@ -88,7 +88,7 @@ impl Operand {
     ///
     /// # Safety
     /// (i, j) must lie inside the matrix.
-    unsafe fn at(self, i: usize, j: usize) -> Self {
+    pub(crate) unsafe fn at(self, i: usize, j: usize) -> Self {
         let offset = i * self.row_stride + j * self.col_stride;
         // SAFETY: forwarded from the caller.
         let elements = unsafe {
@@ -125,6 +125,43 @@ impl Operand {
         let get = |q: usize| unsafe { if depth_along_rows { self.bits(q, outer) } else { self.bits(outer, q) } };
         let hi = if p + 1 < depth { get(p + 1) } else { 0 };
         get(p) as u32 | (hi as u32) << 16
+    }
+}
+
+impl Operand {
+    /// Row i's depths 0..k as pairs, `out[pp]` = (2pp, 2pp + 1) (0 past k): the row layout AMX
+    /// tiles load. Contiguous f32 rows convert in a vectorised loop, contiguous bf16 rows copy.
+    ///
+    /// # Safety
+    /// Row i must lie inside the matrix with k elements; `out` must hold ⌈k/2⌉ lanes.
+    pub(crate) unsafe fn pack_row_pairs(self, i: usize, k: usize, out: &mut [u32]) {
+        // SAFETY: row i (the caller's contract).
+        let row = unsafe { self.at(i, 0) };
+        let out = &mut out[..k.div_ceil(2)];
+        match row.elements {
+            Elements::F32(p) if row.col_stride == 1 => {
+                // SAFETY: the row's k floats (the caller's contract).
+                let src = unsafe { std::slice::from_raw_parts(p, k) };
+                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *o = pair(c[0], c[1]);
+                }
+                if k % 2 == 1 {
+                    out[k / 2] = pair(src[k - 1], 0.0);
+                }
+            }
+            Elements::Bf16(p) if row.col_stride == 1 => {
+                for (pp, o) in out.iter_mut().enumerate() {
+                    // SAFETY: depths 2pp, 2pp + 1 (when < k) of the row.
+                    *o = unsafe { pair_contiguous_bf16(p, 2 * pp, k) };
+                }
+            }
+            _ => {
+                for (pp, o) in out.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    *o = unsafe { row.pair(0, 2 * pp, k, false) };
+                }
+            }
+        }
     }
 }
 
@@ -539,7 +576,7 @@ unsafe fn pair_contiguous_bf16(ptr: *const u16, p: usize, depth: usize) -> u32 {
 ///
 /// # Safety
 /// `rhs` must address kc x nc elements.
-unsafe fn pack_rhs(rhs: Operand, kc: usize, nc: usize, out: &mut [u32]) {
+pub(crate) unsafe fn pack_rhs(rhs: Operand, kc: usize, nc: usize, out: &mut [u32]) {
     let pairs = kc.div_ceil(2);
     for (q, panel) in out[..nc.div_ceil(NR) * pairs * NR].chunks_exact_mut(pairs * NR).enumerate() {
         let cols = NR.min(nc - q * NR);

@@ -207,7 +207,10 @@ fn channel_bias(bias: Option<&[f32]>) -> Start {
 /// it multiplies packed once for all threads.
 enum WeightMatrix<'a> {
     F32(&'a [f32]),
-    Bf16 { weight: PackedLhs, columns: PackedRhs },
+    Bf16 {
+        weight: PackedLhs,
+        columns: PackedRhs,
+    },
     /// bf16 on AMX tiles (which pack their operands per product).
     Amx(&'a [u16]),
 }
@@ -254,7 +257,16 @@ impl<'a> WeightMatrix<'a> {
                     if m * n * k >= amx::MIN_MACS {
                         amx::matmul((m, n, k), dst, ldd, start, w, rhs.into(), 1.0, true)
                     } else {
-                        bf16_gemm::matmul((m, n, k), dst, ldd, start, Lhs::Strided(w), Rhs::Strided(rhs.into()), 1.0, true)
+                        bf16_gemm::matmul(
+                            (m, n, k),
+                            dst,
+                            ldd,
+                            start,
+                            Lhs::Strided(w),
+                            Rhs::Strided(rhs.into()),
+                            1.0,
+                            true,
+                        )
                     }
                 }
             }
