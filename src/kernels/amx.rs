@@ -73,6 +73,8 @@ struct TileConfig {
 thread_local! {
     /// Whether this thread has loaded [`TileConfig`].
     static CONFIGURED: Cell<bool> = const { Cell::new(false) };
+    /// The calling thread's packing buffers (left rows, right panels), kept between products.
+    static SCRATCH: Cell<[Vec<u32>; 2]> = const { Cell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Loads the tile configuration on the calling thread (once).
@@ -177,28 +179,38 @@ pub unsafe fn matmul(
     }
     let pairs = k.div_ceil(2).next_multiple_of(KP);
     let (row_blocks, panels) = (m.div_ceil(MB), n.div_ceil(NB));
+    let filled = k.div_ceil(2);
+    // The packing buffers are reused across calls (fresh pages cost the kernel's zeroing); they are
+    // taken out of the thread's slot while in use, so a nested call on this thread gets its own.
+    let [mut a, mut b] = SCRATCH.take();
     // Left: row i's pairs at a[i·pairs ..]; rows past m and depths past k zero.
-    let mut a = vec![0u32; row_blocks * MB * pairs];
+    a.resize(a.len().max(row_blocks * MB * pairs), 0);
     let pack_row = |(i, row): (usize, &mut [u32])| {
         if i < m {
             // SAFETY: row i < m of lhs, k depths (the caller's contract).
             unsafe { lhs.pack_row_pairs(i, k, row) };
+            row[filled..].fill(0);
+        } else {
+            row.fill(0);
         }
     };
     // Right: panel q's pair pp of column j at b[(q·pairs + pp)·NB + j] (bf16_gemm's panel layout,
-    // NR = NB columns, here with the depth padded).
-    let mut b = vec![0u32; panels * pairs * NB];
+    // NR = NB columns, here with the depth padded with zeros).
+    b.resize(b.len().max(panels * pairs * NB), 0);
     let pack_panel = |(q, panel): (usize, &mut [u32])| {
         // SAFETY: columns q·NB.. < n of rhs, k depths (the caller's contract).
         unsafe { pack_rhs(rhs.at(0, q * NB), k, NB.min(n - q * NB), panel) };
+        panel[filled * NB..].fill(0);
     };
+    let (a_packed, b_packed) = (&mut a[..row_blocks * MB * pairs], &mut b[..panels * pairs * NB]);
     if parallel {
-        a.par_chunks_mut(pairs).enumerate().for_each(pack_row);
-        b.par_chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
+        a_packed.par_chunks_mut(pairs).enumerate().for_each(pack_row);
+        b_packed.par_chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
     } else {
-        a.chunks_mut(pairs).enumerate().for_each(pack_row);
-        b.chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
+        a_packed.chunks_mut(pairs).enumerate().for_each(pack_row);
+        b_packed.chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
     }
+    let (a_packed, b_packed) = (&*a_packed, &*b_packed);
     let dst = SharedMut(dst);
     let task = |(t, q): (usize, usize)| {
         let mut block = [0f32; MB * NB];
@@ -206,7 +218,8 @@ pub unsafe fn matmul(
         // the output corner lies inside dst.
         unsafe {
             configure_thread();
-            block_32x32(a[t * MB * pairs..].as_ptr(), pairs, b[q * pairs * NB..].as_ptr(), pairs, &mut block);
+            let (lhs, rhs) = (a_packed[t * MB * pairs..].as_ptr(), b_packed[q * pairs * NB..].as_ptr());
+            block_32x32(lhs, pairs, rhs, pairs, &mut block);
             if scale != 1.0 {
                 block.iter_mut().for_each(|v| *v *= scale);
             }
@@ -215,12 +228,19 @@ pub unsafe fn matmul(
             super::store_corner(&block, NB, dst.get().add(i0 * ldd + j0), ldd, corner, start.at(i0, j0));
         }
     };
-    let tasks: Vec<(usize, usize)> = (0..row_blocks).flat_map(|t| (0..panels).map(move |q| (t, q))).collect();
+    // The larger packed operand is walked once: each of its blocks meets every block of the other
+    // (which stays in cache) before the next is read.
+    let tasks: Vec<(usize, usize)> = if b_packed.len() > a_packed.len() {
+        (0..panels).flat_map(|q| (0..row_blocks).map(move |t| (t, q))).collect()
+    } else {
+        (0..row_blocks).flat_map(|t| (0..panels).map(move |q| (t, q))).collect()
+    };
     if parallel {
         tasks.into_par_iter().for_each(task);
     } else {
         tasks.into_iter().for_each(task);
     }
+    SCRATCH.set([a, b]);
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -162,8 +162,9 @@ impl CustomOp3 for Attention {
 
 /// What every task reads of the keys and values, prepared once per call (index b·H + h).
 enum Heads {
-    /// f32 products: the keys are read in place; Vᵀ [Dv, Lk] of every head, row-major.
-    F32 { values_t: Vec<f32>, lk: usize, dv: usize },
+    /// The keys read in place and Vᵀ [Dv, Lk] of every head, row-major: f32 products, or with `amx`
+    /// bf16 products on AMX tiles (which pack their operands per product).
+    F32 { values_t: Vec<f32>, lk: usize, dv: usize, amx: bool },
     /// bf16 products: every head's K [Lk, D] and Vᵀ [Dv, Lk] packed in bf16.
     Bf16 { keys: Vec<PackedLhs>, values_t: Vec<PackedLhs>, lk: usize, dv: usize },
 }
@@ -174,14 +175,15 @@ impl Heads {
         let dv = v.dims[3];
         // Vᵀ's element (c, key) is V's (key, c).
         let v_t = |bh: usize| MatRef::transposed(v.row(bh / h, bh % h, 0), v.stride[2]);
-        if !bf16 {
+        let amx = bf16 && super::amx::available();
+        if !bf16 || amx {
             let mut values_t = super::output_buffer(b * h * dv * lk);
             values_t.par_chunks_mut(dv * lk).enumerate().for_each(|(bh, head)| {
                 // SAFETY: the rows of head bh lie inside v's storage, as its layout guarantees; the
                 // head's slice holds dv rows of lk.
                 unsafe { sgemm::copy_block(v_t(bh), dv, lk, head, lk) }
             });
-            return Self::F32 { values_t, lk, dv };
+            return Self::F32 { values_t, lk, dv, amx };
         }
         let pack = |(bh, (keys, values_t)): (usize, (&mut PackedLhs, &mut PackedLhs))| {
             // SAFETY: the rows of head bh lie inside the storages, as their layouts guarantee.
@@ -247,10 +249,17 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                 // packed copy, c0 a multiple of the chunk and so even), Vᵀ holds Lk columns; `s` is
                 // [len, n] and Oᵀ [dv, n], both this task's own.
                 match heads {
-                    Heads::F32 { values_t, .. } => unsafe {
+                    Heads::F32 { values_t, amx, .. } => unsafe {
+                        let product = |dims, dst, ldd, start, lhs: MatRef, rhs: MatRef, scale| {
+                            if *amx {
+                                super::amx::matmul(dims, dst, ldd, start, lhs.into(), rhs.into(), scale, false)
+                            } else {
+                                sgemm::matmul(dims, dst, ldd, start, lhs, rhs, scale, false)
+                            }
+                        };
                         // Sᵀ [len, n] = scale · log2(e) · K_chunk [len, d] · Qᵀ [d, n].
                         let keys = MatRef::rows(k.row(bi, hi, c0), k.stride[2]);
-                        sgemm::matmul((len, n, d), s.as_mut_ptr(), n, Start::Zero, keys, queries_t, log2_scale, false);
+                        product((len, n, d), s.as_mut_ptr(), n, Start::Zero, keys, queries_t, log2_scale);
                         if avx512 {
                             softmax_columns_avx512(s, n, stats, &mut scratch.out, first);
                         } else {
@@ -259,7 +268,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                         // Oᵀ [dv, n] (+)= Vᵀ_chunk [dv, len] · Pᵀ [len, n].
                         let values_t = MatRef::rows(values_t[bh * dv * lk + c0..].as_ptr(), lk);
                         let probabilities = MatRef::rows(s.as_ptr(), n);
-                        sgemm::matmul((dv, n, len), dst, n, start, values_t, probabilities, 1.0, false);
+                        product((dv, n, len), dst, n, start, values_t, probabilities, 1.0);
                     },
                     Heads::Bf16 { keys, values_t, .. } => unsafe {
                         let queries = &scratch.queries;
