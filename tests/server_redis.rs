@@ -3,26 +3,17 @@
 
 mod server_common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use server_common::*;
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn redis_server(port: u16) -> Killed {
+fn redis_server(port: u16) -> KillOnDrop {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
         .stdout(Stdio::null())
@@ -35,10 +26,10 @@ fn redis_server(port: u16) -> Killed {
         assert!(Instant::now() < deadline, "redis-server did not start listening");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Killed(child)
+    KillOnDrop(child)
 }
 
-fn worker(url: &str, models: &std::path::Path, work: &std::path::Path, log: &std::path::Path) -> Killed {
+fn worker(url: &str, models: &std::path::Path, work: &std::path::Path, log: &std::path::Path) -> KillOnDrop {
     let child = Command::new(env!("CARGO_BIN_EXE_diffctl"))
         .args(["worker", "--queue", url, "--model"])
         .arg(models.join("Stable-diffusion/sd1-tiny"))
@@ -51,7 +42,7 @@ fn worker(url: &str, models: &std::path::Path, work: &std::path::Path, log: &std
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    Killed(child)
+    KillOnDrop(child)
 }
 
 #[test]

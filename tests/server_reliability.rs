@@ -4,7 +4,7 @@
 
 mod server_common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
@@ -191,16 +191,7 @@ fn eight_concurrent_clients_all_get_their_images() {
     }
 }
 
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(models: &std::path::Path, state: &std::path::Path, port: u16) -> ServerProcess {
+fn serve(models: &std::path::Path, state: &std::path::Path, port: u16) -> KillOnDrop {
     let child = Command::new(env!("CARGO_BIN_EXE_diffctl"))
         .args(["serve", "--model"])
         .arg(models.join("Stable-diffusion/sd1-tiny"))
@@ -217,7 +208,7 @@ fn serve(models: &std::path::Path, state: &std::path::Path, port: u16) -> Server
         assert!(Instant::now() < deadline, "diffctl serve did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    ServerProcess(child)
+    KillOnDrop(child)
 }
 
 #[test]

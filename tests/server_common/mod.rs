@@ -161,3 +161,13 @@ pub fn cli_image(args: &[&str]) -> image::RgbImage {
 pub fn repo_str(rel: &str) -> &'static str {
     Box::leak(repo(rel).display().to_string().into_boxed_str())
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
