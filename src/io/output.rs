@@ -174,6 +174,11 @@ pub fn write_file(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> R
     outputs.commit()
 }
 
+/// Writes `bytes` as the file `path` through [`write_file`].
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file(path, |file| std::io::Write::write_all(file, bytes).map_err(|e| Error::io(path, e)))
+}
+
 /// Writes `tensors` as a safetensors file to `file` (streamed, one tensor at a time), with the
 /// optional `__metadata__`. Errors are strings for the caller to attach the path to.
 pub fn write_safetensors(

@@ -79,7 +79,7 @@ async fn detect(State(state): State<Shared>, body: Bytes) -> Response {
             let image = decode_base64(text, &format!("controlnet_input_images[{i}]"), max_pixels)?.to_rgb8();
             let processed = preprocess(&module, &image, res, a, b)?;
             let bytes = super::png::encode(&processed, None).map_err(|e| e.to_string())?;
-            out.push(super::worker::base64_encode(&bytes));
+            out.push(super::images::encode_base64(&bytes));
         }
         Ok(json!({"images": out, "info": "Success"}))
     })

@@ -7,8 +7,14 @@ use base64::Engine as _;
 
 use crate::io::image::{MAX_IMAGE_ALLOC, MAX_IMAGE_SIDE};
 
-/// Decodes a base64 image (optionally a `data:image/...;base64,` URL); `what` names it in errors.
-pub fn decode_base64(text: &str, what: &str, max_pixels: u64) -> Result<image::DynamicImage, String> {
+/// Standard base64 of `bytes` (how every image leaves the server).
+pub fn encode_base64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The bytes of base64 text: raw (padding optional, whitespace ignored) or a `data:...;base64,`
+/// URL; `what` names it in errors.
+pub fn decode_base64_bytes(text: &str, what: &str) -> Result<Vec<u8>, String> {
     let payload = match text.trim().strip_prefix("data:") {
         Some(rest) => {
             rest.split_once(',').map(|(_, data)| data).ok_or_else(|| format!("{what}: a data URL without data"))?
@@ -16,11 +22,14 @@ pub fn decode_base64(text: &str, what: &str, max_pixels: u64) -> Result<image::D
         None => text.trim(),
     };
     let cleaned: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
+    base64::engine::general_purpose::STANDARD_NO_PAD
         .decode(cleaned.trim_end_matches('='))
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.trim_end_matches('=')))
-        .map_err(|e| format!("{what}: not valid base64 ({e})"))?;
-    decode_bytes(&bytes, what, max_pixels)
+        .map_err(|e| format!("{what}: not valid base64 ({e})"))
+}
+
+/// Decodes a base64 image (optionally a `data:image/...;base64,` URL); `what` names it in errors.
+pub fn decode_base64(text: &str, what: &str, max_pixels: u64) -> Result<image::DynamicImage, String> {
+    decode_bytes(&decode_base64_bytes(text, what)?, what, max_pixels)
 }
 
 /// Decodes image file bytes (PNG or JPEG) within the limits.

@@ -21,7 +21,6 @@ pub mod web;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -279,7 +278,7 @@ pub async fn job_status(State(state): State<Shared>, axum::extract::Path(id): ax
                 .images
                 .iter()
                 .filter_map(|name| std::fs::read(dir.join(name)).ok())
-                .map(|b| worker::base64_encode(&b))
+                .map(|b| images::encode_base64(&b))
                 .collect();
             json_response(
                 StatusCode::OK,
@@ -297,9 +296,4 @@ pub async fn job_status(State(state): State<Shared>, axum::extract::Path(id): ax
 pub fn describe(options: &ServeOptions) -> String {
     let auth = if options.api_auth.is_some() { " (with --api-auth)" } else { "" };
     format!("http://{}{auth}, state in {}", options.address, options.engine.state_dir.display())
-}
-
-/// The default state folder: `./diffctl-state`.
-pub fn default_state_dir() -> PathBuf {
-    PathBuf::from("diffctl-state")
 }

@@ -13,9 +13,8 @@ use serde_json::{Value, json};
 
 use super::a1111::{GenerationOutcome, submit_and_wait};
 use super::fields::Fields;
-use super::images::{decode_bytes, store};
+use super::images::{decode_bytes, encode_base64, store};
 use super::jobs::{GenerationSpec, InitSpec, JobSpec};
-use super::worker::base64_encode;
 use super::{AppState, Shared, json_response, queue_full};
 
 /// The routes.
@@ -273,7 +272,7 @@ async fn respond(state: &AppState, headers: &HeaderMap, id: &str, spec: Generati
                     if url {
                         json!({"url": format!("http://{host}/diffctl/v1/files/{id}/{name}"), "revised_prompt": prompt})
                     } else {
-                        json!({"b64_json": base64_encode(bytes), "revised_prompt": prompt})
+                        json!({"b64_json": encode_base64(bytes), "revised_prompt": prompt})
                     }
                 })
                 .collect();

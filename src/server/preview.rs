@@ -12,6 +12,13 @@ const SD1: [[f32; 3]; 4] =
 const SDXL: [[f32; 3]; 4] =
     [[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163], [-0.3730, -0.2499, -0.2088]];
 
+/// [`cheap_preview`] as a base64 PNG, for the progress route and the events; `None` where there is
+/// none.
+pub fn preview_base64(latents: &Tensor, sdxl: bool) -> Option<String> {
+    let image = cheap_preview(latents, sdxl).ok().flatten()?;
+    super::png::encode(&image, None).ok().map(|bytes| super::images::encode_base64(&bytes))
+}
+
 /// The first image of `latents` [B, 4, h, w] as an h×w RGB preview; `None` for latents of another
 /// channel count.
 pub fn cheap_preview(latents: &Tensor, sdxl: bool) -> Result<Option<image::RgbImage>> {

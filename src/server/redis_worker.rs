@@ -84,13 +84,8 @@ fn run_job(
         if link.is_cancelled(&envelope.id) {
             cancel.store(true, Ordering::Relaxed);
         }
-        let preview = latents
-            .lock()
-            .ok()
-            .and_then(|l| l.clone())
-            .and_then(|l| super::preview::cheap_preview(&l, sdxl).ok().flatten())
-            .and_then(|img| super::png::encode(&img, None).ok())
-            .map(|b| super::worker::base64_encode(&b));
+        let preview =
+            latents.lock().ok().and_then(|l| l.clone()).and_then(|l| super::preview::preview_base64(&l, sdxl));
         let _ = link.send(&envelope.reply, &progress(&envelope.id, r, preview));
     };
     let settings = runner.settings().clone();

@@ -10,10 +10,10 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
-use base64::Engine as _;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use serde::{Deserialize, Serialize};
 
+use super::images::{decode_base64_bytes, encode_base64};
 use super::jobs::{Finished, JobSpec, JobState};
 use super::runner::StepReport;
 
@@ -57,12 +57,8 @@ pub enum Message {
     },
 }
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 fn unb64(text: &str) -> anyhow::Result<Vec<u8>> {
-    Ok(base64::engine::general_purpose::STANDARD.decode(text)?)
+    decode_base64_bytes(text, "a file on the stream").map_err(anyhow::Error::msg)
 }
 
 fn connect(url: &str) -> anyhow::Result<redis::Connection> {
@@ -129,7 +125,8 @@ impl ServerLink {
 
     /// Puts job `id` on the stream with its input files.
     pub fn dispatch(&self, id: &str, spec: &JobSpec, files: Files) -> anyhow::Result<()> {
-        let files: HashMap<String, String> = files.into_iter().map(|(name, bytes)| (name, b64(&bytes))).collect();
+        let files: HashMap<String, String> =
+            files.into_iter().map(|(name, bytes)| (name, encode_base64(&bytes))).collect();
         let _: String = redis::cmd("XADD")
             .arg(JOBS)
             .arg("*")
@@ -283,7 +280,7 @@ impl WorkerLink {
         finished: Finished,
         images: Files,
     ) -> anyhow::Result<()> {
-        let images = images.into_iter().map(|(name, bytes)| (name, b64(&bytes))).collect();
+        let images = images.into_iter().map(|(name, bytes)| (name, encode_base64(&bytes))).collect();
         let message =
             Message::Finished { id: envelope.id.clone(), state, finished, images, worker: self.consumer.clone() };
         self.send(&envelope.reply, &message)?;

@@ -17,7 +17,8 @@ use crate::io::model_files::SourceOptions;
 use crate::limits::Limits;
 use crate::noise::SeededNoise;
 use crate::pipeline::hires::{Upscaler, upscale_image, upscale_latents};
-use crate::pipeline::{LoadOptions, Progress, StableDiffusion};
+use crate::pipeline::{Generated, LoadOptions, Progress, StableDiffusion};
+use crate::request::Request;
 
 /// What a runner loads models with.
 #[derive(Debug, Clone)]
@@ -231,7 +232,7 @@ impl Runner {
         }
     }
 
-    fn generate(&mut self, spec: &GenerationSpec, dir: &Path, watch: Watch) -> Result<Finished, JobError> {
+    fn generate(&mut self, spec: &GenerationSpec, dir: &Path, mut watch: Watch) -> Result<Finished, JobError> {
         let model_name = self.checkpoint.entry.stem.clone();
         let Some(model) = self.model.as_mut() else {
             return Err(JobError {
@@ -239,41 +240,20 @@ impl Runner {
                 client_error: false,
             });
         };
+        let (load, limits) = (&self.settings.load, self.settings.limits);
         let mut finished = Finished::default();
         for iteration in 0..spec.n_iter {
             (watch.report)(StepReport { iteration, step: 0, steps: spec.steps });
-            let mut request = spec.request(dir, iteration, self.settings.limits)?;
-            request.embeddings.retain(|e| !self.embeddings.contains(&e.path));
-            let mut prepared = request.prepare(model, &self.settings.load)?;
-            self.embeddings.extend(request.embeddings.iter().map(|e| e.path.clone()));
-            prepared.controls.push(Box::new(JobMonitor::new(watch.cancel.clone(), watch.latents.clone())));
-            let mut noise = SeededNoise::new(request.seed);
-            let report = &mut *watch.report;
-            let mut on_progress = |p: Progress| {
-                if let Progress::Step { done, total } = p {
-                    report(StepReport { iteration, step: done, steps: total });
-                }
-            };
-            let generated = model
-                .generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)
-                .and_then(|g| prepared.postprocess(g))?;
+            let request = spec.request(dir, iteration, limits)?;
+            let generated = run_request(model, &mut self.embeddings, load, &request, iteration, &mut watch)?;
             let mut images = crate::io::image::to_rgb8(&generated.images)?;
             if let Some(hires) = &spec.hires {
                 let upscaler = Upscaler::parse(&hires.upscaler)?;
                 for (i, image) in images.iter_mut().enumerate() {
                     let seed = request.seed.wrapping_add(i as u64);
                     let input = hires_input(model, &generated.latents, i, image, hires, upscaler, dir, iteration)?;
-                    let second = spec.hires_request(dir, &input, seed, self.settings.limits)?;
-                    let mut prepared = second.prepare(model, &self.settings.load)?;
-                    prepared.controls.push(Box::new(JobMonitor::new(watch.cancel.clone(), watch.latents.clone())));
-                    let mut noise = SeededNoise::new(seed);
-                    let mut on_progress = |p: Progress| {
-                        if let Progress::Step { done, total } = p {
-                            report(StepReport { iteration, step: done, steps: total });
-                        }
-                    };
-                    let refined =
-                        model.generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)?;
+                    let second = spec.hires_request(dir, &input, seed, limits)?;
+                    let refined = run_request(model, &mut self.embeddings, load, &second, iteration, &mut watch)?;
                     *image = crate::io::image::to_rgb8(&refined.images)?.remove(0);
                 }
             }
@@ -281,11 +261,7 @@ impl Runner {
                 let seed = request.seed.wrapping_add(i as u64);
                 let infotext = spec.infotext(seed, &model_name);
                 let name = format!("output-{iteration}-{i}.png");
-                let bytes = super::png::encode(image, Some(&infotext))?;
-                let path = dir.join(&name);
-                crate::io::output::write_file(&path, |file| {
-                    std::io::Write::write_all(file, &bytes).map_err(|e| Error::io(&path, e))
-                })?;
+                crate::io::output::write_bytes(&dir.join(&name), &super::png::encode(image, Some(&infotext))?)?;
                 finished.images.push(name);
                 finished.seeds.push(seed);
                 finished.infotexts.push(infotext);
@@ -293,6 +269,33 @@ impl Runner {
         }
         Ok(finished)
     }
+}
+
+/// Runs one library request on the resident model under the job's watch (its monitor among the
+/// controls, progress reported as generation `iteration`); embeddings are added to the model once
+/// and remembered in `embeddings`.
+fn run_request(
+    model: &mut StableDiffusion,
+    embeddings: &mut HashSet<PathBuf>,
+    load: &LoadOptions,
+    request: &Request,
+    iteration: usize,
+    watch: &mut Watch,
+) -> crate::Result<Generated> {
+    let mut request = request.clone();
+    request.embeddings.retain(|e| !embeddings.contains(&e.path));
+    let mut prepared = request.prepare(model, load)?;
+    embeddings.extend(request.embeddings.iter().map(|e| e.path.clone()));
+    prepared.controls.push(Box::new(JobMonitor::new(watch.cancel.clone(), watch.latents.clone())));
+    let mut noise = SeededNoise::new(request.seed);
+    let report = &mut *watch.report;
+    let mut on_progress = |p: Progress| {
+        if let Progress::Step { done, total } = p {
+            report(StepReport { iteration, step: done, steps: total });
+        }
+    };
+    let generated = model.generate(&prepared.generate, &mut prepared.controls, &mut noise, &mut on_progress)?;
+    prepared.postprocess(generated)
 }
 
 /// Writes hires fix's second-pass input for image `i` of a first pass into `dir` (its latents

@@ -16,7 +16,6 @@ use super::monitor::INTERRUPTED;
 use super::remote::{Message, ServerLink};
 use super::runner::{Checkpoint, Runner, RunnerSettings, StepReport, Watch};
 use super::store::{JobStore, StoredJob};
-use crate::Error;
 
 /// How the engine loads models, bounds work and where it runs jobs.
 #[derive(Debug, Clone)]
@@ -310,11 +309,7 @@ impl Engine {
             None
         } else {
             let latents = lock(&p.latents).clone();
-            latents
-                .and_then(|l| super::preview::cheap_preview(&l, p.sdxl).ok().flatten())
-                .and_then(|img| super::png::encode(&img, None).ok())
-                .map(|bytes| base64_encode(&bytes))
-                .or_else(|| p.preview.clone())
+            latents.and_then(|l| super::preview::preview_base64(&l, p.sdxl)).or_else(|| p.preview.clone())
         };
         json!({
             "progress": fraction,
@@ -492,10 +487,7 @@ impl Engine {
                         let dir = job_dir(&self.settings.state_dir, &id);
                         let written = super::remote::decode_images(&images).and_then(|files| {
                             for (name, bytes) in files {
-                                let path = dir.join(&name);
-                                crate::io::output::write_file(&path, |file| {
-                                    std::io::Write::write_all(file, &bytes).map_err(|e| Error::io(&path, e))
-                                })?;
+                                crate::io::output::write_bytes(&dir.join(&name), &bytes)?;
                             }
                             Ok(())
                         });
@@ -554,9 +546,7 @@ impl Engine {
             lock(&self.hashes).insert(path.clone(), hash);
         }
         if let Ok(bytes) = serde_json::to_vec(&cache) {
-            let _ = crate::io::output::write_file(&cache_path, |file| {
-                std::io::Write::write_all(file, &bytes).map_err(|e| Error::io(&cache_path, e))
-            });
+            let _ = crate::io::output::write_bytes(&cache_path, &bytes);
         }
     }
 }
@@ -576,10 +566,4 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
         hasher.update(&buffer[..n]);
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Standard base64 of `bytes`.
-pub fn base64_encode(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }

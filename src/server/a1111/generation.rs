@@ -15,10 +15,11 @@ use super::{error, parse_body};
 use crate::pipeline::hires::Upscaler;
 use crate::schedulers::{SamplerChoice, SigmaSchedule};
 use crate::server::fields::Fields;
+use crate::server::images::encode_base64;
 use crate::server::images::{decode_base64, store};
 use crate::server::jobs::{Finished, GenerationSpec, HiresSpec, InitSpec, JobSpec, JobState};
 use crate::server::models_dir::Kind;
-use crate::server::worker::{Engine, SubmitError, base64_encode};
+use crate::server::worker::{Engine, SubmitError};
 use crate::server::{AppState, Shared, json_response, queue_full};
 
 /// A client-facing failure: status and message.
@@ -144,7 +145,7 @@ async fn generate(state: Shared, body: Bytes, img2img: bool) -> Response {
     match submit_and_wait(&state, &id, JobSpec::Generate(Box::new(spec.clone()))).await {
         GenerationOutcome::Done { images, finished } => {
             let info = info_json(&spec, &finished, &state.engine.current().entry.stem);
-            let images: Vec<String> = images.iter().map(|b| base64_encode(b)).collect();
+            let images: Vec<String> = images.iter().map(|b| encode_base64(b)).collect();
             json_response(StatusCode::OK, json!({"images": images, "parameters": parameters, "info": info.to_string()}))
         }
         GenerationOutcome::Full => queue_full(false),

@@ -86,11 +86,9 @@ async fn png_info(body: Bytes) -> Response {
     let Some(text) = value.get("image").and_then(Value::as_str) else {
         return error(StatusCode::UNPROCESSABLE_ENTITY, "field `image`: expected a base64 PNG");
     };
-    let payload = text.split_once(',').filter(|_| text.starts_with("data:")).map_or(text, |(_, d)| d);
-    use base64::Engine as _;
-    let bytes = match base64::engine::general_purpose::STANDARD.decode(payload.trim()) {
+    let bytes = match super::images::decode_base64_bytes(text, "field `image`") {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("field `image`: not valid base64 ({e})")),
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
     let info = match super::png::parameters(&bytes) {
         Ok(info) => info.unwrap_or_default(),
