@@ -663,3 +663,35 @@ fn hires_fix_is_two_cli_passes() {
     assert_eq!(status, 400);
     assert!(body["detail"].as_str().unwrap().contains("Lanczos"), "{body}");
 }
+
+#[test]
+fn embeddings_are_used_by_their_file_name() {
+    let s = TestServer::start(|_| {});
+    let common = ["--model", repo_str(SD1), "--steps", "2", "--guidance", "7", "--seed", "6", "--scheduler", "Euler",
+        "--prompt-syntax", "a1111", "--width", "32", "--height", "32"];
+    // An A1111 file and a diffusers learned_embeds: each file's name is its token, as in A1111.
+    for (prompt, negative, embedding) in [
+        ("a house in tiny-style", "", "tests/fixtures/lora/tiny-style.pt:tiny-style"),
+        ("a house", "learned_embeds", "tests/fixtures/lora/learned_embeds.safetensors:learned_embeds"),
+    ] {
+        let (status, body) = s.post(
+            "/sdapi/v1/txt2img",
+            &json!({"prompt": prompt, "negative_prompt": negative, "steps": 2, "width": 32, "height": 32, "seed": 6}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let flag = Box::leak(format!("{}", repo(embedding).display()).into_boxed_str());
+        let args: Vec<&str> = common
+            .iter()
+            .copied()
+            .chain(["--prompt", prompt, "--negative-prompt", negative, "--embedding", flag])
+            .collect();
+        assert_eq!(decode(body["images"][0].as_str().unwrap()), cli_image(&args), "{embedding}");
+    }
+    // Loaded once, the embedding serves later jobs and hires fix's second pass too.
+    let (status, body) = s.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a house in tiny-style", "steps": 2, "width": 32, "height": 32, "seed": 6, "enable_hr": true,
+                "hr_upscaler": "Lanczos", "hr_scale": 2, "denoising_strength": 0.5}),
+    );
+    assert_eq!(status, 200, "{body}");
+}

@@ -64,7 +64,7 @@ pub struct GenerationSpec {
     pub init: Option<InitSpec>,
     /// LoRA files and multipliers.
     pub loras: Vec<(PathBuf, f64)>,
-    /// Embedding files whose names the prompts use.
+    /// Embedding files whose names the prompts use (each file's name is its token, as in A1111).
     pub embeddings: Vec<PathBuf>,
     /// ControlNet, T2I-Adapter and IP-Adapter units.
     pub units: Vec<ControlUnit>,
@@ -244,7 +244,14 @@ impl GenerationSpec {
                 keep_unmasked: init.keep_unmasked,
             }),
             loras: self.loras.iter().map(|(path, scale)| LoraSpec { path: path.clone(), scale: *scale }).collect(),
-            embeddings: self.embeddings.iter().map(|path| EmbeddingSpec { path: path.clone(), token: None }).collect(),
+            embeddings: self
+                .embeddings
+                .iter()
+                .map(|path| EmbeddingSpec {
+                    path: path.clone(),
+                    token: path.file_stem().map(|s| s.to_string_lossy().into_owned()),
+                })
+                .collect(),
             limits,
             ..Request::default()
         };

@@ -32,6 +32,8 @@ pub fn models_dir() -> tempfile::TempDir {
     link("tests/fixtures/models/sd1-tiny", &d.join("Stable-diffusion/sd1-tiny"));
     link("tests/fixtures/checkpoints/sd1-tiny.safetensors", &d.join("Stable-diffusion/sd1-tiny-file.safetensors"));
     link("tests/fixtures/lora/kohya.safetensors", &d.join("Lora/kohya.safetensors"));
+    link("tests/fixtures/lora/tiny-style.pt", &d.join("embeddings/tiny-style.pt"));
+    link("tests/fixtures/lora/learned_embeds.safetensors", &d.join("embeddings/learned_embeds.safetensors"));
     link("tests/fixtures/controlnets/cn-a", &d.join("ControlNet/cn-a"));
     link("tests/fixtures/t2i-adapters/light", &d.join("ControlNet/t2i-light"));
     link("tests/fixtures/ip_adapter/ip-adapter_tiny.safetensors", &d.join("ControlNet/ip-adapter_tiny.safetensors"));
