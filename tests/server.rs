@@ -667,8 +667,24 @@ fn hires_fix_is_two_cli_passes() {
 #[test]
 fn embeddings_are_used_by_their_file_name() {
     let s = TestServer::start(|_| {});
-    let common = ["--model", repo_str(SD1), "--steps", "2", "--guidance", "7", "--seed", "6", "--scheduler", "Euler",
-        "--prompt-syntax", "a1111", "--width", "32", "--height", "32"];
+    let common = [
+        "--model",
+        repo_str(SD1),
+        "--steps",
+        "2",
+        "--guidance",
+        "7",
+        "--seed",
+        "6",
+        "--scheduler",
+        "Euler",
+        "--prompt-syntax",
+        "a1111",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ];
     // An A1111 file and a diffusers learned_embeds: each file's name is its token, as in A1111.
     for (prompt, negative, embedding) in [
         ("a house in tiny-style", "", "tests/fixtures/lora/tiny-style.pt:tiny-style"),

@@ -5,6 +5,7 @@
 use candle_core::Tensor;
 use image::RgbImage;
 
+use crate::models::image_processor::{Filter, pil_resize};
 use crate::{Error, Result};
 
 /// How the first pass's result is enlarged.
@@ -55,11 +56,13 @@ pub fn upscale_latents(latents: &Tensor, height: usize, width: usize, upscaler: 
     })
 }
 
-/// `image` enlarged to `width` x `height` pixels.
+/// `image` enlarged to `width` x `height` pixels: Pillow's Lanczos (A1111's "Lanczos" and "None"
+/// upscalers resize with PIL), or nearest neighbour.
 pub fn upscale_image(image: &RgbImage, width: u32, height: u32, upscaler: Upscaler) -> RgbImage {
-    let filter = match upscaler {
-        Upscaler::Nearest | Upscaler::LatentNearest => image::imageops::FilterType::Nearest,
-        _ => image::imageops::FilterType::Lanczos3,
-    };
-    image::imageops::resize(image, width, height, filter)
+    match upscaler {
+        Upscaler::Nearest | Upscaler::LatentNearest => {
+            image::imageops::resize(image, width, height, image::imageops::FilterType::Nearest)
+        }
+        _ => pil_resize(image, width as usize, height as usize, Filter::Lanczos),
+    }
 }

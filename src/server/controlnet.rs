@@ -188,7 +188,7 @@ pub fn parse_script(
                 .map_err(|e| format!("{what}: {e}"))?;
             // The ControlNet pipeline stretches its condition image to the output size: the unit's
             // resize mode is applied here.
-            super::a1111::fit_image(&processed, width, height, resize_mode)
+            super::a1111::fit_image(&processed, width, height, resize_mode).map_err(|e| format!("{what}: {e}"))?
         };
         let name = format!("control-{i}.png");
         store(&image::DynamicImage::ImageRgb8(image), dir, &name)?;

@@ -245,14 +245,14 @@ fn edit_inputs(
     };
     let rgba = alpha_source.to_rgba8();
     let transparent = rgba.pixels().any(|p| p[3] < 128);
-    let fitted = super::a1111::fit_image(&image.to_rgb8(), size.0, size.1, 0);
+    let fitted = super::a1111::fit_image(&image.to_rgb8(), size.0, size.1, 0)?;
     store(&image::DynamicImage::ImageRgb8(fitted), dir, "init.png")?;
     let mut init = InitSpec::new(strength.unwrap_or(0.75));
     if transparent {
         let mask = image::GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
             image::Luma([if rgba.get_pixel(x, y)[3] < 128 { 255 } else { 0 }])
         });
-        let mask = super::a1111::fit_image(&image::DynamicImage::ImageLuma8(mask).to_rgb8(), size.0, size.1, 0);
+        let mask = super::a1111::fit_image(&image::DynamicImage::ImageLuma8(mask).to_rgb8(), size.0, size.1, 0)?;
         store(&image::DynamicImage::ImageRgb8(mask), dir, "mask.png")?;
         init.mask = Some("mask.png".into());
         init.strength = strength.unwrap_or(1.0);

@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::{error, parse_body};
 use crate::pipeline::hires::Upscaler;
+use crate::preprocess::resize::{ResizeMode, fit};
 use crate::schedulers::{SamplerChoice, SigmaSchedule};
 use crate::server::fields::Fields;
 use crate::server::images::encode_base64;
@@ -405,7 +406,7 @@ fn parse_init(f: &Fields, dir: &Path, width: usize, height: usize, max_pixels: u
     let first = first.as_str().ok_or_else(|| unprocessable("field `init_images`: expected base64 strings".into()))?;
     let mode = f.choice("resize_mode", &RESIZE_MODES).map_err(bad)?.unwrap_or(0);
     let image = decode_base64(first, "init_images[0]", max_pixels).map_err(bad)?;
-    let image = fit_image(&image.to_rgb8(), width, height, mode);
+    let image = fit_image(&image.to_rgb8(), width, height, mode).map_err(bad)?;
     store(&image::DynamicImage::ImageRgb8(image), dir, "init.png")
         .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
     let strength = f.f64("denoising_strength").map_err(bad)?.unwrap_or(0.75);
@@ -415,7 +416,7 @@ fn parse_init(f: &Fields, dir: &Path, width: usize, height: usize, max_pixels: u
     let mut init = InitSpec::new(strength);
     if let Some(mask) = f.str("mask").map_err(unprocessable)? {
         let mask = decode_base64(mask, "mask", max_pixels).map_err(bad)?.to_rgb8();
-        let mut mask = fit_image(&mask, width, height, mode);
+        let mut mask = fit_image(&mask, width, height, mode).map_err(bad)?;
         let invert = match f.get("inpainting_mask_invert") {
             Some(Value::String(s)) => s.eq_ignore_ascii_case("Inpaint not masked") || s == "1",
             _ => f.int("inpainting_mask_invert", 0, 1).map_err(bad)?.unwrap_or(0) == 1,
@@ -442,32 +443,27 @@ fn parse_init(f: &Fields, dir: &Path, width: usize, height: usize, max_pixels: u
     Ok(init)
 }
 
-/// Fits an image to the output size by A1111's resize modes: stretch, crop to cover, or fit
-/// inside and fill the rest with the stretched image.
-pub fn fit_image(image: &image::RgbImage, width: usize, height: usize, mode: usize) -> image::RgbImage {
-    use image::imageops::{FilterType, resize};
+/// Fits an image to the output size by A1111's resize modes (PIL Lanczos, as A1111): 0 stretch and
+/// 1 crop to cover are the library's [`fit`] (diffusers' `default` and `_resize_and_crop`, which
+/// A1111's are); 2 fits inside and fills the margins with the image stretched to the whole size (an
+/// approximation of A1111's stretched edge rows).
+pub fn fit_image(image: &image::RgbImage, width: usize, height: usize, mode: usize) -> Result<image::RgbImage, String> {
     let (w, h) = (width as u32, height as u32);
-    if image.dimensions() == (w, h) {
-        return image.clone();
-    }
-    let (iw, ih) = (image.width().max(1) as f64, image.height().max(1) as f64);
-    match mode {
-        1 => {
-            let scale = (w as f64 / iw).max(h as f64 / ih);
-            let (sw, sh) = (((iw * scale).round() as u32).max(w), ((ih * scale).round() as u32).max(h));
-            let scaled = resize(image, sw, sh, FilterType::Lanczos3);
-            image::imageops::crop_imm(&scaled, (sw - w) / 2, (sh - h) / 2, w, h).to_image()
-        }
+    let fitted = match mode {
+        1 => fit(image, w, h, ResizeMode::Crop),
         2 => {
-            let scale = (w as f64 / iw).min(h as f64 / ih);
+            let (iw, ih) = (f64::from(image.width().max(1)), f64::from(image.height().max(1)));
+            let scale = (f64::from(w) / iw).min(f64::from(h) / ih);
             let (sw, sh) = (((iw * scale).round() as u32).clamp(1, w), ((ih * scale).round() as u32).clamp(1, h));
-            let mut canvas = resize(image, w, h, FilterType::Triangle);
-            let scaled = resize(image, sw, sh, FilterType::Lanczos3);
-            image::imageops::replace(&mut canvas, &scaled, i64::from((w - sw) / 2), i64::from((h - sh) / 2));
-            canvas
+            fit(image, w, h, ResizeMode::Stretch).and_then(|mut canvas| {
+                let inner = fit(image, sw, sh, ResizeMode::Stretch)?;
+                image::imageops::replace(&mut canvas, &inner, i64::from((w - sw) / 2), i64::from((h - sh) / 2));
+                Ok(canvas)
+            })
         }
-        _ => resize(image, w, h, FilterType::Lanczos3),
-    }
+        _ => fit(image, w, h, ResizeMode::Stretch),
+    };
+    fitted.map_err(|e| e.to_string())
 }
 
 /// Removes `<lora:NAME:WEIGHT>` (and `<lyco:…>`) tags from a prompt, returning the prompt and the
