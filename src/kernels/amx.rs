@@ -257,21 +257,8 @@ unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: &mut 
 mod tests {
     use super::*;
     use crate::kernels::sgemm::MatRef;
-    use crate::kernels::tests::StartKind;
+    use crate::kernels::tests::{StartKind, bf16_round as round, values};
     use half::bf16;
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len as u32)
-            .map(|i| {
-                let x = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
-                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
-    fn round(x: f32) -> f64 {
-        bf16::from_f32(x).to_f64()
-    }
 
     /// Against an f64 triple loop over the bf16-rounded operands: f32 left and right (row-major),
     /// or bf16 right stored transposed (a linear layer's weight).

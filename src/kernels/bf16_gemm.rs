@@ -792,21 +792,7 @@ unsafe fn interleave_rows_32(_: *const f32, _: Option<*const f32>, _: &mut [u32]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::StartKind;
-
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len as u32)
-            .map(|i| {
-                let x = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
-                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
-    fn round(x: f32) -> f64 {
-        bf16::from_f32(x).to_f64()
-    }
+    use crate::kernels::tests::{StartKind, bf16_round as round, values};
 
     /// One product against a triple loop over the bf16-rounded operands in f64: the only difference
     /// left is the f32 accumulation.

@@ -201,6 +201,22 @@ impl<T> SharedMut<T> {
 pub(crate) mod tests {
     use super::Start;
 
+    /// Deterministic values in [-1, 1), for the GEMM tests.
+    pub(crate) fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                let x = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// `x` rounded to bf16 (nearest-even), widened to f64: a bf16 product's operand, for the
+    /// reference loops.
+    pub(crate) fn bf16_round(x: f32) -> f64 {
+        half::bf16::from_f32(x).to_f64()
+    }
+
     /// The four [`Start`]s, for the GEMM tests.
     #[derive(Debug, Clone, Copy)]
     pub(crate) enum StartKind {

@@ -672,17 +672,7 @@ unsafe fn fallback(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::tests::StartKind;
-
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len as u32)
-            .map(|i| {
-                let x = (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
-                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::tests::{StartKind, values};
 
     /// Checks one product against a plain triple loop in f64.
     fn check(
