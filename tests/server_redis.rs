@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use server_common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn redis_server(port: u16) -> KillOnDrop {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
@@ -21,11 +17,7 @@ fn redis_server(port: u16) -> KillOnDrop {
         .unwrap_or_else(|e| {
             panic!("redis-server could not start ({e}): install it (Debian: apt-get install redis-server)")
         });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start listening");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, 20, "redis-server");
     KillOnDrop(child)
 }
 

@@ -203,11 +203,7 @@ fn serve(models: &std::path::Path, state: &std::path::Path, port: u16) -> KillOn
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "diffctl serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, 60, "diffctl serve");
     KillOnDrop(child)
 }
 
@@ -215,7 +211,7 @@ fn serve(models: &std::path::Path, state: &std::path::Path, port: u16) -> KillOn
 fn kill_9_mid_job_loses_nothing() {
     let models = models_dir();
     let state = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut server = serve(models.path(), state.path(), port);
     let post = |body: Value| {

@@ -164,6 +164,20 @@ pub fn repo_str(rel: &str) -> &'static str {
     Box::leak(repo(rel).display().to_string().into_boxed_str())
 }
 
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something listens on loopback `port`, at most `seconds`; `what` names it.
+pub fn wait_for_port(port: u16, seconds: u64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub struct KillOnDrop(pub std::process::Child);
 
