@@ -153,6 +153,9 @@ impl VaeConfig {
         if c.shift_factor.is_some_and(|s| !s.is_finite()) {
             return Err(Error::config(path, "shift_factor must be a finite number"));
         }
+        if c.norm_num_groups == 0 {
+            return Err(Error::config(path, "norm_num_groups must be at least 1"));
+        }
         if let Some(ch) = c.block_out_channels.iter().find(|ch| *ch % c.norm_num_groups != 0) {
             return Err(Error::config(
                 path,
