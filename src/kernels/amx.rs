@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{NR, Operand, pack_rhs};
-use super::{SharedMut, Start};
+use super::{SharedConst, SharedMut, Start};
 
 /// Rows of one task's output block (two tiles).
 const MB: usize = 32;
@@ -183,8 +183,12 @@ pub unsafe fn matmul(
     // The packing buffers are reused across calls (fresh pages cost the kernel's zeroing); they are
     // taken out of the thread's slot while in use, so a nested call on this thread gets its own.
     let [mut a, mut b] = SCRATCH.take();
-    // Left: row i's pairs at a[i·pairs ..]; rows past m and depths past k zero.
-    a.resize(a.len().max(row_blocks * MB * pairs), 0);
+    // Left: read in place where its rows are already what the tiles load (a bf16 weight of whole
+    // blocks: rows of pairs, depth a whole number of tile steps); else packed with row i's pairs at
+    // a[i·pairs ..], rows past m and depths past k zero.
+    let in_place = lhs.bf16_row_pairs().filter(|_| m.is_multiple_of(MB) && k.is_multiple_of(2 * KP));
+    let a_len = if in_place.is_some() { 0 } else { row_blocks * MB * pairs };
+    a.resize(a.len().max(a_len), 0);
     let pack_row = |(i, row): (usize, &mut [u32])| {
         if i < m {
             // SAFETY: row i < m of lhs, k depths (the caller's contract).
@@ -202,7 +206,7 @@ pub unsafe fn matmul(
         unsafe { pack_rhs(rhs.at(0, q * NB), k, NB.min(n - q * NB), panel) };
         panel[filled * NB..].fill(0);
     };
-    let (a_packed, b_packed) = (&mut a[..row_blocks * MB * pairs], &mut b[..panels * pairs * NB]);
+    let (a_packed, b_packed) = (&mut a[..a_len], &mut b[..panels * pairs * NB]);
     if parallel {
         a_packed.par_chunks_mut(pairs).enumerate().for_each(pack_row);
         b_packed.par_chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
@@ -210,7 +214,11 @@ pub unsafe fn matmul(
         a_packed.chunks_mut(pairs).enumerate().for_each(pack_row);
         b_packed.chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
     }
-    let (a_packed, b_packed) = (&*a_packed, &*b_packed);
+    let (a_rows, lda) = match in_place {
+        Some((rows, lda)) => (SharedConst(rows), lda),
+        None => (SharedConst(a_packed.as_ptr()), pairs),
+    };
+    let b_packed = &*b_packed;
     let dst = SharedMut(dst);
     let task = |(t, q): (usize, usize)| {
         let mut block = [0f32; MB * NB];
@@ -218,19 +226,16 @@ pub unsafe fn matmul(
         // the output corner lies inside dst.
         unsafe {
             configure_thread();
-            let (lhs, rhs) = (a_packed[t * MB * pairs..].as_ptr(), b_packed[q * pairs * NB..].as_ptr());
-            block_32x32(lhs, pairs, rhs, pairs, &mut block);
-            if scale != 1.0 {
-                block.iter_mut().for_each(|v| *v *= scale);
-            }
+            let (lhs, rhs) = (a_rows.get().add(t * MB * lda), b_packed[q * pairs * NB..].as_ptr());
+            block_32x32(lhs, lda, rhs, pairs, &mut block);
             let (i0, j0) = (t * MB, q * NB);
-            let corner = (MB.min(m - i0), NB.min(n - j0));
-            super::store_corner(&block, NB, dst.get().add(i0 * ldd + j0), ldd, corner, start.at(i0, j0));
+            let (corner, out) = ((MB.min(m - i0), NB.min(n - j0)), dst.get().add(i0 * ldd + j0));
+            super::store_scaled_corner(&block, NB, out, ldd, corner, start.at(i0, j0), scale);
         }
     };
     // The larger packed operand is walked once: each of its blocks meets every block of the other
     // (which stays in cache) before the next is read.
-    let tasks: Vec<(usize, usize)> = if b_packed.len() > a_packed.len() {
+    let tasks: Vec<(usize, usize)> = if b_packed.len() > m * pairs {
         (0..panels).flat_map(|q| (0..row_blocks).map(move |t| (t, q))).collect()
     } else {
         (0..row_blocks).flat_map(|t| (0..panels).map(move |q| (t, q))).collect()
@@ -261,15 +266,17 @@ mod tests {
     use half::bf16;
 
     /// Against an f64 triple loop over the bf16-rounded operands: f32 left and right (row-major),
-    /// or bf16 right stored transposed (a linear layer's weight).
-    fn check((m, n, k): (usize, usize, usize), bf16_rhs: bool, kind: StartKind, parallel: bool) {
+    /// or bf16 left rows (a convolution's weight, read in place when its shape allows) or bf16 right
+    /// stored transposed (a linear layer's weight).
+    fn check((m, n, k): (usize, usize, usize), (bf16_lhs, bf16_rhs): (bool, bool), kind: StartKind, parallel: bool) {
         let a = values(m * k, 1);
+        let a16: Vec<u16> = a.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let b = values(k * n, 2);
         let b16t: Vec<u16> = (0..n * k).map(|idx| bf16::from_f32(b[(idx % k) * n + idx / k]).to_bits()).collect();
         let ldd = n + 5;
         let initial = values(m * ldd, 3);
         let (row_bias, column_bias) = (values(m, 6), values(n, 7));
-        let lhs: Operand = MatRef::rows(a.as_ptr(), k).into();
+        let lhs = if bf16_lhs { Operand::bf16_rows(a16.as_ptr(), k) } else { MatRef::rows(a.as_ptr(), k).into() };
         let rhs =
             if bf16_rhs { Operand::bf16_transposed(b16t.as_ptr(), k) } else { MatRef::rows(b.as_ptr(), n).into() };
         let mut out = initial.clone();
@@ -288,7 +295,7 @@ mod tests {
                 };
                 assert!(
                     (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
-                    "({m}, {n}, {k}) bf16 rhs {bf16_rhs} {kind:?}: [{i}, {j}] = {got}, expected {expected}"
+                    "({m}, {n}, {k}) bf16 lhs {bf16_lhs} rhs {bf16_rhs} {kind:?}: [{i}, {j}] = {got}, expected {expected}"
                 );
             }
         }
@@ -300,14 +307,18 @@ mod tests {
             eprintln!("skipped: this CPU has no AMX-BF16 (or the kernel does not grant the tile state)");
             return;
         }
-        for dims in [(1, 1, 1), (32, 32, 32), (33, 31, 33), (16, 48, 64), (70, 90, 300), (5, 200, 7), (64, 64, 0)] {
-            for bf16_rhs in [false, true] {
+        // (64, 40, 96) and (96, 33, 64) read a bf16 left operand in place (whole 32-row blocks, depth
+        // a multiple of 32); the others pack it.
+        let shapes = [(1, 1, 1), (32, 32, 32), (33, 31, 33), (16, 48, 64), (70, 90, 300), (5, 200, 7), (64, 64, 0)];
+        for dims in shapes.into_iter().chain([(64, 40, 96), (96, 33, 64), (64, 17, 48)]) {
+            for operands in [(false, false), (false, true), (true, false)] {
                 for kind in StartKind::ALL {
-                    check(dims, bf16_rhs, kind, false);
+                    check(dims, operands, kind, false);
                 }
             }
         }
-        check((300, 130, 700), true, StartKind::ColumnBias, true);
-        check((257, 320, 1280), false, StartKind::Current, true);
+        check((300, 130, 700), (false, true), StartKind::ColumnBias, true);
+        check((257, 320, 1280), (false, false), StartKind::Current, true);
+        check((320, 300, 2880), (true, false), StartKind::RowBias, true);
     }
 }

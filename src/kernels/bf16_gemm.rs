@@ -84,6 +84,17 @@ impl Operand {
         Self { elements: Elements::Bf16(ptr), row_stride: 1, col_stride: row_stride }
     }
 
+    /// Contiguous bf16 rows an even number of elements apart, as AMX tiles load them in place: the
+    /// rows as pairs of depths and their stride in pairs.
+    pub(crate) fn bf16_row_pairs(self) -> Option<(*const u32, usize)> {
+        match self.elements {
+            Elements::Bf16(p) if self.col_stride == 1 && self.row_stride.is_multiple_of(2) => {
+                Some((p.cast::<u32>(), self.row_stride / 2))
+            }
+            _ => None,
+        }
+    }
+
     /// The sub-matrix starting at element (i, j).
     ///
     /// # Safety

@@ -164,12 +164,41 @@ pub(crate) unsafe fn store_corner(
     (rows, cols): (usize, usize),
     start: Start,
 ) {
+    // SAFETY: forwarded from the caller.
+    unsafe { store_scaled_corner(tile, nr, dst, ldd, (rows, cols), start, 1.0) }
+}
+
+/// [`store_corner`] of `scale` times the tile: `dst = start + scale · tile`, one vectorised loop per
+/// row for each kind of start.
+///
+/// # Safety
+/// As [`store_corner`].
+pub(crate) unsafe fn store_scaled_corner(
+    tile: &[f32],
+    nr: usize,
+    dst: *mut f32,
+    ldd: usize,
+    (rows, cols): (usize, usize),
+    start: Start,
+    scale: f32,
+) {
     for (i, row) in tile.chunks_exact(nr).take(rows).enumerate() {
+        let row = &row[..cols];
         // SAFETY: row i < rows, `cols` elements (the caller's contract).
         let out = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldd), cols) };
-        for (j, (o, t)) in out.iter_mut().zip(row).enumerate() {
-            // SAFETY: forwarded from the caller.
-            *o = unsafe { start.value(i, j, *o) } + t;
+        match start {
+            Start::Zero => out.iter_mut().zip(row).for_each(|(o, &t)| *o = scale * t),
+            Start::Current => out.iter_mut().zip(row).for_each(|(o, &t)| *o += scale * t),
+            Start::RowBias(b) => {
+                // SAFETY: the bias holds row i (the caller's contract).
+                let b = unsafe { *b.add(i) };
+                out.iter_mut().zip(row).for_each(|(o, &t)| *o = b + scale * t);
+            }
+            Start::ColumnBias(b) => {
+                // SAFETY: the bias holds the `cols` columns (the caller's contract).
+                let bias = unsafe { std::slice::from_raw_parts(b, cols) };
+                out.iter_mut().zip(row).zip(bias).for_each(|((o, &t), &b)| *o = b + scale * t);
+            }
         }
     }
 }
@@ -189,6 +218,21 @@ impl<T> Clone for SharedMut<T> {
 }
 
 impl<T> Copy for SharedMut<T> {}
+
+/// A raw pointer to data that rayon tasks only read while its owner keeps it alive.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SharedConst<T>(pub(crate) *const T);
+// SAFETY: only read, while the owner keeps the data alive and unchanged (see the users).
+unsafe impl<T> Send for SharedConst<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SharedConst<T> {}
+
+impl<T> SharedConst<T> {
+    /// The pointer (a method, so closures capture the wrapper rather than its field).
+    pub(crate) fn get(self) -> *const T {
+        self.0
+    }
+}
 
 impl<T> SharedMut<T> {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper).
