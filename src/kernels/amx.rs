@@ -152,6 +152,76 @@ unsafe fn block_32x32(a: *const u32, lda: usize, b: *const u32, pairs: usize, ou
     }
 }
 
+/// A left operand packed for the tiles, once for many products: `rows` rows, padded with zero rows
+/// to whole 32-row blocks, of `pairs` pairs of depths (the depth padded with zeros to whole tile steps).
+#[derive(Debug, Default)]
+pub struct PackedRows {
+    data: Vec<u32>,
+    rows: usize,
+    pairs: usize,
+}
+
+impl PackedRows {
+    /// Packs `lhs` [rows, depth] (on the calling thread).
+    ///
+    /// # Safety
+    /// `lhs` must address rows x depth elements.
+    pub unsafe fn pack(&mut self, lhs: Operand, rows: usize, depth: usize) {
+        let (pairs, filled) = (depth.div_ceil(2).next_multiple_of(KP), depth.div_ceil(2));
+        self.data.resize(rows.next_multiple_of(MB) * pairs, 0);
+        for (i, row) in self.data.chunks_mut(pairs).enumerate() {
+            if i < rows {
+                // SAFETY: row i < rows of lhs, `depth` elements (the caller's contract).
+                unsafe { lhs.pack_row_pairs(i, depth, row) };
+                row[filled..].fill(0);
+            } else {
+                row.fill(0);
+            }
+        }
+        (self.rows, self.pairs) = (rows, pairs);
+    }
+}
+
+/// A right operand packed for the tiles: 32-column panels (columns past the operand's zero), each
+/// `pairs` pairs of depths deep (the VNNI layout: pair pp of column j of panel q at
+/// `(q·pairs + pp)·32 + j`), the depth padded with zeros to whole tile steps.
+#[derive(Debug, Default)]
+pub struct PackedPanels {
+    data: Vec<u32>,
+    cols: usize,
+    pairs: usize,
+}
+
+impl PackedPanels {
+    /// Packs `rhs` [depth, cols] (on the calling thread).
+    ///
+    /// # Safety
+    /// `rhs` must address depth x cols elements.
+    pub unsafe fn pack(&mut self, rhs: Operand, depth: usize, cols: usize) {
+        let (pairs, filled) = (depth.div_ceil(2).next_multiple_of(KP), depth.div_ceil(2));
+        self.data.resize(cols.div_ceil(NB) * pairs * NB, 0);
+        for (q, panel) in self.data.chunks_mut(pairs * NB).enumerate() {
+            // SAFETY: columns q·NB.. < cols of rhs, `depth` depths (the caller's contract).
+            unsafe { pack_rhs(rhs.at(0, q * NB), depth, NB.min(cols - q * NB), panel) };
+            panel[filled * NB..].fill(0);
+        }
+        (self.cols, self.pairs) = (cols, pairs);
+    }
+
+    /// Room for a [depth, cols] operand that the caller writes: the panels and their depth in
+    /// pairs. The caller writes pairs 0..⌈depth/2⌉ of every column of each panel (zeros past
+    /// `cols`); the padding pairs after them are zero.
+    pub fn panels_mut(&mut self, depth: usize, cols: usize) -> (&mut [u32], usize) {
+        let (pairs, filled) = (depth.div_ceil(2).next_multiple_of(KP), depth.div_ceil(2));
+        self.data.resize(cols.div_ceil(NB) * pairs * NB, 0);
+        if filled < pairs {
+            self.data.chunks_mut(pairs * NB).for_each(|panel| panel[filled * NB..].fill(0));
+        }
+        (self.cols, self.pairs) = (cols, pairs);
+        (&mut self.data, pairs)
+    }
+}
+
 /// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n] on AMX tiles, bf16 products
 /// accumulated in f32; split over rayon's threads with `parallel`.
 ///
@@ -198,8 +268,7 @@ pub unsafe fn matmul(
             row.fill(0);
         }
     };
-    // Right: panel q's pair pp of column j at b[(q·pairs + pp)·NB + j] (bf16_gemm's panel layout,
-    // NR = NB columns, here with the depth padded with zeros).
+    // Right: [`PackedPanels`]' layout.
     b.resize(b.len().max(panels * pairs * NB), 0);
     let pack_panel = |(q, panel): (usize, &mut [u32])| {
         // SAFETY: columns q·NB.. < n of rhs, k depths (the caller's contract).
@@ -215,37 +284,109 @@ pub unsafe fn matmul(
         b_packed.chunks_mut(pairs * NB).enumerate().for_each(pack_panel);
     }
     let (a_rows, lda) = match in_place {
-        Some((rows, lda)) => (SharedConst(rows), lda),
-        None => (SharedConst(a_packed.as_ptr()), pairs),
+        Some((rows, lda)) => (rows, lda),
+        None => (a_packed.as_ptr(), pairs),
     };
-    let b_packed = &*b_packed;
-    let dst = SharedMut(dst);
+    // The larger operand is walked once: each of its blocks meets every block of the other (which
+    // stays in cache) before the next is read.
+    let order = if panels * NB > row_blocks * MB { Order::PanelsOuter } else { Order::RowsOuter };
+    // SAFETY: AMX is available and dst as the caller promised; the left rows and the panels hold
+    // whole blocks of `pairs` pairs, zero past k.
+    unsafe {
+        blocks((m, n, pairs), (a_rows, lda), (b_packed.as_ptr(), pairs), (dst, ldd), start, scale, order, parallel)
+    };
+    SCRATCH.set([a, b]);
+}
+
+/// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n] on AMX tiles, on the calling thread,
+/// with operands packed in advance: rows `row0..row0 + m` and depths `depth0..depth0 + k` of `lhs`,
+/// all of `rhs` (depth k, at least n columns). `row0` must be a multiple of 32 and `depth0` even;
+/// the depths that a last partial tile step reads past k must be zero in one of the operands (each
+/// packing pads its own depth with zeros).
+///
+/// # Safety
+/// [`available`] must be true; `dst` must address m rows (`ldd` apart) of n elements that no one
+/// else accesses during the call; a bias of `start` must hold m rows or n columns.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_packed(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    start: Start,
+    (lhs, row0, depth0): (&PackedRows, usize, usize),
+    rhs: &PackedPanels,
+    scale: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (pairs, pair0) = (k.div_ceil(2).next_multiple_of(KP), depth0 / 2);
+    assert!(row0.is_multiple_of(MB) && depth0.is_multiple_of(2), "AMX: block origin ({row0}, {depth0}) not aligned");
+    assert!(
+        row0 + m <= lhs.rows && pair0 + pairs <= lhs.pairs && n <= rhs.cols && pairs <= rhs.pairs,
+        "AMX: a [{m}, {n}, {k}] product from ({row0}, {depth0}) overruns its packed operands"
+    );
+    if k == 0 {
+        // SAFETY: dst [m, n] and the bias (the caller's contract).
+        return unsafe { start.fill(dst, ldd, (m, n)) };
+    }
+    let a = lhs.data[row0 * lhs.pairs + pair0..].as_ptr();
+    // SAFETY: AMX is available and dst as the caller promised; rows row0.. up to a whole block lie
+    // in lhs's padded rows, `pairs` pairs from pair0 in its rows and in rhs's panels (checked above).
+    unsafe {
+        let order = Order::RowsOuter;
+        blocks((m, n, pairs), (a, lhs.pairs), (rhs.data.as_ptr(), rhs.pairs), (dst, ldd), start, scale, order, false)
+    };
+}
+
+/// Which operand's blocks the task order walks once.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    RowsOuter,
+    PanelsOuter,
+}
+
+/// The products of every 32-row block of the left rows (`lda` pairs apart) with every 32-column
+/// panel (`panel_pairs` pairs apart), `pairs` pairs deep, each written to dst through the start and
+/// scale.
+///
+/// # Safety
+/// [`available`] must be true; the left operand must hold ⌈m/32⌉ whole blocks and the right ⌈n/32⌉
+/// panels of `pairs` readable pairs; dst as in [`matmul`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocks(
+    (m, n, pairs): (usize, usize, usize),
+    (a, lda): (*const u32, usize),
+    (b, panel_pairs): (*const u32, usize),
+    (dst, ldd): (*mut f32, usize),
+    start: Start,
+    scale: f32,
+    order: Order,
+    parallel: bool,
+) {
+    let (a, b, dst) = (SharedConst(a), SharedConst(b), SharedMut(dst));
     let task = |(t, q): (usize, usize)| {
         let mut block = [0f32; MB * NB];
-        // SAFETY: AMX is available (the caller's contract); the block and panel hold `pairs` pairs;
-        // the output corner lies inside dst.
+        // SAFETY: AMX is available, the block and panel hold `pairs` pairs and the output corner
+        // lies inside dst (the caller's contract).
         unsafe {
             configure_thread();
-            let (lhs, rhs) = (a_rows.get().add(t * MB * lda), b_packed[q * pairs * NB..].as_ptr());
-            block_32x32(lhs, lda, rhs, pairs, &mut block);
+            block_32x32(a.get().add(t * MB * lda), lda, b.get().add(q * panel_pairs * NB), pairs, &mut block);
             let (i0, j0) = (t * MB, q * NB);
             let (corner, out) = ((MB.min(m - i0), NB.min(n - j0)), dst.get().add(i0 * ldd + j0));
             super::store_scaled_corner(&block, NB, out, ldd, corner, start.at(i0, j0), scale);
         }
     };
-    // The larger packed operand is walked once: each of its blocks meets every block of the other
-    // (which stays in cache) before the next is read.
-    let tasks: Vec<(usize, usize)> = if b_packed.len() > m * pairs {
-        (0..panels).flat_map(|q| (0..row_blocks).map(move |t| (t, q))).collect()
-    } else {
-        (0..row_blocks).flat_map(|t| (0..panels).map(move |q| (t, q))).collect()
+    let (row_blocks, panels) = (m.div_ceil(MB), n.div_ceil(NB));
+    let tasks: Vec<(usize, usize)> = match order {
+        Order::PanelsOuter => (0..panels).flat_map(|q| (0..row_blocks).map(move |t| (t, q))).collect(),
+        Order::RowsOuter => (0..row_blocks).flat_map(|t| (0..panels).map(move |q| (t, q))).collect(),
     };
     if parallel {
         tasks.into_par_iter().for_each(task);
     } else {
         tasks.into_iter().for_each(task);
     }
-    SCRATCH.set([a, b]);
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -297,6 +438,58 @@ mod tests {
                     (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
                     "({m}, {n}, {k}) bf16 lhs {bf16_lhs} rhs {bf16_rhs} {kind:?}: [{i}, {j}] = {got}, expected {expected}"
                 );
+            }
+        }
+    }
+
+    /// A sub-block of operands packed in advance (rows from a whole block, depths from an even
+    /// offset, a partial last tile step) against the f64 loop; the right operand both packed and
+    /// written through `panels_mut`.
+    #[test]
+    fn packed_operands_give_sub_block_products() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AMX-BF16 (or the kernel does not grant the tile state)");
+            return;
+        }
+        let (rows, depth, n) = (70, 300, 45);
+        let (row0, depth0, m, k) = (32, 64, 38, 221);
+        let a = values(rows * depth, 1);
+        let b = values(k * n, 2);
+        let mut lhs = PackedRows::default();
+        let mut rhs = PackedPanels::default();
+        // SAFETY: a is [rows, depth] and b [k, n], row-major.
+        unsafe {
+            lhs.pack(MatRef::rows(a.as_ptr(), depth).into(), rows, depth);
+            rhs.pack(MatRef::rows(b.as_ptr(), n).into(), k, n);
+        }
+        let mut written = PackedPanels::default();
+        let (panels, pairs) = written.panels_mut(k, n);
+        panels.fill(u32::MAX);
+        let (panels, pairs) = written.panels_mut(k, n);
+        for (q, panel) in panels.chunks_mut(pairs * NB).enumerate() {
+            for pp in 0..k.div_ceil(2) {
+                for j in 0..NB {
+                    let (col, get) = (q * NB + j, |p: usize| if p < k { b[p * n + q * NB + j] } else { 0.0 });
+                    panel[pp * NB + j] =
+                        if col < n { crate::kernels::bf16_gemm::pair(get(2 * pp), get(2 * pp + 1)) } else { 0 };
+                }
+            }
+        }
+        for right in [&rhs, &written] {
+            let mut out = vec![0f32; m * n];
+            // SAFETY: AMX checked; out is [m, n].
+            unsafe { matmul_packed((m, n, k), out.as_mut_ptr(), n, Start::Zero, (&lhs, row0, depth0), right, 0.5) };
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 =
+                        (0..k).map(|p| round(a[(row0 + i) * depth + depth0 + p]) * round(b[p * n + j])).sum();
+                    let got = out[i * n + j] as f64;
+                    assert!(
+                        (got - 0.5 * dot).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
+                        "[{i}, {j}] = {got}, expected {}",
+                        0.5 * dot
+                    );
+                }
             }
         }
     }
