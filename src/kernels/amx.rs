@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::bf16_gemm::{NR, Operand, pack_rhs};
+use super::sgemm::MatRef;
 use super::{SharedConst, SharedMut, Start};
 
 /// Rows of one task's output block (two tiles).
@@ -96,26 +97,60 @@ unsafe fn configure_thread() {
     CONFIGURED.set(true);
 }
 
-/// The output block [32, 32] (rows 128 bytes apart in `out`) of a left block of 32 rows of `pairs`
-/// pairs (`a`, rows `lda` pairs apart) times a right panel [pairs][32] (`b`): `pairs` a multiple
-/// of 16, at least 16.
+/// Where a block's four accumulator tiles start: zero, or loaded from `ptr` with rows `stride`
+/// floats apart (tile (r, c) from `ptr + 16·r·stride + 16·c`; stride 0 repeats one row).
+#[derive(Debug, Clone, Copy)]
+enum Accumulators {
+    Zero,
+    Load(*const f32, usize),
+}
+
+/// The output block [32, 32] = its start (`init`) + a left block of 32 rows of `pairs` pairs (`a`,
+/// rows `lda` pairs apart) times a right panel [pairs][32] (`b`), stored at `out` (rows `ldo`
+/// floats apart): `pairs` a multiple of 16, at least 16.
 ///
 /// # Safety
 /// AMX must be configured on this thread; `a` must address 32 rows of `pairs` lanes, `b` pairs x 32
-/// lanes, `out` 32 x 32 floats.
+/// lanes, `out` 32 rows of 32 floats and a loaded start what [`Accumulators`] says.
 #[cfg(target_arch = "x86_64")]
-unsafe fn block_32x32(a: *const u32, lda: usize, b: *const u32, pairs: usize, out: &mut [f32; MB * NB]) {
+unsafe fn block_32x32(
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    pairs: usize,
+    init: Accumulators,
+    out: *mut f32,
+    ldo: usize,
+) {
     debug_assert!(pairs >= KP && pairs.is_multiple_of(KP));
-    let steps = pairs / KP;
-    let c = out.as_mut_ptr();
+    // SAFETY: the start tiles lie where the caller says.
+    unsafe {
+        match init {
+            Accumulators::Zero => std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            ),
+            Accumulators::Load(c, stride) => std::arch::asm!(
+                "tileloadd tmm0, [{c0} + {ldc}*1]",
+                "tileloadd tmm1, [{c1} + {ldc}*1]",
+                "tileloadd tmm2, [{c2} + {ldc}*1]",
+                "tileloadd tmm3, [{c3} + {ldc}*1]",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.add(16 * stride),
+                c3 = in(reg) c.add(16 * stride + 16),
+                ldc = in(reg) stride * 4,
+                options(nostack, readonly),
+            ),
+        }
+    }
     // SAFETY: every load reads inside the operands and every store inside `out` (the caller's
     // contract): A rows i0..i0 + 16 at 64-byte steps along their pairs, B rows (pairs) 16 at a time.
     unsafe {
         std::arch::asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
             "2:",
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm5, [{a1} + {lda}*1]",
@@ -139,14 +174,14 @@ unsafe fn block_32x32(a: *const u32, lda: usize, b: *const u32, pairs: usize, ou
             a1 = inout(reg) a.add(16 * lda) => _,
             b0 = inout(reg) b => _,
             b1 = inout(reg) b.add(16) => _,
-            steps = inout(reg) steps => _,
+            steps = inout(reg) pairs / KP => _,
             lda = in(reg) lda * 4,
             ldb = in(reg) NB * 4,
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * NB),
-            c3 = in(reg) c.add(16 * NB + 16),
-            ldc = in(reg) NB * 4,
+            c0 = in(reg) out,
+            c1 = in(reg) out.add(16),
+            c2 = in(reg) out.add(16 * ldo),
+            c3 = in(reg) out.add(16 * ldo + 16),
+            ldc = in(reg) ldo * 4,
             options(nostack),
         );
     }
@@ -162,17 +197,26 @@ pub struct PackedRows {
 }
 
 impl PackedRows {
-    /// Packs `lhs` [rows, depth] (on the calling thread).
+    /// Packs `scale` · `lhs` [rows, depth] (on the calling thread).
     ///
     /// # Safety
     /// `lhs` must address rows x depth elements.
-    pub unsafe fn pack(&mut self, lhs: Operand, rows: usize, depth: usize) {
+    pub unsafe fn pack(&mut self, lhs: Operand, rows: usize, depth: usize, scale: f32) {
         let (pairs, filled) = (depth.div_ceil(2).next_multiple_of(KP), depth.div_ceil(2));
         self.data.resize(rows.next_multiple_of(MB) * pairs, 0);
+        let mut scaled = Vec::new();
         for (i, row) in self.data.chunks_mut(pairs).enumerate() {
             if i < rows {
                 // SAFETY: row i < rows of lhs, `depth` elements (the caller's contract).
-                unsafe { lhs.pack_row_pairs(i, depth, row) };
+                unsafe {
+                    if scale == 1.0 {
+                        lhs.pack_row_pairs(i, depth, row);
+                    } else {
+                        scaled.clear();
+                        scaled.extend((0..depth).map(|p| scale * lhs.at(i, p).value()));
+                        Operand::from(MatRef::rows(scaled.as_ptr(), depth)).pack_row_pairs(0, depth, row);
+                    }
+                }
                 row[filled..].fill(0);
             } else {
                 row.fill(0);
@@ -366,15 +410,35 @@ unsafe fn blocks(
 ) {
     let (a, b, dst) = (SharedConst(a), SharedConst(b), SharedMut(dst));
     let task = |(t, q): (usize, usize)| {
-        let mut block = [0f32; MB * NB];
+        let (i0, j0) = (t * MB, q * NB);
+        let (corner, out) = ((MB.min(m - i0), NB.min(n - j0)), dst.get().wrapping_add(i0 * ldd + j0));
+        let (lhs, rhs) = (a.get().wrapping_add(t * MB * lda), b.get().wrapping_add(q * panel_pairs * NB));
         // SAFETY: AMX is available, the block and panel hold `pairs` pairs and the output corner
-        // lies inside dst (the caller's contract).
+        // lies inside dst (the caller's contract); a whole block's start tiles lie in dst or the
+        // bias (or the block buffer), as `Accumulators` reads them.
         unsafe {
             configure_thread();
-            block_32x32(a.get().add(t * MB * lda), lda, b.get().add(q * panel_pairs * NB), pairs, &mut block);
-            let (i0, j0) = (t * MB, q * NB);
-            let (corner, out) = ((MB.min(m - i0), NB.min(n - j0)), dst.get().add(i0 * ldd + j0));
-            super::store_scaled_corner(&block, NB, out, ldd, corner, start.at(i0, j0), scale);
+            // Written in full before it is read (by the tiles or the bias rows); not zeroed.
+            let mut block = std::mem::MaybeUninit::<[f32; MB * NB]>::uninit();
+            let block_ptr = block.as_mut_ptr().cast::<f32>();
+            if corner == (MB, NB) && scale == 1.0 {
+                // A whole block: the tiles start from the output's start and are stored in place.
+                let init = match start.at(i0, j0) {
+                    Start::Zero => Accumulators::Zero,
+                    Start::Current => Accumulators::Load(out, ldd),
+                    Start::ColumnBias(bias) => Accumulators::Load(bias, 0),
+                    Start::RowBias(bias) => {
+                        for i in 0..MB {
+                            std::slice::from_raw_parts_mut(block_ptr.add(i * NB), NB).fill(*bias.add(i));
+                        }
+                        Accumulators::Load(block_ptr, NB)
+                    }
+                };
+                block_32x32(lhs, lda, rhs, pairs, init, out, ldd);
+            } else {
+                block_32x32(lhs, lda, rhs, pairs, Accumulators::Zero, block_ptr, NB);
+                super::store_scaled_corner(block.assume_init_ref(), NB, out, ldd, corner, start.at(i0, j0), scale);
+            }
         }
     };
     let (row_blocks, panels) = (m.div_ceil(MB), n.div_ceil(NB));
@@ -395,7 +459,7 @@ unsafe fn configure_thread() {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: &mut [f32; MB * NB]) {
+unsafe fn block_32x32(_: *const u32, _: usize, _: *const u32, _: usize, _: Accumulators, _: *mut f32, _: usize) {
     unreachable!("AMX runs only on x86-64")
 }
 
@@ -409,7 +473,7 @@ mod tests {
     /// Against an f64 triple loop over the bf16-rounded operands: f32 left and right (row-major),
     /// or bf16 left rows (a convolution's weight, read in place when its shape allows) or bf16 right
     /// stored transposed (a linear layer's weight).
-    fn check((m, n, k): (usize, usize, usize), (bf16_lhs, bf16_rhs): (bool, bool), kind: StartKind, parallel: bool) {
+    fn check((m, n, k): (usize, usize, usize), (bf16_lhs, bf16_rhs): (bool, bool), kind: StartKind, scale: f32, parallel: bool) {
         let a = values(m * k, 1);
         let a16: Vec<u16> = a.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let b = values(k * n, 2);
@@ -423,7 +487,7 @@ mod tests {
         let mut out = initial.clone();
         // SAFETY: AMX checked by the caller; lhs [m, k], rhs [k, n], out [m, ldd].
         unsafe {
-            matmul((m, n, k), out.as_mut_ptr(), ldd, kind.start(&row_bias, &column_bias), lhs, rhs, 0.5, parallel)
+            matmul((m, n, k), out.as_mut_ptr(), ldd, kind.start(&row_bias, &column_bias), lhs, rhs, scale, parallel)
         };
         for i in 0..m {
             for j in 0..ldd {
@@ -432,7 +496,7 @@ mod tests {
                     initial[i * ldd + j] as f64
                 } else {
                     let dot: f64 = (0..k).map(|p| round(a[i * k + p]) * round(b[p * n + j])).sum();
-                    0.5 * dot + kind.expected(initial[i * ldd + j], &row_bias, &column_bias, (i, j))
+                    scale as f64 * dot + kind.expected(initial[i * ldd + j], &row_bias, &column_bias, (i, j))
                 };
                 assert!(
                     (got - expected).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
@@ -459,7 +523,7 @@ mod tests {
         let mut rhs = PackedPanels::default();
         // SAFETY: a is [rows, depth] and b [k, n], row-major.
         unsafe {
-            lhs.pack(MatRef::rows(a.as_ptr(), depth).into(), rows, depth);
+            lhs.pack(MatRef::rows(a.as_ptr(), depth).into(), rows, depth, 1.0);
             rhs.pack(MatRef::rows(b.as_ptr(), n).into(), k, n);
         }
         let mut written = PackedPanels::default();
@@ -506,12 +570,16 @@ mod tests {
         for dims in shapes.into_iter().chain([(64, 40, 96), (96, 33, 64), (64, 17, 48)]) {
             for operands in [(false, false), (false, true), (true, false)] {
                 for kind in StartKind::ALL {
-                    check(dims, operands, kind, false);
+                    // Whole 32x32 blocks with scale 1 start and store their tiles in place.
+                    for scale in [0.5, 1.0] {
+                        check(dims, operands, kind, scale, false);
+                    }
                 }
             }
         }
-        check((300, 130, 700), (false, true), StartKind::ColumnBias, true);
-        check((257, 320, 1280), (false, false), StartKind::Current, true);
-        check((320, 300, 2880), (true, false), StartKind::RowBias, true);
+        check((300, 130, 700), (false, true), StartKind::ColumnBias, 1.0, true);
+        check((257, 320, 1280), (false, false), StartKind::Current, 1.0, true);
+        check((320, 300, 2880), (true, false), StartKind::RowBias, 0.5, true);
+        check((320, 300, 2880), (true, false), StartKind::RowBias, 1.0, true);
     }
 }

@@ -156,7 +156,7 @@ impl CustomOp3 for Attention {
         // allow it.
         let per_thread = (b * lq).div_ceil(4 * rayon::current_num_threads()).max(MIN_BLOCK_ROWS);
         let rows = MAX_BLOCK_ROWS.min(per_thread).min(lq);
-        let heads = Heads::new(&k, &v, self.bf16);
+        let heads = Heads::new(&k, &v, self.bf16, self.log2_scale);
         // out [B, Lq, H, Dv]: a batch is a contiguous [Lq, H, Dv] slab, a task `rows` of its rows.
         out.par_chunks_mut(lq * h * dv).enumerate().for_each(|(bi, batch)| {
             batch.par_chunks_mut(rows * h * dv).enumerate().for_each(|(blk, chunk)| {
@@ -178,7 +178,8 @@ enum Heads {
 }
 
 impl Heads {
-    fn new(k: &Operand, v: &Operand, bf16: bool) -> Self {
+    /// With AMX the keys are packed times `log2_scale`, so their products need no scaling.
+    fn new(k: &Operand, v: &Operand, bf16: bool, log2_scale: f32) -> Self {
         let [b, h, lk, d] = k.dims;
         let dv = v.dims[3];
         // Vᵀ's element (c, key) is V's (key, c).
@@ -197,8 +198,8 @@ impl Heads {
             let pack = |(bh, (keys_bh, values_t)): (usize, (&mut amx::PackedRows, &mut amx::PackedRows))| {
                 // SAFETY: the rows of head bh lie inside the storages, as their layouts guarantee.
                 unsafe {
-                    keys_bh.pack(keys(bh).into(), lk, d);
-                    values_t.pack(v_t(bh).into(), dv, lk);
+                    keys_bh.pack(keys(bh).into(), lk, d, log2_scale);
+                    values_t.pack(v_t(bh).into(), dv, lk, 1.0);
                 }
             };
             let mut keys: Vec<amx::PackedRows> = (0..b * h).map(|_| amx::PackedRows::default()).collect();
@@ -298,7 +299,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                             Start::Zero,
                             (&keys[bh], c0, 0),
                             queries,
-                            log2_scale,
+                            1.0, // the keys carry the scale
                         );
                         // The AMX path is taken only where the CPU has AVX512-BF16 too.
                         softmax_columns_bf16(
@@ -321,7 +322,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                             Start::Zero,
                             (&keys[bh], c0, 0),
                             queries,
-                            log2_scale,
+                            1.0, // the keys carry the scale
                         );
                         let panels = (scratch.probabilities.panels_mut(len, n), len.div_ceil(2));
                         // The bf16 path is taken only where the CPU has AVX512-BF16.

@@ -111,6 +111,20 @@ impl Operand {
         Self { elements, ..self }
     }
 
+    /// The first element as f32 (a bf16 element widened).
+    ///
+    /// # Safety
+    /// The operand must hold an element.
+    pub(crate) unsafe fn value(self) -> f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self.elements {
+                Elements::F32(p) => *p,
+                Elements::Bf16(p) => bf16::from_bits(*p).to_f32(),
+            }
+        }
+    }
+
     /// Element (i, j) as bf16 bits, rounded to nearest-even from f32.
     ///
     /// # Safety
