@@ -167,7 +167,14 @@ impl Operand {
             Elements::F32(p) if row.col_stride == 1 => {
                 // SAFETY: the row's k floats (the caller's contract).
                 let src = unsafe { std::slice::from_raw_parts(p, k) };
-                for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                // 32 floats (16 pairs) per instruction where the CPU converts to bf16 itself.
+                let done = if available() {
+                    // SAFETY: AVX512-BF16 checked; src has k floats and out ⌈k/2⌉ lanes.
+                    unsafe { convert_row_pairs(src, out) }
+                } else {
+                    0
+                };
+                for (o, c) in out[done..].iter_mut().zip(src[2 * done..].chunks_exact(2)) {
                     *o = pair(c[0], c[1]);
                 }
                 if k % 2 == 1 {
@@ -677,6 +684,28 @@ unsafe fn interleave_rows_32(row0: *const f32, row1: Option<*const f32>, out: &m
     }
 }
 
+/// The whole 16-pair groups of a contiguous f32 row as pairs of consecutive elements rounded to
+/// bf16 (nearest-even, as [`pair`]): returns how many pairs it wrote.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; `out` must hold ⌊src.len() / 2⌋ lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn convert_row_pairs(src: &[f32], out: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let groups = src.len() / 32;
+    for g in 0..groups {
+        // SAFETY: floats 32g..32g + 32 of src and lanes 16g..16g + 16 of out (the caller's contract).
+        unsafe {
+            let (lo, hi) = (_mm512_loadu_ps(src.as_ptr().add(32 * g)), _mm512_loadu_ps(src.as_ptr().add(32 * g + 16)));
+            // The low 16 bf16 take `lo`: in memory, element order, i.e. the pairs of consecutive elements.
+            let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.as_mut_ptr().add(16 * g) as *mut _, both);
+        }
+    }
+    16 * groups
+}
+
 /// The 16 pairs (a[t], b[t]) of two registers rounded to bf16 (a's value low): [`pair`] on 16 lanes.
 ///
 /// # Safety
@@ -808,6 +837,10 @@ unsafe fn transpose_rows_8(_: Operand, _: usize, _: &mut [u32], _: usize) {
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn interleave_runs_8(_: *const f32, _: Option<*const f32>, _: &mut [u32]) {
     unreachable!("bf16 packing runs only on x86-64")
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn convert_row_pairs(_: &[f32], _: &mut [u32]) -> usize {
+    unreachable!("bf16 conversion runs only on x86-64")
 }
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn interleave_rows_32(_: *const f32, _: Option<*const f32>, _: &mut [u32]) {
