@@ -19,5 +19,6 @@ pub mod request;
 pub mod schedulers;
 pub mod server;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -14,6 +14,7 @@ mod residual;
 mod sdxl;
 mod serve;
 mod source;
+mod train;
 mod uni_controlnet;
 mod worker;
 
@@ -42,6 +43,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run jobs that `diffctl serve --queue redis://...` puts on Redis Streams.
     Worker(Box<worker::WorkerArgs>),
+    /// Fine-tune adapters on a folder of captioned images (LoRA).
+    Train(train::TrainArgs),
 }
 
 /// Parses the command line and runs it.
@@ -53,5 +56,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Worker(args) => worker::run(&args),
+        Command::Train(args) => train::run(&args),
     }
 }

@@ -473,7 +473,13 @@ mod tests {
     /// Against an f64 triple loop over the bf16-rounded operands: f32 left and right (row-major),
     /// or bf16 left rows (a convolution's weight, read in place when its shape allows) or bf16 right
     /// stored transposed (a linear layer's weight).
-    fn check((m, n, k): (usize, usize, usize), (bf16_lhs, bf16_rhs): (bool, bool), kind: StartKind, scale: f32, parallel: bool) {
+    fn check(
+        (m, n, k): (usize, usize, usize),
+        (bf16_lhs, bf16_rhs): (bool, bool),
+        kind: StartKind,
+        scale: f32,
+        parallel: bool,
+    ) {
         let a = values(m * k, 1);
         let a16: Vec<u16> = a.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let b = values(k * n, 2);
@@ -527,8 +533,8 @@ mod tests {
             rhs.pack(MatRef::rows(b.as_ptr(), n).into(), k, n);
         }
         let mut written = PackedPanels::default();
-        let (panels, pairs) = written.panels_mut(k, n);
-        panels.fill(u32::MAX);
+        // Stale contents first: panels_mut must zero the padding pairs again.
+        written.panels_mut(k, n).0.fill(u32::MAX);
         let (panels, pairs) = written.panels_mut(k, n);
         for (q, panel) in panels.chunks_mut(pairs * NB).enumerate() {
             for pp in 0..k.div_ceil(2) {

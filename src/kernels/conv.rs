@@ -94,10 +94,11 @@ pub fn cpu_path(
 /// [Cout, Cin, k, k], bias [Cout] → [B, Cout, (H + 2p − k)/s + 1, (W + 2p − k)/s + 1].
 ///
 /// CPU f32/f16/bf16 inputs run the kernels of this module (in f32, the weight in f32 or bf16, see
-/// [`kernel_weight`]); anything else runs candle's `conv2d`.
+/// [`kernel_weight`]); anything else, and inputs that track gradients, runs candle's `conv2d`.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let supported = matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16);
-    if !xs.device().is_cpu() || !supported {
+    let tracked = super::tracks_gradients(&[xs, weight]) || bias.is_some_and(Tensor::track_op);
+    if !xs.device().is_cpu() || !supported || tracked {
         let ys = xs.conv2d(&weight.to_dtype(xs.dtype())?, padding, stride, 1, 1)?;
         return match bias {
             Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),

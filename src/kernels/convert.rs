@@ -12,7 +12,9 @@ use super::math::simd_dispatch;
 /// `t` as f32: in parallel for contiguous f16/bf16 CPU tensors, by candle otherwise.
 pub fn to_f32(t: &Tensor) -> candle_core::Result<Tensor> {
     match t.dtype() {
-        DType::F16 | DType::BF16 if t.device().is_cpu() && t.is_contiguous() => t.apply_op1_no_bwd(&Widen),
+        DType::F16 | DType::BF16 if t.device().is_cpu() && t.is_contiguous() && !t.track_op() => {
+            t.apply_op1_no_bwd(&Widen)
+        }
         _ => t.to_dtype(DType::F32),
     }
 }

@@ -8,7 +8,7 @@ use super::math::{self, simd_dispatch};
 
 /// h [.., 2·inner] → [.., inner]: the first half times the exact (erf) GELU of the second half.
 pub fn geglu(h: &Tensor) -> candle_core::Result<Tensor> {
-    if h.device().is_cpu() && h.dtype() == DType::F32 {
+    if h.device().is_cpu() && h.dtype() == DType::F32 && !h.track_op() {
         return h.contiguous()?.apply_op1_no_bwd(&Geglu);
     }
     let inner = h.dim(D::Minus1)? / 2;

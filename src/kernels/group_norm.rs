@@ -44,7 +44,8 @@ impl GroupNorm {
             && xs.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
             && self.bias.dtype() == DType::F32
-            && xs.rank() >= 3;
+            && xs.rank() >= 3
+            && !super::tracks_gradients(&[xs, &self.weight, &self.bias]);
         if !fast {
             let ys = self.plain.forward(xs)?;
             return if silu { candle_nn::ops::silu(&ys) } else { Ok(ys) };

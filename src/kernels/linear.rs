@@ -1,6 +1,7 @@
 //! Linear layer `y = x Wᵀ + b` for CPU f32 inputs: one product over all rows of x with the bias added
 //! as each output tile is written (no separate broadcast add), on [`super::sgemm`], or on [`super::bf16_gemm`] for bf16 weights
-//! where the CPU has bf16 dot products. Other devices and dtypes use candle's `Linear`.
+//! where the CPU has bf16 dot products. Other devices and dtypes, and inputs that track gradients,
+//! use candle's `Linear`.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 
@@ -12,7 +13,8 @@ use super::{LayerWeight, Start, kernel_weight};
 /// x [.., in] · weight [out, in]ᵀ + bias [out] → [.., out]. The weight may be in another dtype than x
 /// (half-precision weights of f32 layers on the CPU).
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if !xs.device().is_cpu() || xs.dtype() != DType::F32 {
+    let tracked = super::tracks_gradients(&[xs, weight]) || bias.is_some_and(Tensor::track_op);
+    if !xs.device().is_cpu() || xs.dtype() != DType::F32 || tracked {
         let cast = |t: &Tensor| t.to_dtype(xs.dtype());
         return candle_nn::Linear::new(cast(weight)?, bias.map(cast).transpose()?).forward(xs);
     }

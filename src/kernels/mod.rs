@@ -66,6 +66,13 @@ fn layer_weight<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candl
     }
 }
 
+/// Whether any of `tensors` takes part in a gradient computation (a variable, or computed from one):
+/// the kernels then run candle's differentiable ops instead of their own, which have no backward
+/// pass.
+pub fn tracks_gradients(tensors: &[&Tensor]) -> bool {
+    tensors.iter().any(|t| t.track_op())
+}
+
 /// An output or scratch buffer of `len` f32 that the kernel then writes in full, without the zeroing
 /// pass of `vec![0.0; len]` (candle's CPU backend allocates its outputs the same way). Callers must
 /// write every element before anything reads it.

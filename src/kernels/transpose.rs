@@ -12,7 +12,7 @@ const BLOCK: usize = 32;
 
 /// xs [B, R, S] → [B, S, R] contiguous (`xs.transpose(1, 2)?.contiguous()`).
 pub fn transpose_last_two(xs: &Tensor) -> candle_core::Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 && !xs.track_op() {
         return xs.contiguous()?.apply_op1_no_bwd(&Transpose);
     }
     xs.transpose(1, 2)?.contiguous()

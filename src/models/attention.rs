@@ -26,7 +26,8 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 ///
 /// Without a mask on the CPU this is the fused kernel [`kernels::attention::scaled_dot_product`],
 /// which always computes scores in f32, its products on bf16 dot products for models whose layers
-/// are bf16 (`layer_dtype`) where the CPU has them; otherwise plain candle ops, long queries in blocks.
+/// are bf16 (`layer_dtype`) where the CPU has them; otherwise (and when an input tracks gradients)
+/// plain candle ops, long queries in blocks.
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -36,7 +37,8 @@ pub fn scaled_dot_product(
     upcast: bool,
     layer_dtype: DType,
 ) -> Result<Tensor> {
-    if mask.is_none() && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+    let tracked = kernels::tracks_gradients(&[q, k, v]);
+    if mask.is_none() && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
         return Ok(kernels::attention::scaled_dot_product(q, k, v, scale, layer_dtype == DType::BF16)?);
     }
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
@@ -66,7 +68,13 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>,
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    // candle's fused softmax has no backward pass: the composed one where gradients flow.
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    let probs = probs.to_dtype(dtype)?;
     Ok(probs.matmul(v)?)
 }
 

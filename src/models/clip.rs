@@ -2,11 +2,10 @@
 //! MLP activation and the pre-norm encoder layer.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::LayerNorm;
 use serde::Deserialize;
 
 use super::attention::{merge_heads, scaled_dot_product, split_heads};
-use super::nn::{Linear, layer_norm, linear};
+use super::nn::{LayerNorm, Linear, layer_norm, linear};
 use crate::io::weights::Weights;
 use crate::{Error, Result};
 

@@ -5,13 +5,13 @@
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Embedding, LayerNorm};
+use candle_nn::Embedding;
 use serde::Deserialize;
 
 use super::attention::causal_mask;
 pub use super::clip::Activation;
 use super::clip::{EncoderLayer, EncoderSpec, check_heads};
-use super::nn::{Linear, layer_norm, linear};
+use super::nn::{LayerNorm, Linear, layer_norm, linear};
 use crate::io::weights::Weights;
 use crate::{Error, Result};
 

@@ -4,11 +4,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::LayerNorm;
 use serde::Deserialize;
 
 use super::clip::{Activation, EncoderLayer, EncoderSpec, check_heads};
-use super::nn::{Linear, layer_norm, linear};
+use super::nn::{LayerNorm, Linear, layer_norm, linear};
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::Weights;
 use crate::{Error, Result};

@@ -10,8 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::LayerNorm;
+use candle_core::{D, DType, Module, Tensor};
 
 use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
@@ -431,6 +430,37 @@ pub fn group_norm(w: &Weights, groups: usize, channels: usize, eps: f64) -> Resu
 /// `nn.LayerNorm(dim, eps)` with affine weights.
 pub fn layer_norm(w: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
     Ok(LayerNorm::new(w.get(dim, "weight")?, w.get(dim, "bias")?, eps))
+}
+
+/// `nn.LayerNorm` over the last dimension with affine weights: candle's fused kernel, or, where
+/// gradients flow (it has no backward pass), the same normalisation from differentiable ops.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    fused: candle_nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A LayerNorm with these weights [D] and epsilon.
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { fused: candle_nn::LayerNorm::new(weight.clone(), bias.clone(), eps), weight, bias, eps }
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if !crate::kernels::tracks_gradients(&[xs, &self.weight, &self.bias]) {
+            return self.fused.forward(xs);
+        }
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(DType::F32)?;
+        let centred = xs.broadcast_sub(&xs.mean_keepdim(D::Minus1)?)?;
+        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(variance + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
 }
 
 /// A 1x1 projection that is a `Conv2d` in some checkpoints and a `Linear` in others

@@ -110,6 +110,18 @@ impl Upsample {
     /// Upsamples [B, C, H, W] to `size` (H', W') (twice the input unless a skip connection of odd
     /// size asks otherwise) and convolves.
     pub fn forward(&self, xs: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-        Ok(self.conv.forward(&xs.upsample_nearest2d(size.0, size.1)?)?)
+        Ok(self.conv.forward(&upsample_nearest(xs, size)?)?)
     }
+}
+
+/// Nearest-neighbour upsampling of [B, C, H, W] to `size`. Where gradients flow and the size is a
+/// whole multiple, each pixel is repeated by broadcasting: candle's upsampling backward pass
+/// overwrites the gradients of the pixels it repeats instead of summing them.
+fn upsample_nearest(xs: &Tensor, (height, width): (usize, usize)) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if !xs.track_op() || height % h != 0 || width % w != 0 {
+        return xs.upsample_nearest2d(height, width);
+    }
+    let (sh, sw) = (height / h, width / w);
+    xs.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, sh, w, sw))?.reshape((b, c, height, width))
 }

@@ -62,7 +62,7 @@ pub trait Scheduler {
     ) -> Result<Tensor>;
 }
 
-mod betas;
+pub(crate) mod betas;
 mod ddim;
 mod ddpm;
 mod deis;

@@ -6,11 +6,10 @@
 //! FaceID (`IPAdapterFaceIDImageProjection`), `latents` → Plus (`IPAdapterPlusImageProjection`).
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::LayerNorm;
 
 use crate::io::weights::Weights;
 use crate::models::attention::{merge_heads, scaled_dot_product, split_heads};
-use crate::models::nn::{Linear, layer_norm, linear};
+use crate::models::nn::{LayerNorm, Linear, layer_norm, linear};
 use crate::{Error, Result};
 
 /// `nn.LayerNorm`'s default epsilon, used by every projection.

@@ -2,7 +2,6 @@
 //! blocks (self-attention, cross-attention, GEGLU feed-forward), projection out, residual.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::LayerNorm;
 
 use super::controls::{AttentionStreams, ExtraAttention, UNetControls};
 use super::hooks::AttentionLayerView;
@@ -12,7 +11,7 @@ use crate::io::weights::Weights;
 use crate::kernels::group_norm::GroupNorm;
 use crate::kernels::transpose::transpose_last_two;
 use crate::models::attention::{merge_heads, scaled_dot_product, split_heads};
-use crate::models::nn::{Linear, Projection, group_norm, layer_norm, linear};
+use crate::models::nn::{LayerNorm, Linear, Projection, group_norm, layer_norm, linear};
 
 /// Multi-head attention (`Attention` in diffusers) addressed by a layer id for injections.
 #[derive(Debug)]

@@ -2,10 +2,9 @@
 //! a GEGLU feed-forward twice, split into tokens that are appended to the text context.
 
 use candle_core::{Module, Tensor};
-use candle_nn::LayerNorm;
 
 use crate::io::weights::Weights;
-use crate::models::nn::layer_norm;
+use crate::models::nn::{LayerNorm, layer_norm};
 use crate::models::unet::transformer::FeedForward;
 use crate::{Error, Result};
 

@@ -1,0 +1,164 @@
+//! `diffctl train`: fine-tune a model's adapters on a folder of captioned images.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::pipeline::{LoadOptions, StableDiffusion};
+use crate::train::dataset::Dataset;
+use crate::train::optimizer::AdamWConfig;
+use crate::train::run::{LoraTrainingOptions, StepReport, train_lora};
+use crate::train::schedule::LrSchedule;
+
+/// Arguments of `diffctl train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(subcommand)]
+    kind: TrainKind,
+}
+
+/// What to train.
+#[derive(Debug, Subcommand)]
+enum TrainKind {
+    /// LoRA adapters on the UNet's attention projections, written as a kohya .safetensors file
+    /// (loads in A1111, ComfyUI, diffusers' load_lora_weights and `diffctl generate --lora`).
+    Lora(Box<LoraArgs>),
+}
+
+/// Arguments of `diffctl train lora` (defaults as diffusers' train_text_to_image_lora.py).
+#[derive(Debug, Args)]
+struct LoraArgs {
+    /// A diffusers model folder or single-file SD1.x/2.x checkpoint to train on (f32).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    #[command(flatten)]
+    source: super::source::SourceArgs,
+    /// The training images: a folder with metadata.jsonl, kohya `N_name` folders, or images with .txt captions.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Where to write the LoRA (.safetensors, kohya layout).
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    rank: usize,
+    /// Adapter alpha [default: the rank, i.e. scale 1].
+    #[arg(long, value_name = "F")]
+    alpha: Option<f64>,
+    /// UNet modules that get adapters (PEFT target_modules), comma-separated.
+    #[arg(long, default_value = "to_k,to_q,to_v,to_out.0", value_delimiter = ',', value_name = "NAMES")]
+    targets: Vec<String>,
+    /// Square training resolution in pixels.
+    #[arg(long, default_value_t = 512, value_name = "PX")]
+    resolution: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    batch_size: usize,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    steps: usize,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 1e-4, value_name = "F")]
+    lr: f64,
+    /// Learning-rate schedule: constant, constant_with_warmup, linear, cosine.
+    #[arg(long, default_value = "constant", value_name = "NAME")]
+    lr_scheduler: String,
+    /// Steps of linear warm-up from 0.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    lr_warmup_steps: usize,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 1e-2, value_name = "F")]
+    weight_decay: f64,
+    /// Gradient-norm clipping (0 turns it off).
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    max_grad_norm: f64,
+    /// min-SNR-γ loss weighting (5 is the paper's choice).
+    #[arg(long, value_name = "GAMMA")]
+    snr_gamma: Option<f64>,
+    /// Offset noise strength (e.g. 0.1).
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    noise_offset: f64,
+    /// Mirror each image with probability 1/2.
+    #[arg(long)]
+    random_flip: bool,
+    /// Seed of every random draw.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    seed: u64,
+    /// Also write the LoRA every N steps.
+    #[arg(long, value_name = "N")]
+    save_every: Option<usize>,
+    /// Append step, loss, learning rate, gradient norm and seconds to this CSV file.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+}
+
+/// Runs `diffctl train`.
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    match &args.kind {
+        TrainKind::Lora(args) => lora(args),
+    }
+}
+
+fn lora(args: &LoraArgs) -> anyhow::Result<()> {
+    let options = LoraTrainingOptions {
+        rank: args.rank,
+        alpha: args.alpha.unwrap_or(args.rank as f64),
+        targets: args.targets.clone(),
+        resolution: args.resolution,
+        batch_size: args.batch_size,
+        steps: args.steps,
+        optimizer: AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
+        schedule: LrSchedule::from_name(&args.lr_scheduler)?,
+        warmup_steps: args.lr_warmup_steps,
+        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+        snr_gamma: args.snr_gamma,
+        noise_offset: args.noise_offset,
+        random_flip: args.random_flip,
+        seed: args.seed,
+        save_every: args.save_every,
+    };
+    let data = Dataset::open(&args.data)?;
+    let load = LoadOptions { files: args.source.options(), ..Default::default() };
+    let model =
+        StableDiffusion::load(&args.model, &load).with_context(|| format!("loading model {}", args.model.display()))?;
+    let mut log = match &args.log {
+        Some(path) => {
+            let mut file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            writeln!(file, "step,loss,lr,grad_norm,seconds")?;
+            Some(file)
+        }
+        None => None,
+    };
+    eprintln!(
+        "training a rank-{} LoRA on {} examples for {} steps",
+        options.rank,
+        data.examples().len(),
+        options.steps
+    );
+    let bar = ProgressBar::new(options.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {msg} {elapsed_precise} (eta {eta})")?
+            .progress_chars("=> "),
+    );
+    let mut log_error = None;
+    let mut on_step = |r: &StepReport| {
+        bar.set_position(r.step as u64);
+        bar.set_message(format!("loss {:.4} lr {:.2e}", r.loss, r.lr));
+        if let Some(file) = log.as_mut()
+            && log_error.is_none()
+        {
+            let line = format!("{},{},{},{},{:.3}", r.step, r.loss, r.lr, r.grad_norm, r.elapsed.as_secs_f64());
+            log_error = writeln!(file, "{line}").err();
+        }
+    };
+    train_lora(&model, &data, &options, &args.output, &mut on_step)?;
+    bar.finish();
+    if let Some(e) = log_error {
+        anyhow::bail!("writing the loss log: {e}");
+    }
+    eprintln!("wrote {}", args.output.display());
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Training images with captions, in the layouts trainers use:
+//! - diffusers' `metadata.jsonl` beside the images (`{"file_name": "a.png", "text": "..."}` per line);
+//! - kohya's concept folders `N_name/` (each image seen N times per epoch), captions from a `.txt`
+//!   beside each image or else the folder's name after the count;
+//! - a plain folder of images, each with its caption in a `.txt` of the same stem.
+//!
+//! Images are prepared as diffusers' training scripts do (torchvision `Resize(resolution,
+//! BILINEAR)`, `CenterCrop`, optional `RandomHorizontalFlip`, `ToTensor`, `Normalize([0.5], [0.5])`):
+//! the shorter side scaled to the resolution with Pillow's bilinear filter, the center cropped, the
+//! values mapped to [-1, 1].
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::io::image::{load_rgb, rgb_to_tensor};
+use crate::models::image_processor::{Filter, pil_resize};
+use crate::{Error, Result};
+
+/// Image file extensions a dataset folder is searched for.
+const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+
+/// Most times one kohya concept folder may repeat its images (a typo such as `1000000_x` would
+/// otherwise make an epoch of millions).
+const MAX_REPEATS: usize = 10_000;
+
+/// One training example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// The image file.
+    pub image: PathBuf,
+    /// Its caption.
+    pub caption: String,
+}
+
+/// The examples of one epoch, in a fixed order (repeated ones appear that many times).
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    examples: Vec<Example>,
+}
+
+impl Dataset {
+    /// Reads the folder `dir` (see the module docs for the layouts).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!("the training data {} is not a folder", dir.display())));
+        }
+        let metadata = dir.join("metadata.jsonl");
+        let examples = if metadata.is_file() {
+            read_metadata(dir, &metadata)?
+        } else {
+            let concepts = concept_folders(dir)?;
+            if concepts.is_empty() { captioned_images(dir, None)? } else { concepts }
+        };
+        if examples.is_empty() {
+            return Err(Error::invalid(format!(
+                "no training images in {} (looked for {} files with a .txt caption, metadata.jsonl, or N_name \
+                 folders)",
+                dir.display(),
+                IMAGE_EXTENSIONS.join("/")
+            )));
+        }
+        Ok(Self { examples })
+    }
+
+    /// The examples of one epoch.
+    pub fn examples(&self) -> &[Example] {
+        &self.examples
+    }
+
+    /// Example `index` as a [3, R, R] tensor in [-1, 1] at `resolution`, mirrored with `flip`.
+    pub fn image(&self, index: usize, resolution: usize, flip: bool, device: &Device) -> Result<Tensor> {
+        let path = &self.examples[index].image;
+        let img = load_rgb(path)?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        // torchvision's Resize(int): the shorter side to `resolution`, the other truncated.
+        let (rw, rh) = if w <= h { (resolution, resolution * h / w) } else { (resolution * w / h, resolution) };
+        if rw == 0 || rh == 0 {
+            return Err(Error::invalid(format!(
+                "{}: a {w}x{h} image cannot be scaled to {resolution}",
+                path.display()
+            )));
+        }
+        let resized = pil_resize(&img, rw, rh, Filter::Bilinear);
+        // CenterCrop: torchvision rounds the offsets to the nearest integer.
+        let (left, top) =
+            (((rw - resolution) as f64 / 2.0).round() as u32, ((rh - resolution) as f64 / 2.0).round() as u32);
+        let side = resolution as u32;
+        let cropped = image::imageops::crop_imm(&resized, left, top, side, side).to_image();
+        let cropped = if flip { image::imageops::flip_horizontal(&cropped) } else { cropped };
+        Ok(((rgb_to_tensor(&cropped, device)?.squeeze(0)? * 2.0)? - 1.0)?)
+    }
+}
+
+/// diffusers' `metadata.jsonl`: one JSON object a line with `file_name` and `text`.
+fn read_metadata(dir: &Path, path: &Path) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut examples = Vec::new();
+    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |what: &str| Error::Format { path: path.into(), message: format!("line {}: {what}", line_no + 1) };
+        let entry: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        let file = entry["file_name"].as_str().ok_or_else(|| bad("no `file_name` string"))?;
+        let caption = entry["text"].as_str().ok_or_else(|| bad("no `text` string"))?;
+        let image = dir.join(file);
+        if !image.is_file() {
+            return Err(bad(&format!("`file_name` {file} is not a file in {}", dir.display())));
+        }
+        examples.push(Example { image, caption: caption.to_string() });
+    }
+    Ok(examples)
+}
+
+/// kohya's `N_name` folders, each image repeated N times, sorted by folder name.
+fn concept_folders(dir: &Path) -> Result<Vec<Example>> {
+    let mut examples = Vec::new();
+    for entry in sorted_entries(dir)? {
+        let name = entry.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let Some((count, concept)) = name.split_once('_') else { continue };
+        let Ok(repeats) = count.parse::<usize>() else { continue };
+        if !entry.is_dir() {
+            continue;
+        }
+        if !(1..=MAX_REPEATS).contains(&repeats) {
+            return Err(Error::invalid(format!(
+                "{}: a concept folder repeats its images 1 to {MAX_REPEATS} times, not {repeats}",
+                entry.display()
+            )));
+        }
+        let images = captioned_images(&entry, Some(concept))?;
+        for _ in 0..repeats {
+            examples.extend(images.iter().cloned());
+        }
+    }
+    Ok(examples)
+}
+
+/// The images directly in `dir`, captioned by the `.txt` of the same stem, else by `fallback`.
+fn captioned_images(dir: &Path, fallback: Option<&str>) -> Result<Vec<Example>> {
+    let mut examples = Vec::new();
+    for image in sorted_entries(dir)? {
+        let extension = image.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+        if !image.is_file() || !extension.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+            continue;
+        }
+        let caption_file = image.with_extension("txt");
+        let caption = if caption_file.is_file() {
+            std::fs::read_to_string(&caption_file).map_err(|e| Error::io(&caption_file, e))?.trim().to_string()
+        } else if let Some(fallback) = fallback {
+            fallback.to_string()
+        } else {
+            return Err(Error::invalid(format!(
+                "{} has no caption: put it in {} (or list the images in metadata.jsonl)",
+                image.display(),
+                caption_file.display()
+            )));
+        };
+        examples.push(Example { image, caption });
+    }
+    Ok(examples)
+}
+
+/// The entries of `dir`, sorted by path.
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+        .collect::<Result<Vec<_>>>()?;
+    entries.sort();
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(path: &Path, (w, h): (u32, u32)) {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 40) as u8, (y * 40) as u8, 128])).save(path).unwrap();
+    }
+
+    /// The three layouts, the epoch's repeats, and the prepared image's size and range.
+    #[test]
+    fn reads_the_three_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        png(&dir.path().join("a.png"), (6, 4));
+        std::fs::write(dir.path().join("a.txt"), "a red square\n").unwrap();
+        let data = Dataset::open(dir.path()).unwrap();
+        assert_eq!(data.examples(), [Example { image: dir.path().join("a.png"), caption: "a red square".into() }]);
+        let image = data.image(0, 4, true, &Device::Cpu).unwrap();
+        assert_eq!(image.dims(), [3, 4, 4]);
+        let values = image.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)));
+
+        std::fs::write(dir.path().join("metadata.jsonl"), "{\"file_name\": \"a.png\", \"text\": \"listed\"}\n")
+            .unwrap();
+        assert_eq!(Dataset::open(dir.path()).unwrap().examples()[0].caption, "listed");
+
+        let kohya = tempfile::tempdir().unwrap();
+        std::fs::create_dir(kohya.path().join("3_sks dog")).unwrap();
+        png(&kohya.path().join("3_sks dog").join("x.png"), (4, 4));
+        let data = Dataset::open(kohya.path()).unwrap();
+        assert_eq!(data.examples().len(), 3);
+        assert!(data.examples().iter().all(|e| e.caption == "sks dog"));
+    }
+
+    #[test]
+    fn bad_folders_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Dataset::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no training images"), "{err}");
+        png(&dir.path().join("b.png"), (4, 4));
+        let err = Dataset::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("b.png has no caption"), "{err}");
+        std::fs::write(dir.path().join("metadata.jsonl"), "{\"file_name\": \"missing.png\", \"text\": \"x\"}\n")
+            .unwrap();
+        let err = Dataset::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("missing.png"), "{err}");
+        std::fs::write(dir.path().join("metadata.jsonl"), "not json\n").unwrap();
+        assert!(Dataset::open(dir.path()).unwrap_err().to_string().contains("not JSON"));
+    }
+}

@@ -1,0 +1,261 @@
+//! A LoRA training run on a loaded model: batches from a [`Dataset`], the denoising objective,
+//! AdamW with clipping and a learning-rate schedule, a report per step, the adapters written in
+//! kohya's layout every `save_every` steps and at the end (atomically: a crash leaves the previous
+//! file whole).
+//!
+//! Every random draw of step s (the batch's flips, the VAE sample, the noise, the timesteps) comes
+//! from generators seeded by (seed, s), and the example order of epoch e from (seed, e), so a run is
+//! reproducible from its seed.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{Tensor, Var};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+
+use super::dataset::Dataset;
+use super::lora::LoraAdapters;
+use super::objective::DenoisingObjective;
+use super::optimizer::{AdamW, AdamWConfig};
+use super::schedule::LrSchedule;
+use crate::models::unet::{Conditioning, UNetInput};
+use crate::noise::SeededNoise;
+use crate::pipeline::StableDiffusion;
+use crate::schedulers::NoiseSource;
+use crate::{Error, Result};
+
+/// What a LoRA training run does (defaults: diffusers' `train_text_to_image_lora.py`'s).
+#[derive(Debug, Clone)]
+pub struct LoraTrainingOptions {
+    /// Adapter rank.
+    pub rank: usize,
+    /// Adapter alpha (the delta is scaled by alpha / rank).
+    pub alpha: f64,
+    /// The UNet modules that get adapters (PEFT `target_modules`).
+    pub targets: Vec<String>,
+    /// Square training resolution in pixels.
+    pub resolution: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// AdamW's hyper-parameters (`lr` is the base rate of the schedule).
+    pub optimizer: AdamWConfig,
+    /// The learning-rate schedule after the warm-up.
+    pub schedule: LrSchedule,
+    /// Steps of linear warm-up from 0.
+    pub warmup_steps: usize,
+    /// Gradient-norm clipping.
+    pub max_grad_norm: Option<f64>,
+    /// min-SNR-γ loss weighting.
+    pub snr_gamma: Option<f64>,
+    /// Offset noise: this times a per-channel draw is added to the noise.
+    pub noise_offset: f64,
+    /// Mirror each image with probability 1/2.
+    pub random_flip: bool,
+    /// The seed of every draw.
+    pub seed: u64,
+    /// Also write the adapters every this many steps.
+    pub save_every: Option<usize>,
+}
+
+impl Default for LoraTrainingOptions {
+    fn default() -> Self {
+        Self {
+            rank: 4,
+            alpha: 4.0,
+            targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec(),
+            resolution: 512,
+            batch_size: 1,
+            steps: 1000,
+            optimizer: AdamWConfig::default(),
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            max_grad_norm: Some(1.0),
+            snr_gamma: None,
+            noise_offset: 0.0,
+            random_flip: false,
+            seed: 0,
+            save_every: None,
+        }
+    }
+}
+
+/// One finished step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Steps done, from 1.
+    pub step: usize,
+    /// Steps in the run.
+    pub steps: usize,
+    /// The step's loss.
+    pub loss: f32,
+    /// The learning rate it used.
+    pub lr: f64,
+    /// The gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Time since the run started.
+    pub elapsed: Duration,
+}
+
+/// Trains LoRA adapters on `model`'s UNet with `data` and writes them to `output` (kohya
+/// safetensors); `on_step` hears of every step. The adapters are detached from the model when the
+/// run ends, however it ends.
+pub fn train_lora(
+    model: &StableDiffusion,
+    data: &Dataset,
+    options: &LoraTrainingOptions,
+    output: &Path,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<()> {
+    crate::io::output::check_output_path(output)?;
+    if options.batch_size == 0 || options.steps == 0 || options.resolution == 0 {
+        return Err(Error::invalid("the batch size, the step count and the resolution must each be at least 1"));
+    }
+    let factor = model.vae_scale_factor();
+    if !options.resolution.is_multiple_of(8 * factor) {
+        return Err(Error::invalid(format!(
+            "the resolution {} must be a multiple of {} (the VAE's factor {factor} times the UNet's 8)",
+            options.resolution,
+            8 * factor
+        )));
+    }
+    let objective = DenoisingObjective::new(&model.scheduler_config, options.snr_gamma)?;
+    let device = model.device().clone();
+    // PEFT's "gaussian" initialisation, as diffusers' scripts ask: down ~ N(0, 1/r), up = 0.
+    let mut init_noise = SeededNoise::new(options.seed);
+    let adapters = LoraAdapters::attach(
+        &model.layers,
+        "unet.",
+        &options.targets,
+        (options.rank, options.alpha),
+        |_, down, up| {
+            let down = (init_noise.sample(down, &device)? / options.rank as f64)?;
+            Ok((down, Tensor::zeros(up, candle_core::DType::F32, &device)?))
+        },
+    )?;
+    let result = run_steps(model, data, options, output, &objective, &adapters, on_step);
+    adapters.detach(&model.layers);
+    result
+}
+
+/// The steps of [`train_lora`] once the adapters are attached.
+fn run_steps(
+    model: &StableDiffusion,
+    data: &Dataset,
+    options: &LoraTrainingOptions,
+    output: &Path,
+    objective: &DenoisingObjective,
+    adapters: &LoraAdapters,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<()> {
+    let device = model.device().clone();
+    let params: Vec<(String, Var)> = adapters.parameters();
+    let mut optimizer = AdamW::new(params, options.optimizer)?;
+    let mut order = EpochOrder::new(data.examples().len(), options.seed);
+    let started = Instant::now();
+    for step in 0..options.steps {
+        let mut rng = StdRng::seed_from_u64(step_seed(options.seed, step));
+        let mut noise = SeededNoise::new(rng.random());
+        let indices: Vec<usize> = (0..options.batch_size).map(|_| order.next()).collect();
+        let images = indices
+            .iter()
+            .map(|&i| data.image(i, options.resolution, options.random_flip && rng.random_bool(0.5), &device))
+            .collect::<Result<Vec<_>>>()?;
+        let images = Tensor::stack(&images, 0)?;
+        let ids = indices
+            .iter()
+            .map(|&i| model.tokenizer.encode_padded(&data.examples()[i].caption))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = Tensor::from_vec(ids.concat(), (indices.len(), model.tokenizer.max_length()), &device)?;
+        let context = model.text_encoder.encode(&ids, 0)?;
+        let latents = model.vae.encode_to_latents(&images, &mut noise)?;
+        let mut eps = noise.sample(latents.dims(), &device)?;
+        if options.noise_offset != 0.0 {
+            let (b, c, _, _) = latents.dims4()?;
+            eps = eps.broadcast_add(&(noise.sample(&[b, c, 1, 1], &device)? * options.noise_offset)?)?;
+        }
+        let timesteps: Vec<usize> =
+            (0..options.batch_size).map(|_| rng.random_range(0..objective.num_train_timesteps())).collect();
+        let noisy = objective.add_noise(&latents, &eps, &timesteps)?;
+        let t = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &device)?;
+        let prediction = model.unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context)))?;
+        let loss = objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?;
+        let mut grads = loss.backward()?;
+        let grad_norm = optimizer.clip_grad_norm(&mut grads, options.max_grad_norm)?;
+        let lr = options.optimizer.lr * options.schedule.factor(step, options.steps, options.warmup_steps);
+        optimizer.config.lr = lr;
+        optimizer.step(&grads)?;
+        let done = step + 1;
+        on_step(&StepReport {
+            step: done,
+            steps: options.steps,
+            loss: loss.to_scalar::<f32>()?,
+            lr,
+            grad_norm,
+            elapsed: started.elapsed(),
+        });
+        if done == options.steps || options.save_every.is_some_and(|n| n > 0 && done.is_multiple_of(n)) {
+            save(adapters, options, done, output)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the adapters as a kohya LoRA file, with kohya's metadata fields for the rank and alpha.
+fn save(adapters: &LoraAdapters, options: &LoraTrainingOptions, step: usize, output: &Path) -> Result<()> {
+    let metadata = HashMap::from([
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        ("ss_network_dim".to_string(), options.rank.to_string()),
+        ("ss_network_alpha".to_string(), options.alpha.to_string()),
+        ("ss_steps".to_string(), step.to_string()),
+        ("ss_seed".to_string(), options.seed.to_string()),
+        ("ss_resolution".to_string(), format!("({0}, {0})", options.resolution)),
+        ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ]);
+    let tensors = adapters.kohya_tensors()?;
+    crate::io::output::write_file(output, |file| {
+        crate::io::output::write_safetensors(file, tensors, Some(metadata))
+            .map_err(|message| Error::Format { path: output.into(), message })
+    })
+}
+
+/// The seed of step `step`'s draws.
+fn step_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Example indices epoch after epoch, each epoch a permutation seeded by (seed, epoch).
+struct EpochOrder {
+    seed: u64,
+    epoch: u64,
+    order: Vec<usize>,
+    position: usize,
+}
+
+impl EpochOrder {
+    fn new(len: usize, seed: u64) -> Self {
+        let mut order = Self { seed, epoch: 0, order: (0..len).collect(), position: 0 };
+        order.shuffle();
+        order
+    }
+
+    fn shuffle(&mut self) {
+        self.order.sort_unstable();
+        let mut rng = StdRng::seed_from_u64(self.seed.wrapping_add(self.epoch.wrapping_mul(0xd1b5_4a32_d192_ed03)));
+        self.order.shuffle(&mut rng);
+    }
+
+    fn next(&mut self) -> usize {
+        if self.position == self.order.len() {
+            self.epoch += 1;
+            self.position = 0;
+            self.shuffle();
+        }
+        self.position += 1;
+        self.order[self.position - 1]
+    }
+}

@@ -1,0 +1,321 @@
+//! Training parity with diffusers' training scripts on sd1-tiny (tools/fixtures/make_train_fixtures.py,
+//! tests/fixtures/train/): a UNet LoRA step's loss, every LoRA parameter's gradient, the clipped
+//! gradient norm, and the weights after three AdamW steps, for ε prediction and for v prediction
+//! with min-SNR-γ and offset noise; the adapters' kohya export against the fixture's.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, load_fixture, repo_path};
+use diffctl::io::weights::{TensorStore, Weights};
+use diffctl::models::clip_text::{ClipTextConfig, ClipTextEncoder};
+use diffctl::models::nn::LayerRegistry;
+use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetInput};
+use diffctl::models::vae::{Vae, VaeConfig};
+use diffctl::schedulers::SchedulerConfig;
+use diffctl::train::lora::LoraAdapters;
+use diffctl::train::objective::DenoisingObjective;
+use diffctl::train::optimizer::{AdamW, AdamWConfig};
+use serde_json::Value;
+
+const MODEL: &str = "tests/fixtures/models/sd1-tiny";
+
+fn weights(component: &str, file: &str) -> Weights {
+    let path = repo_path(&format!("{MODEL}/{component}/{file}"));
+    let store = TensorStore::open_safetensors(&path, std::slice::from_ref(&path)).unwrap();
+    Weights::new(Arc::new(store), DType::F32, &Device::Cpu)
+}
+
+/// The case's entry in cases.json and its tensors.
+fn case(name: &str) -> (Value, HashMap<String, Tensor>) {
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_path("tests/fixtures/train/cases.json")).unwrap()).unwrap();
+    let case = cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone();
+    let tensors = load_fixture(&format!("tests/fixtures/train/{}", case["file"].as_str().unwrap()));
+    (case, tensors)
+}
+
+/// Asserts max |actual − expected| ≤ rel · max |expected| (a relative bound for one tensor).
+fn assert_relative(what: &str, actual: &Tensor, expected: &Tensor, rel: f32) {
+    assert_eq!(actual.dims(), expected.dims(), "{what}: shapes");
+    let scale = expected.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let err =
+        (actual - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(err <= rel * scale, "{what}: max|diff| {err:.3e} exceeds {rel:e} · max|expected| {scale:.3e}");
+}
+
+/// The weights after the AdamW steps against PyTorch's, element by element, within 1e-4 of the
+/// tensor's largest weight plus what the gradient tolerance implies for that element. The gradients
+/// are checked to 1e-4 of their tensor's largest (they agree to about 1e-5: f32 sums in another
+/// order); Adam divides each element by its own running size, so an element's update carries its
+/// gradient's relative error, 1e-4 · max|g| / |gᵢ| (times 10 for gradients that partly cancel over
+/// the steps), of `reach` (lr per step), capped at twice the reach for gradients near 0 and ε.
+fn assert_adam_weights(what: &str, (ours, theirs): (&[f32], &[f32]), grad: &[f32], reach: f32) {
+    let max = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let (weight_scale, grad_scale) = (max(theirs), max(grad));
+    for i in 0..ours.len() {
+        let conditioning = (10.0 * 1e-4 * grad_scale / grad[i].abs()).min(2.0);
+        let bound = 1e-4 * weight_scale + reach * conditioning;
+        let err = (ours[i] - theirs[i]).abs();
+        assert!(
+            err <= bound,
+            "{what} [{i}]: weight {} vs {} (bound {bound:e}, gradient {})",
+            ours[i],
+            theirs[i],
+            grad[i]
+        );
+    }
+}
+
+fn scalar(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Runs a UNet LoRA case: every step's loss and gradient norm, step 0's gradients, the final weights.
+fn lora_case(name: &str) {
+    let (case, fx) = case(name);
+    let common = load_fixture("tests/fixtures/train/common.safetensors");
+    let mut scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
+    scheduler.prediction_type = case["prediction_type"].as_str().map(str::to_string);
+    let objective = DenoisingObjective::new(&scheduler, case["snr_gamma"].as_f64()).unwrap();
+
+    let registry = LayerRegistry::new();
+    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
+    let unet_weights =
+        weights("unet", "diffusion_pytorch_model.safetensors").with_layer_registry(&registry.scoped("unet"));
+    let unet = UNet::load(&unet_weights, &unet_cfg).unwrap();
+    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
+    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
+    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
+    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
+
+    let lora = &case["lora"];
+    let targets: Vec<String> =
+        lora["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
+    let (rank, alpha) = (lora["rank"].as_u64().unwrap() as usize, lora["alpha"].as_f64().unwrap());
+    let adapters = LoraAdapters::attach(&registry, "unet.", &targets, (rank, alpha), |path, _, _| {
+        Ok((fx[&format!("init.{path}.lora_A.weight")].clone(), fx[&format!("init.{path}.lora_B.weight")].clone()))
+    })
+    .unwrap();
+    let params = adapters.parameters();
+    assert_eq!(params.len() as u64, case["trainable"].as_u64().unwrap(), "trainable tensors");
+
+    let context = text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap();
+    if let Some(expected) = fx.get("encoder_hidden_states") {
+        assert_close("text context", &context, expected, 2e-5);
+    }
+    let opt = &case["optimizer"];
+    let config = AdamWConfig {
+        lr: opt["lr"].as_f64().unwrap(),
+        beta1: opt["betas"][0].as_f64().unwrap(),
+        beta2: opt["betas"][1].as_f64().unwrap(),
+        eps: opt["eps"].as_f64().unwrap(),
+        weight_decay: opt["weight_decay"].as_f64().unwrap(),
+    };
+    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
+    let max_norm = case["max_grad_norm"].as_f64();
+    for step in 0..case["steps"].as_u64().unwrap() as usize {
+        let get = |key: &str| &fx[&format!("step{step}.{key}")];
+        let dist = vae.encode(&common["pixel_values"]).unwrap();
+        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
+        if step == 0 {
+            assert_close("latents", &latents, get("latents"), 2e-5);
+        }
+        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
+        let noise = get("noise");
+        let noisy = objective.add_noise(&latents, noise, &timesteps).unwrap();
+        let t =
+            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
+                .unwrap();
+        let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context.clone()))).unwrap();
+        let target = objective.target(&latents, noise, &timesteps).unwrap();
+        let loss = objective.loss(&prediction, &target, &timesteps).unwrap();
+        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
+        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "{name} step {step}: loss {ours} vs {theirs}");
+        let mut grads = loss.backward().unwrap();
+        if step == 0 {
+            for (param, var) in &params {
+                assert_relative(
+                    &format!("{name} grad {param}"),
+                    grads.get(var.as_tensor()).unwrap(),
+                    &fx[&format!("grad.{param}")],
+                    1e-4,
+                );
+            }
+        }
+        let norm = optimizer.clip_grad_norm(&mut grads, max_norm).unwrap() as f32;
+        let expected_norm = scalar(get("grad_norm"));
+        assert!(
+            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
+            "{name} step {step}: grad norm {norm} vs {expected_norm}"
+        );
+        optimizer.step(&grads).unwrap();
+    }
+    let (steps, lr) = (case["steps"].as_u64().unwrap() as f32, config.lr as f32);
+    for (param, var) in &params {
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (after, grad) = (values(&fx[&format!("after.{param}")]), values(&fx[&format!("grad.{param}")]));
+        assert_adam_weights(&format!("{name} {param}"), (&values(var.as_tensor()), &after), &grad, steps * lr);
+    }
+    // The kohya file: the names the fixture stores (lora-unet-eps only), each holding our adapter's
+    // factor (the trained values are compared above) or the alpha.
+    let kohya: HashMap<String, Tensor> = adapters.kohya_tensors().unwrap().into_iter().collect();
+    let stored: Vec<&String> = fx.keys().filter(|k| k.starts_with("after.lora_unet_")).collect();
+    if !stored.is_empty() {
+        let mut names: Vec<&str> = stored.iter().map(|k| k.strip_prefix("after.").unwrap()).collect();
+        let mut ours: Vec<&str> = kohya.keys().map(String::as_str).collect();
+        names.sort();
+        ours.sort();
+        assert_eq!(names, ours, "kohya names");
+        for m in adapters.modules() {
+            let name = format!("lora_unet_{}", m.path.strip_prefix("unet.").unwrap().replace('.', "_"));
+            assert_eq!(common::max_abs_diff(&kohya[&format!("{name}.lora_down.weight")], m.down.as_tensor()), 0.0);
+            assert_eq!(common::max_abs_diff(&kohya[&format!("{name}.lora_up.weight")], m.up.as_tensor()), 0.0);
+            assert_eq!(scalar(&kohya[&format!("{name}.alpha")]), scalar(&fx[&format!("after.{name}.alpha")]));
+        }
+    }
+}
+
+#[test]
+fn unet_lora_epsilon_matches_diffusers_training() {
+    lora_case("lora-unet-eps");
+}
+
+#[test]
+fn unet_lora_velocity_min_snr_matches_diffusers_training() {
+    lora_case("lora-unet-v-minsnr");
+}
+
+/// A folder of the fixture's two training images with .txt captions.
+fn caption_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (image, caption) in [("train-a", "a photo of a cat wearing a red hat"), ("train-b", "a red ball on the grass")]
+    {
+        std::fs::copy(
+            repo_path(&format!("tests/fixtures/train/images/{image}.png")),
+            dir.path().join(format!("{image}.png")),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(format!("{image}.txt")), caption).unwrap();
+    }
+    dir
+}
+
+/// `diffctl train lora` end to end: a kohya file that `generate --lora` loads and that changes the
+/// image, a loss log with one finite row per step.
+#[test]
+fn cli_trains_a_lora_that_generate_loads() {
+    let data = caption_folder();
+    let out = tempfile::tempdir().unwrap();
+    let (lora, log) = (out.path().join("trained.safetensors"), out.path().join("loss.csv"));
+    let model = repo_path(MODEL);
+    let run = common::diffctl(&[
+        "train",
+        "lora",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.path().to_str().unwrap(),
+        "--output",
+        lora.to_str().unwrap(),
+        "--resolution",
+        "32",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--log",
+        log.to_str().unwrap(),
+        "--random-flip",
+        "--snr-gamma",
+        "5",
+    ]);
+    assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
+    let rows: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().skip(1).map(String::from).collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for row in &rows {
+        let loss: f32 = row.split(',').nth(1).unwrap().parse().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{row}");
+    }
+    let tensors = load_fixture_abs(&lora);
+    assert_eq!(tensors.len(), 3 * 88, "down, up and alpha for each of the 88 attention projections");
+    assert!(
+        tensors.contains_key("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight")
+    );
+    let generate = |extra: &[&str]| {
+        let (png, latents) = (
+            out.path().join(format!("image{}.png", extra.len())),
+            out.path().join(format!("latents{}.safetensors", extra.len())),
+        );
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--seed",
+            "1",
+            "--output",
+            png.to_str().unwrap(),
+            "--output-latents",
+            latents.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let run = common::diffctl(&args);
+        assert!(run.status.success(), "generate failed: {}", String::from_utf8_lossy(&run.stderr));
+        load_fixture_abs(&latents)["latents"].clone()
+    };
+    let plain = generate(&[]);
+    let adapted = generate(&["--lora", lora.to_str().unwrap()]);
+    assert!(common::max_abs_diff(&plain, &adapted) > 1e-6, "the trained LoRA changes nothing");
+}
+
+/// Bad training input is a clear error naming what is wrong.
+#[test]
+fn cli_train_rejects_bad_input() {
+    let data = caption_folder();
+    let model = repo_path(MODEL);
+    let out = tempfile::tempdir().unwrap();
+    let output = out.path().join("x.safetensors");
+    let train = |data: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "lora",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--steps",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let run = common::diffctl(&args);
+        assert!(!run.status.success());
+        String::from_utf8_lossy(&run.stderr).to_string()
+    };
+    let err = train(data.path(), &["--resolution", "40"]);
+    assert!(err.contains("resolution 40 must be a multiple of 16"), "{err}");
+    let err = train(data.path(), &["--resolution", "32", "--lr-scheduler", "exotic"]);
+    assert!(err.contains("unknown learning-rate schedule `exotic`"), "{err}");
+    std::fs::remove_file(data.path().join("train-b.txt")).unwrap();
+    let err = train(data.path(), &["--resolution", "32"]);
+    assert!(err.contains("train-b.png has no caption"), "{err}");
+    let err = train(&data.path().join("missing"), &["--resolution", "32"]);
+    assert!(err.contains("is not a folder"), "{err}");
+    assert!(!output.exists(), "no output is written on errors");
+}
+
+fn load_fixture_abs(path: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
