@@ -319,3 +319,53 @@ fn cli_train_rejects_bad_input() {
 fn load_fixture_abs(path: &std::path::Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
+
+/// A run stopped at a checkpoint and resumed ends with exactly the weights of one that never
+/// stopped; a checkpoint of another run is refused.
+#[test]
+fn cli_resumes_a_checkpoint_exactly() {
+    let data = caption_folder();
+    let out = tempfile::tempdir().unwrap();
+    let model = repo_path(MODEL);
+    let train = |output: &str, extra: &[&str]| {
+        let output = out.path().join(output);
+        let mut args = vec![
+            "train",
+            "lora",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.path().to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--lr",
+            "1e-2",
+            "--random-flip",
+        ];
+        args.extend_from_slice(extra);
+        let run = common::diffctl(&args);
+        (run.status.success(), String::from_utf8_lossy(&run.stderr).to_string(), output)
+    };
+    let (ok, err, straight) = train("straight.safetensors", &["--steps", "4", "--seed", "7"]);
+    assert!(ok, "{err}");
+    let (ok, err, stopped) = train("resumed.safetensors", &["--steps", "2", "--seed", "7"]);
+    assert!(ok, "{err}");
+    let state = out.path().join("resumed.state.safetensors");
+    assert!(state.is_file(), "no checkpoint beside {}", stopped.display());
+    let (ok, err, resumed) =
+        train("resumed.safetensors", &["--steps", "4", "--seed", "7", "--resume", state.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (a, b) = (load_fixture_abs(&straight), load_fixture_abs(&resumed));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert_eq!(common::max_abs_diff(t, &b[name]), 0.0, "{name} differs after resuming");
+    }
+    let (ok, err, _) =
+        train("other.safetensors", &["--steps", "4", "--seed", "8", "--resume", state.to_str().unwrap()]);
+    assert!(!ok && err.contains("it was trained with seed 7, this run has 8"), "{err}");
+    let (ok, err, _) =
+        train("other.safetensors", &["--steps", "2", "--seed", "7", "--resume", state.to_str().unwrap()]);
+    assert!(!ok && err.contains("already trained 4 steps"), "{err}");
+}

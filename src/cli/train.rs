@@ -87,9 +87,14 @@ struct LoraArgs {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0, value_name = "N")]
     seed: u64,
-    /// Also write the LoRA every N steps.
+    /// Also write the LoRA and a checkpoint (<output stem>.state.safetensors) every N steps; the
+    /// checkpoint is written with the final LoRA too.
     #[arg(long, value_name = "N")]
     save_every: Option<usize>,
+    /// Continue from a checkpoint of the same run (same data, seed, rank, resolution, batch size);
+    /// --steps is the total to reach.
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
     /// Append step, loss, learning rate, gradient norm and seconds to this CSV file.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
@@ -119,15 +124,23 @@ fn lora(args: &LoraArgs) -> anyhow::Result<()> {
         random_flip: args.random_flip,
         seed: args.seed,
         save_every: args.save_every,
+        resume: args.resume.clone(),
     };
     let data = Dataset::open(&args.data)?;
     let load = LoadOptions { files: args.source.options(), ..Default::default() };
     let model =
         StableDiffusion::load(&args.model, &load).with_context(|| format!("loading model {}", args.model.display()))?;
+    // A resumed run appends to its log.
     let mut log = match &args.log {
         Some(path) => {
-            let mut file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-            writeln!(file, "step,loss,lr,grad_norm,seconds")?;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            if file.metadata()?.len() == 0 {
+                writeln!(file, "step,loss,lr,grad_norm,seconds")?;
+            }
             Some(file)
         }
         None => None,

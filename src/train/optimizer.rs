@@ -3,6 +3,8 @@
 //! candle variables. Every trainable parameter must receive a gradient: a step that finds one without
 //! is an error naming it, since it means a layer's gradient was lost on the way.
 
+use std::collections::HashMap;
+
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
@@ -64,6 +66,39 @@ impl AdamW {
     /// Steps taken so far.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// The moments as named tensors (`<name>.exp_avg`, `<name>.exp_avg_sq`, PyTorch's names), for a
+    /// checkpoint; [`Self::steps`] goes with them.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .flat_map(|s| {
+                [(format!("{}.exp_avg", s.name), s.first.clone()), (format!("{}.exp_avg_sq", s.name), s.second.clone())]
+            })
+            .collect()
+    }
+
+    /// Restores moments written by [`Self::state`] after `steps` steps: every parameter's two
+    /// moments must be there, each of its parameter's shape.
+    pub fn restore(&mut self, state: &HashMap<String, Tensor>, steps: usize) -> Result<()> {
+        for slot in &mut self.slots {
+            for (suffix, moment) in [("exp_avg", &mut slot.first), ("exp_avg_sq", &mut slot.second)] {
+                let name = format!("{}.{suffix}", slot.name);
+                let saved =
+                    state.get(&name).ok_or_else(|| Error::invalid(format!("the checkpoint has no `{name}`")))?;
+                if saved.dims() != moment.dims() {
+                    return Err(Error::invalid(format!(
+                        "the checkpoint's `{name}` is {:?}, the parameter {:?}",
+                        saved.dims(),
+                        moment.dims()
+                    )));
+                }
+                *moment = saved.to_dtype(moment.dtype())?.to_device(moment.device())?;
+            }
+        }
+        self.steps = steps;
+        Ok(())
     }
 
     /// The parameters' total gradient norm, and with `max_norm` every gradient scaled by

@@ -5,10 +5,12 @@
 //!
 //! Every random draw of step s (the batch's flips, the VAE sample, the noise, the timesteps) comes
 //! from generators seeded by (seed, s), and the example order of epoch e from (seed, e), so a run is
-//! reproducible from its seed.
+//! reproducible from its seed, and a checkpoint (the adapters, AdamW's moments and the step, written
+//! beside the output as `<name>.state.safetensors` whenever the adapters are) resumes it exactly:
+//! the resumed run ends with the same weights as one that never stopped.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{Tensor, Var};
@@ -58,8 +60,10 @@ pub struct LoraTrainingOptions {
     pub random_flip: bool,
     /// The seed of every draw.
     pub seed: u64,
-    /// Also write the adapters every this many steps.
+    /// Also write the adapters (and the checkpoint) every this many steps.
     pub save_every: Option<usize>,
+    /// A checkpoint to continue from (see [`state_path`]).
+    pub resume: Option<PathBuf>,
 }
 
 impl Default for LoraTrainingOptions {
@@ -80,6 +84,7 @@ impl Default for LoraTrainingOptions {
             random_flip: false,
             seed: 0,
             save_every: None,
+            resume: None,
         }
     }
 }
@@ -154,10 +159,17 @@ fn run_steps(
 ) -> Result<()> {
     let device = model.device().clone();
     let params: Vec<(String, Var)> = adapters.parameters();
-    let mut optimizer = AdamW::new(params, options.optimizer)?;
+    let mut optimizer = AdamW::new(params.clone(), options.optimizer)?;
     let mut order = EpochOrder::new(data.examples().len(), options.seed);
+    let first = match &options.resume {
+        Some(path) => resume(path, options, data, &params, &mut optimizer)?,
+        None => 0,
+    };
+    (0..first * options.batch_size).for_each(|_| {
+        order.next();
+    });
     let started = Instant::now();
-    for step in 0..options.steps {
+    for step in first..options.steps {
         let mut rng = StdRng::seed_from_u64(step_seed(options.seed, step));
         let mut noise = SeededNoise::new(rng.random());
         let indices: Vec<usize> = (0..options.batch_size).map(|_| order.next()).collect();
@@ -199,6 +211,7 @@ fn run_steps(
             elapsed: started.elapsed(),
         });
         if done == options.steps || options.save_every.is_some_and(|n| n > 0 && done.is_multiple_of(n)) {
+            save_state(&params, &optimizer, options, data, &state_path(output))?;
             save(adapters, options, done, output)?;
         }
     }
@@ -221,6 +234,89 @@ fn save(adapters: &LoraAdapters, options: &LoraTrainingOptions, step: usize, out
         crate::io::output::write_safetensors(file, tensors, Some(metadata))
             .map_err(|message| Error::Format { path: output.into(), message })
     })
+}
+
+/// Where the checkpoint of a run writing `output` goes: `<stem>.state.safetensors` beside it.
+pub fn state_path(output: &Path) -> PathBuf {
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    output.with_file_name(format!("{stem}.state.safetensors"))
+}
+
+/// What a checkpoint records of the run, each of which a resumed run must share.
+fn run_identity(options: &LoraTrainingOptions, data: &Dataset) -> Vec<(&'static str, String)> {
+    vec![
+        ("seed", options.seed.to_string()),
+        ("rank", options.rank.to_string()),
+        ("alpha", options.alpha.to_string()),
+        ("targets", options.targets.join(",")),
+        ("resolution", options.resolution.to_string()),
+        ("batch_size", options.batch_size.to_string()),
+        ("examples", data.examples().len().to_string()),
+    ]
+}
+
+/// Writes the checkpoint: the adapters' factors (`param.<name>`), AdamW's moments (`adam.<name>`)
+/// and in the metadata the step and [`run_identity`].
+fn save_state(
+    params: &[(String, Var)],
+    optimizer: &AdamW,
+    options: &LoraTrainingOptions,
+    data: &Dataset,
+    path: &Path,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> =
+        params.iter().map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach())).collect();
+    tensors.extend(optimizer.state().into_iter().map(|(name, t)| (format!("adam.{name}"), t)));
+    let mut metadata: HashMap<String, String> =
+        run_identity(options, data).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    metadata.insert("step".into(), optimizer.steps().to_string());
+    crate::io::output::write_file(path, |file| {
+        crate::io::output::write_safetensors(file, tensors, Some(metadata))
+            .map_err(|message| Error::Format { path: path.into(), message })
+    })
+}
+
+/// Loads the checkpoint at `path` into the adapters and the optimiser: the step to go on from.
+fn resume(
+    path: &Path,
+    options: &LoraTrainingOptions,
+    data: &Dataset,
+    params: &[(String, Var)],
+    optimizer: &mut AdamW,
+) -> Result<usize> {
+    let bad = |message: String| Error::Format { path: path.into(), message };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint: {e}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    for (key, value) in run_identity(options, data) {
+        let saved =
+            metadata.get(key).ok_or_else(|| bad(format!("no `{key}` in its metadata: not a diffctl checkpoint")))?;
+        if *saved != value {
+            return Err(bad(format!("it was trained with {key} {saved}, this run has {value}")));
+        }
+    }
+    let step: usize =
+        metadata.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no step count in its metadata".into()))?;
+    if step >= options.steps {
+        return Err(bad(format!("it has already trained {step} steps, and this run asks for {}", options.steps)));
+    }
+    let tensors = candle_core::safetensors::load_buffer(
+        &bytes,
+        params.first().map_or(&candle_core::Device::Cpu, |(_, v)| v.device()),
+    )?;
+    for (name, var) in params {
+        let key = format!("param.{name}");
+        let saved = tensors.get(&key).ok_or_else(|| bad(format!("no `{key}`")))?;
+        if saved.dims() != var.dims() {
+            return Err(bad(format!("`{key}` is {:?}, the adapter {:?}", saved.dims(), var.dims())));
+        }
+        var.set(saved)?;
+    }
+    let moments: HashMap<String, Tensor> =
+        tensors.into_iter().filter_map(|(k, t)| k.strip_prefix("adam.").map(|k| (k.to_string(), t))).collect();
+    optimizer.restore(&moments, step).map_err(|e| bad(e.to_string()))?;
+    Ok(step)
 }
 
 /// The seed of step `step`'s draws.
