@@ -1,14 +1,15 @@
 //! Training parity with diffusers' training scripts on sd1-tiny (tools/fixtures/make_train_fixtures.py,
 //! tests/fixtures/train/): a UNet LoRA step's loss, every LoRA parameter's gradient, the clipped
 //! gradient norm, and the weights after three AdamW steps, for ε prediction and for v prediction
-//! with min-SNR-γ and offset noise; the adapters' kohya export against the fixture's.
+//! with min-SNR-γ and offset noise; the adapters' kohya export against the fixture's; textual
+//! inversion's embedding row; `diffctl train lora` end to end, resumed, and refusing bad input.
 
 mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, load_fixture, repo_path};
 use diffctl::io::weights::{TensorStore, Weights};
 use diffctl::models::clip_text::{ClipTextConfig, ClipTextEncoder};
@@ -16,6 +17,7 @@ use diffctl::models::nn::LayerRegistry;
 use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetInput};
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::schedulers::SchedulerConfig;
+use diffctl::tokenizer::ClipTokenizer;
 use diffctl::train::lora::LoraAdapters;
 use diffctl::train::objective::DenoisingObjective;
 use diffctl::train::optimizer::{AdamW, AdamWConfig};
@@ -368,4 +370,78 @@ fn cli_resumes_a_checkpoint_exactly() {
     let (ok, err, _) =
         train("other.safetensors", &["--steps", "2", "--seed", "7", "--resume", state.to_str().unwrap()]);
     assert!(!ok && err.contains("already trained 4 steps"), "{err}");
+}
+
+/// Textual inversion as diffusers' textual_inversion.py: one new token's embedding row trains (its
+/// vector enters the text encoder at the token injection point), through the frozen text encoder and
+/// UNet; the loss and the row's gradient of step 0, every step's loss, the row after three AdamW steps.
+#[test]
+fn textual_inversion_matches_diffusers_training() {
+    let (case, fx) = case("textual-inversion");
+    let common = load_fixture("tests/fixtures/train/common.safetensors");
+    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
+    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
+    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
+    let unet = UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors"), &unet_cfg).unwrap();
+    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
+    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
+    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
+    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
+    let mut tokenizer = ClipTokenizer::from_dir(&repo_path(&format!("{MODEL}/tokenizer"))).unwrap();
+
+    let placeholder = case["placeholder_token"].as_str().unwrap();
+    let ids = tokenizer.add_placeholder(placeholder, 1).unwrap();
+    assert_eq!(ids, [case["placeholder_token_ids"][0].as_u64().unwrap() as u32]);
+    let captions: Vec<&str> = case["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let input_ids: Vec<u32> = captions.iter().flat_map(|c| tokenizer.encode_padded(c).unwrap()).collect();
+    let input_ids = Tensor::from_vec(input_ids, (captions.len(), 77), &Device::Cpu).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&input_ids.to_dtype(DType::F32).unwrap(), &fx["input_ids"].to_dtype(DType::F32).unwrap()),
+        0.0
+    );
+
+    let vector = Var::from_tensor(&fx["init.embedding"]).unwrap();
+    let opt = &case["optimizer"];
+    let config = AdamWConfig {
+        lr: opt["lr"].as_f64().unwrap(),
+        beta1: opt["betas"][0].as_f64().unwrap(),
+        beta2: opt["betas"][1].as_f64().unwrap(),
+        eps: opt["eps"].as_f64().unwrap(),
+        weight_decay: opt["weight_decay"].as_f64().unwrap(),
+    };
+    let mut optimizer = AdamW::new(vec![("embedding".into(), vector.clone())], config).unwrap();
+    for step in 0..case["steps"].as_u64().unwrap() as usize {
+        let get = |key: &str| &fx[&format!("step{step}.{key}")];
+        let embeddings = text.token_embeddings_with(&input_ids, Some(vector.as_tensor())).unwrap();
+        let context = text.encode_embeddings(&embeddings, 0).unwrap();
+        if step == 0 {
+            assert_close("context", &context, get("encoder_hidden_states"), 2e-5);
+        }
+        let dist = vae.encode(&common["pixel_values"]).unwrap();
+        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
+        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
+        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
+        let t =
+            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
+                .unwrap();
+        let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context))).unwrap();
+        let loss = objective
+            .loss(&prediction, &objective.target(&latents, get("noise"), &timesteps).unwrap(), &timesteps)
+            .unwrap();
+        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
+        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
+        let grads = loss.backward().unwrap();
+        if step == 0 {
+            assert_relative("embedding grad", grads.get(vector.as_tensor()).unwrap(), &fx["grad.embedding"], 1e-4);
+        }
+        optimizer.step(&grads).unwrap();
+    }
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let reach = case["steps"].as_u64().unwrap() as f32 * config.lr as f32;
+    assert_adam_weights(
+        "embedding",
+        (&values(vector.as_tensor()), &values(&fx["after.embedding"])),
+        &values(&fx["grad.embedding"]),
+        reach,
+    );
 }
