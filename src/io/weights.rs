@@ -401,18 +401,44 @@ pub struct Weights {
     device: Device,
     /// Where the layers built from this view record themselves (see [`LayerRegistry`]).
     layers: Option<LayerRegistry>,
+    /// Where tensors loaded as trainable variables are recorded (see [`Self::trainable`]).
+    trainable: Option<TrainableParameters>,
+}
+
+/// The variables a model's weights were loaded as by [`Weights::trainable`], by full key, in load
+/// order. Clones share one list.
+#[derive(Debug, Clone, Default)]
+pub struct TrainableParameters(Arc<Mutex<Vec<(String, candle_core::Var)>>>);
+
+impl TrainableParameters {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The variables recorded so far, by full key.
+    pub fn parameters(&self) -> Vec<(String, candle_core::Var)> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 impl Weights {
     /// A view of the whole `store` for a model run in `dtype` on `device` (see [`precision`]).
     pub fn new(store: Arc<TensorStore>, dtype: DType, device: &Device) -> Self {
         let (dtype, layer_dtype) = precision(dtype, device);
-        Self { store, prefix: String::new(), dtype, layer_dtype, device: device.clone(), layers: None }
+        Self { store, prefix: String::new(), dtype, layer_dtype, device: device.clone(), layers: None, trainable: None }
     }
 
     /// This view (and every view under it) with its layers recorded in `registry`.
     pub fn with_layer_registry(&self, registry: &LayerRegistry) -> Self {
         Self { layers: Some(registry.clone()), ..self.clone() }
+    }
+
+    /// This view (and every view under it) loading each tensor as a trainable variable recorded in
+    /// `params` under its full key: a model built from it trains all of its weights (full
+    /// fine-tuning, a ControlNet or adapter trained from scratch or from a checkpoint).
+    pub fn trainable(&self, params: &TrainableParameters) -> Self {
+        Self { trainable: Some(params.clone()), ..self.clone() }
     }
 
     /// The registry layers built from this view record themselves in, if any.
@@ -483,7 +509,17 @@ impl Weights {
             Some(found) if found != expected.as_slice() => {
                 Err(self.store.shape_mismatch(&key, expected, found.to_vec()))
             }
-            Some(_) => self.store.load(&key, dtype, &self.device),
+            Some(_) => {
+                let tensor = self.store.load(&key, dtype, &self.device)?;
+                match &self.trainable {
+                    Some(params) => {
+                        let var = candle_core::Var::from_tensor(&tensor)?;
+                        params.0.lock().unwrap_or_else(PoisonError::into_inner).push((key, var.clone()));
+                        Ok(var.as_tensor().clone())
+                    }
+                    None => Ok(tensor),
+                }
+            }
         }
     }
 }
