@@ -2,8 +2,8 @@
 //! tests/fixtures/train/): a UNet LoRA step's loss, every LoRA parameter's gradient, the clipped
 //! gradient norm, and the weights after three AdamW steps, for ε prediction and for v prediction
 //! with min-SNR-γ and offset noise; the adapters' kohya export against the fixture's; textual
-//! inversion's embedding row; full UNet fine-tuning; `diffctl train lora` end to end, resumed, and
-//! refusing bad input.
+//! inversion's embedding row; full UNet fine-tuning; ControlNet training; `diffctl train lora` end
+//! to end, resumed, and refusing bad input.
 
 mod common;
 
@@ -14,8 +14,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, load_fixture, repo_path};
 use diffctl::io::weights::{TensorStore, TrainableParameters, Weights};
 use diffctl::models::clip_text::{ClipTextConfig, ClipTextEncoder};
+use diffctl::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
 use diffctl::models::nn::LayerRegistry;
-use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetInput};
+use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetControls, UNetInput};
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::schedulers::SchedulerConfig;
 use diffctl::tokenizer::ClipTokenizer;
@@ -498,6 +499,122 @@ fn full_unet_fine_tuning_matches_diffusers_training() {
             Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
                 .unwrap();
         let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context.clone()))).unwrap();
+        let loss = objective
+            .loss(&prediction, &objective.target(&latents, get("noise"), &timesteps).unwrap(), &timesteps)
+            .unwrap();
+        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
+        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
+        let mut grads = loss.backward().unwrap();
+        if step == 0 {
+            for (name, var) in &params {
+                let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+                if noise_only.contains(&name.as_str()) {
+                    let size = ours.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                    assert!(size <= 1e-5 * max_grad, "{name}: gradient {size:e}, expected rounding noise");
+                } else {
+                    assert_relative(&format!("grad {name}"), ours, &fx[&format!("grad.{name}")], 1e-4);
+                }
+            }
+        }
+        let norm = optimizer.clip_grad_norm(&mut grads, case["max_grad_norm"].as_f64()).unwrap() as f32;
+        let expected_norm = scalar(get("grad_norm"));
+        assert!(
+            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
+            "step {step}: grad norm {norm} vs {expected_norm}"
+        );
+        optimizer.step(&grads).unwrap();
+    }
+    let reach = steps as f32 * config.lr as f32;
+    for (name, var) in &params {
+        let ours: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        if noise_only.contains(&name.as_str()) {
+            for (o, i) in ours.iter().zip(&initial[name]) {
+                assert!((o - i).abs() <= reach * 1.01 + 1e-3 * i.abs(), "{name}: moved {}", o - i);
+            }
+            continue;
+        }
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_adam_weights(
+            name,
+            (&ours, &values(&fx[&format!("after.{name}")])),
+            &values(&fx[&format!("grad.{name}")]),
+            reach,
+        );
+    }
+}
+
+/// ControlNet training as diffusers' train_controlnet.py: every ControlNet weight trainable (its
+/// encoder copied from the UNet, the condition embedding and the zero convolutions as the fixture
+/// stores them, randomised so that they carry gradient), the UNet frozen; every gradient, binding
+/// clipping, the weights after two AdamW steps.
+#[test]
+fn controlnet_training_matches_diffusers_training() {
+    let (case, fx) = case("controlnet");
+    let common = load_fixture("tests/fixtures/train/common.safetensors");
+    // The ControlNet folder from_unet would write: the UNet's weights plus the stored new ones.
+    let folder = tempfile::tempdir().unwrap();
+    let mut tensors = load_fixture(&format!("{MODEL}/unet/diffusion_pytorch_model.safetensors"));
+    tensors.extend(fx.iter().filter_map(|(k, t)| k.strip_prefix("init.").map(|k| (k.to_string(), t.clone()))));
+    let file = folder.path().join("diffusion_pytorch_model.safetensors");
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let config_path = folder.path().join("config.json");
+    std::fs::write(&config_path, case["controlnet_config"].to_string()).unwrap();
+    let config = ControlNetConfig::load(&config_path).unwrap();
+    let store = TensorStore::open_safetensors(&file, std::slice::from_ref(&file)).unwrap();
+    let trainable = TrainableParameters::new();
+    let controlnet =
+        ControlNet::load(&Weights::new(Arc::new(store), DType::F32, &Device::Cpu).trainable(&trainable), &config)
+            .unwrap();
+
+    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
+    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
+    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
+    let unet = UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors"), &unet_cfg).unwrap();
+    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
+    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
+    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
+    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
+    let params = trainable.parameters();
+    let grads_stored = fx.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(params.len(), grads_stored, "trainable tensors");
+    let initial: HashMap<String, Vec<f32>> = params
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    let report = &case["gradient_report"];
+    let noise_only: Vec<&str> =
+        report["noise_gradient_tensors"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let max_grad = report["max_abs_grad"].as_f64().unwrap() as f32;
+
+    let conditioning = Conditioning::text(text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap());
+    let opt = &case["optimizer"];
+    let config = AdamWConfig {
+        lr: opt["lr"].as_f64().unwrap(),
+        beta1: opt["betas"][0].as_f64().unwrap(),
+        beta2: opt["betas"][1].as_f64().unwrap(),
+        eps: opt["eps"].as_f64().unwrap(),
+        weight_decay: opt["weight_decay"].as_f64().unwrap(),
+    };
+    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
+    let steps = case["steps"].as_u64().unwrap() as usize;
+    for step in 0..steps {
+        let get = |key: &str| &fx[&format!("step{step}.{key}")];
+        let dist = vae.encode(&common["pixel_values"]).unwrap();
+        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
+        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
+        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
+        let t =
+            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
+                .unwrap();
+        let residuals = controlnet
+            .forward(&noisy, &t, &conditioning, &common["conditioning_pixel_values"], ResidualScale::Uniform(1.0))
+            .unwrap();
+        let controls = UNetControls {
+            down_residuals: Some(residuals.down),
+            mid_residual: Some(residuals.mid),
+            ..Default::default()
+        };
+        let prediction = unet.forward(UNetInput::new(&noisy, &t, &conditioning).with_controls(&controls)).unwrap();
         let loss = objective
             .loss(&prediction, &objective.target(&latents, get("noise"), &timesteps).unwrap(), &timesteps)
             .unwrap();
