@@ -2,7 +2,8 @@
 //! tests/fixtures/train/): a UNet LoRA step's loss, every LoRA parameter's gradient, the clipped
 //! gradient norm, and the weights after three AdamW steps, for ε prediction and for v prediction
 //! with min-SNR-γ and offset noise; the adapters' kohya export against the fixture's; textual
-//! inversion's embedding row; full UNet fine-tuning; ControlNet training; `diffctl train lora` end
+//! inversion's embedding row; DreamBooth LoRA (UNet and text encoder) with prior preservation; full
+//! UNet fine-tuning; ControlNet training; `diffctl train lora` end
 //! to end, resumed, and refusing bad input.
 
 mod common;
@@ -657,4 +658,106 @@ fn controlnet_training_matches_diffusers_training() {
             reach,
         );
     }
+}
+
+/// DreamBooth LoRA with prior preservation as diffusers' train_dreambooth_lora.py: LoRA on the UNet
+/// and on the text encoder's q/k/v/out projections, one batch of an instance and a class image, the
+/// loss each half's mean squared error summed; every step's loss (and its two parts), every
+/// gradient, the weights after three AdamW steps, the kohya names of both halves.
+#[test]
+fn dreambooth_lora_with_prior_preservation_matches_diffusers_training() {
+    let (case, fx) = case("dreambooth-lora-prior");
+    let common = load_fixture("tests/fixtures/train/common.safetensors");
+    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
+    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
+    let registry = LayerRegistry::new();
+    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
+    let unet_weights =
+        weights("unet", "diffusion_pytorch_model.safetensors").with_layer_registry(&registry.scoped("unet"));
+    let unet = UNet::load(&unet_weights, &unet_cfg).unwrap();
+    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
+    let text_weights =
+        weights("text_encoder", "model.safetensors").with_layer_registry(&registry.scoped("text_encoder"));
+    let text = ClipTextEncoder::load(&text_weights, &text_cfg).unwrap();
+    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
+    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
+
+    let lora = &case["lora"];
+    let names = |key: &str| -> Vec<String> {
+        lora[key].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect()
+    };
+    let (rank, alpha) = (lora["rank"].as_u64().unwrap() as usize, lora["alpha"].as_f64().unwrap());
+    let init = |path: &str, _: &[usize], _: &[usize]| {
+        Ok((fx[&format!("init.{path}.lora_A.weight")].clone(), fx[&format!("init.{path}.lora_B.weight")].clone()))
+    };
+    let unet_lora =
+        LoraAdapters::attach(&registry, "unet.", &names("unet_target_modules"), (rank, alpha), init).unwrap();
+    let text_lora =
+        LoraAdapters::attach(&registry, "text_encoder.", &names("text_encoder_target_modules"), (rank, alpha), init)
+            .unwrap();
+    let params: Vec<_> = unet_lora.parameters().into_iter().chain(text_lora.parameters()).collect();
+    assert_eq!(params.len() as u64, case["trainable"].as_u64().unwrap(), "trainable tensors");
+
+    let opt = &case["optimizer"];
+    let config = AdamWConfig {
+        lr: opt["lr"].as_f64().unwrap(),
+        beta1: opt["betas"][0].as_f64().unwrap(),
+        beta2: opt["betas"][1].as_f64().unwrap(),
+        eps: opt["eps"].as_f64().unwrap(),
+        weight_decay: opt["weight_decay"].as_f64().unwrap(),
+    };
+    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
+    let prior_weight = case["prior_loss_weight"].as_f64().unwrap();
+    let steps = case["steps"].as_u64().unwrap() as usize;
+    for step in 0..steps {
+        let get = |key: &str| &fx[&format!("step{step}.{key}")];
+        // The text encoder trains too: it runs inside the step.
+        let context = text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap();
+        let dist = vae.encode(&common["pixel_values"]).unwrap();
+        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
+        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
+        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
+        let t =
+            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
+                .unwrap();
+        let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context))).unwrap();
+        let target = objective.target(&latents, get("noise"), &timesteps).unwrap();
+        let loss = objective.prior_preservation_loss(&prediction, &target, &timesteps, prior_weight).unwrap();
+        let instance = objective
+            .loss(&prediction.narrow(0, 0, 1).unwrap(), &target.narrow(0, 0, 1).unwrap(), &timesteps[..1])
+            .unwrap();
+        for (what, ours, theirs) in [("loss", &loss, get("loss")), ("instance loss", &instance, get("instance_loss"))] {
+            let (ours, theirs) = (scalar(ours), scalar(theirs));
+            assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: {what} {ours} vs {theirs}");
+        }
+        let mut grads = loss.backward().unwrap();
+        if step == 0 {
+            for (param, var) in &params {
+                assert_relative(
+                    &format!("grad {param}"),
+                    grads.get(var.as_tensor()).unwrap(),
+                    &fx[&format!("grad.{param}")],
+                    1e-4,
+                );
+            }
+        }
+        let norm = optimizer.clip_grad_norm(&mut grads, case["max_grad_norm"].as_f64()).unwrap() as f32;
+        let expected_norm = scalar(get("grad_norm"));
+        assert!(
+            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
+            "step {step}: grad norm {norm} vs {expected_norm}"
+        );
+        optimizer.step(&grads).unwrap();
+    }
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let reach = steps as f32 * config.lr as f32;
+    for (param, var) in &params {
+        let (after, grad) = (values(&fx[&format!("after.{param}")]), values(&fx[&format!("grad.{param}")]));
+        assert_adam_weights(param, (&values(var.as_tensor()), &after), &grad, reach);
+    }
+    let kohya: Vec<String> = text_lora.kohya_tensors().unwrap().into_iter().map(|(name, _)| name).collect();
+    assert!(
+        kohya.contains(&"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".to_string()),
+        "{kohya:?}"
+    );
 }

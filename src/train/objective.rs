@@ -126,4 +126,27 @@ impl DenoisingObjective {
         let weights = Tensor::from_vec(weights, timesteps.len(), prediction.device())?;
         Ok((per_sample * weights)?.mean_all()?)
     }
+    /// DreamBooth's prior-preservation loss for a batch whose first half are instance images and
+    /// second half class images (diffusers' `train_dreambooth(_lora).py`): [`Self::loss`] of each
+    /// half, the class half's times `prior_weight`, summed.
+    pub fn prior_preservation_loss(
+        &self,
+        prediction: &Tensor,
+        target: &Tensor,
+        timesteps: &[usize],
+        prior_weight: f64,
+    ) -> Result<Tensor> {
+        let batch = prediction.dim(0)?;
+        if batch % 2 != 0 || timesteps.len() != batch {
+            return Err(Error::invalid(format!(
+                "prior preservation needs an even batch of instance then class images, got {batch} with {} timesteps",
+                timesteps.len()
+            )));
+        }
+        let half = batch / 2;
+        let part = |t: &Tensor, start: usize| t.narrow(0, start, half);
+        let instance = self.loss(&part(prediction, 0)?, &part(target, 0)?, &timesteps[..half])?;
+        let prior = self.loss(&part(prediction, half)?, &part(target, half)?, &timesteps[half..])?;
+        Ok((instance + (prior * prior_weight)?)?)
+    }
 }
