@@ -3,8 +3,8 @@
 //! gradient norm, and the weights after three AdamW steps, for ε prediction and for v prediction
 //! with min-SNR-γ and offset noise; the adapters' kohya export against the fixture's; textual
 //! inversion's embedding row; DreamBooth LoRA (UNet and text encoder) with prior preservation; full
-//! UNet fine-tuning; ControlNet training; `diffctl train lora` end
-//! to end, resumed, and refusing bad input.
+//! UNet fine-tuning; ControlNet training; `diffctl train lora` end to end, resumed, and refusing bad
+//! input.
 
 mod common;
 
