@@ -21,7 +21,7 @@ use super::mask::RegionMask;
 use super::scale::IpScale;
 use crate::control::weights::{Lora, LoraAttachment, LoraMode};
 use crate::control::{Control, GenerationSetup, StepContext};
-use crate::io::weights::{TensorStore, Weights};
+use crate::io::weights::{TensorStore, TrainableParameters, Weights};
 use crate::models::clip_vision::ClipVisionEncoder;
 use crate::models::image_processor::ClipImageProcessor;
 use crate::models::nn::{Linear, WeightDelta, linear};
@@ -82,6 +82,21 @@ impl IpAdapterWeights {
     /// Loads `path` for a UNet with configuration `unet`, checking the token width against the UNet's
     /// `cross_attention_dim` and the layer count against its cross-attention layers.
     pub fn load(path: &Path, unet: &UNetConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_view(path, unet, |store| Weights::new(store, dtype, device))
+    }
+
+    /// [`Self::load`] in f32 with every tensor a trainable variable recorded in `params` (training
+    /// the image projection and `to_k_ip`/`to_v_ip` from an initial file).
+    pub fn load_trainable(
+        path: &Path,
+        unet: &UNetConfig,
+        device: &Device,
+        params: &TrainableParameters,
+    ) -> Result<Self> {
+        Self::load_view(path, unet, |store| Weights::new(store, DType::F32, device).trainable(params))
+    }
+
+    fn load_view(path: &Path, unet: &UNetConfig, view: impl FnOnce(Arc<TensorStore>) -> Weights) -> Result<Self> {
         let store = TensorStore::open(path)?;
         let in_file = |e: Error| match e {
             Error::InvalidArgument(message) => Error::Format { path: path.into(), message },
@@ -94,7 +109,7 @@ impl IpAdapterWeights {
                 message: "not an IP-Adapter file: it needs `image_proj.*` and `ip_adapter.*` tensors".into(),
             });
         }
-        let w = Weights::new(Arc::new(store), dtype, device);
+        let w = view(Arc::new(store));
         let projection = ImageProjection::load(&w.pp("image_proj")).map_err(in_file)?;
 
         let unet_layers = unet.cross_attention_layers();
@@ -141,6 +156,19 @@ impl IpAdapterWeights {
             })
             .collect::<Result<_>>()?;
         Ok(Self { path: path.to_path_buf(), projection, layers, dtype: w.dtype(), lora })
+    }
+
+    /// Each sample's own image tokens [B, T, D] (from [`Self::projection`]) as one key/value stream
+    /// per cross-attention layer at `scale`: the streams of a training batch, where every sample has
+    /// its own image.
+    pub fn sample_streams(&self, tokens: &Tensor, scale: f64) -> Result<AttentionStreams> {
+        self.layers
+            .iter()
+            .map(|(layer, k, v)| {
+                let stream = ExtraAttention { key: k.forward(tokens)?, value: v.forward(tokens)?, scale, mask: None };
+                Ok((layer.id.clone(), vec![stream]))
+            })
+            .collect()
     }
 
     /// The file the weights came from.
