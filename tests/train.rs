@@ -3,8 +3,8 @@
 //! gradient norm, and the weights after three AdamW steps, for ε prediction and for v prediction
 //! with min-SNR-γ and offset noise; the adapters' kohya export against the fixture's; textual
 //! inversion's embedding row; DreamBooth LoRA (UNet and text encoder) with prior preservation; full
-//! UNet fine-tuning; ControlNet and IP-Adapter training; `diffctl train lora` end to end, resumed,
-//! and refusing bad input.
+//! UNet fine-tuning; ControlNet, T2I-Adapter and IP-Adapter training; `diffctl train lora` end to
+//! end, resumed, and refusing bad input.
 
 mod common;
 
@@ -18,6 +18,7 @@ use diffctl::io::weights::{TensorStore, TrainableParameters, Weights};
 use diffctl::models::clip_text::{ClipTextConfig, ClipTextEncoder};
 use diffctl::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
 use diffctl::models::nn::LayerRegistry;
+use diffctl::models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetControls, UNetInput};
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::schedulers::SchedulerConfig;
@@ -830,6 +831,90 @@ fn ip_adapter_training_matches_the_reference_training() {
                 assert_relative(&format!("grad {name}"), ours, &fx[&format!("grad.{name}")], 1e-4);
             }
         }
+        optimizer.step(&grads).unwrap();
+    }
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let reach = steps as f32 * config.lr as f32;
+    for (name, var) in &params {
+        let (after, grad) = (values(&fx[&format!("after.{name}")]), values(&fx[&format!("grad.{name}")]));
+        assert_adam_weights(name, (&values(var.as_tensor()), &after), &grad, reach);
+    }
+}
+
+/// T2I-Adapter training as diffusers' train_t2i_adapter_sdxl.py adapted to SD1 (the fixture
+/// script's restatement): every adapter weight trainable, Euler noise levels at the script's cubic
+/// timesteps, the σ⁻²-weighted loss on the denoised latents, the features as the UNet's intrablock
+/// residuals; every gradient (exact zeros where the adapter's ReLUs are dead), binding clipping, the
+/// weights after two AdamW steps.
+#[test]
+fn t2i_adapter_training_matches_diffusers_training() {
+    let (case, fx) = case("t2i-adapter");
+    let common = load_fixture("tests/fixtures/train/common.safetensors");
+    let folder = tempfile::tempdir().unwrap();
+    let file = folder.path().join("diffusion_pytorch_model.safetensors");
+    let init: HashMap<String, Tensor> =
+        fx.iter().filter_map(|(k, t)| k.strip_prefix("init.").map(|k| (k.to_string(), t.clone()))).collect();
+    candle_core::safetensors::save(&init, &file).unwrap();
+    let config_path = folder.path().join("config.json");
+    std::fs::write(&config_path, case["adapter_config"].to_string()).unwrap();
+    let config = T2IAdapterConfig::load(&config_path).unwrap();
+    let store = TensorStore::open_safetensors(&file, std::slice::from_ref(&file)).unwrap();
+    let trainable = TrainableParameters::new();
+    let adapter =
+        T2IAdapter::load(&Weights::new(Arc::new(store), DType::F32, &Device::Cpu).trainable(&trainable), &config)
+            .unwrap();
+    let params = trainable.parameters();
+    assert_eq!(params.len(), case["trainable"].as_array().unwrap().len(), "trainable tensors");
+
+    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
+    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
+    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
+    let unet = UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors"), &unet_cfg).unwrap();
+    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
+    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
+    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
+    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
+    let conditioning = Conditioning::text(text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap());
+    let opt = &case["optimizer"];
+    let config = AdamWConfig {
+        lr: opt["lr"].as_f64().unwrap(),
+        beta1: opt["betas"][0].as_f64().unwrap(),
+        beta2: opt["betas"][1].as_f64().unwrap(),
+        eps: opt["eps"].as_f64().unwrap(),
+        weight_decay: opt["weight_decay"].as_f64().unwrap(),
+    };
+    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
+    let steps = case["steps"].as_u64().unwrap() as usize;
+    for step in 0..steps {
+        let get = |key: &str| &fx[&format!("step{step}.{key}")];
+        let dist = vae.encode(&common["pixel_values"]).unwrap();
+        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
+        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
+        let sigmas = Tensor::new(objective.sigmas(&timesteps).unwrap(), &Device::Cpu).unwrap();
+        assert_close("sigmas", &sigmas, get("sigmas"), 1e-6);
+        let (noisy, input) = objective.euler_noisy(&latents, get("noise"), &timesteps).unwrap();
+        let features = adapter.forward(&common["conditioning_pixel_values"]).unwrap();
+        let controls = UNetControls { down_intrablock_residuals: features, ..Default::default() };
+        let t =
+            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
+                .unwrap();
+        let prediction = unet.forward(UNetInput::new(&input, &t, &conditioning).with_controls(&controls)).unwrap();
+        let loss = objective.euler_denoised_loss(&prediction, &noisy, &latents, &timesteps).unwrap();
+        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
+        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
+        let mut grads = loss.backward().unwrap();
+        if step == 0 {
+            for (name, var) in &params {
+                let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+                assert_relative(&format!("grad {name}"), ours, &fx[&format!("grad.{name}")], 1e-4);
+            }
+        }
+        let norm = optimizer.clip_grad_norm(&mut grads, case["max_grad_norm"].as_f64()).unwrap() as f32;
+        let expected_norm = scalar(get("grad_norm"));
+        assert!(
+            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
+            "step {step}: grad norm {norm} vs {expected_norm}"
+        );
         optimizer.step(&grads).unwrap();
     }
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

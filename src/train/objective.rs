@@ -3,7 +3,9 @@
 //! timestep with the scheduler's training schedule (DDPMScheduler's `add_noise`), the model predicts
 //! the noise (ε) or the velocity (v) as the scheduler's `prediction_type` says, and the loss is the
 //! mean squared error, optionally weighted per sample by min-SNR-γ (Hang et al. 2023, the scripts'
-//! `--snr_gamma`). Everything is f32, as the scripts compute it.
+//! `--snr_gamma`). Everything is f32, as the scripts compute it. The T2I-Adapter script's variant,
+//! on the Euler scheduler's noise levels with a σ⁻²-weighted loss on the denoised latents, is here
+//! too.
 
 use candle_core::{D, DType, Tensor};
 
@@ -148,5 +150,40 @@ impl DenoisingObjective {
         let instance = self.loss(&part(prediction, 0)?, &part(target, 0)?, &timesteps[..half])?;
         let prior = self.loss(&part(prediction, half)?, &part(target, half)?, &timesteps[half..])?;
         Ok((instance + (prior * prior_weight)?)?)
+    }
+    /// σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) of each timestep, the Euler scheduler's noise level.
+    pub fn sigmas(&self, timesteps: &[usize]) -> Result<Vec<f32>> {
+        timesteps.iter().map(|&t| Ok(((1.0 - self.alpha_cumprod(t)?) / self.alpha_cumprod(t)?).sqrt())).collect()
+    }
+
+    /// The objective of diffusers' `train_t2i_adapter_sdxl.py`, on Euler's noise levels: the model
+    /// sees `noisy / sqrt(σ² + 1)` for `noisy = latents + σ·noise` ([`Self::euler_noisy`]), its ε
+    /// prediction gives `denoised = noisy − σ·prediction`, and the loss is each sample's mean of
+    /// σ⁻²·(denoised − latents)², averaged over the batch.
+    pub fn euler_denoised_loss(
+        &self,
+        prediction: &Tensor,
+        noisy: &Tensor,
+        latents: &Tensor,
+        timesteps: &[usize],
+    ) -> Result<Tensor> {
+        let column = self.sigma_column(timesteps, latents)?;
+        let denoised = (noisy - prediction.broadcast_mul(&column)?)?;
+        let squared = (denoised - latents)?.sqr()?.broadcast_div(&column.sqr()?)?;
+        Ok(squared.flatten_from(1)?.mean(D::Minus1)?.mean_all()?)
+    }
+
+    /// `(latents + σ·noise, the same divided by sqrt(σ² + 1))`: the Euler-noised latents and the
+    /// model's input for [`Self::euler_denoised_loss`].
+    pub fn euler_noisy(&self, latents: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<(Tensor, Tensor)> {
+        let column = self.sigma_column(timesteps, latents)?;
+        let noisy = (latents + noise.broadcast_mul(&column)?)?;
+        let input = noisy.broadcast_div(&(column.sqr()? + 1.0)?.sqrt()?)?;
+        Ok((noisy, input))
+    }
+
+    /// σ of each sample as a [B, 1, 1, 1] tensor.
+    fn sigma_column(&self, timesteps: &[usize], like: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_vec(self.sigmas(timesteps)?, (timesteps.len(), 1, 1, 1), like.device())?)
     }
 }
