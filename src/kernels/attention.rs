@@ -322,7 +322,7 @@ fn attend_block(q: &Operand, k: &Operand, heads: &Heads, log2_scale: f32, bi: us
                             Start::Zero,
                             (&keys[bh], c0, 0),
                             queries,
-                            1.0, // the keys carry the scale
+                            log2_scale,
                         );
                         let panels = (scratch.probabilities.panels_mut(len, n), len.div_ceil(2));
                         // The bf16 path is taken only where the CPU has AVX512-BF16.
