@@ -15,6 +15,7 @@ const CLIP_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A CLIP tokenizer with its special tokens and sequence length.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
     bos: u32,

@@ -924,3 +924,84 @@ fn t2i_adapter_training_matches_diffusers_training() {
         assert_adam_weights(name, (&values(var.as_tensor()), &after), &grad, reach);
     }
 }
+
+/// `diffctl train textual-inversion` end to end: an embedding that `generate --embedding` loads
+/// and that moved from its initializer; a multi-token initializer and captions that never use the
+/// token are clear errors.
+#[test]
+fn cli_trains_a_textual_inversion_that_generate_loads() {
+    let data = tempfile::tempdir().unwrap();
+    for (image, caption) in [("train-a", "a photo of <sks-hat>"), ("train-b", "a rendering of <sks-hat>")] {
+        std::fs::copy(
+            repo_path(&format!("tests/fixtures/train/images/{image}.png")),
+            data.path().join(format!("{image}.png")),
+        )
+        .unwrap();
+        std::fs::write(data.path().join(format!("{image}.txt")), caption).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let model = repo_path(MODEL);
+    let embedding = out.path().join("sks-hat.safetensors");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "textual-inversion",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.path().to_str().unwrap(),
+            "--output",
+            embedding.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--steps",
+            "3",
+            "--lr",
+            "5e-3",
+        ];
+        args.extend_from_slice(extra);
+        let run = common::diffctl(&args);
+        (run.status.success(), String::from_utf8_lossy(&run.stderr).to_string())
+    };
+    // `ball` is one token of the tiny vocabulary (the fixture's initializer).
+    let (ok, err) = train(&["--token", "<sks-hat>", "--initializer", "ball"]);
+    assert!(ok, "{err}");
+    let tensors = load_fixture_abs(&embedding);
+    let vectors = &tensors["<sks-hat>"];
+    assert_eq!(vectors.dims(), [1, 32]);
+    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
+    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
+    let tokenizer = ClipTokenizer::from_dir(&repo_path(&format!("{MODEL}/tokenizer"))).unwrap();
+    let ball = tokenizer.encode_words("ball").unwrap();
+    let initial = text.token_embeddings(&Tensor::new(&[[ball[0]]], &Device::Cpu).unwrap()).unwrap().squeeze(0).unwrap();
+    assert!(common::max_abs_diff(vectors, &initial) > 1e-4, "the vector did not move from `ball`'s");
+    let latents = out.path().join("latents.safetensors");
+    let png = out.path().join("image.png");
+    let run = common::diffctl(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of <sks-hat>",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--seed",
+        "1",
+        "--embedding",
+        embedding.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--output-latents",
+        latents.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "generate failed: {}", String::from_utf8_lossy(&run.stderr));
+
+    let (ok, err) = train(&["--token", "<sks-hat>", "--initializer", "red ball"]);
+    assert!(!ok && err.contains("the initializer `red ball` must be a single token"), "{err}");
+    let (ok, err) = train(&["--token", "<other>", "--initializer", "ball"]);
+    assert!(!ok && err.contains("no caption mentions the placeholder `<other>`"), "{err}");
+}

@@ -1,4 +1,5 @@
-//! `diffctl train`: fine-tune a model's adapters on a folder of captioned images.
+//! `diffctl train`: fine-tune a model's adapters, or learn a new token, on a folder of captioned
+//! images.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,7 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::train::dataset::Dataset;
 use crate::train::optimizer::AdamWConfig;
-use crate::train::run::{LoraTrainingOptions, StepReport, train_lora};
+use crate::train::run::{
+    LoraOptions, StepReport, TextualInversionOptions, TrainingOptions, train_lora, train_textual_inversion,
+};
 use crate::train::schedule::LrSchedule;
 
 /// Arguments of `diffctl train`.
@@ -26,22 +29,16 @@ enum TrainKind {
     /// LoRA adapters on the UNet's attention projections, written as a kohya .safetensors file
     /// (loads in A1111, ComfyUI, diffusers' load_lora_weights and `diffctl generate --lora`).
     Lora(Box<LoraArgs>),
+    /// A new token's embedding vectors (textual inversion), written as a diffusers embedding
+    /// (loads in `diffctl generate --embedding`, diffusers' load_textual_inversion and A1111).
+    TextualInversion(Box<InversionArgs>),
 }
 
-/// Arguments of `diffctl train lora` (defaults as diffusers' train_text_to_image_lora.py).
+/// Arguments of `diffctl train lora`.
 #[derive(Debug, Args)]
 struct LoraArgs {
-    /// A diffusers model folder or single-file SD1.x/2.x checkpoint to train on (f32).
-    #[arg(long, value_name = "PATH")]
-    model: PathBuf,
     #[command(flatten)]
-    source: super::source::SourceArgs,
-    /// The training images: a folder with metadata.jsonl, kohya `N_name` folders, or images with .txt captions.
-    #[arg(long, value_name = "DIR")]
-    data: PathBuf,
-    /// Where to write the LoRA (.safetensors, kohya layout).
-    #[arg(long, value_name = "FILE")]
-    output: PathBuf,
+    common: CommonArgs,
     /// Adapter rank.
     #[arg(long, default_value_t = 4, value_name = "N")]
     rank: usize,
@@ -51,6 +48,39 @@ struct LoraArgs {
     /// UNet modules that get adapters (PEFT target_modules), comma-separated.
     #[arg(long, default_value = "to_k,to_q,to_v,to_out.0", value_delimiter = ',', value_name = "NAMES")]
     targets: Vec<String>,
+}
+
+/// Arguments of `diffctl train textual-inversion` (defaults as diffusers' textual_inversion.py,
+/// whose learning rate is 5e-4 after its batch scaling).
+#[derive(Debug, Args)]
+struct InversionArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The new token, as the captions write it (e.g. "<cat-toy>").
+    #[arg(long, value_name = "TOKEN")]
+    token: String,
+    /// A word of the vocabulary (one token) whose embedding starts the new vectors.
+    #[arg(long, value_name = "WORD")]
+    initializer: String,
+    /// Vectors the token stands for.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vectors: usize,
+}
+
+/// The flags every kind shares (defaults as diffusers' training scripts).
+#[derive(Debug, Args)]
+struct CommonArgs {
+    /// A diffusers model folder or single-file SD1.x/2.x checkpoint to train on (f32).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    #[command(flatten)]
+    source: super::source::SourceArgs,
+    /// The training images: a folder with metadata.jsonl, kohya `N_name` folders, or images with .txt captions.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Where to write the result (.safetensors).
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
     /// Square training resolution in pixels.
     #[arg(long, default_value_t = 512, value_name = "PX")]
     resolution: usize,
@@ -87,12 +117,12 @@ struct LoraArgs {
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0, value_name = "N")]
     seed: u64,
-    /// Also write the LoRA and a checkpoint (<output stem>.state.safetensors) every N steps; the
-    /// checkpoint is written with the final LoRA too.
+    /// Also write the result and a checkpoint (<output stem>.state.safetensors) every N steps; the
+    /// checkpoint is written with the final result too.
     #[arg(long, value_name = "N")]
     save_every: Option<usize>,
-    /// Continue from a checkpoint of the same run (same data, seed, rank, resolution, batch size);
-    /// --steps is the total to reach.
+    /// Continue from a checkpoint of the same run (same data, seed, resolution, batch size and kind
+    /// options); --steps is the total to reach.
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
     /// Append step, loss, learning rate, gradient norm and seconds to this CSV file.
@@ -100,32 +130,67 @@ struct LoraArgs {
     log: Option<PathBuf>,
 }
 
-/// Runs `diffctl train`.
-pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
-    match &args.kind {
-        TrainKind::Lora(args) => lora(args),
+impl CommonArgs {
+    fn options(&self) -> anyhow::Result<TrainingOptions> {
+        Ok(TrainingOptions {
+            resolution: self.resolution,
+            batch_size: self.batch_size,
+            steps: self.steps,
+            optimizer: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..Default::default() },
+            schedule: LrSchedule::from_name(&self.lr_scheduler)?,
+            warmup_steps: self.lr_warmup_steps,
+            max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),
+            snr_gamma: self.snr_gamma,
+            noise_offset: self.noise_offset,
+            random_flip: self.random_flip,
+            seed: self.seed,
+            save_every: self.save_every,
+            resume: self.resume.clone(),
+        })
     }
 }
 
-fn lora(args: &LoraArgs) -> anyhow::Result<()> {
-    let options = LoraTrainingOptions {
-        rank: args.rank,
-        alpha: args.alpha.unwrap_or(args.rank as f64),
-        targets: args.targets.clone(),
-        resolution: args.resolution,
-        batch_size: args.batch_size,
-        steps: args.steps,
-        optimizer: AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
-        schedule: LrSchedule::from_name(&args.lr_scheduler)?,
-        warmup_steps: args.lr_warmup_steps,
-        max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
-        snr_gamma: args.snr_gamma,
-        noise_offset: args.noise_offset,
-        random_flip: args.random_flip,
-        seed: args.seed,
-        save_every: args.save_every,
-        resume: args.resume.clone(),
-    };
+/// Runs `diffctl train`.
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    match &args.kind {
+        TrainKind::Lora(args) => {
+            let lora = LoraOptions {
+                rank: args.rank,
+                alpha: args.alpha.unwrap_or(args.rank as f64),
+                targets: args.targets.clone(),
+            };
+            let what = format!("a rank-{} LoRA", lora.rank);
+            train(&args.common, &what, |model, data, options, output, on_step| {
+                train_lora(model, data, options, &lora, output, on_step)
+            })
+        }
+        TrainKind::TextualInversion(args) => {
+            let inversion = TextualInversionOptions {
+                token: args.token.clone(),
+                initializer: args.initializer.clone(),
+                vectors: args.vectors,
+            };
+            let what = format!("the {} vector(s) of {}", inversion.vectors, inversion.token);
+            train(&args.common, &what, |model, data, options, output, on_step| {
+                train_textual_inversion(model, data, options, &inversion, output, on_step)
+            })
+        }
+    }
+}
+
+/// The part every kind shares: options, data, model, progress bar, loss log, the run.
+fn train(
+    args: &CommonArgs,
+    what: &str,
+    run: impl FnOnce(
+        &StableDiffusion,
+        &Dataset,
+        &TrainingOptions,
+        &std::path::Path,
+        &mut dyn FnMut(&StepReport),
+    ) -> crate::Result<()>,
+) -> anyhow::Result<()> {
+    let options = args.options()?;
     let data = Dataset::open(&args.data)?;
     let load = LoadOptions { files: args.source.options(), ..Default::default() };
     let model =
@@ -145,12 +210,7 @@ fn lora(args: &LoraArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    eprintln!(
-        "training a rank-{} LoRA on {} examples for {} steps",
-        options.rank,
-        data.examples().len(),
-        options.steps
-    );
+    eprintln!("training {what} on {} examples for {} steps", data.examples().len(), options.steps);
     let bar = ProgressBar::new(options.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {msg} {elapsed_precise} (eta {eta})")?
@@ -167,7 +227,7 @@ fn lora(args: &LoraArgs) -> anyhow::Result<()> {
             log_error = writeln!(file, "{line}").err();
         }
     };
-    train_lora(&model, &data, &options, &args.output, &mut on_step)?;
+    run(&model, &data, &options, &args.output, &mut on_step)?;
     bar.finish();
     if let Some(e) = log_error {
         anyhow::bail!("writing the loss log: {e}");

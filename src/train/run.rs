@@ -1,7 +1,7 @@
-//! A LoRA training run on a loaded model: batches from a [`Dataset`], the denoising objective,
-//! AdamW with clipping and a learning-rate schedule, a report per step, the adapters written in
-//! kohya's layout every `save_every` steps and at the end (atomically: a crash leaves the previous
-//! file whole).
+//! Training runs on a loaded model, LoRA adapters or a textual-inversion token: batches from a
+//! [`Dataset`], the denoising objective, AdamW with clipping and a learning-rate schedule, a report
+//! per step, the result written every `save_every` steps and at the end (atomically: a crash leaves
+//! the previous file whole).
 //!
 //! Every random draw of step s (the batch's flips, the VAE sample, the noise, the timesteps) comes
 //! from generators seeded by (seed, s), and the example order of epoch e from (seed, e), so a run is
@@ -29,15 +29,9 @@ use crate::pipeline::StableDiffusion;
 use crate::schedulers::NoiseSource;
 use crate::{Error, Result};
 
-/// What a LoRA training run does (defaults: diffusers' `train_text_to_image_lora.py`'s).
+/// How a training run goes, whatever it trains (defaults: diffusers' training scripts').
 #[derive(Debug, Clone)]
-pub struct LoraTrainingOptions {
-    /// Adapter rank.
-    pub rank: usize,
-    /// Adapter alpha (the delta is scaled by alpha / rank).
-    pub alpha: f64,
-    /// The UNet modules that get adapters (PEFT `target_modules`).
-    pub targets: Vec<String>,
+pub struct TrainingOptions {
     /// Square training resolution in pixels.
     pub resolution: usize,
     /// Images per step.
@@ -60,18 +54,15 @@ pub struct LoraTrainingOptions {
     pub random_flip: bool,
     /// The seed of every draw.
     pub seed: u64,
-    /// Also write the adapters (and the checkpoint) every this many steps.
+    /// Also write the result (and the checkpoint) every this many steps.
     pub save_every: Option<usize>,
     /// A checkpoint to continue from (see [`state_path`]).
     pub resume: Option<PathBuf>,
 }
 
-impl Default for LoraTrainingOptions {
+impl Default for TrainingOptions {
     fn default() -> Self {
         Self {
-            rank: 4,
-            alpha: 4.0,
-            targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec(),
             resolution: 512,
             batch_size: 1,
             steps: 1000,
@@ -87,6 +78,34 @@ impl Default for LoraTrainingOptions {
             resume: None,
         }
     }
+}
+
+/// The adapters a LoRA run trains (defaults: diffusers' `train_text_to_image_lora.py`).
+#[derive(Debug, Clone)]
+pub struct LoraOptions {
+    /// Adapter rank.
+    pub rank: usize,
+    /// Adapter alpha (the delta is scaled by alpha / rank).
+    pub alpha: f64,
+    /// The UNet modules that get adapters (PEFT `target_modules`).
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        Self { rank: 4, alpha: 4.0, targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec() }
+    }
+}
+
+/// The new token a textual-inversion run learns (diffusers' `textual_inversion.py`).
+#[derive(Debug, Clone)]
+pub struct TextualInversionOptions {
+    /// The placeholder the captions use (e.g. `<cat-toy>`).
+    pub token: String,
+    /// A word of the vocabulary, one token, whose embedding starts every vector.
+    pub initializer: String,
+    /// Vectors the placeholder stands for.
+    pub vectors: usize,
 }
 
 /// One finished step.
@@ -112,10 +131,61 @@ pub struct StepReport {
 pub fn train_lora(
     model: &StableDiffusion,
     data: &Dataset,
-    options: &LoraTrainingOptions,
+    options: &TrainingOptions,
+    lora: &LoraOptions,
     output: &Path,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<()> {
+    check(model, options, output)?;
+    let device = model.device().clone();
+    // PEFT's "gaussian" initialisation, as diffusers' scripts ask: down ~ N(0, 1/r), up = 0.
+    let mut init_noise = SeededNoise::new(options.seed);
+    let adapters =
+        LoraAdapters::attach(&model.layers, "unet.", &lora.targets, (lora.rank, lora.alpha), |_, down, up| {
+            let down = (init_noise.sample(down, &device)? / lora.rank as f64)?;
+            Ok((down, Tensor::zeros(up, candle_core::DType::F32, &device)?))
+        })?;
+    let trainee = LoraTrainee { adapters, options: lora.clone() };
+    let result = run_steps(model, data, options, output, &trainee, on_step);
+    trainee.adapters.detach(&model.layers);
+    result
+}
+
+/// Learns the vectors of a new token from `data` (whose captions use it) through `model`'s frozen
+/// text encoder and UNet, and writes them to `output` as a diffusers embedding
+/// (`{token: [vectors, D]}` safetensors, which `--embedding`, diffusers' `load_textual_inversion`
+/// and A1111 load); `on_step` hears of every step.
+pub fn train_textual_inversion(
+    model: &StableDiffusion,
+    data: &Dataset,
+    options: &TrainingOptions,
+    inversion: &TextualInversionOptions,
+    output: &Path,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<()> {
+    check(model, options, output)?;
+    let mut tokenizer = model.tokenizer.clone();
+    let initializer = tokenizer.encode_words(&inversion.initializer)?;
+    let [initializer] = initializer.as_slice() else {
+        return Err(Error::invalid(format!(
+            "the initializer `{}` must be a single token of the vocabulary; it is {} tokens",
+            inversion.initializer,
+            initializer.len()
+        )));
+    };
+    tokenizer.add_placeholder(&inversion.token, inversion.vectors)?;
+    if !data.examples().iter().any(|e| e.caption.contains(&inversion.token)) {
+        return Err(Error::invalid(format!("no caption mentions the placeholder `{}`", inversion.token)));
+    }
+    let ids = Tensor::new(&[[*initializer]], model.device())?;
+    let row = model.text_encoder.token_embeddings(&ids)?.squeeze(0)?;
+    let vectors = Var::from_tensor(&row.repeat((inversion.vectors, 1))?.to_dtype(candle_core::DType::F32)?)?;
+    let trainee = InversionTrainee { tokenizer, vectors, options: inversion.clone() };
+    run_steps(model, data, options, output, &trainee, on_step)
+}
+
+/// Refuses options and outputs a run cannot use, before any work.
+fn check(model: &StableDiffusion, options: &TrainingOptions, output: &Path) -> Result<()> {
     crate::io::output::check_output_path(output)?;
     if options.batch_size == 0 || options.steps == 0 || options.resolution == 0 {
         return Err(Error::invalid("the batch size, the step count and the resolution must each be at least 1"));
@@ -128,41 +198,115 @@ pub fn train_lora(
             8 * factor
         )));
     }
-    let objective = DenoisingObjective::new(&model.scheduler_config, options.snr_gamma)?;
-    let device = model.device().clone();
-    // PEFT's "gaussian" initialisation, as diffusers' scripts ask: down ~ N(0, 1/r), up = 0.
-    let mut init_noise = SeededNoise::new(options.seed);
-    let adapters = LoraAdapters::attach(
-        &model.layers,
-        "unet.",
-        &options.targets,
-        (options.rank, options.alpha),
-        |_, down, up| {
-            let down = (init_noise.sample(down, &device)? / options.rank as f64)?;
-            Ok((down, Tensor::zeros(up, candle_core::DType::F32, &device)?))
-        },
-    )?;
-    let result = run_steps(model, data, options, output, &objective, &adapters, on_step);
-    adapters.detach(&model.layers);
-    result
+    Ok(())
 }
 
-/// The steps of [`train_lora`] once the adapters are attached.
+/// What one kind of run trains: its variables, how a caption becomes the UNet's context through
+/// them, what identifies the run in a checkpoint, and how the result is written.
+trait Trainee {
+    /// The trainable variables by name.
+    fn parameters(&self) -> Vec<(String, Var)>;
+    /// The text context [B, 77, D] of `captions`.
+    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor>;
+    /// What a checkpoint of this run records of it (beside the training options).
+    fn identity(&self) -> Vec<(&'static str, String)>;
+    /// Writes the result to `output` after `step` steps.
+    fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()>;
+}
+
+/// LoRA adapters on the UNet.
+struct LoraTrainee {
+    adapters: LoraAdapters,
+    options: LoraOptions,
+}
+
+impl Trainee for LoraTrainee {
+    fn parameters(&self) -> Vec<(String, Var)> {
+        self.adapters.parameters()
+    }
+
+    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
+        let ids = captions.iter().map(|c| model.tokenizer.encode_padded(c)).collect::<Result<Vec<_>>>()?;
+        let ids = Tensor::from_vec(ids.concat(), (captions.len(), model.tokenizer.max_length()), model.device())?;
+        model.text_encoder.encode(&ids, 0)
+    }
+
+    fn identity(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("rank", self.options.rank.to_string()),
+            ("alpha", self.options.alpha.to_string()),
+            ("targets", self.options.targets.join(",")),
+        ]
+    }
+
+    fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
+        let metadata = HashMap::from([
+            ("ss_network_module".to_string(), "networks.lora".to_string()),
+            ("ss_network_dim".to_string(), self.options.rank.to_string()),
+            ("ss_network_alpha".to_string(), self.options.alpha.to_string()),
+            ("ss_steps".to_string(), step.to_string()),
+            ("ss_seed".to_string(), options.seed.to_string()),
+            ("ss_resolution".to_string(), format!("({0}, {0})", options.resolution)),
+            ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ]);
+        write_tensors(output, self.adapters.kohya_tensors()?, metadata)
+    }
+}
+
+/// A placeholder token's vectors, entering the text encoder at the token injection point.
+struct InversionTrainee {
+    tokenizer: crate::tokenizer::ClipTokenizer,
+    vectors: Var,
+    options: TextualInversionOptions,
+}
+
+impl Trainee for InversionTrainee {
+    fn parameters(&self) -> Vec<(String, Var)> {
+        vec![(self.options.token.clone(), self.vectors.clone())]
+    }
+
+    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
+        let ids = captions.iter().map(|c| self.tokenizer.encode_padded(c)).collect::<Result<Vec<_>>>()?;
+        let ids = Tensor::from_vec(ids.concat(), (captions.len(), self.tokenizer.max_length()), model.device())?;
+        let embeddings = model.text_encoder.token_embeddings_with(&ids, Some(self.vectors.as_tensor()))?;
+        model.text_encoder.encode_embeddings(&embeddings, 0)
+    }
+
+    fn identity(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("token", self.options.token.clone()),
+            ("initializer", self.options.initializer.clone()),
+            ("vectors", self.options.vectors.to_string()),
+        ]
+    }
+
+    fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
+        let metadata = HashMap::from([
+            ("diffctl_steps".to_string(), step.to_string()),
+            ("diffctl_seed".to_string(), options.seed.to_string()),
+            ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ]);
+        write_tensors(output, vec![(self.options.token.clone(), self.vectors.as_tensor().detach())], metadata)
+    }
+}
+
+/// The steps of a run: batches, the objective, the optimiser, reports, checkpoints and exports.
 fn run_steps(
     model: &StableDiffusion,
     data: &Dataset,
-    options: &LoraTrainingOptions,
+    options: &TrainingOptions,
     output: &Path,
-    objective: &DenoisingObjective,
-    adapters: &LoraAdapters,
+    trainee: &dyn Trainee,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<()> {
+    let objective = DenoisingObjective::new(&model.scheduler_config, options.snr_gamma)?;
     let device = model.device().clone();
-    let params: Vec<(String, Var)> = adapters.parameters();
+    let params = trainee.parameters();
     let mut optimizer = AdamW::new(params.clone(), options.optimizer)?;
     let mut order = EpochOrder::new(data.examples().len(), options.seed);
+    let identity = run_identity(options, data, trainee);
     let first = match &options.resume {
-        Some(path) => resume(path, options, data, &params, &mut optimizer)?,
+        Some(path) => resume(path, options.steps, &identity, &params, &mut optimizer)?,
         None => 0,
     };
     (0..first * options.batch_size).for_each(|_| {
@@ -178,12 +322,8 @@ fn run_steps(
             .map(|&i| data.image(i, options.resolution, options.random_flip && rng.random_bool(0.5), &device))
             .collect::<Result<Vec<_>>>()?;
         let images = Tensor::stack(&images, 0)?;
-        let ids = indices
-            .iter()
-            .map(|&i| model.tokenizer.encode_padded(&data.examples()[i].caption))
-            .collect::<Result<Vec<_>>>()?;
-        let ids = Tensor::from_vec(ids.concat(), (indices.len(), model.tokenizer.max_length()), &device)?;
-        let context = model.text_encoder.encode(&ids, 0)?;
+        let captions: Vec<&str> = indices.iter().map(|&i| data.examples()[i].caption.as_str()).collect();
+        let context = trainee.context(model, &captions)?;
         let latents = model.vae.encode_to_latents(&images, &mut noise)?;
         let mut eps = noise.sample(latents.dims(), &device)?;
         if options.noise_offset != 0.0 {
@@ -211,28 +351,18 @@ fn run_steps(
             elapsed: started.elapsed(),
         });
         if done == options.steps || options.save_every.is_some_and(|n| n > 0 && done.is_multiple_of(n)) {
-            save_state(&params, &optimizer, options, data, &state_path(output))?;
-            save(adapters, options, done, output)?;
+            save_state(&params, &optimizer, &identity, &state_path(output))?;
+            trainee.export(options, done, output)?;
         }
     }
     Ok(())
 }
 
-/// Writes the adapters as a kohya LoRA file, with kohya's metadata fields for the rank and alpha.
-fn save(adapters: &LoraAdapters, options: &LoraTrainingOptions, step: usize, output: &Path) -> Result<()> {
-    let metadata = HashMap::from([
-        ("ss_network_module".to_string(), "networks.lora".to_string()),
-        ("ss_network_dim".to_string(), options.rank.to_string()),
-        ("ss_network_alpha".to_string(), options.alpha.to_string()),
-        ("ss_steps".to_string(), step.to_string()),
-        ("ss_seed".to_string(), options.seed.to_string()),
-        ("ss_resolution".to_string(), format!("({0}, {0})", options.resolution)),
-        ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-    ]);
-    let tensors = adapters.kohya_tensors()?;
-    crate::io::output::write_file(output, |file| {
+/// Writes `tensors` with `metadata` to `path` as safetensors, atomically.
+fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>, metadata: HashMap<String, String>) -> Result<()> {
+    crate::io::output::write_file(path, |file| {
         crate::io::output::write_safetensors(file, tensors, Some(metadata))
-            .map_err(|message| Error::Format { path: output.into(), message })
+            .map_err(|message| Error::Format { path: path.into(), message })
     })
 }
 
@@ -243,44 +373,38 @@ pub fn state_path(output: &Path) -> PathBuf {
 }
 
 /// What a checkpoint records of the run, each of which a resumed run must share.
-fn run_identity(options: &LoraTrainingOptions, data: &Dataset) -> Vec<(&'static str, String)> {
-    vec![
+fn run_identity(options: &TrainingOptions, data: &Dataset, trainee: &dyn Trainee) -> Vec<(&'static str, String)> {
+    let mut identity = vec![
         ("seed", options.seed.to_string()),
-        ("rank", options.rank.to_string()),
-        ("alpha", options.alpha.to_string()),
-        ("targets", options.targets.join(",")),
         ("resolution", options.resolution.to_string()),
         ("batch_size", options.batch_size.to_string()),
         ("examples", data.examples().len().to_string()),
-    ]
+    ];
+    identity.extend(trainee.identity());
+    identity
 }
 
-/// Writes the checkpoint: the adapters' factors (`param.<name>`), AdamW's moments (`adam.<name>`)
-/// and in the metadata the step and [`run_identity`].
+/// Writes the checkpoint: the trained variables (`param.<name>`), AdamW's moments (`adam.<name>`)
+/// and in the metadata the step and the run's identity.
 fn save_state(
     params: &[(String, Var)],
     optimizer: &AdamW,
-    options: &LoraTrainingOptions,
-    data: &Dataset,
+    identity: &[(&'static str, String)],
     path: &Path,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
         params.iter().map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach())).collect();
     tensors.extend(optimizer.state().into_iter().map(|(name, t)| (format!("adam.{name}"), t)));
-    let mut metadata: HashMap<String, String> =
-        run_identity(options, data).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut metadata: HashMap<String, String> = identity.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     metadata.insert("step".into(), optimizer.steps().to_string());
-    crate::io::output::write_file(path, |file| {
-        crate::io::output::write_safetensors(file, tensors, Some(metadata))
-            .map_err(|message| Error::Format { path: path.into(), message })
-    })
+    write_tensors(path, tensors, metadata)
 }
 
 /// Loads the checkpoint at `path` into the adapters and the optimiser: the step to go on from.
 fn resume(
     path: &Path,
-    options: &LoraTrainingOptions,
-    data: &Dataset,
+    steps: usize,
+    identity: &[(&'static str, String)],
     params: &[(String, Var)],
     optimizer: &mut AdamW,
 ) -> Result<usize> {
@@ -289,17 +413,17 @@ fn resume(
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    for (key, value) in run_identity(options, data) {
+    for (key, value) in identity {
         let saved =
-            metadata.get(key).ok_or_else(|| bad(format!("no `{key}` in its metadata: not a diffctl checkpoint")))?;
-        if *saved != value {
+            metadata.get(*key).ok_or_else(|| bad(format!("no `{key}` in its metadata: not a diffctl checkpoint")))?;
+        if saved != value {
             return Err(bad(format!("it was trained with {key} {saved}, this run has {value}")));
         }
     }
     let step: usize =
         metadata.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no step count in its metadata".into()))?;
-    if step >= options.steps {
-        return Err(bad(format!("it has already trained {step} steps, and this run asks for {}", options.steps)));
+    if step >= steps {
+        return Err(bad(format!("it has already trained {step} steps, and this run asks for {steps}")));
     }
     let tensors = candle_core::safetensors::load_buffer(
         &bytes,
