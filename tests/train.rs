@@ -77,6 +77,16 @@ fn assert_adam_weights(what: &str, (ours, theirs): (&[f32], &[f32]), grad: &[f32
     }
 }
 
+/// With `DIFFCTL_TRAIN_EXPORTS=DIR`, writes `tensors` to `DIR/<file>`: the trained results in the
+/// layouts diffctl exports, for `make_train_fixtures.py --check-export DIR` to load in diffusers.
+fn export_for_diffusers(file: &str, tensors: Vec<(String, Tensor)>) {
+    let Some(dir) = std::env::var_os("DIFFCTL_TRAIN_EXPORTS") else { return };
+    let path = std::path::Path::new(&dir).join(file);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}
+
 fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
 }
@@ -184,6 +194,7 @@ fn lora_case(name: &str) {
             assert_eq!(scalar(&kohya[&format!("{name}.alpha")]), scalar(&fx[&format!("after.{name}.alpha")]));
         }
     }
+    export_for_diffusers(&format!("{name}.safetensors"), adapters.kohya_tensors().unwrap());
 }
 
 #[test]
@@ -449,6 +460,8 @@ fn textual_inversion_matches_diffusers_training() {
         &values(&fx["grad.embedding"]),
         reach,
     );
+    let learned = vec![(placeholder.to_string(), vector.as_tensor().detach())];
+    export_for_diffusers("textual-inversion/learned_embeds.safetensors", learned);
 }
 
 /// Full fine-tuning as diffusers' train_text_to_image.py: every UNet weight a trainable variable
@@ -762,6 +775,8 @@ fn dreambooth_lora_with_prior_preservation_matches_diffusers_training() {
         kohya.contains(&"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".to_string()),
         "{kohya:?}"
     );
+    let both = unet_lora.kohya_tensors().unwrap().into_iter().chain(text_lora.kohya_tensors().unwrap()).collect();
+    export_for_diffusers("dreambooth-lora-prior.safetensors", both);
 }
 
 /// IP-Adapter training as tencent-ailab/IP-Adapter's tutorial_train.py (restated in the fixture
