@@ -43,7 +43,7 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Run jobs that `diffctl serve --queue redis://...` puts on Redis Streams.
     Worker(Box<worker::WorkerArgs>),
-    /// Fine-tune adapters on a folder of captioned images (LoRA).
+    /// Fine-tune on a folder of captioned images: LoRA adapters, or a new token (textual inversion).
     Train(train::TrainArgs),
 }
 
