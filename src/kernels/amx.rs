@@ -187,6 +187,48 @@ unsafe fn block_32x32(
     }
 }
 
+/// The first 16 rows of [`block_32x32`] with zero start: the output block [16, 32] (rows 128 bytes
+/// apart in `out`) of 16 left rows times a right panel, for a last row block of at most 16 rows
+/// (half the tile products of a 32-row block).
+///
+/// # Safety
+/// AMX must be configured on this thread; `a` must address 16 rows of `pairs` lanes, `b` pairs x 32
+/// lanes, `out` 16 x 32 floats.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block_16x32(a: *const u32, lda: usize, b: *const u32, pairs: usize, out: *mut f32) {
+    debug_assert!(pairs >= KP && pairs.is_multiple_of(KP));
+    // SAFETY: as block_32x32's, over 16 rows of A.
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "add {a0}, 64",
+            "add {b0}, 2048",
+            "add {b1}, 2048",
+            "dec {steps}",
+            "jnz 2b",
+            "tilestored [{c0} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            a0 = inout(reg) a => _,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b.add(16) => _,
+            steps = inout(reg) pairs / KP => _,
+            lda = in(reg) lda * 4,
+            ldb = in(reg) NB * 4,
+            c0 = in(reg) out,
+            c1 = in(reg) out.add(16),
+            ldc = in(reg) NB * 4,
+            options(nostack),
+        );
+    }
+}
+
 /// A left operand packed for the tiles, once for many products: `rows` rows, padded with zero rows
 /// to whole 32-row blocks, of `pairs` pairs of depths (the depth padded with zeros to whole tile steps).
 #[derive(Debug, Default)]
@@ -436,8 +478,16 @@ unsafe fn blocks(
                 };
                 block_32x32(lhs, lda, rhs, pairs, init, out, ldd);
             } else {
-                block_32x32(lhs, lda, rhs, pairs, Accumulators::Zero, block_ptr, NB);
-                super::store_scaled_corner(block.assume_init_ref(), NB, out, ldd, corner, start.at(i0, j0), scale);
+                // An edge block through the buffer; a last one of at most 16 rows takes half the tiles.
+                let rows = if corner.0 <= MB / 2 {
+                    block_16x32(lhs, lda, rhs, pairs, block_ptr);
+                    MB / 2
+                } else {
+                    block_32x32(lhs, lda, rhs, pairs, Accumulators::Zero, block_ptr, NB);
+                    MB
+                };
+                let written = std::slice::from_raw_parts(block_ptr, rows * NB);
+                super::store_scaled_corner(written, NB, out, ldd, corner, start.at(i0, j0), scale);
             }
         }
     };
@@ -455,6 +505,11 @@ unsafe fn blocks(
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn configure_thread() {
+    unreachable!("AMX runs only on x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn block_16x32(_: *const u32, _: usize, _: *const u32, _: usize, _: *mut f32) {
     unreachable!("AMX runs only on x86-64")
 }
 
