@@ -244,24 +244,19 @@ impl PackedRows {
     /// # Safety
     /// `lhs` must address rows x depth elements.
     pub unsafe fn pack(&mut self, lhs: Operand, rows: usize, depth: usize, scale: f32) {
-        let (pairs, filled) = (depth.div_ceil(2).next_multiple_of(KP), depth.div_ceil(2));
+        let pairs = depth.div_ceil(2).next_multiple_of(KP);
         self.data.resize(rows.next_multiple_of(MB) * pairs, 0);
         let mut scaled = Vec::new();
         for (i, row) in self.data.chunks_mut(pairs).enumerate() {
-            if i < rows {
-                // SAFETY: row i < rows of lhs, `depth` elements (the caller's contract).
-                unsafe {
-                    if scale == 1.0 {
-                        lhs.pack_row_pairs(i, depth, row);
-                    } else {
-                        scaled.clear();
-                        scaled.extend((0..depth).map(|p| scale * lhs.at(i, p).value()));
-                        Operand::from(MatRef::rows(scaled.as_ptr(), depth)).pack_row_pairs(0, depth, row);
-                    }
+            // SAFETY: row i of lhs, `depth` elements, when i < rows (the caller's contract).
+            unsafe {
+                if scale == 1.0 || i >= rows {
+                    pack_tile_row(lhs, (i, rows, depth), row);
+                } else {
+                    scaled.clear();
+                    scaled.extend((0..depth).map(|p| scale * lhs.at(i, p).value()));
+                    pack_tile_row(MatRef::rows(scaled.as_ptr(), depth).into(), (0, 1, depth), row);
                 }
-                row[filled..].fill(0);
-            } else {
-                row.fill(0);
             }
         }
         (self.rows, self.pairs) = (rows, pairs);
@@ -284,12 +279,11 @@ impl PackedPanels {
     /// # Safety
     /// `rhs` must address depth x cols elements.
     pub unsafe fn pack(&mut self, rhs: Operand, depth: usize, cols: usize) {
-        let (pairs, filled) = (depth.div_ceil(2).next_multiple_of(KP), depth.div_ceil(2));
+        let pairs = depth.div_ceil(2).next_multiple_of(KP);
         self.data.resize(cols.div_ceil(NB) * pairs * NB, 0);
         for (q, panel) in self.data.chunks_mut(pairs * NB).enumerate() {
-            // SAFETY: columns q·NB.. < cols of rhs, `depth` depths (the caller's contract).
-            unsafe { pack_rhs(rhs.at(0, q * NB), depth, NB.min(cols - q * NB), panel) };
-            panel[filled * NB..].fill(0);
+            // SAFETY: rhs is [depth, cols] (the caller's contract).
+            unsafe { pack_tile_panel(rhs, (q, depth, cols), panel) };
         }
         (self.cols, self.pairs) = (cols, pairs);
     }
@@ -306,6 +300,32 @@ impl PackedPanels {
         (self.cols, self.pairs) = (cols, pairs);
         (&mut self.data, pairs)
     }
+}
+
+/// Row i of a [rows, depth] left operand in the tiles' layout into `row` (its whole padded length):
+/// the row's pairs of depths, then zeros; a row past `rows` is all zeros.
+///
+/// # Safety
+/// `lhs` must address rows x depth elements.
+unsafe fn pack_tile_row(lhs: Operand, (i, rows, depth): (usize, usize, usize), row: &mut [u32]) {
+    if i < rows {
+        // SAFETY: row i < rows of lhs, `depth` elements (the caller's contract).
+        unsafe { lhs.pack_row_pairs(i, depth, row) };
+        row[depth.div_ceil(2)..].fill(0);
+    } else {
+        row.fill(0);
+    }
+}
+
+/// Panel q (columns 32q..) of a [depth, cols] right operand in the tiles' layout into `panel` (its
+/// whole padded length), zeros past the depth and past the columns.
+///
+/// # Safety
+/// `rhs` must address depth x cols elements.
+unsafe fn pack_tile_panel(rhs: Operand, (q, depth, cols): (usize, usize, usize), panel: &mut [u32]) {
+    // SAFETY: columns q·NB.. < cols of rhs, `depth` depths (the caller's contract).
+    unsafe { pack_rhs(rhs.at(0, q * NB), depth, NB.min(cols - q * NB), panel) };
+    panel[depth.div_ceil(2) * NB..].fill(0);
 }
 
 /// dst [m, n] = `start` + `scale` · lhs [m, k] · rhs [k, n] on AMX tiles, bf16 products
@@ -335,7 +355,6 @@ pub unsafe fn matmul(
     }
     let pairs = k.div_ceil(2).next_multiple_of(KP);
     let (row_blocks, panels) = (m.div_ceil(MB), n.div_ceil(NB));
-    let filled = k.div_ceil(2);
     // The packing buffers are reused across calls (fresh pages cost the kernel's zeroing); they are
     // taken out of the thread's slot while in use, so a nested call on this thread gets its own.
     let [mut a, mut b] = SCRATCH.take();
@@ -345,22 +364,11 @@ pub unsafe fn matmul(
     let in_place = lhs.bf16_row_pairs().filter(|_| m.is_multiple_of(MB) && k.is_multiple_of(2 * KP));
     let a_len = if in_place.is_some() { 0 } else { row_blocks * MB * pairs };
     a.resize(a.len().max(a_len), 0);
-    let pack_row = |(i, row): (usize, &mut [u32])| {
-        if i < m {
-            // SAFETY: row i < m of lhs, k depths (the caller's contract).
-            unsafe { lhs.pack_row_pairs(i, k, row) };
-            row[filled..].fill(0);
-        } else {
-            row.fill(0);
-        }
-    };
+    // SAFETY (both): lhs is [m, k] and rhs [k, n] (the caller's contract).
+    let pack_row = |(i, row): (usize, &mut [u32])| unsafe { pack_tile_row(lhs, (i, m, k), row) };
     // Right: [`PackedPanels`]' layout.
     b.resize(b.len().max(panels * pairs * NB), 0);
-    let pack_panel = |(q, panel): (usize, &mut [u32])| {
-        // SAFETY: columns q·NB.. < n of rhs, k depths (the caller's contract).
-        unsafe { pack_rhs(rhs.at(0, q * NB), k, NB.min(n - q * NB), panel) };
-        panel[filled * NB..].fill(0);
-    };
+    let pack_panel = |(q, panel): (usize, &mut [u32])| unsafe { pack_tile_panel(rhs, (q, k, n), panel) };
     let (a_packed, b_packed) = (&mut a[..a_len], &mut b[..panels * pairs * NB]);
     if parallel {
         a_packed.par_chunks_mut(pairs).enumerate().for_each(pack_row);
@@ -487,7 +495,7 @@ unsafe fn blocks(
                     MB
                 };
                 let written = std::slice::from_raw_parts(block_ptr, rows * NB);
-                super::store_scaled_corner(written, NB, out, ldd, corner, start.at(i0, j0), scale);
+                super::store_corner(written, NB, out, ldd, corner, start.at(i0, j0), scale);
             }
         }
     };

@@ -782,7 +782,7 @@ unsafe fn write_tile(
     // SAFETY: `tile` is a whole MR x NR tile with rows NR apart.
     unsafe { microkernel(pairs, lhs, rhs, tile.as_mut_ptr(), NR, Start::Zero, scale) };
     // SAFETY: forwarded from the caller.
-    unsafe { super::store_corner(&tile, NR, dst, ldd, (rows, cols), start) };
+    unsafe { super::store_corner(&tile, NR, dst, ldd, (rows, cols), start, 1.0) };
 }
 
 /// The 8x32 register tile: acc = Σ over pairs of lhs[pp][0..8] ⊗ rhs[pp][0..32] (each lane a

@@ -158,29 +158,13 @@ impl Start {
 }
 
 /// Writes the `rows` x `cols` corner of a register tile computed into `tile` (rows `nr` apart) to
-/// `dst` (rows `ldd` apart), added to the tile's `start`. For the GEMMs' partial edge tiles.
+/// `dst` (rows `ldd` apart) as `start + scale · tile`, one vectorised loop per row for each kind of
+/// start. For the GEMMs' partial edge tiles.
 ///
 /// # Safety
 /// `dst` must address `rows` rows of `cols` elements, `ldd` apart, that no one else accesses; a bias
 /// of `start` must hold those rows or columns.
 pub(crate) unsafe fn store_corner(
-    tile: &[f32],
-    nr: usize,
-    dst: *mut f32,
-    ldd: usize,
-    (rows, cols): (usize, usize),
-    start: Start,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe { store_scaled_corner(tile, nr, dst, ldd, (rows, cols), start, 1.0) }
-}
-
-/// [`store_corner`] of `scale` times the tile: `dst = start + scale · tile`, one vectorised loop per
-/// row for each kind of start.
-///
-/// # Safety
-/// As [`store_corner`].
-pub(crate) unsafe fn store_scaled_corner(
     tile: &[f32],
     nr: usize,
     dst: *mut f32,

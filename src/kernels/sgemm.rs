@@ -404,7 +404,7 @@ unsafe fn write_tile(
     // SAFETY: `tile` holds a whole MR x nr tile with rows nr apart.
     unsafe { (kernel.tile)(kc, lhs.ptr, lhs.row_stride, rhs.as_ptr(), tile.as_mut_ptr(), nr, Start::Zero, scale) };
     // SAFETY: forwarded from the caller.
-    unsafe { super::store_corner(&tile, nr, dst, ldd, (rows, cols), start) };
+    unsafe { super::store_corner(&tile, nr, dst, ldd, (rows, cols), start, 1.0) };
 }
 
 /// The AVX2 6x16 register tile: acc = Σₚ lhs[0..6, p] ⊗ rhs[p, 0..16] with lhs rows `lds` apart and
