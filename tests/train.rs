@@ -91,96 +91,258 @@ fn scalar(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// Runs a UNet LoRA case: every step's loss and gradient norm, step 0's gradients, the final weights.
-fn lora_case(name: &str) {
-    let (case, fx) = case(name);
-    let common = load_fixture("tests/fixtures/train/common.safetensors");
-    let mut scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
-    scheduler.prediction_type = case["prediction_type"].as_str().map(str::to_string);
-    let objective = DenoisingObjective::new(&scheduler, case["snr_gamma"].as_f64()).unwrap();
+/// One parity case: its entry and tensors, the shared training images, the frozen VAE and the
+/// objective; what every case does at each step, in one place.
+struct Parity {
+    name: String,
+    case: Value,
+    fx: HashMap<String, Tensor>,
+    common: HashMap<String, Tensor>,
+    objective: DenoisingObjective,
+    vae: Vae,
+    scaling: f64,
+}
 
-    let registry = LayerRegistry::new();
-    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
-    let unet_weights =
-        weights("unet", "diffusion_pytorch_model.safetensors").with_layer_registry(&registry.scoped("unet"));
-    let unet = UNet::load(&unet_weights, &unet_cfg).unwrap();
-    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
-    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
+/// A step's inputs from the fixture: the VAE latents drawn with its noise, the diffusion noise, the
+/// timesteps (as indices and as the UNet's tensor).
+struct StepInputs {
+    latents: Tensor,
+    noise: Tensor,
+    timesteps: Vec<usize>,
+    t: Tensor,
+}
+
+impl Parity {
+    /// The case `name`, with the model's scheduler config (its prediction type as the case says)
+    /// for the objective.
+    fn new(name: &str) -> Self {
+        let (case, fx) = case(name);
+        let mut scheduler =
+            SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
+        scheduler.prediction_type = case["prediction_type"].as_str().map(str::to_string);
+        let objective = DenoisingObjective::new(&scheduler, case["snr_gamma"].as_f64()).unwrap();
+        let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
+        let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
+        let common = load_fixture("tests/fixtures/train/common.safetensors");
+        Self { name: name.into(), case, fx, common, objective, vae, scaling: vae_cfg.scaling_factor }
+    }
+
+    /// The fixture tensor `key` of step `step`.
+    fn get(&self, step: usize, key: &str) -> &Tensor {
+        &self.fx[&format!("step{step}.{key}")]
+    }
+
+    fn steps(&self) -> usize {
+        self.case["steps"].as_u64().unwrap() as usize
+    }
+
+    /// Step `step`'s inputs, the latents checked against the fixture's at step 0.
+    fn inputs(&self, step: usize) -> StepInputs {
+        let dist = self.vae.encode(&self.common["pixel_values"]).unwrap();
+        let latents = (dist.sample(self.get(step, "vae_sample_noise")).unwrap() * self.scaling).unwrap();
+        if step == 0 {
+            assert_close("latents", &latents, self.get(step, "latents"), 2e-5);
+        }
+        let timesteps: Vec<usize> =
+            self.get(step, "timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
+        let t = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        StepInputs { latents, noise: self.get(step, "noise").clone(), timesteps, t }
+    }
+
+    /// The DDPM-noised latents of `inputs`.
+    fn noisy(&self, inputs: &StepInputs) -> Tensor {
+        self.objective.add_noise(&inputs.latents, &inputs.noise, &inputs.timesteps).unwrap()
+    }
+
+    /// `unet`'s prediction for `noisy` at the inputs' timesteps with `context` and `controls`.
+    fn predict(
+        &self,
+        unet: &UNet,
+        inputs: &StepInputs,
+        noisy: &Tensor,
+        context: &Tensor,
+        controls: &UNetControls,
+    ) -> Tensor {
+        let conditioning = Conditioning::text(context.clone());
+        unet.forward(UNetInput::new(noisy, &inputs.t, &conditioning).with_controls(controls)).unwrap()
+    }
+
+    /// The denoising loss of `unet` on step `step` with `context`: DDPM noising, the case's target
+    /// and weighting.
+    fn denoising_loss(&self, unet: &UNet, step: usize, context: &Tensor) -> Tensor {
+        let inputs = self.inputs(step);
+        let prediction = self.predict(unet, &inputs, &self.noisy(&inputs), context, &UNetControls::default());
+        self.loss(&inputs, &prediction)
+    }
+
+    /// The case's loss of `prediction` against the inputs' target.
+    fn loss(&self, inputs: &StepInputs, prediction: &Tensor) -> Tensor {
+        let target = self.objective.target(&inputs.latents, &inputs.noise, &inputs.timesteps).unwrap();
+        self.objective.loss(prediction, &target, &inputs.timesteps).unwrap()
+    }
+
+    /// Asserts our `value` of the scalar `key` of step `step` within 1e-4 of PyTorch's.
+    fn assert_scalar(&self, step: usize, key: &str, value: &Tensor) {
+        let (ours, theirs) = (scalar(value), scalar(self.get(step, key)));
+        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "{} step {step}: {key} {ours} vs {theirs}", self.name);
+    }
+
+    /// The case's AdamW over `params`.
+    fn optimizer(&self, params: &[(String, Var)]) -> AdamW {
+        AdamW::new(params.to_vec(), self.adamw()).unwrap()
+    }
+
+    fn adamw(&self) -> AdamWConfig {
+        let opt = &self.case["optimizer"];
+        AdamWConfig {
+            lr: opt["lr"].as_f64().unwrap(),
+            beta1: opt["betas"][0].as_f64().unwrap(),
+            beta2: opt["betas"][1].as_f64().unwrap(),
+            eps: opt["eps"].as_f64().unwrap(),
+            weight_decay: opt["weight_decay"].as_f64().unwrap(),
+        }
+    }
+
+    /// The tensors the fixture lists as getting only rounding noise (a true gradient of 0).
+    fn noise_only(&self) -> Vec<&str> {
+        let report = &self.case["gradient_report"]["noise_gradient_tensors"];
+        report.as_array().map_or_else(Vec::new, |t| t.iter().map(|t| t.as_str().unwrap()).collect())
+    }
+
+    /// Backpropagates `loss` of step `step`: the loss against PyTorch's; at step 0 every parameter's
+    /// gradient (rounding-noise tensors at noise level); the clipped norm where the case clips; then
+    /// the AdamW step.
+    fn backward_and_step(&self, step: usize, loss: &Tensor, params: &[(String, Var)], optimizer: &mut AdamW) {
+        self.assert_scalar(step, "loss", loss);
+        let mut grads = loss.backward().unwrap();
+        if step == 0 {
+            let max_grad = self.case["gradient_report"]["max_abs_grad"].as_f64().unwrap() as f32;
+            for (name, var) in params {
+                let ours =
+                    grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient for {name}", self.name));
+                if self.noise_only().contains(&name.as_str()) {
+                    let size = ours.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                    assert!(size <= 1e-5 * max_grad, "{name}: gradient {size:e}, expected rounding noise");
+                } else {
+                    assert_relative(
+                        &format!("{} grad {name}", self.name),
+                        ours,
+                        &self.fx[&format!("grad.{name}")],
+                        1e-4,
+                    );
+                }
+            }
+        }
+        if let Some(max_norm) = self.case["max_grad_norm"].as_f64() {
+            let norm = optimizer.clip_grad_norm(&mut grads, Some(max_norm)).unwrap() as f32;
+            let expected = scalar(self.get(step, "grad_norm"));
+            assert!(
+                (norm - expected).abs() <= 1e-4 * expected,
+                "{} step {step}: grad norm {norm} vs {expected}",
+                self.name
+            );
+        }
+        optimizer.step(&grads).unwrap();
+    }
+
+    /// The values of `params` before training, for [`Self::assert_trained`].
+    fn snapshot(params: &[(String, Var)]) -> Vec<Vec<f32>> {
+        params.iter().map(|(_, var)| var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+    }
+
+    /// The weights after the steps against PyTorch's ([`assert_adam_weights`]); the rounding-noise
+    /// tensors only moved no further than Adam can move them.
+    fn assert_trained(&self, params: &[(String, Var)], initial: &[Vec<f32>]) {
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let reach = self.steps() as f32 * self.adamw().lr as f32;
+        for ((name, var), initial) in params.iter().zip(initial) {
+            let ours = values(var.as_tensor());
+            if self.noise_only().contains(&name.as_str()) {
+                for (o, i) in ours.iter().zip(initial) {
+                    assert!((o - i).abs() <= reach * 1.01 + 1e-3 * i.abs(), "{name}: moved {}", o - i);
+                }
+                continue;
+            }
+            let (after, grad) = (values(&self.fx[&format!("after.{name}")]), values(&self.fx[&format!("grad.{name}")]));
+            assert_adam_weights(&format!("{} {name}", self.name), (&ours, &after), &grad, reach);
+        }
+    }
+}
+
+/// sd1-tiny's UNet configuration.
+fn unet_config() -> UNetConfig {
+    UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap()
+}
+
+/// sd1-tiny's UNet from the view `w` of its weights (see [`unet_weights`]).
+fn unet(w: &Weights) -> UNet {
+    UNet::load(w, &unet_config()).unwrap()
+}
+
+fn unet_weights() -> Weights {
+    weights("unet", "diffusion_pytorch_model.safetensors")
+}
+
+/// sd1-tiny's text encoder from the view `w` of its weights (see [`text_weights`]).
+fn text_encoder(w: &Weights) -> ClipTextEncoder {
     let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
-    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
+    ClipTextEncoder::load(w, &text_cfg).unwrap()
+}
 
-    let lora = &case["lora"];
+fn text_weights() -> Weights {
+    weights("text_encoder", "model.safetensors")
+}
+
+/// The text context of the case's stored `input_ids` (of step `step` where they change per step).
+fn context(text: &ClipTextEncoder, ids: &Tensor) -> Tensor {
+    text.encode(&ids.to_dtype(DType::U32).unwrap(), 0).unwrap()
+}
+
+/// A model folder file from `tensors` in `dir`, opened as a weights view (trainable into `params`).
+fn weights_of(dir: &std::path::Path, tensors: &HashMap<String, Tensor>, params: &TrainableParameters) -> Weights {
+    let file = dir.join("diffusion_pytorch_model.safetensors");
+    candle_core::safetensors::save(tensors, &file).unwrap();
+    let store = TensorStore::open_safetensors(&file, std::slice::from_ref(&file)).unwrap();
+    Weights::new(Arc::new(store), DType::F32, &Device::Cpu).trainable(params)
+}
+
+/// The case tensors `init.<name>` as `name`.
+fn initial_tensors(fx: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    fx.iter().filter_map(|(k, t)| k.strip_prefix("init.").map(|k| (k.to_string(), t.clone()))).collect()
+}
+
+/// Runs a UNet LoRA case: every step's loss and gradient norm, step 0's gradients, the final
+/// weights, the kohya names.
+fn lora_case(name: &str) {
+    let p = Parity::new(name);
+    let registry = LayerRegistry::new();
+    let unet = unet(&unet_weights().with_layer_registry(&registry.scoped("unet")));
+    let text = text_encoder(&text_weights());
+    let lora = &p.case["lora"];
     let targets: Vec<String> =
         lora["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
     let (rank, alpha) = (lora["rank"].as_u64().unwrap() as usize, lora["alpha"].as_f64().unwrap());
     let adapters = LoraAdapters::attach(&registry, "unet.", &targets, (rank, alpha), |path, _, _| {
-        Ok((fx[&format!("init.{path}.lora_A.weight")].clone(), fx[&format!("init.{path}.lora_B.weight")].clone()))
+        Ok((p.fx[&format!("init.{path}.lora_A.weight")].clone(), p.fx[&format!("init.{path}.lora_B.weight")].clone()))
     })
     .unwrap();
     let params = adapters.parameters();
-    assert_eq!(params.len() as u64, case["trainable"].as_u64().unwrap(), "trainable tensors");
-
-    let context = text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap();
-    if let Some(expected) = fx.get("encoder_hidden_states") {
+    assert_eq!(params.len() as u64, p.case["trainable"].as_u64().unwrap(), "trainable tensors");
+    let initial = Parity::snapshot(&params);
+    let context = context(&text, &p.fx["input_ids"]);
+    if let Some(expected) = p.fx.get("encoder_hidden_states") {
         assert_close("text context", &context, expected, 2e-5);
     }
-    let opt = &case["optimizer"];
-    let config = AdamWConfig {
-        lr: opt["lr"].as_f64().unwrap(),
-        beta1: opt["betas"][0].as_f64().unwrap(),
-        beta2: opt["betas"][1].as_f64().unwrap(),
-        eps: opt["eps"].as_f64().unwrap(),
-        weight_decay: opt["weight_decay"].as_f64().unwrap(),
-    };
-    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
-    let max_norm = case["max_grad_norm"].as_f64();
-    for step in 0..case["steps"].as_u64().unwrap() as usize {
-        let get = |key: &str| &fx[&format!("step{step}.{key}")];
-        let dist = vae.encode(&common["pixel_values"]).unwrap();
-        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
-        if step == 0 {
-            assert_close("latents", &latents, get("latents"), 2e-5);
-        }
-        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
-        let noise = get("noise");
-        let noisy = objective.add_noise(&latents, noise, &timesteps).unwrap();
-        let t =
-            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
-                .unwrap();
-        let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context.clone()))).unwrap();
-        let target = objective.target(&latents, noise, &timesteps).unwrap();
-        let loss = objective.loss(&prediction, &target, &timesteps).unwrap();
-        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
-        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "{name} step {step}: loss {ours} vs {theirs}");
-        let mut grads = loss.backward().unwrap();
-        if step == 0 {
-            for (param, var) in &params {
-                assert_relative(
-                    &format!("{name} grad {param}"),
-                    grads.get(var.as_tensor()).unwrap(),
-                    &fx[&format!("grad.{param}")],
-                    1e-4,
-                );
-            }
-        }
-        let norm = optimizer.clip_grad_norm(&mut grads, max_norm).unwrap() as f32;
-        let expected_norm = scalar(get("grad_norm"));
-        assert!(
-            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
-            "{name} step {step}: grad norm {norm} vs {expected_norm}"
-        );
-        optimizer.step(&grads).unwrap();
+    let mut optimizer = p.optimizer(&params);
+    for step in 0..p.steps() {
+        let loss = p.denoising_loss(&unet, step, &context);
+        p.backward_and_step(step, &loss, &params, &mut optimizer);
     }
-    let (steps, lr) = (case["steps"].as_u64().unwrap() as f32, config.lr as f32);
-    for (param, var) in &params {
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (after, grad) = (values(&fx[&format!("after.{param}")]), values(&fx[&format!("grad.{param}")]));
-        assert_adam_weights(&format!("{name} {param}"), (&values(var.as_tensor()), &after), &grad, steps * lr);
-    }
+    p.assert_trained(&params, &initial);
     // The kohya file: the names the fixture stores (lora-unet-eps only), each holding our adapter's
     // factor (the trained values are compared above) or the alpha.
     let kohya: HashMap<String, Tensor> = adapters.kohya_tensors().unwrap().into_iter().collect();
-    let stored: Vec<&String> = fx.keys().filter(|k| k.starts_with("after.lora_unet_")).collect();
+    let stored: Vec<&String> = p.fx.keys().filter(|k| k.starts_with("after.lora_unet_")).collect();
     if !stored.is_empty() {
         let mut names: Vec<&str> = stored.iter().map(|k| k.strip_prefix("after.").unwrap()).collect();
         let mut ours: Vec<&str> = kohya.keys().map(String::as_str).collect();
@@ -191,7 +353,7 @@ fn lora_case(name: &str) {
             let name = format!("lora_unet_{}", m.path.strip_prefix("unet.").unwrap().replace('.', "_"));
             assert_eq!(common::max_abs_diff(&kohya[&format!("{name}.lora_down.weight")], m.down.as_tensor()), 0.0);
             assert_eq!(common::max_abs_diff(&kohya[&format!("{name}.lora_up.weight")], m.up.as_tensor()), 0.0);
-            assert_eq!(scalar(&kohya[&format!("{name}.alpha")]), scalar(&fx[&format!("after.{name}.alpha")]));
+            assert_eq!(scalar(&kohya[&format!("{name}.alpha")]), scalar(&p.fx[&format!("after.{name}.alpha")]));
         }
     }
     export_for_diffusers(&format!("{name}.safetensors"), adapters.kohya_tensors().unwrap());
@@ -205,6 +367,224 @@ fn unet_lora_epsilon_matches_diffusers_training() {
 #[test]
 fn unet_lora_velocity_min_snr_matches_diffusers_training() {
     lora_case("lora-unet-v-minsnr");
+}
+
+/// Textual inversion as diffusers' textual_inversion.py: one new token's embedding row trains (its
+/// vector enters the text encoder at the token injection point), through the frozen text encoder and
+/// UNet; the loss and the row's gradient of step 0, every step's loss, the row after three AdamW steps.
+#[test]
+fn textual_inversion_matches_diffusers_training() {
+    let p = Parity::new("textual-inversion");
+    let unet = unet(&unet_weights());
+    let text = text_encoder(&text_weights());
+    let mut tokenizer = ClipTokenizer::from_dir(&repo_path(&format!("{MODEL}/tokenizer"))).unwrap();
+    let placeholder = p.case["placeholder_token"].as_str().unwrap();
+    let ids = tokenizer.add_placeholder(placeholder, 1).unwrap();
+    assert_eq!(ids, [p.case["placeholder_token_ids"][0].as_u64().unwrap() as u32]);
+    let captions: Vec<&str> = p.case["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let input_ids: Vec<u32> = captions.iter().flat_map(|c| tokenizer.encode_padded(c).unwrap()).collect();
+    let input_ids = Tensor::from_vec(input_ids, (captions.len(), 77), &Device::Cpu).unwrap();
+    let stored_ids = p.fx["input_ids"].to_dtype(DType::F32).unwrap();
+    assert_eq!(common::max_abs_diff(&input_ids.to_dtype(DType::F32).unwrap(), &stored_ids), 0.0);
+
+    let vector = Var::from_tensor(&p.fx["init.embedding"]).unwrap();
+    let params = vec![("embedding".to_string(), vector.clone())];
+    let initial = Parity::snapshot(&params);
+    let mut optimizer = p.optimizer(&params);
+    for step in 0..p.steps() {
+        let embeddings = text.token_embeddings_with(&input_ids, Some(vector.as_tensor())).unwrap();
+        let context = text.encode_embeddings(&embeddings, 0).unwrap();
+        if step == 0 {
+            assert_close("context", &context, p.get(step, "encoder_hidden_states"), 2e-5);
+        }
+        let loss = p.denoising_loss(&unet, step, &context);
+        p.backward_and_step(step, &loss, &params, &mut optimizer);
+    }
+    p.assert_trained(&params, &initial);
+    let learned = vec![(placeholder.to_string(), vector.as_tensor().detach())];
+    export_for_diffusers("textual-inversion/learned_embeds.safetensors", learned);
+}
+
+/// Full fine-tuning as diffusers' train_text_to_image.py: every UNet weight a trainable variable
+/// (`Weights::trainable`), every one of the 494 tensors gets its gradient, clipping binds, two AdamW
+/// steps. Tensors whose true gradient is 0 (a per-channel shift normalised away by a GroupNorm of one
+/// channel per group: the fixture lists them) get rounding noise in both implementations: they are
+/// checked to stay at noise level, and after the steps only to have moved no further than Adam can.
+#[test]
+fn full_unet_fine_tuning_matches_diffusers_training() {
+    let p = Parity::new("full-unet");
+    let trainable = TrainableParameters::new();
+    let unet = unet(&unet_weights().trainable(&trainable));
+    let text = text_encoder(&text_weights());
+    let params = trainable.parameters();
+    assert_eq!(params.len() as u64, p.case["trainable"].as_u64().unwrap(), "trainable tensors");
+    let initial = Parity::snapshot(&params);
+    let context = context(&text, &p.fx["input_ids"]);
+    let mut optimizer = p.optimizer(&params);
+    for step in 0..p.steps() {
+        let loss = p.denoising_loss(&unet, step, &context);
+        p.backward_and_step(step, &loss, &params, &mut optimizer);
+    }
+    p.assert_trained(&params, &initial);
+}
+
+/// ControlNet training as diffusers' train_controlnet.py: every ControlNet weight trainable (its
+/// encoder copied from the UNet, the condition embedding and the zero convolutions as the fixture
+/// stores them, randomised so that they carry gradient), the UNet frozen; every gradient, binding
+/// clipping, the weights after two AdamW steps.
+#[test]
+fn controlnet_training_matches_diffusers_training() {
+    let p = Parity::new("controlnet");
+    // The ControlNet folder from_unet would write: the UNet's weights plus the stored new ones.
+    let folder = tempfile::tempdir().unwrap();
+    let mut tensors = load_fixture(&format!("{MODEL}/unet/diffusion_pytorch_model.safetensors"));
+    tensors.extend(initial_tensors(&p.fx));
+    let config_path = folder.path().join("config.json");
+    std::fs::write(&config_path, p.case["controlnet_config"].to_string()).unwrap();
+    let config = ControlNetConfig::load(&config_path).unwrap();
+    let trainable = TrainableParameters::new();
+    let controlnet = ControlNet::load(&weights_of(folder.path(), &tensors, &trainable), &config).unwrap();
+    let unet = unet(&unet_weights());
+    let text = text_encoder(&text_weights());
+    let params = trainable.parameters();
+    assert_eq!(params.len(), p.fx.keys().filter(|k| k.starts_with("grad.")).count(), "trainable tensors");
+    let initial = Parity::snapshot(&params);
+    let context = context(&text, &p.fx["input_ids"]);
+    let mut optimizer = p.optimizer(&params);
+    for step in 0..p.steps() {
+        let inputs = p.inputs(step);
+        let noisy = p.noisy(&inputs);
+        let (conditioning, cond) = (Conditioning::text(context.clone()), &p.common["conditioning_pixel_values"]);
+        let residuals =
+            controlnet.forward(&noisy, &inputs.t, &conditioning, cond, ResidualScale::Uniform(1.0)).unwrap();
+        let controls = UNetControls {
+            down_residuals: Some(residuals.down),
+            mid_residual: Some(residuals.mid),
+            ..Default::default()
+        };
+        let loss = p.loss(&inputs, &p.predict(&unet, &inputs, &noisy, &context, &controls));
+        p.backward_and_step(step, &loss, &params, &mut optimizer);
+    }
+    p.assert_trained(&params, &initial);
+}
+
+/// DreamBooth LoRA with prior preservation as diffusers' train_dreambooth_lora.py: LoRA on the UNet
+/// and on the text encoder's q/k/v/out projections, one batch of an instance and a class image, the
+/// loss each half's mean squared error summed; every step's loss (and its instance part), every
+/// gradient, the weights after three AdamW steps, the kohya names of both halves.
+#[test]
+fn dreambooth_lora_with_prior_preservation_matches_diffusers_training() {
+    let p = Parity::new("dreambooth-lora-prior");
+    let registry = LayerRegistry::new();
+    let unet = unet(&unet_weights().with_layer_registry(&registry.scoped("unet")));
+    let text = text_encoder(&text_weights().with_layer_registry(&registry.scoped("text_encoder")));
+    let lora = &p.case["lora"];
+    let names = |key: &str| -> Vec<String> {
+        lora[key].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect()
+    };
+    let (rank, alpha) = (lora["rank"].as_u64().unwrap() as usize, lora["alpha"].as_f64().unwrap());
+    let init = |path: &str, _: &[usize], _: &[usize]| {
+        Ok((p.fx[&format!("init.{path}.lora_A.weight")].clone(), p.fx[&format!("init.{path}.lora_B.weight")].clone()))
+    };
+    let unet_lora =
+        LoraAdapters::attach(&registry, "unet.", &names("unet_target_modules"), (rank, alpha), init).unwrap();
+    let text_lora =
+        LoraAdapters::attach(&registry, "text_encoder.", &names("text_encoder_target_modules"), (rank, alpha), init)
+            .unwrap();
+    let params: Vec<_> = unet_lora.parameters().into_iter().chain(text_lora.parameters()).collect();
+    assert_eq!(params.len() as u64, p.case["trainable"].as_u64().unwrap(), "trainable tensors");
+    let initial = Parity::snapshot(&params);
+    let mut optimizer = p.optimizer(&params);
+    let prior_weight = p.case["prior_loss_weight"].as_f64().unwrap();
+    for step in 0..p.steps() {
+        // The text encoder trains too: it runs inside the step.
+        let context = context(&text, &p.fx["input_ids"]);
+        let inputs = p.inputs(step);
+        let prediction = p.predict(&unet, &inputs, &p.noisy(&inputs), &context, &UNetControls::default());
+        let target = p.objective.target(&inputs.latents, &inputs.noise, &inputs.timesteps).unwrap();
+        let loss = p.objective.prior_preservation_loss(&prediction, &target, &inputs.timesteps, prior_weight).unwrap();
+        let (first, first_target) = (prediction.narrow(0, 0, 1).unwrap(), target.narrow(0, 0, 1).unwrap());
+        let instance = p.objective.loss(&first, &first_target, &inputs.timesteps[..1]).unwrap();
+        p.assert_scalar(step, "instance_loss", &instance);
+        p.backward_and_step(step, &loss, &params, &mut optimizer);
+    }
+    p.assert_trained(&params, &initial);
+    let kohya: Vec<String> = text_lora.kohya_tensors().unwrap().into_iter().map(|(name, _)| name).collect();
+    assert!(
+        kohya.contains(&"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".to_string()),
+        "{kohya:?}"
+    );
+    let both = unet_lora.kohya_tensors().unwrap().into_iter().chain(text_lora.kohya_tensors().unwrap()).collect();
+    export_for_diffusers("dreambooth-lora-prior.safetensors", both);
+}
+
+/// IP-Adapter training as tencent-ailab/IP-Adapter's tutorial_train.py (restated in the fixture
+/// script): the image projection and every layer's `to_k_ip`/`to_v_ip` trainable from an h94-layout
+/// file, each sample's image tokens its own key/value stream, UNet and text encoder frozen, with the
+/// script's drops (an image embedding zeroed, a caption emptied); every step's loss, every gradient,
+/// the weights after three AdamW steps.
+#[test]
+fn ip_adapter_training_matches_the_reference_training() {
+    let p = Parity::new("ip-adapter");
+    let folder = tempfile::tempdir().unwrap();
+    let file = folder.path().join("ip-adapter.safetensors");
+    candle_core::safetensors::save(&initial_tensors(&p.fx), &file).unwrap();
+    let trainable = TrainableParameters::new();
+    let adapter = IpAdapterWeights::load_trainable(&file, &unet_config(), &Device::Cpu, &trainable).unwrap();
+    let params = trainable.parameters();
+    assert_eq!(params.len(), p.case["trainable"].as_array().unwrap().len(), "trainable tensors");
+    let initial = Parity::snapshot(&params);
+    let unet = unet(&unet_weights());
+    let text = text_encoder(&text_weights());
+    let mut optimizer = p.optimizer(&params);
+    for step in 0..p.steps() {
+        let context = context(&text, p.get(step, "input_ids"));
+        let tokens = adapter.projection().forward(p.get(step, "image_embeds")).unwrap();
+        if step == 0 {
+            assert_close("image tokens", &tokens, p.get(step, "ip_tokens"), 2e-5);
+        }
+        let streams = adapter.sample_streams(&tokens, p.case["ip_scale"].as_f64().unwrap()).unwrap();
+        let controls = UNetControls { extra_attention: vec![Arc::new(streams)], ..Default::default() };
+        let inputs = p.inputs(step);
+        let loss = p.loss(&inputs, &p.predict(&unet, &inputs, &p.noisy(&inputs), &context, &controls));
+        p.backward_and_step(step, &loss, &params, &mut optimizer);
+    }
+    p.assert_trained(&params, &initial);
+}
+
+/// T2I-Adapter training as diffusers' train_t2i_adapter_sdxl.py adapted to SD1 (the fixture
+/// script's restatement): every adapter weight trainable, Euler noise levels at the script's cubic
+/// timesteps, the σ⁻²-weighted loss on the denoised latents, the features as the UNet's intrablock
+/// residuals; every gradient (exact zeros where the adapter's ReLUs are dead), binding clipping, the
+/// weights after two AdamW steps.
+#[test]
+fn t2i_adapter_training_matches_diffusers_training() {
+    let p = Parity::new("t2i-adapter");
+    let folder = tempfile::tempdir().unwrap();
+    let config_path = folder.path().join("config.json");
+    std::fs::write(&config_path, p.case["adapter_config"].to_string()).unwrap();
+    let config = T2IAdapterConfig::load(&config_path).unwrap();
+    let trainable = TrainableParameters::new();
+    let adapter = T2IAdapter::load(&weights_of(folder.path(), &initial_tensors(&p.fx), &trainable), &config).unwrap();
+    let params = trainable.parameters();
+    assert_eq!(params.len(), p.case["trainable"].as_array().unwrap().len(), "trainable tensors");
+    let initial = Parity::snapshot(&params);
+    let unet = unet(&unet_weights());
+    let text = text_encoder(&text_weights());
+    let context = context(&text, &p.fx["input_ids"]);
+    let mut optimizer = p.optimizer(&params);
+    for step in 0..p.steps() {
+        let inputs = p.inputs(step);
+        let sigmas = Tensor::new(p.objective.sigmas(&inputs.timesteps).unwrap(), &Device::Cpu).unwrap();
+        assert_close("sigmas", &sigmas, p.get(step, "sigmas"), 1e-6);
+        let (noisy, input) = p.objective.euler_noisy(&inputs.latents, &inputs.noise, &inputs.timesteps).unwrap();
+        let features = adapter.forward(&p.common["conditioning_pixel_values"]).unwrap();
+        let controls = UNetControls { down_intrablock_residuals: features, ..Default::default() };
+        let prediction = p.predict(&unet, &inputs, &input, &context, &controls);
+        let loss = p.objective.euler_denoised_loss(&prediction, &noisy, &inputs.latents, &inputs.timesteps).unwrap();
+        p.backward_and_step(step, &loss, &params, &mut optimizer);
+    }
+    p.assert_trained(&params, &initial);
 }
 
 /// A folder of the fixture's two training images with .txt captions.
@@ -386,558 +766,6 @@ fn cli_resumes_a_checkpoint_exactly() {
     let (ok, err, _) =
         train("other.safetensors", &["--steps", "2", "--seed", "7", "--resume", state.to_str().unwrap()]);
     assert!(!ok && err.contains("already trained 4 steps"), "{err}");
-}
-
-/// Textual inversion as diffusers' textual_inversion.py: one new token's embedding row trains (its
-/// vector enters the text encoder at the token injection point), through the frozen text encoder and
-/// UNet; the loss and the row's gradient of step 0, every step's loss, the row after three AdamW steps.
-#[test]
-fn textual_inversion_matches_diffusers_training() {
-    let (case, fx) = case("textual-inversion");
-    let common = load_fixture("tests/fixtures/train/common.safetensors");
-    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
-    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
-    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
-    let unet = UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors"), &unet_cfg).unwrap();
-    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
-    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
-    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
-    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
-    let mut tokenizer = ClipTokenizer::from_dir(&repo_path(&format!("{MODEL}/tokenizer"))).unwrap();
-
-    let placeholder = case["placeholder_token"].as_str().unwrap();
-    let ids = tokenizer.add_placeholder(placeholder, 1).unwrap();
-    assert_eq!(ids, [case["placeholder_token_ids"][0].as_u64().unwrap() as u32]);
-    let captions: Vec<&str> = case["captions"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
-    let input_ids: Vec<u32> = captions.iter().flat_map(|c| tokenizer.encode_padded(c).unwrap()).collect();
-    let input_ids = Tensor::from_vec(input_ids, (captions.len(), 77), &Device::Cpu).unwrap();
-    assert_eq!(
-        common::max_abs_diff(&input_ids.to_dtype(DType::F32).unwrap(), &fx["input_ids"].to_dtype(DType::F32).unwrap()),
-        0.0
-    );
-
-    let vector = Var::from_tensor(&fx["init.embedding"]).unwrap();
-    let opt = &case["optimizer"];
-    let config = AdamWConfig {
-        lr: opt["lr"].as_f64().unwrap(),
-        beta1: opt["betas"][0].as_f64().unwrap(),
-        beta2: opt["betas"][1].as_f64().unwrap(),
-        eps: opt["eps"].as_f64().unwrap(),
-        weight_decay: opt["weight_decay"].as_f64().unwrap(),
-    };
-    let mut optimizer = AdamW::new(vec![("embedding".into(), vector.clone())], config).unwrap();
-    for step in 0..case["steps"].as_u64().unwrap() as usize {
-        let get = |key: &str| &fx[&format!("step{step}.{key}")];
-        let embeddings = text.token_embeddings_with(&input_ids, Some(vector.as_tensor())).unwrap();
-        let context = text.encode_embeddings(&embeddings, 0).unwrap();
-        if step == 0 {
-            assert_close("context", &context, get("encoder_hidden_states"), 2e-5);
-        }
-        let dist = vae.encode(&common["pixel_values"]).unwrap();
-        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
-        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
-        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
-        let t =
-            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
-                .unwrap();
-        let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context))).unwrap();
-        let loss = objective
-            .loss(&prediction, &objective.target(&latents, get("noise"), &timesteps).unwrap(), &timesteps)
-            .unwrap();
-        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
-        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
-        let grads = loss.backward().unwrap();
-        if step == 0 {
-            assert_relative("embedding grad", grads.get(vector.as_tensor()).unwrap(), &fx["grad.embedding"], 1e-4);
-        }
-        optimizer.step(&grads).unwrap();
-    }
-    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let reach = case["steps"].as_u64().unwrap() as f32 * config.lr as f32;
-    assert_adam_weights(
-        "embedding",
-        (&values(vector.as_tensor()), &values(&fx["after.embedding"])),
-        &values(&fx["grad.embedding"]),
-        reach,
-    );
-    let learned = vec![(placeholder.to_string(), vector.as_tensor().detach())];
-    export_for_diffusers("textual-inversion/learned_embeds.safetensors", learned);
-}
-
-/// Full fine-tuning as diffusers' train_text_to_image.py: every UNet weight a trainable variable
-/// (`Weights::trainable`), every one of the 494 tensors gets its gradient, clipping binds, two AdamW
-/// steps. Tensors whose true gradient is 0 (a per-channel shift normalised away by a GroupNorm of one
-/// channel per group: the fixture lists them) get rounding noise in both implementations: they are
-/// checked to stay at noise level, and after the steps only to have moved no further than Adam can.
-#[test]
-fn full_unet_fine_tuning_matches_diffusers_training() {
-    let (case, fx) = case("full-unet");
-    let common = load_fixture("tests/fixtures/train/common.safetensors");
-    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
-    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
-    let trainable = TrainableParameters::new();
-    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
-    let unet =
-        UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors").trainable(&trainable), &unet_cfg).unwrap();
-    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
-    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
-    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
-    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
-    let params = trainable.parameters();
-    assert_eq!(params.len() as u64, case["trainable"].as_u64().unwrap(), "trainable tensors");
-    let initial: HashMap<String, Vec<f32>> = params
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
-        .collect();
-    let report = &case["gradient_report"];
-    let noise_only: Vec<&str> =
-        report["noise_gradient_tensors"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-    let max_grad = report["max_abs_grad"].as_f64().unwrap() as f32;
-
-    let context = text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap();
-    let opt = &case["optimizer"];
-    let config = AdamWConfig {
-        lr: opt["lr"].as_f64().unwrap(),
-        beta1: opt["betas"][0].as_f64().unwrap(),
-        beta2: opt["betas"][1].as_f64().unwrap(),
-        eps: opt["eps"].as_f64().unwrap(),
-        weight_decay: opt["weight_decay"].as_f64().unwrap(),
-    };
-    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
-    let steps = case["steps"].as_u64().unwrap() as usize;
-    for step in 0..steps {
-        let get = |key: &str| &fx[&format!("step{step}.{key}")];
-        let dist = vae.encode(&common["pixel_values"]).unwrap();
-        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
-        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
-        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
-        let t =
-            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
-                .unwrap();
-        let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context.clone()))).unwrap();
-        let loss = objective
-            .loss(&prediction, &objective.target(&latents, get("noise"), &timesteps).unwrap(), &timesteps)
-            .unwrap();
-        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
-        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
-        let mut grads = loss.backward().unwrap();
-        if step == 0 {
-            for (name, var) in &params {
-                let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-                if noise_only.contains(&name.as_str()) {
-                    let size = ours.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                    assert!(size <= 1e-5 * max_grad, "{name}: gradient {size:e}, expected rounding noise");
-                } else {
-                    assert_relative(&format!("grad {name}"), ours, &fx[&format!("grad.{name}")], 1e-4);
-                }
-            }
-        }
-        let norm = optimizer.clip_grad_norm(&mut grads, case["max_grad_norm"].as_f64()).unwrap() as f32;
-        let expected_norm = scalar(get("grad_norm"));
-        assert!(
-            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
-            "step {step}: grad norm {norm} vs {expected_norm}"
-        );
-        optimizer.step(&grads).unwrap();
-    }
-    let reach = steps as f32 * config.lr as f32;
-    for (name, var) in &params {
-        let ours: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        if noise_only.contains(&name.as_str()) {
-            for (o, i) in ours.iter().zip(&initial[name]) {
-                assert!((o - i).abs() <= reach * 1.01 + 1e-3 * i.abs(), "{name}: moved {}", o - i);
-            }
-            continue;
-        }
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_adam_weights(
-            name,
-            (&ours, &values(&fx[&format!("after.{name}")])),
-            &values(&fx[&format!("grad.{name}")]),
-            reach,
-        );
-    }
-}
-
-/// ControlNet training as diffusers' train_controlnet.py: every ControlNet weight trainable (its
-/// encoder copied from the UNet, the condition embedding and the zero convolutions as the fixture
-/// stores them, randomised so that they carry gradient), the UNet frozen; every gradient, binding
-/// clipping, the weights after two AdamW steps.
-#[test]
-fn controlnet_training_matches_diffusers_training() {
-    let (case, fx) = case("controlnet");
-    let common = load_fixture("tests/fixtures/train/common.safetensors");
-    // The ControlNet folder from_unet would write: the UNet's weights plus the stored new ones.
-    let folder = tempfile::tempdir().unwrap();
-    let mut tensors = load_fixture(&format!("{MODEL}/unet/diffusion_pytorch_model.safetensors"));
-    tensors.extend(fx.iter().filter_map(|(k, t)| k.strip_prefix("init.").map(|k| (k.to_string(), t.clone()))));
-    let file = folder.path().join("diffusion_pytorch_model.safetensors");
-    candle_core::safetensors::save(&tensors, &file).unwrap();
-    let config_path = folder.path().join("config.json");
-    std::fs::write(&config_path, case["controlnet_config"].to_string()).unwrap();
-    let config = ControlNetConfig::load(&config_path).unwrap();
-    let store = TensorStore::open_safetensors(&file, std::slice::from_ref(&file)).unwrap();
-    let trainable = TrainableParameters::new();
-    let controlnet =
-        ControlNet::load(&Weights::new(Arc::new(store), DType::F32, &Device::Cpu).trainable(&trainable), &config)
-            .unwrap();
-
-    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
-    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
-    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
-    let unet = UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors"), &unet_cfg).unwrap();
-    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
-    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
-    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
-    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
-    let params = trainable.parameters();
-    let grads_stored = fx.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(params.len(), grads_stored, "trainable tensors");
-    let initial: HashMap<String, Vec<f32>> = params
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
-        .collect();
-    let report = &case["gradient_report"];
-    let noise_only: Vec<&str> =
-        report["noise_gradient_tensors"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-    let max_grad = report["max_abs_grad"].as_f64().unwrap() as f32;
-
-    let conditioning = Conditioning::text(text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap());
-    let opt = &case["optimizer"];
-    let config = AdamWConfig {
-        lr: opt["lr"].as_f64().unwrap(),
-        beta1: opt["betas"][0].as_f64().unwrap(),
-        beta2: opt["betas"][1].as_f64().unwrap(),
-        eps: opt["eps"].as_f64().unwrap(),
-        weight_decay: opt["weight_decay"].as_f64().unwrap(),
-    };
-    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
-    let steps = case["steps"].as_u64().unwrap() as usize;
-    for step in 0..steps {
-        let get = |key: &str| &fx[&format!("step{step}.{key}")];
-        let dist = vae.encode(&common["pixel_values"]).unwrap();
-        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
-        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
-        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
-        let t =
-            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
-                .unwrap();
-        let residuals = controlnet
-            .forward(&noisy, &t, &conditioning, &common["conditioning_pixel_values"], ResidualScale::Uniform(1.0))
-            .unwrap();
-        let controls = UNetControls {
-            down_residuals: Some(residuals.down),
-            mid_residual: Some(residuals.mid),
-            ..Default::default()
-        };
-        let prediction = unet.forward(UNetInput::new(&noisy, &t, &conditioning).with_controls(&controls)).unwrap();
-        let loss = objective
-            .loss(&prediction, &objective.target(&latents, get("noise"), &timesteps).unwrap(), &timesteps)
-            .unwrap();
-        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
-        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
-        let mut grads = loss.backward().unwrap();
-        if step == 0 {
-            for (name, var) in &params {
-                let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-                if noise_only.contains(&name.as_str()) {
-                    let size = ours.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                    assert!(size <= 1e-5 * max_grad, "{name}: gradient {size:e}, expected rounding noise");
-                } else {
-                    assert_relative(&format!("grad {name}"), ours, &fx[&format!("grad.{name}")], 1e-4);
-                }
-            }
-        }
-        let norm = optimizer.clip_grad_norm(&mut grads, case["max_grad_norm"].as_f64()).unwrap() as f32;
-        let expected_norm = scalar(get("grad_norm"));
-        assert!(
-            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
-            "step {step}: grad norm {norm} vs {expected_norm}"
-        );
-        optimizer.step(&grads).unwrap();
-    }
-    let reach = steps as f32 * config.lr as f32;
-    for (name, var) in &params {
-        let ours: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        if noise_only.contains(&name.as_str()) {
-            for (o, i) in ours.iter().zip(&initial[name]) {
-                assert!((o - i).abs() <= reach * 1.01 + 1e-3 * i.abs(), "{name}: moved {}", o - i);
-            }
-            continue;
-        }
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_adam_weights(
-            name,
-            (&ours, &values(&fx[&format!("after.{name}")])),
-            &values(&fx[&format!("grad.{name}")]),
-            reach,
-        );
-    }
-}
-
-/// DreamBooth LoRA with prior preservation as diffusers' train_dreambooth_lora.py: LoRA on the UNet
-/// and on the text encoder's q/k/v/out projections, one batch of an instance and a class image, the
-/// loss each half's mean squared error summed; every step's loss (and its two parts), every
-/// gradient, the weights after three AdamW steps, the kohya names of both halves.
-#[test]
-fn dreambooth_lora_with_prior_preservation_matches_diffusers_training() {
-    let (case, fx) = case("dreambooth-lora-prior");
-    let common = load_fixture("tests/fixtures/train/common.safetensors");
-    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
-    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
-    let registry = LayerRegistry::new();
-    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
-    let unet_weights =
-        weights("unet", "diffusion_pytorch_model.safetensors").with_layer_registry(&registry.scoped("unet"));
-    let unet = UNet::load(&unet_weights, &unet_cfg).unwrap();
-    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
-    let text_weights =
-        weights("text_encoder", "model.safetensors").with_layer_registry(&registry.scoped("text_encoder"));
-    let text = ClipTextEncoder::load(&text_weights, &text_cfg).unwrap();
-    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
-    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
-
-    let lora = &case["lora"];
-    let names = |key: &str| -> Vec<String> {
-        lora[key].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect()
-    };
-    let (rank, alpha) = (lora["rank"].as_u64().unwrap() as usize, lora["alpha"].as_f64().unwrap());
-    let init = |path: &str, _: &[usize], _: &[usize]| {
-        Ok((fx[&format!("init.{path}.lora_A.weight")].clone(), fx[&format!("init.{path}.lora_B.weight")].clone()))
-    };
-    let unet_lora =
-        LoraAdapters::attach(&registry, "unet.", &names("unet_target_modules"), (rank, alpha), init).unwrap();
-    let text_lora =
-        LoraAdapters::attach(&registry, "text_encoder.", &names("text_encoder_target_modules"), (rank, alpha), init)
-            .unwrap();
-    let params: Vec<_> = unet_lora.parameters().into_iter().chain(text_lora.parameters()).collect();
-    assert_eq!(params.len() as u64, case["trainable"].as_u64().unwrap(), "trainable tensors");
-
-    let opt = &case["optimizer"];
-    let config = AdamWConfig {
-        lr: opt["lr"].as_f64().unwrap(),
-        beta1: opt["betas"][0].as_f64().unwrap(),
-        beta2: opt["betas"][1].as_f64().unwrap(),
-        eps: opt["eps"].as_f64().unwrap(),
-        weight_decay: opt["weight_decay"].as_f64().unwrap(),
-    };
-    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
-    let prior_weight = case["prior_loss_weight"].as_f64().unwrap();
-    let steps = case["steps"].as_u64().unwrap() as usize;
-    for step in 0..steps {
-        let get = |key: &str| &fx[&format!("step{step}.{key}")];
-        // The text encoder trains too: it runs inside the step.
-        let context = text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap();
-        let dist = vae.encode(&common["pixel_values"]).unwrap();
-        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
-        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
-        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
-        let t =
-            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
-                .unwrap();
-        let prediction = unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context))).unwrap();
-        let target = objective.target(&latents, get("noise"), &timesteps).unwrap();
-        let loss = objective.prior_preservation_loss(&prediction, &target, &timesteps, prior_weight).unwrap();
-        let instance = objective
-            .loss(&prediction.narrow(0, 0, 1).unwrap(), &target.narrow(0, 0, 1).unwrap(), &timesteps[..1])
-            .unwrap();
-        for (what, ours, theirs) in [("loss", &loss, get("loss")), ("instance loss", &instance, get("instance_loss"))] {
-            let (ours, theirs) = (scalar(ours), scalar(theirs));
-            assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: {what} {ours} vs {theirs}");
-        }
-        let mut grads = loss.backward().unwrap();
-        if step == 0 {
-            for (param, var) in &params {
-                assert_relative(
-                    &format!("grad {param}"),
-                    grads.get(var.as_tensor()).unwrap(),
-                    &fx[&format!("grad.{param}")],
-                    1e-4,
-                );
-            }
-        }
-        let norm = optimizer.clip_grad_norm(&mut grads, case["max_grad_norm"].as_f64()).unwrap() as f32;
-        let expected_norm = scalar(get("grad_norm"));
-        assert!(
-            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
-            "step {step}: grad norm {norm} vs {expected_norm}"
-        );
-        optimizer.step(&grads).unwrap();
-    }
-    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let reach = steps as f32 * config.lr as f32;
-    for (param, var) in &params {
-        let (after, grad) = (values(&fx[&format!("after.{param}")]), values(&fx[&format!("grad.{param}")]));
-        assert_adam_weights(param, (&values(var.as_tensor()), &after), &grad, reach);
-    }
-    let kohya: Vec<String> = text_lora.kohya_tensors().unwrap().into_iter().map(|(name, _)| name).collect();
-    assert!(
-        kohya.contains(&"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight".to_string()),
-        "{kohya:?}"
-    );
-    let both = unet_lora.kohya_tensors().unwrap().into_iter().chain(text_lora.kohya_tensors().unwrap()).collect();
-    export_for_diffusers("dreambooth-lora-prior.safetensors", both);
-}
-
-/// IP-Adapter training as tencent-ailab/IP-Adapter's tutorial_train.py (restated in the fixture
-/// script): the image projection and every layer's `to_k_ip`/`to_v_ip` trainable from an h94-layout
-/// file, each sample's image tokens its own key/value stream, UNet and text encoder frozen, with the
-/// script's drops (an image embedding zeroed, a caption emptied); every step's loss, every gradient,
-/// the weights after three AdamW steps.
-#[test]
-fn ip_adapter_training_matches_the_reference_training() {
-    let (case, fx) = case("ip-adapter");
-    let common = load_fixture("tests/fixtures/train/common.safetensors");
-    let folder = tempfile::tempdir().unwrap();
-    let file = folder.path().join("ip-adapter.safetensors");
-    let init: HashMap<String, Tensor> =
-        fx.iter().filter_map(|(k, t)| k.strip_prefix("init.").map(|k| (k.to_string(), t.clone()))).collect();
-    candle_core::safetensors::save(&init, &file).unwrap();
-    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
-    let trainable = TrainableParameters::new();
-    let adapter = IpAdapterWeights::load_trainable(&file, &unet_cfg, &Device::Cpu, &trainable).unwrap();
-    let params = trainable.parameters();
-    assert_eq!(params.len(), case["trainable"].as_array().unwrap().len(), "trainable tensors");
-
-    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
-    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
-    let unet = UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors"), &unet_cfg).unwrap();
-    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
-    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
-    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
-    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
-    let opt = &case["optimizer"];
-    let config = AdamWConfig {
-        lr: opt["lr"].as_f64().unwrap(),
-        beta1: opt["betas"][0].as_f64().unwrap(),
-        beta2: opt["betas"][1].as_f64().unwrap(),
-        eps: opt["eps"].as_f64().unwrap(),
-        weight_decay: opt["weight_decay"].as_f64().unwrap(),
-    };
-    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
-    let steps = case["steps"].as_u64().unwrap() as usize;
-    for step in 0..steps {
-        let get = |key: &str| &fx[&format!("step{step}.{key}")];
-        let context = text.encode(&get("input_ids").to_dtype(DType::U32).unwrap(), 0).unwrap();
-        let tokens = adapter.projection().forward(get("image_embeds")).unwrap();
-        if step == 0 {
-            assert_close("image tokens", &tokens, get("ip_tokens"), 2e-5);
-        }
-        let streams = adapter.sample_streams(&tokens, case["ip_scale"].as_f64().unwrap()).unwrap();
-        let controls = UNetControls { extra_attention: vec![Arc::new(streams)], ..Default::default() };
-        let dist = vae.encode(&common["pixel_values"]).unwrap();
-        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
-        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
-        let noisy = objective.add_noise(&latents, get("noise"), &timesteps).unwrap();
-        let t =
-            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
-                .unwrap();
-        let conditioning = Conditioning::text(context);
-        let prediction = unet.forward(UNetInput::new(&noisy, &t, &conditioning).with_controls(&controls)).unwrap();
-        let loss = objective
-            .loss(&prediction, &objective.target(&latents, get("noise"), &timesteps).unwrap(), &timesteps)
-            .unwrap();
-        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
-        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
-        let grads = loss.backward().unwrap();
-        if step == 0 {
-            for (name, var) in &params {
-                let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-                assert_relative(&format!("grad {name}"), ours, &fx[&format!("grad.{name}")], 1e-4);
-            }
-        }
-        optimizer.step(&grads).unwrap();
-    }
-    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let reach = steps as f32 * config.lr as f32;
-    for (name, var) in &params {
-        let (after, grad) = (values(&fx[&format!("after.{name}")]), values(&fx[&format!("grad.{name}")]));
-        assert_adam_weights(name, (&values(var.as_tensor()), &after), &grad, reach);
-    }
-}
-
-/// T2I-Adapter training as diffusers' train_t2i_adapter_sdxl.py adapted to SD1 (the fixture
-/// script's restatement): every adapter weight trainable, Euler noise levels at the script's cubic
-/// timesteps, the σ⁻²-weighted loss on the denoised latents, the features as the UNet's intrablock
-/// residuals; every gradient (exact zeros where the adapter's ReLUs are dead), binding clipping, the
-/// weights after two AdamW steps.
-#[test]
-fn t2i_adapter_training_matches_diffusers_training() {
-    let (case, fx) = case("t2i-adapter");
-    let common = load_fixture("tests/fixtures/train/common.safetensors");
-    let folder = tempfile::tempdir().unwrap();
-    let file = folder.path().join("diffusion_pytorch_model.safetensors");
-    let init: HashMap<String, Tensor> =
-        fx.iter().filter_map(|(k, t)| k.strip_prefix("init.").map(|k| (k.to_string(), t.clone()))).collect();
-    candle_core::safetensors::save(&init, &file).unwrap();
-    let config_path = folder.path().join("config.json");
-    std::fs::write(&config_path, case["adapter_config"].to_string()).unwrap();
-    let config = T2IAdapterConfig::load(&config_path).unwrap();
-    let store = TensorStore::open_safetensors(&file, std::slice::from_ref(&file)).unwrap();
-    let trainable = TrainableParameters::new();
-    let adapter =
-        T2IAdapter::load(&Weights::new(Arc::new(store), DType::F32, &Device::Cpu).trainable(&trainable), &config)
-            .unwrap();
-    let params = trainable.parameters();
-    assert_eq!(params.len(), case["trainable"].as_array().unwrap().len(), "trainable tensors");
-
-    let scheduler = SchedulerConfig::load(repo_path(&format!("{MODEL}/scheduler/scheduler_config.json"))).unwrap();
-    let objective = DenoisingObjective::new(&scheduler, None).unwrap();
-    let unet_cfg = UNetConfig::load(&repo_path(&format!("{MODEL}/unet/config.json"))).unwrap();
-    let unet = UNet::load(&weights("unet", "diffusion_pytorch_model.safetensors"), &unet_cfg).unwrap();
-    let vae_cfg = VaeConfig::load(&repo_path(&format!("{MODEL}/vae/config.json"))).unwrap();
-    let vae = Vae::load(&weights("vae", "diffusion_pytorch_model.safetensors"), &vae_cfg).unwrap();
-    let text_cfg = ClipTextConfig::load(&repo_path(&format!("{MODEL}/text_encoder/config.json"))).unwrap();
-    let text = ClipTextEncoder::load(&weights("text_encoder", "model.safetensors"), &text_cfg).unwrap();
-    let conditioning = Conditioning::text(text.encode(&fx["input_ids"].to_dtype(DType::U32).unwrap(), 0).unwrap());
-    let opt = &case["optimizer"];
-    let config = AdamWConfig {
-        lr: opt["lr"].as_f64().unwrap(),
-        beta1: opt["betas"][0].as_f64().unwrap(),
-        beta2: opt["betas"][1].as_f64().unwrap(),
-        eps: opt["eps"].as_f64().unwrap(),
-        weight_decay: opt["weight_decay"].as_f64().unwrap(),
-    };
-    let mut optimizer = AdamW::new(params.clone(), config).unwrap();
-    let steps = case["steps"].as_u64().unwrap() as usize;
-    for step in 0..steps {
-        let get = |key: &str| &fx[&format!("step{step}.{key}")];
-        let dist = vae.encode(&common["pixel_values"]).unwrap();
-        let latents = (dist.sample(get("vae_sample_noise")).unwrap() * vae_cfg.scaling_factor).unwrap();
-        let timesteps: Vec<usize> = get("timesteps").to_vec1::<i64>().unwrap().iter().map(|&t| t as usize).collect();
-        let sigmas = Tensor::new(objective.sigmas(&timesteps).unwrap(), &Device::Cpu).unwrap();
-        assert_close("sigmas", &sigmas, get("sigmas"), 1e-6);
-        let (noisy, input) = objective.euler_noisy(&latents, get("noise"), &timesteps).unwrap();
-        let features = adapter.forward(&common["conditioning_pixel_values"]).unwrap();
-        let controls = UNetControls { down_intrablock_residuals: features, ..Default::default() };
-        let t =
-            Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), &Device::Cpu)
-                .unwrap();
-        let prediction = unet.forward(UNetInput::new(&input, &t, &conditioning).with_controls(&controls)).unwrap();
-        let loss = objective.euler_denoised_loss(&prediction, &noisy, &latents, &timesteps).unwrap();
-        let (ours, theirs) = (scalar(&loss), scalar(get("loss")));
-        assert!((ours - theirs).abs() <= 1e-4 * theirs.abs(), "step {step}: loss {ours} vs {theirs}");
-        let mut grads = loss.backward().unwrap();
-        if step == 0 {
-            for (name, var) in &params {
-                let ours = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-                assert_relative(&format!("grad {name}"), ours, &fx[&format!("grad.{name}")], 1e-4);
-            }
-        }
-        let norm = optimizer.clip_grad_norm(&mut grads, case["max_grad_norm"].as_f64()).unwrap() as f32;
-        let expected_norm = scalar(get("grad_norm"));
-        assert!(
-            (norm - expected_norm).abs() <= 1e-4 * expected_norm,
-            "step {step}: grad norm {norm} vs {expected_norm}"
-        );
-        optimizer.step(&grads).unwrap();
-    }
-    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let reach = steps as f32 * config.lr as f32;
-    for (name, var) in &params {
-        let (after, grad) = (values(&fx[&format!("after.{name}")]), values(&fx[&format!("grad.{name}")]));
-        assert_adam_weights(name, (&values(var.as_tensor()), &after), &grad, reach);
-    }
 }
 
 /// `diffctl train textual-inversion` end to end: an embedding that `generate --embedding` loads
