@@ -12,7 +12,8 @@ use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::train::dataset::Dataset;
 use crate::train::optimizer::AdamWConfig;
 use crate::train::run::{
-    LoraOptions, StepReport, TextualInversionOptions, TrainingOptions, train_lora, train_textual_inversion,
+    FullOptions, LoraOptions, StepReport, TextualInversionOptions, TrainingOptions, train_full, train_lora,
+    train_textual_inversion,
 };
 use crate::train::schedule::LrSchedule;
 
@@ -32,6 +33,19 @@ enum TrainKind {
     /// A new token's embedding vectors (textual inversion), written as a diffusers embedding
     /// (loads in `diffctl generate --embedding`, diffusers' load_textual_inversion and A1111).
     TextualInversion(Box<InversionArgs>),
+    /// Every weight of the UNet (and with --train-text-encoder of the text encoder) of a diffusers
+    /// folder, written as a diffusers folder (loads in `--model` and diffusers' from_pretrained).
+    Full(Box<FullArgs>),
+}
+
+/// Arguments of `diffctl train full`.
+#[derive(Debug, Args)]
+struct FullArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Also train the text encoder.
+    #[arg(long)]
+    train_text_encoder: bool,
 }
 
 /// Arguments of `diffctl train lora`.
@@ -78,7 +92,7 @@ struct CommonArgs {
     /// The training images: a folder with metadata.jsonl, kohya `N_name` folders, or images with .txt captions.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    /// Where to write the result (.safetensors).
+    /// Where to write the result (a .safetensors file; a model folder for `full`).
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
     /// Square training resolution in pixels.
@@ -114,6 +128,10 @@ struct CommonArgs {
     /// Mirror each image with probability 1/2.
     #[arg(long)]
     random_flip: bool,
+    /// Train this fraction of examples with the empty caption (e.g. 0.1 when training from
+    /// scratch, so that guidance works).
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    caption_dropout: f64,
     /// Seed of every random draw.
     #[arg(long, default_value_t = 0, value_name = "N")]
     seed: u64,
@@ -143,6 +161,7 @@ impl CommonArgs {
             snr_gamma: self.snr_gamma,
             noise_offset: self.noise_offset,
             random_flip: self.random_flip,
+            caption_dropout: self.caption_dropout,
             seed: self.seed,
             save_every: self.save_every,
             resume: self.resume.clone(),
@@ -175,6 +194,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 train_textual_inversion(model, data, options, &inversion, output, on_step)
             })
         }
+        TrainKind::Full(args) => {
+            let full = FullOptions { text_encoder: args.train_text_encoder };
+            let what = if full.text_encoder { "the UNet and the text encoder" } else { "the UNet" };
+            let source = args.common.model.clone();
+            train(&args.common, what, |model, data, options, output, on_step| {
+                train_full(model, &source, data, options, &full, output, on_step)
+            })
+        }
     }
 }
 
@@ -183,7 +210,7 @@ fn train(
     args: &CommonArgs,
     what: &str,
     run: impl FnOnce(
-        &StableDiffusion,
+        &mut StableDiffusion,
         &Dataset,
         &TrainingOptions,
         &std::path::Path,
@@ -193,7 +220,7 @@ fn train(
     let options = args.options()?;
     let data = Dataset::open(&args.data)?;
     let load = LoadOptions { files: args.source.options(), ..Default::default() };
-    let model =
+    let mut model =
         StableDiffusion::load(&args.model, &load).with_context(|| format!("loading model {}", args.model.display()))?;
     // A resumed run appends to its log.
     let mut log = match &args.log {
@@ -227,7 +254,7 @@ fn train(
             log_error = writeln!(file, "{line}").err();
         }
     };
-    run(&model, &data, &options, &args.output, &mut on_step)?;
+    run(&mut model, &data, &options, &args.output, &mut on_step)?;
     bar.finish();
     if let Some(e) = log_error {
         anyhow::bail!("writing the loss log: {e}");

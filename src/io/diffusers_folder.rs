@@ -54,9 +54,41 @@ impl DiffusersFolder {
         self.index.get(component)?.as_array()?.get(1)?.as_str()
     }
 
+    /// Whether `model_index.json` lists `component` as absent (`[null, null]`), as diffusers
+    /// writes a pipeline built without it.
+    pub fn lists_as_absent(&self, component: &str) -> bool {
+        self.index.get(component).and_then(serde_json::Value::as_array).is_some_and(|a| a.iter().all(|v| v.is_null()))
+    }
+
     /// A boolean setting of `model_index.json` (false when absent or not a boolean).
     pub fn flag(&self, name: &str) -> bool {
         self.index.get(name).and_then(serde_json::Value::as_bool).unwrap_or(false)
+    }
+
+    /// Every file of the folder: those at its root and those in its component folders (one level
+    /// down), hidden ones aside, as (path relative to the root, full path), sorted.
+    pub fn files(&self) -> Result<Vec<(PathBuf, PathBuf)>> {
+        let list = |dir: &Path| -> Result<Vec<PathBuf>> {
+            let mut entries = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+                .collect::<Result<Vec<_>>>()?;
+            entries.sort();
+            Ok(entries)
+        };
+        let mut files = Vec::new();
+        let hidden = |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        for entry in list(&self.root)?.into_iter().filter(|e| !hidden(e)) {
+            if entry.is_dir() {
+                files.extend(list(&entry)?.into_iter().filter(|f| f.is_file() && !hidden(f)));
+            } else if entry.is_file() {
+                files.push(entry);
+            }
+        }
+        Ok(files
+            .into_iter()
+            .map(|f| (f.strip_prefix(&self.root).map(Path::to_path_buf).unwrap_or_else(|_| f.clone()), f))
+            .collect())
     }
 
     /// The sub-folder of `component`, which must exist.

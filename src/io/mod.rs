@@ -15,6 +15,7 @@ pub mod original_t2i_adapter;
 pub mod output;
 pub mod pickle;
 pub mod single_file;
+pub mod svg;
 pub mod uni_controlnet;
 pub mod vae_file;
 pub mod weights;

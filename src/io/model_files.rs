@@ -233,7 +233,11 @@ impl ModelFiles {
             force_zeros_for_empty_prompt: folder.flag("force_zeros_for_empty_prompt"),
             requires_aesthetics_score: folder.flag("requires_aesthetics_score"),
             unet: folder_component(&folder, "unet", UNetConfig::load)?,
-            vae: folder_component(&folder, "vae", VaeConfig::load)?,
+            vae: if folder.lists_as_absent("vae") {
+                pixel_space(&folder)
+            } else {
+                folder_component(&folder, "vae", VaeConfig::load)?
+            },
             scheduler_config: SchedulerConfig::load(&scheduler_path)?,
             scheduler_json: super::read_json(&scheduler_path)?,
             scheduler_class: folder.class_name("scheduler").map(str::to_string),
@@ -255,6 +259,17 @@ impl ModelFiles {
             crate::models::clip_text::Activation::QuickGelu => Family::Sd1,
             _ => Family::Sd2,
         }
+    }
+}
+
+/// The VAE of a pixel-space model (a folder whose `model_index.json` lists none): the identity,
+/// without weights.
+fn pixel_space(folder: &DiffusersFolder) -> Component<VaeConfig> {
+    Component {
+        config: VaeConfig::pixels(),
+        json: Value::Null,
+        config_path: folder.root().join("model_index.json"),
+        weights: Arc::new(TensorStore::empty(folder.root())),
     }
 }
 

@@ -24,6 +24,8 @@ enum Source {
     Pickle(PickleTensors),
     /// No file: the (name, shape) of every tensor asked for, in order (see [`TensorStore::recorder`]).
     Recorder(Mutex<Vec<(String, Vec<usize>)>>),
+    /// No tensors at all (the weights of a component a model does without).
+    Empty,
     /// Another store's tensors plus offsets of the same names (see [`TensorStore::with_offsets`]).
     Sum {
         /// The base tensors.
@@ -188,6 +190,11 @@ impl TensorStore {
         }
     }
 
+    /// A store without tensors, named `label` in errors.
+    pub fn empty(label: impl Into<PathBuf>) -> Self {
+        Self { label: label.into(), source: Arc::new(Source::Empty), entries: HashMap::new(), source_name: None }
+    }
+
     /// A store without a file that answers every [`Weights::get`] with zeros of the asked shape
     /// (broadcast, no memory) and records the name and shape: loading a model of some config from it
     /// lists exactly the parameters that config has, from the model's own loading code (used to write
@@ -270,6 +277,7 @@ impl TensorStore {
             Source::Safetensors(_) => "safetensors",
             Source::Pickle(_) => "PyTorch zip pickle (torch.save)",
             Source::Recorder(_) => "none (shape recorder)",
+            Source::Empty => "none",
             Source::Sum { base, .. } => base.format(),
         }
     }
@@ -305,7 +313,7 @@ impl TensorStore {
                 message: format!("tensor `{}` could not be read: {e}", entry.source),
             }),
             Source::Pickle(file) => file.load(&entry.source, device),
-            Source::Recorder(_) => Err(self.missing(key)),
+            Source::Recorder(_) | Source::Empty => Err(self.missing(key)),
             Source::Sum { base, offsets } => {
                 let mut tensor = base.load(&entry.source, DType::F32, device)?;
                 if offsets.contains(&entry.source) {

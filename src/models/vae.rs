@@ -71,6 +71,10 @@ pub struct VaeConfig {
     /// decoding cuts latents into tiles of `sample_size / scale_factor`.
     #[serde(default = "d32", deserialize_with = "int_or_first_of_list")]
     pub sample_size: usize,
+    /// No autoencoder: the model works in pixel space and its latents are the images (see
+    /// [`VaeConfig::pixels`]).
+    #[serde(skip)]
+    pub pixel_space: bool,
 }
 
 /// Reads `32` or `[32, 32]` as 32, as diffusers reads `sample_size`.
@@ -163,6 +167,31 @@ impl VaeConfig {
             ));
         }
         Ok(c)
+    }
+
+    /// The "autoencoder" of a pixel-space model (a diffusers folder whose `model_index.json` lists
+    /// its `vae` as `[null, null]`): the identity on RGB images in [-1, 1], scale factor 1, no
+    /// scaling.
+    pub fn pixels() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: Vec::new(),
+            up_block_types: Vec::new(),
+            block_out_channels: vec![3],
+            layers_per_block: 0,
+            act_fn: dsilu(),
+            latent_channels: 3,
+            norm_num_groups: 1,
+            scaling_factor: 1.0,
+            shift_factor: None,
+            force_upcast: false,
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+            mid_block_add_attention: false,
+            sample_size: d32(),
+            pixel_space: true,
+        }
     }
 
     /// How much smaller latents are than images (2 per down-sampling block).
@@ -288,23 +317,29 @@ struct Decoder {
     head: OutputHead,
 }
 
-/// The VAE with both halves loaded.
+/// The networks of an `AutoencoderKL`.
 #[derive(Debug)]
-pub struct Vae {
-    config: VaeConfig,
+struct Autoencoder {
     encoder: Encoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     decoder: Decoder,
+}
+
+/// The VAE with both halves loaded, or the identity of a pixel-space model.
+#[derive(Debug)]
+pub struct Vae {
+    config: VaeConfig,
+    /// `None` in pixel space.
+    autoencoder: Option<Autoencoder>,
     tiling: Option<Tiling>,
     /// The dtype it computes in; inputs are converted to it.
     dtype: candle_core::DType,
 }
 
-impl Vae {
-    /// Loads an `AutoencoderKL` with diffusers key names from `w`.
-    pub fn load(w: &Weights, config: &VaeConfig) -> Result<Self> {
-        let c = config;
+impl Autoencoder {
+    /// Loads the encoder and decoder with diffusers key names.
+    fn load(w: &Weights, c: &VaeConfig) -> Result<Self> {
         let ch = &c.block_out_channels;
         let n = ch.len();
         let lc = c.latent_channels;
@@ -358,7 +393,6 @@ impl Vae {
             head: OutputHead::load(&dw, ch[0], c.out_channels, c.norm_num_groups)?,
         };
         Ok(Self {
-            config: config.clone(),
             encoder,
             quant_conv: c.use_quant_conv.then(|| conv2d(&w.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0)).transpose()?,
             post_quant_conv: c
@@ -366,6 +400,18 @@ impl Vae {
                 .then(|| conv2d(&w.pp("post_quant_conv"), lc, lc, 1, 1, 0))
                 .transpose()?,
             decoder,
+        })
+    }
+}
+
+impl Vae {
+    /// Loads an `AutoencoderKL` with diffusers key names from `w` (nothing for
+    /// [`VaeConfig::pixels`]).
+    pub fn load(w: &Weights, config: &VaeConfig) -> Result<Self> {
+        let autoencoder = (!config.pixel_space).then(|| Autoencoder::load(w, config)).transpose()?;
+        Ok(Self {
+            config: config.clone(),
+            autoencoder,
             tiling: None,
             dtype: crate::io::weights::precision(w.dtype(), w.device()).0,
         })
@@ -391,10 +437,15 @@ impl Vae {
     }
 
     /// The latent distribution of `images` [B, 3, H, W] in [-1, 1]: mean and log-variance, each
-    /// [B, lc, H/f, W/f] (unscaled, as diffusers' `latent_dist`).
+    /// [B, lc, H/f, W/f] (unscaled, as diffusers' `latent_dist`); in pixel space the images
+    /// themselves, with no spread.
     pub fn encode(&self, images: &Tensor) -> Result<LatentDistribution> {
-        let e = &self.encoder;
-        let mut xs = e.conv_in.forward(&images.to_dtype(self.dtype)?)?;
+        let images = images.to_dtype(self.dtype)?;
+        let Some(a) = &self.autoencoder else {
+            return Ok(LatentDistribution { mean: images, logvar: None });
+        };
+        let e = &a.encoder;
+        let mut xs = e.conv_in.forward(&images)?;
         for (resnets, down) in &e.blocks {
             for r in resnets {
                 xs = r.forward(&xs, None)?;
@@ -404,11 +455,11 @@ impl Vae {
             }
         }
         let mut moments = e.head.forward(&e.mid.forward(&xs)?)?;
-        if let Some(q) = &self.quant_conv {
+        if let Some(q) = &a.quant_conv {
             moments = q.forward(&moments)?;
         }
         let lc = self.config.latent_channels;
-        Ok(LatentDistribution { mean: moments.narrow(1, 0, lc)?, logvar: moments.narrow(1, lc, lc)? })
+        Ok(LatentDistribution { mean: moments.narrow(1, 0, lc)?, logvar: Some(moments.narrow(1, lc, lc)?) })
     }
 
     /// Diffusion latents of images [B, 3, H, W] in [-1, 1]: a sample of their latent distribution
@@ -443,9 +494,12 @@ impl Vae {
 
     /// Decodes all of `latents` in one pass.
     fn decode_whole(&self, latents: &Tensor) -> Result<Tensor> {
-        let d = &self.decoder;
         let latents = latents.to_dtype(self.dtype)?;
-        let z = match &self.post_quant_conv {
+        let Some(a) = &self.autoencoder else {
+            return Ok(latents);
+        };
+        let d = &a.decoder;
+        let z = match &a.post_quant_conv {
             Some(p) => p.forward(&latents)?,
             None => latents,
         };
@@ -476,16 +530,20 @@ impl Vae {
 pub struct LatentDistribution {
     /// Mean [B, lc, h, w].
     pub mean: Tensor,
-    /// Log-variance [B, lc, h, w], as the encoder gives it.
-    pub logvar: Tensor,
+    /// Log-variance [B, lc, h, w], as the encoder gives it; `None` for the point mass of a
+    /// pixel-space model.
+    pub logvar: Option<Tensor>,
 }
 
 impl LatentDistribution {
     /// `mean + std · noise`, with the log-variance clamped to [-30, 20] as diffusers does; `noise`
-    /// is standard normal, any dtype, the mean's shape.
+    /// is standard normal, any dtype, the mean's shape. F32.
     pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
-        let std = (self.logvar.to_dtype(candle_core::DType::F32)?.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
         let mean = self.mean.to_dtype(candle_core::DType::F32)?;
+        let Some(logvar) = &self.logvar else {
+            return Ok(mean);
+        };
+        let std = (logvar.to_dtype(candle_core::DType::F32)?.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
         Ok((mean + std.mul(&noise.to_dtype(candle_core::DType::F32)?)?)?)
     }
 }

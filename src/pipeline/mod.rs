@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::control::tokens::TokenVectors;
 use crate::control::{ContextInfo, Control, GenerationSetup, StepContext};
 use crate::io::model_files::{ModelFiles, SourceOptions};
-use crate::io::weights::{TensorStore, Weights};
+use crate::io::weights::{TensorStore, TrainableParameters, Weights};
 use crate::models::clip_text::ClipTextEncoder;
 use crate::models::nn::LayerRegistry;
 use crate::models::unet::{Conditioning, DeepCache, Hooks, UNet, UNetControls, UNetInput};
@@ -89,6 +89,8 @@ pub struct StableDiffusion {
     pub prompt_syntax: PromptSyntax,
     /// The UNet's weights as loaded (memory-mapped), for merging offsets into it.
     unet_weights: Arc<TensorStore>,
+    /// The text encoder's weights as loaded, for reloading it trainable.
+    text_weights: Arc<TensorStore>,
     options: LoadOptions,
 }
 
@@ -159,6 +161,7 @@ impl StableDiffusion {
             token_vectors: TokenVectors::default(),
             prompt_syntax: PromptSyntax::default(),
             unet_weights: files.unet.weights.clone(),
+            text_weights: files.text_encoder.weights.clone(),
             options: options.clone(),
         })
     }
@@ -179,6 +182,24 @@ impl StableDiffusion {
             .with_layer_registry(&self.layers.scoped("unet"));
         self.unet = UNet::load(&weights, &config)?;
         Ok(())
+    }
+
+    /// Reloads the UNet, and with `text_encoder` the text encoder, in f32 with every weight a
+    /// trainable variable (for fine-tuning the whole model); returns the variables of each, by
+    /// their keys in the component's weights. The layers re-register, so hooks and LoRAs find them.
+    pub fn make_trainable(&mut self, text_encoder: bool) -> Result<(TrainableParameters, TrainableParameters)> {
+        let (unet, text) = (TrainableParameters::new(), TrainableParameters::new());
+        let weights = |store: &Arc<TensorStore>, component: &str, params: &TrainableParameters| {
+            Weights::new(store.clone(), DType::F32, &self.options.device)
+                .with_layer_registry(&self.layers.scoped(component))
+                .trainable(params)
+        };
+        self.unet = UNet::load(&weights(&self.unet_weights, "unet", &unet), self.unet.config())?;
+        if text_encoder {
+            self.text_encoder =
+                ClipTextEncoder::load(&weights(&self.text_weights, "text_encoder", &text), self.text_encoder.config())?;
+        }
+        Ok((unet, text))
     }
 
     /// How many image pixels one latent pixel spans.

@@ -7,18 +7,19 @@
 //! Images are prepared as diffusers' training scripts do (torchvision `Resize(resolution,
 //! BILINEAR)`, `CenterCrop`, optional `RandomHorizontalFlip`, `ToTensor`, `Normalize([0.5], [0.5])`):
 //! the shorter side scaled to the resolution with Pillow's bilinear filter, the center cropped, the
-//! values mapped to [-1, 1].
+//! values mapped to [-1, 1]. SVG images are drawn over white straight at the scaled size.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
 use crate::io::image::{load_rgb, rgb_to_tensor};
+use crate::io::svg::{render_svg, svg_size};
 use crate::models::image_processor::{Filter, pil_resize};
 use crate::{Error, Result};
 
 /// Image file extensions a dataset folder is searched for.
-const IMAGE_EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
+const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "svg"];
 
 /// Most times one kohya concept folder may repeat its images (a typo such as `1000000_x` would
 /// otherwise make an epoch of millions).
@@ -71,8 +72,12 @@ impl Dataset {
     /// Example `index` as a [3, R, R] tensor in [-1, 1] at `resolution`, mirrored with `flip`.
     pub fn image(&self, index: usize, resolution: usize, flip: bool, device: &Device) -> Result<Tensor> {
         let path = &self.examples[index].image;
-        let img = load_rgb(path)?;
-        let (w, h) = (img.width() as usize, img.height() as usize);
+        let svg = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+        let img = if svg { None } else { Some(load_rgb(path)?) };
+        let (w, h) = match &img {
+            Some(img) => (img.width() as usize, img.height() as usize),
+            None => svg_size(path).map(|(w, h)| (w.round().max(1.0) as usize, h.round().max(1.0) as usize))?,
+        };
         // torchvision's Resize(int): the shorter side to `resolution`, the other truncated.
         let (rw, rh) = if w <= h { (resolution, resolution * h / w) } else { (resolution * w / h, resolution) };
         if rw == 0 || rh == 0 {
@@ -81,7 +86,10 @@ impl Dataset {
                 path.display()
             )));
         }
-        let resized = pil_resize(&img, rw, rh, Filter::Bilinear);
+        let resized = match &img {
+            Some(img) => pil_resize(img, rw, rh, Filter::Bilinear),
+            None => render_svg(path, rw as u32, rh as u32)?,
+        };
         // CenterCrop: torchvision rounds the offsets to the nearest integer.
         let (left, top) =
             (((rw - resolution) as f64 / 2.0).round() as u32, ((rh - resolution) as f64 / 2.0).round() as u32);
@@ -193,6 +201,18 @@ mod tests {
         std::fs::write(dir.path().join("metadata.jsonl"), "{\"file_name\": \"a.png\", \"text\": \"listed\"}\n")
             .unwrap();
         assert_eq!(Dataset::open(dir.path()).unwrap().examples()[0].caption, "listed");
+
+        let vector = tempfile::tempdir().unwrap();
+        std::fs::write(
+            vector.path().join("dot.svg"),
+            r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 2 2"><rect width="1" height="2" fill="#000"/></svg>"##,
+        )
+        .unwrap();
+        std::fs::write(vector.path().join("dot.txt"), "half black").unwrap();
+        let data = Dataset::open(vector.path()).unwrap();
+        let image = data.image(0, 4, false, &Device::Cpu).unwrap();
+        let row = image.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(row, [-1.0, -1.0, 1.0, 1.0], "black left half drawn over white at 4x4");
 
         let kohya = tempfile::tempdir().unwrap();
         std::fs::create_dir(kohya.path().join("3_sks dog")).unwrap();

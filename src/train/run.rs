@@ -23,6 +23,8 @@ use super::lora::LoraAdapters;
 use super::objective::DenoisingObjective;
 use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
+use crate::io::diffusers_folder::DiffusersFolder;
+use crate::io::output::OutputFiles;
 use crate::models::unet::{Conditioning, UNetInput};
 use crate::noise::SeededNoise;
 use crate::pipeline::StableDiffusion;
@@ -52,6 +54,10 @@ pub struct TrainingOptions {
     pub noise_offset: f64,
     /// Mirror each image with probability 1/2.
     pub random_flip: bool,
+    /// The chance that an example is trained with the empty caption, so that the model also
+    /// learns the unconditional prediction classifier-free guidance needs (0.1 is usual when
+    /// training from scratch).
+    pub caption_dropout: f64,
     /// The seed of every draw.
     pub seed: u64,
     /// Also write the result (and the checkpoint) every this many steps.
@@ -73,6 +79,7 @@ impl Default for TrainingOptions {
             snr_gamma: None,
             noise_offset: 0.0,
             random_flip: false,
+            caption_dropout: 0.0,
             seed: 0,
             save_every: None,
             resume: None,
@@ -95,6 +102,13 @@ impl Default for LoraOptions {
     fn default() -> Self {
         Self { rank: 4, alpha: 4.0, targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec() }
     }
+}
+
+/// What a full fine-tuning run trains besides the whole UNet.
+#[derive(Debug, Clone, Default)]
+pub struct FullOptions {
+    /// Also train the whole text encoder.
+    pub text_encoder: bool,
 }
 
 /// The new token a textual-inversion run learns (diffusers' `textual_inversion.py`).
@@ -136,7 +150,8 @@ pub fn train_lora(
     output: &Path,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<()> {
-    check(model, options, output)?;
+    check(model, options)?;
+    crate::io::output::check_output_path(output)?;
     let device = model.device().clone();
     // PEFT's "gaussian" initialisation, as diffusers' scripts ask: down ~ N(0, 1/r), up = 0.
     let mut init_noise = SeededNoise::new(options.seed);
@@ -163,7 +178,8 @@ pub fn train_textual_inversion(
     output: &Path,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<()> {
-    check(model, options, output)?;
+    check(model, options)?;
+    crate::io::output::check_output_path(output)?;
     let mut tokenizer = model.tokenizer.clone();
     let initializer = tokenizer.encode_words(&inversion.initializer)?;
     let [initializer] = initializer.as_slice() else {
@@ -184,9 +200,32 @@ pub fn train_textual_inversion(
     run_steps(model, data, options, output, &trainee, on_step)
 }
 
-/// Refuses options and outputs a run cannot use, before any work.
-fn check(model: &StableDiffusion, options: &TrainingOptions, output: &Path) -> Result<()> {
-    crate::io::output::check_output_path(output)?;
+/// Fine-tunes every weight of the UNet (and with `full.text_encoder` of the text encoder) of the
+/// diffusers folder `source`, loaded as `model` (in f32), and writes the model to the folder
+/// `output` in the same layout (the trained weights as safetensors, every other file copied), which
+/// diffusers and `--model` load; `on_step` hears of every step.
+pub fn train_full(
+    model: &mut StableDiffusion,
+    source: &Path,
+    data: &Dataset,
+    options: &TrainingOptions,
+    full: &FullOptions,
+    output: &Path,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<()> {
+    check(model, options)?;
+    let source = DiffusersFolder::open(source)?;
+    check_output_folder(source.root(), output)?;
+    let (unet, text) = model.make_trainable(full.text_encoder)?;
+    let trainee = FullTrainee { source, unet: unet.parameters(), text: text.parameters(), options: full.clone() };
+    run_steps(model, data, options, output, &trainee, on_step)
+}
+
+/// Refuses options a run cannot use, before any work.
+fn check(model: &StableDiffusion, options: &TrainingOptions) -> Result<()> {
+    if !(0.0..=1.0).contains(&options.caption_dropout) {
+        return Err(Error::invalid(format!("the caption dropout {} must be in [0, 1]", options.caption_dropout)));
+    }
     if options.batch_size == 0 || options.steps == 0 || options.resolution == 0 {
         return Err(Error::invalid("the batch size, the step count and the resolution must each be at least 1"));
     }
@@ -199,6 +238,37 @@ fn check(model: &StableDiffusion, options: &TrainingOptions, output: &Path) -> R
         )));
     }
     Ok(())
+}
+
+/// Refuses an output folder that is the model's own folder, or exists as something else than a
+/// folder, or whose parent is missing, before any work.
+fn check_output_folder(source: &Path, output: &Path) -> Result<()> {
+    let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(Error::invalid(format!("{}: the folder for the output does not exist", parent.display())));
+    }
+    match std::fs::symlink_metadata(output) {
+        Ok(m) if !m.is_dir() => {
+            Err(Error::invalid(format!("{}: the output must be a folder; a file is there", output.display())))
+        }
+        Ok(_) if same_folder(source, output) => Err(Error::invalid(format!(
+            "{}: the output folder is the model being trained; write the trained model elsewhere",
+            output.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether two existing paths are the same folder.
+fn same_folder(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
+/// The text context [B, 77, D] of `captions` through the model's tokenizer and text encoder.
+fn text_context(model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
+    let ids = captions.iter().map(|c| model.tokenizer.encode_padded(c)).collect::<Result<Vec<_>>>()?;
+    let ids = Tensor::from_vec(ids.concat(), (captions.len(), model.tokenizer.max_length()), model.device())?;
+    model.text_encoder.encode(&ids, 0)
 }
 
 /// What one kind of run trains: its variables, how a caption becomes the UNet's context through
@@ -226,9 +296,7 @@ impl Trainee for LoraTrainee {
     }
 
     fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
-        let ids = captions.iter().map(|c| model.tokenizer.encode_padded(c)).collect::<Result<Vec<_>>>()?;
-        let ids = Tensor::from_vec(ids.concat(), (captions.len(), model.tokenizer.max_length()), model.device())?;
-        model.text_encoder.encode(&ids, 0)
+        text_context(model, captions)
     }
 
     fn identity(&self) -> Vec<(&'static str, String)> {
@@ -290,6 +358,89 @@ impl Trainee for InversionTrainee {
     }
 }
 
+/// Every weight of the UNet, and maybe of the text encoder.
+struct FullTrainee {
+    source: DiffusersFolder,
+    unet: Vec<(String, Var)>,
+    text: Vec<(String, Var)>,
+    options: FullOptions,
+}
+
+impl FullTrainee {
+    /// The components whose weights are trained (and so written, not copied).
+    fn trained_components(&self) -> &'static [&'static str] {
+        if self.options.text_encoder { &["unet", "text_encoder"] } else { &["unet"] }
+    }
+}
+
+impl Trainee for FullTrainee {
+    fn parameters(&self) -> Vec<(String, Var)> {
+        let named = |prefix: &str, params: &[(String, Var)]| {
+            params.iter().map(|(k, v)| (format!("{prefix}.{k}"), v.clone())).collect::<Vec<_>>()
+        };
+        [named("unet", &self.unet), named("text_encoder", &self.text)].concat()
+    }
+
+    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
+        text_context(model, captions)
+    }
+
+    fn identity(&self) -> Vec<(&'static str, String)> {
+        vec![("text_encoder", self.options.text_encoder.to_string())]
+    }
+
+    fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
+        let metadata = || {
+            HashMap::from([
+                ("format".to_string(), "pt".to_string()),
+                ("diffctl_steps".to_string(), step.to_string()),
+                ("diffctl_seed".to_string(), options.seed.to_string()),
+                ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ])
+        };
+        let trained = self.trained_components();
+        let mut files = OutputFiles::new();
+        for (relative, from) in self.source.files()? {
+            let component = relative.parent().and_then(Path::to_str).unwrap_or_default();
+            let name = relative.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if trained.contains(&component) && is_weights_file(name) {
+                continue;
+            }
+            let to = output.join(&relative);
+            create_folder(to.parent().unwrap_or(output))?;
+            files.stage(&to, |file| {
+                let mut reader = std::fs::File::open(&from).map_err(|e| Error::io(&from, e))?;
+                std::io::copy(&mut reader, file).map_err(|e| Error::io(&from, e))?;
+                Ok(())
+            })?;
+        }
+        let weights = [
+            ("unet", "diffusion_pytorch_model.safetensors", &self.unet),
+            ("text_encoder", "model.safetensors", &self.text),
+        ];
+        for (component, file_name, params) in weights.into_iter().filter(|(c, ..)| trained.contains(c)) {
+            create_folder(&output.join(component))?;
+            let path = output.join(component).join(file_name);
+            let tensors = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+            files.stage(&path, |file| {
+                crate::io::output::write_safetensors(file, tensors, Some(metadata()))
+                    .map_err(|message| Error::Format { path: path.clone(), message })
+            })?;
+        }
+        files.commit()
+    }
+}
+
+/// Whether a component's file holds weights (safetensors, PyTorch pickles, shard indexes).
+fn is_weights_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name.ends_with(".bin") || name.contains(".index")
+}
+
+/// Creates `dir` (and its parents) if absent.
+fn create_folder(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
 /// The steps of a run: batches, the objective, the optimiser, reports, checkpoints and exports.
 fn run_steps(
     model: &StableDiffusion,
@@ -322,7 +473,13 @@ fn run_steps(
             .map(|&i| data.image(i, options.resolution, options.random_flip && rng.random_bool(0.5), &device))
             .collect::<Result<Vec<_>>>()?;
         let images = Tensor::stack(&images, 0)?;
-        let captions: Vec<&str> = indices.iter().map(|&i| data.examples()[i].caption.as_str()).collect();
+        let captions: Vec<&str> = indices
+            .iter()
+            .map(|&i| {
+                let dropped = options.caption_dropout > 0.0 && rng.random_bool(options.caption_dropout);
+                if dropped { "" } else { data.examples()[i].caption.as_str() }
+            })
+            .collect();
         let context = trainee.context(model, &captions)?;
         let latents = model.vae.encode_to_latents(&images, &mut noise)?;
         let mut eps = noise.sample(latents.dims(), &device)?;
@@ -379,6 +536,7 @@ fn run_identity(options: &TrainingOptions, data: &Dataset, trainee: &dyn Trainee
         ("resolution", options.resolution.to_string()),
         ("batch_size", options.batch_size.to_string()),
         ("examples", data.examples().len().to_string()),
+        ("caption_dropout", options.caption_dropout.to_string()),
     ];
     identity.extend(trainee.identity());
     identity
