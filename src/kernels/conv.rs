@@ -94,11 +94,17 @@ pub fn cpu_path(
 /// [Cout, Cin, k, k], bias [Cout] → [B, Cout, (H + 2p − k)/s + 1, (W + 2p − k)/s + 1].
 ///
 /// CPU f32/f16/bf16 inputs run the kernels of this module (in f32, the weight in f32 or bf16, see
-/// [`kernel_weight`]); anything else, and inputs that track gradients, runs candle's `conv2d`.
+/// [`kernel_weight`]); anything else runs candle's `conv2d`. Inputs that track gradients run them
+/// too when f32, stride 1 and "same" padding (every convolution of a UNet but its down-samplers),
+/// with the backward pass of [`Conv2dOp`]; candle's `conv2d` otherwise.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
     let supported = matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16);
     let tracked = super::tracks_gradients(&[xs, weight]) || bias.is_some_and(Tensor::track_op);
-    if !xs.device().is_cpu() || !supported || tracked {
+    let differentiable = xs.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && stride == 1
+        && weight.dims().get(2).is_some_and(|&k| 2 * padding + 1 == k);
+    if !xs.device().is_cpu() || !supported || (tracked && !differentiable) {
         let ys = xs.conv2d(&weight.to_dtype(xs.dtype())?, padding, stride, 1, 1)?;
         return match bias {
             Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),
@@ -122,6 +128,13 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize
     }
     let f32c = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
     let op = Conv2dOp { stride, padding };
+    if tracked {
+        let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
+        return match bias {
+            Some(bias) => xs.apply_op3(&weight, &bias.to_dtype(DType::F32)?.contiguous()?, op),
+            None => xs.apply_op2(&weight, op),
+        };
+    }
     let ys = match bias {
         Some(bias) => f32c(xs)?.apply_op3_no_bwd(&kernel_weight(weight)?, &f32c(bias)?, &op)?,
         None => f32c(xs)?.apply_op2_no_bwd(&kernel_weight(weight)?, &op)?,
@@ -130,6 +143,11 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize
 }
 
 /// The candle custom op behind [`conv2d`]: CustomOp2 (x, weight) or CustomOp3 (x, weight, bias).
+/// The two-input form has a backward pass for stride 1 and "same" padding, on the same kernels: the
+/// input's gradient is the convolution of the output's gradient with the kernel flipped and its
+/// channels swapped, and the weight's gradient one product [Cout, H·W] @ [H·W, Cin] per tap over the
+/// input shifted by that tap.
+#[derive(Debug, Clone, Copy)]
 struct Conv2dOp {
     stride: usize,
     padding: usize,
@@ -142,6 +160,17 @@ impl CustomOp2 for Conv2dOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         self.forward(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (grad_xs, grad_weight) = self.backward(xs, weight, grad)?;
+        Ok((Some(grad_xs), Some(grad_weight)))
     }
 }
 
@@ -161,6 +190,21 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(CpuStorage, Shape)> {
         self.forward(s1, l1, s2, l2, Some((s3, l3)))
     }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_xs, grad_weight) = self.backward(xs, weight, grad)?;
+        // Summed over each channel's plane first (contiguous), then over the batch.
+        let (b, cout, h, w) = grad.dims4()?;
+        let grad_bias = grad.detach().contiguous()?.reshape((b, cout, h * w))?.sum(2)?.sum(0)?;
+        Ok((Some(grad_xs), Some(grad_weight), Some(grad_bias)))
+    }
 }
 
 /// Sizes of one convolution.
@@ -179,6 +223,41 @@ struct Dims {
 }
 
 impl Conv2dOp {
+    /// The gradients of input and weight for the output's gradient `grad` (stride 1, same padding).
+    fn backward(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (xs, weight, grad) = (xs.detach(), weight.detach(), grad.detach().contiguous()?);
+        let (b, cin, h, w) = xs.dims4()?;
+        let (cout, _, k, _) = weight.dims4()?;
+        if self.stride != 1 || 2 * self.padding + 1 != k {
+            bail!(
+                "conv2d backward: only stride 1 with same padding (k = {k}, stride {}, padding {})",
+                self.stride,
+                self.padding
+            );
+        }
+        // The kernel flipped in both spatial dimensions, in- and out-channels swapped.
+        let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), weight.device())?;
+        let flipped = weight
+            .transpose(0, 1)?
+            .contiguous()?
+            .index_select(&reversed, 2)?
+            .index_select(&reversed, 3)?
+            .contiguous()?;
+        let grad_xs = conv2d(&grad, &flipped, None, 1, k - 1 - self.padding)?;
+        // dW[:, :, ky, kx] = Σ_b grad[b] [Cout, H·W] @ shifted[b]ᵀ [H·W, Cin].
+        let padded = xs.pad_with_zeros(2, self.padding, self.padding)?.pad_with_zeros(3, self.padding, self.padding)?;
+        let grad = grad.reshape((b, cout, h * w))?;
+        let taps = (0..k * k)
+            .map(|tap| {
+                let shifted =
+                    padded.narrow(2, tap / k, h)?.narrow(3, tap % k, w)?.contiguous()?.reshape((b, cin, h * w))?;
+                grad.matmul(&shifted.transpose(1, 2)?)?.sum(0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let grad_weight = Tensor::stack(&taps, 2)?.reshape((cout, cin, k, k))?;
+        Ok((grad_xs, grad_weight))
+    }
+
     fn forward(
         &self,
         xs: &CpuStorage,
@@ -354,9 +433,42 @@ fn im2col_row(d: &Dims, plane: &[f32], ky: usize, kx: usize, oy0: usize, col: &m
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use candle_core::{Device, Tensor, Var};
 
     use super::*;
+
+    /// The backward pass against candle's differentiable `conv2d` (im2col / transposed
+    /// convolution): the gradients of input, weight and bias, for 3x3 (on Winograd and on im2col)
+    /// and 1x1 kernels.
+    #[test]
+    fn backward_matches_candle() {
+        let dev = Device::Cpu;
+        for (b, cin, h, w, cout, k) in [(2, 16, 12, 12, 24, 3), (3, 5, 7, 9, 4, 3), (2, 8, 6, 5, 12, 1)] {
+            let padding = k / 2;
+            let x = Var::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+            let weight = Var::randn(0f32, 0.2, (cout, cin, k, k), &dev).unwrap();
+            let bias = Var::randn(0f32, 1.0, cout, &dev).unwrap();
+            // A weighted sum, so that every output element's gradient differs.
+            let mix = Tensor::randn(0f32, 1.0, (b, cout, h, w), &dev).unwrap();
+            let grads = |ys: Tensor| {
+                let g = (ys * &mix).unwrap().sum_all().unwrap().backward().unwrap();
+                [x.as_tensor(), weight.as_tensor(), bias.as_tensor()].map(|t| g.get(t).unwrap().clone())
+            };
+            let ours = grads(conv2d(x.as_tensor(), weight.as_tensor(), Some(bias.as_tensor()), 1, padding).unwrap());
+            let candle = grads(
+                x.as_tensor()
+                    .conv2d(weight.as_tensor(), padding, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias.as_tensor().reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap(),
+            );
+            for (name, (o, c)) in ["input", "weight", "bias"].iter().zip(ours.iter().zip(&candle)) {
+                let err = (o - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let max = c.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err <= 1e-5 * max.max(1.0), "{k}x{k} {name} gradient: error {err} (max {max})");
+            }
+        }
+    }
 
     /// max |ours − candle| / max |candle| for x [B, Cin, H, W] and a Cout x k x k kernel in f32.
     fn rel_err(dims: (usize, usize, usize, usize, usize, usize, usize, usize)) -> f32 {

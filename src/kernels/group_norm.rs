@@ -1,6 +1,8 @@
 //! GroupNorm over [B, C, *] with affine weights, optionally fused with the SiLU that follows it in
 //! every resnet block: one pass for the statistics and one for normalise-scale-shift-activate,
-//! instead of candle's seven element-wise ops with their temporaries.
+//! instead of candle's seven element-wise ops with their temporaries. When an input tracks
+//! gradients the same kernel runs with its backward pass ([`backward`]), one pass per group that
+//! recomputes the statistics.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use candle_nn::Module;
@@ -44,18 +46,23 @@ impl GroupNorm {
             && xs.dtype() == DType::F32
             && self.weight.dtype() == DType::F32
             && self.bias.dtype() == DType::F32
-            && xs.rank() >= 3
-            && !super::tracks_gradients(&[xs, &self.weight, &self.bias]);
+            && xs.rank() >= 3;
         if !fast {
             let ys = self.plain.forward(xs)?;
             return if silu { candle_nn::ops::silu(&ys) } else { Ok(ys) };
         }
         let op = GroupNormOp { groups: self.groups, eps: self.eps, silu };
-        xs.contiguous()?.apply_op3_no_bwd(&self.weight.contiguous()?, &self.bias.contiguous()?, &op)
+        let (xs, weight, bias) = (xs.contiguous()?, self.weight.contiguous()?, self.bias.contiguous()?);
+        if super::tracks_gradients(&[&xs, &weight, &bias]) {
+            xs.apply_op3(&weight, &bias, op)
+        } else {
+            xs.apply_op3_no_bwd(&weight, &bias, &op)
+        }
     }
 }
 
 /// The CPU f32 kernel behind [`GroupNorm`].
+#[derive(Debug, Clone, Copy)]
 struct GroupNormOp {
     groups: usize,
     eps: f64,
@@ -99,6 +106,91 @@ impl CustomOp3 for GroupNormOp {
         debug_assert_eq!(out.len(), batch * channels * spatial);
         Ok((CpuStorage::F32(out), xs_layout.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let values = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
+        let (x, g, gamma, beta) = (values(xs)?, values(grad)?, values(weight)?, values(bias)?);
+        let (batch, channels) = (xs.dim(0)?, xs.dim(1)?);
+        let spatial = x.len() / (batch * channels);
+        let (dx, dgamma, dbeta) = backward(&x, &g, (&gamma, &beta), (self.groups, spatial), self.eps, self.silu);
+        let per_channel = |partial: Vec<f32>| Tensor::from_vec(partial, (batch, channels), xs.device())?.sum(0);
+        Ok((
+            Some(Tensor::from_vec(dx, xs.shape(), xs.device())?),
+            Some(per_channel(dgamma)?),
+            Some(per_channel(dbeta)?),
+        ))
+    }
+}
+
+/// The gradients of GroupNorm(+SiLU) for xs [B, C, spatial] (flat) and the output's gradient
+/// `grad`: the input's, and γ's and β's per batch item [B, C] (to be summed over the batch). Per
+/// group, with x̂ = (x − μ)·rstd and g_z the gradient before the affine map (through SiLU's
+/// derivative when fused): dβ = Σ g_z, dγ = Σ g_z·x̂, dx = rstd·(g_z·γ − mean(g_z·γ) − x̂·mean(g_z·γ·x̂)).
+fn backward(
+    xs: &[f32],
+    grad: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    (groups, spatial): (usize, usize),
+    eps: f64,
+    silu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let channels = gamma.len();
+    let per_group = channels / groups;
+    let group_len = per_group * spatial;
+    let mut dx = vec![0f32; xs.len()];
+    let mut dgamma = vec![0f32; xs.len() / spatial];
+    let mut dbeta = vec![0f32; xs.len() / spatial];
+    dx.par_chunks_mut(group_len)
+        .zip(dgamma.par_chunks_mut(per_group).zip(dbeta.par_chunks_mut(per_group)))
+        .enumerate()
+        .for_each(|(i, (dx, (dgamma, dbeta)))| {
+            let (x, g) = (&xs[i * group_len..(i + 1) * group_len], &grad[i * group_len..(i + 1) * group_len]);
+            let first = (i % groups) * per_group;
+            let n = group_len as f64;
+            let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let (mean, rstd) = (mean as f32, (1.0 / (var + eps).sqrt()) as f32);
+            // Pass 1: dx holds g_z·γ; the per-channel sums and the two group means.
+            let (mut sum_dxhat, mut sum_dxhat_xhat) = (0f64, 0f64);
+            for c in 0..per_group {
+                let (gc, bc) = (gamma[first + c], beta[first + c]);
+                let range = c * spatial..(c + 1) * spatial;
+                let (mut dg, mut db, mut s1, mut s2) = (0f32, 0f32, 0f32, 0f32);
+                for ((d, &xv), &gv) in dx[range.clone()].iter_mut().zip(&x[range.clone()]).zip(&g[range]) {
+                    let xhat = (xv - mean) * rstd;
+                    let gz = if silu {
+                        let z = xhat * gc + bc;
+                        let sig = 1.0 / (1.0 + (-z).exp());
+                        gv * sig * (1.0 + z * (1.0 - sig))
+                    } else {
+                        gv
+                    };
+                    dg += gz * xhat;
+                    db += gz;
+                    *d = gz * gc;
+                    s1 += gz * gc;
+                    s2 += gz * gc * xhat;
+                }
+                dgamma[c] = dg;
+                dbeta[c] = db;
+                sum_dxhat += s1 as f64;
+                sum_dxhat_xhat += s2 as f64;
+            }
+            // Pass 2: dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
+            let (m1, m2) = ((sum_dxhat / n) as f32, (sum_dxhat_xhat / n) as f32);
+            for (d, &xv) in dx.iter_mut().zip(x) {
+                let xhat = (xv - mean) * rstd;
+                *d = rstd * (*d - m1 - xhat * m2);
+            }
+        });
+    (dx, dgamma, dbeta)
 }
 
 simd_dispatch! {
@@ -176,6 +268,36 @@ mod tests {
                 let diff = check(shape, groups, silu)?;
                 eprintln!("shape {shape:?} groups {groups} silu {silu}: max |diff| {diff:e}");
                 assert!(diff < 5e-6, "shape {shape:?} groups {groups} silu {silu}: max |diff| {diff:e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward pass against candle's composed GroupNorm (and SiLU): the gradients of input,
+    /// γ and β.
+    #[test]
+    fn backward_matches_candle() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (shape, groups) in [(&[2, 32, 6, 5][..], 8), (&[3, 12, 7][..], 3)] {
+            for silu in [false, true] {
+                let channels = shape[1];
+                let xs = candle_core::Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev)? + 0.5)?)?;
+                let weight = candle_core::Var::from_tensor(&Tensor::randn(1f32, 0.5, channels, &dev)?)?;
+                let bias = candle_core::Var::from_tensor(&Tensor::randn(0f32, 0.5, channels, &dev)?)?;
+                let mix = Tensor::randn(0f32, 1.0, shape, &dev)?;
+                let grads = |ys: Tensor| -> candle_core::Result<Vec<Tensor>> {
+                    let g = (ys * &mix)?.sum_all()?.backward()?;
+                    Ok([&xs, &weight, &bias].iter().map(|v| g.get(v.as_tensor()).unwrap().clone()).collect())
+                };
+                let norm = GroupNorm::new(weight.as_tensor().clone(), bias.as_tensor().clone(), groups, 1e-5)?;
+                let ours = grads(if silu { norm.forward_silu(&xs)? } else { norm.forward(&xs)? })?;
+                let plain = norm.plain.forward(&xs)?;
+                let theirs = grads(if silu { candle_nn::ops::silu(&plain)? } else { plain })?;
+                for (name, (o, t)) in ["input", "weight", "bias"].iter().zip(ours.iter().zip(&theirs)) {
+                    let err = (o - t)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    let max = t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    assert!(err <= 2e-5 * max.max(1.0), "{shape:?} silu {silu} {name}: error {err} (max {max})");
+                }
             }
         }
         Ok(())

@@ -31,6 +31,9 @@ use crate::pipeline::StableDiffusion;
 use crate::schedulers::NoiseSource;
 use crate::{Error, Result};
 
+/// Freed large blocks kept for reuse during a run (see [`crate::allocator::LargeBlockCache`]).
+const STEP_BLOCK_CACHE: usize = 4 << 30;
+
 /// How a training run goes, whatever it trains (defaults: diffusers' training scripts').
 #[derive(Debug, Clone)]
 pub struct TrainingOptions {
@@ -452,6 +455,8 @@ fn run_steps(
 ) -> Result<()> {
     let objective = DenoisingObjective::new(&model.scheduler_config, options.snr_gamma)?;
     let device = model.device().clone();
+    // Forward and backward passes allocate and free the same large buffers every step.
+    let _reuse = crate::allocator::LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
     let params = trainee.parameters();
     let mut optimizer = AdamW::new(params.clone(), options.optimizer)?;
     let mut order = EpochOrder::new(data.examples().len(), options.seed);
