@@ -129,7 +129,7 @@ impl AdamW {
         let step_size = lr / correction1;
         for slot in &mut self.slots {
             let g = gradient(grads, slot)?;
-            let decayed = (slot.var.as_tensor() * (1.0 - lr * weight_decay))?;
+            let decayed = (slot.var.as_tensor().detach() * (1.0 - lr * weight_decay))?;
             slot.first = (&slot.first + ((&g - &slot.first)? * (1.0 - beta1))?)?;
             slot.second = ((&slot.second * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let denominator = ((slot.second.sqrt()? / correction2.sqrt())? + eps)?;
@@ -142,7 +142,9 @@ impl AdamW {
 
 /// The gradient of a slot's variable, or an error naming the parameter that received none.
 fn gradient(grads: &GradStore, slot: &Slot) -> Result<Tensor> {
-    grads.get(slot.var.as_tensor()).cloned().ok_or_else(|| {
+    // Detached: a gradient computed from tracked tensors would otherwise hold its step's whole
+    // graph, and through the moments every earlier step's.
+    grads.get(slot.var.as_tensor()).map(Tensor::detach).ok_or_else(|| {
         Error::invalid(format!("no gradient reached the trainable parameter `{}`: its layer dropped it", slot.name))
     })
 }
