@@ -99,6 +99,7 @@ impl StableDiffusion {
     /// [`ModelFiles::open`]).
     pub fn load(path: &Path, options: &LoadOptions) -> Result<Self> {
         let mut files = ModelFiles::open(path, &options.files)?;
+        let sdxl = files.family() == crate::io::model_files::Family::Sdxl;
         let (text_config, unet_config, vae_config) =
             (&files.text_encoder.config, &files.unet.config, &files.vae.config);
         let unet_config_path = &files.unet.config_path;
@@ -155,7 +156,7 @@ impl StableDiffusion {
                 vae_config,
             )?,
             tokenizer: files.tokenizer,
-            scheduler_config: files.scheduler_config,
+            scheduler_config: pipeline_scheduler_config(files.scheduler_config, sdxl),
             scheduler_class: files.scheduler_class,
             layers,
             token_vectors: TokenVectors::default(),
@@ -528,6 +529,16 @@ impl StableDiffusion {
 }
 
 /// The dtype the VAE is loaded in: f32 for an f16 model whose VAE config has `force_upcast`.
+/// The scheduler config as diffusers' SD1.x/2.x pipelines use it: their constructors turn a
+/// `clip_sample` that is (or defaults to, for DDIM and DDPM) true off, so a model whose config asks
+/// for clipping samples without it there.
+fn pipeline_scheduler_config(mut config: SchedulerConfig, sdxl: bool) -> SchedulerConfig {
+    if !sdxl {
+        config.clip_sample = Some(false);
+    }
+    config
+}
+
 fn vae_dtype(config: &crate::models::vae::VaeConfig, dtype: DType) -> DType {
     if config.force_upcast && dtype == DType::F16 { DType::F32 } else { dtype }
 }
