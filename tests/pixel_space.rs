@@ -133,3 +133,22 @@ fn cli_trains_a_full_model_that_generate_loads() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && err.contains("the output must be a folder"), "{err}");
 }
+
+/// `generate` without `--model` draws with the built-in emoji model, written once under the cache
+/// folder: a 32x32 image.
+#[test]
+fn generate_without_a_model_uses_the_built_in_one() {
+    let cache = tempfile::tempdir().unwrap();
+    let png = cache.path().join("apple.png");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_diffctl"))
+        .args(["generate", "--prompt", "red apple", "--steps", "4", "--seed", "1", "--output"])
+        .arg(&png)
+        .env("XDG_CACHE_HOME", cache.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let image = image::open(&png).unwrap();
+    assert_eq!((image.width(), image.height()), (32, 32));
+    let written: Vec<_> = std::fs::read_dir(cache.path().join("diffctl")).unwrap().collect();
+    assert_eq!(written.len(), 1, "one model folder in the cache");
+}

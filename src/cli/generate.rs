@@ -20,9 +20,10 @@ use crate::schedulers::{SamplerChoice, SigmaSchedule};
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// A diffusers model folder (with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
-    /// or a single-file SD1.x/2.x checkpoint (.safetensors, .ckpt).
+    /// or a single-file SD1.x/2.x checkpoint (.safetensors, .ckpt) [default: the built-in 32x32 emoji
+    /// model, which draws Fluent Emoji from their names, e.g. "red apple"].
     #[arg(long, value_name = "PATH")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[command(flatten)]
     source: super::source::SourceArgs,
     /// What to draw. Taken literally and truncated at 77 tokens, as diffusers does (see --prompt-syntax).
@@ -244,8 +245,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     }
 
     let options = LoadOptions { dtype: args.dtype, files: args.source.options(), ..Default::default() };
-    let model = StableDiffusion::load(&args.model, &options)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let model_path = match &args.model {
+        Some(path) => path.clone(),
+        None => crate::io::default_model::default_model().context("writing the built-in model to the cache")?,
+    };
+    let model = StableDiffusion::load(&model_path, &options)
+        .with_context(|| format!("loading model {}", model_path.display()))?;
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{msg:>9} [{bar:30}] {pos}/{len} steps {elapsed_precise} (eta {eta})")?

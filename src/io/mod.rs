@@ -1,6 +1,7 @@
 //! Reading and writing the files users have: configs, weights, images and latents.
 
 pub mod convert;
+pub mod default_model;
 pub mod diffusers_folder;
 pub mod identify;
 pub mod image;
