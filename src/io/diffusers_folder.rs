@@ -68,19 +68,11 @@ impl DiffusersFolder {
     /// Every file of the folder: those at its root and those in its component folders (one level
     /// down), hidden ones aside, as (path relative to the root, full path), sorted.
     pub fn files(&self) -> Result<Vec<(PathBuf, PathBuf)>> {
-        let list = |dir: &Path| -> Result<Vec<PathBuf>> {
-            let mut entries = std::fs::read_dir(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
-                .collect::<Result<Vec<_>>>()?;
-            entries.sort();
-            Ok(entries)
-        };
         let mut files = Vec::new();
         let hidden = |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
-        for entry in list(&self.root)?.into_iter().filter(|e| !hidden(e)) {
+        for entry in super::sorted_entries(&self.root)?.into_iter().filter(|e| !hidden(e)) {
             if entry.is_dir() {
-                files.extend(list(&entry)?.into_iter().filter(|f| f.is_file() && !hidden(f)));
+                files.extend(super::sorted_entries(&entry)?.into_iter().filter(|f| f.is_file() && !hidden(f)));
             } else if entry.is_file() {
                 files.push(entry);
             }

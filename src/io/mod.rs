@@ -21,7 +21,7 @@ pub mod uni_controlnet;
 pub mod vae_file;
 pub mod weights;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
@@ -39,6 +39,16 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = input::read_limited(path, input::MAX_JSON_BYTES)?;
     String::from_utf8(bytes).map_err(|e| Error::config(path, format!("not UTF-8 text: {e}")))
+}
+
+/// The entries of the folder `dir`, sorted by path, naming the folder in errors.
+pub fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+        .collect::<Result<Vec<_>>>()?;
+    entries.sort();
+    Ok(entries)
 }
 
 /// Parses JSON as Python's `json` module writes it: configs saved by diffusers may hold the bare

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::io::image::{load_rgb, rgb_to_tensor};
+use crate::io::sorted_entries;
 use crate::io::svg::{render_svg, svg_size};
 use crate::models::image_processor::{Filter, pil_resize};
 use crate::{Error, Result};
@@ -165,16 +166,6 @@ fn captioned_images(dir: &Path, fallback: Option<&str>) -> Result<Vec<Example>> 
         examples.push(Example { image, caption });
     }
     Ok(examples)
-}
-
-/// The entries of `dir`, sorted by path.
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut entries = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
-        .collect::<Result<Vec<_>>>()?;
-    entries.sort();
-    Ok(entries)
 }
 
 #[cfg(test)]
