@@ -126,7 +126,7 @@ fn cli_trains_a_full_model_that_generate_loads() {
 
     let run = train(&model);
     let err = String::from_utf8_lossy(&run.stderr);
-    assert!(!run.status.success() && err.contains("the output folder is the model being trained"), "{err}");
+    assert!(!run.status.success() && err.contains("the output folder is what is being trained"), "{err}");
     let file = out.path().join("file");
     std::fs::write(&file, "x").unwrap();
     let run = train(&file);

@@ -23,6 +23,7 @@ use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetControls, UNetIn
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::schedulers::SchedulerConfig;
 use diffctl::tokenizer::ClipTokenizer;
+use diffctl::train::controlnet::write_controlnet_folder;
 use diffctl::train::lora::LoraAdapters;
 use diffctl::train::objective::DenoisingObjective;
 use diffctl::train::optimizer::{AdamW, AdamWConfig};
@@ -466,6 +467,11 @@ fn controlnet_training_matches_diffusers_training() {
         p.backward_and_step(step, &loss, &params, &mut optimizer);
     }
     p.assert_trained(&params, &initial);
+    if let Some(dir) = std::env::var_os("DIFFCTL_TRAIN_EXPORTS") {
+        let tensors = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        let folder = std::path::Path::new(&dir).join("controlnet");
+        write_controlnet_folder(&folder, &p.case["controlnet_config"], tensors, HashMap::new()).unwrap();
+    }
 }
 
 /// DreamBooth LoRA with prior preservation as diffusers' train_dreambooth_lora.py: LoRA on the UNet
@@ -712,6 +718,98 @@ fn cli_train_rejects_bad_input() {
     let err = train(&data.path().join("missing"), &["--resolution", "32"]);
     assert!(err.contains("is not a folder"), "{err}");
     assert!(!output.exists(), "no output is written on errors");
+}
+
+/// `diffctl train controlnet` end to end: a new ControlNet copied from the UNet, trained on the
+/// fixture's images and condition images, written as a diffusers folder that `generate
+/// --controlnet` loads and that changes the image; its zero convolutions moved from zero; a
+/// training image without a condition image is a clear error.
+#[test]
+fn cli_trains_a_controlnet_that_generate_loads() {
+    let data = caption_folder();
+    let conditions = tempfile::tempdir().unwrap();
+    for name in ["a", "b"] {
+        std::fs::copy(
+            repo_path(&format!("tests/fixtures/train/images/control-{name}.png")),
+            conditions.path().join(format!("train-{name}.png")),
+        )
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let controlnet = out.path().join("controlnet");
+    let model = repo_path(MODEL);
+    let train = |conditions: &std::path::Path| {
+        common::diffctl(&[
+            "train",
+            "controlnet",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.path().to_str().unwrap(),
+            "--conditioning",
+            conditions.to_str().unwrap(),
+            "--output",
+            controlnet.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+        ])
+    };
+    let run = train(conditions.path());
+    assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
+    let config = ControlNetConfig::load(&controlnet.join("config.json")).unwrap();
+    assert_eq!(config.conditioning_embedding_out_channels, [16, 32], "diffusers' first channels, for a factor of 2");
+    let tensors = load_fixture_abs(&controlnet.join("diffusion_pytorch_model.safetensors"));
+    let moved = tensors["controlnet_mid_block.weight"].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 1e-4, "the mid block's zero convolution did not train: max |w| {moved}");
+    let unet_conv_in =
+        load_fixture(&format!("{MODEL}/unet/diffusion_pytorch_model.safetensors"))["conv_in.weight"].clone();
+    assert_eq!(tensors["conv_in.weight"].dims(), unet_conv_in.dims(), "conv_in copied from the UNet");
+
+    let png = out.path().join("image.png");
+    let generate = |extra: &[&str]| {
+        let latents = out.path().join(format!("latents{}.safetensors", extra.len()));
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red ball",
+            "--steps",
+            "2",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--seed",
+            "1",
+            "--output",
+            png.to_str().unwrap(),
+            "--output-latents",
+            latents.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let run = common::diffctl(&args);
+        assert!(run.status.success(), "generate failed: {}", String::from_utf8_lossy(&run.stderr));
+        load_fixture_abs(&latents)["latents"].clone()
+    };
+    let plain = generate(&[]);
+    let control = conditions.path().join("train-a.png");
+    let controlled =
+        generate(&["--controlnet", controlnet.to_str().unwrap(), "--control-image", control.to_str().unwrap()]);
+    assert!(common::max_abs_diff(&plain, &controlled) > 1e-6, "the trained ControlNet changes nothing");
+
+    std::fs::remove_file(conditions.path().join("train-b.png")).unwrap();
+    std::fs::remove_dir_all(&controlnet).unwrap();
+    let run = train(conditions.path());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && err.contains("train-b.png has no condition image"), "{err}");
+    assert!(!controlnet.exists(), "no output is written on errors");
 }
 
 fn load_fixture_abs(path: &std::path::Path) -> HashMap<String, Tensor> {

@@ -7,7 +7,7 @@ use clap::Args;
 use crate::io::model_files::SourceOptions;
 
 /// `--tokenizer`, `--model-config`, `--prediction-type`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SourceArgs {
     /// Tokenizer folder (replaces a diffusers folder's own) [single-file default: the --model-config
     /// folder's tokenizer/, else the bundled CLIP tokenizer].

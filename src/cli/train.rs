@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::pipeline::{LoadOptions, StableDiffusion};
+use crate::train::controlnet::{ControlNetStart, train_controlnet};
 use crate::train::dataset::Dataset;
 use crate::train::optimizer::AdamWConfig;
 use crate::train::run::{
@@ -36,6 +37,27 @@ enum TrainKind {
     /// Every weight of the UNet (and with --train-text-encoder of the text encoder) of a diffusers
     /// folder, written as a diffusers folder (loads in `--model` and diffusers' from_pretrained).
     Full(Box<FullArgs>),
+    /// A ControlNet copied from the model's UNet (or an existing one, trained further) on images
+    /// paired with condition images, written as a diffusers ControlNet folder (loads in
+    /// `--controlnet` and diffusers' ControlNetModel.from_pretrained).
+    Controlnet(Box<ControlNetArgs>),
+}
+
+/// Arguments of `diffctl train controlnet` (diffusers' train_controlnet.py).
+#[derive(Debug, Args)]
+struct ControlNetArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The condition images: a folder holding, for each training image, the file of the same name
+    /// (or stem) at the same place.
+    #[arg(long, value_name = "DIR")]
+    conditioning: PathBuf,
+    /// Train this diffusers ControlNet folder further instead of a new copy of the UNet.
+    #[arg(long, value_name = "DIR")]
+    controlnet: Option<PathBuf>,
+    /// Channels of the condition images of a new ControlNet.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    conditioning_channels: usize,
 }
 
 /// Arguments of `diffctl train full`.
@@ -82,7 +104,7 @@ struct InversionArgs {
 }
 
 /// The flags every kind shares (defaults as diffusers' training scripts).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct CommonArgs {
     /// A diffusers model folder or single-file SD1.x/2.x checkpoint to train on (f32).
     #[arg(long, value_name = "PATH")]
@@ -92,7 +114,7 @@ struct CommonArgs {
     /// The training images: a folder with metadata.jsonl, kohya `N_name` folders, or images with .txt captions.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    /// Where to write the result (a .safetensors file; a model folder for `full`).
+    /// Where to write the result (a .safetensors file; a folder for `full` and `controlnet`).
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
     /// Square training resolution in pixels.
@@ -146,6 +168,9 @@ struct CommonArgs {
     /// Append step, loss, learning rate, gradient norm and seconds to this CSV file.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
+    /// The control kinds' condition images (set from their own flag).
+    #[arg(skip)]
+    conditioning: Option<PathBuf>,
 }
 
 impl CommonArgs {
@@ -202,6 +227,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 train_full(model, &source, data, options, &full, output, on_step)
             })
         }
+        TrainKind::Controlnet(args) => {
+            let start = match &args.controlnet {
+                Some(dir) => ControlNetStart::Folder(dir.clone()),
+                None => ControlNetStart::FromUnet { conditioning_channels: args.conditioning_channels },
+            };
+            let mut common = args.common.clone();
+            common.conditioning = Some(args.conditioning.clone());
+            train(&common, "a ControlNet", |model, data, options, output, on_step| {
+                train_controlnet(model, data, options, &start, output, on_step)
+            })
+        }
     }
 }
 
@@ -218,7 +254,10 @@ fn train(
     ) -> crate::Result<()>,
 ) -> anyhow::Result<()> {
     let options = args.options()?;
-    let data = Dataset::open(&args.data)?;
+    let mut data = Dataset::open(&args.data)?;
+    if let Some(dir) = &args.conditioning {
+        data = data.with_conditions(dir)?;
+    }
     let load = LoadOptions { files: args.source.options(), ..Default::default() };
     let mut model =
         StableDiffusion::load(&args.model, &load).with_context(|| format!("loading model {}", args.model.display()))?;

@@ -26,6 +26,8 @@ enum Source {
     Recorder(Mutex<Vec<(String, Vec<usize>)>>),
     /// No tensors at all (the weights of a component a model does without).
     Empty,
+    /// Tensors held in memory (a model initialised for training, before it has a file).
+    Memory(HashMap<String, Tensor>),
     /// Another store's tensors plus offsets of the same names (see [`TensorStore::with_offsets`]).
     Sum {
         /// The base tensors.
@@ -195,6 +197,20 @@ impl TensorStore {
         Self { label: label.into(), source: Arc::new(Source::Empty), entries: HashMap::new(), source_name: None }
     }
 
+    /// A store of the in-memory `tensors` by name, named `label` in errors (the initial weights of a
+    /// network that training creates, say a ControlNet copied from a UNet).
+    pub fn from_tensors(label: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
+        let entries = tensors
+            .iter()
+            .map(|(name, t)| {
+                let entry =
+                    Entry { source: name.clone(), transforms: Vec::new(), shape: t.dims().to_vec(), dtype: t.dtype() };
+                (name.clone(), entry)
+            })
+            .collect();
+        Self { label: label.into(), source: Arc::new(Source::Memory(tensors)), entries, source_name: None }
+    }
+
     /// A store without a file that answers every [`Weights::get`] with zeros of the asked shape
     /// (broadcast, no memory) and records the name and shape: loading a model of some config from it
     /// lists exactly the parameters that config has, from the model's own loading code (used to write
@@ -278,6 +294,7 @@ impl TensorStore {
             Source::Pickle(_) => "PyTorch zip pickle (torch.save)",
             Source::Recorder(_) => "none (shape recorder)",
             Source::Empty => "none",
+            Source::Memory(_) => "in memory",
             Source::Sum { base, .. } => base.format(),
         }
     }
@@ -313,6 +330,9 @@ impl TensorStore {
                 message: format!("tensor `{}` could not be read: {e}", entry.source),
             }),
             Source::Pickle(file) => file.load(&entry.source, device),
+            Source::Memory(tensors) => {
+                Ok(tensors.get(&entry.source).ok_or_else(|| self.missing(key))?.to_device(device)?)
+            }
             Source::Recorder(_) | Source::Empty => Err(self.missing(key)),
             Source::Sum { base, offsets } => {
                 let mut tensor = base.load(&entry.source, DType::F32, device)?;

@@ -53,10 +53,14 @@ pub struct ControlNetConfig {
 impl ControlNetConfig {
     /// Reads and validates a ControlNet `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = crate::io::read_text(path)?;
-        let unet = UNetConfig::from_json(&text, path)?;
+        Self::from_json(&crate::io::read_text(path)?, path)
+    }
+
+    /// Parses and validates the `config.json` text `text`; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let unet = UNetConfig::from_json(text, path)?;
         let extra: ExtraConfig =
-            crate::io::parse_json(&text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))?;
+            crate::io::parse_json(text).map_err(|e| Error::config(path, format!("invalid JSON config: {e}")))?;
         let bgr = match extra.controlnet_conditioning_channel_order.as_str() {
             "rgb" => false,
             "bgr" => true,

@@ -89,6 +89,8 @@ pub struct StableDiffusion {
     pub prompt_syntax: PromptSyntax,
     /// The UNet's weights as loaded (memory-mapped), for merging offsets into it.
     unet_weights: Arc<TensorStore>,
+    /// The UNet's `config.json` as diffusers writes it, for networks copied from it.
+    unet_json: serde_json::Value,
     /// The text encoder's weights as loaded, for reloading it trainable.
     text_weights: Arc<TensorStore>,
     options: LoadOptions,
@@ -162,6 +164,7 @@ impl StableDiffusion {
             token_vectors: TokenVectors::default(),
             prompt_syntax: PromptSyntax::default(),
             unet_weights: files.unet.weights.clone(),
+            unet_json: files.unet.json.clone(),
             text_weights: files.text_encoder.weights.clone(),
             options: options.clone(),
         })
@@ -201,6 +204,12 @@ impl StableDiffusion {
                 ClipTextEncoder::load(&weights(&self.text_weights, "text_encoder", &text), self.text_encoder.config())?;
         }
         Ok((unet, text))
+    }
+
+    /// The UNet's `config.json` (as diffusers writes it) and its weights as loaded: what a network
+    /// copied from the UNet (a ControlNet to train) starts from.
+    pub fn unet_files(&self) -> (&serde_json::Value, &Arc<TensorStore>) {
+        (&self.unet_json, &self.unet_weights)
     }
 
     /// How many image pixels one latent pixel spans.

@@ -8,6 +8,10 @@
 //! BILINEAR)`, `CenterCrop`, optional `RandomHorizontalFlip`, `ToTensor`, `Normalize([0.5], [0.5])`):
 //! the shorter side scaled to the resolution with Pillow's bilinear filter, the center cropped, the
 //! values mapped to [-1, 1]. SVG images are drawn over white straight at the scaled size.
+//!
+//! The control kinds (ControlNet, T2I-Adapter) pair each image with a condition image: the file of
+//! the same name (or the same stem with any image extension) at the same place in a second folder,
+//! prepared the same way but kept in [0, 1] (diffusers' `conditioning_image_transforms`).
 
 use std::path::{Path, PathBuf};
 
@@ -33,11 +37,14 @@ pub struct Example {
     pub image: PathBuf,
     /// Its caption.
     pub caption: String,
+    /// Its condition image, for the control kinds (see [`Dataset::with_conditions`]).
+    pub condition: Option<PathBuf>,
 }
 
 /// The examples of one epoch, in a fixed order (repeated ones appear that many times).
 #[derive(Debug, Clone)]
 pub struct Dataset {
+    root: PathBuf,
     examples: Vec<Example>,
 }
 
@@ -62,7 +69,32 @@ impl Dataset {
                 IMAGE_EXTENSIONS.join("/")
             )));
         }
-        Ok(Self { examples })
+        Ok(Self { root: dir.to_path_buf(), examples })
+    }
+
+    /// This dataset with each example's condition image from the folder `dir`: at the image's
+    /// place relative to the data folder, of the same name or the same stem with any image
+    /// extension. Every example must have one.
+    pub fn with_conditions(mut self, dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!("the condition images {} are not a folder", dir.display())));
+        }
+        for example in &mut self.examples {
+            let relative = example.image.strip_prefix(&self.root).unwrap_or(&example.image);
+            let same_name = dir.join(relative);
+            let found = std::iter::once(same_name.clone())
+                .chain(IMAGE_EXTENSIONS.iter().map(|e| same_name.with_extension(e)))
+                .find(|p| p.is_file());
+            example.condition = Some(found.ok_or_else(|| {
+                Error::invalid(format!(
+                    "{} has no condition image: expected {} (or the same stem as {})",
+                    example.image.display(),
+                    same_name.display(),
+                    IMAGE_EXTENSIONS.join("/")
+                ))
+            })?);
+        }
+        Ok(self)
     }
 
     /// The examples of one epoch.
@@ -72,33 +104,45 @@ impl Dataset {
 
     /// Example `index` as a [3, R, R] tensor in [-1, 1] at `resolution`, mirrored with `flip`.
     pub fn image(&self, index: usize, resolution: usize, flip: bool, device: &Device) -> Result<Tensor> {
-        let path = &self.examples[index].image;
-        let svg = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"));
-        let img = if svg { None } else { Some(load_rgb(path)?) };
-        let (w, h) = match &img {
-            Some(img) => (img.width() as usize, img.height() as usize),
-            None => svg_size(path).map(|(w, h)| (w.round().max(1.0) as usize, h.round().max(1.0) as usize))?,
-        };
-        // torchvision's Resize(int): the shorter side to `resolution`, the other truncated.
-        let (rw, rh) = if w <= h { (resolution, resolution * h / w) } else { (resolution * w / h, resolution) };
-        if rw == 0 || rh == 0 {
-            return Err(Error::invalid(format!(
-                "{}: a {w}x{h} image cannot be scaled to {resolution}",
-                path.display()
-            )));
-        }
-        let resized = match &img {
-            Some(img) => pil_resize(img, rw, rh, Filter::Bilinear),
-            None => render_svg(path, rw as u32, rh as u32)?,
-        };
-        // CenterCrop: torchvision rounds the offsets to the nearest integer.
-        let (left, top) =
-            (((rw - resolution) as f64 / 2.0).round() as u32, ((rh - resolution) as f64 / 2.0).round() as u32);
-        let side = resolution as u32;
-        let cropped = image::imageops::crop_imm(&resized, left, top, side, side).to_image();
-        let cropped = if flip { image::imageops::flip_horizontal(&cropped) } else { cropped };
-        Ok(((rgb_to_tensor(&cropped, device)?.squeeze(0)? * 2.0)? - 1.0)?)
+        let image = square_image(&self.examples[index].image, resolution, flip)?;
+        Ok(((rgb_to_tensor(&image, device)?.squeeze(0)? * 2.0)? - 1.0)?)
     }
+
+    /// Example `index`'s condition image as a [3, R, R] tensor in [0, 1] at `resolution`, mirrored
+    /// with `flip` (as its image is); an error if the dataset has no condition images.
+    pub fn condition(&self, index: usize, resolution: usize, flip: bool, device: &Device) -> Result<Tensor> {
+        let example = &self.examples[index];
+        let path = example.condition.as_ref().ok_or_else(|| {
+            Error::invalid(format!("{} has no condition image (give the folder of them)", example.image.display()))
+        })?;
+        Ok(rgb_to_tensor(&square_image(path, resolution, flip)?, device)?.squeeze(0)?)
+    }
+}
+
+/// The image at `path` scaled (shorter side) to `resolution`, center-cropped square, mirrored with
+/// `flip`: torchvision's `Resize`, `CenterCrop` and `RandomHorizontalFlip` as the scripts use them.
+fn square_image(path: &Path, resolution: usize, flip: bool) -> Result<image::RgbImage> {
+    let svg = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"));
+    let img = if svg { None } else { Some(load_rgb(path)?) };
+    let (w, h) = match &img {
+        Some(img) => (img.width() as usize, img.height() as usize),
+        None => svg_size(path).map(|(w, h)| (w.round().max(1.0) as usize, h.round().max(1.0) as usize))?,
+    };
+    // torchvision's Resize(int): the shorter side to `resolution`, the other truncated.
+    let (rw, rh) = if w <= h { (resolution, resolution * h / w) } else { (resolution * w / h, resolution) };
+    if rw == 0 || rh == 0 {
+        return Err(Error::invalid(format!("{}: a {w}x{h} image cannot be scaled to {resolution}", path.display())));
+    }
+    let resized = match &img {
+        Some(img) => pil_resize(img, rw, rh, Filter::Bilinear),
+        None => render_svg(path, rw as u32, rh as u32)?,
+    };
+    // CenterCrop: torchvision rounds the offsets to the nearest integer.
+    let (left, top) =
+        (((rw - resolution) as f64 / 2.0).round() as u32, ((rh - resolution) as f64 / 2.0).round() as u32);
+    let side = resolution as u32;
+    let cropped = image::imageops::crop_imm(&resized, left, top, side, side).to_image();
+    Ok(if flip { image::imageops::flip_horizontal(&cropped) } else { cropped })
 }
 
 /// diffusers' `metadata.jsonl`: one JSON object a line with `file_name` and `text`.
@@ -114,7 +158,7 @@ fn read_metadata(dir: &Path, path: &Path) -> Result<Vec<Example>> {
         if !image.is_file() {
             return Err(bad(&format!("`file_name` {file} is not a file in {}", dir.display())));
         }
-        examples.push(Example { image, caption: caption.to_string() });
+        examples.push(Example { image, caption: caption.to_string(), condition: None });
     }
     Ok(examples)
 }
@@ -163,7 +207,7 @@ fn captioned_images(dir: &Path, fallback: Option<&str>) -> Result<Vec<Example>> 
                 caption_file.display()
             )));
         };
-        examples.push(Example { image, caption });
+        examples.push(Example { image, caption, condition: None });
     }
     Ok(examples)
 }
@@ -183,7 +227,10 @@ mod tests {
         png(&dir.path().join("a.png"), (6, 4));
         std::fs::write(dir.path().join("a.txt"), "a red square\n").unwrap();
         let data = Dataset::open(dir.path()).unwrap();
-        assert_eq!(data.examples(), [Example { image: dir.path().join("a.png"), caption: "a red square".into() }]);
+        assert_eq!(
+            data.examples(),
+            [Example { image: dir.path().join("a.png"), caption: "a red square".into(), condition: None }]
+        );
         let image = data.image(0, 4, true, &Device::Cpu).unwrap();
         assert_eq!(image.dims(), [3, 4, 4]);
         let values = image.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -1,9 +1,10 @@
 //! Training: the pieces `diffctl train` is built from, each as small as the step it takes.
 //!
-//! Models train through their ordinary forward pass. The CPU kernels (see [`crate::kernels`]) have
-//! no backward pass of their own, so wherever an input tracks gradients (a trainable variable, or a
-//! value computed from one) they run candle's differentiable ops instead; the frozen part of a model
-//! that no gradient reaches keeps the fast kernels.
+//! Models train through their ordinary forward pass. The 3x3 convolution and GroupNorm kernels (see
+//! [`crate::kernels`]) carry their own backward passes; the other CPU kernels have none, so wherever
+//! their input tracks gradients (a trainable variable, or a value computed from one) candle's
+//! differentiable ops run instead. The frozen part of a model that no gradient reaches keeps the fast
+//! kernels.
 //!
 //! - [`lora`]: trainable low-rank adapters attached to a model's layers, exported in kohya's layout.
 //! - [`objective`]: the denoising objective of diffusers' training scripts (noising, ε or v target,
@@ -12,8 +13,11 @@
 //! - [`schedule`]: learning-rate schedules with warm-up.
 //! - [`dataset`]: captioned training images (diffusers' metadata.jsonl, kohya's concept folders,
 //!   `.txt` captions).
-//! - [`run`]: a LoRA training run from a dataset to a kohya file.
+//! - [`run`]: a training run from a dataset to its exported result (LoRA, textual inversion, full
+//!   fine-tuning), and the step loop every kind shares.
+//! - [`controlnet`]: ControlNet training, to a diffusers ControlNet folder.
 
+pub mod controlnet;
 pub mod dataset;
 pub mod lora;
 pub mod objective;

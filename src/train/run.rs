@@ -25,7 +25,7 @@ use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
 use crate::io::diffusers_folder::DiffusersFolder;
 use crate::io::output::OutputFiles;
-use crate::models::unet::{Conditioning, UNetInput};
+use crate::models::unet::{Conditioning, UNetControls, UNetInput};
 use crate::noise::SeededNoise;
 use crate::pipeline::StableDiffusion;
 use crate::schedulers::NoiseSource;
@@ -218,14 +218,14 @@ pub fn train_full(
 ) -> Result<()> {
     check(model, options)?;
     let source = DiffusersFolder::open(source)?;
-    check_output_folder(source.root(), output)?;
+    check_output_folder(output, Some(source.root()))?;
     let (unet, text) = model.make_trainable(full.text_encoder)?;
     let trainee = FullTrainee { source, unet: unet.parameters(), text: text.parameters(), options: full.clone() };
     run_steps(model, data, options, output, &trainee, on_step)
 }
 
 /// Refuses options a run cannot use, before any work.
-fn check(model: &StableDiffusion, options: &TrainingOptions) -> Result<()> {
+pub(super) fn check(model: &StableDiffusion, options: &TrainingOptions) -> Result<()> {
     if !(0.0..=1.0).contains(&options.caption_dropout) {
         return Err(Error::invalid(format!("the caption dropout {} must be in [0, 1]", options.caption_dropout)));
     }
@@ -243,9 +243,9 @@ fn check(model: &StableDiffusion, options: &TrainingOptions) -> Result<()> {
     Ok(())
 }
 
-/// Refuses an output folder that is the model's own folder, or exists as something else than a
-/// folder, or whose parent is missing, before any work.
-fn check_output_folder(source: &Path, output: &Path) -> Result<()> {
+/// Refuses an output folder that is the folder being trained (`trained`), or exists as something
+/// else than a folder, or whose parent is missing, before any work.
+pub(super) fn check_output_folder(output: &Path, trained: Option<&Path>) -> Result<()> {
     let parent = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
         return Err(Error::invalid(format!("{}: the folder for the output does not exist", parent.display())));
@@ -254,8 +254,8 @@ fn check_output_folder(source: &Path, output: &Path) -> Result<()> {
         Ok(m) if !m.is_dir() => {
             Err(Error::invalid(format!("{}: the output must be a folder; a file is there", output.display())))
         }
-        Ok(_) if same_folder(source, output) => Err(Error::invalid(format!(
-            "{}: the output folder is the model being trained; write the trained model elsewhere",
+        Ok(_) if trained.is_some_and(|t| same_folder(t, output)) => Err(Error::invalid(format!(
+            "{}: the output folder is what is being trained; write the result elsewhere",
             output.display()
         ))),
         _ => Ok(()),
@@ -268,7 +268,7 @@ fn same_folder(a: &Path, b: &Path) -> bool {
 }
 
 /// The text context [B, 77, D] of `captions` through the model's tokenizer and text encoder.
-fn text_context(model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
+pub(super) fn text_context(model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
     let ids = captions.iter().map(|c| model.tokenizer.encode_padded(c)).collect::<Result<Vec<_>>>()?;
     let ids = Tensor::from_vec(ids.concat(), (captions.len(), model.tokenizer.max_length()), model.device())?;
     model.text_encoder.encode(&ids, 0)
@@ -276,11 +276,27 @@ fn text_context(model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
 
 /// What one kind of run trains: its variables, how a caption becomes the UNet's context through
 /// them, what identifies the run in a checkpoint, and how the result is written.
-trait Trainee {
+pub(super) trait Trainee {
     /// The trainable variables by name.
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The text context [B, 77, D] of `captions`.
     fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor>;
+    /// Whether a batch brings its examples' condition images (the control kinds).
+    fn uses_conditions(&self) -> bool {
+        false
+    }
+    /// What this run adds to the UNet's pass over the `noisy` latents at `timesteps` with
+    /// `conditioning`, given the batch's condition images [B, 3, R, R] in [0, 1] where
+    /// [`Self::uses_conditions`] asks for them: residuals, an extra attention stream.
+    fn controls(
+        &self,
+        _noisy: &Tensor,
+        _timesteps: &Tensor,
+        _conditioning: &Conditioning,
+        _conditions: Option<&Tensor>,
+    ) -> Result<UNetControls> {
+        Ok(UNetControls::default())
+    }
     /// What a checkpoint of this run records of it (beside the training options).
     fn identity(&self) -> Vec<(&'static str, String)>;
     /// Writes the result to `output` after `step` steps.
@@ -393,14 +409,6 @@ impl Trainee for FullTrainee {
     }
 
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
-        let metadata = || {
-            HashMap::from([
-                ("format".to_string(), "pt".to_string()),
-                ("diffctl_steps".to_string(), step.to_string()),
-                ("diffctl_seed".to_string(), options.seed.to_string()),
-                ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-            ])
-        };
         let trained = self.trained_components();
         let mut files = OutputFiles::new();
         for (relative, from) in self.source.files()? {
@@ -426,12 +434,23 @@ impl Trainee for FullTrainee {
             let path = output.join(component).join(file_name);
             let tensors = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
             files.stage(&path, |file| {
-                crate::io::output::write_safetensors(file, tensors, Some(metadata()))
+                crate::io::output::write_safetensors(file, tensors, Some(export_metadata(options, step)))
                     .map_err(|message| Error::Format { path: path.clone(), message })
             })?;
         }
         files.commit()
     }
+}
+
+/// The metadata of an exported diffusers weight file: PyTorch's `format` tag (which diffusers' loaders
+/// expect) and the run's step, seed and diffctl version.
+pub(super) fn export_metadata(options: &TrainingOptions, step: usize) -> HashMap<String, String> {
+    HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("diffctl_steps".to_string(), step.to_string()),
+        ("diffctl_seed".to_string(), options.seed.to_string()),
+        ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ])
 }
 
 /// Whether a component's file holds weights (safetensors, PyTorch pickles, shard indexes).
@@ -440,12 +459,12 @@ fn is_weights_file(name: &str) -> bool {
 }
 
 /// Creates `dir` (and its parents) if absent.
-fn create_folder(dir: &Path) -> Result<()> {
+pub(super) fn create_folder(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// The steps of a run: batches, the objective, the optimiser, reports, checkpoints and exports.
-fn run_steps(
+pub(super) fn run_steps(
     model: &StableDiffusion,
     data: &Dataset,
     options: &TrainingOptions,
@@ -473,11 +492,16 @@ fn run_steps(
         let mut rng = StdRng::seed_from_u64(step_seed(options.seed, step));
         let mut noise = SeededNoise::new(rng.random());
         let indices: Vec<usize> = (0..options.batch_size).map(|_| order.next()).collect();
-        let images = indices
-            .iter()
-            .map(|&i| data.image(i, options.resolution, options.random_flip && rng.random_bool(0.5), &device))
-            .collect::<Result<Vec<_>>>()?;
-        let images = Tensor::stack(&images, 0)?;
+        let flips: Vec<bool> = indices.iter().map(|_| options.random_flip && rng.random_bool(0.5)).collect();
+        let batch_of = |load: &dyn Fn(usize, bool) -> Result<Tensor>| -> Result<Tensor> {
+            let tensors = indices.iter().zip(&flips).map(|(&i, &flip)| load(i, flip)).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&tensors, 0)?)
+        };
+        let images = batch_of(&|i, flip| data.image(i, options.resolution, flip, &device))?;
+        let conditions = match trainee.uses_conditions() {
+            true => Some(batch_of(&|i, flip| data.condition(i, options.resolution, flip, &device))?),
+            false => None,
+        };
         let captions: Vec<&str> = indices
             .iter()
             .map(|&i| {
@@ -496,7 +520,9 @@ fn run_steps(
             (0..options.batch_size).map(|_| rng.random_range(0..objective.num_train_timesteps())).collect();
         let noisy = objective.add_noise(&latents, &eps, &timesteps)?;
         let t = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &device)?;
-        let prediction = model.unet.forward(UNetInput::new(&noisy, &t, &Conditioning::text(context)))?;
+        let conditioning = Conditioning::text(context);
+        let controls = trainee.controls(&noisy, &t, &conditioning, conditions.as_ref())?;
+        let prediction = model.unet.forward(UNetInput::new(&noisy, &t, &conditioning).with_controls(&controls))?;
         let loss = objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?;
         let mut grads = loss.backward()?;
         let grad_norm = optimizer.clip_grad_norm(&mut grads, options.max_grad_norm)?;
@@ -521,7 +547,11 @@ fn run_steps(
 }
 
 /// Writes `tensors` with `metadata` to `path` as safetensors, atomically.
-fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>, metadata: HashMap<String, String>) -> Result<()> {
+pub(super) fn write_tensors(
+    path: &Path,
+    tensors: Vec<(String, Tensor)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     crate::io::output::write_file(path, |file| {
         crate::io::output::write_safetensors(file, tensors, Some(metadata))
             .map_err(|message| Error::Format { path: path.into(), message })
