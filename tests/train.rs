@@ -23,10 +23,10 @@ use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetControls, UNetIn
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::schedulers::SchedulerConfig;
 use diffctl::tokenizer::ClipTokenizer;
-use diffctl::train::controlnet::write_controlnet_folder;
 use diffctl::train::lora::LoraAdapters;
 use diffctl::train::objective::DenoisingObjective;
 use diffctl::train::optimizer::{AdamW, AdamWConfig};
+use diffctl::train::run::write_model_folder;
 use serde_json::Value;
 
 const MODEL: &str = "tests/fixtures/models/sd1-tiny";
@@ -470,7 +470,7 @@ fn controlnet_training_matches_diffusers_training() {
     if let Some(dir) = std::env::var_os("DIFFCTL_TRAIN_EXPORTS") {
         let tensors = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
         let folder = std::path::Path::new(&dir).join("controlnet");
-        write_controlnet_folder(&folder, &p.case["controlnet_config"], tensors, HashMap::new()).unwrap();
+        write_model_folder(&folder, &p.case["controlnet_config"], tensors, HashMap::new()).unwrap();
     }
 }
 
@@ -591,6 +591,11 @@ fn t2i_adapter_training_matches_diffusers_training() {
         p.backward_and_step(step, &loss, &params, &mut optimizer);
     }
     p.assert_trained(&params, &initial);
+    if let Some(dir) = std::env::var_os("DIFFCTL_TRAIN_EXPORTS") {
+        let tensors = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        let folder = std::path::Path::new(&dir).join("t2i-adapter");
+        write_model_folder(&folder, &p.case["adapter_config"], tensors, HashMap::new()).unwrap();
+    }
 }
 
 /// A folder of the fixture's two training images with .txt captions.
@@ -720,96 +725,137 @@ fn cli_train_rejects_bad_input() {
     assert!(!output.exists(), "no output is written on errors");
 }
 
+/// A folder of the fixture's two condition images, named as the training images they go with.
+fn condition_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a", "b"] {
+        std::fs::copy(
+            repo_path(&format!("tests/fixtures/train/images/control-{name}.png")),
+            dir.path().join(format!("train-{name}.png")),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+/// Runs `diffctl train KIND` on sd1-tiny with the caption folder `data`, two steps of batch 2 at
+/// 32x32, writing `output`, plus `extra` flags.
+fn train_cli(kind: &str, data: &std::path::Path, output: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let model = repo_path(MODEL);
+    let mut args = vec![
+        "train",
+        kind,
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--resolution",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--lr",
+        "1e-2",
+    ];
+    args.extend_from_slice(extra);
+    common::diffctl(&args)
+}
+
+/// The final latents of `diffctl generate` on sd1-tiny ("a red ball", 2 steps, 32x32, seed 1) with
+/// `extra` flags, written in `dir`.
+fn generate_latents(dir: &std::path::Path, extra: &[&str]) -> Tensor {
+    let (png, latents) = (dir.join("image.png"), dir.join("latents.safetensors"));
+    let model = repo_path(MODEL);
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red ball",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--seed",
+        "1",
+        "--output",
+        png.to_str().unwrap(),
+        "--output-latents",
+        latents.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = common::diffctl(&args);
+    assert!(run.status.success(), "generate failed: {}", String::from_utf8_lossy(&run.stderr));
+    load_fixture_abs(&latents)["latents"].clone()
+}
+
 /// `diffctl train controlnet` end to end: a new ControlNet copied from the UNet, trained on the
 /// fixture's images and condition images, written as a diffusers folder that `generate
 /// --controlnet` loads and that changes the image; its zero convolutions moved from zero; a
 /// training image without a condition image is a clear error.
 #[test]
 fn cli_trains_a_controlnet_that_generate_loads() {
-    let data = caption_folder();
-    let conditions = tempfile::tempdir().unwrap();
-    for name in ["a", "b"] {
-        std::fs::copy(
-            repo_path(&format!("tests/fixtures/train/images/control-{name}.png")),
-            conditions.path().join(format!("train-{name}.png")),
-        )
-        .unwrap();
-    }
+    let (data, conditions) = (caption_folder(), condition_folder());
     let out = tempfile::tempdir().unwrap();
     let controlnet = out.path().join("controlnet");
-    let model = repo_path(MODEL);
-    let train = |conditions: &std::path::Path| {
-        common::diffctl(&[
-            "train",
-            "controlnet",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.path().to_str().unwrap(),
-            "--conditioning",
-            conditions.to_str().unwrap(),
-            "--output",
-            controlnet.to_str().unwrap(),
-            "--resolution",
-            "32",
-            "--batch-size",
-            "2",
-            "--steps",
-            "2",
-            "--lr",
-            "1e-2",
-        ])
-    };
-    let run = train(conditions.path());
+    let flags = ["--conditioning", conditions.path().to_str().unwrap()];
+    let run = train_cli("controlnet", data.path(), &controlnet, &flags);
     assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
     let config = ControlNetConfig::load(&controlnet.join("config.json")).unwrap();
     assert_eq!(config.conditioning_embedding_out_channels, [16, 32], "diffusers' first channels, for a factor of 2");
     let tensors = load_fixture_abs(&controlnet.join("diffusion_pytorch_model.safetensors"));
     let moved = tensors["controlnet_mid_block.weight"].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(moved > 1e-4, "the mid block's zero convolution did not train: max |w| {moved}");
-    let unet_conv_in =
-        load_fixture(&format!("{MODEL}/unet/diffusion_pytorch_model.safetensors"))["conv_in.weight"].clone();
-    assert_eq!(tensors["conv_in.weight"].dims(), unet_conv_in.dims(), "conv_in copied from the UNet");
+    let unet = load_fixture(&format!("{MODEL}/unet/diffusion_pytorch_model.safetensors"));
+    assert_eq!(tensors["conv_in.weight"].dims(), unet["conv_in.weight"].dims(), "conv_in copied from the UNet");
 
-    let png = out.path().join("image.png");
-    let generate = |extra: &[&str]| {
-        let latents = out.path().join(format!("latents{}.safetensors", extra.len()));
-        let mut args = vec![
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a red ball",
-            "--steps",
-            "2",
-            "--width",
-            "32",
-            "--height",
-            "32",
-            "--seed",
-            "1",
-            "--output",
-            png.to_str().unwrap(),
-            "--output-latents",
-            latents.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let run = common::diffctl(&args);
-        assert!(run.status.success(), "generate failed: {}", String::from_utf8_lossy(&run.stderr));
-        load_fixture_abs(&latents)["latents"].clone()
-    };
-    let plain = generate(&[]);
+    let plain = generate_latents(out.path(), &[]);
     let control = conditions.path().join("train-a.png");
-    let controlled =
-        generate(&["--controlnet", controlnet.to_str().unwrap(), "--control-image", control.to_str().unwrap()]);
+    let controlled = generate_latents(
+        out.path(),
+        &["--controlnet", controlnet.to_str().unwrap(), "--control-image", control.to_str().unwrap()],
+    );
     assert!(common::max_abs_diff(&plain, &controlled) > 1e-6, "the trained ControlNet changes nothing");
 
     std::fs::remove_file(conditions.path().join("train-b.png")).unwrap();
     std::fs::remove_dir_all(&controlnet).unwrap();
-    let run = train(conditions.path());
+    let run = train_cli("controlnet", data.path(), &controlnet, &flags);
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && err.contains("train-b.png has no condition image"), "{err}");
     assert!(!controlnet.exists(), "no output is written on errors");
+}
+
+/// `diffctl train t2i-adapter` end to end: a new full adapter of the UNet's widths, trained with
+/// the script's objective, written as a diffusers folder that `generate --t2i-adapter` loads and
+/// that changes the image; a v-prediction model is refused (the objective is the ε one).
+#[test]
+fn cli_trains_a_t2i_adapter_that_generate_loads() {
+    let (data, conditions) = (caption_folder(), condition_folder());
+    let out = tempfile::tempdir().unwrap();
+    let adapter = out.path().join("adapter");
+    let flags = ["--conditioning", conditions.path().to_str().unwrap()];
+    let run = train_cli("t2i-adapter", data.path(), &adapter, &flags);
+    assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
+    let config = T2IAdapterConfig::load(&adapter.join("config.json")).unwrap();
+    assert_eq!((config.channels.as_slice(), config.downscale_factor, config.num_res_blocks), (&[8, 16, 16][..], 2, 2));
+    let plain = generate_latents(out.path(), &[]);
+    let control = conditions.path().join("train-a.png");
+    let adapted = generate_latents(
+        out.path(),
+        &["--t2i-adapter", adapter.to_str().unwrap(), "--adapter-image", control.to_str().unwrap()],
+    );
+    assert!(common::max_abs_diff(&plain, &adapted) > 1e-6, "the trained adapter changes nothing");
+
+    let refused = out.path().join("refused");
+    let run =
+        train_cli("t2i-adapter", data.path(), &refused, &[&flags[..], &["--prediction-type", "v_prediction"]].concat());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && err.contains("needs an epsilon-prediction model"), "{err}");
 }
 
 fn load_fixture_abs(path: &std::path::Path) -> HashMap<String, Tensor> {

@@ -17,6 +17,7 @@ use crate::train::run::{
     train_textual_inversion,
 };
 use crate::train::schedule::LrSchedule;
+use crate::train::t2i_adapter::{T2IAdapterStart, train_t2i_adapter};
 
 /// Arguments of `diffctl train`.
 #[derive(Debug, Args)]
@@ -41,6 +42,27 @@ enum TrainKind {
     /// paired with condition images, written as a diffusers ControlNet folder (loads in
     /// `--controlnet` and diffusers' ControlNetModel.from_pretrained).
     Controlnet(Box<ControlNetArgs>),
+    /// A T2I-Adapter (new, or an existing one trained further) on images paired with condition
+    /// images, with the diffusers script's objective (epsilon-prediction models), written as a
+    /// diffusers T2IAdapter folder (loads in `--t2i-adapter` and diffusers' T2IAdapter.from_pretrained).
+    T2iAdapter(Box<T2IAdapterArgs>),
+}
+
+/// Arguments of `diffctl train t2i-adapter` (diffusers' train_t2i_adapter_sdxl.py, for SD1.x/2.x).
+#[derive(Debug, Args)]
+struct T2IAdapterArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The condition images: a folder holding, for each training image, the file of the same name
+    /// (or stem) at the same place.
+    #[arg(long, value_name = "DIR")]
+    conditioning: PathBuf,
+    /// Train this diffusers T2IAdapter folder further instead of a new adapter.
+    #[arg(long, value_name = "DIR")]
+    t2i_adapter: Option<PathBuf>,
+    /// Residual blocks per stage of a new adapter.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    res_blocks: usize,
 }
 
 /// Arguments of `diffctl train controlnet` (diffusers' train_controlnet.py).
@@ -114,7 +136,7 @@ struct CommonArgs {
     /// The training images: a folder with metadata.jsonl, kohya `N_name` folders, or images with .txt captions.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
-    /// Where to write the result (a .safetensors file; a folder for `full` and `controlnet`).
+    /// Where to write the result (a .safetensors file; a folder for `full`, `controlnet` and `t2i-adapter`).
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
     /// Square training resolution in pixels.
@@ -236,6 +258,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             common.conditioning = Some(args.conditioning.clone());
             train(&common, "a ControlNet", |model, data, options, output, on_step| {
                 train_controlnet(model, data, options, &start, output, on_step)
+            })
+        }
+        TrainKind::T2iAdapter(args) => {
+            let start = match &args.t2i_adapter {
+                Some(dir) => T2IAdapterStart::Folder(dir.clone()),
+                None => T2IAdapterStart::New { res_blocks: args.res_blocks },
+            };
+            let mut common = args.common.clone();
+            common.conditioning = Some(args.conditioning.clone());
+            train(&common, "a T2I-Adapter", |model, data, options, output, on_step| {
+                train_t2i_adapter(model, data, options, &start, output, on_step)
             })
         }
     }

@@ -9,17 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
 use super::dataset::Dataset;
+use super::init::pytorch_default;
 use super::run::{
-    StepReport, Trainee, TrainingOptions, check, check_output_folder, create_folder, export_metadata, run_steps,
-    text_context,
+    StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder, export_metadata, run_steps,
+    text_context, write_model_folder,
 };
 use crate::io::diffusers_folder::open_weights_in;
-use crate::io::output::OutputFiles;
 use crate::io::weights::{TensorStore, TrainableParameters, Weights};
 use crate::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
 use crate::models::unet::{Conditioning, UNetControls};
@@ -89,12 +87,7 @@ pub fn train_controlnet(
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<()> {
     check(model, options)?;
-    if let Some(example) = data.examples().iter().find(|e| e.condition.is_none()) {
-        return Err(Error::invalid(format!(
-            "{}: ControlNet training needs a condition image for every training image",
-            example.image.display()
-        )));
-    }
+    check_conditions(data, "ControlNet")?;
     let (config_json, store, label) = match start {
         ControlNetStart::FromUnet { conditioning_channels } => {
             let (json, store) = copy_of_unet(model, *conditioning_channels, options.seed)?;
@@ -130,8 +123,7 @@ pub fn train_controlnet(
 
 /// A new ControlNet's config and weights from `model`'s UNet, as diffusers' `from_unet` makes them:
 /// the UNet's input half copied; the condition embedding with PyTorch's default initialisation
-/// (uniform in ±1/sqrt(fan-in), seeded by `seed`) but its last convolution zero; the zero
-/// convolutions zero.
+/// (seeded by `seed`) but its last convolution zero; the zero convolutions zero.
 fn copy_of_unet(model: &StableDiffusion, conditioning_channels: usize, seed: u64) -> Result<(Value, Arc<TensorStore>)> {
     let (unet_json, unet_store) = model.unet_files();
     let factor = model.vae_scale_factor();
@@ -159,20 +151,19 @@ fn copy_of_unet(model: &StableDiffusion, conditioning_channels: usize, seed: u64
         }
     }
     let device = model.device();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut uniform_conv = |name: &str, out: usize, inp: usize| -> Result<()> {
-        let bound = 1.0 / ((inp * 9) as f32).sqrt();
-        let mut draw = |n: usize| (0..n).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>();
-        tensors.insert(format!("{name}.weight"), Tensor::from_vec(draw(out * inp * 9), (out, inp, 3, 3), device)?);
-        tensors.insert(format!("{name}.bias"), Tensor::from_vec(draw(out), out, device)?);
-        Ok(())
-    };
     let prefix = "controlnet_cond_embedding";
-    uniform_conv(&format!("{prefix}.conv_in"), embedding[0], conditioning_channels)?;
+    let mut embedding_layers = vec![(format!("{prefix}.conv_in"), embedding[0], conditioning_channels)];
     for i in 0..embedding.len() - 1 {
-        uniform_conv(&format!("{prefix}.blocks.{}", 2 * i), embedding[i], embedding[i])?;
-        uniform_conv(&format!("{prefix}.blocks.{}", 2 * i + 1), embedding[i + 1], embedding[i])?;
+        embedding_layers.push((format!("{prefix}.blocks.{}", 2 * i), embedding[i], embedding[i]));
+        embedding_layers.push((format!("{prefix}.blocks.{}", 2 * i + 1), embedding[i + 1], embedding[i]));
     }
+    let shapes: Vec<(String, Vec<usize>)> = embedding_layers
+        .iter()
+        .flat_map(|(name, out, inp)| {
+            [(format!("{name}.weight"), vec![*out, *inp, 3, 3]), (format!("{name}.bias"), vec![*out])]
+        })
+        .collect();
+    tensors.extend(pytorch_default(&shapes, seed, device)?);
     let blocks = &model.unet.config().blocks;
     let mut zeros = |name: String, out: usize, inp: usize, k: usize| -> Result<()> {
         tensors.insert(format!("{name}.weight"), Tensor::zeros((out, inp, k, k), DType::F32, device)?);
@@ -237,30 +228,6 @@ impl Trainee for ControlNetTrainee {
 
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
         let tensors = self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-        write_controlnet_folder(output, &self.config_json, tensors, export_metadata(options, step))
+        write_model_folder(output, &self.config_json, tensors, export_metadata(options, step))
     }
-}
-
-/// Writes a diffusers ControlNet folder: `config` as `config.json` and `tensors` (diffusers names)
-/// with `metadata` as `diffusion_pytorch_model.safetensors`, both or neither (staged, then renamed).
-pub fn write_controlnet_folder(
-    output: &Path,
-    config: &Value,
-    tensors: Vec<(String, Tensor)>,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    create_folder(output)?;
-    let mut files = OutputFiles::new();
-    let config_path = output.join("config.json");
-    let config =
-        serde_json::to_string_pretty(config).map_err(|e| Error::invalid(format!("the ControlNet config: {e}")))?;
-    files.stage(&config_path, |file| {
-        std::io::Write::write_all(file, config.as_bytes()).map_err(|e| Error::io(&config_path, e))
-    })?;
-    let path = output.join("diffusion_pytorch_model.safetensors");
-    files.stage(&path, |file| {
-        crate::io::output::write_safetensors(file, tensors, Some(metadata))
-            .map_err(|message| Error::Format { path: path.clone(), message })
-    })?;
-    files.commit()
 }

@@ -16,11 +16,15 @@
 //! - [`run`]: a training run from a dataset to its exported result (LoRA, textual inversion, full
 //!   fine-tuning), and the step loop every kind shares.
 //! - [`controlnet`]: ControlNet training, to a diffusers ControlNet folder.
+//! - [`t2i_adapter`]: T2I-Adapter training, to a diffusers T2IAdapter folder.
+//! - [`init`]: PyTorch's default initialisation for networks created from nothing.
 
 pub mod controlnet;
 pub mod dataset;
+pub mod init;
 pub mod lora;
 pub mod objective;
 pub mod optimizer;
 pub mod run;
 pub mod schedule;
+pub mod t2i_adapter;

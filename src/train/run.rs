@@ -226,6 +226,12 @@ pub fn train_full(
 
 /// Refuses options a run cannot use, before any work.
 pub(super) fn check(model: &StableDiffusion, options: &TrainingOptions) -> Result<()> {
+    if model.text_2.is_some() {
+        return Err(Error::invalid(
+            "training SDXL models is not supported yet (its second text encoder, pooled embedding and time ids); \
+             train on an SD1.x/2.x model",
+        ));
+    }
     if !(0.0..=1.0).contains(&options.caption_dropout) {
         return Err(Error::invalid(format!("the caption dropout {} must be in [0, 1]", options.caption_dropout)));
     }
@@ -281,6 +287,10 @@ pub(super) trait Trainee {
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The text context [B, 77, D] of `captions`.
     fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor>;
+    /// How the run noises its latents and scores the prediction.
+    fn objective(&self) -> StepObjective {
+        StepObjective::Uniform
+    }
     /// Whether a batch brings its examples' condition images (the control kinds).
     fn uses_conditions(&self) -> bool {
         false
@@ -301,6 +311,18 @@ pub(super) trait Trainee {
     fn identity(&self) -> Vec<(&'static str, String)>;
     /// Writes the result to `output` after `step` steps.
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()>;
+}
+
+/// How a step noises the latents and scores the model's prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StepObjective {
+    /// Most scripts': uniform timesteps, DDPM noising, the ε or v target, mean squared error
+    /// (min-SNR-γ weighted if asked).
+    Uniform,
+    /// The T2I-Adapter script's: cubic timesteps `(1 − u³)·T` (mostly high noise, where structure
+    /// forms), Euler noise levels, the σ⁻²-weighted error of the denoised latents (see
+    /// [`DenoisingObjective::euler_denoised_loss`]).
+    EulerCubic,
 }
 
 /// LoRA adapters on the UNet.
@@ -453,6 +475,41 @@ pub(super) fn export_metadata(options: &TrainingOptions, step: usize) -> HashMap
     ])
 }
 
+/// Writes a diffusers model folder of one network (a ControlNet, a T2I-Adapter): `config` as
+/// `config.json` and `tensors` (diffusers names) with `metadata` as
+/// `diffusion_pytorch_model.safetensors`, both or neither (staged, then renamed).
+pub fn write_model_folder(
+    output: &Path,
+    config: &serde_json::Value,
+    tensors: Vec<(String, Tensor)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    create_folder(output)?;
+    let mut files = OutputFiles::new();
+    let config_path = output.join("config.json");
+    let config = serde_json::to_string_pretty(config).map_err(|e| Error::invalid(format!("the model config: {e}")))?;
+    files.stage(&config_path, |file| {
+        std::io::Write::write_all(file, config.as_bytes()).map_err(|e| Error::io(&config_path, e))
+    })?;
+    let path = output.join("diffusion_pytorch_model.safetensors");
+    files.stage(&path, |file| {
+        crate::io::output::write_safetensors(file, tensors, Some(metadata))
+            .map_err(|message| Error::Format { path: path.clone(), message })
+    })?;
+    files.commit()
+}
+
+/// Refuses a dataset without a condition image for every example, for the `kind` that needs them.
+pub(super) fn check_conditions(data: &Dataset, kind: &str) -> Result<()> {
+    match data.examples().iter().find(|e| e.condition.is_none()) {
+        Some(example) => Err(Error::invalid(format!(
+            "{}: {kind} training needs a condition image for every training image",
+            example.image.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Whether a component's file holds weights (safetensors, PyTorch pickles, shard indexes).
 fn is_weights_file(name: &str) -> bool {
     name.ends_with(".safetensors") || name.ends_with(".bin") || name.contains(".index")
@@ -498,9 +555,10 @@ pub(super) fn run_steps(
             Ok(Tensor::stack(&tensors, 0)?)
         };
         let images = batch_of(&|i, flip| data.image(i, options.resolution, flip, &device))?;
-        let conditions = match trainee.uses_conditions() {
-            true => Some(batch_of(&|i, flip| data.condition(i, options.resolution, flip, &device))?),
-            false => None,
+        let conditions = if trainee.uses_conditions() {
+            Some(batch_of(&|i, flip| data.condition(i, options.resolution, flip, &device))?)
+        } else {
+            None
         };
         let captions: Vec<&str> = indices
             .iter()
@@ -516,14 +574,32 @@ pub(super) fn run_steps(
             let (b, c, _, _) = latents.dims4()?;
             eps = eps.broadcast_add(&(noise.sample(&[b, c, 1, 1], &device)? * options.noise_offset)?)?;
         }
-        let timesteps: Vec<usize> =
-            (0..options.batch_size).map(|_| rng.random_range(0..objective.num_train_timesteps())).collect();
-        let noisy = objective.add_noise(&latents, &eps, &timesteps)?;
+        let steps_trained = objective.num_train_timesteps();
+        let kind = trainee.objective();
+        let timesteps: Vec<usize> = (0..options.batch_size)
+            .map(|_| match kind {
+                StepObjective::Uniform => rng.random_range(0..steps_trained),
+                StepObjective::EulerCubic => {
+                    let u: f64 = rng.random();
+                    (((1.0 - u.powi(3)) * steps_trained as f64) as usize).min(steps_trained - 1)
+                }
+            })
+            .collect();
         let t = Tensor::new(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), &device)?;
+        let (input, noisy) = match kind {
+            StepObjective::Uniform => (objective.add_noise(&latents, &eps, &timesteps)?, None),
+            StepObjective::EulerCubic => {
+                let (noisy, input) = objective.euler_noisy(&latents, &eps, &timesteps)?;
+                (input, Some(noisy))
+            }
+        };
         let conditioning = Conditioning::text(context);
-        let controls = trainee.controls(&noisy, &t, &conditioning, conditions.as_ref())?;
-        let prediction = model.unet.forward(UNetInput::new(&noisy, &t, &conditioning).with_controls(&controls))?;
-        let loss = objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?;
+        let controls = trainee.controls(&input, &t, &conditioning, conditions.as_ref())?;
+        let prediction = model.unet.forward(UNetInput::new(&input, &t, &conditioning).with_controls(&controls))?;
+        let loss = match &noisy {
+            None => objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?,
+            Some(noisy) => objective.euler_denoised_loss(&prediction, noisy, &latents, &timesteps)?,
+        };
         let mut grads = loss.backward()?;
         let grad_norm = optimizer.clip_grad_norm(&mut grads, options.max_grad_norm)?;
         let lr = options.optimizer.lr * options.schedule.factor(step, options.steps, options.warmup_steps);

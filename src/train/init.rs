@@ -1,0 +1,42 @@
+//! PyTorch's default initialisation of new layers, for networks training creates from nothing (a
+//! T2I-Adapter, a ControlNet's condition embedding): `nn.Conv2d` and `nn.Linear` draw weight and
+//! bias uniformly in ±1/sqrt(fan-in) (kaiming-uniform with a = sqrt(5)), normalisation layers start
+//! at weight 1 and bias 0.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::{Error, Result};
+
+/// Initial tensors for the parameters `shapes` (full name, shape; as [`TensorStore::recorder`]
+/// lists a model's), drawn from `seed`: a weight of rank ≥ 2 and the bias beside it uniform in
+/// ±1/sqrt(fan-in), a weight of rank 1 (a norm's) ones and its bias zeros.
+///
+/// [`TensorStore::recorder`]: crate::io::weights::TensorStore::recorder
+pub fn pytorch_default(shapes: &[(String, Vec<usize>)], seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let weights: HashMap<&str, &[usize]> =
+        shapes.iter().filter_map(|(n, s)| Some((n.strip_suffix(".weight")?, s.as_slice()))).collect();
+    let mut tensors = HashMap::with_capacity(shapes.len());
+    for (name, shape) in shapes {
+        let layer = name.strip_suffix(".weight").or_else(|| name.strip_suffix(".bias"));
+        let weight = layer.and_then(|l| weights.get(l)).copied();
+        let tensor = match weight {
+            Some(w) if w.len() >= 2 => {
+                let fan_in: usize = w[1..].iter().product();
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                let n = shape.iter().product();
+                let values = (0..n).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>();
+                Tensor::from_vec(values, shape.as_slice(), device)?
+            }
+            Some(_) if name.ends_with(".weight") => Tensor::ones(shape.as_slice(), DType::F32, device)?,
+            Some(_) => Tensor::zeros(shape.as_slice(), DType::F32, device)?,
+            None => return Err(Error::invalid(format!("no default initialisation for the parameter `{name}`"))),
+        };
+        tensors.insert(name.clone(), tensor);
+    }
+    Ok(tensors)
+}
