@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::pipeline::{LoadOptions, StableDiffusion};
 use crate::train::controlnet::{ControlNetStart, train_controlnet};
 use crate::train::dataset::Dataset;
+use crate::train::ip_adapter::{IpAdapterOptions, train_ip_adapter};
 use crate::train::optimizer::AdamWConfig;
 use crate::train::run::{
     FullOptions, LoraOptions, StepReport, TextualInversionOptions, TrainingOptions, train_full, train_lora,
@@ -46,6 +47,29 @@ enum TrainKind {
     /// images, with the diffusers script's objective (epsilon-prediction models), written as a
     /// diffusers T2IAdapter folder (loads in `--t2i-adapter` and diffusers' T2IAdapter.from_pretrained).
     T2iAdapter(Box<T2IAdapterArgs>),
+    /// An IP-Adapter (new, or an existing one trained further): its image projection and the
+    /// attention layers' to_k_ip/to_v_ip, each training image its own image prompt, written in the
+    /// h94 layout (loads in `--ip-adapter` and diffusers' load_ip_adapter).
+    IpAdapter(Box<IpAdapterArgs>),
+}
+
+/// Arguments of `diffctl train ip-adapter` (tencent-ailab/IP-Adapter's tutorial_train.py).
+#[derive(Debug, Args)]
+struct IpAdapterArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The CLIP image-encoder folder (config.json + model.safetensors [+ preprocessor_config.json]).
+    #[arg(long, value_name = "DIR")]
+    image_encoder: PathBuf,
+    /// Train this h94 IP-Adapter file (base, Plus or Full-face) further instead of a new adapter.
+    #[arg(long, value_name = "FILE")]
+    ip_adapter: Option<PathBuf>,
+    /// Image tokens of a new adapter.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    tokens: usize,
+    /// Train this fraction of examples with a zeroed image embedding.
+    #[arg(long, default_value_t = 0.05, value_name = "F")]
+    image_dropout: f64,
 }
 
 /// Arguments of `diffctl train t2i-adapter` (diffusers' train_t2i_adapter_sdxl.py, for SD1.x/2.x).
@@ -269,6 +293,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
             common.conditioning = Some(args.conditioning.clone());
             train(&common, "a T2I-Adapter", |model, data, options, output, on_step| {
                 train_t2i_adapter(model, data, options, &start, output, on_step)
+            })
+        }
+        TrainKind::IpAdapter(args) => {
+            let ip = IpAdapterOptions {
+                image_encoder: args.image_encoder.clone(),
+                start: args.ip_adapter.clone(),
+                tokens: args.tokens,
+                image_dropout: args.image_dropout,
+            };
+            train(&args.common, "an IP-Adapter", |model, data, options, output, on_step| {
+                train_ip_adapter(model, data, options, &ip, output, on_step)
             })
         }
     }

@@ -284,7 +284,7 @@ pub(crate) struct ImageEncoder {
 
 impl ImageEncoder {
     /// Loads an image-encoder folder with its `preprocessor_config.json` (or CLIP's defaults).
-    fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+    pub(crate) fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let model = ClipVisionEncoder::from_dir(dir, options.dtype, &options.device)?;
         let config = dir.join("preprocessor_config.json");
         let processor = if config.is_file() {

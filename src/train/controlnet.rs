@@ -9,18 +9,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
+use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
 use super::dataset::Dataset;
 use super::init::pytorch_default;
 use super::run::{
-    StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder, export_metadata, run_steps,
-    text_context, write_model_folder,
+    StepBatch, StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder, export_metadata,
+    run_steps, text_context, write_model_folder,
 };
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::{TensorStore, TrainableParameters, Weights};
 use crate::models::controlnet::{ControlNet, ControlNetConfig, ResidualScale};
-use crate::models::unet::{Conditioning, UNetControls};
+use crate::models::unet::UNetControls;
 use crate::pipeline::StableDiffusion;
 use crate::{Error, Result};
 
@@ -209,16 +210,15 @@ impl Trainee for ControlNetTrainee {
         true
     }
 
-    fn controls(
-        &self,
-        noisy: &Tensor,
-        timesteps: &Tensor,
-        conditioning: &Conditioning,
-        conditions: Option<&Tensor>,
-    ) -> Result<UNetControls> {
-        let conditions = conditions.ok_or_else(|| Error::invalid("a ControlNet step needs condition images"))?;
-        let residuals =
-            self.controlnet.forward(noisy, timesteps, conditioning, conditions, ResidualScale::Uniform(1.0))?;
+    fn controls(&self, batch: &StepBatch<'_>, _rng: &mut StdRng) -> Result<UNetControls> {
+        let conditions = batch.conditions.ok_or_else(|| Error::invalid("a ControlNet step needs condition images"))?;
+        let residuals = self.controlnet.forward(
+            batch.noisy,
+            batch.timesteps,
+            batch.conditioning,
+            conditions,
+            ResidualScale::Uniform(1.0),
+        )?;
         Ok(residuals.into_controls())
     }
 

@@ -108,6 +108,18 @@ impl Dataset {
         Ok(((rgb_to_tensor(&image, device)?.squeeze(0)? * 2.0)? - 1.0)?)
     }
 
+    /// Example `index`'s image as stored, for an image encoder with its own preprocessing (an SVG
+    /// drawn over white with its shorter side `svg_side` pixels).
+    pub fn original(&self, index: usize, svg_side: usize) -> Result<image::RgbImage> {
+        let path = &self.examples[index].image;
+        if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+            return load_rgb(path);
+        }
+        let (w, h) = svg_size(path)?;
+        let scale = svg_side as f32 / w.min(h).max(f32::MIN_POSITIVE);
+        render_svg(path, (w * scale).round().max(1.0) as u32, (h * scale).round().max(1.0) as u32)
+    }
+
     /// Example `index`'s condition image as a [3, R, R] tensor in [0, 1] at `resolution`, mirrored
     /// with `flip` (as its image is); an error if the dataset has no condition images.
     pub fn condition(&self, index: usize, resolution: usize, flip: bool, device: &Device) -> Result<Tensor> {

@@ -17,11 +17,13 @@
 //!   fine-tuning), and the step loop every kind shares.
 //! - [`controlnet`]: ControlNet training, to a diffusers ControlNet folder.
 //! - [`t2i_adapter`]: T2I-Adapter training, to a diffusers T2IAdapter folder.
+//! - [`ip_adapter`]: IP-Adapter training, to an h94-layout file.
 //! - [`init`]: PyTorch's default initialisation for networks created from nothing.
 
 pub mod controlnet;
 pub mod dataset;
 pub mod init;
+pub mod ip_adapter;
 pub mod lora;
 pub mod objective;
 pub mod optimizer;

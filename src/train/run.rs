@@ -295,22 +295,31 @@ pub(super) trait Trainee {
     fn uses_conditions(&self) -> bool {
         false
     }
-    /// What this run adds to the UNet's pass over the `noisy` latents at `timesteps` with
-    /// `conditioning`, given the batch's condition images [B, 3, R, R] in [0, 1] where
-    /// [`Self::uses_conditions`] asks for them: residuals, an extra attention stream.
-    fn controls(
-        &self,
-        _noisy: &Tensor,
-        _timesteps: &Tensor,
-        _conditioning: &Conditioning,
-        _conditions: Option<&Tensor>,
-    ) -> Result<UNetControls> {
+    /// What this run adds to the UNet's pass over `batch` (residuals, an extra attention stream);
+    /// `rng` is the step's generator, for the run's own draws.
+    fn controls(&self, _batch: &StepBatch<'_>, _rng: &mut StdRng) -> Result<UNetControls> {
         Ok(UNetControls::default())
     }
     /// What a checkpoint of this run records of it (beside the training options).
     fn identity(&self) -> Vec<(&'static str, String)>;
     /// Writes the result to `output` after `step` steps.
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()>;
+}
+
+/// One step's batch as the UNet sees it.
+pub(super) struct StepBatch<'a> {
+    /// The training data.
+    pub data: &'a Dataset,
+    /// The examples of the batch, by index into the data.
+    pub indices: &'a [usize],
+    /// The UNet's input: the noised latents [B, C, h, w].
+    pub noisy: &'a Tensor,
+    /// Their timesteps [B].
+    pub timesteps: &'a Tensor,
+    /// The text conditioning.
+    pub conditioning: &'a Conditioning,
+    /// The condition images [B, 3, R, R] in [0, 1], where the trainee asks for them.
+    pub conditions: Option<&'a Tensor>,
 }
 
 /// How a step noises the latents and scores the model's prediction.
@@ -594,7 +603,15 @@ pub(super) fn run_steps(
             }
         };
         let conditioning = Conditioning::text(context);
-        let controls = trainee.controls(&input, &t, &conditioning, conditions.as_ref())?;
+        let batch = StepBatch {
+            data,
+            indices: &indices,
+            noisy: &input,
+            timesteps: &t,
+            conditioning: &conditioning,
+            conditions: conditions.as_ref(),
+        };
+        let controls = trainee.controls(&batch, &mut rng)?;
         let prediction = model.unet.forward(UNetInput::new(&input, &t, &conditioning).with_controls(&controls))?;
         let loss = match &noisy {
             None => objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?,

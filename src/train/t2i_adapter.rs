@@ -9,19 +9,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
+use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
 use super::dataset::Dataset;
 use super::init::pytorch_default;
 use super::objective::{DenoisingObjective, Target};
 use super::run::{
-    StepObjective, StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder, export_metadata,
-    run_steps, text_context, write_model_folder,
+    StepBatch, StepObjective, StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder,
+    export_metadata, run_steps, text_context, write_model_folder,
 };
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::{TensorStore, TrainableParameters, Weights};
 use crate::models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
-use crate::models::unet::{Conditioning, UNetControls};
+use crate::models::unet::UNetControls;
 use crate::pipeline::StableDiffusion;
 use crate::{Error, Result};
 
@@ -141,14 +142,8 @@ impl Trainee for T2IAdapterTrainee {
         true
     }
 
-    fn controls(
-        &self,
-        _noisy: &Tensor,
-        _timesteps: &Tensor,
-        _conditioning: &Conditioning,
-        conditions: Option<&Tensor>,
-    ) -> Result<UNetControls> {
-        let conditions = conditions.ok_or_else(|| Error::invalid("a T2I-Adapter step needs condition images"))?;
+    fn controls(&self, batch: &StepBatch<'_>, _rng: &mut StdRng) -> Result<UNetControls> {
+        let conditions = batch.conditions.ok_or_else(|| Error::invalid("a T2I-Adapter step needs condition images"))?;
         Ok(UNetControls { down_intrablock_residuals: self.adapter.forward(conditions)?, ..Default::default() })
     }
 

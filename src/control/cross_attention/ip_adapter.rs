@@ -82,22 +82,28 @@ impl IpAdapterWeights {
     /// Loads `path` for a UNet with configuration `unet`, checking the token width against the UNet's
     /// `cross_attention_dim` and the layer count against its cross-attention layers.
     pub fn load(path: &Path, unet: &UNetConfig, dtype: DType, device: &Device) -> Result<Self> {
-        Self::load_view(path, unet, |store| Weights::new(store, dtype, device))
+        Self::load_store(path, TensorStore::open(path)?, unet, |store| Weights::new(store, dtype, device))
     }
 
-    /// [`Self::load`] in f32 with every tensor a trainable variable recorded in `params` (training
-    /// the image projection and `to_k_ip`/`to_v_ip` from an initial file).
+    /// [`Self::load`] from the h94-layout tensors `store` (a file, or new weights in memory; `path`
+    /// names it) in f32 with every tensor a trainable variable recorded in `params` (training the
+    /// image projection and `to_k_ip`/`to_v_ip`).
     pub fn load_trainable(
         path: &Path,
+        store: TensorStore,
         unet: &UNetConfig,
         device: &Device,
         params: &TrainableParameters,
     ) -> Result<Self> {
-        Self::load_view(path, unet, |store| Weights::new(store, DType::F32, device).trainable(params))
+        Self::load_store(path, store, unet, |store| Weights::new(store, DType::F32, device).trainable(params))
     }
 
-    fn load_view(path: &Path, unet: &UNetConfig, view: impl FnOnce(Arc<TensorStore>) -> Weights) -> Result<Self> {
-        let store = TensorStore::open(path)?;
+    fn load_store(
+        path: &Path,
+        store: TensorStore,
+        unet: &UNetConfig,
+        view: impl FnOnce(Arc<TensorStore>) -> Weights,
+    ) -> Result<Self> {
         let in_file = |e: Error| match e {
             Error::InvalidArgument(message) => Error::Format { path: path.into(), message },
             other => other,
