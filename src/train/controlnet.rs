@@ -119,7 +119,7 @@ pub fn train_controlnet(
     let weights = Weights::new(store, DType::F32, model.device()).trainable(&trainable);
     let controlnet = ControlNet::load(&weights, &config)?;
     let trainee = ControlNetTrainee { controlnet, config_json, params: trainable.parameters(), start: label };
-    run_steps(model, data, options, output, &trainee, on_step)
+    run_steps(model, data, None, options, output, &trainee, on_step)
 }
 
 /// A new ControlNet's config and weights from `model`'s UNet, as diffusers' `from_unet` makes them:

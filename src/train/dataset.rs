@@ -72,6 +72,43 @@ impl Dataset {
         Ok(Self { root: dir.to_path_buf(), examples })
     }
 
+    /// The images directly in the folder `dir`, each captioned `caption` (DreamBooth's instance and
+    /// class images).
+    pub fn with_caption(dir: &Path, caption: &str) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!("the images {} are not a folder", dir.display())));
+        }
+        let examples: Vec<Example> = Self::image_files(dir)?
+            .into_iter()
+            .map(|image| Example { image, caption: caption.to_string(), condition: None })
+            .collect();
+        if examples.is_empty() {
+            return Err(Error::invalid(format!(
+                "no images in {} ({} files)",
+                dir.display(),
+                IMAGE_EXTENSIONS.join("/")
+            )));
+        }
+        Ok(Self { root: dir.to_path_buf(), examples })
+    }
+
+    /// The image files directly in `dir`, sorted by name.
+    pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+        Ok(sorted_entries(dir)?
+            .into_iter()
+            .filter(|p| {
+                let extension = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+                p.is_file() && extension.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
+            })
+            .collect())
+    }
+
+    /// The first `count` examples.
+    pub fn truncated(mut self, count: usize) -> Self {
+        self.examples.truncate(count);
+        self
+    }
+
     /// This dataset with each example's condition image from the folder `dir`: at the image's
     /// place relative to the data folder, of the same name or the same stem with any image
     /// extension. Every example must have one.
@@ -202,11 +239,7 @@ fn concept_folders(dir: &Path) -> Result<Vec<Example>> {
 /// The images directly in `dir`, captioned by the `.txt` of the same stem, else by `fallback`.
 fn captioned_images(dir: &Path, fallback: Option<&str>) -> Result<Vec<Example>> {
     let mut examples = Vec::new();
-    for image in sorted_entries(dir)? {
-        let extension = image.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-        if !image.is_file() || !extension.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
-            continue;
-        }
+    for image in Dataset::image_files(dir)? {
         let caption_file = image.with_extension("txt");
         let caption = if caption_file.is_file() {
             std::fs::read_to_string(&caption_file).map_err(|e| Error::io(&caption_file, e))?.trim().to_string()

@@ -93,7 +93,7 @@ pub fn train_ip_adapter(
         embeddings: RefCell::new(HashMap::new()),
         options: ip.clone(),
     };
-    run_steps(model, data, options, output, &trainee, on_step)
+    run_steps(model, data, None, options, output, &trainee, on_step)
 }
 
 /// A new adapter's h94 tensors: `image_proj.proj` (image embedding → `tokens` tokens of the UNet's

@@ -18,10 +18,13 @@
 //! - [`controlnet`]: ControlNet training, to a diffusers ControlNet folder.
 //! - [`t2i_adapter`]: T2I-Adapter training, to a diffusers T2IAdapter folder.
 //! - [`ip_adapter`]: IP-Adapter training, to an h94-layout file.
+//! - [`dreambooth`]: DreamBooth (full or LoRA) with prior preservation on class images the model
+//!   generates.
 //! - [`init`]: PyTorch's default initialisation for networks created from nothing.
 
 pub mod controlnet;
 pub mod dataset;
+pub mod dreambooth;
 pub mod init;
 pub mod ip_adapter;
 pub mod lora;

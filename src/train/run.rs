@@ -99,11 +99,21 @@ pub struct LoraOptions {
     pub alpha: f64,
     /// The UNet modules that get adapters (PEFT `target_modules`).
     pub targets: Vec<String>,
+    /// Also adapt the text encoder's attention projections ([`TEXT_ENCODER_TARGETS`]).
+    pub text_encoder: bool,
 }
+
+/// The text-encoder modules that get adapters when it trains too (diffusers' `text_lora_config`).
+pub const TEXT_ENCODER_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_proj"];
 
 impl Default for LoraOptions {
     fn default() -> Self {
-        Self { rank: 4, alpha: 4.0, targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec() }
+        Self {
+            rank: 4,
+            alpha: 4.0,
+            targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec(),
+            text_encoder: false,
+        }
     }
 }
 
@@ -155,17 +165,9 @@ pub fn train_lora(
 ) -> Result<()> {
     check(model, options)?;
     crate::io::output::check_output_path(output)?;
-    let device = model.device().clone();
-    // PEFT's "gaussian" initialisation, as diffusers' scripts ask: down ~ N(0, 1/r), up = 0.
-    let mut init_noise = SeededNoise::new(options.seed);
-    let adapters =
-        LoraAdapters::attach(&model.layers, "unet.", &lora.targets, (lora.rank, lora.alpha), |_, down, up| {
-            let down = (init_noise.sample(down, &device)? / lora.rank as f64)?;
-            Ok((down, Tensor::zeros(up, candle_core::DType::F32, &device)?))
-        })?;
-    let trainee = LoraTrainee { adapters, options: lora.clone() };
-    let result = run_steps(model, data, options, output, &trainee, on_step);
-    trainee.adapters.detach(&model.layers);
+    let trainee = LoraTrainee::attach(model, options.seed, lora)?;
+    let result = run_steps(model, data, None, options, output, &trainee, on_step);
+    trainee.detach(model);
     result
 }
 
@@ -200,7 +202,7 @@ pub fn train_textual_inversion(
     let row = model.text_encoder.token_embeddings(&ids)?.squeeze(0)?;
     let vectors = Var::from_tensor(&row.repeat((inversion.vectors, 1))?.to_dtype(candle_core::DType::F32)?)?;
     let trainee = InversionTrainee { tokenizer, vectors, options: inversion.clone() };
-    run_steps(model, data, options, output, &trainee, on_step)
+    run_steps(model, data, None, options, output, &trainee, on_step)
 }
 
 /// Fine-tunes every weight of the UNet (and with `full.text_encoder` of the text encoder) of the
@@ -217,11 +219,8 @@ pub fn train_full(
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<()> {
     check(model, options)?;
-    let source = DiffusersFolder::open(source)?;
-    check_output_folder(output, Some(source.root()))?;
-    let (unet, text) = model.make_trainable(full.text_encoder)?;
-    let trainee = FullTrainee { source, unet: unet.parameters(), text: text.parameters(), options: full.clone() };
-    run_steps(model, data, options, output, &trainee, on_step)
+    let trainee = FullTrainee::new(model, source, output, full)?;
+    run_steps(model, data, None, options, output, &trainee, on_step)
 }
 
 /// Refuses options a run cannot use, before any work.
@@ -334,15 +333,54 @@ pub(super) enum StepObjective {
     EulerCubic,
 }
 
-/// LoRA adapters on the UNet.
-struct LoraTrainee {
-    adapters: LoraAdapters,
+/// LoRA adapters on the UNet, and maybe on the text encoder.
+pub(super) struct LoraTrainee {
+    unet: LoraAdapters,
+    text: Option<LoraAdapters>,
     options: LoraOptions,
+}
+
+impl LoraTrainee {
+    /// Attaches new adapters to `model`'s layers, initialised as PEFT's "gaussian" (which
+    /// diffusers' scripts ask for) from `seed`: down ~ N(0, 1/r), up = 0.
+    pub(super) fn attach(model: &StableDiffusion, seed: u64, lora: &LoraOptions) -> Result<Self> {
+        let device = model.device().clone();
+        let mut init_noise = SeededNoise::new(seed);
+        let mut init = |_: &str, down: &[usize], up: &[usize]| {
+            let down = (init_noise.sample(down, &device)? / lora.rank as f64)?;
+            Ok((down, Tensor::zeros(up, candle_core::DType::F32, &device)?))
+        };
+        let shape = (lora.rank, lora.alpha);
+        let unet = LoraAdapters::attach(&model.layers, "unet.", &lora.targets, shape, &mut init)?;
+        let text = if lora.text_encoder {
+            let targets = TEXT_ENCODER_TARGETS.map(String::from);
+            match LoraAdapters::attach(&model.layers, "text_encoder.", &targets, shape, &mut init) {
+                Ok(text) => Some(text),
+                Err(e) => {
+                    unet.detach(&model.layers);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Self { unet, text, options: lora.clone() })
+    }
+
+    /// Takes the adapters off `model`'s layers.
+    pub(super) fn detach(&self, model: &StableDiffusion) {
+        self.unet.detach(&model.layers);
+        if let Some(text) = &self.text {
+            text.detach(&model.layers);
+        }
+    }
 }
 
 impl Trainee for LoraTrainee {
     fn parameters(&self) -> Vec<(String, Var)> {
-        self.adapters.parameters()
+        let mut params = self.unet.parameters();
+        params.extend(self.text.iter().flat_map(LoraAdapters::parameters));
+        params
     }
 
     fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
@@ -354,6 +392,7 @@ impl Trainee for LoraTrainee {
             ("rank", self.options.rank.to_string()),
             ("alpha", self.options.alpha.to_string()),
             ("targets", self.options.targets.join(",")),
+            ("text_encoder", self.options.text_encoder.to_string()),
         ]
     }
 
@@ -367,7 +406,11 @@ impl Trainee for LoraTrainee {
             ("ss_resolution".to_string(), format!("({0}, {0})", options.resolution)),
             ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
         ]);
-        write_tensors(output, self.adapters.kohya_tensors()?, metadata)
+        let mut tensors = self.unet.kohya_tensors()?;
+        if let Some(text) = &self.text {
+            tensors.extend(text.kohya_tensors()?);
+        }
+        write_tensors(output, tensors, metadata)
     }
 }
 
@@ -409,7 +452,7 @@ impl Trainee for InversionTrainee {
 }
 
 /// Every weight of the UNet, and maybe of the text encoder.
-struct FullTrainee {
+pub(super) struct FullTrainee {
     source: DiffusersFolder,
     unet: Vec<(String, Var)>,
     text: Vec<(String, Var)>,
@@ -417,6 +460,15 @@ struct FullTrainee {
 }
 
 impl FullTrainee {
+    /// Makes the UNet (and with `full.text_encoder` the text encoder) of `model`, loaded from the
+    /// diffusers folder `source`, trainable; the result goes to the folder `output`.
+    pub(super) fn new(model: &mut StableDiffusion, source: &Path, output: &Path, full: &FullOptions) -> Result<Self> {
+        let source = DiffusersFolder::open(source)?;
+        check_output_folder(output, Some(source.root()))?;
+        let (unet, text) = model.make_trainable(full.text_encoder)?;
+        Ok(Self { source, unet: unet.parameters(), text: text.parameters(), options: full.clone() })
+    }
+
     /// The components whose weights are trained (and so written, not copied).
     fn trained_components(&self) -> &'static [&'static str] {
         if self.options.text_encoder { &["unet", "text_encoder"] } else { &["unet"] }
@@ -529,10 +581,22 @@ pub(super) fn create_folder(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
 
-/// The steps of a run: batches, the objective, the optimiser, reports, checkpoints and exports.
+/// DreamBooth's prior preservation: every batch of instance images is followed by as many class
+/// images (captioned with the class prompt), whose loss is added times `weight`.
+#[derive(Debug, Clone)]
+pub struct PriorPreservation {
+    /// The class images.
+    pub class_data: Dataset,
+    /// The class half's loss weight (diffusers' `prior_loss_weight`).
+    pub weight: f64,
+}
+
+/// The steps of a run on `data` (and `prior`'s class images): batches, the objective, the
+/// optimiser, reports, checkpoints and exports.
 pub(super) fn run_steps(
     model: &StableDiffusion,
     data: &Dataset,
+    prior: Option<&PriorPreservation>,
     options: &TrainingOptions,
     output: &Path,
     trainee: &dyn Trainee,
@@ -545,14 +609,16 @@ pub(super) fn run_steps(
     let params = trainee.parameters();
     let mut optimizer = AdamW::new(params.clone(), options.optimizer)?;
     let mut order = EpochOrder::new(data.examples().len(), options.seed);
-    let identity = run_identity(options, data, trainee);
+    let mut class_order = prior.map(|p| EpochOrder::new(p.class_data.examples().len(), !options.seed));
+    let identity = run_identity(options, data, prior, trainee);
     let first = match &options.resume {
         Some(path) => resume(path, options.steps, &identity, &params, &mut optimizer)?,
         None => 0,
     };
-    (0..first * options.batch_size).for_each(|_| {
+    for _ in 0..first * options.batch_size {
         order.next();
-    });
+        class_order.as_mut().map(EpochOrder::next);
+    }
     let started = Instant::now();
     for step in first..options.steps {
         let mut rng = StdRng::seed_from_u64(step_seed(options.seed, step));
@@ -563,19 +629,28 @@ pub(super) fn run_steps(
             let tensors = indices.iter().zip(&flips).map(|(&i, &flip)| load(i, flip)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::stack(&tensors, 0)?)
         };
-        let images = batch_of(&|i, flip| data.image(i, options.resolution, flip, &device))?;
+        let mut images = batch_of(&|i, flip| data.image(i, options.resolution, flip, &device))?;
         let conditions = if trainee.uses_conditions() {
             Some(batch_of(&|i, flip| data.condition(i, options.resolution, flip, &device))?)
         } else {
             None
         };
-        let captions: Vec<&str> = indices
+        let mut captions: Vec<&str> = indices
             .iter()
             .map(|&i| {
                 let dropped = options.caption_dropout > 0.0 && rng.random_bool(options.caption_dropout);
                 if dropped { "" } else { data.examples()[i].caption.as_str() }
             })
             .collect();
+        if let (Some(prior), Some(class_order)) = (prior, class_order.as_mut()) {
+            let class: Vec<usize> = (0..options.batch_size).map(|_| class_order.next()).collect();
+            let class_images = class
+                .iter()
+                .map(|&i| prior.class_data.image(i, options.resolution, false, &device))
+                .collect::<Result<Vec<_>>>()?;
+            images = Tensor::cat(&[images, Tensor::stack(&class_images, 0)?], 0)?;
+            captions.extend(class.iter().map(|&i| prior.class_data.examples()[i].caption.as_str()));
+        }
         let context = trainee.context(model, &captions)?;
         let latents = model.vae.encode_to_latents(&images, &mut noise)?;
         let mut eps = noise.sample(latents.dims(), &device)?;
@@ -585,7 +660,7 @@ pub(super) fn run_steps(
         }
         let steps_trained = objective.num_train_timesteps();
         let kind = trainee.objective();
-        let timesteps: Vec<usize> = (0..options.batch_size)
+        let timesteps: Vec<usize> = (0..images.dim(0)?)
             .map(|_| match kind {
                 StepObjective::Uniform => rng.random_range(0..steps_trained),
                 StepObjective::EulerCubic => {
@@ -613,9 +688,13 @@ pub(super) fn run_steps(
         };
         let controls = trainee.controls(&batch, &mut rng)?;
         let prediction = model.unet.forward(UNetInput::new(&input, &t, &conditioning).with_controls(&controls))?;
-        let loss = match &noisy {
-            None => objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?,
-            Some(noisy) => objective.euler_denoised_loss(&prediction, noisy, &latents, &timesteps)?,
+        let loss = match (&noisy, prior) {
+            (None, None) => objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?,
+            (None, Some(prior)) => {
+                let target = objective.target(&latents, &eps, &timesteps)?;
+                objective.prior_preservation_loss(&prediction, &target, &timesteps, prior.weight)?
+            }
+            (Some(noisy), _) => objective.euler_denoised_loss(&prediction, noisy, &latents, &timesteps)?,
         };
         let mut grads = loss.backward()?;
         let grad_norm = optimizer.clip_grad_norm(&mut grads, options.max_grad_norm)?;
@@ -658,7 +737,12 @@ pub fn state_path(output: &Path) -> PathBuf {
 }
 
 /// What a checkpoint records of the run, each of which a resumed run must share.
-fn run_identity(options: &TrainingOptions, data: &Dataset, trainee: &dyn Trainee) -> Vec<(&'static str, String)> {
+fn run_identity(
+    options: &TrainingOptions,
+    data: &Dataset,
+    prior: Option<&PriorPreservation>,
+    trainee: &dyn Trainee,
+) -> Vec<(&'static str, String)> {
     let mut identity = vec![
         ("seed", options.seed.to_string()),
         ("resolution", options.resolution.to_string()),
@@ -666,6 +750,10 @@ fn run_identity(options: &TrainingOptions, data: &Dataset, trainee: &dyn Trainee
         ("examples", data.examples().len().to_string()),
         ("caption_dropout", options.caption_dropout.to_string()),
     ];
+    if let Some(prior) = prior {
+        identity.push(("class_examples", prior.class_data.examples().len().to_string()));
+        identity.push(("prior_loss_weight", prior.weight.to_string()));
+    }
     identity.extend(trainee.identity());
     identity
 }

@@ -89,7 +89,7 @@ pub fn train_t2i_adapter(
     let trainable = TrainableParameters::new();
     let adapter = T2IAdapter::load(&Weights::new(store, DType::F32, model.device()).trainable(&trainable), &config)?;
     let trainee = T2IAdapterTrainee { adapter, config_json, params: trainable.parameters(), start: label };
-    run_steps(model, data, options, output, &trainee, on_step)
+    run_steps(model, data, None, options, output, &trainee, on_step)
 }
 
 /// A new full adapter's config and weights for `model`: channels the UNet's block widths, the
