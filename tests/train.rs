@@ -935,7 +935,8 @@ fn load_fixture_abs(path: &std::path::Path) -> HashMap<String, Tensor> {
 }
 
 /// A run stopped at a checkpoint and resumed ends with exactly the weights of one that never
-/// stopped; a checkpoint of another run is refused.
+/// stopped, plain and with gradient accumulation and an EMA; sample images appear every N steps; a
+/// checkpoint of another run is refused.
 #[test]
 fn cli_resumes_a_checkpoint_exactly() {
     let data = caption_folder();
@@ -962,20 +963,36 @@ fn cli_resumes_a_checkpoint_exactly() {
         let run = common::diffctl(&args);
         (run.status.success(), String::from_utf8_lossy(&run.stderr).to_string(), output)
     };
-    let (ok, err, straight) = train("straight.safetensors", &["--steps", "4", "--seed", "7"]);
-    assert!(ok, "{err}");
-    let (ok, err, stopped) = train("resumed.safetensors", &["--steps", "2", "--seed", "7"]);
-    assert!(ok, "{err}");
-    let state = out.path().join("resumed.state.safetensors");
-    assert!(state.is_file(), "no checkpoint beside {}", stopped.display());
-    let (ok, err, resumed) =
-        train("resumed.safetensors", &["--steps", "4", "--seed", "7", "--resume", state.to_str().unwrap()]);
-    assert!(ok, "{err}");
-    let (a, b) = (load_fixture_abs(&straight), load_fixture_abs(&resumed));
-    assert_eq!(a.len(), b.len());
-    for (name, t) in &a {
-        assert_eq!(common::max_abs_diff(t, &b[name]), 0.0, "{name} differs after resuming");
+    // Plain, then with gradient accumulation and an EMA (whose shadows the checkpoint carries).
+    for (name, flags) in [("plain", &[][..]), ("ema", &["--gradient-accumulation", "2", "--ema-decay", "0.9"][..])] {
+        let run = |output: &str, extra: &[&str]| train(&format!("{name}-{output}"), &[flags, extra].concat());
+        let samples = ["--sample-every", "2", "--sample-prompt", "a cat", "--sample-steps", "2"];
+        let (ok, err, straight) =
+            run("straight.safetensors", &[&["--steps", "4", "--seed", "7"][..], &samples].concat());
+        assert!(ok, "{err}");
+        for step in [2, 4] {
+            let sample = out.path().join(format!("{name}-straight-samples/step-00000{step}-0.png"));
+            assert!(sample.is_file(), "no sample image {}", sample.display());
+        }
+        let (ok, err, stopped) = run("resumed.safetensors", &["--steps", "2", "--seed", "7"]);
+        assert!(ok, "{err}");
+        let state = out.path().join(format!("{name}-resumed.state.safetensors"));
+        assert!(state.is_file(), "no checkpoint beside {}", stopped.display());
+        let (ok, err, resumed) =
+            run("resumed.safetensors", &["--steps", "4", "--seed", "7", "--resume", state.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let (a, b) = (load_fixture_abs(&straight), load_fixture_abs(&resumed));
+        assert_eq!(a.len(), b.len());
+        for (tensor, t) in &a {
+            assert_eq!(common::max_abs_diff(t, &b[tensor]), 0.0, "{name}: {tensor} differs after resuming");
+        }
     }
+    let state = out.path().join("plain-resumed.state.safetensors");
+    let (ok, err, _) = train(
+        "other.safetensors",
+        &["--steps", "4", "--seed", "7", "--ema-decay", "0.9", "--resume", state.to_str().unwrap()],
+    );
+    assert!(!ok && err.contains("no `ema_decay` in its metadata"), "{err}");
     let (ok, err, _) =
         train("other.safetensors", &["--steps", "4", "--seed", "8", "--resume", state.to_str().unwrap()]);
     assert!(!ok && err.contains("it was trained with seed 7, this run has 8"), "{err}");

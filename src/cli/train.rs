@@ -15,7 +15,7 @@ use crate::train::dreambooth::{ClassImages, DreamBoothMethod, DreamBoothOptions,
 use crate::train::ip_adapter::{IpAdapterOptions, train_ip_adapter};
 use crate::train::optimizer::AdamWConfig;
 use crate::train::run::{
-    FullOptions, LoraOptions, StepReport, TextualInversionOptions, TrainingOptions, train_full, train_lora,
+    FullOptions, LoraOptions, Samples, StepReport, TextualInversionOptions, TrainingOptions, train_full, train_lora,
     train_textual_inversion,
 };
 use crate::train::schedule::LrSchedule;
@@ -278,6 +278,26 @@ struct CommonArgs {
     /// Append step, loss, learning rate, gradient norm and seconds to this CSV file.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
+    /// Sum the gradients of this many batches before each optimiser step (an effective batch of
+    /// this times --batch-size).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    gradient_accumulation: usize,
+    /// Export an exponential moving average of the weights with this decay (e.g. 0.9999; full and
+    /// DreamBooth runs as diffusers' --use_ema).
+    #[arg(long, value_name = "F")]
+    ema_decay: Option<f64>,
+    /// Draw sample images every N steps (and at the end) into <output stem>-samples/.
+    #[arg(long, value_name = "N", requires = "sample_prompt")]
+    sample_every: Option<usize>,
+    /// A sample prompt (repeat for several).
+    #[arg(long, value_name = "TEXT")]
+    sample_prompt: Vec<String>,
+    /// Sampling steps of the sample images.
+    #[arg(long, default_value_t = 25, value_name = "N")]
+    sample_steps: usize,
+    /// Guidance scale of the sample images.
+    #[arg(long, default_value_t = 7.5, value_name = "F")]
+    sample_guidance: f64,
     /// The control kinds' condition images (set from their own flag).
     #[arg(skip)]
     conditioning: Option<PathBuf>,
@@ -304,6 +324,14 @@ impl CommonArgs {
             seed: self.seed,
             save_every: self.save_every,
             resume: self.resume.clone(),
+            gradient_accumulation: self.gradient_accumulation,
+            ema_decay: self.ema_decay,
+            samples: self.sample_every.map(|every| Samples {
+                every,
+                prompts: self.sample_prompt.clone(),
+                steps: self.sample_steps,
+                guidance: self.sample_guidance,
+            }),
         })
     }
 }

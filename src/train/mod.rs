@@ -11,6 +11,7 @@
 //!   min-SNR-γ weighting, mean squared error).
 //! - [`optimizer`]: AdamW as PyTorch computes it, and gradient-norm clipping.
 //! - [`schedule`]: learning-rate schedules with warm-up.
+//! - [`ema`]: the exponential moving average of the weights a run may export.
 //! - [`dataset`]: captioned training images (diffusers' metadata.jsonl, kohya's concept folders,
 //!   `.txt` captions).
 //! - [`run`]: a training run from a dataset to its exported result (LoRA, textual inversion, full
@@ -25,6 +26,7 @@
 pub mod controlnet;
 pub mod dataset;
 pub mod dreambooth;
+pub mod ema;
 pub mod init;
 pub mod ip_adapter;
 pub mod lora;

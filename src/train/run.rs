@@ -13,21 +13,24 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
 use super::dataset::Dataset;
+use super::ema::Ema;
 use super::lora::LoraAdapters;
 use super::objective::DenoisingObjective;
 use super::optimizer::{AdamW, AdamWConfig};
 use super::schedule::LrSchedule;
 use crate::io::diffusers_folder::DiffusersFolder;
+use crate::io::image::{save_png, to_rgb8};
 use crate::io::output::OutputFiles;
 use crate::models::unet::{Conditioning, UNetControls, UNetInput};
 use crate::noise::SeededNoise;
-use crate::pipeline::StableDiffusion;
+use crate::pipeline::{GenerateRequest, StableDiffusion};
 use crate::schedulers::NoiseSource;
 use crate::{Error, Result};
 
@@ -67,6 +70,26 @@ pub struct TrainingOptions {
     pub save_every: Option<usize>,
     /// A checkpoint to continue from (see [`state_path`]).
     pub resume: Option<PathBuf>,
+    /// Batches whose gradients are summed (each loss divided by this) before every optimiser step:
+    /// an effective batch of this times `batch_size`.
+    pub gradient_accumulation: usize,
+    /// Export an exponential moving average of the weights with this decay (see [`Ema`]).
+    pub ema_decay: Option<f64>,
+    /// Sample images while training.
+    pub samples: Option<Samples>,
+}
+
+/// Sample images drawn while training, to watch it learn.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    /// Draw them every this many steps (and at the end).
+    pub every: usize,
+    /// One image per prompt.
+    pub prompts: Vec<String>,
+    /// Sampling steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
 }
 
 impl Default for TrainingOptions {
@@ -86,6 +109,9 @@ impl Default for TrainingOptions {
             seed: 0,
             save_every: None,
             resume: None,
+            gradient_accumulation: 1,
+            ema_decay: None,
+            samples: None,
         }
     }
 }
@@ -290,6 +316,11 @@ pub(super) trait Trainee {
     fn objective(&self) -> StepObjective {
         StepObjective::Uniform
     }
+    /// Whether plain text-to-image samples show what the run trains (they do not for the control
+    /// kinds or textual inversion, whose effect needs their own input).
+    fn samples_show_training(&self) -> bool {
+        false
+    }
     /// Whether a batch brings its examples' condition images (the control kinds).
     fn uses_conditions(&self) -> bool {
         false
@@ -377,6 +408,10 @@ impl LoraTrainee {
 }
 
 impl Trainee for LoraTrainee {
+    fn samples_show_training(&self) -> bool {
+        true
+    }
+
     fn parameters(&self) -> Vec<(String, Var)> {
         let mut params = self.unet.parameters();
         params.extend(self.text.iter().flat_map(LoraAdapters::parameters));
@@ -476,6 +511,10 @@ impl FullTrainee {
 }
 
 impl Trainee for FullTrainee {
+    fn samples_show_training(&self) -> bool {
+        true
+    }
+
     fn parameters(&self) -> Vec<(String, Var)> {
         let named = |prefix: &str, params: &[(String, Var)]| {
             params.iter().map(|(k, v)| (format!("{prefix}.{k}"), v.clone())).collect::<Vec<_>>()
@@ -592,7 +631,7 @@ pub struct PriorPreservation {
 }
 
 /// The steps of a run on `data` (and `prior`'s class images): batches, the objective, the
-/// optimiser, reports, checkpoints and exports.
+/// optimiser, reports, samples, checkpoints and exports.
 pub(super) fn run_steps(
     model: &StableDiffusion,
     data: &Dataset,
@@ -602,28 +641,129 @@ pub(super) fn run_steps(
     trainee: &dyn Trainee,
     on_step: &mut dyn FnMut(&StepReport),
 ) -> Result<()> {
-    let objective = DenoisingObjective::new(&model.scheduler_config, options.snr_gamma)?;
-    let device = model.device().clone();
+    if options.samples.is_some() && !trainee.samples_show_training() {
+        return Err(Error::invalid(
+            "sample images show what lora, dreambooth and full runs train; this kind changes nothing a plain prompt \
+             shows",
+        ));
+    }
+    let run = Run {
+        model,
+        data,
+        prior,
+        options,
+        trainee,
+        objective: DenoisingObjective::new(&model.scheduler_config, options.snr_gamma)?,
+    };
     // Forward and backward passes allocate and free the same large buffers every step.
     let _reuse = crate::allocator::LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
     let params = trainee.parameters();
     let mut optimizer = AdamW::new(params.clone(), options.optimizer)?;
-    let mut order = EpochOrder::new(data.examples().len(), options.seed);
-    let mut class_order = prior.map(|p| EpochOrder::new(p.class_data.examples().len(), !options.seed));
+    let mut ema = options.ema_decay.map(|decay| Ema::new(&params, decay)).transpose()?;
+    let mut orders = Orders {
+        instance: EpochOrder::new(data.examples().len(), options.seed),
+        class: prior.map(|p| EpochOrder::new(p.class_data.examples().len(), !options.seed)),
+    };
     let identity = run_identity(options, data, prior, trainee);
     let first = match &options.resume {
-        Some(path) => resume(path, options.steps, &identity, &params, &mut optimizer)?,
+        Some(path) => resume(path, options.steps, &identity, &params, &mut optimizer, ema.as_mut())?,
         None => 0,
     };
-    for _ in 0..first * options.batch_size {
-        order.next();
-        class_order.as_mut().map(EpochOrder::next);
+    let micro_batches = options.gradient_accumulation.max(1);
+    for _ in 0..first * micro_batches * options.batch_size {
+        orders.next();
     }
     let started = Instant::now();
     for step in first..options.steps {
-        let mut rng = StdRng::seed_from_u64(step_seed(options.seed, step));
+        let mut grads: Option<GradStore> = None;
+        let mut loss = 0f32;
+        for micro in 0..micro_batches {
+            let mut micro_loss = run.micro_batch_loss(&mut orders, step * micro_batches + micro)?;
+            if micro_batches > 1 {
+                micro_loss = (micro_loss / micro_batches as f64)?;
+            }
+            loss += micro_loss.to_scalar::<f32>()?;
+            let micro_grads = micro_loss.backward()?;
+            grads = Some(match grads {
+                None => micro_grads,
+                Some(sum) => add_gradients(sum, micro_grads, &params)?,
+            });
+        }
+        let mut grads = grads.ok_or_else(|| Error::invalid("a step needs at least one batch"))?;
+        let grad_norm = optimizer.clip_grad_norm(&mut grads, options.max_grad_norm)?;
+        let lr = options.optimizer.lr * options.schedule.factor(step, options.steps, options.warmup_steps);
+        optimizer.config.lr = lr;
+        optimizer.step(&grads)?;
+        if let Some(ema) = ema.as_mut() {
+            ema.update(&params)?;
+        }
+        let done = step + 1;
+        on_step(&StepReport { step: done, steps: options.steps, loss, lr, grad_norm, elapsed: started.elapsed() });
+        let every = |n: Option<usize>| n.is_some_and(|n| n > 0 && done.is_multiple_of(n));
+        let last = done == options.steps;
+        if last || every(options.save_every) || every(options.samples.as_ref().map(|s| s.every)) {
+            // The averaged weights are what a run exports and shows.
+            if let Some(ema) = ema.as_mut() {
+                ema.swap(&params)?;
+            }
+            let result = (|| -> Result<()> {
+                if let Some(samples) = options.samples.as_ref().filter(|s| last || every(Some(s.every))) {
+                    write_samples(model, options, samples, done, output)?;
+                }
+                if last || every(options.save_every) {
+                    trainee.export(options, done, output)?;
+                }
+                Ok(())
+            })();
+            if let Some(ema) = ema.as_mut() {
+                ema.swap(&params)?;
+            }
+            result?;
+            if last || every(options.save_every) {
+                save_state(&params, &optimizer, ema.as_ref(), &identity, &state_path(output))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What every micro-batch of a run reads.
+struct Run<'a> {
+    model: &'a StableDiffusion,
+    data: &'a Dataset,
+    prior: Option<&'a PriorPreservation>,
+    options: &'a TrainingOptions,
+    trainee: &'a dyn Trainee,
+    objective: DenoisingObjective,
+}
+
+/// The example orders of a run: the training data's and, with prior preservation, the class
+/// images'.
+struct Orders {
+    instance: EpochOrder,
+    class: Option<EpochOrder>,
+}
+
+impl Orders {
+    /// Advances both by one example: the next instance example.
+    fn next(&mut self) -> usize {
+        if let Some(class) = self.class.as_mut() {
+            class.next();
+        }
+        self.instance.next()
+    }
+}
+
+impl Run<'_> {
+    /// The loss of micro-batch `micro` of the run (its draws seeded by the run's seed and `micro`):
+    /// the next examples (and class images), their captions (some dropped), the noise and
+    /// timesteps, the trainee's controls, the UNet's prediction against the objective's target.
+    fn micro_batch_loss(&self, orders: &mut Orders, micro: usize) -> Result<Tensor> {
+        let Self { model, data, prior, options, trainee, ref objective } = *self;
+        let device = model.device().clone();
+        let mut rng = StdRng::seed_from_u64(step_seed(options.seed, micro));
         let mut noise = SeededNoise::new(rng.random());
-        let indices: Vec<usize> = (0..options.batch_size).map(|_| order.next()).collect();
+        let indices: Vec<usize> = (0..options.batch_size).map(|_| orders.instance.next()).collect();
         let flips: Vec<bool> = indices.iter().map(|_| options.random_flip && rng.random_bool(0.5)).collect();
         let batch_of = |load: &dyn Fn(usize, bool) -> Result<Tensor>| -> Result<Tensor> {
             let tensors = indices.iter().zip(&flips).map(|(&i, &flip)| load(i, flip)).collect::<Result<Vec<_>>>()?;
@@ -642,7 +782,7 @@ pub(super) fn run_steps(
                 if dropped { "" } else { data.examples()[i].caption.as_str() }
             })
             .collect();
-        if let (Some(prior), Some(class_order)) = (prior, class_order.as_mut()) {
+        if let (Some(prior), Some(class_order)) = (prior, orders.class.as_mut()) {
             let class: Vec<usize> = (0..options.batch_size).map(|_| class_order.next()).collect();
             let class_images = class
                 .iter()
@@ -688,31 +828,56 @@ pub(super) fn run_steps(
         };
         let controls = trainee.controls(&batch, &mut rng)?;
         let prediction = model.unet.forward(UNetInput::new(&input, &t, &conditioning).with_controls(&controls))?;
-        let loss = match (&noisy, prior) {
+        Ok(match (&noisy, prior) {
             (None, None) => objective.loss(&prediction, &objective.target(&latents, &eps, &timesteps)?, &timesteps)?,
             (None, Some(prior)) => {
                 let target = objective.target(&latents, &eps, &timesteps)?;
                 objective.prior_preservation_loss(&prediction, &target, &timesteps, prior.weight)?
             }
             (Some(noisy), _) => objective.euler_denoised_loss(&prediction, noisy, &latents, &timesteps)?,
+        })
+    }
+}
+
+/// `sum` with the gradients of `more` added, variable by variable.
+fn add_gradients(mut sum: GradStore, more: GradStore, params: &[(String, Var)]) -> Result<GradStore> {
+    for (_, var) in params {
+        if let Some(g) = more.get(var.as_tensor()) {
+            let total = match sum.get(var.as_tensor()) {
+                Some(s) => (s.detach() + g.detach())?,
+                None => g.detach(),
+            };
+            sum.insert(var.as_tensor(), total);
+        }
+    }
+    Ok(sum)
+}
+
+/// Writes the sample images of step `step`: each prompt generated with the model as trained so far,
+/// at the training resolution, seeded by the run's seed, as `<output stem>-samples/step-NNNNNN-K.png`.
+fn write_samples(
+    model: &StableDiffusion,
+    options: &TrainingOptions,
+    samples: &Samples,
+    step: usize,
+    output: &Path,
+) -> Result<()> {
+    let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = output.with_file_name(format!("{stem}-samples"));
+    create_folder(&dir)?;
+    for (k, prompt) in samples.prompts.iter().enumerate() {
+        let request = GenerateRequest {
+            prompt: prompt.clone(),
+            steps: samples.steps,
+            guidance: samples.guidance,
+            width: options.resolution,
+            height: options.resolution,
+            batch: 1,
+            ..Default::default()
         };
-        let mut grads = loss.backward()?;
-        let grad_norm = optimizer.clip_grad_norm(&mut grads, options.max_grad_norm)?;
-        let lr = options.optimizer.lr * options.schedule.factor(step, options.steps, options.warmup_steps);
-        optimizer.config.lr = lr;
-        optimizer.step(&grads)?;
-        let done = step + 1;
-        on_step(&StepReport {
-            step: done,
-            steps: options.steps,
-            loss: loss.to_scalar::<f32>()?,
-            lr,
-            grad_norm,
-            elapsed: started.elapsed(),
-        });
-        if done == options.steps || options.save_every.is_some_and(|n| n > 0 && done.is_multiple_of(n)) {
-            save_state(&params, &optimizer, &identity, &state_path(output))?;
-            trainee.export(options, done, output)?;
+        let generated = model.generate(&request, &mut [], &mut SeededNoise::new(options.seed), &mut |_| {})?;
+        for image in to_rgb8(&generated.images)? {
+            save_png(&dir.join(format!("step-{step:06}-{k}.png")), &image)?;
         }
     }
     Ok(())
@@ -750,6 +915,12 @@ fn run_identity(
         ("examples", data.examples().len().to_string()),
         ("caption_dropout", options.caption_dropout.to_string()),
     ];
+    if options.gradient_accumulation > 1 {
+        identity.push(("gradient_accumulation", options.gradient_accumulation.to_string()));
+    }
+    if let Some(decay) = options.ema_decay {
+        identity.push(("ema_decay", decay.to_string()));
+    }
     if let Some(prior) = prior {
         identity.push(("class_examples", prior.class_data.examples().len().to_string()));
         identity.push(("prior_loss_weight", prior.weight.to_string()));
@@ -763,12 +934,16 @@ fn run_identity(
 fn save_state(
     params: &[(String, Var)],
     optimizer: &AdamW,
+    ema: Option<&Ema>,
     identity: &[(&'static str, String)],
     path: &Path,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
         params.iter().map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach())).collect();
     tensors.extend(optimizer.state().into_iter().map(|(name, t)| (format!("adam.{name}"), t)));
+    if let Some(ema) = ema {
+        tensors.extend(ema.state(params).into_iter().map(|(name, t)| (format!("ema.{name}"), t)));
+    }
     let mut metadata: HashMap<String, String> = identity.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     metadata.insert("step".into(), optimizer.steps().to_string());
     write_tensors(path, tensors, metadata)
@@ -781,6 +956,7 @@ fn resume(
     identity: &[(&'static str, String)],
     params: &[(String, Var)],
     optimizer: &mut AdamW,
+    ema: Option<&mut Ema>,
 ) -> Result<usize> {
     let bad = |message: String| Error::Format { path: path.into(), message };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -788,8 +964,11 @@ fn resume(
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a checkpoint: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     for (key, value) in identity {
-        let saved =
-            metadata.get(*key).ok_or_else(|| bad(format!("no `{key}` in its metadata: not a diffctl checkpoint")))?;
+        let saved = metadata.get(*key).ok_or_else(|| {
+            bad(format!(
+                "no `{key}` in its metadata: a checkpoint of a run with other options, or not a diffctl checkpoint"
+            ))
+        })?;
         if saved != value {
             return Err(bad(format!("it was trained with {key} {saved}, this run has {value}")));
         }
@@ -811,9 +990,13 @@ fn resume(
         }
         var.set(saved)?;
     }
-    let moments: HashMap<String, Tensor> =
-        tensors.into_iter().filter_map(|(k, t)| k.strip_prefix("adam.").map(|k| (k.to_string(), t))).collect();
-    optimizer.restore(&moments, step).map_err(|e| bad(e.to_string()))?;
+    let with_prefix = |prefix: &str| -> HashMap<String, Tensor> {
+        tensors.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|k| (k.to_string(), t.clone()))).collect()
+    };
+    optimizer.restore(&with_prefix("adam."), step).map_err(|e| bad(e.to_string()))?;
+    if let Some(ema) = ema {
+        ema.restore(params, &with_prefix("ema."), step).map_err(|e| bad(e.to_string()))?;
+    }
     Ok(step)
 }
 
