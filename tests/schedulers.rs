@@ -280,7 +280,6 @@ fn zero_or_too_many_steps_is_an_error() {
 #[test]
 fn unsupported_values_are_errors() {
     for (json, kind, needle) in [
-        (r#"{"thresholding": true}"#, SchedulerKind::Ddim, "thresholding"),
         (r#"{"thresholding": true}"#, SchedulerKind::DpmPp2m, "thresholding"),
         (r#"{"prediction_type": "sample"}"#, SchedulerKind::EulerAncestral, "prediction_type"),
         (r#"{"prediction_type": "flow_prediction"}"#, SchedulerKind::DpmPp2m, "flow_prediction"),

@@ -7,6 +7,7 @@
 use candle_core::Tensor;
 
 use super::betas::{LINEAR_DEFAULTS, Spacing, Train, integer_timesteps};
+use super::x0_limit::X0Limit;
 use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig, div, lin2, mul};
 use crate::Result;
 
@@ -17,20 +18,19 @@ pub(crate) struct Ddim {
     step_ratio: i64,
     final_alpha_cumprod: f32,
     prediction: Prediction,
-    clip: Option<f32>,
+    clip: Option<X0Limit>,
 }
 
 impl Ddim {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         const CLASS: &str = "DDIMScheduler";
-        cfg.reject_thresholding(CLASS)?;
         let prediction = cfg.prediction(CLASS, &[Prediction::Epsilon, Prediction::Velocity, Prediction::Sample])?;
         let train = Train::new(cfg, &LINEAR_DEFAULTS, true)?;
         let t = train.num_train_timesteps;
         let spacing = Spacing::from_config(cfg, Spacing::Leading)?;
         let ints = integer_timesteps(cfg, spacing, t, n, cfg.steps_offset.unwrap_or(0))?;
         let final_alpha_cumprod = if cfg.set_alpha_to_one.unwrap_or(true) { 1.0 } else { train.alphas_cumprod[0] };
-        let clip = cfg.clip_sample.unwrap_or(true).then(|| cfg.clip_sample_range.unwrap_or(1.0) as f32);
+        let clip = X0Limit::from_config(cfg, true);
         Ok(Ddim {
             timesteps: ints.iter().map(|&v| v as f64).collect(),
             step_ratio: (t / n) as i64,
@@ -78,8 +78,8 @@ impl Scheduler for Ddim {
                 lin2(a_t.sqrt(), model_output, b_t.sqrt(), sample)?,
             ),
         };
-        let x0 = match self.clip {
-            Some(r) => x0.clamp(-r, r)?,
+        let x0 = match &self.clip {
+            Some(limit) => limit.apply(&x0)?,
             None => x0,
         };
         // eta = 0: std_dev_t = 0, so the direction coefficient is sqrt(1 - a_prev - 0).

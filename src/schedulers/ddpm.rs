@@ -8,6 +8,7 @@
 use candle_core::Tensor;
 
 use super::betas::{LINEAR_DEFAULTS, Spacing, Train, integer_timesteps};
+use super::x0_limit::X0Limit;
 use super::{NoiseSource, Prediction, Scheduler, SchedulerConfig, div, lin2, mul};
 use crate::Result;
 
@@ -23,14 +24,13 @@ pub(crate) struct Ddpm {
     timesteps: Vec<f64>,
     ints: Vec<i64>,
     prediction: Prediction,
-    clip: Option<f32>,
+    clip: Option<X0Limit>,
     variance: Variance,
 }
 
 impl Ddpm {
     pub fn new(cfg: &SchedulerConfig, n: usize) -> Result<Self> {
         const CLASS: &str = "DDPMScheduler";
-        cfg.reject_thresholding(CLASS)?;
         let prediction = cfg.prediction(CLASS, &[Prediction::Epsilon, Prediction::Velocity, Prediction::Sample])?;
         let variance = match cfg.variance_type.as_deref().unwrap_or("fixed_small") {
             "fixed_small" => Variance::Small,
@@ -47,7 +47,7 @@ impl Ddpm {
         let train = Train::new(cfg, &LINEAR_DEFAULTS, true)?;
         let spacing = Spacing::from_config(cfg, Spacing::Leading)?;
         let ints = integer_timesteps(cfg, spacing, train.num_train_timesteps, n, cfg.steps_offset.unwrap_or(0))?;
-        let clip = cfg.clip_sample.unwrap_or(true).then(|| cfg.clip_sample_range.unwrap_or(1.0) as f32);
+        let clip = X0Limit::from_config(cfg, true);
         Ok(Ddpm { timesteps: ints.iter().map(|&v| v as f64).collect(), train, ints, prediction, clip, variance })
     }
 }
@@ -82,8 +82,8 @@ impl Scheduler for Ddpm {
             Prediction::Sample => model_output.clone(),
             Prediction::Velocity => (mul(sample, a_t.sqrt())? - mul(model_output, b_t.sqrt())?)?,
         };
-        let x0 = match self.clip {
-            Some(r) => x0.clamp(-r, r)?,
+        let x0 = match &self.clip {
+            Some(limit) => limit.apply(&x0)?,
             None => x0,
         };
         let x0_coeff = a_prev.sqrt() * cur_beta / b_t;

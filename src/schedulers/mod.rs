@@ -82,6 +82,7 @@ mod schedule;
 mod sigmas;
 mod tcd;
 mod unipc;
+mod x0_limit;
 
 pub use names::SamplerChoice;
 pub use schedule::{AysModel, SigmaSchedule};
@@ -297,8 +298,13 @@ pub struct SchedulerConfig {
     pub clip_sample_range: Option<f64>,
     pub skip_prk_steps: Option<bool>,
     pub rescale_betas_zero_snr: Option<bool>,
-    /// Dynamic thresholding: unsupported, an error when true for a class that would apply it.
+    /// Dynamic thresholding of the x₀ estimate (DDIM and DDPM; an error for the other classes
+    /// that would apply it).
     pub thresholding: Option<bool>,
+    /// The quantile of |x₀| dynamic thresholding clamps at.
+    pub dynamic_thresholding_ratio: Option<f64>,
+    /// The largest threshold dynamic thresholding uses.
+    pub sample_max_value: Option<f64>,
     pub use_karras_sigmas: Option<bool>,
     /// Exponential and beta sigma schedules (the classes that have `use_karras_sigmas`).
     pub use_exponential_sigmas: Option<bool>,
@@ -376,6 +382,8 @@ impl SchedulerConfig {
             skip_prk_steps: r.get("skip_prk_steps")?,
             rescale_betas_zero_snr: r.get("rescale_betas_zero_snr")?,
             thresholding: r.get("thresholding")?,
+            dynamic_thresholding_ratio: r.get("dynamic_thresholding_ratio")?,
+            sample_max_value: r.get("sample_max_value")?,
             use_karras_sigmas: r.get("use_karras_sigmas")?,
             use_exponential_sigmas: r.get("use_exponential_sigmas")?,
             use_beta_sigmas: r.get("use_beta_sigmas")?,
