@@ -23,9 +23,10 @@ use diffctl::models::unet::{Conditioning, UNet, UNetConfig, UNetControls, UNetIn
 use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::schedulers::SchedulerConfig;
 use diffctl::tokenizer::ClipTokenizer;
+use diffctl::train::adafactor::Adafactor;
 use diffctl::train::lora::LoraAdapters;
 use diffctl::train::objective::DenoisingObjective;
-use diffctl::train::optimizer::{AdamW, AdamWConfig};
+use diffctl::train::optimizer::{AdamW, AdamWConfig, Optimizer, clip_grad_norm};
 use diffctl::train::run::write_model_folder;
 use serde_json::Value;
 
@@ -235,7 +236,7 @@ impl Parity {
             }
         }
         if let Some(max_norm) = self.case["max_grad_norm"].as_f64() {
-            let norm = optimizer.clip_grad_norm(&mut grads, Some(max_norm)).unwrap() as f32;
+            let norm = clip_grad_norm(params, &mut grads, Some(max_norm)).unwrap() as f32;
             let expected = scalar(self.get(step, "grad_norm"));
             assert!(
                 (norm - expected).abs() <= 1e-4 * expected,
@@ -601,6 +602,31 @@ fn t2i_adapter_training_matches_diffusers_training() {
     }
 }
 
+/// Adafactor as kohya configures transformers' (tools/fixtures/make_adafactor_fixture.py): three
+/// steps on a matrix and a 4-D weight (factored second moments) and a bias (full), the last with
+/// gradients large enough for the RMS clipping to act, land on transformers' weights.
+#[test]
+fn adafactor_matches_transformers() {
+    let fx = load_fixture("tests/fixtures/train/adafactor.safetensors");
+    let params: Vec<(String, Var)> = ["matrix", "conv", "bias"]
+        .iter()
+        .map(|n| (n.to_string(), Var::from_tensor(&fx[&format!("init.{n}")]).unwrap()))
+        .collect();
+    let mut adafactor = Adafactor::new(params.clone(), 1e-2, 0.01).unwrap();
+    for step in 0..3 {
+        // A loss whose gradient is the stored one.
+        let loss = params
+            .iter()
+            .map(|(n, v)| (v.as_tensor() * &fx[&format!("step{step}.grad.{n}")]).unwrap().sum_all().unwrap())
+            .reduce(|a, b| (a + b).unwrap())
+            .unwrap();
+        adafactor.step(&loss.backward().unwrap()).unwrap();
+        for (n, v) in &params {
+            assert_relative(&format!("step {step} {n}"), v.as_tensor(), &fx[&format!("step{step}.after.{n}")], 1e-5);
+        }
+    }
+}
+
 /// A folder of the fixture's two training images with .txt captions.
 fn caption_folder() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -718,6 +744,8 @@ fn cli_train_rejects_bad_input() {
     };
     let err = train(data.path(), &["--resolution", "40"]);
     assert!(err.contains("resolution 40 must be a multiple of 16"), "{err}");
+    let err = train(data.path(), &["--resolution", "32", "--optimizer", "sgd"]);
+    assert!(err.contains("unknown optimizer `sgd`"), "{err}");
     let err = train(data.path(), &["--resolution", "32", "--lr-scheduler", "exotic"]);
     assert!(err.contains("unknown learning-rate schedule `exotic`"), "{err}");
     std::fs::remove_file(data.path().join("train-b.txt")).unwrap();
@@ -935,7 +963,7 @@ fn load_fixture_abs(path: &std::path::Path) -> HashMap<String, Tensor> {
 }
 
 /// A run stopped at a checkpoint and resumed ends with exactly the weights of one that never
-/// stopped, plain and with gradient accumulation and an EMA; sample images appear every N steps; a
+/// stopped, plain, with gradient accumulation and an EMA, and with Adafactor; sample images appear every N steps; a
 /// checkpoint of another run is refused.
 #[test]
 fn cli_resumes_a_checkpoint_exactly() {
@@ -963,8 +991,14 @@ fn cli_resumes_a_checkpoint_exactly() {
         let run = common::diffctl(&args);
         (run.status.success(), String::from_utf8_lossy(&run.stderr).to_string(), output)
     };
-    // Plain, then with gradient accumulation and an EMA (whose shadows the checkpoint carries).
-    for (name, flags) in [("plain", &[][..]), ("ema", &["--gradient-accumulation", "2", "--ema-decay", "0.9"][..])] {
+    // Plain, with gradient accumulation and an EMA (whose shadows the checkpoint carries), and with
+    // Adafactor (whose factored moments it carries).
+    let variants = [
+        ("plain", &[][..]),
+        ("ema", &["--gradient-accumulation", "2", "--ema-decay", "0.9"][..]),
+        ("adafactor", &["--optimizer", "adafactor"][..]),
+    ];
+    for (name, flags) in variants {
         let run = |output: &str, extra: &[&str]| train(&format!("{name}-{output}"), &[flags, extra].concat());
         let samples = ["--sample-every", "2", "--sample-prompt", "a cat", "--sample-steps", "2"];
         let (ok, err, straight) =

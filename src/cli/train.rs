@@ -13,7 +13,7 @@ use crate::train::controlnet::{ControlNetStart, train_controlnet};
 use crate::train::dataset::Dataset;
 use crate::train::dreambooth::{ClassImages, DreamBoothMethod, DreamBoothOptions, train_dreambooth};
 use crate::train::ip_adapter::{IpAdapterOptions, train_ip_adapter};
-use crate::train::optimizer::AdamWConfig;
+use crate::train::optimizer::{AdamWConfig, OptimizerKind};
 use crate::train::run::{
     FullOptions, LoraOptions, Samples, StepReport, TextualInversionOptions, TrainingOptions, train_full, train_lora,
     train_textual_inversion,
@@ -245,7 +245,11 @@ struct CommonArgs {
     /// Steps of linear warm-up from 0.
     #[arg(long, default_value_t = 0, value_name = "N")]
     lr_warmup_steps: usize,
-    /// AdamW weight decay.
+    /// The optimiser: adamw, or adafactor (a fraction of AdamW's memory; as kohya's
+    /// relative_step=False).
+    #[arg(long, default_value = "adamw", value_name = "NAME")]
+    optimizer: String,
+    /// Decoupled weight decay.
     #[arg(long, default_value_t = 1e-2, value_name = "F")]
     weight_decay: f64,
     /// Gradient-norm clipping (0 turns it off).
@@ -314,6 +318,11 @@ impl CommonArgs {
             batch_size: self.batch_size,
             steps: self.steps,
             optimizer: AdamWConfig { lr: self.lr, weight_decay: self.weight_decay, ..Default::default() },
+            optimizer_kind: match self.optimizer.as_str() {
+                "adamw" => OptimizerKind::AdamW,
+                "adafactor" => OptimizerKind::Adafactor,
+                other => anyhow::bail!("unknown optimizer `{other}`: adamw or adafactor"),
+            },
             schedule: LrSchedule::from_name(&self.lr_scheduler)?,
             warmup_steps: self.lr_warmup_steps,
             max_grad_norm: (self.max_grad_norm > 0.0).then_some(self.max_grad_norm),

@@ -9,7 +9,8 @@
 //! - [`lora`]: trainable low-rank adapters attached to a model's layers, exported in kohya's layout.
 //! - [`objective`]: the denoising objective of diffusers' training scripts (noising, ε or v target,
 //!   min-SNR-γ weighting, mean squared error).
-//! - [`optimizer`]: AdamW as PyTorch computes it, and gradient-norm clipping.
+//! - [`optimizer`]: the optimiser interface, AdamW as PyTorch computes it, and gradient-norm
+//!   clipping; [`adafactor`]: Adafactor as transformers computes it.
 //! - [`schedule`]: learning-rate schedules with warm-up.
 //! - [`ema`]: the exponential moving average of the weights a run may export.
 //! - [`dataset`]: captioned training images (diffusers' metadata.jsonl, kohya's concept folders,
@@ -23,6 +24,7 @@
 //!   generates.
 //! - [`init`]: PyTorch's default initialisation for networks created from nothing.
 
+pub mod adafactor;
 pub mod controlnet;
 pub mod dataset;
 pub mod dreambooth;

@@ -1,7 +1,8 @@
-//! AdamW with PyTorch's arithmetic (`torch.optim.AdamW`, single-tensor path: decoupled weight decay,
-//! bias-corrected moments, ε added to the corrected root) and PyTorch's `clip_grad_norm_`, on named
-//! candle variables. Every trainable parameter must receive a gradient: a step that finds one without
-//! is an error naming it, since it means a layer's gradient was lost on the way.
+//! The optimiser interface of a training run, AdamW with PyTorch's arithmetic (`torch.optim.AdamW`,
+//! single-tensor path: decoupled weight decay, bias-corrected moments, ε added to the corrected
+//! root) and PyTorch's `clip_grad_norm_`, on named candle variables. Every trainable parameter must
+//! receive a gradient: a step that finds one without is an error naming it, since it means a
+//! layer's gradient was lost on the way.
 
 use std::collections::HashMap;
 
@@ -30,6 +31,51 @@ impl Default for AdamWConfig {
     fn default() -> Self {
         Self { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
     }
+}
+
+/// Which optimiser a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizerKind {
+    /// AdamW (two moments per weight).
+    #[default]
+    AdamW,
+    /// Adafactor (factored second moment, no first: a fraction of AdamW's memory).
+    Adafactor,
+}
+
+/// What a run needs of an optimiser ([`AdamW`], [`super::adafactor::Adafactor`]).
+pub trait Optimizer {
+    /// Steps taken so far.
+    fn steps(&self) -> usize;
+    /// Sets the learning rate of the next steps (schedules).
+    fn set_lr(&mut self, lr: f64);
+    /// The prefix of its state's names in a checkpoint.
+    fn checkpoint_prefix(&self) -> &'static str;
+    /// Its state as named tensors, for a checkpoint; [`Self::steps`] goes with them.
+    fn state(&self) -> Vec<(String, Tensor)>;
+    /// Restores state written by [`Self::state`] after `steps` steps.
+    fn restore(&mut self, state: &HashMap<String, Tensor>, steps: usize) -> Result<()>;
+    /// One step with the gradients in `grads`.
+    fn step(&mut self, grads: &GradStore) -> Result<()>;
+}
+
+/// The total gradient norm of `params` in `grads`, and with `max_norm` every gradient scaled by
+/// min(1, max_norm / (norm + 1e-6)) (PyTorch's `clip_grad_norm_`).
+pub fn clip_grad_norm(params: &[(String, Var)], grads: &mut GradStore, max_norm: Option<f64>) -> Result<f64> {
+    let mut squares = 0f64;
+    for (name, var) in params {
+        let norm = gradient(grads, name, var)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+        squares += norm * norm;
+    }
+    let total = squares.sqrt();
+    if let Some(max_norm) = max_norm {
+        let coefficient = (max_norm / (total + 1e-6)).min(1.0);
+        for (name, var) in params {
+            let clipped = (gradient(grads, name, var)? * coefficient)?;
+            grads.insert(var.as_tensor(), clipped);
+        }
+    }
+    Ok(total)
 }
 
 /// One trainable parameter and its moments.
@@ -62,15 +108,23 @@ impl AdamW {
             .collect::<Result<_>>()?;
         Ok(Self { slots, steps: 0, config })
     }
+}
 
-    /// Steps taken so far.
-    pub fn steps(&self) -> usize {
+impl Optimizer for AdamW {
+    fn steps(&self) -> usize {
         self.steps
     }
 
-    /// The moments as named tensors (`<name>.exp_avg`, `<name>.exp_avg_sq`, PyTorch's names), for a
-    /// checkpoint; [`Self::steps`] goes with them.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
+    fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    fn checkpoint_prefix(&self) -> &'static str {
+        "adam."
+    }
+
+    /// The moments as `<name>.exp_avg` and `<name>.exp_avg_sq` (PyTorch's names).
+    fn state(&self) -> Vec<(String, Tensor)> {
         self.slots
             .iter()
             .flat_map(|s| {
@@ -79,9 +133,8 @@ impl AdamW {
             .collect()
     }
 
-    /// Restores moments written by [`Self::state`] after `steps` steps: every parameter's two
-    /// moments must be there, each of its parameter's shape.
-    pub fn restore(&mut self, state: &HashMap<String, Tensor>, steps: usize) -> Result<()> {
+    /// Every parameter's two moments must be there, each of its parameter's shape.
+    fn restore(&mut self, state: &HashMap<String, Tensor>, steps: usize) -> Result<()> {
         for slot in &mut self.slots {
             for (suffix, moment) in [("exp_avg", &mut slot.first), ("exp_avg_sq", &mut slot.second)] {
                 let name = format!("{}.{suffix}", slot.name);
@@ -101,34 +154,14 @@ impl AdamW {
         Ok(())
     }
 
-    /// The parameters' total gradient norm, and with `max_norm` every gradient scaled by
-    /// min(1, max_norm / (norm + 1e-6)) in `grads` (PyTorch's `clip_grad_norm_`).
-    pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: Option<f64>) -> Result<f64> {
-        let mut squares = 0f64;
-        for slot in &self.slots {
-            let norm = gradient(grads, slot)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-            squares += norm * norm;
-        }
-        let total = squares.sqrt();
-        if let Some(max_norm) = max_norm {
-            let coefficient = (max_norm / (total + 1e-6)).min(1.0);
-            for slot in &self.slots {
-                let clipped = (gradient(grads, slot)? * coefficient)?;
-                grads.insert(slot.var.as_tensor(), clipped);
-            }
-        }
-        Ok(total)
-    }
-
-    /// One AdamW step with the gradients in `grads`.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.config;
         self.steps += 1;
         let t = self.steps as i32;
         let (correction1, correction2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
         let step_size = lr / correction1;
         for slot in &mut self.slots {
-            let g = gradient(grads, slot)?;
+            let g = gradient(grads, &slot.name, &slot.var)?;
             let decayed = (slot.var.as_tensor().detach() * (1.0 - lr * weight_decay))?;
             slot.first = (&slot.first + ((&g - &slot.first)? * (1.0 - beta1))?)?;
             slot.second = ((&slot.second * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -140,12 +173,12 @@ impl AdamW {
     }
 }
 
-/// The gradient of a slot's variable, or an error naming the parameter that received none.
-fn gradient(grads: &GradStore, slot: &Slot) -> Result<Tensor> {
+/// The gradient of the parameter `name` (`var`), or an error naming it if it received none.
+pub(super) fn gradient(grads: &GradStore, name: &str, var: &Var) -> Result<Tensor> {
     // Detached: a gradient computed from tracked tensors would otherwise hold its step's whole
     // graph, and through the moments every earlier step's.
-    grads.get(slot.var.as_tensor()).map(Tensor::detach).ok_or_else(|| {
-        Error::invalid(format!("no gradient reached the trainable parameter `{}`: its layer dropped it", slot.name))
+    grads.get(var.as_tensor()).map(Tensor::detach).ok_or_else(|| {
+        Error::invalid(format!("no gradient reached the trainable parameter `{name}`: its layer dropped it"))
     })
 }
 
@@ -165,8 +198,9 @@ mod tests {
         let config = AdamWConfig { lr: 0.1, weight_decay: 0.01, ..Default::default() };
         let loss = (w.as_tensor() * w.as_tensor()).unwrap().sum_all().unwrap();
         let mut grads = loss.backward().unwrap();
-        let mut adam = AdamW::new(vec![("w".into(), w.clone())], config).unwrap();
-        let norm = adam.clip_grad_norm(&mut grads, Some(1.0)).unwrap();
+        let params = vec![("w".to_string(), w.clone())];
+        let mut adam = AdamW::new(params.clone(), config).unwrap();
+        let norm = clip_grad_norm(&params, &mut grads, Some(1.0)).unwrap();
         let expected_norm = (1f64 + 4.0 + 16.0).sqrt();
         assert!((norm - expected_norm).abs() < 1e-5, "{norm}");
         adam.step(&grads).unwrap();

@@ -19,11 +19,12 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
+use super::adafactor::Adafactor;
 use super::dataset::Dataset;
 use super::ema::Ema;
 use super::lora::LoraAdapters;
 use super::objective::DenoisingObjective;
-use super::optimizer::{AdamW, AdamWConfig};
+use super::optimizer::{AdamW, AdamWConfig, Optimizer, OptimizerKind, clip_grad_norm};
 use super::schedule::LrSchedule;
 use crate::io::diffusers_folder::DiffusersFolder;
 use crate::io::image::{save_png, to_rgb8};
@@ -46,8 +47,11 @@ pub struct TrainingOptions {
     pub batch_size: usize,
     /// Optimiser steps.
     pub steps: usize,
-    /// AdamW's hyper-parameters (`lr` is the base rate of the schedule).
+    /// AdamW's hyper-parameters (`lr` is the base rate of the schedule; Adafactor uses `lr` and
+    /// `weight_decay`).
     pub optimizer: AdamWConfig,
+    /// AdamW, or Adafactor for memory.
+    pub optimizer_kind: OptimizerKind,
     /// The learning-rate schedule after the warm-up.
     pub schedule: LrSchedule,
     /// Steps of linear warm-up from 0.
@@ -99,6 +103,7 @@ impl Default for TrainingOptions {
             batch_size: 1,
             steps: 1000,
             optimizer: AdamWConfig::default(),
+            optimizer_kind: OptimizerKind::AdamW,
             schedule: LrSchedule::Constant,
             warmup_steps: 0,
             max_grad_norm: Some(1.0),
@@ -658,7 +663,12 @@ pub(super) fn run_steps(
     // Forward and backward passes allocate and free the same large buffers every step.
     let _reuse = crate::allocator::LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
     let params = trainee.parameters();
-    let mut optimizer = AdamW::new(params.clone(), options.optimizer)?;
+    let mut optimizer: Box<dyn Optimizer> = match options.optimizer_kind {
+        OptimizerKind::AdamW => Box::new(AdamW::new(params.clone(), options.optimizer)?),
+        OptimizerKind::Adafactor => {
+            Box::new(Adafactor::new(params.clone(), options.optimizer.lr, options.optimizer.weight_decay)?)
+        }
+    };
     let mut ema = options.ema_decay.map(|decay| Ema::new(&params, decay)).transpose()?;
     let mut orders = Orders {
         instance: EpochOrder::new(data.examples().len(), options.seed),
@@ -666,7 +676,7 @@ pub(super) fn run_steps(
     };
     let identity = run_identity(options, data, prior, trainee);
     let first = match &options.resume {
-        Some(path) => resume(path, options.steps, &identity, &params, &mut optimizer, ema.as_mut())?,
+        Some(path) => resume(path, options.steps, &identity, &params, optimizer.as_mut(), ema.as_mut())?,
         None => 0,
     };
     let micro_batches = options.gradient_accumulation.max(1);
@@ -690,9 +700,9 @@ pub(super) fn run_steps(
             });
         }
         let mut grads = grads.ok_or_else(|| Error::invalid("a step needs at least one batch"))?;
-        let grad_norm = optimizer.clip_grad_norm(&mut grads, options.max_grad_norm)?;
+        let grad_norm = clip_grad_norm(&params, &mut grads, options.max_grad_norm)?;
         let lr = options.optimizer.lr * options.schedule.factor(step, options.steps, options.warmup_steps);
-        optimizer.config.lr = lr;
+        optimizer.set_lr(lr);
         optimizer.step(&grads)?;
         if let Some(ema) = ema.as_mut() {
             ema.update(&params)?;
@@ -720,7 +730,7 @@ pub(super) fn run_steps(
             }
             result?;
             if last || every(options.save_every) {
-                save_state(&params, &optimizer, ema.as_ref(), &identity, &state_path(output))?;
+                save_state(&params, optimizer.as_ref(), ema.as_ref(), &identity, &state_path(output))?;
             }
         }
     }
@@ -921,6 +931,9 @@ fn run_identity(
     if let Some(decay) = options.ema_decay {
         identity.push(("ema_decay", decay.to_string()));
     }
+    if options.optimizer_kind == OptimizerKind::Adafactor {
+        identity.push(("optimizer", "adafactor".to_string()));
+    }
     if let Some(prior) = prior {
         identity.push(("class_examples", prior.class_data.examples().len().to_string()));
         identity.push(("prior_loss_weight", prior.weight.to_string()));
@@ -933,14 +946,15 @@ fn run_identity(
 /// and in the metadata the step and the run's identity.
 fn save_state(
     params: &[(String, Var)],
-    optimizer: &AdamW,
+    optimizer: &dyn Optimizer,
     ema: Option<&Ema>,
     identity: &[(&'static str, String)],
     path: &Path,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
         params.iter().map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach())).collect();
-    tensors.extend(optimizer.state().into_iter().map(|(name, t)| (format!("adam.{name}"), t)));
+    let prefix = optimizer.checkpoint_prefix();
+    tensors.extend(optimizer.state().into_iter().map(|(name, t)| (format!("{prefix}{name}"), t)));
     if let Some(ema) = ema {
         tensors.extend(ema.state(params).into_iter().map(|(name, t)| (format!("ema.{name}"), t)));
     }
@@ -955,7 +969,7 @@ fn resume(
     steps: usize,
     identity: &[(&'static str, String)],
     params: &[(String, Var)],
-    optimizer: &mut AdamW,
+    optimizer: &mut dyn Optimizer,
     ema: Option<&mut Ema>,
 ) -> Result<usize> {
     let bad = |message: String| Error::Format { path: path.into(), message };
@@ -993,7 +1007,7 @@ fn resume(
     let with_prefix = |prefix: &str| -> HashMap<String, Tensor> {
         tensors.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|k| (k.to_string(), t.clone()))).collect()
     };
-    optimizer.restore(&with_prefix("adam."), step).map_err(|e| bad(e.to_string()))?;
+    optimizer.restore(&with_prefix(optimizer.checkpoint_prefix()), step).map_err(|e| bad(e.to_string()))?;
     if let Some(ema) = ema {
         ema.restore(params, &with_prefix("ema."), step).map_err(|e| bad(e.to_string()))?;
     }
