@@ -60,7 +60,7 @@ fn main() -> Result<()> {
     let examples = data.examples();
     // The training images as the model saw them, in [0, 1], one row each: [N, 3·size·size].
     let references = (0..examples.len())
-        .map(|i| Ok(((data.image(i, size, false, &Device::Cpu)? + 1.0)? / 2.0)?.flatten_all()?))
+        .map(|i| Ok(((data.image(i, (size, size), false, &Device::Cpu)? + 1.0)? / 2.0)?.flatten_all()?))
         .collect::<Result<Vec<_>>>()?;
     let references = Tensor::stack(&references, 0)?;
     let names = args.names.min(examples.len());

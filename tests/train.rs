@@ -963,11 +963,15 @@ fn load_fixture_abs(path: &std::path::Path) -> HashMap<String, Tensor> {
 }
 
 /// A run stopped at a checkpoint and resumed ends with exactly the weights of one that never
-/// stopped, plain, with gradient accumulation and an EMA, and with Adafactor; sample images appear every N steps; a
+/// stopped, plain, with gradient accumulation and an EMA, with Adafactor and with aspect-ratio
+/// buckets; sample images appear every N steps; a
 /// checkpoint of another run is refused.
 #[test]
 fn cli_resumes_a_checkpoint_exactly() {
     let data = caption_folder();
+    let wide = image::RgbImage::from_fn(96, 32, |x, y| image::Rgb([(x * 2) as u8, (y * 7) as u8, 90]));
+    wide.save(data.path().join("wide.png")).unwrap();
+    std::fs::write(data.path().join("wide.txt"), "a wide red ball").unwrap();
     let out = tempfile::tempdir().unwrap();
     let model = repo_path(MODEL);
     let train = |output: &str, extra: &[&str]| {
@@ -992,11 +996,13 @@ fn cli_resumes_a_checkpoint_exactly() {
         (run.status.success(), String::from_utf8_lossy(&run.stderr).to_string(), output)
     };
     // Plain, with gradient accumulation and an EMA (whose shadows the checkpoint carries), and with
-    // Adafactor (whose factored moments it carries).
+    // Adafactor (whose factored moments it carries), and with aspect-ratio buckets (a wide image among
+    // the square ones: batches of one bucket, the order resumed batch by batch).
     let variants = [
         ("plain", &[][..]),
         ("ema", &["--gradient-accumulation", "2", "--ema-decay", "0.9"][..]),
         ("adafactor", &["--optimizer", "adafactor"][..]),
+        ("buckets", &["--aspect-buckets", "--batch-size", "2"][..]),
     ];
     for (name, flags) in variants {
         let run = |output: &str, extra: &[&str]| train(&format!("{name}-{output}"), &[flags, extra].concat());

@@ -264,6 +264,11 @@ struct CommonArgs {
     /// Mirror each image with probability 1/2.
     #[arg(long)]
     random_flip: bool,
+    /// Aspect-ratio buckets (kohya's): each image scaled and cropped to the size of about
+    /// --resolution's area whose aspect ratio is nearest its own, batches of one size each, instead
+    /// of square center crops.
+    #[arg(long)]
+    aspect_buckets: bool,
     /// Train this fraction of examples with the empty caption (e.g. 0.1 when training from
     /// scratch, so that guidance works).
     #[arg(long, default_value_t = 0.0, value_name = "F")]
@@ -329,6 +334,7 @@ impl CommonArgs {
             snr_gamma: self.snr_gamma,
             noise_offset: self.noise_offset,
             random_flip: self.random_flip,
+            aspect_buckets: self.aspect_buckets,
             caption_dropout: self.caption_dropout,
             seed: self.seed,
             save_every: self.save_every,

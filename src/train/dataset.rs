@@ -139,9 +139,22 @@ impl Dataset {
         &self.examples
     }
 
-    /// Example `index` as a [3, R, R] tensor in [-1, 1] at `resolution`, mirrored with `flip`.
-    pub fn image(&self, index: usize, resolution: usize, flip: bool, device: &Device) -> Result<Tensor> {
-        let image = square_image(&self.examples[index].image, resolution, flip)?;
+    /// Example `index`'s image size (width, height) in pixels as stored (an SVG's rounded).
+    pub fn size(&self, index: usize) -> Result<(usize, usize)> {
+        let path = &self.examples[index].image;
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+            let (w, h) = svg_size(path)?;
+            return Ok((w.round().max(1.0) as usize, h.round().max(1.0) as usize));
+        }
+        let (w, h) = image::image_dimensions(path)
+            .map_err(|e| Error::Format { path: path.clone(), message: format!("not a readable image: {e}") })?;
+        Ok((w as usize, h as usize))
+    }
+
+    /// Example `index` as a [3, H, W] tensor in [-1, 1] at `size` (width, height), mirrored with
+    /// `flip`.
+    pub fn image(&self, index: usize, size: (usize, usize), flip: bool, device: &Device) -> Result<Tensor> {
+        let image = fitted_image(&self.examples[index].image, size, flip)?;
         Ok(((rgb_to_tensor(&image, device)?.squeeze(0)? * 2.0)? - 1.0)?)
     }
 
@@ -157,40 +170,42 @@ impl Dataset {
         render_svg(path, (w * scale).round().max(1.0) as u32, (h * scale).round().max(1.0) as u32)
     }
 
-    /// Example `index`'s condition image as a [3, R, R] tensor in [0, 1] at `resolution`, mirrored
-    /// with `flip` (as its image is); an error if the dataset has no condition images.
-    pub fn condition(&self, index: usize, resolution: usize, flip: bool, device: &Device) -> Result<Tensor> {
+    /// Example `index`'s condition image as a [3, H, W] tensor in [0, 1] at `size`, mirrored with
+    /// `flip` (as its image is); an error if the dataset has no condition images.
+    pub fn condition(&self, index: usize, size: (usize, usize), flip: bool, device: &Device) -> Result<Tensor> {
         let example = &self.examples[index];
         let path = example.condition.as_ref().ok_or_else(|| {
             Error::invalid(format!("{} has no condition image (give the folder of them)", example.image.display()))
         })?;
-        Ok(rgb_to_tensor(&square_image(path, resolution, flip)?, device)?.squeeze(0)?)
+        Ok(rgb_to_tensor(&fitted_image(path, size, flip)?, device)?.squeeze(0)?)
     }
 }
 
-/// The image at `path` scaled (shorter side) to `resolution`, center-cropped square, mirrored with
-/// `flip`: torchvision's `Resize`, `CenterCrop` and `RandomHorizontalFlip` as the scripts use them.
-fn square_image(path: &Path, resolution: usize, flip: bool) -> Result<image::RgbImage> {
+/// The image at `path` scaled to cover `(width, height)` and center-cropped to it, mirrored with
+/// `flip`: for a square, torchvision's `Resize(side)`, `CenterCrop` and `RandomHorizontalFlip` as the
+/// scripts use them; for an aspect-ratio bucket, kohya's scaling to the bucket's limiting side.
+fn fitted_image(path: &Path, (width, height): (usize, usize), flip: bool) -> Result<image::RgbImage> {
     let svg = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"));
     let img = if svg { None } else { Some(load_rgb(path)?) };
     let (w, h) = match &img {
         Some(img) => (img.width() as usize, img.height() as usize),
         None => svg_size(path).map(|(w, h)| (w.round().max(1.0) as usize, h.round().max(1.0) as usize))?,
     };
-    // torchvision's Resize(int): the shorter side to `resolution`, the other truncated.
-    let (rw, rh) = if w <= h { (resolution, resolution * h / w) } else { (resolution * w / h, resolution) };
-    if rw == 0 || rh == 0 {
-        return Err(Error::invalid(format!("{}: a {w}x{h} image cannot be scaled to {resolution}", path.display())));
+    // The side that limits the cover is matched, the other truncated (torchvision's Resize(int)).
+    let (rw, rh) = if w * height > h * width { (height * w / h, height) } else { (width, width * h / w) };
+    if rw == 0 || rh == 0 || rw < width || rh < height {
+        return Err(Error::invalid(format!(
+            "{}: a {w}x{h} image cannot be scaled to {width}x{height}",
+            path.display()
+        )));
     }
     let resized = match &img {
         Some(img) => pil_resize(img, rw, rh, Filter::Bilinear),
         None => render_svg(path, rw as u32, rh as u32)?,
     };
     // CenterCrop: torchvision rounds the offsets to the nearest integer.
-    let (left, top) =
-        (((rw - resolution) as f64 / 2.0).round() as u32, ((rh - resolution) as f64 / 2.0).round() as u32);
-    let side = resolution as u32;
-    let cropped = image::imageops::crop_imm(&resized, left, top, side, side).to_image();
+    let (left, top) = (((rw - width) as f64 / 2.0).round() as u32, ((rh - height) as f64 / 2.0).round() as u32);
+    let cropped = image::imageops::crop_imm(&resized, left, top, width as u32, height as u32).to_image();
     Ok(if flip { image::imageops::flip_horizontal(&cropped) } else { cropped })
 }
 
@@ -276,7 +291,7 @@ mod tests {
             data.examples(),
             [Example { image: dir.path().join("a.png"), caption: "a red square".into(), condition: None }]
         );
-        let image = data.image(0, 4, true, &Device::Cpu).unwrap();
+        let image = data.image(0, (4, 4), true, &Device::Cpu).unwrap();
         assert_eq!(image.dims(), [3, 4, 4]);
         let values = image.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)));
@@ -293,7 +308,7 @@ mod tests {
         .unwrap();
         std::fs::write(vector.path().join("dot.txt"), "half black").unwrap();
         let data = Dataset::open(vector.path()).unwrap();
-        let image = data.image(0, 4, false, &Device::Cpu).unwrap();
+        let image = data.image(0, (4, 4), false, &Device::Cpu).unwrap();
         let row = image.get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(row, [-1.0, -1.0, 1.0, 1.0], "black left half drawn over white at 4x4");
 

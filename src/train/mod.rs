@@ -13,6 +13,7 @@
 //!   clipping; [`adafactor`]: Adafactor as transformers computes it.
 //! - [`schedule`]: learning-rate schedules with warm-up.
 //! - [`ema`]: the exponential moving average of the weights a run may export.
+//! - [`buckets`]: aspect-ratio buckets (kohya's), batches of one bucket each.
 //! - [`dataset`]: captioned training images (diffusers' metadata.jsonl, kohya's concept folders,
 //!   `.txt` captions).
 //! - [`run`]: a training run from a dataset to its exported result (LoRA, textual inversion, full
@@ -25,6 +26,7 @@
 //! - [`init`]: PyTorch's default initialisation for networks created from nothing.
 
 pub mod adafactor;
+pub mod buckets;
 pub mod controlnet;
 pub mod dataset;
 pub mod dreambooth;

@@ -20,6 +20,7 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
 use super::adafactor::Adafactor;
+use super::buckets::{BucketOrder, Buckets};
 use super::dataset::Dataset;
 use super::ema::Ema;
 use super::lora::LoraAdapters;
@@ -64,6 +65,8 @@ pub struct TrainingOptions {
     pub noise_offset: f64,
     /// Mirror each image with probability 1/2.
     pub random_flip: bool,
+    /// Aspect-ratio buckets instead of square crops (see [`super::buckets`]).
+    pub aspect_buckets: bool,
     /// The chance that an example is trained with the empty caption, so that the model also
     /// learns the unconditional prediction classifier-free guidance needs (0.1 is usual when
     /// training from scratch).
@@ -110,6 +113,7 @@ impl Default for TrainingOptions {
             snr_gamma: None,
             noise_offset: 0.0,
             random_flip: false,
+            aspect_buckets: false,
             caption_dropout: 0.0,
             seed: 0,
             save_every: None,
@@ -670,18 +674,22 @@ pub(super) fn run_steps(
         }
     };
     let mut ema = options.ema_decay.map(|decay| Ema::new(&params, decay)).transpose()?;
-    let mut orders = Orders {
-        instance: EpochOrder::new(data.examples().len(), options.seed),
-        class: prior.map(|p| EpochOrder::new(p.class_data.examples().len(), !options.seed)),
+    let instance = if options.aspect_buckets {
+        let buckets = Buckets::new(data, options.resolution, 8 * model.vae_scale_factor())?;
+        InstanceOrder::Buckets(BucketOrder::new(buckets, options.batch_size, options.seed))
+    } else {
+        InstanceOrder::Examples(EpochOrder::new(data.examples().len(), options.seed))
     };
+    let mut orders =
+        Orders { instance, class: prior.map(|p| EpochOrder::new(p.class_data.examples().len(), !options.seed)) };
     let identity = run_identity(options, data, prior, trainee);
     let first = match &options.resume {
         Some(path) => resume(path, options.steps, &identity, &params, optimizer.as_mut(), ema.as_mut())?,
         None => 0,
     };
     let micro_batches = options.gradient_accumulation.max(1);
-    for _ in 0..first * micro_batches * options.batch_size {
-        orders.next();
+    for _ in 0..first * micro_batches {
+        orders.next_batch(options);
     }
     let started = Instant::now();
     for step in first..options.steps {
@@ -747,20 +755,45 @@ struct Run<'a> {
     objective: DenoisingObjective,
 }
 
-/// The example orders of a run: the training data's and, with prior preservation, the class
-/// images'.
+/// The example orders of a run: the training data's (example by example, or batch by batch from
+/// aspect-ratio buckets) and, with prior preservation, the class images'.
 struct Orders {
-    instance: EpochOrder,
+    instance: InstanceOrder,
     class: Option<EpochOrder>,
 }
 
+/// How the training examples are ordered.
+enum InstanceOrder {
+    /// Square crops: any examples batch together.
+    Examples(EpochOrder),
+    /// Each batch from one aspect-ratio bucket.
+    Buckets(BucketOrder),
+}
+
+/// One batch's examples.
+struct BatchExamples {
+    /// The training examples.
+    instance: Vec<usize>,
+    /// Their size (width, height).
+    size: (usize, usize),
+    /// As many class images (with prior preservation).
+    class: Vec<usize>,
+}
+
 impl Orders {
-    /// Advances both by one example: the next instance example.
-    fn next(&mut self) -> usize {
-        if let Some(class) = self.class.as_mut() {
-            class.next();
-        }
-        self.instance.next()
+    /// The next batch (of `options.batch_size` examples, or fewer at the end of a bucket).
+    fn next_batch(&mut self, options: &TrainingOptions) -> BatchExamples {
+        let (instance, size) = match &mut self.instance {
+            InstanceOrder::Examples(order) => {
+                ((0..options.batch_size).map(|_| order.next()).collect(), (options.resolution, options.resolution))
+            }
+            InstanceOrder::Buckets(order) => order.next_batch(),
+        };
+        let class = match self.class.as_mut() {
+            Some(order) => instance.iter().map(|_| order.next()).collect(),
+            None => Vec::new(),
+        };
+        BatchExamples { instance, size, class }
     }
 }
 
@@ -773,15 +806,15 @@ impl Run<'_> {
         let device = model.device().clone();
         let mut rng = StdRng::seed_from_u64(step_seed(options.seed, micro));
         let mut noise = SeededNoise::new(rng.random());
-        let indices: Vec<usize> = (0..options.batch_size).map(|_| orders.instance.next()).collect();
+        let BatchExamples { instance: indices, size, class } = orders.next_batch(options);
         let flips: Vec<bool> = indices.iter().map(|_| options.random_flip && rng.random_bool(0.5)).collect();
         let batch_of = |load: &dyn Fn(usize, bool) -> Result<Tensor>| -> Result<Tensor> {
             let tensors = indices.iter().zip(&flips).map(|(&i, &flip)| load(i, flip)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::stack(&tensors, 0)?)
         };
-        let mut images = batch_of(&|i, flip| data.image(i, options.resolution, flip, &device))?;
+        let mut images = batch_of(&|i, flip| data.image(i, size, flip, &device))?;
         let conditions = if trainee.uses_conditions() {
-            Some(batch_of(&|i, flip| data.condition(i, options.resolution, flip, &device))?)
+            Some(batch_of(&|i, flip| data.condition(i, size, flip, &device))?)
         } else {
             None
         };
@@ -792,12 +825,9 @@ impl Run<'_> {
                 if dropped { "" } else { data.examples()[i].caption.as_str() }
             })
             .collect();
-        if let (Some(prior), Some(class_order)) = (prior, orders.class.as_mut()) {
-            let class: Vec<usize> = (0..options.batch_size).map(|_| class_order.next()).collect();
-            let class_images = class
-                .iter()
-                .map(|&i| prior.class_data.image(i, options.resolution, false, &device))
-                .collect::<Result<Vec<_>>>()?;
+        if let Some(prior) = prior {
+            let class_images =
+                class.iter().map(|&i| prior.class_data.image(i, size, false, &device)).collect::<Result<Vec<_>>>()?;
             images = Tensor::cat(&[images, Tensor::stack(&class_images, 0)?], 0)?;
             captions.extend(class.iter().map(|&i| prior.class_data.examples()[i].caption.as_str()));
         }
@@ -930,6 +960,9 @@ fn run_identity(
     }
     if let Some(decay) = options.ema_decay {
         identity.push(("ema_decay", decay.to_string()));
+    }
+    if options.aspect_buckets {
+        identity.push(("aspect_buckets", "true".to_string()));
     }
     if options.optimizer_kind == OptimizerKind::Adafactor {
         identity.push(("optimizer", "adafactor".to_string()));
