@@ -1033,6 +1033,10 @@ fn cli_resumes_a_checkpoint_exactly() {
         &["--steps", "4", "--seed", "7", "--ema-decay", "0.9", "--resume", state.to_str().unwrap()],
     );
     assert!(!ok && err.contains("no `ema_decay` in its metadata"), "{err}");
+    let ema_state = out.path().join("ema-resumed.state.safetensors");
+    let (ok, err, _) =
+        train("other.safetensors", &["--steps", "4", "--seed", "7", "--resume", ema_state.to_str().unwrap()]);
+    assert!(!ok && err.contains("it was trained with ema_decay 0.9, which this run does not set"), "{err}");
     let (ok, err, _) =
         train("other.safetensors", &["--steps", "4", "--seed", "8", "--resume", state.to_str().unwrap()]);
     assert!(!ok && err.contains("it was trained with seed 7, this run has 8"), "{err}");

@@ -274,37 +274,6 @@ fn report(what: &str, params: usize) {
     eprintln!("  {what}: {:.1} M parameters", params as f64 / 1e6);
 }
 
-/// The fields diffusers' `ControlNetModel.from_unet` copies from the UNet's config.
-const CONTROLNET_FIELDS: [&str; 27] = [
-    "in_channels",
-    "flip_sin_to_cos",
-    "freq_shift",
-    "down_block_types",
-    "only_cross_attention",
-    "block_out_channels",
-    "layers_per_block",
-    "downsample_padding",
-    "mid_block_scale_factor",
-    "act_fn",
-    "norm_num_groups",
-    "norm_eps",
-    "cross_attention_dim",
-    "transformer_layers_per_block",
-    "encoder_hid_dim",
-    "encoder_hid_dim_type",
-    "attention_head_dim",
-    "num_attention_heads",
-    "use_linear_projection",
-    "class_embed_type",
-    "addition_embed_type",
-    "addition_time_embed_dim",
-    "num_class_embeds",
-    "upcast_attention",
-    "resnet_time_scale_shift",
-    "projection_class_embeddings_input_dim",
-    "mid_block_type",
-];
-
 /// A ControlNet for `model`'s UNet as `ControlNetModel.from_unet` configures it (default condition
 /// embedding 16/32/96/256), random weights, cached under `cache` by the UNet config's hash.
 pub fn controlnet_for(model: &Path, cache: &Path, seed: u64) -> Result<PathBuf> {
@@ -315,18 +284,7 @@ pub fn controlnet_for(model: &Path, cache: &Path, seed: u64) -> Result<PathBuf> 
     }
     eprintln!("making a random ControlNet for {} in {}", model.display(), out.display());
     let unet: Value = serde_json::from_slice(&unet_json)?;
-    let mut config = json!({
-        "_class_name": "ControlNetModel",
-        "conditioning_channels": 3,
-        "conditioning_embedding_out_channels": [16, 32, 96, 256],
-        "controlnet_conditioning_channel_order": "rgb",
-        "global_pool_conditions": false
-    });
-    for field in CONTROLNET_FIELDS {
-        if let Some(v) = unet.get(field) {
-            config[field] = v.clone();
-        }
-    }
+    let config = ControlNetConfig::json_from_unet(&unet, 3, &[16, 32, 96, 256]);
     build_dir(&out, |dir| {
         write_json(&dir.join("config.json"), &config)?;
         let config = ControlNetConfig::load(&dir.join("config.json"))?;

@@ -35,6 +35,37 @@ fn drgb() -> String {
     "rgb".into()
 }
 
+/// The fields diffusers' `ControlNetModel.from_unet` copies from the UNet's config.
+const FROM_UNET_FIELDS: [&str; 27] = [
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "mid_block_type",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "transformer_layers_per_block",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "class_embed_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "num_class_embeds",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim",
+];
+
 /// A validated ControlNet configuration.
 #[derive(Debug, Clone)]
 pub struct ControlNetConfig {
@@ -91,6 +122,29 @@ impl ControlNetConfig {
             bgr: false,
             global_pool_conditions: false,
         }
+    }
+
+    /// The `config.json` diffusers' `ControlNetModel.from_unet` writes for the UNet whose config is
+    /// `unet_json`, with a condition embedding from `conditioning_channels` through
+    /// `embedding_channels` (RGB order, no pooling).
+    pub fn json_from_unet(
+        unet_json: &serde_json::Value,
+        conditioning_channels: usize,
+        embedding_channels: &[usize],
+    ) -> serde_json::Value {
+        let mut config = serde_json::json!({
+            "_class_name": "ControlNetModel",
+            "conditioning_channels": conditioning_channels,
+            "conditioning_embedding_out_channels": embedding_channels,
+            "controlnet_conditioning_channel_order": "rgb",
+            "global_pool_conditions": false,
+        });
+        for field in std::iter::once("_diffusers_version").chain(FROM_UNET_FIELDS) {
+            if let Some(value) = unet_json.get(field) {
+                config[field] = value.clone();
+            }
+        }
+        config
     }
 
     /// Checks that a ControlNet of this config fits `unet`: same skip layout and context width.

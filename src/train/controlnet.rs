@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::dataset::Dataset;
 use super::init::pytorch_default;
 use super::run::{
     StepBatch, StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder, export_metadata,
-    run_steps, text_context, write_model_folder,
+    run_steps, write_model_folder,
 };
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::{TensorStore, TrainableParameters, Weights};
@@ -28,37 +28,6 @@ use crate::{Error, Result};
 /// diffusers' default condition-embedding channels; a model whose latents are 2^k times smaller
 /// than its images uses the first k + 1 (each step after the first halves the size).
 const EMBEDDING_CHANNELS: [usize; 4] = [16, 32, 96, 256];
-
-/// The `ControlNetModel` config fields a UNet config shares (copied from it when present).
-const UNET_FIELDS: [&str; 27] = [
-    "in_channels",
-    "flip_sin_to_cos",
-    "freq_shift",
-    "down_block_types",
-    "mid_block_type",
-    "only_cross_attention",
-    "block_out_channels",
-    "layers_per_block",
-    "downsample_padding",
-    "mid_block_scale_factor",
-    "act_fn",
-    "norm_num_groups",
-    "norm_eps",
-    "cross_attention_dim",
-    "transformer_layers_per_block",
-    "encoder_hid_dim",
-    "encoder_hid_dim_type",
-    "attention_head_dim",
-    "num_attention_heads",
-    "use_linear_projection",
-    "class_embed_type",
-    "addition_embed_type",
-    "addition_time_embed_dim",
-    "num_class_embeds",
-    "upcast_attention",
-    "resnet_time_scale_shift",
-    "projection_class_embeddings_input_dim",
-];
 
 /// The UNet tensors a ControlNet copies: its input half and embeddings.
 const COPIED_PREFIXES: [&str; 6] =
@@ -132,19 +101,7 @@ fn copy_of_unet(model: &StableDiffusion, conditioning_channels: usize, seed: u64
         return Err(Error::invalid(format!("no ControlNet condition embedding for a VAE factor of {factor}")));
     }
     let embedding = EMBEDDING_CHANNELS[..=factor.trailing_zeros() as usize].to_vec();
-    let mut config = json!({
-        "_class_name": "ControlNetModel",
-        "_diffusers_version": unet_json.get("_diffusers_version").cloned().unwrap_or(json!("0.30.0")),
-        "conditioning_channels": conditioning_channels,
-        "conditioning_embedding_out_channels": embedding,
-        "controlnet_conditioning_channel_order": "rgb",
-        "global_pool_conditions": false,
-    });
-    for field in UNET_FIELDS {
-        if let Some(value) = unet_json.get(field) {
-            config[field] = value.clone();
-        }
-    }
+    let config = ControlNetConfig::json_from_unet(unet_json, conditioning_channels, &embedding);
     let mut tensors = HashMap::new();
     for key in unet_store.keys() {
         if COPIED_PREFIXES.iter().any(|p| key.starts_with(p)) {
@@ -200,10 +157,6 @@ struct ControlNetTrainee {
 impl Trainee for ControlNetTrainee {
     fn parameters(&self) -> Vec<(String, Var)> {
         self.params.clone()
-    }
-
-    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
-        text_context(model, captions)
     }
 
     fn uses_conditions(&self) -> bool {

@@ -40,3 +40,33 @@ pub fn pytorch_default(shapes: &[(String, Vec<usize>)], seed: u64, device: &Devi
     }
     Ok(tensors)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A conv weight and its bias within ±1/sqrt(fan-in) and not all equal, a norm at ones and
+    /// zeros, the same draws from the same seed, and a name without a weight an error.
+    #[test]
+    fn initialises_as_pytorch_layers() {
+        let shapes = vec![
+            ("conv.weight".to_string(), vec![4, 3, 3, 3]),
+            ("conv.bias".to_string(), vec![4]),
+            ("norm.weight".to_string(), vec![4]),
+            ("norm.bias".to_string(), vec![4]),
+        ];
+        let tensors = pytorch_default(&shapes, 1, &Device::Cpu).unwrap();
+        let bound = 1.0 / 27f32.sqrt();
+        for name in ["conv.weight", "conv.bias"] {
+            let values = tensors[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(values.iter().all(|v| v.abs() <= bound), "{name} outside ±{bound}");
+            assert!(values.iter().any(|v| *v != values[0]), "{name} constant");
+        }
+        assert_eq!(tensors["norm.weight"].to_vec1::<f32>().unwrap(), [1.0; 4]);
+        assert_eq!(tensors["norm.bias"].to_vec1::<f32>().unwrap(), [0.0; 4]);
+        let again = pytorch_default(&shapes, 1, &Device::Cpu).unwrap();
+        let same = (&tensors["conv.weight"] - &again["conv.weight"]).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0);
+        assert!(pytorch_default(&[("orphan".to_string(), vec![2])], 1, &Device::Cpu).is_err());
+    }
+}

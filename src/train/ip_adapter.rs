@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 
 use super::dataset::Dataset;
 use super::init::pytorch_default;
-use super::run::{StepBatch, StepReport, Trainee, TrainingOptions, check, run_steps, text_context, write_tensors};
+use super::run::{StepBatch, StepReport, Trainee, TrainingOptions, check, run_steps, write_tensors};
 use crate::control::cross_attention::image_projection::ProjectionInput;
 use crate::control::cross_attention::ip_adapter::IpAdapterWeights;
 use crate::io::weights::{TensorStore, TrainableParameters};
@@ -157,10 +157,6 @@ impl IpAdapterTrainee {
 impl Trainee for IpAdapterTrainee {
     fn parameters(&self) -> Vec<(String, Var)> {
         self.params.clone()
-    }
-
-    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
-        text_context(model, captions)
     }
 
     fn controls(&self, batch: &StepBatch<'_>, rng: &mut StdRng) -> Result<UNetControls> {

@@ -308,7 +308,7 @@ fn same_folder(a: &Path, b: &Path) -> bool {
 }
 
 /// The text context [B, 77, D] of `captions` through the model's tokenizer and text encoder.
-pub(super) fn text_context(model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
+fn text_context(model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
     let ids = captions.iter().map(|c| model.tokenizer.encode_padded(c)).collect::<Result<Vec<_>>>()?;
     let ids = Tensor::from_vec(ids.concat(), (captions.len(), model.tokenizer.max_length()), model.device())?;
     model.text_encoder.encode(&ids, 0)
@@ -319,8 +319,11 @@ pub(super) fn text_context(model: &StableDiffusion, captions: &[&str]) -> Result
 pub(super) trait Trainee {
     /// The trainable variables by name.
     fn parameters(&self) -> Vec<(String, Var)>;
-    /// The text context [B, 77, D] of `captions`.
-    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor>;
+    /// The text context [B, 77, D] of `captions` (the model's own encoding, unless the run trains
+    /// what a caption becomes).
+    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
+        text_context(model, captions)
+    }
     /// How the run noises its latents and scores the prediction.
     fn objective(&self) -> StepObjective {
         StepObjective::Uniform
@@ -427,17 +430,16 @@ impl Trainee for LoraTrainee {
         params
     }
 
-    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
-        text_context(model, captions)
-    }
-
     fn identity(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut identity = vec![
             ("rank", self.options.rank.to_string()),
             ("alpha", self.options.alpha.to_string()),
             ("targets", self.options.targets.join(",")),
-            ("text_encoder", self.options.text_encoder.to_string()),
-        ]
+        ];
+        if self.options.text_encoder {
+            identity.push(("text_encoder", "true".to_string()));
+        }
+        identity
     }
 
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
@@ -529,10 +531,6 @@ impl Trainee for FullTrainee {
             params.iter().map(|(k, v)| (format!("{prefix}.{k}"), v.clone())).collect::<Vec<_>>()
         };
         [named("unet", &self.unet), named("text_encoder", &self.text)].concat()
-    }
-
-    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
-        text_context(model, captions)
     }
 
     fn identity(&self) -> Vec<(&'static str, String)> {
@@ -1019,6 +1017,14 @@ fn resume(
         if saved != value {
             return Err(bad(format!("it was trained with {key} {saved}, this run has {value}")));
         }
+    }
+    // Options recorded only when used (so that older checkpoints still resume) must not be in the
+    // checkpoint unless this run uses them too.
+    let mut extra: Vec<_> =
+        metadata.iter().filter(|(k, _)| *k != "step" && !identity.iter().any(|(i, _)| i == k)).collect();
+    extra.sort();
+    if let Some((key, value)) = extra.first() {
+        return Err(bad(format!("it was trained with {key} {value}, which this run does not set")));
     }
     let step: usize =
         metadata.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| bad("no step count in its metadata".into()))?;

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Var};
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
@@ -17,7 +17,7 @@ use super::init::pytorch_default;
 use super::objective::{DenoisingObjective, Target};
 use super::run::{
     StepBatch, StepObjective, StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder,
-    export_metadata, run_steps, text_context, write_model_folder,
+    export_metadata, run_steps, write_model_folder,
 };
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::{TensorStore, TrainableParameters, Weights};
@@ -128,10 +128,6 @@ struct T2IAdapterTrainee {
 impl Trainee for T2IAdapterTrainee {
     fn parameters(&self) -> Vec<(String, Var)> {
         self.params.clone()
-    }
-
-    fn context(&self, model: &StableDiffusion, captions: &[&str]) -> Result<Tensor> {
-        text_context(model, captions)
     }
 
     fn objective(&self) -> StepObjective {
