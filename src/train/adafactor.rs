@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{D, Tensor, Var};
 
-use super::optimizer::{Optimizer, gradient};
-use crate::{Error, Result};
+use super::optimizer::{Optimizer, gradient, restored};
+use crate::Result;
 
 /// ε₁, added to the squared gradient.
 const EPS: f64 = 1e-30;
@@ -93,16 +93,7 @@ impl Optimizer for Adafactor {
     fn restore(&mut self, state: &HashMap<String, Tensor>, steps: usize) -> Result<()> {
         for slot in &mut self.slots {
             for (name, moment) in Self::moment_names(slot).into_iter().zip(slot.moments.iter_mut()) {
-                let saved =
-                    state.get(&name).ok_or_else(|| Error::invalid(format!("the checkpoint has no `{name}`")))?;
-                if saved.dims() != moment.dims() {
-                    return Err(Error::invalid(format!(
-                        "the checkpoint's `{name}` is {:?}, the moment {:?}",
-                        saved.dims(),
-                        moment.dims()
-                    )));
-                }
-                *moment = saved.to_dtype(moment.dtype())?.to_device(moment.device())?;
+                *moment = restored(state, &name, moment)?;
             }
         }
         self.steps = steps;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{Tensor, Var};
 
+use super::optimizer::restored;
 use crate::{Error, Result};
 
 /// The shadows of a run's trainable variables.
@@ -63,15 +64,7 @@ impl Ema {
     /// Restores the shadows from a checkpoint's `state` (by variable name) after `updates` updates.
     pub fn restore(&mut self, params: &[(String, Var)], state: &HashMap<String, Tensor>, updates: usize) -> Result<()> {
         for (shadow, (name, var)) in self.shadows.iter_mut().zip(params) {
-            let saved = state.get(name).ok_or_else(|| Error::invalid(format!("no EMA weights for `{name}`")))?;
-            if saved.dims() != var.dims() {
-                return Err(Error::invalid(format!(
-                    "the EMA of `{name}` is {:?}, the weight {:?}",
-                    saved.dims(),
-                    var.dims()
-                )));
-            }
-            *shadow = saved.clone();
+            *shadow = restored(state, name, var.as_tensor())?;
         }
         self.updates = updates;
         Ok(())

@@ -16,7 +16,9 @@ use rand::rngs::StdRng;
 
 use super::dataset::Dataset;
 use super::init::pytorch_default;
-use super::run::{StepBatch, StepReport, Trainee, TrainingOptions, check, run_steps, write_tensors};
+use super::run::{
+    StepBatch, StepReport, Trainee, TrainingOptions, check, detached, run_metadata, run_steps, write_tensors,
+};
 use crate::control::cross_attention::image_projection::ProjectionInput;
 use crate::control::cross_attention::ip_adapter::IpAdapterWeights;
 use crate::io::weights::{TensorStore, TrainableParameters};
@@ -184,12 +186,6 @@ impl Trainee for IpAdapterTrainee {
     }
 
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
-        let tensors = self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-        let metadata = HashMap::from([
-            ("diffctl_steps".to_string(), step.to_string()),
-            ("diffctl_seed".to_string(), options.seed.to_string()),
-            ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ]);
-        write_tensors(output, tensors, metadata)
+        write_tensors(output, detached(&self.params), run_metadata(options, step))
     }
 }

@@ -138,16 +138,7 @@ impl Optimizer for AdamW {
         for slot in &mut self.slots {
             for (suffix, moment) in [("exp_avg", &mut slot.first), ("exp_avg_sq", &mut slot.second)] {
                 let name = format!("{}.{suffix}", slot.name);
-                let saved =
-                    state.get(&name).ok_or_else(|| Error::invalid(format!("the checkpoint has no `{name}`")))?;
-                if saved.dims() != moment.dims() {
-                    return Err(Error::invalid(format!(
-                        "the checkpoint's `{name}` is {:?}, the parameter {:?}",
-                        saved.dims(),
-                        moment.dims()
-                    )));
-                }
-                *moment = saved.to_dtype(moment.dtype())?.to_device(moment.device())?;
+                *moment = restored(state, &name, moment)?;
             }
         }
         self.steps = steps;
@@ -171,6 +162,20 @@ impl Optimizer for AdamW {
         }
         Ok(())
     }
+}
+
+/// The checkpoint tensor `name` of `state`, checked to have the shape of `like` and converted to its
+/// dtype and device: what a restored moment or average replaces `like` with.
+pub(super) fn restored(state: &HashMap<String, Tensor>, name: &str, like: &Tensor) -> Result<Tensor> {
+    let saved = state.get(name).ok_or_else(|| Error::invalid(format!("the checkpoint has no `{name}`")))?;
+    if saved.dims() != like.dims() {
+        return Err(Error::invalid(format!(
+            "the checkpoint's `{name}` is {:?}, expected {:?}",
+            saved.dims(),
+            like.dims()
+        )));
+    }
+    Ok(saved.to_dtype(like.dtype())?.to_device(like.device())?)
 }
 
 /// The gradient of the parameter `name` (`var`), or an error naming it if it received none.

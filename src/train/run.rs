@@ -488,12 +488,8 @@ impl Trainee for InversionTrainee {
     }
 
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
-        let metadata = HashMap::from([
-            ("diffctl_steps".to_string(), step.to_string()),
-            ("diffctl_seed".to_string(), options.seed.to_string()),
-            ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
-        ]);
-        write_tensors(output, vec![(self.options.token.clone(), self.vectors.as_tensor().detach())], metadata)
+        let vectors = vec![(self.options.token.clone(), self.vectors.as_tensor().detach())];
+        write_tensors(output, vectors, run_metadata(options, step))
     }
 }
 
@@ -561,7 +557,7 @@ impl Trainee for FullTrainee {
         for (component, file_name, params) in weights.into_iter().filter(|(c, ..)| trained.contains(c)) {
             create_folder(&output.join(component))?;
             let path = output.join(component).join(file_name);
-            let tensors = params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+            let tensors = detached(params);
             files.stage(&path, |file| {
                 crate::io::output::write_safetensors(file, tensors, Some(export_metadata(options, step)))
                     .map_err(|message| Error::Format { path: path.clone(), message })
@@ -571,15 +567,26 @@ impl Trainee for FullTrainee {
     }
 }
 
-/// The metadata of an exported diffusers weight file: PyTorch's `format` tag (which diffusers' loaders
-/// expect) and the run's step, seed and diffctl version.
-pub(super) fn export_metadata(options: &TrainingOptions, step: usize) -> HashMap<String, String> {
+/// The run's step, seed and diffctl version, as an exported file's metadata.
+pub(super) fn run_metadata(options: &TrainingOptions, step: usize) -> HashMap<String, String> {
     HashMap::from([
-        ("format".to_string(), "pt".to_string()),
         ("diffctl_steps".to_string(), step.to_string()),
         ("diffctl_seed".to_string(), options.seed.to_string()),
         ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
     ])
+}
+
+/// The metadata of an exported diffusers weight file: [`run_metadata`] and PyTorch's `format` tag
+/// (which diffusers' loaders expect).
+pub(super) fn export_metadata(options: &TrainingOptions, step: usize) -> HashMap<String, String> {
+    let mut metadata = run_metadata(options, step);
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata
+}
+
+/// The current values of `params`, detached, by name: what an export or a checkpoint writes.
+pub(super) fn detached(params: &[(String, Var)]) -> Vec<(String, Tensor)> {
+    params.iter().map(|(name, var)| (name.clone(), var.as_tensor().detach())).collect()
 }
 
 /// Writes a diffusers model folder of one network (a ControlNet, a T2I-Adapter): `config` as
@@ -983,7 +990,7 @@ fn save_state(
     path: &Path,
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> =
-        params.iter().map(|(name, var)| (format!("param.{name}"), var.as_tensor().detach())).collect();
+        detached(params).into_iter().map(|(name, t)| (format!("param.{name}"), t)).collect();
     let prefix = optimizer.checkpoint_prefix();
     tensors.extend(optimizer.state().into_iter().map(|(name, t)| (format!("{prefix}{name}"), t)));
     if let Some(ema) = ema {

@@ -17,7 +17,7 @@ use super::init::pytorch_default;
 use super::objective::{DenoisingObjective, Target};
 use super::run::{
     StepBatch, StepObjective, StepReport, Trainee, TrainingOptions, check, check_conditions, check_output_folder,
-    export_metadata, run_steps, write_model_folder,
+    detached, export_metadata, run_steps, write_model_folder,
 };
 use crate::io::diffusers_folder::open_weights_in;
 use crate::io::weights::{TensorStore, TrainableParameters, Weights};
@@ -148,7 +148,6 @@ impl Trainee for T2IAdapterTrainee {
     }
 
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
-        let tensors = self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-        write_model_folder(output, &self.config_json, tensors, export_metadata(options, step))
+        write_model_folder(output, &self.config_json, detached(&self.params), export_metadata(options, step))
     }
 }
