@@ -67,7 +67,8 @@ struct Scratch {
 /// returning [B, H, Lq, Dv] in q's dtype (a transposed view of a contiguous [B, Lq, H, Dv]).
 ///
 /// f16 and bf16 inputs are upcast to f32 (scores are always computed in f32) and the output is
-/// cast back. Inputs whose last dimension is strided are made contiguous first; any other layout
+/// cast back. Where an input tracks gradients the products are f32 and the backward pass is
+/// [`super::attention_backward`]'s. Inputs whose last dimension is strided are made contiguous first; any other layout
 /// is read in place. With `bf16_products` the two matrix products round their operands to bf16
 /// where the CPU has bf16 dot products ([`bf16_gemm::available`]; f32 products elsewhere).
 pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bf16_products: bool) -> Result<Tensor> {
@@ -76,16 +77,23 @@ pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bf16_p
         let t = t.to_dtype(DType::F32)?;
         if t.stride().last() == Some(&1) { Ok(t) } else { t.contiguous() }
     };
+    let tracked = super::tracks_gradients(&[q, k, v]);
     let op = Attention {
+        scale: scale as f32,
         log2_scale: (scale * std::f64::consts::LOG2_E) as f32,
-        bf16: bf16_products && bf16_gemm::available(),
+        bf16: bf16_products && bf16_gemm::available() && !tracked,
     };
-    let out = prepare(q)?.apply_op3_no_bwd(&prepare(k)?, &prepare(v)?, &op)?;
+    let (q, k, v) = (prepare(q)?, prepare(k)?, prepare(v)?);
+    let out = if tracked { q.apply_op3(&k, &v, op)? } else { q.apply_op3_no_bwd(&k, &v, &op)? };
     out.to_dtype(dtype)?.transpose(1, 2)
 }
 
-/// The candle op: q, k, v as in [`scaled_dot_product`], output [B, Lq, H, Dv] contiguous.
+/// The candle op: q, k, v as in [`scaled_dot_product`], output [B, Lq, H, Dv] contiguous; its
+/// backward pass is [`super::attention_backward`] (f32 products).
+#[derive(Debug, Clone, Copy)]
 struct Attention {
+    /// The attention scale.
+    scale: f32,
     /// The attention scale times log2(e), so that softmax is taken with powers of 2.
     log2_scale: f32,
     /// Whether the products run on bf16 dot products.
@@ -93,15 +101,17 @@ struct Attention {
 }
 
 /// A rank-4 f32 operand read through its layout: `data[offset + Σ index·stride]`, last stride 1.
-struct Operand<'a> {
+pub(super) struct Operand<'a> {
     data: &'a [f32],
     offset: usize,
-    dims: [usize; 4],
-    stride: [usize; 4],
+    /// [B, H, L, D].
+    pub(super) dims: [usize; 4],
+    /// Elements between consecutive indices of each dimension.
+    pub(super) stride: [usize; 4],
 }
 
 impl<'a> Operand<'a> {
-    fn new(name: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+    pub(super) fn new(name: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
         let CpuStorage::F32(data) = storage else {
             bail!("attention kernel: {name} must be f32, found {:?}", storage.dtype())
         };
@@ -116,7 +126,7 @@ impl<'a> Operand<'a> {
     }
 
     /// Pointer to row `row` of head (b, h).
-    fn row(&self, b: usize, h: usize, row: usize) -> *const f32 {
+    pub(super) fn row(&self, b: usize, h: usize, row: usize) -> *const f32 {
         // `wrapping_add` keeps this safe to compute; callers only dereference rows inside the layout.
         self.data.as_ptr().wrapping_add(self.offset + b * self.stride[0] + h * self.stride[1] + row * self.stride[2])
     }
@@ -164,6 +174,19 @@ impl CustomOp3 for Attention {
             })
         });
         Ok((CpuStorage::F32(out), Shape::from((b, lq, h, dv))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = super::attention_backward::gradients(q, k, v, out, grad, self.scale)?;
+        let needed = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
+        Ok((needed(q, dq), needed(k, dk), needed(v, dv)))
     }
 }
 

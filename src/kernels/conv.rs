@@ -169,8 +169,7 @@ impl CustomOp2 for Conv2dOp {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (grad_xs, grad_weight) = self.backward(xs, weight, grad)?;
-        Ok((Some(grad_xs), Some(grad_weight)))
+        self.backward(xs, weight, grad)
     }
 }
 
@@ -195,15 +194,18 @@ impl CustomOp3 for Conv2dOp {
         &self,
         xs: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (grad_xs, grad_weight) = self.backward(xs, weight, grad)?;
         // Summed over each channel's plane first (contiguous), then over the batch.
         let (b, cout, h, w) = grad.dims4()?;
-        let grad_bias = grad.detach().contiguous()?.reshape((b, cout, h * w))?.sum(2)?.sum(0)?;
-        Ok((Some(grad_xs), Some(grad_weight), Some(grad_bias)))
+        let grad_bias = match bias.track_op() {
+            true => Some(grad.detach().contiguous()?.reshape((b, cout, h * w))?.sum(2)?.sum(0)?),
+            false => None,
+        };
+        Ok((grad_xs, grad_weight, grad_bias))
     }
 }
 
@@ -223,8 +225,11 @@ struct Dims {
 }
 
 impl Conv2dOp {
-    /// The gradients of input and weight for the output's gradient `grad` (stride 1, same padding).
-    fn backward(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The gradients of input and weight for the output's gradient `grad` (stride 1, same padding),
+    /// each `None` where that operand takes no part in the gradient computation (a frozen layer's
+    /// weight, the first layer's input).
+    fn backward(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (needs_xs, needs_weight) = (xs.track_op(), weight.track_op());
         let (xs, weight, grad) = (xs.detach(), weight.detach(), grad.detach().contiguous()?);
         let (b, cin, h, w) = xs.dims4()?;
         let (cout, _, k, _) = weight.dims4()?;
@@ -236,14 +241,22 @@ impl Conv2dOp {
             );
         }
         // The kernel flipped in both spatial dimensions, in- and out-channels swapped.
-        let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), weight.device())?;
-        let flipped = weight
-            .transpose(0, 1)?
-            .contiguous()?
-            .index_select(&reversed, 2)?
-            .index_select(&reversed, 3)?
-            .contiguous()?;
-        let grad_xs = conv2d(&grad, &flipped, None, 1, k - 1 - self.padding)?;
+        let grad_xs = match needs_xs {
+            true => {
+                let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), weight.device())?;
+                let flipped = weight
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .index_select(&reversed, 2)?
+                    .index_select(&reversed, 3)?
+                    .contiguous()?;
+                Some(conv2d(&grad, &flipped, None, 1, k - 1 - self.padding)?)
+            }
+            false => None,
+        };
+        if !needs_weight {
+            return Ok((grad_xs, None));
+        }
         // dW[:, :, ky, kx] = Σ_b grad[b] [Cout, H·W] @ shifted[b]ᵀ [H·W, Cin].
         let padded = xs.pad_with_zeros(2, self.padding, self.padding)?.pad_with_zeros(3, self.padding, self.padding)?;
         let grad = grad.reshape((b, cout, h * w))?;
@@ -255,7 +268,7 @@ impl Conv2dOp {
             })
             .collect::<Result<Vec<_>>>()?;
         let grad_weight = Tensor::stack(&taps, 2)?.reshape((cout, cin, k, k))?;
-        Ok((grad_xs, grad_weight))
+        Ok((grad_xs, Some(grad_weight)))
     }
 
     fn forward(

@@ -1,12 +1,15 @@
 //! Linear layer `y = x Wᵀ + b` for CPU f32 inputs: one product over all rows of x with the bias added
 //! as each output tile is written (no separate broadcast add), on [`super::sgemm`], or on [`super::bf16_gemm`] for bf16 weights
-//! where the CPU has bf16 dot products. Other devices and dtypes, and inputs that track gradients,
-//! use candle's `Linear`.
+//! where the CPU has bf16 dot products. Where gradients flow (f32 weights) its backward pass runs on
+//! the same products: `dX = dY W`, `dW = dYᵀ X` (read transposed in place), `db` the column sums of
+//! `dY`, each only for an operand that needs it (a frozen layer's weight gets none). Other devices
+//! and dtypes use candle's `Linear`.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, bail};
 
 use super::amx;
 use super::bf16_gemm::{self, Lhs, Operand, Rhs};
+use super::matmul::matmul;
 use super::sgemm::{self, MatRef};
 use super::{LayerWeight, Start, kernel_weight};
 
@@ -14,7 +17,7 @@ use super::{LayerWeight, Start, kernel_weight};
 /// (half-precision weights of f32 layers on the CPU).
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let tracked = super::tracks_gradients(&[xs, weight]) || bias.is_some_and(Tensor::track_op);
-    if !xs.device().is_cpu() || xs.dtype() != DType::F32 || tracked {
+    if !xs.device().is_cpu() || xs.dtype() != DType::F32 || (tracked && weight.dtype() != DType::F32) {
         let cast = |t: &Tensor| t.to_dtype(xs.dtype());
         return candle_nn::Linear::new(cast(weight)?, bias.map(cast).transpose()?).forward(xs);
     }
@@ -31,11 +34,34 @@ pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
     {
         bail!("linear: bias {:?} does not match weight {:?} (expected [{out}])", bias.dims(), weight.dims());
     }
+    if tracked {
+        let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
+        return match bias {
+            Some(bias) => xs.apply_op3(&weight, &bias.to_dtype(DType::F32)?.contiguous()?, LinearOp),
+            None => xs.apply_op2(&weight, LinearOp),
+        };
+    }
     let (xs, weight) = (xs.contiguous()?, kernel_weight(weight)?);
     match bias {
         Some(bias) => xs.apply_op3_no_bwd(&weight, &bias.to_dtype(DType::F32)?.contiguous()?, &LinearOp),
         None => xs.apply_op2_no_bwd(&weight, &LinearOp),
     }
+}
+
+/// The gradients of x and the weight (f32) for the output's gradient `grad`, each `None` where that
+/// operand takes no part in the gradient computation.
+fn backward(xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (out, inp) = weight.dims2()?;
+    let grad = grad.detach().contiguous()?.reshape(((), out))?;
+    let grad_xs = match xs.track_op() {
+        true => Some(matmul(&grad, false, &weight.detach(), false, 1.0)?.reshape(xs.dims())?),
+        false => None,
+    };
+    let grad_weight = match weight.track_op() {
+        true => Some(matmul(&grad, true, &xs.detach().reshape(((), inp))?, false, 1.0)?),
+        false => None,
+    };
+    Ok((grad_xs, grad_weight))
 }
 
 /// The candle custom op behind [`linear`]: CustomOp2 (x, weight) or CustomOp3 (x, weight, bias).
@@ -48,6 +74,16 @@ impl CustomOp2 for LinearOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         forward(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        backward(xs, weight, grad)
     }
 }
 
@@ -66,6 +102,22 @@ impl CustomOp3 for LinearOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         forward(s1, l1, s2, l2, Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_xs, grad_weight) = backward(xs, weight, grad)?;
+        let grad_bias = match bias.track_op() {
+            true => Some(grad.detach().contiguous()?.reshape(((), bias.elem_count()))?.sum(0)?),
+            false => None,
+        };
+        Ok((grad_xs, grad_weight, grad_bias))
     }
 }
 
@@ -168,6 +220,34 @@ mod tests {
             let top = plain.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff / top < 1e-2, "[{rows}, {inp}] → {out}: relative difference {}", diff / top);
         }
+    }
+
+    /// Gradients of x, weight and bias through our backward pass against candle's differentiable
+    /// `Linear`; a frozen weight (not a variable) gets no gradient.
+    #[test]
+    fn gradients_match_candle() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let xs = Var::randn(0f32, 1.0, (2, 37, 70), &dev).unwrap();
+        let weight = Var::randn(0f32, 1.0, (45, 70), &dev).unwrap();
+        let bias = Var::randn(0f32, 1.0, 45, &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 37, 45), &dev).unwrap();
+        for with_bias in [false, true] {
+            let bias = with_bias.then_some(bias.as_tensor());
+            let ours = (linear(&xs, &weight, bias).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let plain = candle_nn::Linear::new(weight.as_tensor().clone(), bias.cloned()).forward(&xs).unwrap();
+            let plain = (plain * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut vars = vec![xs.as_tensor(), weight.as_tensor()];
+            vars.extend(bias);
+            for var in vars {
+                let (a, b) = (ours.get(var).unwrap(), plain.get(var).unwrap());
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-3, "{:?}: max difference {diff}", var.dims());
+            }
+        }
+        let frozen = Tensor::randn(0f32, 1.0, (45, 70), &dev).unwrap();
+        let grads = linear(&xs, &frozen, None).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&frozen).is_none() && grads.get(&xs).is_some());
     }
 
     #[test]

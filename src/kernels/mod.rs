@@ -2,7 +2,7 @@
 //! plain-candle fallback for other devices and dtypes, and a parity test against the plain op.
 //!
 //! - [`attention`]: fused, blocked scaled dot-product attention that never materialises the whole
-//!   score matrix.
+//!   score matrix; [`attention_backward`] its gradients, recomputing the scores block by block.
 //! - [`bf16_gemm`]: the matrix product on the bf16 dot-product instruction (AVX512-BF16), for bf16 layers.
 //! - [`conv`]: 2-D convolution on [`sgemm`] or [`bf16_gemm`] (NCHW in and out), with Winograd
 //!   F(4x4, 3x3) or F(6x6, 3x3) for the large stride-1 3x3 convolutions.
@@ -11,11 +11,13 @@
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU.
 //! - [`linear`]: linear layers, bias written before the product.
 //! - [`math`]: vectorisable exp/SiLU and the AVX2 dispatch the kernels share.
+//! - [`matmul`]: 2-D products with either operand transposed in place (gradients).
 //! - [`sgemm`]: the f32 matrix product every kernel and linear layer runs on.
 //! - [`transpose`]: [B, R, S] → [B, S, R] in blocks (the transformer's NCHW ↔ tokens changes).
 
 pub mod amx;
 pub mod attention;
+pub mod attention_backward;
 pub mod bf16_gemm;
 pub mod conv;
 pub mod convert;
@@ -23,6 +25,7 @@ pub mod geglu;
 pub mod group_norm;
 pub mod linear;
 pub mod math;
+pub mod matmul;
 pub mod sgemm;
 pub mod transpose;
 
@@ -67,8 +70,7 @@ fn layer_weight<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candl
 }
 
 /// Whether any of `tensors` takes part in a gradient computation (a variable, or computed from one):
-/// the kernels then run candle's differentiable ops instead of their own, which have no backward
-/// pass.
+/// the kernels then run their differentiable form where they have one, else candle's ops.
 pub fn tracks_gradients(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
 }

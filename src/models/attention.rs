@@ -26,8 +26,8 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 ///
 /// Without a mask on the CPU this is the fused kernel [`kernels::attention::scaled_dot_product`],
 /// which always computes scores in f32, its products on bf16 dot products for models whose layers
-/// are bf16 (`layer_dtype`) where the CPU has them; otherwise (and when an input tracks gradients)
-/// plain candle ops, long queries in blocks.
+/// are bf16 (`layer_dtype`) where the CPU has them, and has a backward pass for f32 inputs that
+/// track gradients; otherwise plain candle ops, long queries in blocks.
 pub fn scaled_dot_product(
     q: &Tensor,
     k: &Tensor,
@@ -38,7 +38,11 @@ pub fn scaled_dot_product(
     layer_dtype: DType,
 ) -> Result<Tensor> {
     let tracked = kernels::tracks_gradients(&[q, k, v]);
-    if mask.is_none() && !tracked && q.device().is_cpu() && matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+    let kernel_dtype = match tracked {
+        true => q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32,
+        false => matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16),
+    };
+    if mask.is_none() && q.device().is_cpu() && kernel_dtype {
         return Ok(kernels::attention::scaled_dot_product(q, k, v, scale, layer_dtype == DType::BF16)?);
     }
     let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
