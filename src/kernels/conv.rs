@@ -231,7 +231,7 @@ impl Conv2dOp {
     fn backward(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (needs_xs, needs_weight) = (xs.track_op(), weight.track_op());
         let (xs, weight, grad) = (xs.detach(), weight.detach(), grad.detach().contiguous()?);
-        let (b, cin, h, w) = xs.dims4()?;
+        let (_, cin, _, _) = xs.dims4()?;
         let (cout, _, k, _) = weight.dims4()?;
         if self.stride != 1 || 2 * self.padding + 1 != k {
             bail!(
@@ -254,21 +254,15 @@ impl Conv2dOp {
             }
             false => None,
         };
-        if !needs_weight {
-            return Ok((grad_xs, None));
-        }
-        // dW[:, :, ky, kx] = Σ_b grad[b] [Cout, H·W] @ shifted[b]ᵀ [H·W, Cin].
-        let padded = xs.pad_with_zeros(2, self.padding, self.padding)?.pad_with_zeros(3, self.padding, self.padding)?;
-        let grad = grad.reshape((b, cout, h * w))?;
-        let taps = (0..k * k)
-            .map(|tap| {
-                let shifted =
-                    padded.narrow(2, tap / k, h)?.narrow(3, tap % k, w)?.contiguous()?.reshape((b, cin, h * w))?;
-                grad.matmul(&shifted.transpose(1, 2)?)?.sum(0)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let grad_weight = Tensor::stack(&taps, 2)?.reshape((cout, cin, k, k))?;
-        Ok((grad_xs, Some(grad_weight)))
+        let grad_weight = match needs_weight {
+            true => Some(
+                xs.contiguous()?
+                    .apply_op2_no_bwd(&grad, &WeightGradient { k, stride: 1, padding: self.padding })?
+                    .reshape((cout, cin, k, k))?,
+            ),
+            false => None,
+        };
+        Ok((grad_xs, grad_weight))
     }
 
     fn forward(
@@ -297,6 +291,61 @@ impl Conv2dOp {
             ConvPath::Im2col => im2col(&d, x, weight, bias, &mut out),
         }
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
+    }
+}
+
+/// The gradient of a convolution's weight, [Cout, Cin·k·k], from its input x [B, Cin, H, W] and the
+/// gradient of its output [B, Cout, Ho, Wo]: per batch item and band of output rows, the input's
+/// im2col columns [Cin·k·k, n] (x itself for a 1x1 kernel) and `dW += dY_band [Cout, n] · columnsᵀ`,
+/// the columns read transposed in place.
+struct WeightGradient {
+    k: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl candle_core::CustomOp2 for WeightGradient {
+    fn name(&self) -> &'static str {
+        "diffctl-conv2d-weight-gradient"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::contiguous_f32("conv2d weight gradient", s1, l1)?;
+        let grad = super::contiguous_f32("conv2d weight gradient", s2, l2)?;
+        let (b, cin, h, w) = l1.shape().dims4()?;
+        let (_, cout, ho, wo) = l2.shape().dims4()?;
+        let WeightGradient { k, stride, padding } = *self;
+        let d = Dims { b, cin, h, w, cout, k, stride, padding, ho, wo };
+        let kk = cin * k * k;
+        let mut out = vec![0f32; cout * kk];
+        let plane_out = ho * wo;
+        let band_rows = (SCRATCH_ELEMS / (kk * wo)).clamp(1, ho);
+        let pointwise = k == 1 && stride == 1 && padding == 0;
+        // Each band's columns are written in full before its product reads them.
+        let mut cols = super::output_buffer(if pointwise { 0 } else { kk * band_rows * wo });
+        for (xb, gb) in x.chunks(cin * h * w).zip(grad.chunks(cout * plane_out)) {
+            for oy0 in (0..ho).step_by(band_rows) {
+                let rows = band_rows.min(ho - oy0);
+                let n = rows * wo;
+                let columns = if pointwise {
+                    MatRef::transposed(xb[oy0 * wo..].as_ptr(), plane_out)
+                } else {
+                    let cols = &mut cols[..kk * n];
+                    cols.par_chunks_mut(n).enumerate().for_each(|(r, col)| {
+                        let (ci, ky, kx) = (r / (k * k), r / k % k, r % k);
+                        im2col_row(&d, &xb[ci * h * w..(ci + 1) * h * w], ky, kx, oy0, col);
+                    });
+                    MatRef::transposed(cols.as_ptr(), n)
+                };
+                let grad_band = MatRef::rows(gb[oy0 * wo..].as_ptr(), plane_out);
+                // SAFETY: the gradient band is rows of gb [Cout, Ho·Wo] from column oy0·Wo, n wide; the
+                // columns [kk, n] (x's rows of HW for 1x1) read transposed; out [Cout, kk] is our own.
+                unsafe {
+                    sgemm::matmul((cout, kk, n), out.as_mut_ptr(), kk, Start::Current, grad_band, columns, 1.0, true)
+                };
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((cout, kk))))
     }
 }
 

@@ -113,8 +113,13 @@ impl CustomOp3 for LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (grad_xs, grad_weight) = backward(xs, weight, grad)?;
+        // The column sums of dY as one product with a row of ones.
         let grad_bias = match bias.track_op() {
-            true => Some(grad.detach().contiguous()?.reshape(((), bias.elem_count()))?.sum(0)?),
+            true => {
+                let grad = grad.detach().contiguous()?.reshape(((), bias.elem_count()))?;
+                let ones = Tensor::ones((1, grad.dim(0)?), DType::F32, grad.device())?;
+                Some(matmul(&ones, false, &grad, false, 1.0)?.reshape(bias.elem_count())?)
+            }
             false => None,
         };
         Ok((grad_xs, grad_weight, grad_bias))
