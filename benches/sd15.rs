@@ -2,7 +2,7 @@
 //! OpenVINO, ONNX Runtime) on the same weights, same thread count, in one invocation and one table.
 //!
 //! ```sh
-//! cargo bench --bench sd15 -- [--family sd15|sdxl] [--model DIR] [--runs N] [--full] [--peers PYTHON] [--only unet-b2,vae]
+//! cargo bench --bench sd15 -- [--family sd15|sdxl] [--model DIR] [--runs N] [--full] [--train] [--peers PYTHON] [--only unet-b2,vae]
 //! ```
 //!
 //! Without `--model` it makes (once) random weights of the real SD1.5 (or SDXL base) sizes in the
@@ -15,6 +15,7 @@ mod sd15 {
     pub mod model;
     pub mod peers;
     pub mod report;
+    pub mod train;
 }
 
 use std::io::{BufRead, BufReader};
@@ -51,6 +52,10 @@ struct Args {
     /// Also time a whole 20-step generation at the native size with guidance (no warm-up; --full-runs times).
     #[arg(long)]
     full: bool,
+    /// Also time training steps: LoRA rank 16 and ControlNet, batch 1 at the native size (PyTorch f32 as
+    /// the peer).
+    #[arg(long)]
+    train: bool,
     /// Timed whole generations with --full.
     #[arg(long, default_value_t = 1)]
     full_runs: usize,
@@ -66,8 +71,8 @@ struct Args {
     /// (SDXL).
     #[arg(long)]
     peers_script: Option<PathBuf>,
-    /// Only these measurements (comma-separated); default: all but `full` (which --full adds) and
-    /// `full-deep-cache` (SDXL: unet-b2, vae, vae-tiled).
+    /// Only these measurements (comma-separated); default: all but `full` (which --full adds),
+    /// `full-deep-cache` and the training steps (which --train adds) (SDXL: unet-b2, vae, vae-tiled).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Kind>,
     /// Our compute dtype: f32, f16 or bf16; several, comma-separated (`f32,bf16`), measure ours in
@@ -116,7 +121,10 @@ impl BenchFamily {
     /// The measurements run when --only is not given (before --full adds the whole generation).
     fn default_kinds(self) -> Vec<Kind> {
         match self {
-            BenchFamily::Sd15 => Kind::ALL.into_iter().filter(|k| !k.is_generation() && *k != Kind::VaeTiled).collect(),
+            BenchFamily::Sd15 => Kind::ALL
+                .into_iter()
+                .filter(|k| !k.is_generation() && !k.is_training() && *k != Kind::VaeTiled)
+                .collect(),
             BenchFamily::Sdxl => vec![Kind::UnetB2, Kind::Vae, Kind::VaeTiled],
         }
     }
@@ -307,19 +315,33 @@ fn rows(ours: &[(Kind, Outcome)], peers: &PeerResults, shapes: &Shapes, label: &
         Kind::FullDeepCache,
         Vec::new(),
     ));
-    let peer_rss = Peer::ALL
-        .iter()
-        .filter_map(|p| peers.timings.get(&(*p, Item::UnetB2)).map(|t| (*p, Stat::one(t.peak_rss_gb))))
-        .filter(|(_, s)| s.median.is_finite())
-        .collect();
-    rows.push(Row {
-        what: "peak RSS of the UNet b2 process".into(),
-        unit: Unit::Gb,
-        ours: rss(Kind::UnetB2).map(Stat::one),
-        ours_rss: None,
-        ours_cpu_share: None,
-        peers: peer_rss,
-    });
+    let training = [
+        (Kind::TrainLora, Item::TrainLora, format!("LoRA rank {}", sd15::train::LORA_RANK)),
+        (Kind::TrainControlnet, Item::TrainControlnet, "ControlNet".to_string()),
+    ];
+    for (k, item, what) in &training {
+        rows.push(timed(&format!("training step, {what}, {0}x{0}, batch 1, AdamW", shapes.image), *k, peer(*item)));
+    }
+    let peer_rss = |item: Item| {
+        Peer::ALL
+            .iter()
+            .filter_map(|p| peers.timings.get(&(*p, item)).map(|t| (*p, Stat::one(t.peak_rss_gb))))
+            .filter(|(_, s)| s.median.is_finite())
+            .collect()
+    };
+    let rss_rows = [(Kind::UnetB2, Item::UnetB2, "the UNet b2".to_string())]
+        .into_iter()
+        .chain(training.into_iter().map(|(k, item, what)| (k, item, format!("the {what} training"))));
+    for (k, item, what) in rss_rows {
+        rows.push(Row {
+            what: format!("peak RSS of {what} process"),
+            unit: Unit::Gb,
+            ours: rss(k).map(Stat::one),
+            ours_rss: None,
+            ours_cpu_share: None,
+            peers: peer_rss(item),
+        });
+    }
     rows.retain(|r| r.ours.is_some() || !r.peers.is_empty());
     rows.iter_mut().for_each(|r| r.what.push_str(label));
     for r in rows.iter_mut().filter(|r| r.what.starts_with('↳')) {
@@ -346,12 +368,11 @@ fn main() -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let kinds: Vec<Kind> = if args.only.is_empty() {
-        let defaults = args.family.default_kinds();
-        Kind::ALL.into_iter().filter(|k| defaults.contains(k) || (*k == Kind::Full && args.full)).collect()
-    } else {
-        Kind::ALL.into_iter().filter(|k| args.only.contains(k) || (*k == Kind::Full && args.full)).collect()
-    };
+    let chosen = if args.only.is_empty() { args.family.default_kinds() } else { args.only.clone() };
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|k| chosen.contains(k) || (*k == Kind::Full && args.full) || (k.is_training() && args.train))
+        .collect();
     let cache = cache_dir();
     let model = match &args.model {
         Some(m) => m.clone(),
@@ -414,6 +435,8 @@ fn main() -> Result<()> {
         (Kind::Vae, Item::Vae),
         (Kind::Controlnet, Item::ControlnetAdded),
         (Kind::Full, Item::Full),
+        (Kind::TrainLora, Item::TrainLora),
+        (Kind::TrainControlnet, Item::TrainControlnet),
     ]
     .into_iter()
     .filter(|(k, _)| kinds.contains(k))
@@ -422,7 +445,9 @@ fn main() -> Result<()> {
     let mut peer_results = PeerResults::default();
     let skipped_all = |why: &str| Peer::ALL.iter().map(|p| (*p, why.to_string())).collect::<Vec<_>>();
     match &python {
-        _ if items.is_empty() => peer_results.skipped = skipped_all("none of unet-b2, vae, controlnet, full selected"),
+        _ if items.is_empty() => {
+            peer_results.skipped = skipped_all("none of unet-b2, vae, controlnet, full, train-* selected")
+        }
         _ if args.device != "cpu" => peer_results.skipped = skipped_all("the peers are CPU-only"),
         None => peer_results.skipped = skipped_all("no Python (--peers PYTHON or DIFFCTL_BENCH_PYTHON)"),
         Some(python) => {

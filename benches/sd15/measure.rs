@@ -58,6 +58,10 @@ pub enum Kind {
     /// The same generation with DeepCache (an opt-in approximation) at [`DEEP_CACHE_INTERVAL`],
     /// branch 0.
     FullDeepCache,
+    /// A LoRA training step (rank 16, batch 1, native size; see [`super::train`]).
+    TrainLora,
+    /// A ControlNet training step (batch 1, native size).
+    TrainControlnet,
 }
 
 /// The DeepCache interval of [`Kind::FullDeepCache`] (DeepCache's own example uses 3).
@@ -65,7 +69,7 @@ pub const DEEP_CACHE_INTERVAL: usize = 3;
 
 impl Kind {
     /// Every measurement, in the order they run.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Text,
         Kind::UnetB1,
         Kind::UnetB2,
@@ -75,11 +79,18 @@ impl Kind {
         Kind::IpAdapter,
         Kind::Full,
         Kind::FullDeepCache,
+        Kind::TrainLora,
+        Kind::TrainControlnet,
     ];
 
     /// Whether this is a whole generation (no warm-up, --full-runs times, never in the default set).
     pub fn is_generation(self) -> bool {
         matches!(self, Kind::Full | Kind::FullDeepCache)
+    }
+
+    /// Whether this is a training step (never in the default set; `--train` adds both).
+    pub fn is_training(self) -> bool {
+        matches!(self, Kind::TrainLora | Kind::TrainControlnet)
     }
 
     /// The name used on the command line and in logs.
@@ -94,6 +105,8 @@ impl Kind {
             Kind::IpAdapter => "ip-adapter",
             Kind::Full => "full",
             Kind::FullDeepCache => "full-deep-cache",
+            Kind::TrainLora => "train-lora",
+            Kind::TrainControlnet => "train-controlnet",
         }
     }
 }
@@ -189,6 +202,36 @@ fn machine_jiffies() -> (u64, u64) {
     let total: u64 = fields.iter().take(8).sum();
     let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
     (total - idle, total)
+}
+
+/// The wall clock, this process's CPU time and the machine's jiffies at one moment: steps that run
+/// inside a library call are timed by the snapshots its progress callback takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    at: Instant,
+    cpu: f64,
+    machine: (u64, u64),
+}
+
+impl Usage {
+    /// Now.
+    pub fn now() -> Self {
+        Self { at: Instant::now(), cpu: cpu_seconds(), machine: machine_jiffies() }
+    }
+
+    /// Wall seconds since `earlier`.
+    pub fn wall_since(&self, earlier: &Usage) -> f64 {
+        self.at.duration_since(earlier.at).as_secs_f64()
+    }
+
+    /// Over the span of `marks` (first to last): our share of `threads` cores and the machine's
+    /// busy fraction, as [`Outcome::cpu_share`] and [`Outcome::machine_busy`].
+    pub fn shares(marks: &[Usage], threads: usize) -> (f64, f64) {
+        let (Some(first), Some(last)) = (marks.first(), marks.last()) else { return (f64::NAN, f64::NAN) };
+        let wall = last.wall_since(first);
+        let (busy, total) = (last.machine.0 - first.machine.0, last.machine.1 - first.machine.1);
+        ((last.cpu - first.cpu) / (wall * threads as f64), busy as f64 / total as f64)
+    }
 }
 
 /// Accumulates the CPU and wall time of the timed runs, and the machine's busy and total jiffies.
@@ -324,6 +367,12 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let mut last = None;
     let mut share = Share::default();
     match job.kind {
+        Kind::TrainLora | Kind::TrainControlnet => {
+            // Steps inside the library's training run, timed by its progress reports.
+            super::train::run(job, shapes.image, &mut out)?;
+            out.peak_rss_gb = peak_rss_gb();
+            return Ok(out);
+        }
         Kind::Text => {
             let encoder = ClipTextEncoder::load(&weights(&files.text_encoder.weights), &files.text_encoder.config)?;
             out.parts.insert("load".into(), t0.elapsed().as_secs_f64());

@@ -1,7 +1,7 @@
 //! The CPU peers (PyTorch eager and autocast bf16, OpenVINO f32 and its default precision, ONNX
 //! Runtime f32) timed by `../shared/bench/perf_peers.py` on the same weight folder, same thread
-//! count, and PyTorch f32's added time of a ControlNet and whole generation by `torch_extra.py`
-//! beside this file; their converted models are cached, their `RESULT` lines parsed.
+//! count, and PyTorch f32's added time of a ControlNet, whole generation and training steps by
+//! `torch_extra.py` beside this file; their converted models are cached, their `RESULT` lines parsed.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -55,7 +55,9 @@ impl Peer {
     /// The items the peer times.
     fn items(self) -> &'static [Item] {
         match self {
-            Peer::TorchF32 => &[Item::UnetB2, Item::Vae, Item::ControlnetAdded, Item::Full],
+            Peer::TorchF32 => {
+                &[Item::UnetB2, Item::Vae, Item::ControlnetAdded, Item::Full, Item::TrainLora, Item::TrainControlnet]
+            }
             Peer::TorchBf16 | Peer::OpenVinoF32 | Peer::OpenVinoDefault => &[Item::UnetB2, Item::Vae],
             Peer::OnnxRuntime => &[Item::UnetB2],
         }
@@ -63,7 +65,7 @@ impl Peer {
 }
 
 /// What a peer measured: the UNet step (batch 2), the VAE decode, and (PyTorch f32 only) the
-/// ControlNet's added time and the whole generation.
+/// ControlNet's added time, the whole generation and the training steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Item {
     /// One UNet step at batch 2.
@@ -74,6 +76,10 @@ pub enum Item {
     ControlnetAdded,
     /// A whole generation at the native size, `FULL_STEPS` steps with guidance, load excluded.
     Full,
+    /// A LoRA training step (PEFT rank 16, batch 1, native size).
+    TrainLora,
+    /// A ControlNet training step (batch 1, native size).
+    TrainControlnet,
 }
 
 impl Item {
@@ -84,6 +90,8 @@ impl Item {
             Item::Vae => "vae",
             Item::ControlnetAdded => "controlnet",
             Item::Full => "generate",
+            Item::TrainLora => "train-lora",
+            Item::TrainControlnet => "train-controlnet",
         }
     }
 }
@@ -123,7 +131,7 @@ pub struct PeerOptions<'a> {
     /// SDXL-size weights: only PyTorch and OpenVINO time the step and the decode (ONNX Runtime's
     /// export and PyTorch's whole generation are left out there).
     pub sdxl: bool,
-    /// `torch_extra.py` (PyTorch f32's [`Item::ControlnetAdded`] and [`Item::Full`]).
+    /// `torch_extra.py` (PyTorch f32's [`Item::ControlnetAdded`], [`Item::Full`] and training steps).
     pub extra_script: &'a Path,
     /// The weight folder (diffusers layout).
     pub model: &'a Path,
@@ -345,6 +353,25 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
                         &opts.threads.to_string(),
                     ];
                     jobs.push((Item::ControlnetAdded, opts.extra_script, args.map(String::from).to_vec()));
+                }
+                for (item, kind) in [(Item::TrainLora, "lora"), (Item::TrainControlnet, "controlnet")] {
+                    if peer == Peer::TorchF32 && opts.items.contains(&item) {
+                        let args = [
+                            "train",
+                            &model,
+                            "--kind",
+                            kind,
+                            "--rank",
+                            &super::train::LORA_RANK.to_string(),
+                            "--runs",
+                            &opts.runs.to_string(),
+                            "--warmup",
+                            &opts.warmup.to_string(),
+                            "--threads",
+                            &opts.threads.to_string(),
+                        ];
+                        jobs.push((item, opts.extra_script, args.map(String::from).to_vec()));
+                    }
                 }
                 if peer == Peer::TorchF32 && opts.items.contains(&Item::Full) && !opts.sdxl {
                     let args = [

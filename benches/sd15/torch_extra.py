@@ -13,7 +13,17 @@ python torch_extra.py generate DIR           StableDiffusionPipeline from DIR (i
                                              --steps steps, guidance 7.5, fixed generator, output_type "np";
                                              the whole call timed, load excluded, no warm-up; RESULT `generate`;
                                              --prompt TEXT (any prompt is padded to 77 tokens)
-Common flags: --runs N (default 5), --threads N (default 2); controlnet: --warmup N (default 1).
+python torch_extra.py train DIR --kind lora|controlnet
+                                             training steps as diffusers' train_text_to_image_lora.py (PEFT LoRA
+                                             --rank 16, alpha = rank, gaussian init, on to_k/to_q/to_v/to_out.0)
+                                             and train_controlnet.py (ControlNetModel.from_unet) step, batch 1
+                                             at the model's native size: VAE encode (sampled) and text encode
+                                             without gradients, noise, uniform timesteps, add_noise, the
+                                             prediction's MSE against the noise (or v), backward, clip_grad_norm_
+                                             1.0, AdamW (lr 1e-4, weight decay 1e-2), zero_grad; one image (and
+                                             condition image) of seeded noise; RESULT `train lora` / `train
+                                             controlnet`, every step (warm-up included) printed
+Common flags: --runs N (default 5), --threads N (default 2); controlnet and train: --warmup N (default 1).
 """
 import argparse, resource, statistics, time
 
@@ -87,6 +97,75 @@ def cmd_generate(a):
     result("generate", ts)
 
 
+def cmd_train(a):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained(f"{a.dir}/vae")
+    text_encoder = CLIPTextModel.from_pretrained(f"{a.dir}/text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(f"{a.dir}/tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(f"{a.dir}/unet")
+    scheduler = DDPMScheduler.from_pretrained(f"{a.dir}/scheduler")
+    for m in (vae, text_encoder, unet):
+        m.requires_grad_(False)
+    size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    if a.kind == "lora":
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        unet.train()
+        trained = unet
+    else:
+        controlnet = ControlNetModel.from_unet(unet)
+        controlnet.train()
+        params = list(controlnet.parameters())
+        trained = controlnet
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+    condition = torch.rand(1, 3, size, size, generator=g)
+    ids = tokenizer(["a photograph of an astronaut riding a horse on the moon, detailed, 8k"], padding="max_length",
+                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    print("torch", torch.__version__, "threads", torch.get_num_threads(), "size", size, "trained parameters",
+          sum(p.numel() for p in params), flush=True)
+
+    def step():
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            context = text_encoder(ids, return_dict=False)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,)).long()
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        if a.kind == "lora":
+            pred = unet(noisy, t, context, return_dict=False)[0]
+        else:
+            down, mid = controlnet(noisy, t, context, controlnet_cond=condition, return_dict=False)
+            pred = unet(noisy, t, context, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    ts = []
+    for i in range(a.warmup + a.runs):
+        t0 = time.time()
+        loss = step()
+        s = time.time() - t0
+        what = f"warm-up {i}" if i < a.warmup else f"run {i - a.warmup}"
+        print(f"train {a.kind} step {what}: {s:.2f} s, loss {loss:.4f}", flush=True)
+        if i >= a.warmup:
+            ts.append(s)
+    result(f"train {a.kind}", ts)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sp = p.add_subparsers(dest="cmd", required=True)
@@ -101,8 +180,12 @@ def main():
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--size", type=int, default=512, help="image height and width")
     q.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    q = common(sp.add_parser("train")); q.add_argument("dir")
+    q.add_argument("--kind", choices=["lora", "controlnet"], required=True)
+    q.add_argument("--rank", type=int, default=16)
+    q.add_argument("--warmup", type=int, default=1)
     a = p.parse_args()
-    {"controlnet": cmd_controlnet, "generate": cmd_generate}[a.cmd](a)
+    {"controlnet": cmd_controlnet, "generate": cmd_generate, "train": cmd_train}[a.cmd](a)
 
 
 if __name__ == "__main__":
