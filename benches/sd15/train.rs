@@ -94,6 +94,9 @@ pub fn run(job: &Job, image_size: usize, out: &mut Outcome) -> Result<()> {
     let timed = &marks[job.warmup..];
     out.runs = timed.windows(2).map(|w| w[1].wall_since(&w[0])).collect();
     (out.cpu_share, out.machine_busy) = Usage::shares(timed, out.threads);
-    out.check = format!("loss of the last step {last_loss:.4}, {}", if last_loss.is_finite() { "finite" } else { "NOT FINITE" });
+    out.check = format!(
+        "loss of the last step {last_loss:.4}, {}",
+        if last_loss.is_finite() { "finite" } else { "NOT FINITE" }
+    );
     Ok(())
 }

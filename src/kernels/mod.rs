@@ -9,6 +9,7 @@
 //! - [`convert`]: f16/bf16 → f32 on all threads, for half-precision weights widened per call.
 //! - [`geglu`]: the feed-forward's `value · gelu(gate)` in one pass.
 //! - [`group_norm`]: GroupNorm with an optional fused SiLU.
+//! - [`layer_norm`]: LayerNorm with its backward pass (training).
 //! - [`linear`]: linear layers, bias written before the product.
 //! - [`math`]: vectorisable exp/SiLU and the AVX2 dispatch the kernels share.
 //! - [`matmul`]: 2-D products with either operand transposed in place (gradients).
@@ -23,6 +24,7 @@ pub mod conv;
 pub mod convert;
 pub mod geglu;
 pub mod group_norm;
+pub mod layer_norm;
 pub mod linear;
 pub mod math;
 pub mod matmul;

@@ -433,7 +433,8 @@ pub fn layer_norm(w: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
 }
 
 /// `nn.LayerNorm` over the last dimension with affine weights: candle's fused kernel, or, where
-/// gradients flow (it has no backward pass), the same normalisation from differentiable ops.
+/// gradients flow (it has no backward pass), [`crate::kernels::layer_norm`] on the CPU and the same
+/// normalisation from differentiable ops elsewhere.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     fused: candle_nn::LayerNorm,
@@ -453,6 +454,9 @@ impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if !crate::kernels::tracks_gradients(&[xs, &self.weight, &self.bias]) {
             return self.fused.forward(xs);
+        }
+        if crate::kernels::layer_norm::supports(xs, &self.weight, &self.bias) {
+            return crate::kernels::layer_norm::layer_norm(xs, &self.weight, &self.bias, self.eps);
         }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?;
