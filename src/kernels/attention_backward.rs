@@ -3,7 +3,8 @@
 //! the scores `S = scale · Q Kᵀ` and their softmax `P`, then (flash attention's backward)
 //!
 //! - `dP = dO Vᵀ`, `dS = P ∘ (dP − D)` with `D = rowsum(dO ∘ O)`,
-//! - `dQ = scale · dS K`, `dK += scale · dSᵀ Q`, `dV += Pᵀ dO`,
+//! - `dQ = scale · dS K`, `dKᵀ += scale · Qᵀ dS`, `dVᵀ += dOᵀ P` (accumulated transposed, so that the
+//!   large [rows, Lk] blocks are read by rows; transposed back once per head),
 //!
 //! all products on [`super::sgemm`] with transposes read in place. A block's scores and their
 //! gradient ([rows, Lk] each) are the only scratch; no [Lq, Lk] matrix of the whole head exists.
@@ -52,8 +53,8 @@ pub(super) fn gradients(
         (operand.dims, operand.stride) = ([b, h, lq, dv], [s0, s2, s1, 1]);
     }
     let mut grad_q = super::output_buffer(b * h * lq * d);
-    let mut grad_k = vec![0f32; b * h * lk * d];
-    let mut grad_v = vec![0f32; b * h * lk * dv];
+    let mut grad_k = super::output_buffer(b * h * lk * d);
+    let mut grad_v = super::output_buffer(b * h * lk * dv);
     let heads = Heads { q: &q, k: &k, v: &v, o: &o, g: &g, scale };
     let (q_head, k_head, v_head) = (lq * d, lk * d, lk * dv);
     if b * h >= rayon::current_num_threads() {
@@ -98,8 +99,8 @@ struct Heads<'a> {
 }
 
 impl Heads<'_> {
-    /// Head `bh` (= b·H + h): its dQ [Lq, D] into `dq`, dK [Lk, D] and dV [Lk, Dv] (zeroed) added to
-    /// in `dk` and `dv`; the products split over the threads with `parallel`.
+    /// Head `bh` (= b·H + h): its dQ [Lq, D] into `dq`, dK [Lk, D] and dV [Lk, Dv] into `dk` and
+    /// `dv`; the products split over the threads with `parallel`.
     fn head(&self, bh: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], parallel: bool) {
         let Self { q, k, v, o, g, scale } = *self;
         let [_, h, lq, d] = q.dims;
@@ -109,6 +110,8 @@ impl Heads<'_> {
         let mut probabilities = vec![0f32; rows * lk];
         let mut grad_scores = vec![0f32; rows * lk];
         let mut deltas = vec![0f32; rows];
+        // dKᵀ [D, Lk] and dVᵀ [Dv, Lk], accumulated over the query blocks.
+        let (mut dk_t, mut dv_t) = (vec![0f32; d * lk], vec![0f32; dvs * lk]);
         let keys = MatRef::rows(k.row(bi, hi, 0), k.stride[2]);
         for i0 in (0..lq).step_by(rows) {
             let n = rows.min(lq - i0);
@@ -135,12 +138,25 @@ impl Heads<'_> {
                 let ds_rows = MatRef::rows(ds.as_ptr(), lk);
                 // dQ_blk [n, D] = scale · dS K.
                 sgemm::matmul((n, d, lk), dq[i0 * d..].as_mut_ptr(), d, Start::Zero, ds_rows, keys, scale, parallel);
-                // dK [Lk, D] += scale · dSᵀ Q_blk; dV [Lk, Dv] += Pᵀ dO_blk.
-                let ds_t = MatRef::transposed(ds.as_ptr(), lk);
-                sgemm::matmul((lk, d, n), dk.as_mut_ptr(), d, Start::Current, ds_t, queries, scale, parallel);
-                let p_t = MatRef::transposed(p.as_ptr(), lk);
-                sgemm::matmul((lk, dvs, n), dv.as_mut_ptr(), dvs, Start::Current, p_t, grad_out, 1.0, parallel);
+                // dKᵀ [D, Lk] += scale · Q_blkᵀ dS; dVᵀ [Dv, Lk] += dO_blkᵀ P: the transposed small
+                // block on the left, the [n, Lk] blocks read by rows.
+                let queries_t = MatRef::transposed(q.row(bi, hi, i0), q.stride[2]);
+                sgemm::matmul((d, lk, n), dk_t.as_mut_ptr(), lk, Start::Current, queries_t, ds_rows, scale, parallel);
+                let grad_out_t = MatRef::transposed(g.row(bi, hi, i0), g.stride[2]);
+                let p_rows = MatRef::rows(p.as_ptr(), lk);
+                sgemm::matmul((dvs, lk, n), dv_t.as_mut_ptr(), lk, Start::Current, grad_out_t, p_rows, 1.0, parallel);
             }
+        }
+        transpose_into(dk, &dk_t, d, lk);
+        transpose_into(dv, &dv_t, dvs, lk);
+    }
+}
+
+/// `dst` [cols, rows] = the transpose of `src` [rows, cols].
+fn transpose_into(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    for (i, row) in src.chunks_exact(cols).enumerate().take(rows) {
+        for (j, &x) in row.iter().enumerate() {
+            dst[j * rows + i] = x;
         }
     }
 }

@@ -243,13 +243,7 @@ impl Conv2dOp {
         // The kernel flipped in both spatial dimensions, in- and out-channels swapped.
         let grad_xs = match needs_xs {
             true => {
-                let reversed = Tensor::new((0..k as u32).rev().collect::<Vec<_>>(), weight.device())?;
-                let flipped = weight
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .index_select(&reversed, 2)?
-                    .index_select(&reversed, 3)?
-                    .contiguous()?;
+                let flipped = weight.contiguous()?.apply_op1_no_bwd(&FlippedKernel)?;
                 Some(conv2d(&grad, &flipped, None, 1, k - 1 - self.padding)?)
             }
             false => None,
@@ -291,6 +285,31 @@ impl Conv2dOp {
             ConvPath::Im2col => im2col(&d, x, weight, bias, &mut out),
         }
         Ok((CpuStorage::F32(out), Shape::from((b, cout, ho, wo))))
+    }
+}
+
+/// The kernel of a convolution's input gradient: W [Cout, Cin, k, k] flipped in both spatial
+/// dimensions, its channels swapped: [Cin, Cout, k, k].
+struct FlippedKernel;
+
+impl candle_core::CustomOp1 for FlippedKernel {
+    fn name(&self) -> &'static str {
+        "diffctl-conv2d-flipped-kernel"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = super::contiguous_f32("conv2d flipped kernel", storage, layout)?;
+        let (cout, cin, k, _) = layout.shape().dims4()?;
+        let kk = k * k;
+        // Written in full: every (ci, co) tap block.
+        let mut out = super::output_buffer(w.len());
+        out.par_chunks_mut((cout * kk).max(1)).enumerate().for_each(|(ci, block)| {
+            for (co, taps) in block.chunks_exact_mut(kk).enumerate() {
+                let src = &w[(co * cin + ci) * kk..][..kk];
+                taps.iter_mut().zip(src.iter().rev()).for_each(|(t, &x)| *t = x);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((cin, cout, k, k))))
     }
 }
 
