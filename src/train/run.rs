@@ -36,8 +36,6 @@ use crate::pipeline::{GenerateRequest, StableDiffusion};
 use crate::schedulers::NoiseSource;
 use crate::{Error, Result};
 
-/// Freed large blocks kept for reuse during a run (see [`crate::allocator::LargeBlockCache`]).
-const STEP_BLOCK_CACHE: usize = 4 << 30;
 
 /// How a training run goes, whatever it trains (defaults: diffusers' training scripts').
 #[derive(Debug, Clone)]
@@ -669,8 +667,6 @@ pub(super) fn run_steps(
         trainee,
         objective: DenoisingObjective::new(&model.scheduler_config, options.snr_gamma)?,
     };
-    // Forward and backward passes allocate and free the same large buffers every step.
-    let _reuse = crate::allocator::LargeBlockCache::keep_up_to(STEP_BLOCK_CACHE);
     let params = trainee.parameters();
     let mut optimizer: Box<dyn Optimizer> = match options.optimizer_kind {
         OptimizerKind::AdamW => Box::new(AdamW::new(params.clone(), options.optimizer)?),
