@@ -85,8 +85,8 @@ pub fn train_controlnet(
         )));
     }
     let trainable = TrainableParameters::new();
-    let weights = Weights::new(store, DType::F32, model.device()).trainable(&trainable);
-    let controlnet = ControlNet::load(&weights, &config)?;
+    // The variables are copies: the store's tensors go once the ControlNet is built.
+    let controlnet = ControlNet::load(&Weights::new(store, DType::F32, model.device()).trainable(&trainable), &config)?;
     let trainee = ControlNetTrainee { controlnet, config_json, params: trainable.parameters(), start: label };
     run_steps(model, data, None, options, output, &trainee, on_step)
 }

@@ -36,7 +36,6 @@ use crate::pipeline::{GenerateRequest, StableDiffusion};
 use crate::schedulers::NoiseSource;
 use crate::{Error, Result};
 
-
 /// How a training run goes, whatever it trains (defaults: diffusers' training scripts').
 #[derive(Debug, Clone)]
 pub struct TrainingOptions {
