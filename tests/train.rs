@@ -24,7 +24,7 @@ use diffctl::models::vae::{Vae, VaeConfig};
 use diffctl::schedulers::SchedulerConfig;
 use diffctl::tokenizer::ClipTokenizer;
 use diffctl::train::adafactor::Adafactor;
-use diffctl::train::lora::LoraAdapters;
+use diffctl::train::lora::{Algorithm, FactorShape, LoraAdapters};
 use diffctl::train::objective::DenoisingObjective;
 use diffctl::train::optimizer::{AdamW, AdamWConfig, Optimizer, clip_grad_norm};
 use diffctl::train::run::write_model_folder;
@@ -313,7 +313,12 @@ fn initial_tensors(fx: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
     fx.iter().filter_map(|(k, t)| k.strip_prefix("init.").map(|k| (k.to_string(), t.clone()))).collect()
 }
 
-/// Runs a UNet LoRA case: every step's loss and gradient norm, step 0's gradients, the final
+/// The initial factors `init.<path>.<PEFT name>` of the case, for [`LoraAdapters::attach`].
+fn fixture_factors(p: &Parity) -> impl FnMut(&str, &[FactorShape]) -> diffctl::Result<Vec<Tensor>> + '_ {
+    |path, factors| Ok(factors.iter().map(|f| p.fx[&format!("init.{path}.{}", f.peft)].clone()).collect())
+}
+
+/// Runs a UNet LoRA (LoHa, LoKr) case: every step's loss and gradient norm, step 0's gradients, the final
 /// weights, the kohya names.
 fn lora_case(name: &str) {
     let p = Parity::new(name);
@@ -324,10 +329,13 @@ fn lora_case(name: &str) {
     let targets: Vec<String> =
         lora["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
     let (rank, alpha) = (lora["rank"].as_u64().unwrap() as usize, lora["alpha"].as_f64().unwrap());
-    let adapters = LoraAdapters::attach(&registry, "unet.", &targets, (rank, alpha), |path, _, _| {
-        Ok((p.fx[&format!("init.{path}.lora_A.weight")].clone(), p.fx[&format!("init.{path}.lora_B.weight")].clone()))
-    })
-    .unwrap();
+    let algorithm = match lora["algorithm"].as_str() {
+        Some("loha") => Algorithm::Loha,
+        Some("lokr") => Algorithm::Lokr,
+        _ => Algorithm::Lora,
+    };
+    let adapters =
+        LoraAdapters::attach(&registry, "unet.", &targets, (algorithm, rank, alpha), fixture_factors(&p)).unwrap();
     let params = adapters.parameters();
     assert_eq!(params.len() as u64, p.case["trainable"].as_u64().unwrap(), "trainable tensors");
     let initial = Parity::snapshot(&params);
@@ -353,9 +361,18 @@ fn lora_case(name: &str) {
         assert_eq!(names, ours, "kohya names");
         for m in adapters.modules() {
             let name = format!("lora_unet_{}", m.path.strip_prefix("unet.").unwrap().replace('.', "_"));
-            assert_eq!(common::max_abs_diff(&kohya[&format!("{name}.lora_down.weight")], m.down.as_tensor()), 0.0);
-            assert_eq!(common::max_abs_diff(&kohya[&format!("{name}.lora_up.weight")], m.up.as_tensor()), 0.0);
-            assert_eq!(scalar(&kohya[&format!("{name}.alpha")]), scalar(&p.fx[&format!("after.{name}.alpha")]));
+            // A LoKr with a whole w2 carries its scale in lokr_w1 (loaders scale it by 1).
+            let whole_w2 = m.factors.iter().any(|f| f.kohya == "lokr_w2");
+            for f in &m.factors {
+                let expected = match whole_w2 && f.kohya == "lokr_w1" {
+                    true => (f.var.as_tensor() * (alpha / rank as f64)).unwrap(),
+                    false => f.var.as_tensor().clone(),
+                };
+                assert_eq!(common::max_abs_diff(&kohya[&format!("{name}.{}", f.kohya)], &expected), 0.0);
+            }
+            if !whole_w2 {
+                assert_eq!(scalar(&kohya[&format!("{name}.alpha")]), scalar(&p.fx[&format!("after.{name}.alpha")]));
+            }
         }
     }
     export_for_diffusers(&format!("{name}.safetensors"), adapters.kohya_tensors().unwrap());
@@ -369,6 +386,19 @@ fn unet_lora_epsilon_matches_diffusers_training() {
 #[test]
 fn unet_lora_velocity_min_snr_matches_diffusers_training() {
     lora_case("lora-unet-v-minsnr");
+}
+
+/// LoHa on the UNet's attention projections as PEFT's `LoHaConfig` trains it in the LoRA script's
+/// step; exported in LyCORIS' kohya names.
+#[test]
+fn unet_loha_matches_peft_training() {
+    lora_case("loha-unet-eps");
+}
+
+/// LoKr (w1 whole, w2 as a rank-2 product) as PEFT's `LoKrConfig` trains it.
+#[test]
+fn unet_lokr_matches_peft_training() {
+    lora_case("lokr-unet-eps");
 }
 
 /// Textual inversion as diffusers' textual_inversion.py: one new token's embedding row trains (its
@@ -490,14 +520,17 @@ fn dreambooth_lora_with_prior_preservation_matches_diffusers_training() {
         lora[key].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect()
     };
     let (rank, alpha) = (lora["rank"].as_u64().unwrap() as usize, lora["alpha"].as_f64().unwrap());
-    let init = |path: &str, _: &[usize], _: &[usize]| {
-        Ok((p.fx[&format!("init.{path}.lora_A.weight")].clone(), p.fx[&format!("init.{path}.lora_B.weight")].clone()))
-    };
+    let shape = (Algorithm::Lora, rank, alpha);
     let unet_lora =
-        LoraAdapters::attach(&registry, "unet.", &names("unet_target_modules"), (rank, alpha), init).unwrap();
-    let text_lora =
-        LoraAdapters::attach(&registry, "text_encoder.", &names("text_encoder_target_modules"), (rank, alpha), init)
-            .unwrap();
+        LoraAdapters::attach(&registry, "unet.", &names("unet_target_modules"), shape, fixture_factors(&p)).unwrap();
+    let text_lora = LoraAdapters::attach(
+        &registry,
+        "text_encoder.",
+        &names("text_encoder_target_modules"),
+        shape,
+        fixture_factors(&p),
+    )
+    .unwrap();
     let params: Vec<_> = unet_lora.parameters().into_iter().chain(text_lora.parameters()).collect();
     assert_eq!(params.len() as u64, p.case["trainable"].as_u64().unwrap(), "trainable tensors");
     let initial = Parity::snapshot(&params);
@@ -715,6 +748,67 @@ fn cli_trains_a_lora_that_generate_loads() {
     let plain = generate(&[]);
     let adapted = generate(&["--lora", lora.to_str().unwrap()]);
     assert!(common::max_abs_diff(&plain, &adapted) > 1e-6, "the trained LoRA changes nothing");
+}
+
+/// `diffctl train lora --algorithm loha|lokr` end to end: a LyCORIS file in kohya's layout (with
+/// the LyCORIS metadata) that `generate --lora` loads and that changes the image.
+#[test]
+fn cli_trains_loha_and_lokr_that_generate_loads() {
+    let data = caption_folder();
+    let out = tempfile::tempdir().unwrap();
+    let model = repo_path(MODEL);
+    let generate = |extra: &[&str], tag: &str| {
+        let latents = out.path().join(format!("latents-{tag}.safetensors"));
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "2"];
+        args.extend(["--width", "32", "--height", "32", "--seed", "1", "--output-latents", latents.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let run = common::diffctl(&args);
+        assert!(run.status.success(), "generate failed: {}", String::from_utf8_lossy(&run.stderr));
+        load_fixture_abs(&latents)["latents"].clone()
+    };
+    let plain = generate(&[], "plain");
+    for (algorithm, key) in [
+        ("loha", "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.hada_w2_b"),
+        ("lokr", "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lokr_w1"),
+    ] {
+        let file = out.path().join(format!("{algorithm}.safetensors"));
+        let run = common::diffctl(&[
+            "train",
+            "lora",
+            "--algorithm",
+            algorithm,
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.path().to_str().unwrap(),
+            "--output",
+            file.to_str().unwrap(),
+            "--resolution",
+            "32",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+        ]);
+        assert!(run.status.success(), "train {algorithm} failed: {}", String::from_utf8_lossy(&run.stderr));
+        let tensors = load_fixture_abs(&file);
+        assert!(tensors.contains_key(key), "{algorithm}: no {key}");
+        // The zero-initialised factor has trained.
+        assert!(
+            tensors[key].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0,
+            "{algorithm}: {key} is zero"
+        );
+        let bytes = std::fs::read(&file).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = meta.metadata().clone().unwrap_or_default();
+        assert_eq!(meta.get("ss_network_module").map(String::as_str), Some("lycoris.kohya"), "{algorithm}");
+        assert_eq!(
+            meta.get("ss_network_args").map(String::as_str),
+            Some(format!("{{\"algo\": \"{algorithm}\"}}").as_str())
+        );
+        let adapted = generate(&["--lora", file.to_str().unwrap()], algorithm);
+        assert!(common::max_abs_diff(&plain, &adapted) > 1e-6, "the trained {algorithm} changes nothing");
+    }
 }
 
 /// Bad training input is a clear error naming what is wrong.

@@ -13,6 +13,7 @@ use crate::train::controlnet::{ControlNetStart, train_controlnet};
 use crate::train::dataset::Dataset;
 use crate::train::dreambooth::{ClassImages, DreamBoothMethod, DreamBoothOptions, train_dreambooth};
 use crate::train::ip_adapter::{IpAdapterOptions, train_ip_adapter};
+use crate::train::lora::Algorithm;
 use crate::train::optimizer::{AdamWConfig, OptimizerKind};
 use crate::train::run::{
     FullOptions, LoraOptions, Samples, StepReport, TextualInversionOptions, TrainingOptions, train_full, train_lora,
@@ -173,6 +174,10 @@ struct LoraArgs {
 /// The shape of the LoRA adapters a run trains.
 #[derive(Debug, Args)]
 struct LoraShapeArgs {
+    /// The adapter: lora, or the LyCORIS forms loha (Hadamard) and lokr (Kronecker), exported in
+    /// LyCORIS' kohya layout (A1111, ComfyUI and --lora load them).
+    #[arg(long, default_value = "lora", value_parser = ["lora", "loha", "lokr"], value_name = "NAME")]
+    algorithm: String,
     /// Adapter rank.
     #[arg(long, default_value_t = 4, value_name = "N")]
     rank: usize,
@@ -204,7 +209,13 @@ struct InversionArgs {
 impl LoraShapeArgs {
     /// The adapters' options, on the text encoder too with `text_encoder`.
     fn options(&self, text_encoder: bool) -> LoraOptions {
+        let algorithm = match self.algorithm.as_str() {
+            "loha" => Algorithm::Loha,
+            "lokr" => Algorithm::Lokr,
+            _ => Algorithm::Lora,
+        };
         LoraOptions {
+            algorithm,
             rank: self.rank,
             alpha: self.alpha.unwrap_or(self.rank as f64),
             targets: self.targets.clone(),
@@ -356,7 +367,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     match &args.kind {
         TrainKind::Lora(args) => {
             let lora = args.adapter.options(args.train_text_encoder);
-            let what = format!("a rank-{} LoRA", lora.rank);
+            let what = format!("a rank-{} {}", lora.rank, lora.algorithm.title());
             train(&args.common, &what, |model, data, options, output, on_step| {
                 train_lora(model, data, options, &lora, output, on_step)
             })

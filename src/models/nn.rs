@@ -89,6 +89,70 @@ pub enum WeightDelta {
     },
     /// ΔW itself, in the layer weight's shape.
     Dense(Tensor),
+    /// ΔW rebuilt from LyCORIS factors at every application, so that gradients reach the factors
+    /// (LoHa and LoKr training; loaded files are rebuilt once, into [`WeightDelta::Dense`]).
+    Factored(LycorisFactors),
+}
+
+/// The factors of a LoHa or LoKr delta (see [`crate::control::weights::lycoris`]).
+#[derive(Debug, Clone)]
+pub enum LycorisFactors {
+    /// LoHa: ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b); a [out, r], b [r, in·k·k].
+    Hadamard {
+        /// w1a and w1b.
+        w1: [Tensor; 2],
+        /// w2a and w2b.
+        w2: [Tensor; 2],
+        /// alpha / rank.
+        scale: f64,
+    },
+    /// LoKr: ΔW = scale · kron(w1, w2), w1 [a, b], w2 [out/a, in/b(, k, k)] whole or as
+    /// w2a [out/a, r] @ w2b [r, in/b·k·k].
+    Kronecker {
+        /// w1.
+        w1: Tensor,
+        /// w2, or w2a and w2b.
+        w2: Vec<Tensor>,
+        /// alpha / rank.
+        scale: f64,
+    },
+}
+
+impl LycorisFactors {
+    /// ΔW [out, in] or [out, in, k, k] for a layer whose weight has `shape`.
+    fn weight(&self, shape: &[usize]) -> Result<Tensor> {
+        use crate::control::weights::lycoris;
+        Ok(match self {
+            LycorisFactors::Hadamard { w1: [w1a, w1b], w2: [w2a, w2b], scale } => {
+                let w1 = lycoris::loha_factor(w1a, w1b, None, shape)?;
+                let w2 = lycoris::loha_factor(w2a, w2b, None, shape)?;
+                (lycoris::loha(&w1, &w2)? * *scale)?
+            }
+            LycorisFactors::Kronecker { w1, w2, scale } => {
+                let w2 = match w2.as_slice() {
+                    [whole] => whole.clone(),
+                    [a, b] => a.matmul(&b.reshape((b.dim(0)?, ()))?)?,
+                    other => {
+                        return Err(Error::invalid(format!("LoKr's w2 is one or two factors, not {}", other.len())));
+                    }
+                };
+                (lycoris::lokr(w1, &w2, shape)? * *scale)?
+            }
+        })
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> candle_core::Result<Tensor>) -> Result<Self> {
+        Ok(match self {
+            LycorisFactors::Hadamard { w1: [a1, b1], w2: [a2, b2], scale } => {
+                LycorisFactors::Hadamard { w1: [f(a1)?, f(b1)?], w2: [f(a2)?, f(b2)?], scale: *scale }
+            }
+            LycorisFactors::Kronecker { w1, w2, scale } => LycorisFactors::Kronecker {
+                w1: f(w1)?,
+                w2: w2.iter().map(&f).collect::<candle_core::Result<_>>()?,
+                scale: *scale,
+            },
+        })
+    }
 }
 
 impl WeightDelta {
@@ -97,6 +161,7 @@ impl WeightDelta {
         let weight = kind.weight_shape();
         let fits = match self {
             WeightDelta::Dense(delta) => delta.dims() == weight.as_slice(),
+            WeightDelta::Factored(factors) => return factors.weight(&weight).map(|_| ()),
             WeightDelta::LowRank { down, up, .. } => {
                 let rank = down.dims().first().copied().unwrap_or(0);
                 let (down_shape, up_shape) = match weight.as_slice() {
@@ -113,6 +178,7 @@ impl WeightDelta {
         let shapes = match self {
             WeightDelta::Dense(delta) => format!("ΔW {:?}", delta.dims()),
             WeightDelta::LowRank { down, up, .. } => format!("down {:?} and up {:?}", down.dims(), up.dims()),
+            WeightDelta::Factored(_) => "LyCORIS factors".to_string(),
         };
         Err(Error::invalid(format!("a weight delta with {shapes} does not fit {kind} (weight {weight:?})")))
     }
@@ -127,6 +193,7 @@ impl WeightDelta {
                 let up = up.to_dtype(DType::F32)?.reshape(((), rank))?;
                 (up.matmul(&down)? * *scale)?.reshape(kind.weight_shape())?
             }
+            WeightDelta::Factored(factors) => factors.weight(&kind.weight_shape())?,
         })
     }
 
@@ -143,6 +210,13 @@ impl WeightDelta {
                 let h = kind.conv(xs, down, None)?;
                 crate::kernels::conv::conv2d(&h, up, None, 1, 0)? * *scale
             }
+            (WeightDelta::Factored(factors), _) => {
+                let delta = factors.weight(&kind.weight_shape()).map_err(candle_core::Error::wrap)?;
+                match kind {
+                    LayerKind::Linear { .. } => crate::kernels::linear::linear(xs, &delta, None),
+                    LayerKind::Conv2d { .. } => kind.conv(xs, &delta, None),
+                }
+            }
         }
     }
 
@@ -152,6 +226,7 @@ impl WeightDelta {
             WeightDelta::LowRank { down, up, scale } => {
                 WeightDelta::LowRank { down: down.to_dtype(dtype)?, up: up.to_dtype(dtype)?, scale: *scale }
             }
+            WeightDelta::Factored(factors) => WeightDelta::Factored(factors.map(|t| t.to_dtype(dtype))?),
         })
     }
 }

@@ -23,7 +23,8 @@ use super::adafactor::Adafactor;
 use super::buckets::{BucketOrder, Buckets};
 use super::dataset::Dataset;
 use super::ema::Ema;
-use super::lora::LoraAdapters;
+use super::init::pytorch_default;
+use super::lora::{Algorithm, FactorShape, LoraAdapters};
 use super::objective::DenoisingObjective;
 use super::optimizer::{AdamW, AdamWConfig, Optimizer, OptimizerKind, clip_grad_norm};
 use super::schedule::LrSchedule;
@@ -125,6 +126,8 @@ impl Default for TrainingOptions {
 /// The adapters a LoRA run trains (defaults: diffusers' `train_text_to_image_lora.py`).
 #[derive(Debug, Clone)]
 pub struct LoraOptions {
+    /// LoRA, LoHa or LoKr.
+    pub algorithm: Algorithm,
     /// Adapter rank.
     pub rank: usize,
     /// Adapter alpha (the delta is scaled by alpha / rank).
@@ -141,6 +144,7 @@ pub const TEXT_ENCODER_TARGETS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "out_
 impl Default for LoraOptions {
     fn default() -> Self {
         Self {
+            algorithm: Algorithm::Lora,
             rank: 4,
             alpha: 4.0,
             targets: ["to_k", "to_q", "to_v", "to_out.0"].map(String::from).to_vec(),
@@ -381,16 +385,34 @@ pub(super) struct LoraTrainee {
 }
 
 impl LoraTrainee {
-    /// Attaches new adapters to `model`'s layers, initialised as PEFT's "gaussian" (which
-    /// diffusers' scripts ask for) from `seed`: down ~ N(0, 1/r), up = 0.
+    /// Attaches new adapters to `model`'s layers, initialised from `seed` as PEFT initialises them:
+    /// LoRA "gaussian" (which diffusers' scripts ask for): down ~ N(0, 1/r), up = 0; LoHa: w1a, w1b
+    /// and w2a kaiming-uniform, w2b = 0; LoKr: w1 = 0, w2 (or its factors) kaiming-uniform.
     pub(super) fn attach(model: &StableDiffusion, seed: u64, lora: &LoraOptions) -> Result<Self> {
         let device = model.device().clone();
         let mut init_noise = SeededNoise::new(seed);
-        let mut init = |_: &str, down: &[usize], up: &[usize]| {
-            let down = (init_noise.sample(down, &device)? / lora.rank as f64)?;
-            Ok((down, Tensor::zeros(up, candle_core::DType::F32, &device)?))
+        let mut draws = 0u64;
+        let mut init = |_: &str, factors: &[FactorShape]| -> Result<Vec<Tensor>> {
+            let zeros = |shape: &[usize]| Tensor::zeros(shape, candle_core::DType::F32, &device);
+            if lora.algorithm == Algorithm::Lora {
+                let down = (init_noise.sample(&factors[0].shape, &device)? / lora.rank as f64)?;
+                return Ok(vec![down, zeros(&factors[1].shape)?]);
+            }
+            draws += 1;
+            let named: Vec<(String, Vec<usize>)> =
+                factors.iter().map(|f| (format!("{}.weight", f.peft), f.shape.clone())).collect();
+            let mut uniform = pytorch_default(&named, seed.wrapping_add(draws), &device)?;
+            factors
+                .iter()
+                .map(|f| match f.peft {
+                    "hada_w2_b" | "lokr_w1" => Ok(zeros(&f.shape)?),
+                    _ => {
+                        uniform.remove(&format!("{}.weight", f.peft)).ok_or_else(|| Error::invalid("no initial value"))
+                    }
+                })
+                .collect()
         };
-        let shape = (lora.rank, lora.alpha);
+        let shape = (lora.algorithm, lora.rank, lora.alpha);
         let unet = LoraAdapters::attach(&model.layers, "unet.", &lora.targets, shape, &mut init)?;
         let text = if lora.text_encoder {
             let targets = TEXT_ENCODER_TARGETS.map(String::from);
@@ -436,12 +458,19 @@ impl Trainee for LoraTrainee {
         if self.options.text_encoder {
             identity.push(("text_encoder", "true".to_string()));
         }
+        if self.options.algorithm != Algorithm::Lora {
+            identity.push(("algorithm", self.options.algorithm.name().to_string()));
+        }
         identity
     }
 
     fn export(&self, options: &TrainingOptions, step: usize, output: &Path) -> Result<()> {
-        let metadata = HashMap::from([
-            ("ss_network_module".to_string(), "networks.lora".to_string()),
+        let module = match self.options.algorithm {
+            Algorithm::Lora => "networks.lora",
+            Algorithm::Loha | Algorithm::Lokr => "lycoris.kohya",
+        };
+        let mut metadata = HashMap::from([
+            ("ss_network_module".to_string(), module.to_string()),
             ("ss_network_dim".to_string(), self.options.rank.to_string()),
             ("ss_network_alpha".to_string(), self.options.alpha.to_string()),
             ("ss_steps".to_string(), step.to_string()),
@@ -449,6 +478,10 @@ impl Trainee for LoraTrainee {
             ("ss_resolution".to_string(), format!("({0}, {0})", options.resolution)),
             ("diffctl_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
         ]);
+        if self.options.algorithm != Algorithm::Lora {
+            let args = format!("{{\"algo\": \"{}\"}}", self.options.algorithm.name());
+            metadata.insert("ss_network_args".to_string(), args);
+        }
         let mut tensors = self.unet.kohya_tensors()?;
         if let Some(text) = &self.text {
             tensors.extend(text.kohya_tensors()?);
