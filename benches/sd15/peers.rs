@@ -339,38 +339,24 @@ pub fn run(opts: &PeerOptions) -> Result<PeerResults> {
                     // One process times the UNet, then (with --vae) the VAE.
                     jobs.push((Item::UnetB2, opts.script, args));
                 }
+                // torch_extra.py's warmed-up measurements: `extra`, then runs, warm-up and threads.
+                let warmed = |extra: &[&str]| -> Vec<String> {
+                    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+                    for (flag, v) in [("--runs", opts.runs), ("--warmup", opts.warmup), ("--threads", opts.threads)] {
+                        args.extend([flag.to_string(), v.to_string()]);
+                    }
+                    args
+                };
                 if peer == Peer::TorchF32 && opts.items.contains(&Item::ControlnetAdded) {
                     let controlnet = opts.controlnet.context("timing a ControlNet needs its folder")?;
-                    let args = [
-                        "controlnet",
-                        &model,
-                        &controlnet.display().to_string(),
-                        "--runs",
-                        &opts.runs.to_string(),
-                        "--warmup",
-                        &opts.warmup.to_string(),
-                        "--threads",
-                        &opts.threads.to_string(),
-                    ];
-                    jobs.push((Item::ControlnetAdded, opts.extra_script, args.map(String::from).to_vec()));
+                    let args = warmed(&["controlnet", &model, &controlnet.display().to_string()]);
+                    jobs.push((Item::ControlnetAdded, opts.extra_script, args));
                 }
                 for (item, kind) in [(Item::TrainLora, "lora"), (Item::TrainControlnet, "controlnet")] {
                     if peer == Peer::TorchF32 && opts.items.contains(&item) {
-                        let args = [
-                            "train",
-                            &model,
-                            "--kind",
-                            kind,
-                            "--rank",
-                            &super::train::LORA_RANK.to_string(),
-                            "--runs",
-                            &opts.runs.to_string(),
-                            "--warmup",
-                            &opts.warmup.to_string(),
-                            "--threads",
-                            &opts.threads.to_string(),
-                        ];
-                        jobs.push((item, opts.extra_script, args.map(String::from).to_vec()));
+                        let rank = super::train::LORA_RANK.to_string();
+                        let args = warmed(&["train", &model, "--kind", kind, "--rank", &rank]);
+                        jobs.push((item, opts.extra_script, args));
                     }
                 }
                 if peer == Peer::TorchF32 && opts.items.contains(&Item::Full) && !opts.sdxl {
