@@ -758,9 +758,11 @@ fn cli_trains_loha_and_lokr_that_generate_loads() {
     let out = tempfile::tempdir().unwrap();
     let model = repo_path(MODEL);
     let generate = |extra: &[&str], tag: &str| {
-        let latents = out.path().join(format!("latents-{tag}.safetensors"));
+        let (png, latents) =
+            (out.path().join(format!("image-{tag}.png")), out.path().join(format!("latents-{tag}.safetensors")));
         let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "2"];
-        args.extend(["--width", "32", "--height", "32", "--seed", "1", "--output-latents", latents.to_str().unwrap()]);
+        args.extend(["--width", "32", "--height", "32", "--seed", "1", "--output", png.to_str().unwrap()]);
+        args.extend(["--output-latents", latents.to_str().unwrap()]);
         args.extend_from_slice(extra);
         let run = common::diffctl(&args);
         assert!(run.status.success(), "generate failed: {}", String::from_utf8_lossy(&run.stderr));
