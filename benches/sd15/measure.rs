@@ -223,20 +223,11 @@ impl Usage {
     pub fn wall_since(&self, earlier: &Usage) -> f64 {
         self.at.duration_since(earlier.at).as_secs_f64()
     }
-
-    /// Over the span of `marks` (first to last): our share of `threads` cores and the machine's
-    /// busy fraction, as [`Outcome::cpu_share`] and [`Outcome::machine_busy`].
-    pub fn shares(marks: &[Usage], threads: usize) -> (f64, f64) {
-        let (Some(first), Some(last)) = (marks.first(), marks.last()) else { return (f64::NAN, f64::NAN) };
-        let wall = last.wall_since(first);
-        let (busy, total) = (last.machine.0 - first.machine.0, last.machine.1 - first.machine.1);
-        ((last.cpu - first.cpu) / (wall * threads as f64), busy as f64 / total as f64)
-    }
 }
 
 /// Accumulates the CPU and wall time of the timed runs, and the machine's busy and total jiffies.
 #[derive(Debug, Default)]
-struct Share {
+pub struct Share {
     cpu: f64,
     wall: f64,
     machine_busy: u64,
@@ -244,24 +235,28 @@ struct Share {
 }
 
 impl Share {
+    /// Adds the span from `from` to `to`.
+    pub fn add(&mut self, from: &Usage, to: &Usage) {
+        self.cpu += to.cpu - from.cpu;
+        self.wall += to.wall_since(from);
+        self.machine_busy += to.machine.0 - from.machine.0;
+        self.machine_total += to.machine.1 - from.machine.1;
+    }
+
     /// Runs `f`, adding its CPU and wall time when `timed`; returns `f`'s wall seconds.
     fn time(&mut self, device: &Device, timed: bool, f: impl FnOnce() -> Result<()>) -> Result<f64> {
-        let (t0, c0, (b0, n0)) = (Instant::now(), cpu_seconds(), machine_jiffies());
+        let start = Usage::now();
         f()?;
         sync(device)?;
-        let wall = t0.elapsed().as_secs_f64();
+        let end = Usage::now();
         if timed {
-            let (b1, n1) = machine_jiffies();
-            self.cpu += cpu_seconds() - c0;
-            self.wall += wall;
-            self.machine_busy += b1 - b0;
-            self.machine_total += n1 - n0;
+            self.add(&start, &end);
         }
-        Ok(wall)
+        Ok(end.wall_since(&start))
     }
 
     /// Our share of `threads` cores, and the machine's busy fraction.
-    fn of(&self, threads: usize) -> (f64, f64) {
+    pub fn of(&self, threads: usize) -> (f64, f64) {
         (self.cpu / (self.wall * threads as f64), self.machine_busy as f64 / self.machine_total as f64)
     }
 }

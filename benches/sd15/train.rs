@@ -14,7 +14,7 @@ use diffctl::train::controlnet::{ControlNetStart, train_controlnet};
 use diffctl::train::dataset::Dataset;
 use diffctl::train::run::{LoraOptions, StepReport, TrainingOptions, train_lora};
 
-use super::measure::{Job, Kind, Outcome, PROMPT, Usage};
+use super::measure::{Job, Kind, Outcome, PROMPT, Share, Usage};
 
 /// The LoRA rank of [`Kind::TrainLora`] (diffusers' script defaults to 4; 16 is common).
 pub const LORA_RANK: usize = 16;
@@ -91,9 +91,12 @@ pub fn run(job: &Job, image_size: usize, out: &mut Outcome) -> Result<()> {
         }
         other => anyhow::bail!("{} is not a training measurement", other.name()),
     }
-    let timed = &marks[job.warmup..];
-    out.runs = timed.windows(2).map(|w| w[1].wall_since(&w[0])).collect();
-    (out.cpu_share, out.machine_busy) = Usage::shares(timed, out.threads);
+    let mut share = Share::default();
+    for step in marks[job.warmup..].windows(2) {
+        out.runs.push(step[1].wall_since(&step[0]));
+        share.add(&step[0], &step[1]);
+    }
+    (out.cpu_share, out.machine_busy) = share.of(out.threads);
     out.check = format!(
         "loss of the last step {last_loss:.4}, {}",
         if last_loss.is_finite() { "finite" } else { "NOT FINITE" }
